@@ -1,0 +1,180 @@
+//! Map layouts shared by the eBPF programs (lb-ebpf) and the agent (lb-userspace).
+//!
+//! Every map the datapath uses is described here once: its name, key, value,
+//! default size, who writes it and who reads it. Addresses and ports are kept
+//! as byte arrays in network order, exactly as they sit in a packet, so the
+//! byte order is visible in the type and `bpftool map dump` prints them
+//! readably (`"vip": [10,96,0,10]`, `"port": [0,80]`).
+#![no_std]
+
+/// SERVICES: `ServiceKey` → `ServiceValue`. Written by the agent, read by tc.
+/// Slot 0 of a frontend holds its backend count; slots 1..=count hold the
+/// backend ids, so one service is a handful of entries in one hash map.
+pub const MAP_SERVICES: &str = "SERVICES";
+/// BACKENDS: backend id (`u32`) → `Backend`. Written by the agent, read by tc.
+pub const MAP_BACKENDS: &str = "BACKENDS";
+/// CONNTRACK: `CtKey` → `CtValue`, LRU. Written and read by tc; the agent
+/// only reads it (inspection) and sizes it.
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// COUNTERS: `Counter` index (`u32`) → `TrafficCounter`, per CPU. Written by
+/// tc, read by the agent.
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// The tc program attached to the host side of every pod interface.
+pub const PROG_FROM_POD: &str = "tc_from_pod";
+
+pub const DEFAULT_SERVICES_MAX_ENTRIES: u32 = 65_536;
+pub const DEFAULT_BACKENDS_MAX_ENTRIES: u32 = 65_536;
+pub const DEFAULT_CONNTRACK_MAX_ENTRIES: u32 = 131_072;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// One frontend slot: (VIP, port, protocol, slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub vip: [u8; 4],
+    pub port: [u8; 2],
+    /// 0 for the frontend's own entry, 1..=backend_count for its backends.
+    pub slot: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl ServiceKey {
+    pub const fn new(vip: [u8; 4], port: [u8; 2], protocol: u8, slot: u16) -> Self {
+        Self { vip, port, slot, protocol, _pad: [0; 3] }
+    }
+
+    pub const fn with_slot(&self, slot: u16) -> Self {
+        Self::new(self.vip, self.port, self.protocol, slot)
+    }
+}
+
+/// Slot 0: `backend_count` is set and `backend_id` is 0.
+/// Slot n > 0: `backend_id` is set and `backend_count` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub backend_count: u16,
+    pub _pad: [u8; 2],
+}
+
+impl ServiceValue {
+    pub const fn frontend(backend_count: u16) -> Self {
+        Self { backend_id: 0, backend_count, _pad: [0; 2] }
+    }
+
+    pub const fn slot(backend_id: u32) -> Self {
+        Self { backend_id, backend_count: 0, _pad: [0; 2] }
+    }
+}
+
+/// A backend's address and target port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+impl Backend {
+    pub const fn new(addr: [u8; 4], port: [u8; 2]) -> Self {
+        Self { addr, port, _pad: [0; 2] }
+    }
+}
+
+/// A flow's 5-tuple as seen in the packet, before any rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CtValue::direction` of a client → service packet: rewrite the destination.
+pub const CT_DIRECTION_DNAT: u8 = 1;
+/// `CtValue::direction` of a backend → client reply: rewrite the source.
+pub const CT_DIRECTION_REVERSE_SNAT: u8 = 2;
+
+/// The address and port a conntrack hit rewrites to. The reply entry holds
+/// the VIP and port itself, so replies of open flows keep being translated
+/// even after their Service is deleted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    pub nat_addr: [u8; 4],
+    pub nat_port: [u8; 2],
+    /// `CT_DIRECTION_DNAT` or `CT_DIRECTION_REVERSE_SNAT`; anything else is ignored.
+    pub direction: u8,
+    pub _pad: u8,
+}
+
+/// Packets and bytes seen for one verdict, summed over CPUs by the reader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Index into COUNTERS. The kernel and the agent share these numbers, so a
+/// verdict means the same thing on both sides.
+pub mod counter {
+    /// First packet of a flow to a service: backend selected, destination rewritten.
+    pub const DNAT_NEW: u32 = 0;
+    /// Later packet of a known flow: destination rewritten from conntrack.
+    pub const DNAT_ESTABLISHED: u32 = 1;
+    /// Reply from a backend: source rewritten back to the service address.
+    pub const REVERSE_NAT: u32 = 2;
+    /// Not for a service: passed untouched.
+    pub const PASS: u32 = 3;
+    /// Not IPv4 TCP/UDP, a non-first fragment, or too short to parse: passed untouched.
+    pub const PASS_UNPARSED: u32 = 4;
+    /// For a service with no ready backend: dropped.
+    pub const DROP_NO_BACKEND: u32 = 5;
+    /// Rewriting the packet failed in the kernel: dropped.
+    pub const DROP_REWRITE_FAILED: u32 = 6;
+
+    pub const COUNT: u32 = 7;
+
+    /// Names for inspection and metrics, indexed by counter.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "dnat_new",
+        "dnat_established",
+        "reverse_nat",
+        "pass",
+        "pass_unparsed",
+        "drop_no_backend",
+        "drop_rewrite_failed",
+    ];
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 12);
+    assert!(core::mem::size_of::<ServiceValue>() == 8);
+    assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtValue>() == 8);
+    assert!(core::mem::size_of::<TrafficCounter>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all are repr(C), made only of integers and byte arrays, with
+    // every padding byte spelled out as a field.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for TrafficCounter {}
+}

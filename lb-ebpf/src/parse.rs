@@ -1,0 +1,145 @@
+//! Header parsing by direct packet access, shared by every hook.
+use core::mem::size_of;
+
+use lb_common::{PROTO_TCP, PROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+/// Ethernet, the longest IPv4 header and a TCP header without options: what
+/// a hook must be able to read to translate a packet.
+pub const MAX_HEADERS_LEN: usize = ETH_HLEN + 60 + 20;
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    ether_type: [u8; 2],
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag_off: [u8; 2],
+    ttl: u8,
+    protocol: u8,
+    check: [u8; 2],
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const TCP_CHECK_OFFSET: usize = 16;
+const UDP_CHECK_OFFSET: usize = 6;
+const IP_SADDR_OFFSET: usize = 12;
+const IP_DADDR_OFFSET: usize = 16;
+
+/// An IPv4 TCP or UDP packet, reduced to what NAT needs.
+pub struct Packet {
+    pub l3_offset: usize,
+    pub l4_offset: usize,
+    pub protocol: u8,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    pub tcp_syn: bool,
+}
+
+impl Packet {
+    pub fn saddr_offset(&self) -> usize {
+        self.l3_offset + IP_SADDR_OFFSET
+    }
+
+    pub fn daddr_offset(&self) -> usize {
+        self.l3_offset + IP_DADDR_OFFSET
+    }
+
+    pub fn ip_check_offset(&self) -> usize {
+        self.l3_offset + 10
+    }
+
+    pub fn sport_offset(&self) -> usize {
+        self.l4_offset
+    }
+
+    pub fn dport_offset(&self) -> usize {
+        self.l4_offset + 2
+    }
+
+    pub fn l4_check_offset(&self) -> usize {
+        self.l4_offset
+            + if self.protocol == PROTO_TCP {
+                TCP_CHECK_OFFSET
+            } else {
+                UDP_CHECK_OFFSET
+            }
+    }
+}
+
+/// Why a packet was not parsed.
+pub enum Unparsed {
+    /// Not IPv4 TCP/UDP, or a non-first fragment: nothing to translate.
+    NotTranslatable,
+    /// The headers run past the readable data.
+    Short,
+}
+
+#[inline(always)]
+fn at<T>(data: usize, data_end: usize, offset: usize) -> Result<*const T, Unparsed> {
+    if data + offset + size_of::<T>() > data_end {
+        return Err(Unparsed::Short);
+    }
+    Ok((data + offset) as *const T)
+}
+
+/// Parses Ethernet, IPv4 and the TCP or UDP header in `[data, data_end)`.
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize) -> Result<Packet, Unparsed> {
+    let eth = at::<EthHdr>(data, data_end, 0)?;
+    // SAFETY: `at` checked the bounds.
+    if unsafe { (*eth).ether_type } != ETH_P_IP {
+        return Err(Unparsed::NotTranslatable);
+    }
+    let l3_offset = ETH_HLEN;
+    let ip = at::<Ipv4Hdr>(data, data_end, l3_offset)?;
+    // SAFETY: `at` checked the bounds.
+    let (version_ihl, frag_off, protocol, saddr, daddr) = unsafe {
+        ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol, (*ip).saddr, (*ip).daddr)
+    };
+    let ihl = (version_ihl & 0x0f) as usize;
+    if version_ihl >> 4 != 4 || ihl < 5 {
+        return Err(Unparsed::NotTranslatable);
+    }
+    // A non-zero fragment offset means no L4 header in this packet.
+    if (frag_off[0] & 0x1f) != 0 || frag_off[1] != 0 {
+        return Err(Unparsed::NotTranslatable);
+    }
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return Err(Unparsed::NotTranslatable);
+    }
+    let l4_offset = l3_offset + ihl * 4;
+    // Every L4 field is read through the one pointer whose bounds were
+    // checked: the verifier loses track of a pointer rebuilt from an offset.
+    let (sport, dport, tcp_syn) = if protocol == PROTO_TCP {
+        // The whole fixed TCP header must be there: its checksum gets rewritten.
+        let tcp = at::<[u8; TCP_HLEN]>(data, data_end, l4_offset)?;
+        // SAFETY: `at` checked the bounds.
+        let tcp = unsafe { &*tcp };
+        let flags = tcp[TCP_FLAGS_OFFSET];
+        ([tcp[0], tcp[1]], [tcp[2], tcp[3]], flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN)
+    } else {
+        let udp = at::<[u8; UDP_HLEN]>(data, data_end, l4_offset)?;
+        // SAFETY: `at` checked the bounds.
+        let udp = unsafe { &*udp };
+        ([udp[0], udp[1]], [udp[2], udp[3]], false)
+    };
+    Ok(Packet { l3_offset, l4_offset, protocol, saddr, daddr, sport, dport, tcp_syn })
+}

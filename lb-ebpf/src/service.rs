@@ -1,0 +1,104 @@
+//! Service lookup, backend selection and connection tracking, shared by hooks.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use lb_common::{
+    Backend, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey, CtValue, ServiceKey,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, SERVICES},
+    parse::Packet,
+};
+
+/// What a hook does with a packet.
+pub enum Verdict {
+    /// Rewrite the destination to this backend (first packet of a flow).
+    DnatNew(Backend),
+    /// Rewrite the destination to this backend (flow already tracked).
+    DnatEstablished(Backend),
+    /// Rewrite the source back to the service address and port.
+    ReverseNat([u8; 4], [u8; 2]),
+    /// Not for a service.
+    Pass,
+    /// For a service without a ready backend.
+    NoBackend,
+}
+
+#[inline(always)]
+fn flow_key(packet: &Packet) -> CtKey {
+    CtKey {
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        sport: packet.sport,
+        dport: packet.dport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Decides what to do with `packet`, creating conntrack entries for new flows.
+#[inline(always)]
+pub fn classify(packet: &Packet) -> Verdict {
+    let key = flow_key(packet);
+    // SAFETY: values are plain data; a concurrent update can at worst give
+    // a torn entry of two valid states, which is harmless here.
+    if let Some(ct) = unsafe { CONNTRACK.get(&key) } {
+        let nat = Backend::new(ct.nat_addr, ct.nat_port);
+        match ct.direction {
+            CT_DIRECTION_REVERSE_SNAT => return Verdict::ReverseNat(ct.nat_addr, ct.nat_port),
+            // A SYN starts a new connection: pick a backend afresh, so a
+            // reused source port never follows a stale entry to a backend
+            // that has since left the service.
+            CT_DIRECTION_DNAT if !packet.tcp_syn => return Verdict::DnatEstablished(nat),
+            _ => {}
+        }
+    }
+
+    let frontend = ServiceKey::new(packet.daddr, packet.dport, packet.protocol, 0);
+    // SAFETY: as above.
+    let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
+        return Verdict::Pass;
+    };
+    let count = service.backend_count;
+    if count == 0 {
+        return Verdict::NoBackend;
+    }
+    // SAFETY: a plain helper call.
+    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
+    // SAFETY: as above.
+    let Some(slot_value) = (unsafe { SERVICES.get(&frontend.with_slot(slot)) }) else {
+        return Verdict::NoBackend;
+    };
+    // SAFETY: as above.
+    let Some(backend) = (unsafe { BACKENDS.get(&slot_value.backend_id) }) else {
+        return Verdict::NoBackend;
+    };
+    let backend = *backend;
+
+    let forward = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        direction: CT_DIRECTION_DNAT,
+        _pad: 0,
+    };
+    let reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: packet.saddr,
+        sport: backend.port,
+        dport: packet.sport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    let reply = CtValue {
+        nat_addr: packet.daddr,
+        nat_port: packet.dport,
+        direction: CT_DIRECTION_REVERSE_SNAT,
+        _pad: 0,
+    };
+    // The reply entry goes in first: once the forward entry exists, a reply
+    // may already be on its way. An LRU map evicts rather than fails when
+    // full, so the results only matter if the kernel is out of memory, and
+    // then the packet is still translated and the next one retries.
+    let _ = CONNTRACK.insert(&reply_key, &reply, 0);
+    let _ = CONNTRACK.insert(&key, &forward, 0);
+    Verdict::DnatNew(backend)
+}

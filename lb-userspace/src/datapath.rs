@@ -1,0 +1,316 @@
+//! Loading the eBPF object, pinning it, attaching it, and reading and writing
+//! its maps. The only module that talks to the kernel's BPF side.
+//!
+//! Pin layout under the pin path (default /sys/fs/bpf/lb):
+//!   SERVICES, BACKENDS, CONNTRACK, COUNTERS   the maps
+//!   tc_from_pod                               the program
+//!   links/if_<ifindex>                        one TCX link per pod interface
+//! Pinned maps are adopted by the next agent, and pinned links keep the
+//! program attached while no agent runs, so restarts do not drop traffic.
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use lb_common::{
+    Backend, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_SERVICES, PROG_FROM_POD,
+    ServiceKey, ServiceValue, TrafficCounter, counter,
+};
+
+use crate::{
+    interfaces::Interface,
+    plan::{MapContents, MapOp},
+    reconcile::MapWriter,
+};
+
+/// The eBPF object, built by build.rs. Empty when it was built without
+/// bpf-linker (`cargo check`, `cargo clippy`).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this lb binary was built without its eBPF object (bpf-linker was missing); install bpf-linker and rebuild")]
+    NotBuilt,
+    #[error("mounting bpffs at {path}: {source}")]
+    MountBpffs { path: PathBuf, source: io::Error },
+    #[error("creating pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {PROG_FROM_POD}: {0}")]
+    Program(#[from] ProgramError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error("attaching to {interface}: {source}")]
+    Attach { interface: String, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+/// Maximum entries of the maps, fixed when the maps are first created.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: lb_common::DEFAULT_SERVICES_MAX_ENTRIES,
+            backends: lb_common::DEFAULT_BACKENDS_MAX_ENTRIES,
+            conntrack: lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES,
+        }
+    }
+}
+
+/// Handles on the four maps.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub counters: PerCpuArray<MapData, TrafficCounter>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(DatapathError::Map {
+                name,
+                source: aya::maps::MapError::InvalidName { name: name.to_owned() },
+            })
+        };
+        Ok(Self {
+            services: HashMap::try_from(take(MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
+            backends: HashMap::try_from(take(MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
+            conntrack: HashMap::try_from(take(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
+        })
+    }
+
+    /// Opens the maps an agent pinned under `pin_path`, for inspection.
+    pub fn open_pinned(pin_path: &Path) -> Result<Self, DatapathError> {
+        let open = |name: &'static str| MapData::from_pin(pin_path.join(name)).map_err(map_err(name));
+        Ok(Self {
+            services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?)).map_err(map_err(MAP_SERVICES))?,
+            backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?)).map_err(map_err(MAP_BACKENDS))?,
+            conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
+                .map_err(map_err(MAP_CONNTRACK))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))
+                .map_err(map_err(MAP_COUNTERS))?,
+        })
+    }
+
+    /// What SERVICES and BACKENDS hold now.
+    pub fn read_contents(&self) -> Result<MapContents, DatapathError> {
+        let mut contents = MapContents::default();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(map_err(MAP_SERVICES))?;
+            contents.services.insert(k, v);
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry.map_err(map_err(MAP_BACKENDS))?;
+            contents.backends.insert(k, v);
+        }
+        Ok(contents)
+    }
+
+    /// Packets and bytes per verdict, summed over CPUs, indexed as `counter`.
+    pub fn counters(&self) -> Result<[TrafficCounter; counter::COUNT as usize], DatapathError> {
+        let mut totals = [TrafficCounter::default(); counter::COUNT as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            let per_cpu = self.counters.get(&(index as u32), 0).map_err(map_err(MAP_COUNTERS))?;
+            for c in per_cpu.iter() {
+                total.packets += c.packets;
+                total.bytes += c.bytes;
+            }
+        }
+        Ok(totals)
+    }
+
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+}
+
+impl MapWriter for Maps {
+    type Error = aya::maps::MapError;
+
+    fn write(&mut self, op: &MapOp) -> Result<(), aya::maps::MapError> {
+        match op {
+            MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
+            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
+            MapOp::DeleteService(key) => self.services.remove(key),
+            MapOp::DeleteBackend(id) => self.backends.remove(id),
+        }
+    }
+}
+
+/// The loaded datapath: program and maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    pin_path: Option<PathBuf>,
+    /// Interfaces the program is attached to, by ifindex.
+    attached: BTreeMap<u32, String>,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0) && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Mounts bpffs at /sys/fs/bpf when the pin path lives there and it is not
+/// mounted yet, as a fresh machine has it.
+fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_path.starts_with(root) || is_bpffs(root) {
+        return Ok(());
+    }
+    tracing::info!("mounting bpffs at {}", root.display());
+    let err = |source| DatapathError::MountBpffs { path: root.to_owned(), source };
+    fs::create_dir_all(root).map_err(err)?;
+    let target = CString::new("/sys/fs/bpf").expect("no NUL");
+    let fstype = CString::new("bpf").expect("no NUL");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl Datapath {
+    /// Loads the eBPF object. With a pin path, maps already pinned there are
+    /// adopted (contents kept), and the program is pinned anew.
+    pub fn load(pin_path: Option<&Path>, sizes: MapSizes) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NotBuilt);
+        }
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_SERVICES, sizes.services)
+            .map_max_entries(MAP_BACKENDS, sizes.backends)
+            .map_max_entries(MAP_CONNTRACK, sizes.conntrack);
+        if let Some(dir) = pin_path {
+            ensure_bpffs(dir)?;
+            for sub in [dir.to_owned(), dir.join("links")] {
+                fs::create_dir_all(&sub).map_err(|source| DatapathError::PinDir { path: sub.clone(), source })?;
+            }
+            for name in [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS] {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let program = Self::program_of(&mut ebpf)?;
+        program.load()?;
+        if let Some(dir) = pin_path {
+            let path = dir.join(PROG_FROM_POD);
+            // The previous agent's program stays attached through its links
+            // until they are moved to this one; its pin can go now.
+            let _ = fs::remove_file(&path);
+            program.pin(&path).map_err(|source| DatapathError::Pin { path, source })?;
+        }
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Self { ebpf, maps, pin_path: pin_path.map(Path::to_owned), attached: BTreeMap::new() })
+    }
+
+    fn program_of(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
+        let program = ebpf.program_mut(PROG_FROM_POD).ok_or(ProgramError::NotLoaded)?;
+        Ok(program.try_into()?)
+    }
+
+    /// The tc program, for BPF_PROG_TEST_RUN.
+    pub fn program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        Self::program_of(&mut self.ebpf)
+    }
+
+    fn link_pin(&self, ifindex: u32) -> Option<PathBuf> {
+        self.pin_path.as_ref().map(|dir| dir.join("links").join(format!("if_{ifindex}")))
+    }
+
+    /// Attaches the program at tc ingress of `interface` (TCX). A link that
+    /// a previous agent pinned for it is moved to this program atomically,
+    /// so no packet passes untranslated.
+    pub fn attach(&mut self, interface: &Interface) -> Result<(), DatapathError> {
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            interface: interface.name.clone(),
+            source,
+        };
+        let pin = self.link_pin(interface.index);
+        let program = Self::program_of(&mut self.ebpf)?;
+        let adopted = pin.as_ref().and_then(|p| PinnedLink::from_pin(p).ok()).and_then(|old| {
+            let link = SchedClassifierLink::try_from(FdLink::from(old)).ok()?;
+            // Fails when the link's interface is gone (a reused index).
+            program.attach_to_link(link).ok()
+        });
+        if adopted.is_none() {
+            if let Some(p) = &pin {
+                let _ = fs::remove_file(p);
+            }
+            let id = program
+                .attach_with_options(
+                    &interface.name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| attach_err(Box::new(e)))?;
+            if let Some(p) = pin {
+                let link = program.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+                let fd_link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+                // The pin keeps the link (and the attachment) alive.
+                fd_link.pin(&p).map_err(|source| DatapathError::Pin { path: p.clone(), source })?;
+            }
+        }
+        self.attached.insert(interface.index, interface.name.clone());
+        Ok(())
+    }
+
+    pub fn is_attached(&self, interface: &Interface) -> bool {
+        self.attached.get(&interface.index) == Some(&interface.name)
+    }
+
+    /// Forgets interfaces that no longer exist and removes their link pins,
+    /// including pins left by a previous agent.
+    pub fn forget_vanished(&mut self, present: &[Interface]) -> Vec<String> {
+        let alive: BTreeMap<u32, &str> = present.iter().map(|i| (i.index, i.name.as_str())).collect();
+        let mut gone = Vec::new();
+        self.attached.retain(|index, name| {
+            let keep = alive.get(index) == Some(&name.as_str());
+            if !keep {
+                gone.push(name.clone());
+            }
+            keep
+        });
+        if let Some(dir) = &self.pin_path {
+            for entry in fs::read_dir(dir.join("links")).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                let index = name.to_str().and_then(|n| n.strip_prefix("if_")).and_then(|n| n.parse().ok());
+                if index.is_none_or(|i| !alive.contains_key(&i)) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        gone
+    }
+}

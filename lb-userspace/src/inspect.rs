@@ -1,0 +1,65 @@
+//! `lb services` and `lb backends`: what the pinned maps hold.
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use crate::{model::Protocol, plan::MapContents};
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct ServiceRow {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    pub backends: Vec<BackendRow>,
+}
+
+pub fn service_rows(contents: &MapContents) -> Vec<ServiceRow> {
+    contents
+        .services
+        .keys()
+        .filter(|k| k.slot == 0)
+        .map(|key| ServiceRow {
+            address: Ipv4Addr::from(key.vip),
+            port: u16::from_be_bytes(key.port),
+            protocol: Protocol::from_number(key.protocol).map_or_else(|| key.protocol.to_string(), |p| p.to_string()),
+            backends: contents
+                .slots_of(key)
+                .into_iter()
+                .filter_map(|id| contents.backends.get(&id).map(|b| backend_row(id, b)))
+                .collect(),
+        })
+        .collect()
+}
+
+fn backend_row(id: u32, b: &lb_common::Backend) -> BackendRow {
+    BackendRow { id, address: Ipv4Addr::from(b.addr), port: u16::from_be_bytes(b.port) }
+}
+
+pub fn backend_rows(contents: &MapContents) -> Vec<BackendRow> {
+    contents.backends.iter().map(|(id, b)| backend_row(*id, b)).collect()
+}
+
+pub fn services_table(rows: &[ServiceRow]) -> String {
+    let mut out = format!("{:<26} {:>8}  {}\n", "FRONTEND", "BACKENDS", "ADDRESSES");
+    for row in rows {
+        let frontend = format!("{}:{}/{}", row.address, row.port, row.protocol);
+        let addrs: Vec<String> = row.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect();
+        out += &format!("{:<26} {:>8}  {}\n", frontend, row.backends.len(), addrs.join(", "));
+    }
+    out
+}
+
+pub fn backends_table(rows: &[BackendRow]) -> String {
+    let mut out = format!("{:>6}  {}\n", "ID", "ADDRESS");
+    for row in rows {
+        out += &format!("{:>6}  {}:{}\n", row.id, row.address, row.port);
+    }
+    out
+}

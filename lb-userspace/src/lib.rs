@@ -1,0 +1,12 @@
+//! The agent: computes what the datapath maps should hold from Kubernetes
+//! objects and keeps the maps, and the program's attachments, in step.
+pub mod agent;
+pub mod cli;
+pub mod datapath;
+pub mod dir_source;
+pub mod inspect;
+pub mod interfaces;
+pub mod manifest;
+pub mod model;
+pub mod plan;
+pub mod reconcile;

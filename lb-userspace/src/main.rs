@@ -1,0 +1,62 @@
+use anyhow::Context;
+use clap::Parser;
+use lb_userspace::{
+    agent::{self, AgentConfig},
+    cli::{Cli, Command, InspectArgs, Output, RunArgs, Source},
+    datapath::{MapSizes, Maps},
+    inspect,
+    interfaces::PodInterfaces,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cli.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Services(args) => print_inspect(&args, |c| {
+            let rows = inspect::service_rows(c);
+            Ok(match args.output {
+                Output::Table => inspect::services_table(&rows),
+                Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
+            })
+        }),
+        Command::Backends(args) => print_inspect(&args, |c| {
+            let rows = inspect::backend_rows(c);
+            Ok(match args.output {
+                Output::Table => inspect::backends_table(&rows),
+                Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
+            })
+        }),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let Source::Dir(source_dir) = args.source;
+    let config = AgentConfig {
+        source_dir,
+        pod_interfaces: PodInterfaces::new(&args.pod_interfaces).context("--pod-interfaces")?,
+        pin_path: args.pin_path,
+        map_sizes: MapSizes {
+            services: args.services_max_entries,
+            backends: args.backends_max_entries,
+            conntrack: args.conntrack_max_entries,
+        },
+    };
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(config))
+}
+
+fn print_inspect(
+    args: &InspectArgs,
+    render: impl Fn(&lb_userspace::plan::MapContents) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    let maps = Maps::open_pinned(&args.pin_path)
+        .with_context(|| format!("no datapath pinned at {} (is the agent running?)", args.pin_path.display()))?;
+    print!("{}", render(&maps.read_contents()?)?);
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Kubernetes manifests (multi-document YAML) to typed objects.
+//!
+//! Only Service (v1) and EndpointSlice (discovery.k8s.io/v1) are kept; other
+//! kinds are reported as skipped. A document that does not deserialize is
+//! reported with its file, object and the path of the failing field, and the
+//! other documents of the file are still read.
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use crate::model::ObjectRef;
+
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+}
+
+impl Object {
+    pub fn object_ref(&self) -> ObjectRef {
+        let (kind, meta) = match self {
+            Object::Service(s) => ("Service", &s.metadata),
+            Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
+        };
+        ObjectRef {
+            kind: kind.to_owned(),
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_owned()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{file}: document {document}: {message}")]
+    Document { file: PathBuf, document: usize, message: String },
+    #[error("{file}: {object}: {field}: {message}")]
+    Field { file: PathBuf, object: ObjectRef, field: String, message: String },
+}
+
+#[derive(Debug, Default)]
+pub struct ParsedFile {
+    pub objects: Vec<Object>,
+    pub errors: Vec<ManifestError>,
+    /// Documents of other kinds, as `kind namespace/name`.
+    pub skipped: Vec<String>,
+}
+
+fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(value, |v, key| v.get(key))?.as_str()
+}
+
+/// Parses every document of one manifest file.
+pub fn parse_manifests(file: &Path, text: &str) -> ParsedFile {
+    let mut parsed = ParsedFile::default();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let document_number = index + 1;
+        let doc_error = |message: String| ManifestError::Document {
+            file: file.to_owned(),
+            document: document_number,
+            message,
+        };
+        let value = match Value::deserialize(document) {
+            Ok(Value::Null) => continue,
+            Ok(value) => value,
+            Err(e) => {
+                // The YAML stream cannot be resynchronised after a syntax error.
+                parsed.errors.push(doc_error(format!("invalid YAML: {e}")));
+                break;
+            }
+        };
+        let (Some(api_version), Some(kind)) = (str_at(&value, &["apiVersion"]), str_at(&value, &["kind"]))
+        else {
+            parsed.errors.push(doc_error("not a Kubernetes object: apiVersion and kind are required".into()));
+            continue;
+        };
+        let object = ObjectRef {
+            kind: kind.to_owned(),
+            namespace: str_at(&value, &["metadata", "namespace"]).unwrap_or("default").to_owned(),
+            name: str_at(&value, &["metadata", "name"]).unwrap_or_default().to_owned(),
+        };
+        let result = match (api_version, kind) {
+            ("v1", "Service") => deserialize(&value).map(Object::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => deserialize(&value).map(Object::EndpointSlice),
+            _ => {
+                parsed.skipped.push(format!("{api_version} {object}"));
+                continue;
+            }
+        };
+        match result {
+            Ok(_) if object.name.is_empty() => parsed.errors.push(ManifestError::Field {
+                file: file.to_owned(),
+                object,
+                field: "metadata.name".into(),
+                message: "required".into(),
+            }),
+            Ok(obj) => parsed.objects.push(obj),
+            Err((field, message)) => {
+                parsed.errors.push(ManifestError::Field { file: file.to_owned(), object, field, message })
+            }
+        }
+    }
+    parsed
+}
+
+/// Deserializes `value`, naming the failing field's path on error.
+fn deserialize<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let field = e.path().to_string();
+        (if field == "." { "(object)".into() } else { field }, e.into_inner().to_string())
+    })
+}

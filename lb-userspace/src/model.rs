@@ -1,0 +1,306 @@
+//! What the datapath should serve, computed from Kubernetes objects.
+//!
+//! Pure code: Services and EndpointSlices in, one `ServicePort` per frontend
+//! (cluster IP, port, protocol) with its ready backends out, plus an error
+//! for every object or field that could not be used. A bad object costs only
+//! itself: every other Service is still computed. Both sources (a directory
+//! of manifests, the Kubernetes API) feed this same function.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    /// Parses a Kubernetes `protocol` field; absent means TCP.
+    fn from_field(value: Option<&str>) -> Result<Self, String> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Err("SCTP is not supported yet".into()),
+            other => Err(format!("{other:?} is not a protocol (TCP, UDP or SCTP)")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// Where clients send: a service address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+/// One frontend of one Service and the backends that get new connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// `namespace/name:port-name`, for logs and inspection.
+    pub name: String,
+    pub frontend: Frontend,
+    pub backends: BTreeSet<SocketAddrV4>,
+}
+
+/// Names a Kubernetes object, the way a user would look for it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// An object, or one field of it, that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: {field}: {message}")]
+pub struct ObjectError {
+    pub object: ObjectRef,
+    /// Path of the offending field, such as `spec.ports[1].protocol`.
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// Sorted by frontend.
+    pub services: Vec<ServicePort>,
+    pub errors: Vec<ObjectError>,
+}
+
+fn object_ref(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+    ObjectRef {
+        kind: kind.to_owned(),
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_owned()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+/// A port of a Service, before endpoints are joined.
+struct PortSpec {
+    name: String,
+    port: u16,
+    protocol: Protocol,
+}
+
+/// A port of an EndpointSlice, with the ready addresses behind it.
+struct SlicePort {
+    name: String,
+    protocol: Protocol,
+    port: u16,
+    ready: Vec<Ipv4Addr>,
+}
+
+/// Computes the desired state of the datapath.
+pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
+    let mut errors = Vec::new();
+    let endpoints = ready_endpoints_by_service(slices, &mut errors);
+
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by_key(|s| object_ref("Service", &s.metadata));
+
+    let mut by_frontend: BTreeMap<Frontend, ServicePort> = BTreeMap::new();
+    for service in sorted {
+        let object = object_ref("Service", &service.metadata);
+        let fail = |errors: &mut Vec<ObjectError>, field: String, message: String| {
+            errors.push(ObjectError { object: object.clone(), field, message })
+        };
+        let Some(spec) = &service.spec else {
+            fail(&mut errors, "spec".into(), "missing".into());
+            continue;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let Some(addrs) = cluster_ips(spec, &mut |field, message| fail(&mut errors, field, message))
+        else {
+            continue;
+        };
+        let ports = service_ports(spec, &mut |field, message| fail(&mut errors, field, message));
+        let key = (object.namespace.clone(), object.name.clone());
+        let slice_ports = endpoints.get(&key).map(Vec::as_slice).unwrap_or_default();
+
+        for port in &ports {
+            let backends: BTreeSet<SocketAddrV4> = slice_ports
+                .iter()
+                .filter(|sp| sp.name == port.name && sp.protocol == port.protocol)
+                .flat_map(|sp| sp.ready.iter().map(|a| SocketAddrV4::new(*a, sp.port)))
+                .collect();
+            for addr in &addrs {
+                let frontend = Frontend { addr: *addr, port: port.port, protocol: port.protocol };
+                if let Some(owner) = by_frontend.get(&frontend) {
+                    fail(
+                        &mut errors,
+                        "spec.clusterIP".into(),
+                        format!("{frontend} is already served for {}", owner.name),
+                    );
+                    continue;
+                }
+                by_frontend.insert(
+                    frontend,
+                    ServicePort {
+                        name: format!("{}/{}:{}", object.namespace, object.name, port.name),
+                        frontend,
+                        backends: backends.clone(),
+                    },
+                );
+            }
+        }
+    }
+    DesiredState { services: by_frontend.into_values().collect(), errors }
+}
+
+/// The IPv4 cluster IPs of a Service; `None` when it gets no datapath entry.
+fn cluster_ips(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    fail: &mut impl FnMut(String, String),
+) -> Option<Vec<Ipv4Addr>> {
+    let (field, listed): (&str, Vec<&String>) = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ("spec.clusterIPs", ips.iter().collect()),
+        _ => ("spec.clusterIP", spec.cluster_ip.iter().collect()),
+    };
+    if listed.first().is_some_and(|ip| ip.as_str() == "None") {
+        return None; // headless: DNS only, nothing to load-balance
+    }
+    if listed.is_empty() || listed.iter().all(|ip| ip.is_empty()) {
+        fail(field.into(), "no cluster IP is assigned".into());
+        return None;
+    }
+    let mut addrs = Vec::new();
+    for (i, ip) in listed.iter().enumerate() {
+        let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.into() };
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(addr)) => addrs.push(addr),
+            // IPv6 frontends of dual-stack Services are not served yet.
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => fail(field, format!("{ip:?} is not an IP address")),
+        }
+    }
+    (!addrs.is_empty()).then_some(addrs)
+}
+
+fn service_ports(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    fail: &mut impl FnMut(String, String),
+) -> Vec<PortSpec> {
+    let mut ports = Vec::new();
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let protocol = match Protocol::from_field(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(message) => {
+                fail(format!("spec.ports[{i}].protocol"), message);
+                continue;
+            }
+        };
+        let Some(number) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
+            fail(format!("spec.ports[{i}].port"), format!("{} is not a port (1-65535)", port.port));
+            continue;
+        };
+        ports.push(PortSpec { name: port.name.clone().unwrap_or_default(), port: number, protocol });
+    }
+    ports
+}
+
+/// Ready endpoints of every Service, keyed by (namespace, service name).
+fn ready_endpoints_by_service(
+    slices: &[EndpointSlice],
+    errors: &mut Vec<ObjectError>,
+) -> BTreeMap<(String, String), Vec<SlicePort>> {
+    let mut by_service: BTreeMap<(String, String), Vec<SlicePort>> = BTreeMap::new();
+    for slice in slices {
+        let object = object_ref("EndpointSlice", &slice.metadata);
+        let mut fail = |field: String, message: String| {
+            errors.push(ObjectError { object: object.clone(), field, message })
+        };
+        let labels = slice.metadata.labels.as_ref();
+        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            fail(format!("metadata.labels[{SERVICE_NAME_LABEL}]"), "missing: the slice belongs to no Service".into());
+            continue;
+        };
+        // IPv6 and FQDN slices are not served yet.
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let mut ready = Vec::new();
+        for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
+            let Some(first) = endpoint.addresses.first() else {
+                fail(format!("endpoints[{i}].addresses"), "empty".into());
+                continue;
+            };
+            let Ok(addr) = first.parse::<Ipv4Addr>() else {
+                fail(format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address"));
+                continue;
+            };
+            // Kubernetes: an absent `ready` condition means ready.
+            let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if is_ready {
+                ready.push(addr);
+            }
+        }
+        let entry = by_service.entry((object.namespace.clone(), service.clone())).or_default();
+        for (i, port) in slice.ports.iter().flatten().enumerate() {
+            let protocol = match Protocol::from_field(port.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(message) => {
+                    fail(format!("ports[{i}].protocol"), message);
+                    continue;
+                }
+            };
+            let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+                fail(format!("ports[{i}].port"), "missing or not a port (1-65535)".into());
+                continue;
+            };
+            entry.push(SlicePort {
+                name: port.name.clone().unwrap_or_default(),
+                protocol,
+                port: number,
+                ready: ready.clone(),
+            });
+        }
+    }
+    by_service
+}

@@ -1,0 +1,50 @@
+//! Applies desired services to the maps through one narrow interface.
+use crate::{
+    model::ServicePort,
+    plan::{MapContents, MapOp, plan, target_contents},
+};
+
+/// Where map writes go: the real maps, or a fake in tests.
+pub trait MapWriter {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn write(&mut self, op: &MapOp) -> Result<(), Self::Error>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("map write {op:?} failed after {done} of {total} writes: {source}")]
+pub struct SyncError<E: std::error::Error + 'static> {
+    pub op: MapOp,
+    pub done: usize,
+    pub total: usize,
+    #[source]
+    pub source: E,
+}
+
+/// Keeps a copy of what the maps hold, so a sync writes only the difference.
+pub struct Reconciler {
+    current: MapContents,
+}
+
+impl Reconciler {
+    /// Starts from what the maps hold now (adopted pinned maps, or empty).
+    pub fn new(current: MapContents) -> Self {
+        Self { current }
+    }
+
+    pub fn current(&self) -> &MapContents {
+        &self.current
+    }
+
+    /// Writes what differs between the maps and `desired`; returns the number
+    /// of writes. On a failed write, the writes before it stay (each prefix
+    /// of the plan is consistent) and the next sync carries on from there.
+    pub fn sync<W: MapWriter>(&mut self, desired: &[ServicePort], maps: &mut W) -> Result<usize, SyncError<W::Error>> {
+        let target = target_contents(desired, &self.current);
+        let ops = plan(&self.current, &target);
+        for (done, op) in ops.iter().enumerate() {
+            maps.write(op).map_err(|source| SyncError { op: op.clone(), done, total: ops.len(), source })?;
+            self.current.apply(op);
+        }
+        Ok(ops.len())
+    }
+}
