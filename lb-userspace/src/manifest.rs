@@ -112,3 +112,55 @@ fn deserialize<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, (Stri
         (if field == "." { "(object)".into() } else { field }, e.into_inner().to_string())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_document_and_names_file_object_and_field_of_a_bad_one() {
+        let parsed = parse_manifests(
+            Path::new("/m/app.yaml"),
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: good, namespace: ns}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: ns}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 80}, {port: {nested: 1}}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+---
+just: a map
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: ns}
+addressType: IPv4
+endpoints: []
+"#,
+        );
+        let refs: Vec<String> = parsed.objects.iter().map(|o| o.object_ref().to_string()).collect();
+        assert_eq!(refs, ["Service ns/good", "EndpointSlice ns/web-1"]);
+        assert_eq!(parsed.skipped, ["apps/v1 Deployment default/web"]);
+        let errors: Vec<String> = parsed.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("/m/app.yaml: Service ns/bad: spec.ports[1].port: invalid type: map"), "{}", errors[0]);
+        assert_eq!(errors[1], "/m/app.yaml: document 4: not a Kubernetes object: apiVersion and kind are required");
+    }
+
+    #[test]
+    fn a_yaml_syntax_error_keeps_the_documents_before_it() {
+        let parsed = parse_manifests(
+            Path::new("x.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n---\nkind: [unclosed\n",
+        );
+        assert_eq!(parsed.objects.len(), 1);
+        assert!(parsed.errors[0].to_string().starts_with("x.yaml: document 2: invalid YAML"), "{:?}", parsed.errors);
+    }
+}

@@ -304,3 +304,181 @@ fn ready_endpoints_by_service(
     }
     by_service
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Object, parse_manifests};
+
+    fn desired(yaml: &str) -> DesiredState {
+        let parsed = parse_manifests(std::path::Path::new("test.yaml"), yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let (mut services, mut slices) = (Vec::new(), Vec::new());
+        for object in parsed.objects {
+            match object {
+                Object::Service(s) => services.push(s),
+                Object::EndpointSlice(s) => slices.push(s),
+            }
+        }
+        desired_state(&services, &slices)
+    }
+
+    fn backends(state: &DesiredState, frontend: &str) -> Vec<String> {
+        let service = state.services.iter().find(|s| s.frontend.to_string() == frontend);
+        service.unwrap_or_else(|| panic!("no {frontend} in {state:?}")).backends.iter().map(|b| b.to_string()).collect()
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: web}
+  - {name: dns, port: 53, protocol: UDP}
+"#;
+
+    #[test]
+    fn named_ports_map_to_the_slice_port_of_the_same_name_across_slices() {
+        let state = desired(&format!(
+            "{WEB}---{}---{}",
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- addresses: [10.0.1.1]
+- addresses: [10.0.1.2]
+  conditions: {ready: false}
+"#,
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-2, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 9090}]
+endpoints:
+- addresses: [10.0.2.1]
+  conditions: {ready: true}
+"#
+        ));
+        assert!(state.errors.is_empty(), "{:?}", state.errors);
+        assert_eq!(backends(&state, "10.96.0.10:80/TCP"), ["10.0.1.1:8080", "10.0.2.1:9090"]);
+        assert_eq!(backends(&state, "10.96.0.10:53/UDP"), ["10.0.1.1:5353"]);
+        assert_eq!(state.services[0].name, "shop/web:dns");
+    }
+
+    #[test]
+    fn slices_of_other_namespaces_or_services_do_not_join() {
+        let state = desired(&format!(
+            "{WEB}---{}",
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-x, namespace: other, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.9.9]}]
+"#
+        ));
+        assert!(backends(&state, "10.96.0.10:80/TCP").is_empty());
+    }
+
+    #[test]
+    fn headless_and_external_name_services_get_no_frontend() {
+        let state = desired(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.com}
+"#,
+        );
+        assert_eq!(state, DesiredState::default());
+    }
+
+    #[test]
+    fn a_bad_field_costs_only_its_own_port_or_service() {
+        let state = desired(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec:
+  clusterIP: 10.96.0.1
+  ports: [{name: x, port: 80, protocol: SCTP}, {name: y, port: 81}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {clusterIP: not-an-ip, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: c}
+spec: {clusterIPs: [10.96.0.3, "fd00::3"], ports: [{port: 70000}, {port: 443}]}
+"#,
+        );
+        let fields: Vec<String> = state.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            fields,
+            [
+                "Service default/a: spec.ports[0].protocol: SCTP is not supported yet",
+                "Service default/b: spec.clusterIP: \"not-an-ip\" is not an IP address",
+                "Service default/c: spec.ports[0].port: 70000 is not a port (1-65535)",
+            ]
+        );
+        let frontends: Vec<String> = state.services.iter().map(|s| s.frontend.to_string()).collect();
+        assert_eq!(frontends, ["10.96.0.1:81/TCP", "10.96.0.3:443/TCP"]);
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_goes_to_the_first_service_by_name() {
+        let state = desired(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: zz}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: aa}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+"#,
+        );
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(state.services[0].name, "default/aa:");
+        assert_eq!(state.errors[0].object.name, "zz");
+    }
+
+    #[test]
+    fn slice_errors_name_the_field() {
+        let state = desired(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orphan}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: bad, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [300.1.1.1]}]
+"#,
+        );
+        let fields: Vec<&str> = state.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["metadata.labels[kubernetes.io/service-name]", "endpoints[0].addresses[0]"]);
+    }
+}

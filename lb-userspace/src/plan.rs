@@ -149,3 +149,117 @@ pub fn plan(current: &MapContents, target: &MapContents) -> Vec<MapOp> {
     );
     ops
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{Frontend, Protocol};
+
+    fn service(vip: u8, backends: &[u8]) -> ServicePort {
+        ServicePort {
+            name: format!("svc-{vip}"),
+            frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip), port: 80, protocol: Protocol::Tcp },
+            backends: backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, *b), 8080)).collect(),
+        }
+    }
+
+    /// Every frontend's slots exist and name existing backends.
+    fn assert_whole(contents: &MapContents, after: &str) {
+        for (key, value) in contents.services.iter().filter(|(k, _)| k.slot == 0) {
+            for slot in 1..=value.backend_count {
+                let slot_value = contents.services.get(&key.with_slot(slot));
+                let slot_value = slot_value.unwrap_or_else(|| panic!("after {after}: slot {slot} of {key:?} missing"));
+                assert!(contents.backends.contains_key(&slot_value.backend_id), "after {after}: dangling backend");
+            }
+        }
+    }
+
+    /// Applies a sync op by op, checking the invariant after each write.
+    fn sync(current: &MapContents, desired: &[ServicePort]) -> (MapContents, Vec<MapOp>) {
+        let target = target_contents(desired, current);
+        let ops = plan(current, &target);
+        let mut maps = current.clone();
+        for op in &ops {
+            maps.apply(op);
+            assert_whole(&maps, &format!("{op:?}"));
+        }
+        assert_eq!(maps, target);
+        (maps, ops)
+    }
+
+    fn backends_of(contents: &MapContents, vip: u8) -> Vec<u8> {
+        let key = ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0);
+        let mut octets: Vec<u8> = contents.slots_of(&key).iter().map(|id| contents.backends[id].addr[3]).collect();
+        octets.sort();
+        octets
+    }
+
+    #[test]
+    fn every_prefix_of_a_plan_leaves_services_whole() {
+        let steps: [&[ServicePort]; 5] = [
+            &[service(1, &[1, 2, 3]), service(2, &[3, 4])],
+            &[service(1, &[2, 3, 5, 6]), service(2, &[4])],
+            &[service(1, &[7]), service(3, &[1, 2])],
+            &[service(1, &[]), service(3, &[2, 1, 8])],
+            &[],
+        ];
+        let mut maps = MapContents::default();
+        for desired in steps {
+            (maps, _) = sync(&maps, desired);
+            for s in desired {
+                let vip = s.frontend.addr.octets()[3];
+                let want: Vec<u8> = s.backends.iter().map(|b| b.ip().octets()[3]).collect();
+                assert_eq!(backends_of(&maps, vip), want);
+            }
+        }
+        assert_eq!(maps, MapContents::default());
+    }
+
+    #[test]
+    fn removing_one_backend_keeps_ids_and_slots_of_the_others() {
+        let (maps, _) = sync(&MapContents::default(), &[service(1, &[1, 2, 3])]);
+        let before = maps.clone();
+        let (after, ops) = sync(&maps, &[service(1, &[1, 3])]);
+        for (id, backend) in &after.backends {
+            assert_eq!(before.backends.get(id), Some(backend), "backend ids are stable");
+        }
+        // Backend 3 moves into the freed slot 2; the count shrinks; slot 3 and
+        // backend 2 go: four writes, in that order.
+        let kinds: Vec<&str> = ops
+            .iter()
+            .map(|op| match op {
+                MapOp::PutBackend(..) => "put-backend",
+                MapOp::PutService(k, _) if k.slot == 0 => "put-frontend",
+                MapOp::PutService(..) => "put-slot",
+                MapOp::DeleteService(..) => "delete-slot",
+                MapOp::DeleteBackend(..) => "delete-backend",
+            })
+            .collect();
+        assert_eq!(kinds, ["put-slot", "put-frontend", "delete-slot", "delete-backend"]);
+    }
+
+    #[test]
+    fn an_unchanged_sync_writes_nothing() {
+        let desired = [service(1, &[1, 2]), service(2, &[2, 3])];
+        let (maps, _) = sync(&MapContents::default(), &desired);
+        assert!(sync(&maps, &desired).1.is_empty());
+    }
+
+    #[test]
+    fn a_new_backend_never_takes_an_id_still_in_the_maps() {
+        let (maps, _) = sync(&MapContents::default(), &[service(1, &[1, 2])]);
+        let (after, _) = sync(&maps, &[service(1, &[9])]);
+        let new_id = *after.backends.keys().next().unwrap();
+        assert!(!maps.backends.contains_key(&new_id));
+    }
+
+    #[test]
+    fn a_backend_shared_by_two_services_is_one_entry() {
+        let (maps, _) = sync(&MapContents::default(), &[service(1, &[1]), service(2, &[1])]);
+        assert_eq!(maps.backends.len(), 1);
+        let (maps, _) = sync(&maps, &[service(2, &[1])]);
+        assert_eq!(maps.backends.len(), 1, "still used by service 2");
+    }
+}

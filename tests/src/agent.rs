@@ -1,0 +1,130 @@
+//! The real `lb` binary, run as a process inside a node namespace.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use lb_userspace::{datapath::Maps, plan::MapContents};
+
+use crate::netns::{Netns, unique_tag};
+
+/// The `lb` binary next to the running executable (target/<profile>/lb),
+/// or `LB_BIN`.
+pub fn lb_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LB_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let lb = dir.join("lb");
+    assert!(lb.exists(), "{} missing: run `cargo build` for this profile first", lb.display());
+    lb
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", unique_tag()));
+        fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running agent. Dropping it stops the agent and removes its pins.
+pub struct Agent {
+    child: Child,
+    pub pin_path: PathBuf,
+    log: PathBuf,
+    _log_dir: TempDir,
+}
+
+impl Agent {
+    pub fn start(node: &Netns, manifests: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let log_dir = TempDir::new("lb-agent-log")?;
+        let log = log_dir.0.join("agent.log");
+        let pin_path = PathBuf::from(format!("/sys/fs/bpf/lbt-{}", unique_tag()));
+        let child = node
+            .command(lb_binary())
+            .args(["run", "--source", &format!("dir:{}", manifests.display())])
+            .arg("--pin-path")
+            .arg(&pin_path)
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("starting lb")?;
+        Ok(Self { child, pin_path, log, _log_dir: log_dir })
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls the pinned maps until `ready` holds, for up to 10 s.
+    pub fn wait_for_maps(&mut self, what: &str, ready: impl Fn(&MapContents) -> bool) -> anyhow::Result<()> {
+        self.wait(what, |pin_path| {
+            Maps::open_pinned(pin_path).ok().and_then(|m| m.read_contents().ok()).is_some_and(|c| ready(&c))
+        })
+    }
+
+    /// Waits until the program is attached to `count` interfaces.
+    pub fn wait_for_attachments(&mut self, count: usize) -> anyhow::Result<()> {
+        self.wait(&format!("{count} attachments"), |pin_path| {
+            fs::read_dir(pin_path.join("links")).map(|d| d.count()).unwrap_or(0) >= count
+        })
+    }
+
+    fn wait(&mut self, what: &str, ready: impl Fn(&Path) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("agent exited ({status}) while waiting for {what}:\n{}", self.log());
+            }
+            if ready(&self.pin_path) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("timed out waiting for {what}; agent log:\n{}", self.log())
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        bail!("agent did not stop within 5 s of SIGTERM")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+        let _ = fs::remove_dir_all(&self.pin_path);
+    }
+}

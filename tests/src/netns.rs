@@ -1,0 +1,190 @@
+//! Network-namespace sandboxes: a node namespace with pod namespaces wired
+//! to it the way real CNIs do it. Everything made here is removed on drop,
+//! on failure too, and names are unique per process and sandbox.
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, bail};
+
+/// Runs a command and returns its stdout; fails with its stderr.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A short tag unique to this process and call: names of interfaces must
+/// fit in 15 bytes.
+pub fn unique_tag() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:05x}{:x}", std::process::id() & 0xfffff, n & 0xf)
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn setns(path: &Path) -> std::io::Result<()> {
+    let file = File::open(path)?;
+    // SAFETY: a valid fd; only this thread's network namespace changes.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> anyhow::Result<Self> {
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// A command to run inside the namespace (network namespace only, so
+    /// bpffs and /sys stay the host's).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display())).arg(program);
+        cmd
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.enter(|| std::fs::write(format!("/proc/sys/{}", key.replace('.', "/")), value))
+            .with_context(|| format!("sysctl {key}={value} in {}", self.name))
+    }
+
+    /// Runs `f` on a thread inside the namespace; sockets it opens stay there.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(&path).expect("entering the test namespace");
+                f()
+            })
+            .join()
+            .expect("thread in namespace panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// How pod interfaces reach the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Calico-style: each pod a /32 on a point-to-point veth, default route
+    /// via 169.254.1.1, the node routing to each pod by its veth.
+    Routed,
+    /// Flannel/bridge-style: pod veths are ports of a Linux bridge holding
+    /// the pods' gateway address; pods share a /24.
+    Bridged,
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The node side of the pod's veth, where the tc program attaches.
+    pub host_veth: String,
+    pub netns: Netns,
+}
+
+/// A node namespace and its pods. Dropping it removes every namespace.
+pub struct Cluster {
+    pub topology: Topology,
+    pub pods: Vec<Pod>,
+    pub node: Netns,
+}
+
+/// The node's own address (kube-proxy's node IP), on its loopback.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 255, 1);
+const ROUTED_GATEWAY: &str = "169.254.1.1";
+const BRIDGE_GATEWAY: &str = "10.244.1.1";
+
+impl Cluster {
+    pub fn new(topology: Topology, pod_names: &[&str]) -> anyhow::Result<Self> {
+        let tag = unique_tag();
+        let node = Netns::new(format!("lbt{tag}-node"))?;
+        node.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        let bridge = format!("b{tag}");
+        if topology == Topology::Bridged {
+            node.ip(&["link", "add", &bridge, "type", "bridge"])?;
+            node.ip(&["addr", "add", &format!("{BRIDGE_GATEWAY}/24"), "dev", &bridge])?;
+            node.ip(&["link", "set", &bridge, "up"])?;
+        }
+        let mut cluster = Self { topology, pods: Vec::new(), node };
+        for (i, name) in pod_names.iter().enumerate() {
+            let netns = Netns::new(format!("lbt{tag}-{name}"))?;
+            let host_veth = format!("h{tag}{i}");
+            let ip = match topology {
+                Topology::Routed => Ipv4Addr::new(10, 244, 0, 10 + i as u8),
+                Topology::Bridged => Ipv4Addr::new(10, 244, 1, 10 + i as u8),
+            };
+            let pod = Pod { name: name.to_string(), ip, host_veth, netns };
+            cluster.wire(&pod, &bridge)?;
+            cluster.pods.push(pod);
+        }
+        Ok(cluster)
+    }
+
+    fn wire(&self, pod: &Pod, bridge: &str) -> anyhow::Result<()> {
+        let (node, veth) = (&self.node, pod.host_veth.as_str());
+        node.ip(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns.name])?;
+        pod.netns.ip(&["link", "set", "eth0", "up"])?;
+        match self.topology {
+            Topology::Routed => {
+                node.ip(&["link", "set", veth, "up"])?;
+                node.ip(&["route", "add", &format!("{}/32", pod.ip), "dev", veth])?;
+                pod.netns.ip(&["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
+                pod.netns.ip(&["route", "add", ROUTED_GATEWAY, "dev", "eth0", "scope", "link"])?;
+                pod.netns.ip(&["route", "add", "default", "via", ROUTED_GATEWAY, "dev", "eth0"])?;
+                let mac = self.mac_of(veth)?;
+                pod.netns.ip(&["neigh", "add", ROUTED_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+            }
+            Topology::Bridged => {
+                node.ip(&["link", "set", veth, "master", bridge, "up"])?;
+                pod.netns.ip(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+                pod.netns.ip(&["route", "add", "default", "via", BRIDGE_GATEWAY, "dev", "eth0"])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn mac_of(&self, interface: &str) -> anyhow::Result<String> {
+        let out = self.node.ip(&["-o", "link", "show", interface])?;
+        let mut words = out.split_whitespace();
+        words.find(|w| *w == "link/ether");
+        words.next().map(str::to_owned).context("no MAC address")
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}

@@ -1,0 +1,209 @@
+//! The tc program through BPF_PROG_TEST_RUN: crafted packets in, expected
+//! packets, verdicts, conntrack entries and counters out. Needs root.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey, counter};
+use lb_tests::packet::{self, ACK, SYN, Seen, Spec};
+use lb_userspace::{
+    datapath::{Datapath, MapSizes},
+    model::{Frontend, Protocol, ServicePort},
+    reconcile::Reconciler,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+fn addr(a: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(a), port)
+}
+
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const CLIENT: [u8; 4] = [10, 244, 0, 20];
+
+fn service(vip_port: u16, protocol: Protocol, backends: &[[u8; 4]]) -> ServicePort {
+    ServicePort {
+        name: "test".into(),
+        frontend: Frontend { addr: Ipv4Addr::from(VIP), port: vip_port, protocol },
+        backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
+    }
+}
+
+struct Harness {
+    datapath: Datapath,
+}
+
+impl Harness {
+    fn new(services: &[ServicePort]) -> Self {
+        let mut datapath = Datapath::load(None, MapSizes::default()).expect("load datapath (needs root)");
+        Reconciler::new(Default::default()).sync(services, &mut datapath.maps).expect("seed maps");
+        Self { datapath }
+    }
+
+    /// Runs one packet; returns the verdict and the packet as it left.
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 64];
+        let program = self.datapath.program().unwrap();
+        let result = program
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn run_spec(&mut self, spec: &Spec) -> (u32, Seen) {
+        let (verdict, out) = self.run(&packet::build(spec));
+        (verdict, packet::read(&out))
+    }
+
+    fn counter(&self, index: u32) -> u64 {
+        self.datapath.maps.counters().unwrap()[index as usize].packets
+    }
+}
+
+fn assert_checksums(seen: &Seen) {
+    assert!(seen.ip_checksum_ok, "IPv4 checksum wrong: {seen:?}");
+    assert_eq!(seen.l4_checksum_ok, Some(true), "L4 checksum wrong: {seen:?}");
+}
+
+#[test]
+fn first_packet_to_a_service_is_dnated_and_tracked_both_ways() {
+    let backend = [10, 244, 0, 11];
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[backend])]);
+    let (verdict, seen) = h.run_spec(&Spec::tcp(addr(CLIENT, 40000), addr(VIP, 80), SYN));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(seen.src, addr(CLIENT, 40000), "source untouched");
+    assert_eq!(seen.dst, addr(backend, 8080));
+    assert_eq!(seen.payload, b"hello");
+    assert_checksums(&seen);
+
+    let key = |s: SocketAddrV4, d: SocketAddrV4| CtKey {
+        saddr: s.ip().octets(),
+        daddr: d.ip().octets(),
+        sport: s.port().to_be_bytes(),
+        dport: d.port().to_be_bytes(),
+        protocol: packet::TCP,
+        _pad: [0; 3],
+    };
+    let ct = &h.datapath.maps.conntrack;
+    let forward = ct.get(&key(addr(CLIENT, 40000), addr(VIP, 80)), 0).expect("forward entry");
+    assert_eq!((forward.direction, forward.nat_addr, forward.nat_port), (CT_DIRECTION_DNAT, backend, 8080u16.to_be_bytes()));
+    let reply = ct.get(&key(addr(backend, 8080), addr(CLIENT, 40000)), 0).expect("reply entry");
+    assert_eq!((reply.direction, reply.nat_addr, reply.nat_port), (CT_DIRECTION_REVERSE_SNAT, VIP, 80u16.to_be_bytes()));
+    assert_eq!(h.counter(counter::DNAT_NEW), 1);
+}
+
+#[test]
+fn reply_from_the_backend_is_translated_back_to_the_service() {
+    let backend = [10, 244, 0, 11];
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[backend])]);
+    h.run_spec(&Spec::tcp(addr(CLIENT, 40001), addr(VIP, 80), SYN));
+    let (verdict, seen) = h.run_spec(&Spec::tcp(addr(backend, 8080), addr(CLIENT, 40001), SYN | ACK));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(seen.src, addr(VIP, 80));
+    assert_eq!(seen.dst, addr(CLIENT, 40001));
+    assert_checksums(&seen);
+    assert_eq!(h.counter(counter::REVERSE_NAT), 1);
+}
+
+#[test]
+fn later_packets_of_a_flow_keep_their_backend() {
+    let backends = [[10, 244, 0, 11], [10, 244, 0, 12], [10, 244, 0, 13]];
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &backends)]);
+    let mut chosen = std::collections::BTreeSet::new();
+    for port in 41000..41030u16 {
+        let (_, first) = h.run_spec(&Spec::tcp(addr(CLIENT, port), addr(VIP, 80), SYN));
+        chosen.insert(first.dst);
+        for _ in 0..10 {
+            let (verdict, later) = h.run_spec(&Spec::tcp(addr(CLIENT, port), addr(VIP, 80), ACK));
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(later.dst, first.dst, "flow from port {port} changed backend");
+            assert_checksums(&later);
+        }
+    }
+    assert!(chosen.len() > 1, "30 flows all went to {chosen:?}");
+    assert_eq!(h.counter(counter::DNAT_NEW), 30);
+    assert_eq!(h.counter(counter::DNAT_ESTABLISHED), 300);
+}
+
+#[test]
+fn packets_not_for_a_service_pass_untouched() {
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[[10, 244, 0, 11]])]);
+    for spec in [
+        Spec::tcp(addr(CLIENT, 40000), addr([10, 244, 0, 99], 80), SYN), // other address
+        Spec::tcp(addr(CLIENT, 40000), addr(VIP, 81), SYN),              // other port
+        Spec::udp(addr(CLIENT, 40000), addr(VIP, 80)),                   // other protocol
+    ] {
+        let frame = packet::build(&spec);
+        let (verdict, out) = h.run(&frame);
+        assert_eq!((verdict, &out), (TC_ACT_OK, &frame), "{spec:?}");
+    }
+    assert_eq!(h.counter(counter::PASS), 3);
+}
+
+#[test]
+fn truncated_and_non_ip_packets_pass_untouched() {
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[[10, 244, 0, 11]])]);
+    let full = packet::build(&Spec::tcp(addr(CLIENT, 40000), addr(VIP, 80), SYN));
+    let truncated = full[..14 + 20 + 10].to_vec(); // half a TCP header
+    let mut arp = full.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    for frame in [truncated, arp] {
+        let (verdict, out) = h.run(&frame);
+        assert_eq!((verdict, out), (TC_ACT_OK, frame));
+    }
+    assert_eq!(h.counter(counter::PASS_UNPARSED), 2);
+    assert_eq!(h.counter(counter::DNAT_NEW), 0);
+}
+
+#[test]
+fn udp_is_translated_both_ways_and_a_zero_checksum_stays_zero() {
+    let backend = [10, 244, 0, 11];
+    let mut h = Harness::new(&[service(53, Protocol::Udp, &[backend])]);
+    let (verdict, seen) = h.run_spec(&Spec::udp(addr(CLIENT, 50000), addr(VIP, 53)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(seen.dst, addr(backend, 8080));
+    assert_checksums(&seen);
+    let (_, reply) = h.run_spec(&Spec::udp(addr(backend, 8080), addr(CLIENT, 50000)));
+    assert_eq!(reply.src, addr(VIP, 53));
+    assert_checksums(&reply);
+
+    let no_checksum = Spec { udp_no_checksum: true, ..Spec::udp(addr(CLIENT, 50001), addr(VIP, 53)) };
+    let (_, seen) = h.run_spec(&no_checksum);
+    assert_eq!(seen.dst, addr(backend, 8080));
+    assert_eq!(seen.l4_checksum_ok, None, "checksum must stay 0");
+    assert!(seen.ip_checksum_ok);
+}
+
+#[test]
+fn ip_options_shift_the_l4_header_and_are_handled() {
+    let backend = [10, 244, 0, 11];
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[backend])]);
+    // Four bytes of options: NOP NOP NOP EOL.
+    let spec = Spec { ip_options: vec![1, 1, 1, 0], ..Spec::tcp(addr(CLIENT, 40000), addr(VIP, 80), SYN) };
+    let (verdict, seen) = h.run_spec(&spec);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(seen.dst, addr(backend, 8080));
+    assert_checksums(&seen);
+}
+
+#[test]
+fn a_service_without_ready_backends_drops_and_counts() {
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[])]);
+    let (verdict, _) = h.run(&packet::build(&Spec::tcp(addr(CLIENT, 40000), addr(VIP, 80), SYN)));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(counter::DROP_NO_BACKEND), 1);
+}
+
+#[test]
+fn a_syn_on_a_stale_entry_picks_among_the_current_backends() {
+    let (old, new) = ([10, 244, 0, 11], [10, 244, 0, 12]);
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[old])]);
+    let flow = |flags| Spec::tcp(addr(CLIENT, 40000), addr(VIP, 80), flags);
+    assert_eq!(h.run_spec(&flow(SYN)).1.dst, addr(old, 8080));
+    // The old backend leaves the service; the client reuses its source port.
+    let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap());
+    reconciler.sync(&[service(80, Protocol::Tcp, &[new])], &mut h.datapath.maps).unwrap();
+    assert_eq!(h.run_spec(&flow(SYN)).1.dst, addr(new, 8080));
+    assert_eq!(h.run_spec(&flow(ACK)).1.dst, addr(new, 8080));
+}
