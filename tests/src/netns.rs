@@ -118,6 +118,7 @@ pub struct Pod {
 /// A node namespace and its pods. Dropping it removes every namespace.
 pub struct Cluster {
     pub topology: Topology,
+    tag: String,
     pub pods: Vec<Pod>,
     pub node: Netns,
 }
@@ -139,22 +140,33 @@ impl Cluster {
             node.ip(&["addr", "add", &format!("{BRIDGE_GATEWAY}/24"), "dev", &bridge])?;
             node.ip(&["link", "set", &bridge, "up"])?;
         }
-        let mut cluster = Self { topology, pods: Vec::new(), node };
-        for (i, name) in pod_names.iter().enumerate() {
-            let netns = Netns::new(format!("lbt{tag}-{name}"))?;
-            let host_veth = format!("h{tag}{i}");
-            let ip = match topology {
-                Topology::Routed => Ipv4Addr::new(10, 244, 0, 10 + i as u8),
-                Topology::Bridged => Ipv4Addr::new(10, 244, 1, 10 + i as u8),
-            };
-            let pod = Pod { name: name.to_string(), ip, host_veth, netns };
-            cluster.wire(&pod, &bridge)?;
-            cluster.pods.push(pod);
+        let mut cluster = Self { topology, tag, pods: Vec::new(), node };
+        for name in pod_names {
+            cluster.add_pod(name)?;
         }
         Ok(cluster)
     }
 
-    fn wire(&self, pod: &Pod, bridge: &str) -> anyhow::Result<()> {
+    /// Adds a pod (as a CNI would when one is scheduled).
+    pub fn add_pod(&mut self, name: &str) -> anyhow::Result<&Pod> {
+        let (tag, i) = (&self.tag, self.pods.len());
+        let netns = Netns::new(format!("lbt{tag}-{name}"))?;
+        let host_veth = format!("h{tag}{i}");
+        let ip = match self.topology {
+            Topology::Routed => Ipv4Addr::new(10, 244, 0, 10 + i as u8),
+            Topology::Bridged => Ipv4Addr::new(10, 244, 1, 10 + i as u8),
+        };
+        let pod = Pod { name: name.to_string(), ip, host_veth, netns };
+        self.wire(&pod)?;
+        self.pods.push(pod);
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    fn bridge(&self) -> String {
+        format!("b{}", self.tag)
+    }
+
+    fn wire(&self, pod: &Pod) -> anyhow::Result<()> {
         let (node, veth) = (&self.node, pod.host_veth.as_str());
         node.ip(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns.name])?;
         pod.netns.ip(&["link", "set", "eth0", "up"])?;
@@ -169,7 +181,7 @@ impl Cluster {
                 pod.netns.ip(&["neigh", "add", ROUTED_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
             }
             Topology::Bridged => {
-                node.ip(&["link", "set", veth, "master", bridge, "up"])?;
+                node.ip(&["link", "set", veth, "master", &self.bridge(), "up"])?;
                 pod.netns.ip(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
                 pod.netns.ip(&["route", "add", "default", "via", BRIDGE_GATEWAY, "dev", "eth0"])?;
             }

@@ -1,0 +1,126 @@
+//! ClusterIP end to end: the real agent in a node namespace, real TCP and
+//! UDP servers in backend pods, real clients in a client pod; in both CNI
+//! topologies. Needs root.
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use lb_tests::{
+    agent::{Agent, TempDir},
+    netns::{Cluster, Topology},
+    pods::{PodServer, Session, TCP_PORT, UDP_PORT, tcp_ask, udp_ask},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, targetPort: dns, protocol: UDP}
+"#;
+
+/// Writes the EndpointSlice atomically (the agent ignores dot-files).
+fn write_slice(dir: &Path, backends: &[(String, Ipv4Addr)]) {
+    let endpoints: String = backends
+        .iter()
+        .map(|(name, ip)| format!("- addresses: [{ip}]\n  nodeName: node-1\n  targetRef: {{kind: Pod, name: {name}}}\n"))
+        .collect();
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n{endpoints}"
+    );
+    let tmp = dir.join(".slice.tmp");
+    fs::write(&tmp, slice).unwrap();
+    fs::rename(&tmp, dir.join("web-slice.yaml")).unwrap();
+}
+
+fn frontend_has(agent: &mut Agent, count: usize) {
+    agent
+        .wait_for_maps(&format!("{count} TCP backends"), |c| {
+            c.frontends().any(|(k, b)| k.protocol == 6 && b.len() == count)
+        })
+        .unwrap();
+}
+
+fn clusterip_end_to_end(topology: Topology) {
+    let mut cluster = Cluster::new(topology, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let backends: Vec<(String, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.clone(), p.ip)).collect();
+    let manifests = TempDir::new("lb-manifests").unwrap();
+    fs::write(manifests.0.join("web.yaml"), SERVICE).unwrap();
+    write_slice(&manifests.0, &backends);
+
+    let mut agent = Agent::start(&cluster.node, &manifests.0, &[]).unwrap();
+    frontend_has(&mut agent, 3);
+    agent.wait_for_attachments(4).unwrap();
+    let client = &cluster.pod("client").netns;
+    let vip_tcp = SocketAddrV4::new(VIP, 80);
+
+    // Every new connection succeeds, and they spread.
+    let answers: Vec<String> = client.enter(|| (0..30).map(|_| tcp_ask(vip_tcp)).collect::<Result<_, _>>()).unwrap();
+    let reached: BTreeSet<&String> = answers.iter().collect();
+    assert!(reached.len() > 1, "30 connections all reached {reached:?}");
+
+    // UDP through the ClusterIP.
+    let who = client.enter(|| udp_ask(SocketAddrV4::new(VIP, 53))).unwrap();
+    assert!(who.starts_with("backend-"), "UDP answer {who:?}");
+
+    // Traffic not for a service is untouched: straight to a pod address.
+    let direct = client.enter(|| tcp_ask(SocketAddrV4::new(cluster.pods[1].ip, TCP_PORT))).unwrap();
+    assert_eq!(direct, "backend-1");
+
+    // One long-lived connection keeps its backend for 100 messages.
+    let mut session = client.enter(|| Session::connect(vip_tcp)).unwrap();
+    let pinned = session.ask("m0").unwrap();
+    for i in 1..100 {
+        assert_eq!(session.ask(&format!("m{i}")).unwrap(), pinned, "message {i}");
+    }
+
+    // A broken manifest is reported by file, object and field, and nothing
+    // else is disturbed.
+    fs::write(
+        manifests.0.join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {clusterIP: 10.96.0.99, ports: [{port: high}]}\n",
+    )
+    .unwrap();
+
+    // The backend of the open connection leaves the Service.
+    let remaining: Vec<(String, Ipv4Addr)> = backends.iter().filter(|(name, _)| *name != pinned).cloned().collect();
+    write_slice(&manifests.0, &remaining);
+    frontend_has(&mut agent, 2);
+    let log = agent.log();
+    assert!(log.contains("broken.yaml: Service default/broken: spec.ports[0].port: invalid type"), "{log}");
+
+    // The established connection is not dropped by the change...
+    assert_eq!(session.ask("after removal").unwrap(), pinned);
+    // ...and no new connection reaches the removed backend.
+    let answers: Vec<String> = client.enter(|| (0..40).map(|_| tcp_ask(vip_tcp)).collect::<Result<_, _>>()).unwrap();
+    assert!(!answers.contains(&pinned), "a new connection reached removed {pinned}: {answers:?}");
+    assert_eq!(answers.iter().collect::<BTreeSet<_>>().len(), 2);
+
+    // A pod created while the agent runs gets the program too.
+    cluster.add_pod("late-client").unwrap();
+    agent.wait_for_attachments(5).unwrap();
+    let late = &cluster.pod("late-client").netns;
+    assert!(late.enter(|| tcp_ask(vip_tcp)).unwrap().starts_with("backend-"));
+
+    // SIGTERM: a clean exit that leaves the datapath serving.
+    assert!(agent.stop().unwrap().success(), "{}", agent.log());
+    assert!(cluster.pod("client").netns.enter(|| tcp_ask(vip_tcp)).unwrap().starts_with("backend-"));
+}
+
+#[test]
+fn clusterip_routed_topology() {
+    clusterip_end_to_end(Topology::Routed);
+}
+
+#[test]
+fn clusterip_bridged_topology() {
+    clusterip_end_to_end(Topology::Bridged);
+}
