@@ -1,1 +1,52 @@
-fn main(){}
+//! Developer tasks: `cargo xtask build-ebpf`.
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (lb-ebpf) on its own, for bpftool or inspection.
+    /// `cargo build` builds and embeds it anyway, through lb-userspace's build.rs.
+    BuildEbpf {
+        /// Build without optimisations (the verifier usually rejects that).
+        #[arg(long)]
+        debug: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf { debug } => build_ebpf(debug),
+    }
+}
+
+/// The same build aya-build runs from lb-userspace/build.rs: nightly,
+/// core rebuilt for the BPF target, BTF emitted by bpf-linker.
+fn build_ebpf(debug: bool) -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root)
+        .args(["run", "nightly", "cargo", "build", "--package", "lb-ebpf", "--bins"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .env("CARGO_ENCODED_RUSTFLAGS", format!("--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf", std::env::consts::ARCH))
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    if !debug {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running rustup (is rustup installed?)")?;
+    if !status.success() {
+        bail!("building lb-ebpf failed ({status}); scripts/setup.sh installs nightly, rust-src and bpf-linker");
+    }
+    let target_dir = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), Into::into);
+    let profile = if debug { "debug" } else { "release" };
+    println!("{}", target_dir.join("bpfel-unknown-none").join(profile).join("lb-ebpf").display());
+    Ok(())
+}
