@@ -47,6 +47,7 @@ impl Drop for TempDir {
 /// A running agent. Dropping it stops the agent and removes its pins.
 pub struct Agent {
     child: Child,
+    command: Vec<std::ffi::OsString>,
     pub pin_path: PathBuf,
     log: PathBuf,
     _log_dir: TempDir,
@@ -57,19 +58,61 @@ impl Agent {
         let log_dir = TempDir::new("lb-agent-log")?;
         let log = log_dir.0.join("agent.log");
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/lbt-{}", unique_tag()));
-        let child = node
-            .command(lb_binary())
-            .args(["run", "--source", &format!("dir:{}", manifests.display())])
-            .arg("--pin-path")
-            .arg(&pin_path)
-            .args(extra_args)
+        let mut command: Vec<std::ffi::OsString> = vec![
+            format!("--net={}", node.path().display()).into(),
+            lb_binary().into(),
+            "run".into(),
+            "--source".into(),
+            format!("dir:{}", manifests.display()).into(),
+            "--pin-path".into(),
+            pin_path.clone().into(),
+        ];
+        command.extend(extra_args.iter().map(Into::into));
+        let child = Self::spawn(&command, &log)?;
+        Ok(Self { child, command, pin_path, log, _log_dir: log_dir })
+    }
+
+    fn spawn(command: &[std::ffi::OsString], log: &Path) -> anyhow::Result<Child> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        std::process::Command::new("nsenter")
+            .args(command)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
+            .stderr(log)
             .spawn()
-            .context("starting lb")?;
-        Ok(Self { child, pin_path, log, _log_dir: log_dir })
+            .context("starting lb")
+    }
+
+    /// Starts a new agent process with the same arguments and pin path,
+    /// after this one has stopped.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_none() {
+            self.stop()?;
+        }
+        self.child = Self::spawn(&self.command, &self.log)?;
+        Ok(())
+    }
+
+    /// (link id, program id) of every pinned TCX link, from bpftool.
+    pub fn links(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        let mut links = Vec::new();
+        for entry in fs::read_dir(self.pin_path.join("links"))? {
+            links.push(bpftool_ids(&["link", "show", "pinned"], &entry?.path(), "prog_id")?);
+        }
+        links.sort();
+        Ok(links)
+    }
+
+    /// Id of the program pinned by the running agent.
+    pub fn program_id(&self) -> anyhow::Result<u64> {
+        Ok(bpftool_ids(&["prog", "show", "pinned"], &self.pin_path.join(lb_common::PROG_FROM_POD), "id")?.0)
+    }
+
+    /// Waits until the agent's log has a line containing `text`.
+    pub fn wait_for_log(&mut self, text: &str) -> anyhow::Result<()> {
+        let log = self.log.clone();
+        self.wait(&format!("log line {text:?}"), |_| fs::read_to_string(&log).is_ok_and(|l| l.contains(text)))
     }
 
     pub fn log(&self) -> String {
@@ -118,6 +161,13 @@ impl Agent {
         let _ = self.child.kill();
         bail!("agent did not stop within 5 s of SIGTERM")
     }
+}
+
+fn bpftool_ids(args: &[&str], path: &Path, second: &str) -> anyhow::Result<(u64, u64)> {
+    let out = std::process::Command::new("bpftool").arg("-j").args(args).arg(path).output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool output")?;
+    let id = |key: &str| json[key].as_u64().with_context(|| format!("no {key} in {json}"));
+    Ok((id("id")?, id(second)?))
 }
 
 impl Drop for Agent {

@@ -110,9 +110,36 @@ fn clusterip_end_to_end(topology: Topology) {
     let late = &cluster.pod("late-client").netns;
     assert!(late.enter(|| tcp_ask(vip_tcp)).unwrap().starts_with("backend-"));
 
-    // SIGTERM: a clean exit that leaves the datapath serving.
+    // SIGTERM: a clean exit that leaves the datapath serving, new
+    // connections and the open one alike.
     assert!(agent.stop().unwrap().success(), "{}", agent.log());
-    assert!(cluster.pod("client").netns.enter(|| tcp_ask(vip_tcp)).unwrap().starts_with("backend-"));
+    let client = &cluster.pod("client").netns;
+    assert!(client.enter(|| tcp_ask(vip_tcp)).unwrap().starts_with("backend-"));
+    assert_eq!(session.ask("agent stopped").unwrap(), pinned);
+
+    // A new agent adopts the pinned maps and links: nothing to write, the
+    // same TCX links now run its program, and the open connection never
+    // notices.
+    let links_before = agent.links().unwrap();
+    agent.restart().unwrap();
+    agent.wait_for_log("synced frontends=2 writes=0").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (new_program, links_after) = loop {
+        let (program, links) = (agent.program_id().unwrap(), agent.links().unwrap());
+        if links.iter().all(|(_, p)| *p == program) || std::time::Instant::now() > deadline {
+            break (program, links);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(links_after.len(), links_before.len());
+    for ((id_before, old_program), (id_after, program)) in links_before.iter().zip(&links_after) {
+        assert_eq!(id_before, id_after, "link replaced instead of updated");
+        assert_ne!(old_program, program);
+        assert_eq!(*program, new_program);
+    }
+    assert_eq!(session.ask("agent restarted").unwrap(), pinned);
+    let answers: Vec<String> = client.enter(|| (0..10).map(|_| tcp_ask(vip_tcp)).collect::<Result<_, _>>()).unwrap();
+    assert!(!answers.contains(&pinned), "{answers:?}");
 }
 
 #[test]
