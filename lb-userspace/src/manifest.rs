@@ -14,8 +14,8 @@ use crate::model::ObjectRef;
 
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
 
 impl Object {
@@ -82,8 +82,8 @@ pub fn parse_manifests(file: &Path, text: &str) -> ParsedFile {
             name: str_at(&value, &["metadata", "name"]).unwrap_or_default().to_owned(),
         };
         let result = match (api_version, kind) {
-            ("v1", "Service") => deserialize(&value).map(Object::Service),
-            ("discovery.k8s.io/v1", "EndpointSlice") => deserialize(&value).map(Object::EndpointSlice),
+            ("v1", "Service") => deserialize(&value).map(|s| Object::Service(Box::new(s))),
+            ("discovery.k8s.io/v1", "EndpointSlice") => deserialize(&value).map(|s| Object::EndpointSlice(Box::new(s))),
             _ => {
                 parsed.skipped.push(format!("{api_version} {object}"));
                 continue;

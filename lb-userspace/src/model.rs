@@ -316,8 +316,8 @@ mod tests {
         let (mut services, mut slices) = (Vec::new(), Vec::new());
         for object in parsed.objects {
             match object {
-                Object::Service(s) => services.push(s),
-                Object::EndpointSlice(s) => slices.push(s),
+                Object::Service(s) => services.push(*s),
+                Object::EndpointSlice(s) => slices.push(*s),
             }
         }
         desired_state(&services, &slices)
