@@ -46,6 +46,10 @@ fn main() {
     // their Drop, which removes namespaces, pins and files.
     let result = demo();
     println!("\n== Cleaned up: namespaces, bpffs pins, agent and servers are gone.");
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        eprintln!("demo interrupted");
+        std::process::exit(130);
+    }
     if let Err(e) = result {
         eprintln!("demo failed: {e:#}");
         std::process::exit(1);
