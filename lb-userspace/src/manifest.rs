@@ -10,7 +10,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::model::ObjectRef;
+use crate::model::{ObjectRef, object_ref};
 
 #[derive(Clone, Debug)]
 pub enum Object {
@@ -20,14 +20,9 @@ pub enum Object {
 
 impl Object {
     pub fn object_ref(&self) -> ObjectRef {
-        let (kind, meta) = match self {
-            Object::Service(s) => ("Service", &s.metadata),
-            Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
-        };
-        ObjectRef {
-            kind: kind.to_owned(),
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_owned()),
-            name: meta.name.clone().unwrap_or_default(),
+        match self {
+            Object::Service(s) => object_ref("Service", &s.metadata),
+            Object::EndpointSlice(s) => object_ref("EndpointSlice", &s.metadata),
         }
     }
 }

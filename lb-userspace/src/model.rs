@@ -112,7 +112,9 @@ pub struct DesiredState {
     pub errors: Vec<ObjectError>,
 }
 
-fn object_ref(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+/// Names an object; an object without a namespace is in "default", as
+/// `kubectl apply` would put it.
+pub(crate) fn object_ref(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
     ObjectRef {
         kind: kind.to_owned(),
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_owned()),
