@@ -1,7 +1,7 @@
 //! The agent's main loop: poll the source, reconcile the maps, attach to new
 //! pod interfaces, stop on SIGINT/SIGTERM. Stopping leaves the datapath
 //! pinned and attached, so traffic keeps flowing until the next agent adopts it.
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
@@ -42,10 +42,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut source_tick = tokio::time::interval(SOURCE_POLL);
     let mut interface_tick = tokio::time::interval(INTERFACE_POLL);
+    let mut failed_attachments = BTreeSet::new();
     loop {
         tokio::select! {
             _ = source_tick.tick() => sync_from_dir(&mut source, &mut reconciler, &mut datapath),
-            _ = interface_tick.tick() => refresh_interfaces(&mut datapath, &config.pod_interfaces),
+            _ = interface_tick.tick() => {
+                refresh_interfaces(&mut datapath, &config.pod_interfaces, &mut failed_attachments)
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -92,7 +95,9 @@ fn sync_from_dir(source: &mut DirSource, reconciler: &mut Reconciler, datapath: 
     }
 }
 
-fn refresh_interfaces(datapath: &mut Datapath, selector: &PodInterfaces) {
+/// Attaches to new pod interfaces. A failed attachment is retried every
+/// poll and reported once per interface (`failed` holds their indexes).
+fn refresh_interfaces(datapath: &mut Datapath, selector: &PodInterfaces, failed: &mut BTreeSet<u32>) {
     let present = match interfaces::list() {
         Ok(list) => list,
         Err(e) => return warn!("cannot list interfaces: {e}"),
@@ -100,13 +105,18 @@ fn refresh_interfaces(datapath: &mut Datapath, selector: &PodInterfaces) {
     for name in datapath.forget_vanished(&present) {
         info!(interface = %name, "interface gone");
     }
+    failed.retain(|index| present.iter().any(|i| i.index == *index));
     for interface in &present {
         if datapath.is_attached(interface) || !selector.selects(interface) {
             continue;
         }
         match datapath.attach(interface) {
-            Ok(()) => info!(interface = %interface.name, "attached"),
-            Err(e) => debug!("will retry: {e}"),
+            Ok(()) => {
+                failed.remove(&interface.index);
+                info!(interface = %interface.name, "attached");
+            }
+            Err(e) if failed.insert(interface.index) => warn!("{e}; retrying"),
+            Err(e) => debug!("{e}; retrying"),
         }
     }
 }

@@ -22,6 +22,8 @@ pub enum Command {
     Services(InspectArgs),
     /// Print the backends the pinned maps hold.
     Backends(InspectArgs),
+    /// Print the datapath's packet counters by verdict and its conntrack entries.
+    Stats(InspectArgs),
 }
 
 /// Where Services and EndpointSlices come from.

@@ -46,6 +46,37 @@ pub fn backend_rows(contents: &MapContents) -> Vec<BackendRow> {
     contents.backends.iter().map(|(id, b)| backend_row(*id, b)).collect()
 }
 
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets and bytes per verdict, by counter name.
+    pub verdicts: Vec<VerdictRow>,
+    pub conntrack_entries: usize,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct VerdictRow {
+    pub verdict: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub fn stats(counters: &[lb_common::TrafficCounter], conntrack_entries: usize) -> Stats {
+    let verdicts = lb_common::counter::NAMES
+        .iter()
+        .zip(counters)
+        .map(|(verdict, c)| VerdictRow { verdict, packets: c.packets, bytes: c.bytes })
+        .collect();
+    Stats { verdicts, conntrack_entries }
+}
+
+pub fn stats_table(stats: &Stats) -> String {
+    let mut out = format!("{:<22} {:>14} {:>16}\n", "VERDICT", "PACKETS", "BYTES");
+    for row in &stats.verdicts {
+        out += &format!("{:<22} {:>14} {:>16}\n", row.verdict, row.packets, row.bytes);
+    }
+    out + &format!("\nconntrack entries: {} (two per flow)\n", stats.conntrack_entries)
+}
+
 pub fn services_table(rows: &[ServiceRow]) -> String {
     let mut out = format!("{:<26} {:>8}  {}\n", "FRONTEND", "BACKENDS", "ADDRESSES");
     for row in rows {

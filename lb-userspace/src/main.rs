@@ -33,7 +33,21 @@ fn main() -> anyhow::Result<()> {
                 Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
             })
         }),
+        Command::Stats(args) => {
+            let maps = open_pinned(&args)?;
+            let stats = inspect::stats(&maps.counters()?, maps.conntrack_entries());
+            match args.output {
+                Output::Table => print!("{}", inspect::stats_table(&stats)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
+            }
+            Ok(())
+        }
     }
+}
+
+fn open_pinned(args: &InspectArgs) -> anyhow::Result<Maps> {
+    Maps::open_pinned(&args.pin_path)
+        .with_context(|| format!("no datapath pinned at {} (is the agent running?)", args.pin_path.display()))
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -55,8 +69,6 @@ fn print_inspect(
     args: &InspectArgs,
     render: impl Fn(&lb_userspace::plan::MapContents) -> anyhow::Result<String>,
 ) -> anyhow::Result<()> {
-    let maps = Maps::open_pinned(&args.pin_path)
-        .with_context(|| format!("no datapath pinned at {} (is the agent running?)", args.pin_path.display()))?;
-    print!("{}", render(&maps.read_contents()?)?);
+    print!("{}", render(&open_pinned(args)?.read_contents()?)?);
     Ok(())
 }

@@ -94,6 +94,20 @@ impl Agent {
         Ok(())
     }
 
+    /// Runs `lb SUBCOMMAND --pin-path <ours> ARGS` and returns its stdout.
+    pub fn cli(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new(lb_binary())
+            .arg(subcommand)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("lb {subcommand}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// (link id, program id) of every pinned TCX link, from bpftool.
     pub fn links(&self) -> anyhow::Result<Vec<(u64, u64)>> {
         let mut links = Vec::new();

@@ -67,6 +67,17 @@ fn clusterip_end_to_end(topology: Topology) {
     let reached: BTreeSet<&String> = answers.iter().collect();
     assert!(reached.len() > 1, "30 connections all reached {reached:?}");
 
+    // The CLI reads the datapath's counters from the pinned maps.
+    let stats: serde_json::Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
+    let packets = |verdict: &str| {
+        let rows = stats["verdicts"].as_array().unwrap();
+        rows.iter().find(|r| r["verdict"] == verdict).unwrap()["packets"].as_u64().unwrap()
+    };
+    assert!(packets("dnat_new") >= 30, "{stats}");
+    assert!(packets("dnat_established") > 0 && packets("reverse_nat") > 0, "{stats}");
+    assert_eq!(packets("drop_rewrite_failed"), 0, "{stats}");
+    assert!(stats["conntrack_entries"].as_u64().unwrap() >= 60, "{stats}");
+
     // UDP through the ClusterIP.
     let who = client.enter(|| udp_ask(SocketAddrV4::new(VIP, 53))).unwrap();
     assert!(who.starts_with("backend-"), "UDP answer {who:?}");

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use lb_tests::{
-    agent::{Agent, TempDir, lb_binary},
+    agent::{Agent, TempDir},
     netns::{Cluster, Topology},
     pods::PodServer,
 };
@@ -84,7 +84,7 @@ fn demo() -> anyhow::Result<()> {
     agent.wait_for_maps("the web Service", |c| c.frontends().any(|(_, b)| b.len() == 3))?;
     agent.wait_for_attachments(cluster.pods.len())?;
     println!("   attached to the host side of {} pod veths; pinned at {}", cluster.pods.len(), agent.pin_path.display());
-    print_services(&agent)?;
+    print_cli(&agent, "services")?;
     check_interrupted()?;
 
     section(&format!("{REQUESTS} requests from the client pod: curl {URL}"));
@@ -96,7 +96,7 @@ fn demo() -> anyhow::Result<()> {
     remove_endpoint(&mut docs, "backend-2")?;
     write_docs(&manifests.0, &docs)?;
     agent.wait_for_maps("backend-2 to leave", |c| c.frontends().any(|(_, b)| b.len() == 2))?;
-    print_services(&agent)?;
+    print_cli(&agent, "services")?;
     check_interrupted()?;
 
     section(&format!("{REQUESTS} more requests"));
@@ -104,6 +104,9 @@ fn demo() -> anyhow::Result<()> {
     print_spread(&after);
     ensure!(!after.contains_key("backend-2"), "a new request reached the removed backend-2");
     println!("   backend-2 gets no new connections.");
+
+    section("What the datapath counted");
+    print_cli(&agent, "stats")?;
 
     section("Agent stopped with SIGTERM");
     let status = agent.stop()?;
@@ -150,11 +153,9 @@ fn write_docs(dir: &Path, docs: &[Value]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_services(agent: &Agent) -> anyhow::Result<()> {
-    let out = Command::new(lb_binary()).arg("services").arg("--pin-path").arg(&agent.pin_path).output()?;
-    ensure!(out.status.success(), "lb services: {}", String::from_utf8_lossy(&out.stderr));
-    println!("   $ lb services");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+fn print_cli(agent: &Agent, subcommand: &str) -> anyhow::Result<()> {
+    println!("   $ lb {subcommand}");
+    for line in agent.cli(subcommand, &[])?.lines() {
         println!("   {line}");
     }
     Ok(())
