@@ -78,7 +78,7 @@ fn sync_from_dir(source: &mut DirSource, reconciler: &mut Reconciler, datapath: 
     for (object, ignored, kept) in &snapshot.duplicates {
         error!("{}: {object}: also defined in {}; this copy is ignored", ignored.display(), kept.display());
     }
-    let desired = desired_state(&snapshot.services, &snapshot.slices);
+    let desired = desired_state(&snapshot.services, &snapshot.slices, None);
     for e in &desired.errors {
         let file = snapshot.origins.get(&e.object).map(|p| p.display().to_string()).unwrap_or_default();
         error!("{file}: {e}");

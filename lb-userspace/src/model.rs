@@ -15,6 +15,22 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services (and their slices) with this label belong to another proxy,
+/// unless its value is our `--proxy-name`.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Objects with this label are headless: DNS only, nothing to proxy.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+type Labels = std::collections::BTreeMap<String, String>;
+
+/// Whether kube-proxy would handle an object with these labels.
+fn is_ours(labels: Option<&Labels>, proxy_name: Option<&str>) -> bool {
+    let Some(labels) = labels else { return true };
+    if labels.contains_key(HEADLESS_LABEL) {
+        return false;
+    }
+    labels.get(SERVICE_PROXY_NAME_LABEL).is_none_or(|name| Some(name.as_str()) == proxy_name)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -129,18 +145,44 @@ struct PortSpec {
     protocol: Protocol,
 }
 
-/// A port of an EndpointSlice, with the ready addresses behind it.
+/// An endpoint address with the conditions that decide its use.
+#[derive(Clone, Copy)]
+struct EndpointState {
+    addr: Ipv4Addr,
+    ready: bool,
+    /// Serving but terminating: used only when no endpoint is ready.
+    serving_terminating: bool,
+}
+
+/// A port of an EndpointSlice, with the endpoints behind it.
 struct SlicePort {
     name: String,
     protocol: Protocol,
     port: u16,
-    ready: Vec<Ipv4Addr>,
+    endpoints: Vec<EndpointState>,
 }
 
-/// Computes the desired state of the datapath.
-pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
+/// The backends of one service port, as kube-proxy picks them: ready
+/// endpoints; when none is ready, those still serving while terminating,
+/// so that a rolling update never leaves a Service without backends.
+fn backends_of(slice_ports: &[SlicePort], port: &PortSpec) -> BTreeSet<SocketAddrV4> {
+    let matching: Vec<&SlicePort> =
+        slice_ports.iter().filter(|sp| sp.name == port.name && sp.protocol == port.protocol).collect();
+    let pick = |wanted: fn(&EndpointState) -> bool| -> BTreeSet<SocketAddrV4> {
+        matching
+            .iter()
+            .flat_map(|sp| sp.endpoints.iter().filter(|e| wanted(e)).map(|e| SocketAddrV4::new(e.addr, sp.port)))
+            .collect()
+    };
+    let ready = pick(|e| e.ready);
+    if ready.is_empty() { pick(|e| e.serving_terminating) } else { ready }
+}
+
+/// Computes the desired state of the datapath. `proxy_name` is our
+/// `--proxy-name`: Services labelled for another proxy are skipped.
+pub fn desired_state(services: &[Service], slices: &[EndpointSlice], proxy_name: Option<&str>) -> DesiredState {
     let mut errors = Vec::new();
-    let endpoints = ready_endpoints_by_service(slices, &mut errors);
+    let endpoints = endpoints_by_service(slices, proxy_name, &mut errors);
 
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by_key(|s| object_ref("Service", &s.metadata));
@@ -155,7 +197,7 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
             fail(&mut errors, "spec".into(), "missing".into());
             continue;
         };
-        if spec.type_.as_deref() == Some("ExternalName") {
+        if spec.type_.as_deref() == Some("ExternalName") || !is_ours(service.metadata.labels.as_ref(), proxy_name) {
             continue;
         }
         let Some(addrs) = cluster_ips(spec, &mut |field, message| fail(&mut errors, field, message))
@@ -167,11 +209,7 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
         let slice_ports = endpoints.get(&key).map(Vec::as_slice).unwrap_or_default();
 
         for port in &ports {
-            let backends: BTreeSet<SocketAddrV4> = slice_ports
-                .iter()
-                .filter(|sp| sp.name == port.name && sp.protocol == port.protocol)
-                .flat_map(|sp| sp.ready.iter().map(|a| SocketAddrV4::new(*a, sp.port)))
-                .collect();
+            let backends = backends_of(slice_ports, port);
             for addr in &addrs {
                 let frontend = Frontend { addr: *addr, port: port.port, protocol: port.protocol };
                 if let Some(owner) = by_frontend.get(&frontend) {
@@ -247,9 +285,10 @@ fn service_ports(
     ports
 }
 
-/// Ready endpoints of every Service, keyed by (namespace, service name).
-fn ready_endpoints_by_service(
+/// Endpoints of every Service, keyed by (namespace, service name).
+fn endpoints_by_service(
     slices: &[EndpointSlice],
+    proxy_name: Option<&str>,
     errors: &mut Vec<ObjectError>,
 ) -> BTreeMap<(String, String), Vec<SlicePort>> {
     let mut by_service: BTreeMap<(String, String), Vec<SlicePort>> = BTreeMap::new();
@@ -264,10 +303,10 @@ fn ready_endpoints_by_service(
             continue;
         };
         // IPv6 and FQDN slices are not served yet.
-        if slice.address_type != "IPv4" {
+        if slice.address_type != "IPv4" || !is_ours(labels, proxy_name) {
             continue;
         }
-        let mut ready = Vec::new();
+        let mut endpoints = Vec::new();
         for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             let Some(first) = endpoint.addresses.first() else {
                 fail(format!("endpoints[{i}].addresses"), "empty".into());
@@ -277,11 +316,13 @@ fn ready_endpoints_by_service(
                 fail(format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address"));
                 continue;
             };
-            // Kubernetes: an absent `ready` condition means ready.
-            let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if is_ready {
-                ready.push(addr);
-            }
+            // As kube-proxy reads them: absent ready and serving mean true,
+            // absent terminating means false.
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            endpoints.push(EndpointState { addr, ready, serving_terminating: serving && terminating });
         }
         let entry = by_service.entry((object.namespace.clone(), service.clone())).or_default();
         for (i, port) in slice.ports.iter().flatten().enumerate() {
@@ -300,7 +341,7 @@ fn ready_endpoints_by_service(
                 name: port.name.clone().unwrap_or_default(),
                 protocol,
                 port: number,
-                ready: ready.clone(),
+                endpoints: endpoints.clone(),
             });
         }
     }
@@ -322,7 +363,7 @@ mod tests {
                 Object::EndpointSlice(s) => slices.push(*s),
             }
         }
-        desired_state(&services, &slices)
+        desired_state(&services, &slices, Some("lb"))
     }
 
     fn backends(state: &DesiredState, frontend: &str) -> Vec<String> {
@@ -460,6 +501,51 @@ spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
         assert_eq!(state.services.len(), 1);
         assert_eq!(state.services[0].name, "default/aa:");
         assert_eq!(state.errors[0].object.name, "zz");
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let slice = |second_ready: bool| {
+            format!(
+                "{WEB}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [10.0.0.1]\n  conditions: {{ready: false, serving: true, terminating: true}}\n- addresses: [10.0.0.2]\n  conditions: {{ready: {second_ready}, serving: false, terminating: true}}\n- addresses: [10.0.0.3]\n  conditions: {{ready: false, serving: false}}\n"
+            )
+        };
+        // 10.0.0.2 is ready (an odd but valid report): only it gets traffic.
+        assert_eq!(backends(&desired(&slice(true)), "10.96.0.10:80/TCP"), ["10.0.0.2:8080"]);
+        // Nothing ready: the serving-and-terminating endpoint is used.
+        assert_eq!(backends(&desired(&slice(false)), "10.96.0.10:80/TCP"), ["10.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn services_for_another_proxy_and_headless_objects_are_skipped() {
+        let state = desired(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: theirs, labels: {service.kubernetes.io/service-proxy-name: other}}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ours, labels: {service.kubernetes.io/service-proxy-name: lb}}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: plain-1, labels: {kubernetes.io/service-name: plain, service.kubernetes.io/headless: ""}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+"#,
+        );
+        let frontends: Vec<String> = state.services.iter().map(|s| s.frontend.to_string()).collect();
+        assert_eq!(frontends, ["10.96.0.2:80/TCP", "10.96.0.3:80/TCP"]);
+        assert!(backends(&state, "10.96.0.3:80/TCP").is_empty(), "headless slice ignored");
     }
 
     #[test]
