@@ -1,9 +1,18 @@
-//! The agent's main loop: poll the source, reconcile the maps, attach to new
-//! pod interfaces, stop on SIGINT/SIGTERM. Stopping leaves the datapath
-//! pinned and attached, so traffic keeps flowing until the next agent adopts it.
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+//! The agent's main loop: wait for a change from the source, reconcile the
+//! maps (at most once per `min_sync_period`, so a burst of events becomes a
+//! few syncs), attach to new pod interfaces, serve health and metrics, stop
+//! on SIGINT/SIGTERM. Stopping leaves the datapath pinned and attached, so
+//! traffic keeps flowing until the next agent adopts it.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::Context;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
@@ -11,23 +20,87 @@ use crate::{
     datapath::{Datapath, MapSizes},
     dir_source::DirSource,
     interfaces::{self, PodInterfaces},
-    model::desired_state,
+    kube_source::{Connection, KubeSource},
+    model::{Snapshot, desired_state},
     reconcile::Reconciler,
+    status::{self, Health, Metrics},
 };
 
-const SOURCE_POLL: Duration = Duration::from_millis(200);
+const DIR_POLL: Duration = Duration::from_millis(200);
 const INTERFACE_POLL: Duration = Duration::from_millis(500);
 
+pub enum SourceConfig {
+    Dir(PathBuf),
+    Kube(Connection),
+}
+
 pub struct AgentConfig {
-    pub source_dir: PathBuf,
+    pub source: SourceConfig,
+    pub proxy_name: Option<String>,
     pub pod_interfaces: PodInterfaces,
     pub pin_path: PathBuf,
     pub map_sizes: MapSizes,
+    pub min_sync_period: Duration,
+    pub healthz_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub healthz_timeout: Duration,
+}
+
+/// Where Services and EndpointSlices come from.
+enum Source {
+    Dir { dir: DirSource, tick: tokio::time::Interval },
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Returns once something changed. Cancel-safe.
+    async fn changed(&mut self) {
+        match self {
+            Source::Dir { dir, tick } => loop {
+                tick.tick().await;
+                match dir.rescan() {
+                    Ok(rescan) => {
+                        for e in &rescan.errors {
+                            error!("{e}");
+                        }
+                        for skipped in &rescan.skipped {
+                            warn!("skipped (only Service v1 and EndpointSlice discovery.k8s.io/v1 are read): {skipped}");
+                        }
+                        if rescan.changed {
+                            return;
+                        }
+                    }
+                    Err(e) => warn!(dir = %dir.dir().display(), "cannot read, keeping the current state: {e}"),
+                }
+            },
+            Source::Kube(kube) => kube.changed().await,
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        match self {
+            Source::Dir { dir, .. } => dir.snapshot(),
+            Source::Kube(kube) => Snapshot { services: kube.services(), slices: kube.slices(), ..Default::default() },
+        }
+    }
+}
+
+struct Agent {
+    datapath: Datapath,
+    reconciler: Reconciler,
+    proxy_name: Option<String>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    /// Object errors already logged, so a sync logs only new ones.
+    reported: BTreeSet<String>,
+    /// Newest EndpointSlice trigger time already counted in the
+    /// programming-duration metric.
+    newest_trigger: SystemTime,
+    synced_once: bool,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    anyhow::ensure!(config.source_dir.is_dir(), "source directory {} does not exist", config.source_dir.display());
-    let mut datapath = Datapath::load(Some(&config.pin_path), config.map_sizes)?;
+    let datapath = Datapath::load(Some(&config.pin_path), config.map_sizes)?;
     let adopted = datapath.maps.read_contents()?;
     info!(
         pin_path = %config.pin_path.display(),
@@ -35,19 +108,49 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         backends = adopted.backends.len(),
         "datapath loaded"
     );
-    let mut reconciler = Reconciler::new(adopted);
-    let mut source = DirSource::new(&config.source_dir);
+    let health = Arc::new(Health::new(config.healthz_timeout));
+    let metrics = Arc::new(Metrics::new(config.pin_path.clone()));
+    for (flag, addr) in [("--healthz-addr", config.healthz_addr), ("--metrics-addr", config.metrics_addr)] {
+        if let Some(addr) = addr {
+            let listener = status::bind(flag, addr).await?;
+            info!("serving {flag} on {}", listener.local_addr()?);
+            tokio::spawn(status::serve(listener, health.clone(), metrics.clone()));
+        }
+    }
+    let mut source = match config.source {
+        SourceConfig::Dir(path) => {
+            anyhow::ensure!(path.is_dir(), "source directory {} does not exist", path.display());
+            Source::Dir { dir: DirSource::new(path), tick: tokio::time::interval(DIR_POLL) }
+        }
+        SourceConfig::Kube(connection) => Source::Kube(KubeSource::start(&connection).await?),
+    };
+    let mut agent = Agent {
+        datapath,
+        reconciler: Reconciler::new(adopted),
+        proxy_name: config.proxy_name,
+        health,
+        metrics,
+        reported: BTreeSet::new(),
+        newest_trigger: SystemTime::now(),
+        synced_once: false,
+    };
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut source_tick = tokio::time::interval(SOURCE_POLL);
     let mut interface_tick = tokio::time::interval(INTERFACE_POLL);
     let mut failed_attachments = BTreeSet::new();
+    let mut next_sync = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = source_tick.tick() => sync_from_dir(&mut source, &mut reconciler, &mut datapath),
+            () = source.changed() => {
+                agent.health.queued();
+                // Changes that arrive while waiting are folded into this sync.
+                tokio::time::sleep_until(next_sync).await;
+                agent.sync(&source.snapshot());
+                next_sync = tokio::time::Instant::now() + config.min_sync_period;
+            }
             _ = interface_tick.tick() => {
-                refresh_interfaces(&mut datapath, &config.pod_interfaces, &mut failed_attachments)
+                refresh_interfaces(&mut agent.datapath, &config.pod_interfaces, &mut failed_attachments)
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -57,41 +160,69 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sync_from_dir(source: &mut DirSource, reconciler: &mut Reconciler, datapath: &mut Datapath) {
-    let rescan = match source.rescan() {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(dir = %source.dir().display(), "cannot read source directory, keeping the current state: {e}");
-            return;
+impl Agent {
+    fn sync(&mut self, snapshot: &Snapshot) {
+        let started = Instant::now();
+        let desired = desired_state(
+            snapshot.services.iter().map(AsRef::as_ref),
+            snapshot.slices.iter().map(AsRef::as_ref),
+            self.proxy_name.as_deref(),
+        );
+        let duplicates = snapshot.duplicates.iter().map(|(object, ignored, kept)| {
+            format!("{}: {object}: also defined in {}; this copy is ignored", ignored.display(), kept.display())
+        });
+        let object_errors = desired.errors.iter().map(|e| {
+            let file = snapshot.origins.get(&e.object).map(|p| format!("{}: ", p.display())).unwrap_or_default();
+            format!("{file}{e}")
+        });
+        let mut reported = BTreeSet::new();
+        for line in duplicates.chain(object_errors) {
+            if !self.reported.contains(&line) {
+                error!("{line}");
+            }
+            reported.insert(line);
         }
-    };
-    for e in &rescan.errors {
-        error!("{e}");
-    }
-    for skipped in &rescan.skipped {
-        warn!("skipped (only Service v1 and EndpointSlice discovery.k8s.io/v1 are read): {skipped}");
-    }
-    if !rescan.changed {
-        return;
-    }
-    let snapshot = source.snapshot();
-    for (object, ignored, kept) in &snapshot.duplicates {
-        error!("{}: {object}: also defined in {}; this copy is ignored", ignored.display(), kept.display());
-    }
-    let desired = desired_state(&snapshot.services, &snapshot.slices, None);
-    for e in &desired.errors {
-        let file = snapshot.origins.get(&e.object).map(|p| p.display().to_string()).unwrap_or_default();
-        error!("{file}: {e}");
-    }
-    match reconciler.sync(&desired.services, &mut datapath.maps) {
-        Ok(writes) => info!(frontends = desired.services.len(), writes, "synced"),
-        // Re-read the maps: the next change retries from what is really there.
-        Err(e) => {
-            error!("sync failed: {e}");
-            if let Ok(actual) = datapath.maps.read_contents() {
-                *reconciler = Reconciler::new(actual);
+        self.reported = reported;
+
+        match self.reconciler.sync(&desired.services, &mut self.datapath.maps) {
+            Ok(writes) => {
+                let took = started.elapsed();
+                let current = self.reconciler.current();
+                self.metrics.record_sync(took);
+                self.metrics.frontends.set(desired.services.len() as i64);
+                self.metrics.backends.set(current.backends.len() as i64);
+                self.observe_programming_latency(&snapshot.slices);
+                self.health.updated();
+                // The first sync says whether adopted maps were already right.
+                if writes > 0 || !std::mem::replace(&mut self.synced_once, true) || took > Duration::from_millis(100) {
+                    info!(frontends = desired.services.len(), writes, took_ms = took.as_millis() as u64, "synced");
+                } else {
+                    debug!(frontends = desired.services.len(), "synced, nothing to write");
+                }
+            }
+            // Re-read the maps: the next change retries from what is really there.
+            Err(e) => {
+                error!("sync failed: {e}");
+                self.metrics.sync_failures.inc();
+                if let Ok(actual) = self.datapath.maps.read_contents() {
+                    self.reconciler = Reconciler::new(actual);
+                }
             }
         }
+    }
+
+    /// Time from each EndpointSlice change not yet counted to now.
+    fn observe_programming_latency(&mut self, slices: &[Arc<EndpointSlice>]) {
+        let now = SystemTime::now();
+        let mut newest = self.newest_trigger;
+        for trigger in slices.iter().filter_map(|s| status::trigger_time(s)) {
+            if trigger > self.newest_trigger {
+                let latency = now.duration_since(trigger).unwrap_or_default();
+                self.metrics.programming_duration.observe(latency.as_secs_f64());
+                newest = newest.max(trigger);
+            }
+        }
+        self.newest_trigger = newest;
     }
 }
 

@@ -15,6 +15,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum Command {
     /// Run the agent: keep the datapath in step with the Services.
     Run(RunArgs),
@@ -29,25 +30,73 @@ pub enum Command {
 /// Where Services and EndpointSlices come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
+    /// The Kubernetes API server.
+    Kube,
     /// A directory of manifests, watched for changes.
     Dir(PathBuf),
 }
 
 fn parse_source(value: &str) -> Result<Source, String> {
     match value.split_once(':') {
+        _ if value == "kube" => Ok(Source::Kube),
         Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(path.into())),
-        _ if value == "kube" => Err("the Kubernetes API source is not built yet; use dir:PATH".into()),
-        _ => Err(format!("{value:?}: expected dir:PATH")),
+        _ => Err(format!("{value:?}: expected kube or dir:PATH")),
     }
+}
+
+fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+    let n: u64 = number.parse().map_err(|_| format!("{value:?}: expected a duration such as 100ms or 30s"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{value:?}: expected a duration such as 100ms or 30s")),
+    }
+}
+
+/// An address to serve an endpoint on, or none to turn it off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen(pub Option<std::net::SocketAddr>);
+
+fn parse_listen(value: &str) -> Result<Listen, String> {
+    if value.is_empty() || value == "0" {
+        return Ok(Listen(None));
+    }
+    value.parse().map(|a| Listen(Some(a))).map_err(|_| format!("{value:?}: expected IP:PORT, or \"\" for off"))
 }
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Source of Services and EndpointSlices: dir:PATH reads every YAML file in PATH.
-    #[arg(long, value_parser = parse_source)]
+    /// Source of Services and EndpointSlices: kube (the API server), or
+    /// dir:PATH (every YAML file in PATH, watched).
+    #[arg(long, value_parser = parse_source, default_value = "kube")]
     pub source: Source,
+    /// Kubeconfig for the kube source; default KUBECONFIG, ~/.kube/config, then in-cluster.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// API server URL, overriding the kubeconfig's (the kubernetes Service's
+    /// ClusterIP is ours to serve, so it cannot be used to reach the API).
+    #[arg(long)]
+    pub k8s_api_server: Option<String>,
+    /// Serve Services labelled service.kubernetes.io/service-proxy-name=NAME
+    /// (others with that label are left to their proxy).
+    #[arg(long)]
+    pub proxy_name: Option<String>,
+    /// Least time between two syncs; changes in between are batched.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    pub min_sync_period: std::time::Duration,
+    /// /healthz and /livez (kube-proxy semantics); "" turns it off.
+    #[arg(long, value_parser = parse_listen, default_value = "0.0.0.0:10256")]
+    pub healthz_addr: Listen,
+    /// Prometheus /metrics; "" turns it off.
+    #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:10249")]
+    pub metrics_addr: Listen,
+    /// Unhealthy when a change has waited this long without a sync.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub healthz_timeout: std::time::Duration,
     /// Interfaces to attach to, as globs (e.g. "veth*,cali*"); default: every veth.
     #[arg(long, value_delimiter = ',')]
     pub pod_interfaces: Vec<String>,

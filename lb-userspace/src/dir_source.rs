@@ -15,11 +15,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
 use crate::{
     manifest::{ManifestError, Object, ParsedFile, parse_manifests},
-    model::ObjectRef,
+    model::Snapshot,
 };
 
 const RACY_WINDOW: Duration = Duration::from_secs(2);
@@ -37,16 +35,6 @@ pub struct Rescan {
     pub changed: bool,
     pub errors: Vec<ManifestError>,
     pub skipped: Vec<String>,
-}
-
-/// The objects of the directory, with the file each came from.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub origins: BTreeMap<ObjectRef, PathBuf>,
-    /// Objects defined in more than one file: (object, ignored file, kept file).
-    pub duplicates: Vec<(ObjectRef, PathBuf, PathBuf)>,
 }
 
 pub struct DirSource {
@@ -144,8 +132,8 @@ impl DirSource {
                 }
                 snapshot.origins.insert(reference, path.clone());
                 match object {
-                    Object::Service(s) => snapshot.services.push((**s).clone()),
-                    Object::EndpointSlice(s) => snapshot.slices.push((**s).clone()),
+                    Object::Service(s) => snapshot.services.push(s.clone()),
+                    Object::EndpointSlice(s) => snapshot.slices.push(s.clone()),
                 }
             }
         }

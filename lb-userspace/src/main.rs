@@ -1,11 +1,12 @@
 use anyhow::Context;
 use clap::Parser;
 use lb_userspace::{
-    agent::{self, AgentConfig},
+    agent::{self, AgentConfig, SourceConfig},
     cli::{Cli, Command, InspectArgs, Output, RunArgs, Source},
     datapath::{MapSizes, Maps},
     inspect,
     interfaces::PodInterfaces,
+    kube_source::Connection,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -51,9 +52,17 @@ fn open_pinned(args: &InspectArgs) -> anyhow::Result<Maps> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Source::Dir(source_dir) = args.source;
+    let source = match args.source {
+        Source::Dir(path) => SourceConfig::Dir(path),
+        Source::Kube => SourceConfig::Kube(Connection { kubeconfig: args.kubeconfig, api_server: args.k8s_api_server }),
+    };
     let config = AgentConfig {
-        source_dir,
+        source,
+        proxy_name: args.proxy_name,
+        min_sync_period: args.min_sync_period,
+        healthz_addr: args.healthz_addr.0,
+        metrics_addr: args.metrics_addr.0,
+        healthz_timeout: args.healthz_timeout,
         pod_interfaces: PodInterfaces::new(&args.pod_interfaces).context("--pod-interfaces")?,
         pin_path: args.pin_path,
         map_sizes: MapSizes {

@@ -4,7 +4,10 @@
 //! kinds are reported as skipped. A document that does not deserialize is
 //! reported with its file, object and the path of the failing field, and the
 //! other documents of the file are still read.
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
@@ -14,8 +17,8 @@ use crate::model::{ObjectRef, object_ref};
 
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
 }
 
 impl Object {
@@ -77,8 +80,8 @@ pub fn parse_manifests(file: &Path, text: &str) -> ParsedFile {
             name: str_at(&value, &["metadata", "name"]).unwrap_or_default().to_owned(),
         };
         let result = match (api_version, kind) {
-            ("v1", "Service") => deserialize(&value).map(|s| Object::Service(Box::new(s))),
-            ("discovery.k8s.io/v1", "EndpointSlice") => deserialize(&value).map(|s| Object::EndpointSlice(Box::new(s))),
+            ("v1", "Service") => deserialize(&value).map(|s| Object::Service(Arc::new(s))),
+            ("discovery.k8s.io/v1", "EndpointSlice") => deserialize(&value).map(|s| Object::EndpointSlice(Arc::new(s))),
             _ => {
                 parsed.skipped.push(format!("{api_version} {object}"));
                 continue;

@@ -9,6 +9,8 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -121,6 +123,17 @@ pub struct ObjectError {
     pub message: String,
 }
 
+/// The objects a source holds now. `origins` and `duplicates` are filled by
+/// sources that read files, to point errors at the file.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub origins: BTreeMap<ObjectRef, PathBuf>,
+    /// Objects defined in more than one file: (object, ignored file, kept file).
+    pub duplicates: Vec<(ObjectRef, PathBuf, PathBuf)>,
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// Sorted by frontend.
@@ -180,11 +193,15 @@ fn backends_of(slice_ports: &[SlicePort], port: &PortSpec) -> BTreeSet<SocketAdd
 
 /// Computes the desired state of the datapath. `proxy_name` is our
 /// `--proxy-name`: Services labelled for another proxy are skipped.
-pub fn desired_state(services: &[Service], slices: &[EndpointSlice], proxy_name: Option<&str>) -> DesiredState {
+pub fn desired_state<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    proxy_name: Option<&str>,
+) -> DesiredState {
     let mut errors = Vec::new();
     let endpoints = endpoints_by_service(slices, proxy_name, &mut errors);
 
-    let mut sorted: Vec<&Service> = services.iter().collect();
+    let mut sorted: Vec<&Service> = services.into_iter().collect();
     sorted.sort_by_key(|s| object_ref("Service", &s.metadata));
 
     let mut by_frontend: BTreeMap<Frontend, ServicePort> = BTreeMap::new();
@@ -286,8 +303,8 @@ fn service_ports(
 }
 
 /// Endpoints of every Service, keyed by (namespace, service name).
-fn endpoints_by_service(
-    slices: &[EndpointSlice],
+fn endpoints_by_service<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
     proxy_name: Option<&str>,
     errors: &mut Vec<ObjectError>,
 ) -> BTreeMap<(String, String), Vec<SlicePort>> {
@@ -359,8 +376,8 @@ mod tests {
         let (mut services, mut slices) = (Vec::new(), Vec::new());
         for object in parsed.objects {
             match object {
-                Object::Service(s) => services.push(*s),
-                Object::EndpointSlice(s) => slices.push(*s),
+                Object::Service(s) => services.push((*s).clone()),
+                Object::EndpointSlice(s) => slices.push((*s).clone()),
             }
         }
         desired_state(&services, &slices, Some("lb"))

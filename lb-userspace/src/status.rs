@@ -1,0 +1,213 @@
+//! /healthz, /livez and /metrics, with kube-proxy's names and semantics.
+//!
+//! Health: unhealthy until the first sync; afterwards unhealthy only while a
+//! change has been waiting longer than the timeout without a sync (kube-proxy
+//! `ProxierHealthServer`). The body is JSON either way.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tracing::debug;
+
+use crate::datapath::Maps;
+
+#[derive(Default)]
+struct HealthState {
+    last_updated: Option<SystemTime>,
+    queued_since: Option<Instant>,
+}
+
+pub struct Health {
+    state: Mutex<HealthState>,
+    timeout: Duration,
+}
+
+impl Health {
+    pub fn new(timeout: Duration) -> Self {
+        Self { state: Mutex::default(), timeout }
+    }
+
+    /// A change arrived that the datapath does not have yet.
+    pub fn queued(&self) {
+        let mut s = self.state.lock().expect("health lock");
+        s.queued_since.get_or_insert_with(Instant::now);
+    }
+
+    /// The datapath now holds every change seen so far.
+    pub fn updated(&self) {
+        let mut s = self.state.lock().expect("health lock");
+        s.last_updated = Some(SystemTime::now());
+        s.queued_since = None;
+    }
+
+    /// (healthy, JSON body)
+    pub fn check(&self) -> (bool, String) {
+        let s = self.state.lock().expect("health lock");
+        let healthy = s.last_updated.is_some() && s.queued_since.is_none_or(|q| q.elapsed() < self.timeout);
+        let stamp = |t: SystemTime| {
+            k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default()
+        };
+        let body = serde_json::json!({
+            "lastUpdated": s.last_updated.map(stamp).unwrap_or_default(),
+            "currentTime": stamp(SystemTime::now()),
+        });
+        (healthy, body.to_string())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    verdict: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub programming_duration: Histogram,
+    pub sync_failures: Counter,
+    pub frontends: Gauge,
+    pub backends: Gauge,
+    packets: Family<VerdictLabel, Counter>,
+    bytes: Family<VerdictLabel, Counter>,
+    conntrack_entries: Gauge,
+    /// Totals last read from COUNTERS, to turn them into counter increments.
+    seen: Mutex<Vec<(u64, u64)>>,
+    pin_path: PathBuf,
+}
+
+fn seconds_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18)
+}
+
+impl Metrics {
+    pub fn new(pin_path: PathBuf) -> Self {
+        let mut registry = Registry::default();
+        let sync_duration = Histogram::new(seconds_buckets());
+        let programming_duration = Histogram::new(seconds_buckets());
+        let last_sync = Gauge::<f64, AtomicU64>::default();
+        let (sync_failures, frontends, backends) = (Counter::default(), Gauge::default(), Gauge::default());
+        let (packets, bytes) = (Family::default(), Family::default());
+        let conntrack_entries = Gauge::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time to compute and write the datapath maps for one sync",
+            sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the last successful sync finished (Unix time)",
+            last_sync.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "Time from an EndpointSlice change (its last-change-trigger-time) to the datapath holding it",
+            programming_duration.clone(),
+        );
+        registry.register("lb_sync_failures", "Syncs that failed to write the maps", sync_failures.clone());
+        registry.register("lb_service_frontends", "Frontends (cluster IP, port, protocol) in the datapath", frontends.clone());
+        registry.register("lb_backends", "Backends in the datapath", backends.clone());
+        registry.register("lb_datapath_packets", "Packets seen by the datapath, by verdict", packets.clone());
+        registry.register("lb_datapath_bytes", "Bytes seen by the datapath, by verdict", bytes.clone());
+        registry.register("lb_conntrack_entries", "Entries in the connection-tracking map (two per flow)", conntrack_entries.clone());
+        Self {
+            registry,
+            sync_duration,
+            last_sync,
+            programming_duration,
+            sync_failures,
+            frontends,
+            backends,
+            packets,
+            bytes,
+            conntrack_entries,
+            seen: Mutex::new(vec![(0, 0); lb_common::counter::COUNT as usize]),
+            pin_path,
+        }
+    }
+
+    pub fn record_sync(&self, took: Duration) {
+        self.sync_duration.observe(took.as_secs_f64());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.last_sync.set(now.as_secs_f64());
+    }
+
+    /// Reads the datapath's counters from the pinned maps, then encodes all.
+    fn render(&self) -> String {
+        if let Ok(maps) = Maps::open_pinned(&self.pin_path) {
+            if let Ok(totals) = maps.counters() {
+                let mut seen = self.seen.lock().expect("metrics lock");
+                for ((name, total), last) in lb_common::counter::NAMES.iter().zip(totals).zip(seen.iter_mut()) {
+                    let label = VerdictLabel { verdict: name };
+                    self.packets.get_or_create(&label).inc_by(total.packets.saturating_sub(last.0));
+                    self.bytes.get_or_create(&label).inc_by(total.bytes.saturating_sub(last.1));
+                    *last = (total.packets, total.bytes);
+                }
+            }
+            self.conntrack_entries.set(maps.conntrack_entries() as i64);
+        }
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Answers GET requests on `addr` until the process ends.
+pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let (health, metrics) = (health.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut request = vec![0u8; 4096];
+            let mut len = 0;
+            while !request[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < request.len() {
+                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request[len..])).await {
+                    Ok(Ok(n)) if n > 0 => len += n,
+                    _ => return,
+                }
+            }
+            let head = String::from_utf8_lossy(&request[..len]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let path = path.split('?').next().unwrap_or(path);
+            let (status, content_type, body) = match path {
+                "/healthz" | "/livez" => {
+                    let (healthy, body) = health.check();
+                    (if healthy { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
+                }
+                "/metrics" => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render()),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = stream.write_all(response.as_bytes()).await {
+                debug!("status endpoint: {e}");
+            }
+        });
+    }
+}
+
+/// Binds a status listener, naming the flag when it fails.
+pub async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{flag} {addr}: {e}"))
+}
+
+/// Unix time of an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`.
+pub fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<SystemTime> {
+    let value = slice.metadata.annotations.as_ref()?.get("endpoints.kubernetes.io/last-change-trigger-time")?;
+    let stamp: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    Some(SystemTime::from(stamp))
+}
