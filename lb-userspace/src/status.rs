@@ -211,3 +211,26 @@ pub fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> O
     let stamp: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
     Some(SystemTime::from(stamp))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_kube_proxy_semantics() {
+        let health = Health::new(Duration::from_millis(50));
+        assert!(!health.check().0, "unhealthy before the first sync");
+        health.updated();
+        assert!(health.check().0);
+        health.queued();
+        assert!(health.check().0, "a fresh pending change is fine");
+        std::thread::sleep(Duration::from_millis(80));
+        let (healthy, body) = health.check();
+        assert!(!healthy, "a change pending past the timeout is not");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(body["lastUpdated"].as_str().unwrap().ends_with('Z'));
+        assert!(body["currentTime"].as_str().unwrap().ends_with('Z'));
+        health.updated();
+        assert!(health.check().0);
+    }
+}

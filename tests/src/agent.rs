@@ -54,7 +54,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(node: &Netns, manifests: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+    /// Starts `lb run ARGS` in `node` with a pin path of its own.
+    pub fn start(node: &Netns, args: &[&str]) -> anyhow::Result<Self> {
         let log_dir = TempDir::new("lb-agent-log")?;
         let log = log_dir.0.join("agent.log");
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/lbt-{}", unique_tag()));
@@ -62,12 +63,10 @@ impl Agent {
             format!("--net={}", node.path().display()).into(),
             lb_binary().into(),
             "run".into(),
-            "--source".into(),
-            format!("dir:{}", manifests.display()).into(),
             "--pin-path".into(),
             pin_path.clone().into(),
         ];
-        command.extend(extra_args.iter().map(Into::into));
+        command.extend(args.iter().map(Into::into));
         let child = Self::spawn(&command, &log)?;
         Ok(Self { child, command, pin_path, log, _log_dir: log_dir })
     }
@@ -82,6 +81,18 @@ impl Agent {
             .stderr(log)
             .spawn()
             .context("starting lb")
+    }
+
+    /// Starts `lb run --source dir:MANIFESTS`.
+    pub fn with_manifests(node: &Netns, manifests: &Path) -> anyhow::Result<Self> {
+        Self::start(node, &["--source", &format!("dir:{}", manifests.display())])
+    }
+
+    /// Kills the agent with SIGKILL: no clean-up of any kind.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     /// Starts a new agent process with the same arguments and pin path,
@@ -125,8 +136,15 @@ impl Agent {
 
     /// Waits until the agent's log has a line containing `text`.
     pub fn wait_for_log(&mut self, text: &str) -> anyhow::Result<()> {
+        self.wait_for_log_count(text, 1)
+    }
+
+    /// Waits until `count` lines of the log (all runs of this agent) contain `text`.
+    pub fn wait_for_log_count(&mut self, text: &str, count: usize) -> anyhow::Result<()> {
         let log = self.log.clone();
-        self.wait(&format!("log line {text:?}"), |_| fs::read_to_string(&log).is_ok_and(|l| l.contains(text)))
+        self.wait(&format!("{count} log lines with {text:?}"), |_| {
+            fs::read_to_string(&log).is_ok_and(|l| l.lines().filter(|line| line.contains(text)).count() >= count)
+        })
     }
 
     pub fn log(&self) -> String {

@@ -76,6 +76,15 @@ impl Netns {
             .with_context(|| format!("sysctl {key}={value} in {}", self.name))
     }
 
+    /// Starts `f` on a thread of its own inside the namespace.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            setns(&path).expect("entering the test namespace");
+            f()
+        })
+    }
+
     /// Runs `f` on a thread inside the namespace; sockets it opens stay there.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = self.path();

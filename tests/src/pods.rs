@@ -183,3 +183,15 @@ pub fn udp_ask(addr: SocketAddrV4) -> io::Result<String> {
     let (n, _) = socket.recv_from(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// A plain HTTP GET from the calling thread's namespace: (status, body).
+pub fn http_get(addr: SocketAddrV4, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(addr), CLIENT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    io::Read::read_to_string(&mut stream, &mut response)?;
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}

@@ -56,7 +56,7 @@ fn clusterip_end_to_end(topology: Topology) {
     fs::write(manifests.0.join("web.yaml"), SERVICE).unwrap();
     write_slice(&manifests.0, &backends);
 
-    let mut agent = Agent::start(&cluster.node, &manifests.0, &[]).unwrap();
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     frontend_has(&mut agent, 3);
     agent.wait_for_attachments(4).unwrap();
     let client = &cluster.pod("client").netns;

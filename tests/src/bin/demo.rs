@@ -80,7 +80,7 @@ fn demo() -> anyhow::Result<()> {
     let mut docs = parse_example()?;
     check_sandbox_matches(&docs, &cluster)?;
     write_docs(&manifests.0, &docs)?;
-    let mut agent = Agent::start(&cluster.node, &manifests.0, &[])?;
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0)?;
     agent.wait_for_maps("the web Service", |c| c.frontends().any(|(_, b)| b.len() == 3))?;
     agent.wait_for_attachments(cluster.pods.len())?;
     println!("   attached to the host side of {} pod veths; pinned at {}", cluster.pods.len(), agent.pin_path.display());

@@ -1,0 +1,222 @@
+//! The Kubernetes source end to end: the real agent, watching the test API
+//! server through a kubeconfig, in the routed netns topology. Needs root.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use lb_tests::{
+    agent::{Agent, TempDir},
+    apiserver::{ApiServer, Kind},
+    netns::{Cluster, Netns, Topology},
+    pods::{PodServer, Session, TCP_PORT, UDP_PORT, http_get, tcp_ask},
+};
+use serde_json::{Value, json};
+
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+
+fn service() -> Value {
+    json!({
+        "metadata": {"name": "web", "namespace": "demo"},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [
+            {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+            {"name": "dns", "port": 53, "targetPort": "dns", "protocol": "UDP"},
+        ]},
+    })
+}
+
+fn slice(backends: &[(&str, Ipv4Addr)]) -> Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    json!({
+        "metadata": {
+            "name": "web-abcde", "namespace": "demo",
+            "labels": {"kubernetes.io/service-name": "web"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": now},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}, {"name": "dns", "port": UDP_PORT, "protocol": "UDP"}],
+        "endpoints": backends.iter().map(|(name, ip)| json!({
+            "addresses": [ip.to_string()],
+            "conditions": {"ready": true, "serving": true, "terminating": false},
+            "targetRef": {"kind": "Pod", "namespace": "demo", "name": name},
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn wait_for_backends(agent: &mut Agent, wanted: &[Ipv4Addr]) {
+    let wanted: BTreeSet<[u8; 4]> = wanted.iter().map(|a| a.octets()).collect();
+    agent
+        .wait_for_maps(&format!("backends {wanted:?}"), |c| {
+            c.frontends().any(|(k, b)| k.protocol == 6 && b.iter().map(|b| b.addr).collect::<BTreeSet<_>>() == wanted)
+        })
+        .unwrap();
+}
+
+fn asks(client: &Netns, n: usize) -> Vec<String> {
+    client.enter(|| (0..n).map(|_| tcp_ask(VIP)).collect::<Result<_, _>>()).unwrap()
+}
+
+fn get(node: &Netns, port: u16, path: &str) -> (u16, String) {
+    node.enter(|| http_get(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), path)).unwrap()
+}
+
+fn metric(node: &Netns, name: &str) -> f64 {
+    let (_, body) = get(node, 10249, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn follows_the_cluster_through_scaling_an_api_outage_and_deletion() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let pod = |i: usize| (cluster.pods[i].name.as_str(), cluster.pods[i].ip);
+    let (node, client) = (&cluster.node, &cluster.pod("client").netns);
+    let mut api = ApiServer::start(node).unwrap();
+    let config = TempDir::new("lb-kubeconfig").unwrap();
+    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
+    let mut agent = Agent::start(node, &["--kubeconfig", kubeconfig.to_str().unwrap()]).unwrap();
+    agent.wait_for_attachments(4).unwrap();
+
+    // Not healthy before the first sync; healthy after, with kube-proxy's body.
+    api.apply(Kind::Service, service());
+    api.apply(Kind::EndpointSlice, slice(&[pod(0)]));
+    wait_for_backends(&mut agent, &[pod(0).1]);
+    assert_eq!(asks(client, 5), vec!["backend-0"; 5]);
+    let (status, body) = get(node, 10256, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert!(health["lastUpdated"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+    assert_eq!(get(node, 10256, "/livez").0, 200);
+
+    // Scaling up and down is followed.
+    api.apply(Kind::EndpointSlice, slice(&[pod(0), pod(1), pod(2)]));
+    wait_for_backends(&mut agent, &[pod(0).1, pod(1).1, pod(2).1]);
+    assert!(asks(client, 30).iter().collect::<BTreeSet<_>>().len() > 1);
+    api.apply(Kind::EndpointSlice, slice(&[pod(2)]));
+    wait_for_backends(&mut agent, &[pod(2).1]);
+    assert_eq!(asks(client, 10), vec!["backend-2"; 10]);
+    let mut session = client.enter(|| Session::connect(VIP)).unwrap();
+    assert_eq!(session.ask("before the outage").unwrap(), "backend-2");
+
+    // The API server goes away: traffic keeps flowing on the last known state.
+    api.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(asks(client, 10), vec!["backend-2"; 10]);
+    assert_eq!(session.ask("during the outage").unwrap(), "backend-2");
+    assert_eq!(get(node, 10256, "/healthz").0, 200, "no change is pending: still healthy");
+
+    // It comes back with other objects and no history before them (410 on
+    // re-watch): the agent lists again and converges, keeping open flows.
+    api.apply(Kind::EndpointSlice, slice(&[pod(1)]));
+    api.compact();
+    let lists_before = api.lists();
+    api.restart().unwrap();
+    wait_for_backends(&mut agent, &[pod(1).1]);
+    assert!(api.expired() >= 1, "no watch was refused with 410");
+    assert!(api.lists() > lists_before, "no relist");
+    assert_eq!(asks(client, 10), vec!["backend-1"; 10]);
+    assert_eq!(session.ask("after the outage").unwrap(), "backend-2", "established flow kept its backend");
+
+    // Deleting the Service removes its frontends.
+    api.delete(Kind::Service, "demo", "web");
+    agent.wait_for_maps("no frontends", |c| c.frontends().count() == 0).unwrap();
+
+    // Metrics with kube-proxy's names, and the datapath's counters.
+    assert!(metric(node, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 4.0);
+    assert!(metric(node, "kubeproxy_network_programming_duration_seconds_count") >= 1.0);
+    assert!(metric(node, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
+    assert!(metric(node, "lb_datapath_packets_total{verdict=\"dnat_new\"}") >= 60.0);
+    assert_eq!(metric(node, "lb_service_frontends"), 0.0);
+}
+
+#[test]
+fn killing_and_restarting_the_agent_loses_no_request() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "client"]).unwrap();
+    let _servers: Vec<PodServer> = cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let api = ApiServer::start(&cluster.node).unwrap();
+    let config = TempDir::new("lb-kubeconfig").unwrap();
+    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
+    api.apply(Kind::Service, service());
+    api.apply(Kind::EndpointSlice, slice(&[("backend-0", cluster.pods[0].ip), ("backend-1", cluster.pods[1].ip)]));
+    let mut agent = Agent::start(&cluster.node, &["--kubeconfig", kubeconfig.to_str().unwrap()]).unwrap();
+    wait_for_backends(&mut agent, &[cluster.pods[0].ip, cluster.pods[1].ip]);
+    agent.wait_for_attachments(3).unwrap();
+
+    let client = &cluster.pod("client").netns;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (answered, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
+    let mut session = client.enter(|| Session::connect(VIP)).unwrap();
+    let backend = session.ask("first").unwrap();
+    let workers: Vec<_> = (0..2)
+        .map(|worker| {
+            let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
+            let mut session = (worker == 0).then(|| std::mem::replace(&mut session, client.enter(|| Session::connect(VIP)).unwrap()));
+            let backend = backend.clone();
+            client.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let result = match &mut session {
+                        // The long-lived connection, always on its backend.
+                        Some(s) => s.ask("again").and_then(|b| {
+                            if b == backend { Ok(b) } else { Err(std::io::Error::other(format!("moved to {b}"))) }
+                        }),
+                        None => tcp_ask(VIP),
+                    };
+                    match result {
+                        Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            failures.lock().unwrap().push(e.to_string());
+                            0
+                        }
+                    };
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+
+    for round in 0..2 {
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        agent.restart().unwrap();
+        agent.wait_for_log_count("synced frontends=2 writes=0", round + 1).unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    let answered = answered.load(Ordering::Relaxed);
+    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), answered, &failures[..failures.len().min(5)]);
+    assert!(answered > 100, "only {answered} requests");
+}
+
+#[test]
+fn a_burst_of_changes_becomes_a_few_syncs() {
+    let cluster = Cluster::new(Topology::Routed, &[]).unwrap();
+    let api = ApiServer::start(&cluster.node).unwrap();
+    let config = TempDir::new("lb-kubeconfig").unwrap();
+    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
+    api.apply(Kind::Service, service());
+    let mut agent = Agent::start(&cluster.node, &["--kubeconfig", kubeconfig.to_str().unwrap()]).unwrap();
+    agent.wait_for_log("synced").unwrap();
+    let syncs_before = metric(&cluster.node, "kubeproxy_sync_proxy_rules_duration_seconds_count");
+    for i in 0..1000u32 {
+        let ip = Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 1);
+        api.apply(Kind::EndpointSlice, slice(&[("pod", ip)]));
+    }
+    let last = Ipv4Addr::new(10, 244, 3, 250);
+    wait_for_backends(&mut agent, &[last]);
+    let syncs = metric(&cluster.node, "kubeproxy_sync_proxy_rules_duration_seconds_count") - syncs_before;
+    assert!((1.0..=20.0).contains(&syncs), "1000 events took {syncs} syncs");
+}
