@@ -31,7 +31,8 @@ const INTERFACE_POLL: Duration = Duration::from_millis(500);
 
 pub enum SourceConfig {
     Dir(PathBuf),
-    Kube(Connection),
+    /// The API server, and the name of this node's Node object.
+    Kube(Connection, String),
 }
 
 pub struct AgentConfig {
@@ -122,7 +123,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             anyhow::ensure!(path.is_dir(), "source directory {} does not exist", path.display());
             Source::Dir { dir: DirSource::new(path), tick: tokio::time::interval(DIR_POLL) }
         }
-        SourceConfig::Kube(connection) => Source::Kube(KubeSource::start(&connection).await?),
+        SourceConfig::Kube(connection, node_name) => Source::Kube(KubeSource::start(&connection, &node_name).await?),
     };
     let mut agent = Agent {
         datapath,
@@ -144,6 +145,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             () = source.changed() => {
                 agent.health.queued();
+                if let Source::Kube(kube) = &source {
+                    agent.health.set_node_eligible(kube.node_eligible());
+                }
                 // Changes that arrive while waiting are folded into this sync.
                 tokio::time::sleep_until(next_sync).await;
                 agent.sync(&source.snapshot());

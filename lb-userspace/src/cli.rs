@@ -66,6 +66,15 @@ fn parse_listen(value: &str) -> Result<Listen, String> {
     value.parse().map(|a| Listen(Some(a))).map_err(|_| format!("{value:?}: expected IP:PORT, or \"\" for off"))
 }
 
+/// The host name, lower-cased as Kubernetes node names are.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer outlives the call, which writes at most its length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    if rc == 0 { String::from_utf8_lossy(&buf[..end]).to_lowercase() } else { String::new() }
+}
+
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
 #[derive(Args, Debug)]
@@ -81,6 +90,9 @@ pub struct RunArgs {
     /// ClusterIP is ours to serve, so it cannot be used to reach the API).
     #[arg(long)]
     pub k8s_api_server: Option<String>,
+    /// This node's name (its Node object), as kube-proxy's --hostname-override.
+    #[arg(long, default_value_t = host_name())]
+    pub node_name: String,
     /// Serve Services labelled service.kubernetes.io/service-proxy-name=NAME
     /// (others with that label are left to their proxy).
     #[arg(long)]

@@ -8,7 +8,10 @@
 use std::{path::PathBuf, sync::Arc};
 
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
@@ -73,19 +76,41 @@ fn parse_url(url: &str) -> Result<http::Uri, KubeSourceError> {
 pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    node: Store<Node>,
     changed: Arc<Notify>,
+}
+
+/// The cluster autoscaler's taint on a node it is about to remove.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers should keep sending to this node (kube-proxy's
+/// `nodeEligible`): not when it is being deleted or drained for deletion.
+pub fn node_eligible(node: &Node) -> bool {
+    let tainted = node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|taints| {
+        taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT)
+    });
+    node.metadata.deletion_timestamp.is_none() && !tainted
 }
 
 impl KubeSource {
     /// Starts the reflectors; they run until the process ends.
-    pub async fn start(connection: &Connection) -> Result<Self, KubeSourceError> {
+    pub async fn start(connection: &Connection, node_name: &str) -> Result<Self, KubeSourceError> {
         let config = client_config(connection).await?;
-        info!(api_server = %config.cluster_url, "watching Services and EndpointSlices");
+        info!(api_server = %config.cluster_url, node = node_name, "watching Services, EndpointSlices and this Node");
         let client = Client::try_from(config)?;
         let changed = Arc::new(Notify::new());
-        let services = spawn_reflector(Api::<Service>::all(client.clone()), "Service", changed.clone());
-        let slices = spawn_reflector(Api::<EndpointSlice>::all(client), "EndpointSlice", changed.clone());
-        Ok(Self { services, slices, changed })
+        let all = watcher::Config::default();
+        let services = spawn_reflector(Api::<Service>::all(client.clone()), all.clone(), "Service", changed.clone());
+        let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), all, "EndpointSlice", changed.clone());
+        let this_node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let node = spawn_reflector(Api::<Node>::all(client), this_node, "Node", changed.clone());
+        Ok(Self { services, slices, node, changed })
+    }
+
+    /// This node's eligibility for load-balancer traffic; eligible while
+    /// its Node object is unknown.
+    pub fn node_eligible(&self) -> bool {
+        self.node.state().first().is_none_or(|n| node_eligible(n))
     }
 
     /// Returns when both kinds have been listed once and something changed
@@ -107,12 +132,12 @@ impl KubeSource {
     }
 }
 
-fn spawn_reflector<K>(api: Api<K>, kind: &'static str, changed: Arc<Notify>) -> Store<K>
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, kind: &'static str, changed: Arc<Notify>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+    let stream = watcher(api, config).default_backoff().reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;

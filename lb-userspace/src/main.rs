@@ -54,7 +54,10 @@ fn open_pinned(args: &InspectArgs) -> anyhow::Result<Maps> {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = match args.source {
         Source::Dir(path) => SourceConfig::Dir(path),
-        Source::Kube => SourceConfig::Kube(Connection { kubeconfig: args.kubeconfig, api_server: args.k8s_api_server }),
+        Source::Kube => SourceConfig::Kube(
+            Connection { kubeconfig: args.kubeconfig, api_server: args.k8s_api_server },
+            args.node_name,
+        ),
     };
     let config = AgentConfig {
         source,

@@ -23,10 +23,10 @@ use tracing::debug;
 
 use crate::datapath::Maps;
 
-#[derive(Default)]
 struct HealthState {
     last_updated: Option<SystemTime>,
     queued_since: Option<Instant>,
+    node_eligible: bool,
 }
 
 pub struct Health {
@@ -36,7 +36,14 @@ pub struct Health {
 
 impl Health {
     pub fn new(timeout: Duration) -> Self {
-        Self { state: Mutex::default(), timeout }
+        let state = HealthState { last_updated: None, queued_since: None, node_eligible: true };
+        Self { state: Mutex::new(state), timeout }
+    }
+
+    /// Whether this node should get load-balancer traffic (see
+    /// `kube_source::node_eligible`); /healthz fails while it should not.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.state.lock().expect("health lock").node_eligible = eligible;
     }
 
     /// A change arrived that the datapath does not have yet.
@@ -52,16 +59,19 @@ impl Health {
         s.queued_since = None;
     }
 
-    /// (healthy, JSON body)
-    pub fn check(&self) -> (bool, String) {
+    /// (healthy, JSON body). /livez asks with `for_load_balancers` false:
+    /// a node being drained is alive, only not a target.
+    pub fn check(&self, for_load_balancers: bool) -> (bool, String) {
         let s = self.state.lock().expect("health lock");
-        let healthy = s.last_updated.is_some() && s.queued_since.is_none_or(|q| q.elapsed() < self.timeout);
+        let synced = s.last_updated.is_some() && s.queued_since.is_none_or(|q| q.elapsed() < self.timeout);
+        let healthy = synced && (s.node_eligible || !for_load_balancers);
         let stamp = |t: SystemTime| {
             k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default()
         };
         let body = serde_json::json!({
             "lastUpdated": s.last_updated.map(stamp).unwrap_or_default(),
             "currentTime": stamp(SystemTime::now()),
+            "nodeEligible": s.node_eligible,
         });
         (healthy, body.to_string())
     }
@@ -183,7 +193,7 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
             let path = path.split('?').next().unwrap_or(path);
             let (status, content_type, body) = match path {
                 "/healthz" | "/livez" => {
-                    let (healthy, body) = health.check();
+                    let (healthy, body) = health.check(path == "/healthz");
                     (if healthy { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
                 }
                 "/metrics" => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render()),
@@ -219,18 +229,22 @@ mod tests {
     #[test]
     fn health_follows_kube_proxy_semantics() {
         let health = Health::new(Duration::from_millis(50));
-        assert!(!health.check().0, "unhealthy before the first sync");
+        assert!(!health.check(true).0, "unhealthy before the first sync");
         health.updated();
-        assert!(health.check().0);
+        assert!(health.check(true).0);
+        health.set_node_eligible(false);
+        assert!(!health.check(true).0, "/healthz fails for a node being removed");
+        assert!(health.check(false).0, "/livez does not");
+        health.set_node_eligible(true);
         health.queued();
-        assert!(health.check().0, "a fresh pending change is fine");
+        assert!(health.check(true).0, "a fresh pending change is fine");
         std::thread::sleep(Duration::from_millis(80));
-        let (healthy, body) = health.check();
+        let (healthy, body) = health.check(true);
         assert!(!healthy, "a change pending past the timeout is not");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(body["lastUpdated"].as_str().unwrap().ends_with('Z'));
         assert!(body["currentTime"].as_str().unwrap().ends_with('Z'));
         health.updated();
-        assert!(health.check().0);
+        assert!(health.check(true).0);
     }
 }

@@ -25,12 +25,13 @@ use crate::netns::Netns;
 pub enum Kind {
     Service,
     EndpointSlice,
+    Node,
 }
 
 impl Kind {
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Service => "v1",
+            Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -39,6 +40,7 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
     }
 
@@ -46,6 +48,7 @@ impl Kind {
         match path {
             "/api/v1/services" => Some(Kind::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
+            "/api/v1/nodes" => Some(Kind::Node),
             _ => None,
         }
     }
@@ -161,7 +164,7 @@ impl ApiServer {
         object["apiVersion"] = json!(kind.api_version());
         object["kind"] = json!(kind.name());
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        if object["metadata"]["namespace"].is_null() {
+        if object["metadata"]["namespace"].is_null() && kind != Kind::Node {
             object["metadata"]["namespace"] = json!("default");
         }
         let key = key_of(kind, &object);
@@ -170,6 +173,7 @@ impl ApiServer {
         cvar.notify_all();
     }
 
+    /// Deletes an object; `namespace` is "" for Nodes.
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
         let (lock, cvar) = &*self.shared;
         let mut state = lock.lock().unwrap();
@@ -228,6 +232,10 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Res
     let target = request_line.split_whitespace().nth(1).unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let params: BTreeMap<&str, &str> = query.split('&').filter_map(|p| p.split_once('=')).collect();
+    // Only `metadata.name=NAME` field selectors (the agent's Node watch).
+    let field_selector = params.get("fieldSelector").map(|f| f.replace("%3D", "="));
+    let wanted_name = field_selector.as_deref().and_then(|f| f.strip_prefix("metadata.name=")).map(str::to_owned);
+    let selected = move |object: &Value| wanted_name.as_deref().is_none_or(|n| object["metadata"]["name"] == n);
     let mut out = stream;
     let Some(kind) = Kind::from_path(path) else {
         let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
@@ -237,11 +245,12 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Res
         let from: u64 = params.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         let timeout = params.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(300);
         let bookmarks = params.get("allowWatchBookmarks") == Some(&"true");
-        watch(&mut out, shared, stop, kind, from, Duration::from_secs(timeout), bookmarks)
+        watch(&mut out, shared, stop, kind, &selected, from, Duration::from_secs(timeout), bookmarks)
     } else {
         let mut state = shared.0.lock().unwrap();
         state.lists += 1;
-        let items: Vec<&Value> = state.objects.iter().filter(|((k, _, _), _)| *k == kind).map(|(_, v)| v).collect();
+        let items: Vec<&Value> =
+            state.objects.iter().filter(|((k, _, _), v)| *k == kind && selected(v)).map(|(_, v)| v).collect();
         let body = json!({
             "apiVersion": kind.api_version(),
             "kind": format!("{}List", kind.name()),
@@ -268,11 +277,13 @@ fn chunk(out: &mut TcpStream, event: &Value) -> std::io::Result<()> {
     out.flush()
 }
 
+#[expect(clippy::too_many_arguments, reason = "one watch request's parameters")]
 fn watch(
     out: &mut TcpStream,
     shared: &Shared,
     stop: &AtomicBool,
     kind: Kind,
+    selected: &dyn Fn(&Value) -> bool,
     mut from: u64,
     timeout: Duration,
     bookmarks: bool,
@@ -297,7 +308,7 @@ fn watch(
         let pending: Vec<Value> = state
             .events
             .iter()
-            .filter(|e| e.kind == kind && e.resource_version > from)
+            .filter(|e| e.kind == kind && e.resource_version > from && selected(&e.object))
             .map(|e| json!({"type": e.kind_of_event, "object": e.object}))
             .collect();
         from = state.resource_version;

@@ -220,3 +220,37 @@ fn a_burst_of_changes_becomes_a_few_syncs() {
     let syncs = metric(&cluster.node, "kubeproxy_sync_proxy_rules_duration_seconds_count") - syncs_before;
     assert!((1.0..=20.0).contains(&syncs), "1000 events took {syncs} syncs");
 }
+
+#[test]
+fn a_node_being_removed_fails_healthz_but_not_livez() {
+    let cluster = Cluster::new(Topology::Routed, &[]).unwrap();
+    let api = ApiServer::start(&cluster.node).unwrap();
+    let config = TempDir::new("lb-kubeconfig").unwrap();
+    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
+    let node = |taints: Value| json!({"metadata": {"name": "node-1"}, "spec": {"taints": taints}});
+    api.apply(Kind::Node, node(json!([])));
+    api.apply(Kind::Node, json!({"metadata": {"name": "other-node"}, "spec": {"taints": [
+        {"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}}));
+    let mut agent =
+        Agent::start(&cluster.node, &["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "node-1"]).unwrap();
+    agent.wait_for_log("synced").unwrap();
+    let health = |path: &str| {
+        let (status, body) = get(&cluster.node, 10256, path);
+        (status, serde_json::from_str::<Value>(&body).unwrap()["nodeEligible"].clone())
+    };
+    assert_eq!(health("/healthz"), (200, json!(true)), "another node's taint is not ours");
+
+    api.apply(Kind::Node, node(json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}])));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while health("/healthz").0 != 503 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(health("/healthz"), (503, json!(false)));
+    assert_eq!(health("/livez"), (200, json!(false)), "alive, only not a load-balancer target");
+
+    api.apply(Kind::Node, node(json!([])));
+    while health("/healthz").0 != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(health("/healthz"), (200, json!(true)));
+}
