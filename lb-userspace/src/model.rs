@@ -202,7 +202,7 @@ pub fn desired_state<'a>(
     let endpoints = endpoints_by_service(slices, proxy_name, &mut errors);
 
     let mut sorted: Vec<&Service> = services.into_iter().collect();
-    sorted.sort_by_key(|s| object_ref("Service", &s.metadata));
+    sorted.sort_by_cached_key(|s| object_ref("Service", &s.metadata));
 
     let mut by_frontend: BTreeMap<Frontend, ServicePort> = BTreeMap::new();
     for service in sorted {

@@ -88,6 +88,13 @@ impl Agent {
         Self::start(node, &["--source", &format!("dir:{}", manifests.display())])
     }
 
+    /// Resident memory of the agent process, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    }
+
     /// Kills the agent with SIGKILL: no clean-up of any kind.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;
