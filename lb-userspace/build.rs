@@ -1,4 +1,5 @@
-//! Builds lb-ebpf with the nightly toolchain (through aya-build) and leaves
+//! Builds lb-ebpf with the nightly toolchain (`LB_EBPF_TOOLCHAIN` names
+//! another, such as a dated nightly; through aya-build) and leaves
 //! the object in OUT_DIR for `include_bytes_aligned!`. Without bpf-linker,
 //! or with AYA_BUILD_SKIP=1, an empty object is left instead, so that
 //! `cargo check` and `cargo clippy` work on any machine; such a binary
@@ -16,6 +17,7 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = workspace.join("lb-ebpf");
     println!("cargo:rerun-if-changed={}", workspace.join("lb-common").display());
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
+    println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
     let object = out_dir.join("lb-ebpf");
 
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
@@ -26,8 +28,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let root_dir = ebpf_dir.to_str().expect("UTF-8 path");
+    // A pinned nightly (the Dockerfile's) or whatever `nightly` is here.
+    let toolchain = env::var("LB_EBPF_TOOLCHAIN").ok();
     aya_build::build_ebpf(
         [aya_build::Package { name: "lb-ebpf", root_dir, ..Default::default() }],
-        aya_build::Toolchain::Nightly,
+        toolchain.as_deref().map_or(aya_build::Toolchain::Nightly, aya_build::Toolchain::Custom),
     )
 }

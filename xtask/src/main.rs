@@ -31,9 +31,10 @@ fn main() -> anyhow::Result<()> {
 /// core rebuilt for the BPF target, BTF emitted by bpf-linker.
 fn build_ebpf(debug: bool) -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".to_owned());
     let mut cmd = Command::new("rustup");
     cmd.current_dir(root)
-        .args(["run", "nightly", "cargo", "build", "--package", "lb-ebpf", "--bins"])
+        .args(["run", &toolchain, "cargo", "build", "--package", "lb-ebpf", "--bins"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .env("CARGO_ENCODED_RUSTFLAGS", format!("--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf", std::env::consts::ARCH))
         .env_remove("RUSTC")

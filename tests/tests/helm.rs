@@ -1,0 +1,237 @@
+//! The Helm chart, rendered by the real helm binary: lint, strict parsing of
+//! every manifest into k8s-openapi types (unknown fields rejected), values
+//! carried into the objects, the schema's refusals, and the agent's own CLI
+//! accepting the flags the DaemonSet passes.
+use std::{path::Path, process::Command};
+
+use clap::Parser;
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Container, Service, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use lb_tests::agent::TempDir;
+use lb_userspace::cli::{Cli, Command as LbCommand, RunArgs, Source};
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/lb");
+
+fn helm(args: &[&str]) -> std::process::Output {
+    Command::new("helm").args(args).output().expect("helm on PATH (scripts/setup.sh installs it)")
+}
+
+/// `helm template` with a values file; Err(stderr) when helm refuses.
+fn render(values: &str) -> Result<Vec<Value>, String> {
+    let dir = TempDir::new("lb-helm").unwrap();
+    let file = dir.0.join("values.yaml");
+    std::fs::write(&file, values).unwrap();
+    let out = helm(&["template", "lb", CHART, "--namespace", "lb-system", "-f", file.to_str().unwrap()]);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect())
+}
+
+/// Deserializes a manifest, failing on any field the type does not know.
+fn strict<T: DeserializeOwned>(doc: &Value) -> T {
+    let mut unknown = Vec::new();
+    let parsed = serde_ignored::deserialize(doc.clone(), |path| unknown.push(path.to_string())).unwrap_or_else(|e| {
+        panic!("{} does not parse: {e}", doc["kind"].as_str().unwrap_or("?"))
+    });
+    assert!(unknown.is_empty(), "{} has unknown fields {unknown:?}", doc["kind"].as_str().unwrap_or("?"));
+    parsed
+}
+
+struct Rendered {
+    daemonset: DaemonSet,
+    role: ClusterRole,
+    others: Vec<Value>,
+}
+
+/// Parses every rendered object strictly by kind.
+fn parse(docs: &[Value]) -> Rendered {
+    let (mut daemonset, mut role, mut others) = (None, None, Vec::new());
+    for doc in docs {
+        match doc["kind"].as_str().unwrap() {
+            "DaemonSet" => daemonset = Some(strict::<DaemonSet>(doc)),
+            "ClusterRole" => role = Some(strict::<ClusterRole>(doc)),
+            "ClusterRoleBinding" => drop(strict::<ClusterRoleBinding>(doc)),
+            "ServiceAccount" => drop(strict::<ServiceAccount>(doc)),
+            "Service" => drop(strict::<Service>(doc)),
+            // A CRD (Prometheus Operator): no k8s-openapi type; checked by hand.
+            "ServiceMonitor" => others.push(doc.clone()),
+            kind => panic!("unexpected kind {kind}"),
+        }
+    }
+    Rendered { daemonset: daemonset.expect("a DaemonSet"), role: role.expect("a ClusterRole"), others }
+}
+
+fn agent_container(ds: &DaemonSet) -> &Container {
+    let spec = ds.spec.template.spec.as_ref().unwrap();
+    spec.containers.iter().find(|c| c.name == "agent").unwrap()
+}
+
+/// The DaemonSet's args, parsed by the agent's own command line.
+fn run_args(ds: &DaemonSet) -> RunArgs {
+    let args = agent_container(ds).args.clone().unwrap();
+    let cli = Cli::try_parse_from(std::iter::once("lb".to_owned()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("the agent refuses {args:?}:\n{e}"));
+    match cli.command {
+        LbCommand::Run(run) => run,
+        other => panic!("not `run`: {other:?}"),
+    }
+}
+
+fn env(container: &Container, name: &str) -> Option<String> {
+    container.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
+}
+
+#[test]
+fn lint_passes_strictly() {
+    let out = helm(&["lint", "--strict", CHART]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(Path::new(CHART).join("README.md").exists());
+}
+
+#[test]
+fn default_values_render_a_kube_proxy_replacement() {
+    let rendered = parse(&render("").unwrap());
+    let ds = &rendered.daemonset;
+    let pod = ds.spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
+    let tolerations = pod.tolerations.as_ref().unwrap();
+    assert!(tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()), "tolerates every taint");
+    let strategy = ds.spec.update_strategy.as_ref().unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+
+    let agent = agent_container(ds);
+    let security = agent.security_context.as_ref().unwrap();
+    assert_eq!(security.privileged, Some(false));
+    let caps = security.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(caps.add.clone().unwrap(), ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref()?.http_get.as_ref()?.path.clone();
+    assert_eq!(probe_path(&agent.liveness_probe).as_deref(), Some("/livez"));
+    assert_eq!(probe_path(&agent.readiness_probe).as_deref(), Some("/healthz"));
+    let volumes: Vec<String> =
+        pod.volumes.as_ref().unwrap().iter().map(|v| v.host_path.as_ref().unwrap().path.clone()).collect();
+    assert_eq!(volumes, ["/sys/fs/bpf", "/sys/fs/cgroup"]);
+    assert_eq!(env(agent, "KUBERNETES_SERVICE_HOST"), None, "in-cluster default until k8sServiceHost is set");
+
+    let run = run_args(ds);
+    assert_eq!(run.source, Source::Kube);
+    assert_eq!(run.node_name, "$(NODE_NAME)", "filled in by the kubelet");
+    assert_eq!(run.conntrack_max_entries, lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES);
+    assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10256".parse().unwrap()));
+    assert_eq!(run.metrics_addr.0, Some("127.0.0.1:10249".parse().unwrap()));
+
+    // Read-only on what the datapath needs, plus events; nothing else.
+    let rules: Vec<(Vec<String>, Vec<String>, Vec<String>)> = rendered
+        .role
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.api_groups.unwrap_or_default(), r.resources.unwrap_or_default(), r.verbs))
+        .collect();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        rules,
+        [
+            (s(&[""]), s(&["services", "nodes"]), s(&["get", "list", "watch"])),
+            (s(&["discovery.k8s.io"]), s(&["endpointslices"]), s(&["get", "list", "watch"])),
+            (s(&["", "events.k8s.io"]), s(&["events"]), s(&["create", "patch"])),
+        ]
+    );
+    assert!(rendered.others.is_empty(), "no ServiceMonitor by default");
+}
+
+#[test]
+fn non_default_values_are_carried_into_the_objects() {
+    let rendered = parse(
+        &render(
+            r#"
+image: {repository: registry.example/lb, tag: v9, pullPolicy: Always}
+imagePullSecrets: [{name: regcred}]
+k8sServiceHost: api.internal.example
+k8sServicePort: 443
+agent:
+  logLevel: debug
+  podInterfaces: ["cali*", "veth*"]
+  minSyncPeriod: 1s
+  proxyName: lb
+  pinPath: /sys/fs/bpf/lb-canary
+mapSizes: {services: 262144, backends: 131072, conntrack: 1048576}
+healthz: {port: 10266}
+metrics:
+  bindAddress: 0.0.0.0
+  port: 9962
+  serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}
+updateStrategy: {maxUnavailable: "20%"}
+resources: {requests: {cpu: 200m, memory: 128Mi}, limits: {memory: 1Gi}}
+nodeSelector: {node-role.kubernetes.io/worker: "true"}
+securityContext: {privileged: true}
+"#,
+        )
+        .unwrap(),
+    );
+    let ds = &rendered.daemonset;
+    let pod = ds.spec.template.spec.as_ref().unwrap();
+    let agent = agent_container(ds);
+    assert_eq!(agent.image.as_deref(), Some("registry.example/lb:v9"));
+    assert_eq!(agent.image_pull_policy.as_deref(), Some("Always"));
+    assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
+    assert_eq!(env(agent, "KUBERNETES_SERVICE_HOST").as_deref(), Some("api.internal.example"));
+    assert_eq!(env(agent, "KUBERNETES_SERVICE_PORT").as_deref(), Some("443"));
+    assert_eq!(pod.node_selector.as_ref().unwrap()["node-role.kubernetes.io/worker"], "true");
+    let limits = agent.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["memory"].0, "1Gi");
+    let rolling = ds.spec.update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("20%".into()))
+    );
+    let security = agent.security_context.as_ref().unwrap();
+    assert_eq!((security.privileged, security.capabilities.is_none()), (Some(true), true));
+    let probe_port = agent.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().port.clone();
+    assert_eq!(probe_port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10266));
+
+    let run = run_args(ds);
+    assert_eq!(run.pod_interfaces, ["cali*", "veth*"]);
+    assert_eq!(run.proxy_name.as_deref(), Some("lb"));
+    assert_eq!(run.min_sync_period, std::time::Duration::from_secs(1));
+    assert_eq!(run.pin_path, Path::new("/sys/fs/bpf/lb-canary"));
+    assert_eq!((run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries), (262144, 131072, 1048576));
+    assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10266".parse().unwrap()));
+    assert_eq!(run.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));
+    let args = agent_container(ds).args.clone().unwrap();
+    assert!(args.contains(&"--log-level=debug".to_owned()));
+
+    let monitor = &rendered.others[0];
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "15s");
+}
+
+#[test]
+fn values_the_schema_forbids_fail_with_a_clear_message() {
+    for (values, message) in [
+        ("mapSizes: {conntrack: big}", "at '/mapSizes/conntrack': got string, want integer"),
+        ("replicas: 3", "additional properties 'replicas' not allowed"),
+        ("agent: {podInterface: [veth*]}", "additional properties 'podInterface' not allowed"),
+        ("image: {repository: x, pullPolicy: Sometimes}", "/image/pullPolicy"),
+        ("agent: {minSyncPeriod: soon}", "/agent/minSyncPeriod"),
+        ("metrics: {port: 70000}", "/metrics/port"),
+        ("metrics: {serviceMonitor: {enabled: true}}", "needs metrics.bindAddress 0.0.0.0"),
+    ] {
+        let error = render(values).expect_err(values);
+        assert!(error.contains(message), "for {values:?}: {error}");
+    }
+}
