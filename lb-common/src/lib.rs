@@ -19,6 +19,10 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 /// COUNTERS: `Counter` index (`u32`) → `TrafficCounter`, per CPU. Written by
 /// tc, read by the agent.
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// AFFINITY: `AffinityKey` → `AffinityValue`, LRU. Session affinity
+/// (ClientIP): written and read by tc on new flows; the agent deletes
+/// entries whose backend left the service.
+pub const MAP_AFFINITY: &str = "AFFINITY";
 
 /// The tc program attached to the host side of every pod interface.
 pub const PROG_FROM_POD: &str = "tc_from_pod";
@@ -26,6 +30,7 @@ pub const PROG_FROM_POD: &str = "tc_from_pod";
 pub const DEFAULT_SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const DEFAULT_BACKENDS_MAX_ENTRIES: u32 = 65_536;
 pub const DEFAULT_CONNTRACK_MAX_ENTRIES: u32 = 131_072;
+pub const DEFAULT_AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -52,24 +57,53 @@ impl ServiceKey {
     }
 }
 
-/// Slot 0: `backend_count` is set and `backend_id` is 0.
-/// Slot n > 0: `backend_id` is set and `backend_count` is 0.
+/// Slot 0: `backend_count` and `affinity_timeout_s` are set, `backend_id` is 0.
+/// Slot n > 0: `backend_id` is set, the rest is 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
     pub backend_id: u32,
     pub backend_count: u16,
     pub _pad: [u8; 2],
+    /// Session affinity (ClientIP) timeout in seconds; 0 is no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 impl ServiceValue {
-    pub const fn frontend(backend_count: u16) -> Self {
-        Self { backend_id: 0, backend_count, _pad: [0; 2] }
+    pub const fn frontend(backend_count: u16, affinity_timeout_s: u32) -> Self {
+        Self { backend_id: 0, backend_count, _pad: [0; 2], affinity_timeout_s }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self { backend_id, backend_count: 0, _pad: [0; 2] }
+        Self { backend_id, backend_count: 0, _pad: [0; 2], affinity_timeout_s: 0 }
     }
+}
+
+/// A client of a frontend, for session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub vip: [u8; 4],
+    pub client: [u8; 4],
+    pub port: [u8; 2],
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl AffinityKey {
+    /// The frontend (slot 0) this client entry belongs to.
+    pub const fn frontend(&self) -> ServiceKey {
+        ServiceKey::new(self.vip, self.port, self.protocol, 0)
+    }
+}
+
+/// The backend a client last got, and when (bpf_ktime_get_ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: [u8; 4],
 }
 
 /// A backend's address and target port.
@@ -159,7 +193,9 @@ pub mod counter {
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 12);
-    assert!(core::mem::size_of::<ServiceValue>() == 8);
+    assert!(core::mem::size_of::<ServiceValue>() == 12);
+    assert!(core::mem::size_of::<AffinityKey>() == 12);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 8);
@@ -177,4 +213,6 @@ mod user {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for TrafficCounter {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }

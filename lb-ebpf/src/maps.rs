@@ -5,8 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, CtKey, CtValue, DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES,
-    DEFAULT_SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue, TrafficCounter, counter,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
+    DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_SERVICES_MAX_ENTRIES,
+    ServiceKey, ServiceValue, TrafficCounter, counter,
 };
 
 #[btf_map]
@@ -19,6 +20,10 @@ pub static BACKENDS: HashMap<u32, Backend, { DEFAULT_BACKENDS_MAX_ENTRIES as usi
 
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 #[btf_map]

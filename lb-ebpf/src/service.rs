@@ -1,11 +1,12 @@
 //! Service lookup, backend selection and connection tracking, shared by hooks.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    Backend, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey, CtValue, ServiceKey,
+    AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey,
+    CtValue, ServiceKey,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, SERVICES},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES},
     parse::Packet,
 };
 
@@ -58,21 +59,32 @@ pub fn classify(packet: &Packet) -> Verdict {
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
         return Verdict::Pass;
     };
-    let count = service.backend_count;
+    let (count, affinity_timeout_s) = (service.backend_count, service.affinity_timeout_s);
     if count == 0 {
         return Verdict::NoBackend;
     }
+    let affinity = AffinityKey {
+        vip: packet.daddr,
+        client: packet.saddr,
+        port: packet.dport,
+        protocol: packet.protocol,
+        _pad: 0,
+    };
     // SAFETY: a plain helper call.
-    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
-    // SAFETY: as above.
-    let Some(slot_value) = (unsafe { SERVICES.get(&frontend.with_slot(slot)) }) else {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let remembered = if affinity_timeout_s == 0 {
+        None
+    } else {
+        affinity_backend(&affinity, now, u64::from(affinity_timeout_s) * 1_000_000_000)
+    };
+    let Some((backend_id, backend)) = remembered.or_else(|| random_backend(&frontend, count)) else {
         return Verdict::NoBackend;
     };
-    // SAFETY: as above.
-    let Some(backend) = (unsafe { BACKENDS.get(&slot_value.backend_id) }) else {
-        return Verdict::NoBackend;
-    };
-    let backend = *backend;
+    if affinity_timeout_s != 0 {
+        // Each new connection restarts the timer, as kube-proxy's does.
+        let value = AffinityValue { last_used_ns: now, backend_id, _pad: [0; 4] };
+        let _ = AFFINITY.insert(&affinity, &value, 0);
+    }
 
     let forward = CtValue {
         nat_addr: backend.addr,
@@ -101,4 +113,31 @@ pub fn classify(packet: &Packet) -> Verdict {
     let _ = CONNTRACK.insert(&reply_key, &reply, 0);
     let _ = CONNTRACK.insert(&key, &forward, 0);
     Verdict::DnatNew(backend)
+}
+
+/// The backend this client had, if it was used within the timeout and
+/// still exists. The agent deletes entries whose backend left the service.
+#[inline(always)]
+fn affinity_backend(key: &AffinityKey, now: u64, timeout_ns: u64) -> Option<(u32, Backend)> {
+    // SAFETY: plain data, as in `classify`.
+    let entry = unsafe { AFFINITY.get(key) }?;
+    let (last_used, backend_id) = (entry.last_used_ns, entry.backend_id);
+    if now.wrapping_sub(last_used) >= timeout_ns {
+        return None;
+    }
+    // SAFETY: as above.
+    let backend = unsafe { BACKENDS.get(&backend_id) }?;
+    Some((backend_id, *backend))
+}
+
+/// A backend from a random slot of `frontend`, which has `count` slots.
+#[inline(always)]
+fn random_backend(frontend: &ServiceKey, count: u16) -> Option<(u32, Backend)> {
+    // SAFETY: a plain helper call.
+    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
+    // SAFETY: plain data, as in `classify`.
+    let backend_id = unsafe { SERVICES.get(&frontend.with_slot(slot)) }?.backend_id;
+    // SAFETY: as above.
+    let backend = unsafe { BACKENDS.get(&backend_id) }?;
+    Some((backend_id, *backend))
 }

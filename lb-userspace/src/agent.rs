@@ -191,11 +191,17 @@ impl Agent {
         match self.reconciler.sync(&desired.services, &mut self.datapath.maps) {
             Ok(writes) => {
                 let took = started.elapsed();
-                let current = self.reconciler.current();
                 self.metrics.record_sync(took);
                 self.metrics.frontends.set(desired.services.len() as i64);
-                self.metrics.backends.set(current.backends.len() as i64);
+                self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
                 self.observe_programming_latency(&snapshot.slices);
+                if writes > 0 {
+                    match self.datapath.maps.prune_affinity(self.reconciler.current()) {
+                        Ok(0) => {}
+                        Ok(n) => debug!(entries = n, "pruned session affinity"),
+                        Err(e) => warn!("pruning session affinity: {e}"),
+                    }
+                }
                 self.health.updated();
                 // The first sync says whether adopted maps were already right.
                 if writes > 0 || !std::mem::replace(&mut self.synced_once, true) || took > Duration::from_millis(100) {

@@ -124,6 +124,9 @@ pub struct RunArgs {
     /// Size of the connection-tracking map (two entries per flow).
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES)]
     pub conntrack_max_entries: u32,
+    /// Size of the session-affinity map (one entry per client and Service port).
+    #[arg(long, default_value_t = lb_common::DEFAULT_AFFINITY_MAX_ENTRIES)]
+    pub affinity_max_entries: u32,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -2,7 +2,8 @@
 //! its maps. The only module that talks to the kernel's BPF side.
 //!
 //! Pin layout under the pin path (default /sys/fs/bpf/lb):
-//!   SERVICES, BACKENDS, CONNTRACK, COUNTERS   the maps
+//!   SERVICES, BACKENDS, CONNTRACK, AFFINITY,
+//!   COUNTERS                                  the maps
 //!   tc_from_pod                               the program
 //!   links/if_<ifindex>                        one TCX link per pod interface
 //! Pinned maps are adopted by the next agent, and pinned links keep the
@@ -24,13 +25,13 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_SERVICES, PROG_FROM_POD,
-    ServiceKey, ServiceValue, TrafficCounter, counter,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
+    MAP_COUNTERS, MAP_SERVICES, PROG_FROM_POD, ServiceKey, ServiceValue, TrafficCounter, counter,
 };
 
 use crate::{
     interfaces::Interface,
-    plan::{MapContents, MapOp},
+    plan::{MapContents, MapOp, stale_affinity},
     reconcile::MapWriter,
 };
 
@@ -64,6 +65,7 @@ pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
     pub conntrack: u32,
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -72,15 +74,17 @@ impl Default for MapSizes {
             services: lb_common::DEFAULT_SERVICES_MAX_ENTRIES,
             backends: lb_common::DEFAULT_BACKENDS_MAX_ENTRIES,
             conntrack: lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES,
+            affinity: lb_common::DEFAULT_AFFINITY_MAX_ENTRIES,
         }
     }
 }
 
-/// Handles on the four maps.
+/// Handles on the maps.
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub counters: PerCpuArray<MapData, TrafficCounter>,
 }
 
@@ -100,6 +104,7 @@ impl Maps {
             services: HashMap::try_from(take(MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
             backends: HashMap::try_from(take(MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
             conntrack: HashMap::try_from(take(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            affinity: HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
         })
     }
@@ -112,6 +117,7 @@ impl Maps {
             backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?)).map_err(map_err(MAP_BACKENDS))?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
                 .map_err(map_err(MAP_CONNTRACK))?,
+            affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?)).map_err(map_err(MAP_AFFINITY))?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))
                 .map_err(map_err(MAP_COUNTERS))?,
         })
@@ -142,6 +148,18 @@ impl Maps {
             }
         }
         Ok(totals)
+    }
+
+    /// Deletes affinity entries that no longer fit `contents` (see
+    /// `plan::stale_affinity`); returns how many.
+    pub fn prune_affinity(&mut self, contents: &MapContents) -> Result<usize, DatapathError> {
+        let entries: Vec<_> = self.affinity.iter().filter_map(Result::ok).collect();
+        let stale = stale_affinity(entries, contents);
+        for key in &stale {
+            // Gone already (LRU eviction) is as good as deleted.
+            let _ = self.affinity.remove(key);
+        }
+        Ok(stale.len())
     }
 
     pub fn conntrack_entries(&self) -> usize {
@@ -211,13 +229,14 @@ impl Datapath {
         loader
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_BACKENDS, sizes.backends)
-            .map_max_entries(MAP_CONNTRACK, sizes.conntrack);
+            .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
+            .map_max_entries(MAP_AFFINITY, sizes.affinity);
         if let Some(dir) = pin_path {
             ensure_bpffs(dir)?;
             for sub in [dir.to_owned(), dir.join("links")] {
                 fs::create_dir_all(&sub).map_err(|source| DatapathError::PinDir { path: sub.clone(), source })?;
             }
-            for name in [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS] {
+            for name in [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_AFFINITY, MAP_COUNTERS] {
                 loader.map_pin_path(name, dir.join(name));
             }
         }

@@ -17,18 +17,21 @@ pub struct ServiceRow {
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: String,
+    /// ClientIP session affinity timeout; 0 is none.
+    pub affinity_timeout_seconds: u32,
     pub backends: Vec<BackendRow>,
 }
 
 pub fn service_rows(contents: &MapContents) -> Vec<ServiceRow> {
     contents
         .services
-        .keys()
-        .filter(|k| k.slot == 0)
-        .map(|key| ServiceRow {
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(key, value)| ServiceRow {
             address: Ipv4Addr::from(key.vip),
             port: u16::from_be_bytes(key.port),
             protocol: Protocol::from_number(key.protocol).map_or_else(|| key.protocol.to_string(), |p| p.to_string()),
+            affinity_timeout_seconds: value.affinity_timeout_s,
             backends: contents
                 .slots_of(key)
                 .into_iter()
@@ -78,11 +81,15 @@ pub fn stats_table(stats: &Stats) -> String {
 }
 
 pub fn services_table(rows: &[ServiceRow]) -> String {
-    let mut out = format!("{:<26} {:>8}  {}\n", "FRONTEND", "BACKENDS", "ADDRESSES");
+    let mut out = format!("{:<26} {:>8}  {:<16} {}\n", "FRONTEND", "BACKENDS", "AFFINITY", "ADDRESSES");
     for row in rows {
         let frontend = format!("{}:{}/{}", row.address, row.port, row.protocol);
+        let affinity = match row.affinity_timeout_seconds {
+            0 => "-".to_owned(),
+            t => format!("ClientIP {t}s"),
+        };
         let addrs: Vec<String> = row.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect();
-        out += &format!("{:<26} {:>8}  {}\n", frontend, row.backends.len(), addrs.join(", "));
+        out += &format!("{:<26} {:>8}  {:<16} {}\n", frontend, row.backends.len(), affinity, addrs.join(", "));
     }
     out
 }

@@ -72,6 +72,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             services: args.services_max_entries,
             backends: args.backends_max_entries,
             conntrack: args.conntrack_max_entries,
+            affinity: args.affinity_max_entries,
         },
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(config))

@@ -97,7 +97,13 @@ pub struct ServicePort {
     pub name: String,
     pub frontend: Frontend,
     pub backends: BTreeSet<SocketAddrV4>,
+    /// Session affinity (ClientIP) timeout in seconds; 0 is none.
+    pub affinity_timeout_s: u32,
 }
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
 /// Names a Kubernetes object, the way a user would look for it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -222,6 +228,10 @@ pub fn desired_state<'a>(
             continue;
         };
         let ports = service_ports(spec, &mut |field, message| fail(&mut errors, field, message));
+        let Some(affinity_timeout_s) = session_affinity(spec, &mut |field, message| fail(&mut errors, field, message))
+        else {
+            continue;
+        };
         let key = (object.namespace.clone(), object.name.clone());
         let slice_ports = endpoints.get(&key).map(Vec::as_slice).unwrap_or_default();
 
@@ -243,6 +253,7 @@ pub fn desired_state<'a>(
                         name: format!("{}/{}:{}", object.namespace, object.name, port.name),
                         frontend,
                         backends: backends.clone(),
+                        affinity_timeout_s,
                     },
                 );
             }
@@ -278,6 +289,36 @@ fn cluster_ips(
         }
     }
     (!addrs.is_empty()).then_some(addrs)
+}
+
+/// The ClientIP affinity timeout in seconds (0 for none); `None` when the
+/// fields are invalid, which costs the Service, as the API server would
+/// have refused it.
+fn session_affinity(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    fail: &mut impl FnMut(String, String),
+) -> Option<u32> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Some(0),
+        Some("ClientIP") => {
+            let config = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref());
+            match config.and_then(|c| c.timeout_seconds) {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t @ 1..=MAX_AFFINITY_TIMEOUT_S) => Some(t as u32),
+                Some(t) => {
+                    fail(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!("{t} is not within 1-{MAX_AFFINITY_TIMEOUT_S}"),
+                    );
+                    None
+                }
+            }
+        }
+        Some(other) => {
+            fail("spec.sessionAffinity".into(), format!("{other:?} is not None or ClientIP"));
+            None
+        }
+    }
 }
 
 fn service_ports(
@@ -563,6 +604,27 @@ endpoints: [{addresses: [10.0.0.1]}]
         let frontends: Vec<String> = state.services.iter().map(|s| s.frontend.to_string()).collect();
         assert_eq!(frontends, ["10.96.0.2:80/TCP", "10.96.0.3:80/TCP"]);
         assert!(backends(&state, "10.96.0.3:80/TCP").is_empty(), "headless slice ignored");
+    }
+
+    #[test]
+    fn session_affinity_is_read_with_kubernetes_defaults_and_limits() {
+        let service = |name: &str, ip: &str, affinity: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]{affinity}}}\n---\n")
+        };
+        let state = desired(&[
+            service("none", "10.96.0.1", ""),
+            service("default", "10.96.0.2", ", sessionAffinity: ClientIP"),
+            service("short", "10.96.0.3", ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}"),
+            service("too-long", "10.96.0.4", ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}"),
+            service("odd", "10.96.0.5", ", sessionAffinity: Cookie"),
+        ].concat());
+        let timeouts: Vec<(String, u32)> = state.services.iter().map(|s| (s.frontend.to_string(), s.affinity_timeout_s)).collect();
+        assert_eq!(
+            timeouts,
+            [("10.96.0.1:80/TCP".into(), 0), ("10.96.0.2:80/TCP".into(), 10_800), ("10.96.0.3:80/TCP".into(), 30)]
+        );
+        let fields: Vec<&str> = state.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.sessionAffinity", "spec.sessionAffinityConfig.clientIP.timeoutSeconds"]);
     }
 
     #[test]

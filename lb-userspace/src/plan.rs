@@ -10,7 +10,7 @@ use std::{
     net::SocketAddrV4,
 };
 
-use lb_common::{Backend, ServiceKey, ServiceValue};
+use lb_common::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue};
 
 use crate::model::ServicePort;
 
@@ -99,12 +99,33 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents) -> MapCon
             wanted_ids.insert(id);
         }
         let slots = assign_slots(&current.slots_of(&frontend), &wanted_ids);
-        target.services.insert(frontend, ServiceValue::frontend(slots.len() as u16));
+        target.services.insert(frontend, ServiceValue::frontend(slots.len() as u16, service.affinity_timeout_s));
         for (i, id) in slots.iter().enumerate() {
             target.services.insert(frontend.with_slot(i as u16 + 1), ServiceValue::slot(*id));
         }
     }
     target
+}
+
+/// Affinity entries to delete: their frontend is gone or has no affinity
+/// any more, or their backend is no longer one of the frontend's. (The
+/// kernel also checks that the backend still exists, but a backend of
+/// several services outlives its removal from one of them.)
+pub fn stale_affinity(
+    entries: impl IntoIterator<Item = (AffinityKey, AffinityValue)>,
+    contents: &MapContents,
+) -> Vec<AffinityKey> {
+    let mut members: BTreeMap<ServiceKey, BTreeSet<u32>> = BTreeMap::new();
+    entries
+        .into_iter()
+        .filter(|(key, value)| {
+            let frontend = key.frontend();
+            let with_affinity = contents.services.get(&frontend).is_some_and(|v| v.affinity_timeout_s != 0);
+            let backends = members.entry(frontend).or_insert_with(|| contents.slots_of(&frontend).into_iter().collect());
+            !with_affinity || !backends.contains(&value.backend_id)
+        })
+        .map(|(key, _)| key)
+        .collect()
 }
 
 /// Slot order for `wanted`: a backend keeps its slot when that slot still
@@ -162,6 +183,7 @@ mod tests {
             name: format!("svc-{vip}"),
             frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip), port: 80, protocol: Protocol::Tcp },
             backends: backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, *b), 8080)).collect(),
+            affinity_timeout_s: 0,
         }
     }
 
@@ -253,6 +275,21 @@ mod tests {
         let (after, _) = sync(&maps, &[service(1, &[9])]);
         let new_id = *after.backends.keys().next().unwrap();
         assert!(!maps.backends.contains_key(&new_id));
+    }
+
+    #[test]
+    fn affinity_entries_go_when_their_backend_leaves_the_service_or_affinity_is_off() {
+        let with_affinity = |vip, backends: &[u8]| ServicePort { affinity_timeout_s: 60, ..service(vip, backends) };
+        let (maps, _) = sync(&MapContents::default(), &[with_affinity(1, &[1, 2]), service(2, &[1])]);
+        let id_of = |octet: u8| *maps.backends.iter().find(|(_, b)| b.addr[3] == octet).unwrap().0;
+        let entry = |vip: u8, client: u8, backend: u8| {
+            let key = AffinityKey { vip: [10, 96, 0, vip], client: [10, 1, 0, client], port: 80u16.to_be_bytes(), protocol: 6, _pad: 0 };
+            (key, AffinityValue { last_used_ns: 1, backend_id: id_of(backend), _pad: [0; 4] })
+        };
+        let (keep, gone_backend, no_affinity) = (entry(1, 1, 1), entry(1, 2, 2), entry(2, 3, 1));
+        let (after, _) = sync(&maps, &[with_affinity(1, &[1]), service(2, &[1])]);
+        let stale = stale_affinity([keep, gone_backend, no_affinity], &after);
+        assert_eq!(stale, [gone_backend.0, no_affinity.0]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey, counter};
+use lb_common::{AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey, counter};
 use lb_tests::packet::{self, ACK, SYN, Seen, Spec};
 use lb_userspace::{
     datapath::{Datapath, MapSizes},
@@ -26,6 +26,7 @@ fn service(vip_port: u16, protocol: Protocol, backends: &[[u8; 4]]) -> ServicePo
         name: "test".into(),
         frontend: Frontend { addr: Ipv4Addr::from(VIP), port: vip_port, protocol },
         backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
+        affinity_timeout_s: 0,
     }
 }
 
@@ -206,4 +207,70 @@ fn a_syn_on_a_stale_entry_picks_among_the_current_backends() {
     reconciler.sync(&[service(80, Protocol::Tcp, &[new])], &mut h.datapath.maps).unwrap();
     assert_eq!(h.run_spec(&flow(SYN)).1.dst, addr(new, 8080));
     assert_eq!(h.run_spec(&flow(ACK)).1.dst, addr(new, 8080));
+}
+
+/// Now on the clock bpf_ktime_get_ns reads (CLOCK_MONOTONIC).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+const BACKENDS3: [[u8; 4]; 3] = [[10, 244, 0, 11], [10, 244, 0, 12], [10, 244, 0, 13]];
+
+fn affinity_service(timeout_s: u32) -> ServicePort {
+    ServicePort { affinity_timeout_s: timeout_s, ..service(80, Protocol::Tcp, &BACKENDS3) }
+}
+
+#[test]
+fn session_affinity_keeps_each_client_on_one_backend() {
+    let mut h = Harness::new(&[affinity_service(60)]);
+    for client in 1..=10u8 {
+        let source = [10, 244, 1, client];
+        let first = h.run_spec(&Spec::tcp(addr(source, 40000), addr(VIP, 80), SYN)).1.dst;
+        for port in 40001..40020u16 {
+            let (verdict, seen) = h.run_spec(&Spec::tcp(addr(source, port), addr(VIP, 80), SYN));
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(seen.dst, first, "client {client} moved on a new connection");
+        }
+    }
+    let key = AffinityKey { vip: VIP, client: [10, 244, 1, 1], port: 80u16.to_be_bytes(), protocol: packet::TCP, _pad: 0 };
+    let entry = h.datapath.maps.affinity.get(&key, 0).expect("affinity entry");
+    assert!(monotonic_ns() - entry.last_used_ns < 5_000_000_000, "timestamp is kernel monotonic time");
+}
+
+#[test]
+fn fresh_affinity_is_followed_and_expired_affinity_is_not() {
+    let mut h = Harness::new(&[affinity_service(1)]);
+    let id_of = |h: &Harness, a: [u8; 4]| {
+        h.datapath.maps.backends.iter().filter_map(Result::ok).find(|(_, b)| b.addr == a).unwrap().0
+    };
+    let first = id_of(&h, BACKENDS3[0]);
+    let seed = |h: &mut Harness, client: u8, last_used_ns: u64| {
+        let key = AffinityKey { vip: VIP, client: [10, 244, 2, client], port: 80u16.to_be_bytes(), protocol: packet::TCP, _pad: 0 };
+        h.datapath.maps.affinity.insert(key, AffinityValue { last_used_ns, backend_id: first, _pad: [0; 4] }, 0).unwrap();
+    };
+    let now = monotonic_ns();
+    let mut expired_went_elsewhere = false;
+    for client in 1..=30u8 {
+        seed(&mut h, client, now);
+        seed(&mut h, client + 100, now - 2_000_000_000);
+        let fresh = h.run_spec(&Spec::tcp(addr([10, 244, 2, client], 40000), addr(VIP, 80), SYN)).1;
+        assert_eq!(fresh.dst, addr(BACKENDS3[0], 8080), "a fresh entry is followed");
+        let expired = h.run_spec(&Spec::tcp(addr([10, 244, 2, client + 100], 40000), addr(VIP, 80), SYN)).1;
+        expired_went_elsewhere |= expired.dst != addr(BACKENDS3[0], 8080);
+    }
+    assert!(expired_went_elsewhere, "30 expired entries were all followed");
+}
+
+#[test]
+fn without_affinity_the_affinity_map_is_neither_read_nor_written() {
+    let mut h = Harness::new(&[affinity_service(0)]);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 40000..40030u16 {
+        seen.insert(h.run_spec(&Spec::tcp(addr(CLIENT, port), addr(VIP, 80), SYN)).1.dst);
+    }
+    assert!(seen.len() > 1);
+    assert_eq!(h.datapath.maps.affinity.keys().count(), 0);
 }

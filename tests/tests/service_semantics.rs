@@ -1,0 +1,82 @@
+//! Service behaviours beyond plain ClusterIP, end to end with the real agent
+//! (dir source) in the routed netns topology. Needs root.
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use lb_tests::{
+    agent::{Agent, TempDir},
+    netns::{Cluster, Netns, Topology},
+    pods::{PodServer, TCP_PORT, tcp_ask},
+};
+
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 20), 80);
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn service(affinity: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: sticky}}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{{name: http, port: 80}}]\n{affinity}")
+}
+
+fn slice(backends: &[(&str, Ipv4Addr)]) -> String {
+    let endpoints: String = backends.iter().map(|(n, ip)| format!("- addresses: [{ip}]\n  targetRef: {{kind: Pod, name: {n}}}\n")).collect();
+    format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sticky-1, labels: {{kubernetes.io/service-name: sticky}}}}\naddressType: IPv4\nports: [{{name: http, port: {TCP_PORT}}}]\nendpoints:\n{endpoints}")
+}
+
+fn wait_for_affinity(agent: &mut Agent, timeout_s: u32, backends: usize) {
+    agent
+        .wait_for_maps(&format!("affinity {timeout_s}s, {backends} backends"), |c| {
+            c.services.iter().any(|(k, v)| k.slot == 0 && v.affinity_timeout_s == timeout_s && v.backend_count as usize == backends)
+        })
+        .unwrap();
+}
+
+fn reached(client: &Netns, connections: usize) -> BTreeSet<String> {
+    client.enter(|| (0..connections).map(|_| tcp_ask(VIP)).collect::<Result<_, _>>()).unwrap()
+}
+
+#[test]
+fn session_affinity_holds_and_can_be_switched_at_run_time() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
+    let client = &cluster.pod("client").netns;
+    let manifests = TempDir::new("lb-affinity").unwrap();
+    let on = |timeout: u32| format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n");
+    write(&manifests.0, "service.yaml", &service(&on(60)));
+    write(&manifests.0, "slice.yaml", &slice(&pods));
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    wait_for_affinity(&mut agent, 60, 3);
+    agent.wait_for_attachments(4).unwrap();
+
+    let sticky = reached(client, 20);
+    assert_eq!(sticky.len(), 1, "20 connections with ClientIP affinity reached {sticky:?}");
+
+    // Off: connections spread again.
+    write(&manifests.0, "service.yaml", &service(""));
+    wait_for_affinity(&mut agent, 0, 3);
+    assert!(reached(client, 30).len() > 1);
+
+    // On again; then the remembered backend leaves the Service: the client
+    // gets another backend and sticks to that one.
+    write(&manifests.0, "service.yaml", &service(&on(30)));
+    wait_for_affinity(&mut agent, 30, 3);
+    let sticky = reached(client, 10);
+    assert_eq!(sticky.len(), 1);
+    let remembered = sticky.into_iter().next().unwrap();
+    let rest: Vec<(&str, Ipv4Addr)> = pods.iter().copied().filter(|(n, _)| *n != remembered).collect();
+    write(&manifests.0, "slice.yaml", &slice(&rest));
+    wait_for_affinity(&mut agent, 30, 2);
+    let after = reached(client, 10);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(!after.contains(&remembered));
+    let lb_services = agent.cli("services", &[]).unwrap();
+    assert!(lb_services.contains("ClientIP 30s"), "{lb_services}");
+}
