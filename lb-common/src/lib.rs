@@ -19,6 +19,10 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 /// COUNTERS: `Counter` index (`u32`) → `TrafficCounter`, per CPU. Written by
 /// tc, read by the agent.
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// SERVICE_ADDRS: service address (`[u8; 4]`) → number of frontends on it.
+/// Written by the agent, read by tc: a packet to a service address on a
+/// port no Service defines is dropped, not routed on.
+pub const MAP_SERVICE_ADDRS: &str = "SERVICE_ADDRS";
 /// AFFINITY: `AffinityKey` → `AffinityValue`, LRU. Session affinity
 /// (ClientIP): written and read by tc on new flows; the agent deletes
 /// entries whose backend left the service.
@@ -172,12 +176,14 @@ pub mod counter {
     pub const PASS: u32 = 3;
     /// Not IPv4 TCP/UDP, a non-first fragment, or too short to parse: passed untouched.
     pub const PASS_UNPARSED: u32 = 4;
-    /// For a service with no ready backend: dropped.
-    pub const DROP_NO_BACKEND: u32 = 5;
+    /// For a service with no ready backend: answered with ICMP port unreachable.
+    pub const REJECT_NO_BACKEND: u32 = 5;
     /// Rewriting the packet failed in the kernel: dropped.
     pub const DROP_REWRITE_FAILED: u32 = 6;
+    /// For a service address on a port no Service defines: dropped.
+    pub const DROP_UNKNOWN_PORT: u32 = 7;
 
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 
     /// Names for inspection and metrics, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -186,8 +192,9 @@ pub mod counter {
         "reverse_nat",
         "pass",
         "pass_unparsed",
-        "drop_no_backend",
+        "reject_no_backend",
         "drop_rewrite_failed",
+        "drop_unknown_port",
     ];
 }
 

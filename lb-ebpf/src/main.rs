@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod icmp;
 mod maps;
 mod nat;
 mod parse;

@@ -23,6 +23,9 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_MAX_ENTRIES
     LruHashMap::new();
 
 #[btf_map]
+pub static SERVICE_ADDRS: HashMap<[u8; 4], u32, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
+
+#[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 

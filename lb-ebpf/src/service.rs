@@ -6,7 +6,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICE_ADDRS, SERVICES},
     parse::Packet,
 };
 
@@ -20,8 +20,10 @@ pub enum Verdict {
     ReverseNat([u8; 4], [u8; 2]),
     /// Not for a service.
     Pass,
-    /// For a service without a ready backend.
+    /// For a service without a ready backend: refuse the connection.
     NoBackend,
+    /// For a service address on a port no Service defines.
+    UnknownPort,
 }
 
 #[inline(always)]
@@ -57,7 +59,11 @@ pub fn classify(packet: &Packet) -> Verdict {
     let frontend = ServiceKey::new(packet.daddr, packet.dport, packet.protocol, 0);
     // SAFETY: as above.
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
-        return Verdict::Pass;
+        // SAFETY: as above.
+        return match unsafe { SERVICE_ADDRS.get(&packet.daddr) } {
+            Some(_) => Verdict::UnknownPort,
+            None => Verdict::Pass,
+        };
     };
     let (count, affinity_timeout_s) = (service.backend_count, service.affinity_timeout_s);
     if count == 0 {

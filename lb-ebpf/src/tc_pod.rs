@@ -10,6 +10,7 @@ use lb_common::counter;
 
 use crate::{
     maps::count,
+    icmp,
     nat::{self, End},
     parse::{self, MAX_HEADERS_LEN, Packet, Unparsed},
     service::{self, Verdict},
@@ -62,6 +63,7 @@ fn try_tc_from_pod(ctx: &TcContext) -> Result<(u32, i32), i64> {
             Ok((counter::REVERSE_NAT, ok))
         }
         Verdict::Pass => Ok((counter::PASS, ok)),
-        Verdict::NoBackend => Ok((counter::DROP_NO_BACKEND, TC_ACT_SHOT as i32)),
+        Verdict::NoBackend => Ok((counter::REJECT_NO_BACKEND, icmp::reply_port_unreachable(ctx, &packet)?)),
+        Verdict::UnknownPort => Ok((counter::DROP_UNKNOWN_PORT, TC_ACT_SHOT as i32)),
     }
 }

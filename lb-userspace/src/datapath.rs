@@ -2,8 +2,8 @@
 //! its maps. The only module that talks to the kernel's BPF side.
 //!
 //! Pin layout under the pin path (default /sys/fs/bpf/lb):
-//!   SERVICES, BACKENDS, CONNTRACK, AFFINITY,
-//!   COUNTERS                                  the maps
+//!   SERVICES, BACKENDS, SERVICE_ADDRS,
+//!   CONNTRACK, AFFINITY, COUNTERS             the maps
 //!   tc_from_pod                               the program
 //!   links/if_<ifindex>                        one TCX link per pod interface
 //! Pinned maps are adopted by the next agent, and pinned links keep the
@@ -26,7 +26,8 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_COUNTERS, MAP_SERVICES, PROG_FROM_POD, ServiceKey, ServiceValue, TrafficCounter, counter,
+    MAP_COUNTERS, MAP_SERVICE_ADDRS, MAP_SERVICES, PROG_FROM_POD, ServiceKey, ServiceValue, TrafficCounter,
+    counter,
 };
 
 use crate::{
@@ -83,6 +84,7 @@ impl Default for MapSizes {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
+    pub service_addrs: HashMap<MapData, [u8; 4], u32>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub counters: PerCpuArray<MapData, TrafficCounter>,
@@ -103,6 +105,7 @@ impl Maps {
         Ok(Self {
             services: HashMap::try_from(take(MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
             backends: HashMap::try_from(take(MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
+            service_addrs: HashMap::try_from(take(MAP_SERVICE_ADDRS)?).map_err(map_err(MAP_SERVICE_ADDRS))?,
             conntrack: HashMap::try_from(take(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
@@ -115,6 +118,8 @@ impl Maps {
         Ok(Self {
             services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?)).map_err(map_err(MAP_SERVICES))?,
             backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?)).map_err(map_err(MAP_BACKENDS))?,
+            service_addrs: HashMap::try_from(Map::HashMap(open(MAP_SERVICE_ADDRS)?))
+                .map_err(map_err(MAP_SERVICE_ADDRS))?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
                 .map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?)).map_err(map_err(MAP_AFFINITY))?,
@@ -133,6 +138,10 @@ impl Maps {
         for entry in self.backends.iter() {
             let (k, v) = entry.map_err(map_err(MAP_BACKENDS))?;
             contents.backends.insert(k, v);
+        }
+        for entry in self.service_addrs.iter() {
+            let (k, v) = entry.map_err(map_err(MAP_SERVICE_ADDRS))?;
+            contents.addrs.insert(k, v);
         }
         Ok(contents)
     }
@@ -176,6 +185,8 @@ impl MapWriter for Maps {
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),
             MapOp::DeleteService(key) => self.services.remove(key),
             MapOp::DeleteBackend(id) => self.backends.remove(id),
+            MapOp::PutAddr(addr, frontends) => self.service_addrs.insert(addr, frontends, 0),
+            MapOp::DeleteAddr(addr) => self.service_addrs.remove(addr),
         }
     }
 }
@@ -228,6 +239,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_SERVICES, sizes.services)
+            .map_max_entries(MAP_SERVICE_ADDRS, sizes.services)
             .map_max_entries(MAP_BACKENDS, sizes.backends)
             .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
             .map_max_entries(MAP_AFFINITY, sizes.affinity);
@@ -236,7 +248,7 @@ impl Datapath {
             for sub in [dir.to_owned(), dir.join("links")] {
                 fs::create_dir_all(&sub).map_err(|source| DatapathError::PinDir { path: sub.clone(), source })?;
             }
-            for name in [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_AFFINITY, MAP_COUNTERS] {
+            for name in [MAP_SERVICES, MAP_BACKENDS, MAP_SERVICE_ADDRS, MAP_CONNTRACK, MAP_AFFINITY, MAP_COUNTERS] {
                 loader.map_pin_path(name, dir.join(name));
             }
         }

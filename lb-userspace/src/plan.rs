@@ -4,7 +4,9 @@
 //! Pure code. The order of the writes is what keeps packets from seeing half
 //! a service: backends exist before a slot names them, slots exist before
 //! the frontend's count covers them, and a frontend shrinks or goes away
-//! before the slots and backends it no longer covers are deleted.
+//! before the slots and backends it no longer covers are deleted. A service
+//! address is listed once its frontends exist, so no port of it is dropped
+//! as unknown while its Service is being added.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddrV4,
@@ -14,11 +16,13 @@ use lb_common::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue};
 
 use crate::model::ServicePort;
 
-/// The exact contents of the SERVICES and BACKENDS maps.
+/// The exact contents of the SERVICES, BACKENDS and SERVICE_ADDRS maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    /// Service addresses and how many frontends each has.
+    pub addrs: BTreeMap<[u8; 4], u32>,
 }
 
 /// One map write.
@@ -28,6 +32,8 @@ pub enum MapOp {
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
     DeleteBackend(u32),
+    PutAddr([u8; 4], u32),
+    DeleteAddr([u8; 4]),
 }
 
 impl MapContents {
@@ -44,6 +50,12 @@ impl MapContents {
             }
             MapOp::DeleteBackend(id) => {
                 self.backends.remove(id);
+            }
+            MapOp::PutAddr(addr, frontends) => {
+                self.addrs.insert(*addr, *frontends);
+            }
+            MapOp::DeleteAddr(addr) => {
+                self.addrs.remove(addr);
             }
         }
     }
@@ -98,6 +110,7 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents) -> MapCon
             target.backends.insert(id, *backend);
             wanted_ids.insert(id);
         }
+        *target.addrs.entry(frontend.vip).or_default() += 1;
         let slots = assign_slots(&current.slots_of(&frontend), &wanted_ids);
         target.services.insert(frontend, ServiceValue::frontend(slots.len() as u16, service.affinity_timeout_s));
         for (i, id) in slots.iter().enumerate() {
@@ -162,6 +175,12 @@ pub fn plan(current: &MapContents, target: &MapContents) -> Vec<MapOp> {
             ops.push(MapOp::PutService(*k, *v));
         }
     }
+    for (addr, frontends) in &target.addrs {
+        if current.addrs.get(addr) != Some(frontends) {
+            ops.push(MapOp::PutAddr(*addr, *frontends));
+        }
+    }
+    ops.extend(current.addrs.keys().filter(|a| !target.addrs.contains_key(*a)).map(|a| MapOp::DeleteAddr(*a)));
     let gone = |k: &&ServiceKey| !target.services.contains_key(k);
     ops.extend(current.services.keys().filter(|k| k.slot == 0).filter(gone).map(|k| MapOp::DeleteService(*k)));
     ops.extend(current.services.keys().filter(|k| k.slot != 0).filter(gone).map(|k| MapOp::DeleteService(*k)));
@@ -187,8 +206,12 @@ mod tests {
         }
     }
 
-    /// Every frontend's slots exist and name existing backends.
+    /// Every frontend's slots exist and name existing backends, and a listed
+    /// service address has its frontends.
     fn assert_whole(contents: &MapContents, after: &str) {
+        for addr in contents.addrs.keys() {
+            assert!(contents.services.keys().any(|k| k.vip == *addr), "after {after}: address without frontends");
+        }
         for (key, value) in contents.services.iter().filter(|(k, _)| k.slot == 0) {
             for slot in 1..=value.backend_count {
                 let slot_value = contents.services.get(&key.with_slot(slot));
@@ -257,6 +280,7 @@ mod tests {
                 MapOp::PutService(..) => "put-slot",
                 MapOp::DeleteService(..) => "delete-slot",
                 MapOp::DeleteBackend(..) => "delete-backend",
+                MapOp::PutAddr(..) | MapOp::DeleteAddr(..) => "addr",
             })
             .collect();
         assert_eq!(kinds, ["put-slot", "put-frontend", "delete-slot", "delete-backend"]);

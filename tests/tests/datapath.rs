@@ -13,6 +13,7 @@ use lb_userspace::{
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 fn addr(a: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(a), port)
@@ -131,15 +132,26 @@ fn later_packets_of_a_flow_keep_their_backend() {
 fn packets_not_for_a_service_pass_untouched() {
     let mut h = Harness::new(&[service(80, Protocol::Tcp, &[[10, 244, 0, 11]])]);
     for spec in [
-        Spec::tcp(addr(CLIENT, 40000), addr([10, 244, 0, 99], 80), SYN), // other address
-        Spec::tcp(addr(CLIENT, 40000), addr(VIP, 81), SYN),              // other port
-        Spec::udp(addr(CLIENT, 40000), addr(VIP, 80)),                   // other protocol
+        Spec::tcp(addr(CLIENT, 40000), addr([10, 244, 0, 99], 80), SYN),
+        Spec::udp(addr(CLIENT, 40000), addr([10, 244, 0, 99], 53)),
     ] {
         let frame = packet::build(&spec);
         let (verdict, out) = h.run(&frame);
         assert_eq!((verdict, &out), (TC_ACT_OK, &frame), "{spec:?}");
     }
-    assert_eq!(h.counter(counter::PASS), 3);
+    assert_eq!(h.counter(counter::PASS), 2);
+}
+
+#[test]
+fn ports_and_protocols_a_service_address_does_not_define_are_dropped() {
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[[10, 244, 0, 11]])]);
+    for spec in [
+        Spec::tcp(addr(CLIENT, 40000), addr(VIP, 81), SYN),
+        Spec::udp(addr(CLIENT, 40000), addr(VIP, 80)),
+    ] {
+        assert_eq!(h.run(&packet::build(&spec)).0, TC_ACT_SHOT, "{spec:?}");
+    }
+    assert_eq!(h.counter(counter::DROP_UNKNOWN_PORT), 2);
 }
 
 #[test]
@@ -188,12 +200,33 @@ fn ip_options_shift_the_l4_header_and_are_handled() {
     assert_checksums(&seen);
 }
 
+fn ones_complement_ok(bytes: &[u8]) -> bool {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
 #[test]
-fn a_service_without_ready_backends_drops_and_counts() {
-    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[])]);
-    let (verdict, _) = h.run(&packet::build(&Spec::tcp(addr(CLIENT, 40000), addr(VIP, 80), SYN)));
-    assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(h.counter(counter::DROP_NO_BACKEND), 1);
+fn a_service_without_ready_backends_answers_icmp_port_unreachable() {
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[]), service(53, Protocol::Udp, &[])]);
+    for spec in [Spec::tcp(addr(CLIENT, 40000), addr(VIP, 80), SYN), Spec::udp(addr(CLIENT, 50000), addr(VIP, 53))] {
+        let request = packet::build(&spec);
+        let (verdict, reply) = h.run(&request);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out the interface it came in on");
+        assert_eq!(reply.len(), 14 + 20 + 8 + 28);
+        assert_eq!((&reply[..6], &reply[6..12]), (&request[6..12], &request[..6]), "MACs swapped");
+        let ip = &reply[14..34];
+        assert_eq!((ip[0], ip[9]), (0x45, 1), "IPv4, ICMP");
+        assert_eq!((&ip[12..16], &ip[16..20]), (&VIP[..], &CLIENT[..]), "from the service address to the client");
+        assert!(ones_complement_ok(ip), "IPv4 checksum");
+        let icmp = &reply[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "destination unreachable, port unreachable");
+        assert!(ones_complement_ok(icmp), "ICMP checksum");
+        assert_eq!(&icmp[8..], &request[14..14 + 28], "quotes the request's IP header and first 8 bytes");
+    }
+    assert_eq!(h.counter(counter::REJECT_NO_BACKEND), 2);
 }
 
 #[test]

@@ -80,3 +80,47 @@ fn session_affinity_holds_and_can_be_switched_at_run_time() {
     let lb_services = agent.cli("services", &[]).unwrap();
     assert!(lb_services.contains("ClientIP 30s"), "{lb_services}");
 }
+
+#[test]
+fn a_service_without_endpoints_refuses_at_once_and_undefined_ports_get_no_answer() {
+    let cluster = Cluster::new(Topology::Routed, &["client"]).unwrap();
+    let manifests = TempDir::new("lb-reject").unwrap();
+    write(
+        &manifests.0,
+        "empty.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.30\n  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]\n",
+    );
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    agent.wait_for_maps("the empty service", |c| c.frontends().count() == 2).unwrap();
+    agent.wait_for_attachments(1).unwrap();
+    let client = &cluster.pod("client").netns;
+    let empty = |port| std::net::SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 30), port));
+
+    client.enter(|| {
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let error = std::net::TcpStream::connect_timeout(&empty(80), std::time::Duration::from_secs(3)).unwrap_err();
+            let took = started.elapsed();
+            assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+            assert!(took < std::time::Duration::from_millis(100), "refused after {took:?}");
+        }
+
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        udp.connect(empty(53)).unwrap();
+        udp.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        udp.send(b"anyone?").unwrap();
+        let error = udp.recv(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+
+        // A port the Service does not define: no answer at all.
+        let error = std::net::TcpStream::connect_timeout(&empty(8080), std::time::Duration::from_millis(500)).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+    });
+    let stats = agent.cli("stats", &["-o", "json"]).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let packets = |verdict: &str| {
+        stats["verdicts"].as_array().unwrap().iter().find(|r| r["verdict"] == verdict).unwrap()["packets"].as_u64().unwrap()
+    };
+    assert_eq!(packets("reject_no_backend"), 6);
+    assert!(packets("drop_unknown_port") >= 1);
+}
