@@ -189,12 +189,17 @@ impl Agent {
         self.reported = reported;
 
         match self.reconciler.sync(&desired.services, &mut self.datapath.maps) {
-            Ok(writes) => {
+            Ok(outcome) => {
+                let writes = outcome.writes;
                 let took = started.elapsed();
                 self.metrics.record_sync(took);
                 self.metrics.frontends.set(desired.services.len() as i64);
                 self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
                 self.observe_programming_latency(&snapshot.slices);
+                if !outcome.lost_udp_backends.is_empty() {
+                    let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
+                    debug!(flows, "forgot UDP flows of removed backends");
+                }
                 if writes > 0 {
                     match self.datapath.maps.prune_affinity(self.reconciler.current()) {
                         Ok(0) => {}

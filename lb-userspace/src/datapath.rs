@@ -171,6 +171,32 @@ impl Maps {
         Ok(stale.len())
     }
 
+    /// Deletes the conntrack entries (both directions) of UDP flows to
+    /// `lost` (frontend, backend) pairs, so their next packet picks a live
+    /// backend; returns how many flows.
+    pub fn forget_udp_flows(&mut self, lost: &std::collections::BTreeSet<(ServiceKey, Backend)>) -> usize {
+        let flows: Vec<(CtKey, CtValue)> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| {
+                key.protocol == lb_common::PROTO_UDP
+                    && value.direction == lb_common::CT_DIRECTION_DNAT
+                    && lost.contains(&(
+                        ServiceKey::new(key.daddr, key.dport, key.protocol, 0),
+                        Backend::new(value.nat_addr, value.nat_port),
+                    ))
+            })
+            .collect();
+        for (key, value) in &flows {
+            let reply = CtKey { saddr: value.nat_addr, sport: value.nat_port, daddr: key.saddr, dport: key.sport, ..*key };
+            // Already gone (LRU eviction) is as good as deleted.
+            let _ = self.conntrack.remove(key);
+            let _ = self.conntrack.remove(&reply);
+        }
+        flows.len()
+    }
+
     pub fn conntrack_entries(&self) -> usize {
         self.conntrack.keys().filter(Result::is_ok).count()
     }

@@ -120,6 +120,22 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents) -> MapCon
     target
 }
 
+/// UDP backends that leave a frontend, or whose frontend goes. Their
+/// conntrack entries must go too, or the flows keep going to a backend that
+/// is no longer there (kube-proxy clears UDP conntrack for the same reason;
+/// TCP flows keep their backend until they end).
+pub fn lost_udp_backends(current: &MapContents, target: &MapContents) -> BTreeSet<(ServiceKey, Backend)> {
+    let backends_of = |contents: &MapContents, frontend: &ServiceKey| -> BTreeSet<Backend> {
+        contents.slots_of(frontend).iter().filter_map(|id| contents.backends.get(id)).copied().collect()
+    };
+    let mut lost = BTreeSet::new();
+    for frontend in current.services.keys().filter(|k| k.slot == 0 && k.protocol == lb_common::PROTO_UDP) {
+        let after = backends_of(target, frontend);
+        lost.extend(backends_of(current, frontend).difference(&after).map(|b| (*frontend, *b)));
+    }
+    lost
+}
+
 /// Affinity entries to delete: their frontend is gone or has no affinity
 /// any more, or their backend is no longer one of the frontend's. (The
 /// kernel also checks that the backend still exists, but a backend of
@@ -314,6 +330,19 @@ mod tests {
         let (after, _) = sync(&maps, &[with_affinity(1, &[1]), service(2, &[1])]);
         let stale = stale_affinity([keep, gone_backend, no_affinity], &after);
         assert_eq!(stale, [gone_backend.0, no_affinity.0]);
+    }
+
+    #[test]
+    fn udp_backends_leaving_a_frontend_are_reported_and_tcp_ones_are_not() {
+        let udp = |vip, backends: &[u8]| ServicePort {
+            frontend: Frontend { protocol: Protocol::Udp, ..service(vip, backends).frontend },
+            ..service(vip, backends)
+        };
+        let (before, _) = sync(&MapContents::default(), &[udp(1, &[1, 2]), udp(2, &[3]), service(3, &[4])]);
+        let target = target_contents(&[udp(1, &[2]), service(3, &[])], &before);
+        let lost: Vec<(u8, u8)> =
+            lost_udp_backends(&before, &target).iter().map(|(f, b)| (f.vip[3], b.addr[3])).collect();
+        assert_eq!(lost, [(1, 1), (2, 3)], "a removed backend, and the backend of a deleted frontend");
     }
 
     #[test]

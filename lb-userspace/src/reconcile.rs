@@ -1,7 +1,11 @@
 //! Applies desired services to the maps through one narrow interface.
+use std::collections::BTreeSet;
+
+use lb_common::{Backend, ServiceKey};
+
 use crate::{
     model::ServicePort,
-    plan::{MapContents, MapOp, plan, target_contents},
+    plan::{MapContents, MapOp, lost_udp_backends, plan, target_contents},
 };
 
 /// Where map writes go: the real maps, or a fake in tests.
@@ -20,6 +24,14 @@ pub struct SyncError<E: std::error::Error + 'static> {
     pub source: E,
 }
 
+/// What a sync did.
+#[derive(Debug, Default)]
+pub struct SyncOutcome {
+    pub writes: usize,
+    /// UDP backends that left a frontend: their flows must be forgotten.
+    pub lost_udp_backends: BTreeSet<(ServiceKey, Backend)>,
+}
+
 /// Keeps a copy of what the maps hold, so a sync writes only the difference.
 pub struct Reconciler {
     current: MapContents,
@@ -35,16 +47,17 @@ impl Reconciler {
         &self.current
     }
 
-    /// Writes what differs between the maps and `desired`; returns the number
-    /// of writes. On a failed write, the writes before it stay (each prefix
-    /// of the plan is consistent) and the next sync carries on from there.
-    pub fn sync<W: MapWriter>(&mut self, desired: &[ServicePort], maps: &mut W) -> Result<usize, SyncError<W::Error>> {
+    /// Writes what differs between the maps and `desired`. On a failed
+    /// write, the writes before it stay (each prefix of the plan is
+    /// consistent) and the next sync carries on from there.
+    pub fn sync<W: MapWriter>(&mut self, desired: &[ServicePort], maps: &mut W) -> Result<SyncOutcome, SyncError<W::Error>> {
         let target = target_contents(desired, &self.current);
         let ops = plan(&self.current, &target);
+        let lost_udp_backends = lost_udp_backends(&self.current, &target);
         for (done, op) in ops.iter().enumerate() {
             maps.write(op).map_err(|source| SyncError { op: op.clone(), done, total: ops.len(), source })?;
             self.current.apply(op);
         }
-        Ok(ops.len())
+        Ok(SyncOutcome { writes: ops.len(), lost_udp_backends })
     }
 }

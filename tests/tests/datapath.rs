@@ -307,3 +307,16 @@ fn without_affinity_the_affinity_map_is_neither_read_nor_written() {
     assert!(seen.len() > 1);
     assert_eq!(h.datapath.maps.affinity.keys().count(), 0);
 }
+
+#[test]
+fn udp_flows_of_a_removed_backend_move_to_a_live_one() {
+    let (gone, live) = ([10, 244, 0, 11], [10, 244, 0, 12]);
+    let mut h = Harness::new(&[service(53, Protocol::Udp, &[gone])]);
+    let flow = Spec::udp(addr(CLIENT, 50000), addr(VIP, 53));
+    assert_eq!(h.run_spec(&flow).1.dst, addr(gone, 8080));
+    let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap());
+    let outcome = reconciler.sync(&[service(53, Protocol::Udp, &[live])], &mut h.datapath.maps).unwrap();
+    assert_eq!(h.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends), 1);
+    assert_eq!(h.datapath.maps.conntrack_entries(), 0, "both directions forgotten");
+    assert_eq!(h.run_spec(&flow).1.dst, addr(live, 8080), "the same flow now reaches a live backend");
+}

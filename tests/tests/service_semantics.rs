@@ -124,3 +124,46 @@ fn a_service_without_endpoints_refuses_at_once_and_undefined_ports_get_no_answer
     assert_eq!(packets("reject_no_backend"), 6);
     assert!(packets("drop_unknown_port") >= 1);
 }
+
+#[test]
+fn a_udp_flow_survives_the_removal_of_its_backend() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "client"]).unwrap();
+    let _servers: Vec<PodServer> = cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..2].iter().map(|p| (p.name.as_str(), p.ip)).collect();
+    let dns = |backends: &[(&str, Ipv4Addr)]| {
+        let endpoints: String = backends.iter().map(|(n, ip)| format!("- addresses: [{ip}]\n  targetRef: {{kind: Pod, name: {n}}}\n")).collect();
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-1, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{name: dns, port: {}, protocol: UDP}}]\nendpoints:\n{endpoints}", lb_tests::pods::UDP_PORT)
+    };
+    let manifests = TempDir::new("lb-udp").unwrap();
+    write(&manifests.0, "service.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  clusterIP: 10.96.0.53\n  ports: [{name: dns, port: 53, protocol: UDP}]\n");
+    write(&manifests.0, "slice.yaml", &dns(&pods));
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    agent.wait_for_maps("2 UDP backends", |c| c.frontends().any(|(_, b)| b.len() == 2)).unwrap();
+    agent.wait_for_attachments(3).unwrap();
+
+    // One UDP "flow": one client socket, the same 5-tuple every time.
+    let client = &cluster.pod("client").netns;
+    let socket = client.enter(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53)).unwrap();
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        socket
+    });
+    let ask = || {
+        socket.send(b"query").unwrap();
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf).expect("an answer");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = ask();
+    assert_eq!(ask(), first, "the flow keeps its backend");
+    let rest: Vec<(&str, Ipv4Addr)> = pods.iter().copied().filter(|(n, _)| *n != first).collect();
+    write(&manifests.0, "slice.yaml", &dns(&rest));
+    agent.wait_for_maps("1 UDP backend", |c| c.frontends().any(|(_, b)| b.len() == 1)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    // The agent forgets the flow right after the sync that removed it.
+    while ask() == first {
+        assert!(std::time::Instant::now() < deadline, "the flow still goes to removed {first}");
+    }
+    assert_eq!(ask(), rest[0].0);
+}
