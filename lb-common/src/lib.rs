@@ -142,6 +142,25 @@ pub const CT_DIRECTION_DNAT: u8 = 1;
 /// `CtValue::direction` of a backend → client reply: rewrite the source.
 pub const CT_DIRECTION_REVERSE_SNAT: u8 = 2;
 
+/// `CtValue::state`: created, no packet but the first seen yet.
+pub const CT_STATE_NEW: u8 = 0;
+/// `CtValue::state`: traffic beyond a TCP SYN seen (for UDP: any later packet).
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// `CtValue::state`: a TCP FIN or RST seen in either direction.
+pub const CT_STATE_CLOSING: u8 = 2;
+
+/// Idle time after which an entry counts as gone, by state and protocol.
+/// kube-proxy's defaults where it has them (established TCP: 24 h).
+pub mod ct_timeout {
+    pub const NEW_NS: u64 = 60 * 1_000_000_000;
+    pub const TCP_ESTABLISHED_NS: u64 = 24 * 3600 * 1_000_000_000;
+    pub const UDP_ESTABLISHED_NS: u64 = 120 * 1_000_000_000;
+    pub const CLOSING_NS: u64 = 10 * 1_000_000_000;
+    /// `last_seen_ns` is refreshed at most this often, to keep per-packet
+    /// writes to shared map values rare.
+    pub const REFRESH_NS: u64 = 1_000_000_000;
+}
+
 /// The address and port a conntrack hit rewrites to. The reply entry holds
 /// the VIP and port itself, so replies of open flows keep being translated
 /// even after their Service is deleted.
@@ -152,7 +171,22 @@ pub struct CtValue {
     pub nat_port: [u8; 2],
     /// `CT_DIRECTION_DNAT` or `CT_DIRECTION_REVERSE_SNAT`; anything else is ignored.
     pub direction: u8,
-    pub _pad: u8,
+    /// `CT_STATE_*`; an unknown value is treated as NEW.
+    pub state: u8,
+    /// bpf_ktime_get_ns of the last packet (within `ct_timeout::REFRESH_NS`).
+    pub last_seen_ns: u64,
+}
+
+impl CtValue {
+    /// Idle time after which this entry counts as gone.
+    pub const fn timeout_ns(&self, protocol: u8) -> u64 {
+        match self.state {
+            CT_STATE_ESTABLISHED if protocol == PROTO_TCP => ct_timeout::TCP_ESTABLISHED_NS,
+            CT_STATE_ESTABLISHED => ct_timeout::UDP_ESTABLISHED_NS,
+            CT_STATE_CLOSING => ct_timeout::CLOSING_NS,
+            _ => ct_timeout::NEW_NS,
+        }
+    }
 }
 
 /// Packets and bytes seen for one verdict, summed over CPUs by the reader.
@@ -205,7 +239,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 8);
+    assert!(core::mem::size_of::<CtValue>() == 16);
     assert!(core::mem::size_of::<TrafficCounter>() == 16);
 };
 

@@ -33,7 +33,9 @@ struct Ipv4Hdr {
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_CHECK_OFFSET: usize = 16;
 const UDP_CHECK_OFFSET: usize = 6;
@@ -51,6 +53,8 @@ pub struct Packet {
     pub dport: [u8; 2],
     /// A TCP SYN without ACK: the first packet of a new connection.
     pub tcp_syn: bool,
+    /// A TCP FIN or RST: the connection is ending.
+    pub tcp_closing: bool,
 }
 
 impl Packet {
@@ -128,18 +132,19 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Unparsed> {
     let l4_offset = l3_offset + ihl * 4;
     // Every L4 field is read through the one pointer whose bounds were
     // checked: the verifier loses track of a pointer rebuilt from an offset.
-    let (sport, dport, tcp_syn) = if protocol == PROTO_TCP {
+    let (sport, dport, tcp_flags) = if protocol == PROTO_TCP {
         // The whole fixed TCP header must be there: its checksum gets rewritten.
         let tcp = at::<[u8; TCP_HLEN]>(data, data_end, l4_offset)?;
         // SAFETY: `at` checked the bounds.
         let tcp = unsafe { &*tcp };
-        let flags = tcp[TCP_FLAGS_OFFSET];
-        ([tcp[0], tcp[1]], [tcp[2], tcp[3]], flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN)
+        ([tcp[0], tcp[1]], [tcp[2], tcp[3]], tcp[TCP_FLAGS_OFFSET])
     } else {
         let udp = at::<[u8; UDP_HLEN]>(data, data_end, l4_offset)?;
         // SAFETY: `at` checked the bounds.
         let udp = unsafe { &*udp };
-        ([udp[0], udp[1]], [udp[2], udp[3]], false)
+        ([udp[0], udp[1]], [udp[2], udp[3]], 0)
     };
-    Ok(Packet { l3_offset, l4_offset, protocol, saddr, daddr, sport, dport, tcp_syn })
+    let tcp_syn = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    let tcp_closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+    Ok(Packet { l3_offset, l4_offset, protocol, saddr, daddr, sport, dport, tcp_syn, tcp_closing })
 }

@@ -1,8 +1,8 @@
 //! Service lookup, backend selection and connection tracking, shared by hooks.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey,
-    CtValue, ServiceKey,
+    AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, ServiceKey, ct_timeout,
 };
 
 use crate::{
@@ -38,20 +38,68 @@ fn flow_key(packet: &Packet) -> CtKey {
     }
 }
 
+/// The other direction's key of a tracked flow.
+#[inline(always)]
+fn peer_key(key: &CtKey, value: &CtValue) -> CtKey {
+    let (saddr, sport, daddr, dport) = if value.direction == CT_DIRECTION_DNAT {
+        // client → VIP: the reply comes from the backend (the NAT target).
+        (value.nat_addr, value.nat_port, key.saddr, key.sport)
+    } else {
+        // backend → client: the request went from the client to the VIP.
+        (key.daddr, key.dport, value.nat_addr, value.nat_port)
+    };
+    CtKey { saddr, daddr, sport, dport, protocol: key.protocol, _pad: [0; 3] }
+}
+
+/// Moves a live entry's state on with this packet and refreshes its time.
+#[inline(always)]
+fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
+    // SAFETY: a pointer to a map value, valid for this program run; racing
+    // writers on other CPUs store the same kind of values.
+    let ct = unsafe { &mut *ct };
+    if packet.tcp_closing {
+        ct.state = CT_STATE_CLOSING;
+        ct.last_seen_ns = now;
+        // The other direction ends with this one; FIN and RST are rare
+        // enough to pay for the second lookup.
+        if let Some(peer) = CONNTRACK.get_ptr_mut(peer_key(key, ct)) {
+            // SAFETY: as above.
+            unsafe { (*peer).state = CT_STATE_CLOSING };
+        }
+        return;
+    }
+    if ct.state == CT_STATE_NEW && !packet.tcp_syn {
+        ct.state = CT_STATE_ESTABLISHED;
+    }
+    if now.wrapping_sub(ct.last_seen_ns) >= ct_timeout::REFRESH_NS {
+        ct.last_seen_ns = now;
+    }
+}
+
 /// Decides what to do with `packet`, creating conntrack entries for new flows.
 #[inline(always)]
 pub fn classify(packet: &Packet) -> Verdict {
     let key = flow_key(packet);
-    // SAFETY: values are plain data; a concurrent update can at worst give
-    // a torn entry of two valid states, which is harmless here.
-    if let Some(ct) = unsafe { CONNTRACK.get(&key) } {
-        let nat = Backend::new(ct.nat_addr, ct.nat_port);
-        match ct.direction {
-            CT_DIRECTION_REVERSE_SNAT => return Verdict::ReverseNat(ct.nat_addr, ct.nat_port),
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a pointer to a map value, valid for this program run.
+        let value = unsafe { *ct };
+        // An entry idle past its state's timeout is gone.
+        let live = now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(packet.protocol);
+        let nat = Backend::new(value.nat_addr, value.nat_port);
+        match value.direction {
+            CT_DIRECTION_REVERSE_SNAT if live => {
+                track(&key, ct, packet, now);
+                return Verdict::ReverseNat(value.nat_addr, value.nat_port);
+            }
             // A SYN starts a new connection: pick a backend afresh, so a
             // reused source port never follows a stale entry to a backend
             // that has since left the service.
-            CT_DIRECTION_DNAT if !packet.tcp_syn => return Verdict::DnatEstablished(nat),
+            CT_DIRECTION_DNAT if live && !packet.tcp_syn => {
+                track(&key, ct, packet, now);
+                return Verdict::DnatEstablished(nat);
+            }
             _ => {}
         }
     }
@@ -76,8 +124,6 @@ pub fn classify(packet: &Packet) -> Verdict {
         protocol: packet.protocol,
         _pad: 0,
     };
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     let remembered = if affinity_timeout_s == 0 {
         None
     } else {
@@ -96,7 +142,8 @@ pub fn classify(packet: &Packet) -> Verdict {
         nat_addr: backend.addr,
         nat_port: backend.port,
         direction: CT_DIRECTION_DNAT,
-        _pad: 0,
+        state: CT_STATE_NEW,
+        last_seen_ns: now,
     };
     let reply_key = CtKey {
         saddr: backend.addr,
@@ -110,7 +157,8 @@ pub fn classify(packet: &Packet) -> Verdict {
         nat_addr: packet.daddr,
         nat_port: packet.dport,
         direction: CT_DIRECTION_REVERSE_SNAT,
-        _pad: 0,
+        state: CT_STATE_NEW,
+        last_seen_ns: now,
     };
     // The reply entry goes in first: once the forward entry exists, a reply
     // may already be on its way. An LRU map evicts rather than fails when

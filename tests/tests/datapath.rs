@@ -3,7 +3,10 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey, counter};
+use lb_common::{
+    AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW, CtKey, counter,
+};
 use lb_tests::packet::{self, ACK, SYN, Seen, Spec};
 use lb_userspace::{
     datapath::{Datapath, MapSizes},
@@ -37,7 +40,11 @@ struct Harness {
 
 impl Harness {
     fn new(services: &[ServicePort]) -> Self {
-        let mut datapath = Datapath::load(None, MapSizes::default()).expect("load datapath (needs root)");
+        Self::with_sizes(services, MapSizes::default())
+    }
+
+    fn with_sizes(services: &[ServicePort], sizes: MapSizes) -> Self {
+        let mut datapath = Datapath::load(None, sizes).expect("load datapath (needs root)");
         Reconciler::new(Default::default()).sync(services, &mut datapath.maps).expect("seed maps");
         Self { datapath }
     }
@@ -319,4 +326,106 @@ fn udp_flows_of_a_removed_backend_move_to_a_live_one() {
     assert_eq!(h.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends), 1);
     assert_eq!(h.datapath.maps.conntrack_entries(), 0, "both directions forgotten");
     assert_eq!(h.run_spec(&flow).1.dst, addr(live, 8080), "the same flow now reaches a live backend");
+}
+
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+fn ct_key(s: SocketAddrV4, d: SocketAddrV4, protocol: u8) -> CtKey {
+    CtKey {
+        saddr: s.ip().octets(),
+        daddr: d.ip().octets(),
+        sport: s.port().to_be_bytes(),
+        dport: d.port().to_be_bytes(),
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+impl Harness {
+    fn ct_state(&self, key: &CtKey) -> u8 {
+        self.datapath.maps.conntrack.get(key, 0).expect("conntrack entry").state
+    }
+
+    /// Makes an entry look idle for `idle_ns`.
+    fn age(&mut self, key: &CtKey, idle_ns: u64) {
+        let mut value = self.datapath.maps.conntrack.get(key, 0).unwrap();
+        value.last_seen_ns = monotonic_ns() - idle_ns;
+        self.datapath.maps.conntrack.insert(key, value, 0).unwrap();
+    }
+}
+
+const SECOND: u64 = 1_000_000_000;
+
+#[test]
+fn tcp_entries_follow_the_connection_and_a_fin_or_rst_closes_both_directions() {
+    let backend = [10, 244, 0, 11];
+    for (closer_is_backend, flag) in [(false, FIN), (true, FIN), (false, RST), (true, RST)] {
+        let mut h = Harness::new(&[service(80, Protocol::Tcp, &[backend])]);
+        let (client, vip, server) = (addr(CLIENT, 40000), addr(VIP, 80), addr(backend, 8080));
+        let (forward, reply) = (ct_key(client, vip, packet::TCP), ct_key(server, client, packet::TCP));
+        h.run_spec(&Spec::tcp(client, vip, SYN));
+        assert_eq!((h.ct_state(&forward), h.ct_state(&reply)), (CT_STATE_NEW, CT_STATE_NEW));
+        h.run_spec(&Spec::tcp(server, client, SYN | ACK));
+        h.run_spec(&Spec::tcp(client, vip, ACK));
+        assert_eq!((h.ct_state(&forward), h.ct_state(&reply)), (CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED));
+        let closing = if closer_is_backend { Spec::tcp(server, client, flag | ACK) } else { Spec::tcp(client, vip, flag | ACK) };
+        h.run_spec(&closing);
+        assert_eq!(
+            (h.ct_state(&forward), h.ct_state(&reply)),
+            (CT_STATE_CLOSING, CT_STATE_CLOSING),
+            "flag {flag:#x} from the {}", if closer_is_backend { "backend" } else { "client" }
+        );
+        // A closed flow idle for its short timeout is gone: the next packet
+        // with that tuple is a new flow.
+        h.age(&forward, 11 * SECOND);
+        h.run_spec(&Spec::tcp(client, vip, ACK));
+        assert_eq!(h.counter(counter::DNAT_NEW), 2);
+    }
+}
+
+#[test]
+fn idle_entries_expire_by_protocol_and_state() {
+    let backend = [10, 244, 0, 11];
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[backend]), service(53, Protocol::Udp, &[backend])]);
+    let vip_tcp = addr(VIP, 80);
+
+    // An established TCP connection idle for an hour is still tracked.
+    let established = addr(CLIENT, 41000);
+    h.run_spec(&Spec::tcp(established, vip_tcp, SYN));
+    h.run_spec(&Spec::tcp(established, vip_tcp, ACK));
+    h.age(&ct_key(established, vip_tcp, packet::TCP), 3600 * SECOND);
+    h.run_spec(&Spec::tcp(established, vip_tcp, ACK));
+    assert_eq!((h.counter(counter::DNAT_NEW), h.counter(counter::DNAT_ESTABLISHED)), (1, 2));
+
+    // A half-open one (only a SYN) idle past a minute is not.
+    let half_open = addr(CLIENT, 41001);
+    h.run_spec(&Spec::tcp(half_open, vip_tcp, SYN));
+    h.age(&ct_key(half_open, vip_tcp, packet::TCP), 61 * SECOND);
+    h.run_spec(&Spec::tcp(half_open, vip_tcp, ACK));
+    assert_eq!(h.counter(counter::DNAT_NEW), 3);
+
+    // A UDP flow idle past two minutes is not either; within them it is.
+    let (udp, vip_udp) = (addr(CLIENT, 50000), addr(VIP, 53));
+    h.run_spec(&Spec::udp(udp, vip_udp));
+    h.run_spec(&Spec::udp(udp, vip_udp));
+    h.age(&ct_key(udp, vip_udp, packet::UDP), 119 * SECOND);
+    h.run_spec(&Spec::udp(udp, vip_udp));
+    assert_eq!(h.counter(counter::DNAT_NEW), 4);
+    h.age(&ct_key(udp, vip_udp, packet::UDP), 121 * SECOND);
+    h.run_spec(&Spec::udp(udp, vip_udp));
+    assert_eq!(h.counter(counter::DNAT_NEW), 5);
+}
+
+#[test]
+fn a_full_conntrack_map_evicts_old_flows_and_never_fails_a_new_one() {
+    let backend = [10, 244, 0, 11];
+    let sizes = MapSizes { conntrack: 64, ..MapSizes::default() };
+    let mut h = Harness::with_sizes(&[service(80, Protocol::Tcp, &[backend])], sizes);
+    for port in 0..500u16 {
+        let (verdict, seen) = h.run_spec(&Spec::tcp(addr(CLIENT, 20000 + port), addr(VIP, 80), SYN));
+        assert_eq!((verdict, seen.dst), (TC_ACT_OK, addr(backend, 8080)), "flow {port}");
+    }
+    assert!(h.datapath.maps.conntrack_entries() <= 64);
+    assert_eq!(h.counter(counter::DNAT_NEW), 500);
 }
