@@ -80,9 +80,12 @@ fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
 #[inline(always)]
 pub fn classify(packet: &Packet) -> Verdict {
     let key = flow_key(packet);
+    // The clock is read only on paths that need it: traffic that is not
+    // for a service never pays for it.
     // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let clock = || unsafe { bpf_ktime_get_ns() };
     if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
+        let now = clock();
         // SAFETY: a pointer to a map value, valid for this program run.
         let value = unsafe { *ct };
         // An entry idle past its state's timeout is gone.
@@ -104,16 +107,19 @@ pub fn classify(packet: &Packet) -> Verdict {
         }
     }
 
+    // Most traffic is not to a service address: one lookup tells.
+    // SAFETY: map values are plain data; a concurrent update can at worst
+    // give a torn mix of two valid entries, which is harmless here.
+    if unsafe { SERVICE_ADDRS.get(&packet.daddr) }.is_none() {
+        return Verdict::Pass;
+    }
     let frontend = ServiceKey::new(packet.daddr, packet.dport, packet.protocol, 0);
     // SAFETY: as above.
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
-        // SAFETY: as above.
-        return match unsafe { SERVICE_ADDRS.get(&packet.daddr) } {
-            Some(_) => Verdict::UnknownPort,
-            None => Verdict::Pass,
-        };
+        return Verdict::UnknownPort;
     };
     let (count, affinity_timeout_s) = (service.backend_count, service.affinity_timeout_s);
+    let now = clock();
     if count == 0 {
         return Verdict::NoBackend;
     }
