@@ -141,6 +141,19 @@ pub struct CtKey {
 pub const CT_DIRECTION_DNAT: u8 = 1;
 /// `CtValue::direction` of a backend → client reply: rewrite the source.
 pub const CT_DIRECTION_REVERSE_SNAT: u8 = 2;
+/// `CtValue::direction` of a client → service packet whose backend is the
+/// client itself: rewrite the destination, and the source to `HAIRPIN_ADDR`.
+pub const CT_DIRECTION_HAIRPIN: u8 = 3;
+/// `CtValue::direction` of the reply of a hairpin flow (backend →
+/// `HAIRPIN_ADDR`): rewrite the source to the service, the destination
+/// address back to the client (the backend itself).
+pub const CT_DIRECTION_HAIRPIN_REPLY: u8 = 4;
+
+/// The source a pod sees on a connection it made to itself through a
+/// Service (Cilium's "service loopback" address). A packet from its own
+/// address would be dropped as martian; one from here makes the pod reply
+/// through its gateway, where the datapath turns it back.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 
 /// `CtValue::state`: created, no packet but the first seen yet.
 pub const CT_STATE_NEW: u8 = 0;
@@ -178,6 +191,24 @@ pub struct CtValue {
 }
 
 impl CtValue {
+    /// The key of the flow's other direction, for the entry `self` at `key`.
+    pub const fn peer_key(&self, key: &CtKey) -> CtKey {
+        let (saddr, sport, daddr, dport) = match self.direction {
+            // client → VIP: the reply comes from the backend (the NAT target).
+            CT_DIRECTION_DNAT => (self.nat_addr, self.nat_port, key.saddr, key.sport),
+            CT_DIRECTION_HAIRPIN => (self.nat_addr, self.nat_port, HAIRPIN_ADDR, key.sport),
+            // backend → client: the request went from the client to the VIP.
+            CT_DIRECTION_HAIRPIN_REPLY => (key.saddr, key.dport, self.nat_addr, self.nat_port),
+            _ => (key.daddr, key.dport, self.nat_addr, self.nat_port),
+        };
+        CtKey { saddr, daddr, sport, dport, protocol: key.protocol, _pad: [0; 3] }
+    }
+
+    /// Whether this is the entry of a flow's client → service direction.
+    pub const fn is_forward(&self) -> bool {
+        matches!(self.direction, CT_DIRECTION_DNAT | CT_DIRECTION_HAIRPIN)
+    }
+
     /// Idle time after which this entry counts as gone.
     pub const fn timeout_ns(&self, protocol: u8) -> u64 {
         match self.state {

@@ -1,8 +1,9 @@
 //! Service lookup, backend selection and connection tracking, shared by hooks.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, ServiceKey, ct_timeout,
+    AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN,
+    CT_DIRECTION_HAIRPIN_REPLY, CT_DIRECTION_REVERSE_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW, CtKey, CtValue, ServiceKey, ct_timeout,
 };
 
 use crate::{
@@ -12,12 +13,15 @@ use crate::{
 
 /// What a hook does with a packet.
 pub enum Verdict {
-    /// Rewrite the destination to this backend (first packet of a flow).
-    DnatNew(Backend),
-    /// Rewrite the destination to this backend (flow already tracked).
-    DnatEstablished(Backend),
+    /// Rewrite the destination to this backend; `new` for the first packet
+    /// of a flow; `hairpin` when the backend is the client itself, and the
+    /// source must become `HAIRPIN_ADDR`.
+    Dnat { backend: Backend, new: bool, hairpin: bool },
     /// Rewrite the source back to the service address and port.
     ReverseNat([u8; 4], [u8; 2]),
+    /// Rewrite the source back to the service address and port, and the
+    /// destination back to the client's own address.
+    HairpinReply { service: ([u8; 4], [u8; 2]), client: [u8; 4] },
     /// Not for a service.
     Pass,
     /// For a service without a ready backend: refuse the connection.
@@ -38,19 +42,6 @@ fn flow_key(packet: &Packet) -> CtKey {
     }
 }
 
-/// The other direction's key of a tracked flow.
-#[inline(always)]
-fn peer_key(key: &CtKey, value: &CtValue) -> CtKey {
-    let (saddr, sport, daddr, dport) = if value.direction == CT_DIRECTION_DNAT {
-        // client → VIP: the reply comes from the backend (the NAT target).
-        (value.nat_addr, value.nat_port, key.saddr, key.sport)
-    } else {
-        // backend → client: the request went from the client to the VIP.
-        (key.daddr, key.dport, value.nat_addr, value.nat_port)
-    };
-    CtKey { saddr, daddr, sport, dport, protocol: key.protocol, _pad: [0; 3] }
-}
-
 /// Moves a live entry's state on with this packet and refreshes its time.
 #[inline(always)]
 fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
@@ -62,7 +53,7 @@ fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
         ct.last_seen_ns = now;
         // The other direction ends with this one; FIN and RST are rare
         // enough to pay for the second lookup.
-        if let Some(peer) = CONNTRACK.get_ptr_mut(peer_key(key, ct)) {
+        if let Some(peer) = CONNTRACK.get_ptr_mut(ct.peer_key(key)) {
             // SAFETY: as above.
             unsafe { (*peer).state = CT_STATE_CLOSING };
         }
@@ -91,19 +82,22 @@ pub fn classify(packet: &Packet) -> Verdict {
         // An entry idle past its state's timeout is gone.
         let live = now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(packet.protocol);
         let nat = Backend::new(value.nat_addr, value.nat_port);
-        match value.direction {
-            CT_DIRECTION_REVERSE_SNAT if live => {
-                track(&key, ct, packet, now);
-                return Verdict::ReverseNat(value.nat_addr, value.nat_port);
+        // A SYN starts a new connection: pick a backend afresh, so a reused
+        // source port never follows a stale entry to a backend that has
+        // since left the service.
+        let reusable = live && !(value.is_forward() && packet.tcp_syn);
+        let verdict = match value.direction {
+            CT_DIRECTION_REVERSE_SNAT => Verdict::ReverseNat(value.nat_addr, value.nat_port),
+            CT_DIRECTION_HAIRPIN_REPLY => {
+                Verdict::HairpinReply { service: (value.nat_addr, value.nat_port), client: key.saddr }
             }
-            // A SYN starts a new connection: pick a backend afresh, so a
-            // reused source port never follows a stale entry to a backend
-            // that has since left the service.
-            CT_DIRECTION_DNAT if live && !packet.tcp_syn => {
-                track(&key, ct, packet, now);
-                return Verdict::DnatEstablished(nat);
-            }
-            _ => {}
+            CT_DIRECTION_DNAT => Verdict::Dnat { backend: nat, new: false, hairpin: false },
+            CT_DIRECTION_HAIRPIN => Verdict::Dnat { backend: nat, new: false, hairpin: true },
+            _ => Verdict::Pass,
+        };
+        if reusable && !matches!(verdict, Verdict::Pass) {
+            track(&key, ct, packet, now);
+            return verdict;
         }
     }
 
@@ -144,25 +138,19 @@ pub fn classify(packet: &Packet) -> Verdict {
         let _ = AFFINITY.insert(&affinity, &value, 0);
     }
 
+    let hairpin = backend.addr == packet.saddr;
     let forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
-        direction: CT_DIRECTION_DNAT,
+        direction: if hairpin { CT_DIRECTION_HAIRPIN } else { CT_DIRECTION_DNAT },
         state: CT_STATE_NEW,
         last_seen_ns: now,
     };
-    let reply_key = CtKey {
-        saddr: backend.addr,
-        daddr: packet.saddr,
-        sport: backend.port,
-        dport: packet.sport,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    };
+    let reply_key = forward.peer_key(&key);
     let reply = CtValue {
         nat_addr: packet.daddr,
         nat_port: packet.dport,
-        direction: CT_DIRECTION_REVERSE_SNAT,
+        direction: if hairpin { CT_DIRECTION_HAIRPIN_REPLY } else { CT_DIRECTION_REVERSE_SNAT },
         state: CT_STATE_NEW,
         last_seen_ns: now,
     };
@@ -172,7 +160,7 @@ pub fn classify(packet: &Packet) -> Verdict {
     // then the packet is still translated and the next one retries.
     let _ = CONNTRACK.insert(&reply_key, &reply, 0);
     let _ = CONNTRACK.insert(&key, &forward, 0);
-    Verdict::DnatNew(backend)
+    Verdict::Dnat { backend, new: true, hairpin }
 }
 
 /// The backend this client had, if it was used within the timeout and

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::counter;
+use lb_common::{HAIRPIN_ADDR, counter};
 
 use crate::{
     maps::count,
@@ -50,16 +50,20 @@ fn try_tc_from_pod(ctx: &TcContext) -> Result<(u32, i32), i64> {
         return Ok((counter::PASS_UNPARSED, ok));
     };
     match service::classify(&packet) {
-        Verdict::DnatNew(backend) => {
+        Verdict::Dnat { backend, new, hairpin } => {
             nat::rewrite(ctx, &packet, End::Destination, backend.addr, backend.port)?;
-            Ok((counter::DNAT_NEW, ok))
-        }
-        Verdict::DnatEstablished(backend) => {
-            nat::rewrite(ctx, &packet, End::Destination, backend.addr, backend.port)?;
-            Ok((counter::DNAT_ESTABLISHED, ok))
+            if hairpin {
+                nat::rewrite(ctx, &packet, End::Source, HAIRPIN_ADDR, packet.sport)?;
+            }
+            Ok((if new { counter::DNAT_NEW } else { counter::DNAT_ESTABLISHED }, ok))
         }
         Verdict::ReverseNat(addr, port) => {
             nat::rewrite(ctx, &packet, End::Source, addr, port)?;
+            Ok((counter::REVERSE_NAT, ok))
+        }
+        Verdict::HairpinReply { service: (addr, port), client } => {
+            nat::rewrite(ctx, &packet, End::Source, addr, port)?;
+            nat::rewrite(ctx, &packet, End::Destination, client, packet.dport)?;
             Ok((counter::REVERSE_NAT, ok))
         }
         Verdict::Pass => Ok((counter::PASS, ok)),

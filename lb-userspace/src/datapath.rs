@@ -181,7 +181,7 @@ impl Maps {
             .filter_map(Result::ok)
             .filter(|(key, value)| {
                 key.protocol == lb_common::PROTO_UDP
-                    && value.direction == lb_common::CT_DIRECTION_DNAT
+                    && value.is_forward()
                     && lost.contains(&(
                         ServiceKey::new(key.daddr, key.dport, key.protocol, 0),
                         Backend::new(value.nat_addr, value.nat_port),
@@ -189,10 +189,9 @@ impl Maps {
             })
             .collect();
         for (key, value) in &flows {
-            let reply = CtKey { saddr: value.nat_addr, sport: value.nat_port, daddr: key.saddr, dport: key.sport, ..*key };
             // Already gone (LRU eviction) is as good as deleted.
             let _ = self.conntrack.remove(key);
-            let _ = self.conntrack.remove(&reply);
+            let _ = self.conntrack.remove(&value.peer_key(key));
         }
         flows.len()
     }

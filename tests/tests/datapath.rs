@@ -429,3 +429,22 @@ fn a_full_conntrack_map_evicts_old_flows_and_never_fails_a_new_one() {
     assert!(h.datapath.maps.conntrack_entries() <= 64);
     assert_eq!(h.counter(counter::DNAT_NEW), 500);
 }
+
+#[test]
+fn a_pod_reaching_itself_through_a_service_is_hairpinned_both_ways() {
+    let pod = [10, 244, 0, 20];
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[pod])]);
+    let (client, vip, server) = (addr(pod, 40000), addr(VIP, 80), addr(pod, 8080));
+    let loopback = addr(lb_common::HAIRPIN_ADDR, 40000);
+    for flags in [SYN, ACK] {
+        let (verdict, seen) = h.run_spec(&Spec::tcp(client, vip, flags));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!((seen.src, seen.dst), (loopback, server), "from the service loopback address to itself");
+        assert_checksums(&seen);
+    }
+    let (verdict, reply) = h.run_spec(&Spec::tcp(server, loopback, SYN | ACK));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((reply.src, reply.dst), (vip, client), "the reply comes from the service, to the pod");
+    assert_checksums(&reply);
+    assert_eq!((h.counter(counter::DNAT_NEW), h.counter(counter::DNAT_ESTABLISHED), h.counter(counter::REVERSE_NAT)), (1, 1, 1));
+}

@@ -167,3 +167,32 @@ fn a_udp_flow_survives_the_removal_of_its_backend() {
     }
     assert_eq!(ask(), rest[0].0);
 }
+
+fn hairpin(topology: Topology) {
+    let cluster = Cluster::new(topology, &["self"]).unwrap();
+    let pod = &cluster.pods[0];
+    let _server = PodServer::start(&pod.netns, &pod.name).unwrap();
+    let manifests = TempDir::new("lb-hairpin").unwrap();
+    write(&manifests.0, "service.yaml", &service(""));
+    write(&manifests.0, "slice.yaml", &slice(&[(pod.name.as_str(), pod.ip)]));
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    agent.wait_for_maps("the service", |c| c.frontends().any(|(_, b)| b.len() == 1)).unwrap();
+    agent.wait_for_attachments(1).unwrap();
+    // The pod is both the client and the only backend.
+    let answers = reached(&pod.netns, 10);
+    assert_eq!(answers, BTreeSet::from(["self".to_owned()]));
+    let mut session = pod.netns.enter(|| lb_tests::pods::Session::connect(VIP)).unwrap();
+    for i in 0..20 {
+        assert_eq!(session.ask(&format!("m{i}")).unwrap(), "self");
+    }
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service_routed() {
+    hairpin(Topology::Routed);
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service_bridged() {
+    hairpin(Topology::Bridged);
+}
