@@ -196,3 +196,88 @@ fn a_pod_reaches_itself_through_its_service_routed() {
 fn a_pod_reaches_itself_through_its_service_bridged() {
     hairpin(Topology::Bridged);
 }
+
+/// An EndpointSlice entry: (pod, address, ready, terminating). Terminating
+/// endpoints are still serving, as during a pod's grace period.
+fn slice_with_conditions(endpoints: &[(&str, Ipv4Addr, bool, bool)]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|(n, ip, ready, terminating)| {
+            format!("- addresses: [{ip}]\n  conditions: {{ready: {ready}, serving: true, terminating: {terminating}}}\n  targetRef: {{kind: Pod, name: {n}}}\n")
+        })
+        .collect();
+    format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sticky-1, labels: {{kubernetes.io/service-name: sticky}}}}\naddressType: IPv4\nports: [{{name: http, port: {TCP_PORT}}}]\nendpoints:\n{endpoints}")
+}
+
+#[test]
+fn a_rolling_replacement_of_every_backend_fails_no_request() {
+    use std::sync::{Arc, Mutex, atomic::{AtomicBool, AtomicU64, Ordering}};
+    let names = ["old-0", "old-1", "old-2", "new-0", "new-1", "new-2", "client"];
+    let cluster = Cluster::new(Topology::Routed, &names).unwrap();
+    let mut servers: Vec<Option<PodServer>> =
+        cluster.pods[..6].iter().map(|p| Some(PodServer::start(&p.netns, &p.name).unwrap())).collect();
+    let pod = |i: usize| (cluster.pods[i].name.as_str(), cluster.pods[i].ip);
+    let manifests = TempDir::new("lb-rolling").unwrap();
+    write(&manifests.0, "service.yaml", &service(""));
+    // (pod index, ready, terminating) of the slice's endpoints.
+    let mut endpoints: Vec<(usize, bool, bool)> = vec![(0, true, false), (1, true, false), (2, true, false)];
+    let publish = |endpoints: &[(usize, bool, bool)]| {
+        let list: Vec<_> = endpoints.iter().map(|(i, r, t)| (pod(*i).0, pod(*i).1, *r, *t)).collect();
+        write(&manifests.0, "slice.yaml", &slice_with_conditions(&list));
+    };
+    publish(&endpoints);
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    let wait_for = |agent: &mut Agent, wanted: &[usize]| {
+        let wanted: BTreeSet<[u8; 4]> = wanted.iter().map(|i| pod(*i).1.octets()).collect();
+        agent
+            .wait_for_maps("backends", |c| c.frontends().any(|(_, b)| b.iter().map(|b| b.addr).collect::<BTreeSet<_>>() == wanted))
+            .unwrap();
+    };
+    wait_for(&mut agent, &[0, 1, 2]);
+    agent.wait_for_attachments(7).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (answered, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
+    let stream = {
+        let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
+        cluster.pod("client").netns.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match tcp_ask(VIP) {
+                    Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failures.lock().unwrap().push(e.to_string());
+                        0
+                    }
+                };
+            }
+        })
+    };
+
+    for step in 0..3 {
+        let (old, new) = (step, step + 3);
+        // The new pod is ready...
+        endpoints.push((new, true, false));
+        publish(&endpoints);
+        // ...then the old one terminates: no new connections, still serving.
+        for e in endpoints.iter_mut().filter(|e| e.0 == old) {
+            *e = (old, false, true);
+        }
+        publish(&endpoints);
+        let serving: Vec<usize> = endpoints.iter().filter(|e| e.1).map(|e| e.0).collect();
+        wait_for(&mut agent, &serving);
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        // Its grace period ends: out of the slice, then gone.
+        endpoints.retain(|e| e.0 != old);
+        publish(&endpoints);
+        wait_for(&mut agent, &serving);
+        servers[old] = None;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+    let failures = failures.lock().unwrap();
+    let answered = answered.load(Ordering::Relaxed);
+    assert!(failures.is_empty(), "{} of {answered} requests failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(answered > 50, "only {answered} requests");
+    wait_for(&mut agent, &[3, 4, 5]);
+}
