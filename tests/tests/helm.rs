@@ -167,7 +167,7 @@ agent:
   minSyncPeriod: 1s
   proxyName: lb
   pinPath: /sys/fs/bpf/lb-canary
-mapSizes: {services: 262144, backends: 131072, conntrack: 1048576}
+mapSizes: {services: 262144, backends: 131072, conntrack: 1048576, affinity: 4096}
 healthz: {port: 10266}
 metrics:
   bindAddress: 0.0.0.0
@@ -208,6 +208,7 @@ securityContext: {privileged: true}
     assert_eq!(run.min_sync_period, std::time::Duration::from_secs(1));
     assert_eq!(run.pin_path, Path::new("/sys/fs/bpf/lb-canary"));
     assert_eq!((run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries), (262144, 131072, 1048576));
+    assert_eq!(run.affinity_max_entries, 4096);
     assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10266".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));
     let args = agent_container(ds).args.clone().unwrap();
