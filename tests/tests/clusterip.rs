@@ -10,33 +10,19 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, TempDir},
+    manifests::{Endpoint, Port, endpoint_slice, service, write_yaml},
     netns::{Cluster, Topology},
     pods::{PodServer, Session, TCP_PORT, UDP_PORT, tcp_ask, udp_ask},
 };
+use serde_json::json;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const SERVICE: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  clusterIP: 10.96.0.10
-  ports:
-  - {name: http, port: 80, targetPort: http}
-  - {name: dns, port: 53, targetPort: dns, protocol: UDP}
-"#;
+const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
+const SLICE_PORTS: [Port; 2] = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
 
-/// Writes the EndpointSlice atomically (the agent ignores dot-files).
 fn write_slice(dir: &Path, backends: &[(String, Ipv4Addr)]) {
-    let endpoints: String = backends
-        .iter()
-        .map(|(name, ip)| format!("- addresses: [{ip}]\n  nodeName: node-1\n  targetRef: {{kind: Pod, name: {name}}}\n"))
-        .collect();
-    let slice = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n{endpoints}"
-    );
-    let tmp = dir.join(".slice.tmp");
-    fs::write(&tmp, slice).unwrap();
-    fs::rename(&tmp, dir.join("web-slice.yaml")).unwrap();
+    let endpoints: Vec<Endpoint> = backends.iter().map(|(name, ip)| Endpoint::ready(name, *ip)).collect();
+    write_yaml(dir, "web-slice.yaml", &endpoint_slice("demo", "web", &SLICE_PORTS, &endpoints));
 }
 
 fn frontend_has(agent: &mut Agent, count: usize) {
@@ -53,7 +39,7 @@ fn clusterip_end_to_end(topology: Topology) {
         cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
     let backends: Vec<(String, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.clone(), p.ip)).collect();
     let manifests = TempDir::new("lb-manifests").unwrap();
-    fs::write(manifests.0.join("web.yaml"), SERVICE).unwrap();
+    write_yaml(&manifests.0, "web.yaml", &service("demo", "web", VIP, &PORTS, json!({})));
     write_slice(&manifests.0, &backends);
 
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();

@@ -13,6 +13,7 @@ use std::{
 use lb_tests::{
     agent::{Agent, TempDir},
     apiserver::{ApiServer, Kind},
+    manifests::{Endpoint, Port, endpoint_slice, service},
     netns::{Cluster, Netns, Topology},
     pods::{PodServer, Session, TCP_PORT, UDP_PORT, http_get, tcp_ask},
 };
@@ -20,32 +21,30 @@ use serde_json::{Value, json};
 
 const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 
-fn service() -> Value {
-    json!({
-        "metadata": {"name": "web", "namespace": "demo"},
-        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [
-            {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
-            {"name": "dns", "port": 53, "targetPort": "dns", "protocol": "UDP"},
-        ]},
-    })
+const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
+const SLICE_PORTS: [Port; 2] = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
+
+fn web() -> Value {
+    service("demo", "web", *VIP.ip(), &PORTS, json!({}))
 }
 
 fn slice(backends: &[(&str, Ipv4Addr)]) -> Value {
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    json!({
-        "metadata": {
-            "name": "web-abcde", "namespace": "demo",
-            "labels": {"kubernetes.io/service-name": "web"},
-            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": now},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}, {"name": "dns", "port": UDP_PORT, "protocol": "UDP"}],
-        "endpoints": backends.iter().map(|(name, ip)| json!({
-            "addresses": [ip.to_string()],
-            "conditions": {"ready": true, "serving": true, "terminating": false},
-            "targetRef": {"kind": "Pod", "namespace": "demo", "name": name},
-        })).collect::<Vec<_>>(),
-    })
+    let endpoints: Vec<Endpoint> = backends.iter().map(|(name, ip)| Endpoint::ready(name, *ip)).collect();
+    endpoint_slice("demo", "web", &SLICE_PORTS, &endpoints)
+}
+
+/// A test API server in the node namespace and an agent watching it.
+fn kube_agent(cluster: &Cluster, objects: &[(Kind, Value)], extra_args: &[&str]) -> (ApiServer, TempDir, Agent) {
+    let api = ApiServer::start(&cluster.node).unwrap();
+    for (kind, object) in objects {
+        api.apply(*kind, object.clone());
+    }
+    let config = TempDir::new("lb-kubeconfig").unwrap();
+    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
+    let mut args = vec!["--kubeconfig", kubeconfig.to_str().unwrap()];
+    args.extend_from_slice(extra_args);
+    let agent = Agent::start(&cluster.node, &args).unwrap();
+    (api, config, agent)
 }
 
 fn wait_for_backends(agent: &mut Agent, wanted: &[Ipv4Addr]) {
@@ -80,14 +79,11 @@ fn follows_the_cluster_through_scaling_an_api_outage_and_deletion() {
     let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
     let pod = |i: usize| (cluster.pods[i].name.as_str(), cluster.pods[i].ip);
     let (node, client) = (&cluster.node, &cluster.pod("client").netns);
-    let mut api = ApiServer::start(node).unwrap();
-    let config = TempDir::new("lb-kubeconfig").unwrap();
-    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
-    let mut agent = Agent::start(node, &["--kubeconfig", kubeconfig.to_str().unwrap()]).unwrap();
+    let (mut api, _config, mut agent) = kube_agent(&cluster, &[], &[]);
     agent.wait_for_attachments(4).unwrap();
 
     // Not healthy before the first sync; healthy after, with kube-proxy's body.
-    api.apply(Kind::Service, service());
+    api.apply(Kind::Service, web());
     api.apply(Kind::EndpointSlice, slice(&[pod(0)]));
     wait_for_backends(&mut agent, &[pod(0).1]);
     assert_eq!(asks(client, 5), vec!["backend-0"; 5]);
@@ -142,12 +138,8 @@ fn follows_the_cluster_through_scaling_an_api_outage_and_deletion() {
 fn killing_and_restarting_the_agent_loses_no_request() {
     let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "client"]).unwrap();
     let _servers: Vec<PodServer> = cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
-    let api = ApiServer::start(&cluster.node).unwrap();
-    let config = TempDir::new("lb-kubeconfig").unwrap();
-    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
-    api.apply(Kind::Service, service());
-    api.apply(Kind::EndpointSlice, slice(&[("backend-0", cluster.pods[0].ip), ("backend-1", cluster.pods[1].ip)]));
-    let mut agent = Agent::start(&cluster.node, &["--kubeconfig", kubeconfig.to_str().unwrap()]).unwrap();
+    let backends = slice(&[("backend-0", cluster.pods[0].ip), ("backend-1", cluster.pods[1].ip)]);
+    let (_api, _config, mut agent) = kube_agent(&cluster, &[(Kind::Service, web()), (Kind::EndpointSlice, backends)], &[]);
     wait_for_backends(&mut agent, &[cluster.pods[0].ip, cluster.pods[1].ip]);
     agent.wait_for_attachments(3).unwrap();
 
@@ -204,11 +196,7 @@ fn killing_and_restarting_the_agent_loses_no_request() {
 #[test]
 fn a_burst_of_changes_becomes_a_few_syncs() {
     let cluster = Cluster::new(Topology::Routed, &[]).unwrap();
-    let api = ApiServer::start(&cluster.node).unwrap();
-    let config = TempDir::new("lb-kubeconfig").unwrap();
-    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
-    api.apply(Kind::Service, service());
-    let mut agent = Agent::start(&cluster.node, &["--kubeconfig", kubeconfig.to_str().unwrap()]).unwrap();
+    let (api, _config, mut agent) = kube_agent(&cluster, &[(Kind::Service, web())], &[]);
     agent.wait_for_log("synced").unwrap();
     let syncs_before = metric(&cluster.node, "kubeproxy_sync_proxy_rules_duration_seconds_count");
     for i in 0..1000u32 {
@@ -224,15 +212,11 @@ fn a_burst_of_changes_becomes_a_few_syncs() {
 #[test]
 fn a_node_being_removed_fails_healthz_but_not_livez() {
     let cluster = Cluster::new(Topology::Routed, &[]).unwrap();
-    let api = ApiServer::start(&cluster.node).unwrap();
-    let config = TempDir::new("lb-kubeconfig").unwrap();
-    let kubeconfig = api.write_kubeconfig(&config.0).unwrap();
     let node = |taints: Value| json!({"metadata": {"name": "node-1"}, "spec": {"taints": taints}});
-    api.apply(Kind::Node, node(json!([])));
-    api.apply(Kind::Node, json!({"metadata": {"name": "other-node"}, "spec": {"taints": [
-        {"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}}));
-    let mut agent =
-        Agent::start(&cluster.node, &["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "node-1"]).unwrap();
+    let other = json!({"metadata": {"name": "other-node"}, "spec": {"taints": [
+        {"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}});
+    let objects = [(Kind::Node, node(json!([]))), (Kind::Node, other)];
+    let (api, _config, mut agent) = kube_agent(&cluster, &objects, &["--node-name", "node-1"]);
     agent.wait_for_log("synced").unwrap();
     let health = |path: &str| {
         let (status, body) = get(&cluster.node, 10256, path);

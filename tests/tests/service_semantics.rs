@@ -2,32 +2,30 @@
 //! (dir source) in the routed netns topology. Needs root.
 use std::{
     collections::BTreeSet,
-    fs,
     net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
 };
 
 use lb_tests::{
     agent::{Agent, TempDir},
+    manifests::{Endpoint, Port, endpoint_slice, service, write_yaml},
     netns::{Cluster, Netns, Topology},
     pods::{PodServer, TCP_PORT, tcp_ask},
 };
+use serde_json::{Value, json};
 
 const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 20), 80);
 
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    fs::write(&tmp, text).unwrap();
-    fs::rename(&tmp, dir.join(name)).unwrap();
+const HTTP: [Port; 1] = [("http", 80, "TCP")];
+const HTTP_TARGET: [Port; 1] = [("http", TCP_PORT, "TCP")];
+
+/// The `sticky` Service; `affinity` goes into its spec.
+fn sticky_service(affinity: Value) -> Value {
+    service("default", "sticky", *VIP.ip(), &HTTP, affinity)
 }
 
-fn service(affinity: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: sticky}}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{{name: http, port: 80}}]\n{affinity}")
-}
-
-fn slice(backends: &[(&str, Ipv4Addr)]) -> String {
-    let endpoints: String = backends.iter().map(|(n, ip)| format!("- addresses: [{ip}]\n  targetRef: {{kind: Pod, name: {n}}}\n")).collect();
-    format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sticky-1, labels: {{kubernetes.io/service-name: sticky}}}}\naddressType: IPv4\nports: [{{name: http, port: {TCP_PORT}}}]\nendpoints:\n{endpoints}")
+fn sticky_slice(backends: &[(&str, Ipv4Addr)]) -> Value {
+    let endpoints: Vec<Endpoint> = backends.iter().map(|(n, ip)| Endpoint::ready(n, *ip)).collect();
+    endpoint_slice("default", "sticky", &HTTP_TARGET, &endpoints)
 }
 
 fn wait_for_affinity(agent: &mut Agent, timeout_s: u32, backends: usize) {
@@ -49,9 +47,9 @@ fn session_affinity_holds_and_can_be_switched_at_run_time() {
     let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
     let client = &cluster.pod("client").netns;
     let manifests = TempDir::new("lb-affinity").unwrap();
-    let on = |timeout: u32| format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n");
-    write(&manifests.0, "service.yaml", &service(&on(60)));
-    write(&manifests.0, "slice.yaml", &slice(&pods));
+    let on = |timeout: u32| json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}}});
+    write_yaml(&manifests.0, "service.yaml", &sticky_service(on(60)));
+    write_yaml(&manifests.0, "slice.yaml", &sticky_slice(&pods));
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     wait_for_affinity(&mut agent, 60, 3);
     agent.wait_for_attachments(4).unwrap();
@@ -60,19 +58,19 @@ fn session_affinity_holds_and_can_be_switched_at_run_time() {
     assert_eq!(sticky.len(), 1, "20 connections with ClientIP affinity reached {sticky:?}");
 
     // Off: connections spread again.
-    write(&manifests.0, "service.yaml", &service(""));
+    write_yaml(&manifests.0, "service.yaml", &sticky_service(json!({})));
     wait_for_affinity(&mut agent, 0, 3);
     assert!(reached(client, 30).len() > 1);
 
     // On again; then the remembered backend leaves the Service: the client
     // gets another backend and sticks to that one.
-    write(&manifests.0, "service.yaml", &service(&on(30)));
+    write_yaml(&manifests.0, "service.yaml", &sticky_service(on(30)));
     wait_for_affinity(&mut agent, 30, 3);
     let sticky = reached(client, 10);
     assert_eq!(sticky.len(), 1);
     let remembered = sticky.into_iter().next().unwrap();
     let rest: Vec<(&str, Ipv4Addr)> = pods.iter().copied().filter(|(n, _)| *n != remembered).collect();
-    write(&manifests.0, "slice.yaml", &slice(&rest));
+    write_yaml(&manifests.0, "slice.yaml", &sticky_slice(&rest));
     wait_for_affinity(&mut agent, 30, 2);
     let after = reached(client, 10);
     assert_eq!(after.len(), 1, "{after:?}");
@@ -85,11 +83,8 @@ fn session_affinity_holds_and_can_be_switched_at_run_time() {
 fn a_service_without_endpoints_refuses_at_once_and_undefined_ports_get_no_answer() {
     let cluster = Cluster::new(Topology::Routed, &["client"]).unwrap();
     let manifests = TempDir::new("lb-reject").unwrap();
-    write(
-        &manifests.0,
-        "empty.yaml",
-        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.30\n  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]\n",
-    );
+    let ports = [("http", 80, "TCP"), ("dns", 53, "UDP")];
+    write_yaml(&manifests.0, "empty.yaml", &service("default", "empty", Ipv4Addr::new(10, 96, 0, 30), &ports, json!({})));
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     agent.wait_for_maps("the empty service", |c| c.frontends().count() == 2).unwrap();
     agent.wait_for_attachments(1).unwrap();
@@ -131,12 +126,13 @@ fn a_udp_flow_survives_the_removal_of_its_backend() {
     let _servers: Vec<PodServer> = cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
     let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..2].iter().map(|p| (p.name.as_str(), p.ip)).collect();
     let dns = |backends: &[(&str, Ipv4Addr)]| {
-        let endpoints: String = backends.iter().map(|(n, ip)| format!("- addresses: [{ip}]\n  targetRef: {{kind: Pod, name: {n}}}\n")).collect();
-        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-1, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{name: dns, port: {}, protocol: UDP}}]\nendpoints:\n{endpoints}", lb_tests::pods::UDP_PORT)
+        let endpoints: Vec<Endpoint> = backends.iter().map(|(n, ip)| Endpoint::ready(n, *ip)).collect();
+        endpoint_slice("default", "dns", &[("dns", lb_tests::pods::UDP_PORT, "UDP")], &endpoints)
     };
     let manifests = TempDir::new("lb-udp").unwrap();
-    write(&manifests.0, "service.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  clusterIP: 10.96.0.53\n  ports: [{name: dns, port: 53, protocol: UDP}]\n");
-    write(&manifests.0, "slice.yaml", &dns(&pods));
+    let dns_service = service("default", "dns", Ipv4Addr::new(10, 96, 0, 53), &[("dns", 53, "UDP")], json!({}));
+    write_yaml(&manifests.0, "service.yaml", &dns_service);
+    write_yaml(&manifests.0, "slice.yaml", &dns(&pods));
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     agent.wait_for_maps("2 UDP backends", |c| c.frontends().any(|(_, b)| b.len() == 2)).unwrap();
     agent.wait_for_attachments(3).unwrap();
@@ -158,7 +154,7 @@ fn a_udp_flow_survives_the_removal_of_its_backend() {
     let first = ask();
     assert_eq!(ask(), first, "the flow keeps its backend");
     let rest: Vec<(&str, Ipv4Addr)> = pods.iter().copied().filter(|(n, _)| *n != first).collect();
-    write(&manifests.0, "slice.yaml", &dns(&rest));
+    write_yaml(&manifests.0, "slice.yaml", &dns(&rest));
     agent.wait_for_maps("1 UDP backend", |c| c.frontends().any(|(_, b)| b.len() == 1)).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     // The agent forgets the flow right after the sync that removed it.
@@ -173,8 +169,8 @@ fn hairpin(topology: Topology) {
     let pod = &cluster.pods[0];
     let _server = PodServer::start(&pod.netns, &pod.name).unwrap();
     let manifests = TempDir::new("lb-hairpin").unwrap();
-    write(&manifests.0, "service.yaml", &service(""));
-    write(&manifests.0, "slice.yaml", &slice(&[(pod.name.as_str(), pod.ip)]));
+    write_yaml(&manifests.0, "service.yaml", &sticky_service(json!({})));
+    write_yaml(&manifests.0, "slice.yaml", &sticky_slice(&[(pod.name.as_str(), pod.ip)]));
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     agent.wait_for_maps("the service", |c| c.frontends().any(|(_, b)| b.len() == 1)).unwrap();
     agent.wait_for_attachments(1).unwrap();
@@ -197,18 +193,6 @@ fn a_pod_reaches_itself_through_its_service_bridged() {
     hairpin(Topology::Bridged);
 }
 
-/// An EndpointSlice entry: (pod, address, ready, terminating). Terminating
-/// endpoints are still serving, as during a pod's grace period.
-fn slice_with_conditions(endpoints: &[(&str, Ipv4Addr, bool, bool)]) -> String {
-    let endpoints: String = endpoints
-        .iter()
-        .map(|(n, ip, ready, terminating)| {
-            format!("- addresses: [{ip}]\n  conditions: {{ready: {ready}, serving: true, terminating: {terminating}}}\n  targetRef: {{kind: Pod, name: {n}}}\n")
-        })
-        .collect();
-    format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sticky-1, labels: {{kubernetes.io/service-name: sticky}}}}\naddressType: IPv4\nports: [{{name: http, port: {TCP_PORT}}}]\nendpoints:\n{endpoints}")
-}
-
 #[test]
 fn a_rolling_replacement_of_every_backend_fails_no_request() {
     use std::sync::{Arc, Mutex, atomic::{AtomicBool, AtomicU64, Ordering}};
@@ -218,12 +202,15 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
         cluster.pods[..6].iter().map(|p| Some(PodServer::start(&p.netns, &p.name).unwrap())).collect();
     let pod = |i: usize| (cluster.pods[i].name.as_str(), cluster.pods[i].ip);
     let manifests = TempDir::new("lb-rolling").unwrap();
-    write(&manifests.0, "service.yaml", &service(""));
+    write_yaml(&manifests.0, "service.yaml", &sticky_service(json!({})));
     // (pod index, ready, terminating) of the slice's endpoints.
     let mut endpoints: Vec<(usize, bool, bool)> = vec![(0, true, false), (1, true, false), (2, true, false)];
     let publish = |endpoints: &[(usize, bool, bool)]| {
-        let list: Vec<_> = endpoints.iter().map(|(i, r, t)| (pod(*i).0, pod(*i).1, *r, *t)).collect();
-        write(&manifests.0, "slice.yaml", &slice_with_conditions(&list));
+        let list: Vec<Endpoint> = endpoints
+            .iter()
+            .map(|(i, ready, terminating)| Endpoint { ready: *ready, terminating: *terminating, ..Endpoint::ready(pod(*i).0, pod(*i).1) })
+            .collect();
+        write_yaml(&manifests.0, "slice.yaml", &endpoint_slice("default", "sticky", &HTTP_TARGET, &list));
     };
     publish(&endpoints);
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
