@@ -23,6 +23,16 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Written by the agent, read by tc: a packet to a service address on a
 /// port no Service defines is dropped, not routed on.
 pub const MAP_SERVICE_ADDRS: &str = "SERVICE_ADDRS";
+/// MAGLEV: index → backend id, an array of `tables × table size` entries.
+/// Table t (1-based in `ServiceValue::maglev_table`) occupies entries
+/// `(t-1)*size .. t*size`. Written by the agent (tables are computed in
+/// userspace), read by tc for new flows of Maglev frontends.
+pub const MAP_MAGLEV: &str = "MAGLEV";
+/// The Maglev table size M, a load-time global of the eBPF object.
+pub const GLOBAL_MAGLEV_TABLE_SIZE: &str = "MAGLEV_TABLE_SIZE";
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+/// How many Maglev tables the MAGLEV map holds by default.
+pub const DEFAULT_MAGLEV_TABLES: u32 = 16;
 /// AFFINITY: `AffinityKey` → `AffinityValue`, LRU. Session affinity
 /// (ClientIP): written and read by tc on new flows; the agent deletes
 /// entries whose backend left the service.
@@ -61,8 +71,8 @@ impl ServiceKey {
     }
 }
 
-/// Slot 0: `backend_count` and `affinity_timeout_s` are set, `backend_id` is 0.
-/// Slot n > 0: `backend_id` is set, the rest is 0.
+/// Slot 0: `backend_count`, `affinity_timeout_s` and `maglev_table` are
+/// set, `backend_id` is 0. Slot n > 0: `backend_id` is set, the rest is 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
@@ -71,16 +81,46 @@ pub struct ServiceValue {
     pub _pad: [u8; 2],
     /// Session affinity (ClientIP) timeout in seconds; 0 is no affinity.
     pub affinity_timeout_s: u32,
+    /// 0: random selection; t > 0: Maglev table t of the MAGLEV map.
+    pub maglev_table: u32,
 }
 
 impl ServiceValue {
-    pub const fn frontend(backend_count: u16, affinity_timeout_s: u32) -> Self {
-        Self { backend_id: 0, backend_count, _pad: [0; 2], affinity_timeout_s }
+    pub const fn frontend(backend_count: u16, affinity_timeout_s: u32, maglev_table: u32) -> Self {
+        Self { backend_id: 0, backend_count, _pad: [0; 2], affinity_timeout_s, maglev_table }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self { backend_id, backend_count: 0, _pad: [0; 2], affinity_timeout_s: 0 }
+        Self { backend_id, backend_count: 0, _pad: [0; 2], affinity_timeout_s: 0, maglev_table: 0 }
     }
+}
+
+/// The hash of a flow that picks its Maglev entry: the same function in
+/// the kernel and in userspace, so the agent (and tests) can tell which
+/// backend a flow will hit. Changing it reshuffles flows on upgrade.
+pub const fn flow_hash(key: &CtKey) -> u32 {
+    let words = [
+        u32::from_be_bytes(key.saddr),
+        u32::from_be_bytes(key.daddr),
+        (u16::from_be_bytes(key.sport) as u32) << 16 | u16::from_be_bytes(key.dport) as u32,
+        key.protocol as u32,
+    ];
+    // murmur3's 32-bit mixing over the four words, then its finaliser.
+    let mut h: u32 = 0x9747_b28c;
+    let mut i = 0;
+    while i < words.len() {
+        let mut k = words[i].wrapping_mul(0xcc9e_2d51);
+        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= 16;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// A client of a frontend, for session affinity.
@@ -265,7 +305,7 @@ pub mod counter {
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 12);
-    assert!(core::mem::size_of::<ServiceValue>() == 12);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<AffinityKey>() == 12);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);

@@ -1,13 +1,14 @@
 //! The map statics. Layouts, names and roles are documented in lb-common;
 //! sizes here are defaults the agent overrides at load time.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
-    DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_SERVICES_MAX_ENTRIES,
-    ServiceKey, ServiceValue, TrafficCounter, counter,
+    DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE,
+    DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue, TrafficCounter,
+    counter,
 };
 
 #[btf_map]
@@ -28,6 +29,19 @@ pub static SERVICE_ADDRS: HashMap<[u8; 4], u32, { DEFAULT_SERVICES_MAX_ENTRIES a
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+#[btf_map]
+pub static MAGLEV: Array<u32, { (DEFAULT_MAGLEV_TABLES * DEFAULT_MAGLEV_TABLE_SIZE) as usize }> = Array::new();
+
+/// The Maglev table size M; the agent sets it at load time.
+#[unsafe(no_mangle)]
+static MAGLEV_TABLE_SIZE: u32 = DEFAULT_MAGLEV_TABLE_SIZE;
+
+#[inline(always)]
+pub fn maglev_table_size() -> u32 {
+    // SAFETY: a global the loader may have rewritten; read it as such.
+    unsafe { core::ptr::read_volatile(&MAGLEV_TABLE_SIZE) }
+}
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<TrafficCounter, { counter::COUNT as usize }> = PerCpuArray::new();

@@ -3,11 +3,11 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN,
     CT_DIRECTION_HAIRPIN_REPLY, CT_DIRECTION_REVERSE_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, CtKey, CtValue, ServiceKey, ct_timeout,
+    CT_STATE_NEW, CtKey, CtValue, ServiceKey, ct_timeout, flow_hash,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICE_ADDRS, SERVICES},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, SERVICE_ADDRS, SERVICES, maglev_table_size},
     parse::Packet,
 };
 
@@ -112,7 +112,8 @@ pub fn classify(packet: &Packet) -> Verdict {
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
         return Verdict::UnknownPort;
     };
-    let (count, affinity_timeout_s) = (service.backend_count, service.affinity_timeout_s);
+    let (count, affinity_timeout_s, maglev_table) =
+        (service.backend_count, service.affinity_timeout_s, service.maglev_table);
     let now = clock();
     if count == 0 {
         return Verdict::NoBackend;
@@ -129,7 +130,11 @@ pub fn classify(packet: &Packet) -> Verdict {
     } else {
         affinity_backend(&affinity, now, u64::from(affinity_timeout_s) * 1_000_000_000)
     };
-    let Some((backend_id, backend)) = remembered.or_else(|| random_backend(&frontend, count)) else {
+    let picked = remembered.or_else(|| match maglev_table {
+        0 => random_backend(&frontend, count),
+        table => maglev_backend(table, &key),
+    });
+    let Some((backend_id, backend)) = picked else {
         return Verdict::NoBackend;
     };
     if affinity_timeout_s != 0 {
@@ -174,6 +179,20 @@ fn affinity_backend(key: &AffinityKey, now: u64, timeout_ns: u64) -> Option<(u32
         return None;
     }
     // SAFETY: as above.
+    let backend = unsafe { BACKENDS.get(&backend_id) }?;
+    Some((backend_id, *backend))
+}
+
+/// The backend Maglev table `table` (1-based) gives this flow.
+#[inline(always)]
+fn maglev_backend(table: u32, key: &CtKey) -> Option<(u32, Backend)> {
+    let size = maglev_table_size();
+    if size == 0 {
+        return None;
+    }
+    let index = (table - 1) * size + flow_hash(key) % size;
+    let backend_id = *MAGLEV.get(index)?;
+    // SAFETY: plain data, as in `classify`.
     let backend = unsafe { BACKENDS.get(&backend_id) }?;
     Some((backend_id, *backend))
 }

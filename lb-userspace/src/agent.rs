@@ -21,7 +21,8 @@ use crate::{
     dir_source::DirSource,
     interfaces::{self, PodInterfaces},
     kube_source::{Connection, KubeSource},
-    model::{Snapshot, desired_state},
+    model::{ModelOptions, Snapshot, desired_state},
+    plan::MaglevConfig,
     reconcile::Reconciler,
     status::{self, Health, Metrics},
 };
@@ -37,7 +38,7 @@ pub enum SourceConfig {
 
 pub struct AgentConfig {
     pub source: SourceConfig,
-    pub proxy_name: Option<String>,
+    pub model: ModelOptions,
     pub pod_interfaces: PodInterfaces,
     pub pin_path: PathBuf,
     pub map_sizes: MapSizes,
@@ -89,7 +90,8 @@ impl Source {
 struct Agent {
     datapath: Datapath,
     reconciler: Reconciler,
-    proxy_name: Option<String>,
+    model: ModelOptions,
+    maglev: MaglevConfig,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     /// Object errors already logged, so a sync logs only new ones.
@@ -127,8 +129,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let mut agent = Agent {
         datapath,
-        reconciler: Reconciler::new(adopted),
-        proxy_name: config.proxy_name,
+        reconciler: Reconciler::new(adopted, config.map_sizes.maglev),
+        model: config.model,
+        maglev: config.map_sizes.maglev,
         health,
         metrics,
         reported: BTreeSet::new(),
@@ -170,7 +173,7 @@ impl Agent {
         let desired = desired_state(
             snapshot.services.iter().map(AsRef::as_ref),
             snapshot.slices.iter().map(AsRef::as_ref),
-            self.proxy_name.as_deref(),
+            &self.model,
         );
         let duplicates = snapshot.duplicates.iter().map(|(object, ignored, kept)| {
             format!("{}: {object}: also defined in {}; this copy is ignored", ignored.display(), kept.display())
@@ -220,7 +223,7 @@ impl Agent {
                 error!("sync failed: {e}");
                 self.metrics.sync_failures.inc();
                 if let Ok(actual) = self.datapath.maps.read_contents() {
-                    self.reconciler = Reconciler::new(actual);
+                    self.reconciler = Reconciler::new(actual, self.maglev);
                 }
             }
         }

@@ -124,6 +124,15 @@ pub struct RunArgs {
     /// Size of the connection-tracking map (two entries per flow).
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES)]
     pub conntrack_max_entries: u32,
+    /// Backend selection for Services without the service.lb.io/lb-algorithm annotation.
+    #[arg(long, value_enum, default_value = "random")]
+    pub lb_algorithm: crate::model::Algorithm,
+    /// Entries per Maglev table: a prime, such as 16381 or 65521.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE)]
+    pub maglev_table_size: u32,
+    /// How many Service ports can use Maglev; further ones fall back to random.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLES)]
+    pub maglev_tables: u32,
     /// Size of the session-affinity map (one entry per client and Service port).
     #[arg(long, default_value_t = lb_common::DEFAULT_AFFINITY_MAX_ENTRIES)]
     pub affinity_max_entries: u32,

@@ -3,7 +3,7 @@
 //!
 //! Pin layout under the pin path (default /sys/fs/bpf/lb):
 //!   SERVICES, BACKENDS, SERVICE_ADDRS,
-//!   CONNTRACK, AFFINITY, COUNTERS             the maps
+//!   CONNTRACK, AFFINITY, MAGLEV, COUNTERS     the maps
 //!   tc_from_pod                               the program
 //!   links/if_<ifindex>                        one TCX link per pod interface
 //! Pinned maps are adopted by the next agent, and pinned links keep the
@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -26,13 +26,13 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_COUNTERS, MAP_SERVICE_ADDRS, MAP_SERVICES, PROG_FROM_POD, ServiceKey, ServiceValue, TrafficCounter,
-    counter,
+    GLOBAL_MAGLEV_TABLE_SIZE, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES, PROG_FROM_POD,
+    ServiceKey, ServiceValue, TrafficCounter, counter,
 };
 
 use crate::{
     interfaces::Interface,
-    plan::{MapContents, MapOp, stale_affinity},
+    plan::{MaglevConfig, MapContents, MapOp, stale_affinity},
     reconcile::MapWriter,
 };
 
@@ -67,6 +67,7 @@ pub struct MapSizes {
     pub backends: u32,
     pub conntrack: u32,
     pub affinity: u32,
+    pub maglev: MaglevConfig,
 }
 
 impl Default for MapSizes {
@@ -76,6 +77,7 @@ impl Default for MapSizes {
             backends: lb_common::DEFAULT_BACKENDS_MAX_ENTRIES,
             conntrack: lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES,
             affinity: lb_common::DEFAULT_AFFINITY_MAX_ENTRIES,
+            maglev: MaglevConfig::default(),
         }
     }
 }
@@ -87,6 +89,9 @@ pub struct Maps {
     pub service_addrs: HashMap<MapData, [u8; 4], u32>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub maglev: Array<MapData, u32>,
+    /// Entries per Maglev table, as loaded (0 when opened from pins).
+    maglev_table_size: u32,
     pub counters: PerCpuArray<MapData, TrafficCounter>,
 }
 
@@ -95,7 +100,7 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError 
 }
 
 impl Maps {
-    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+    fn take(ebpf: &mut Ebpf, maglev_table_size: u32) -> Result<Self, DatapathError> {
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or(DatapathError::Map {
                 name,
@@ -108,6 +113,8 @@ impl Maps {
             service_addrs: HashMap::try_from(take(MAP_SERVICE_ADDRS)?).map_err(map_err(MAP_SERVICE_ADDRS))?,
             conntrack: HashMap::try_from(take(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
+            maglev: Array::try_from(take(MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
+            maglev_table_size,
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
         })
     }
@@ -123,6 +130,8 @@ impl Maps {
             conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
                 .map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?)).map_err(map_err(MAP_AFFINITY))?,
+            maglev: Array::try_from(Map::Array(open(MAP_MAGLEV)?)).map_err(map_err(MAP_MAGLEV))?,
+            maglev_table_size: 0,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))
                 .map_err(map_err(MAP_COUNTERS))?,
         })
@@ -212,6 +221,13 @@ impl MapWriter for Maps {
             MapOp::DeleteBackend(id) => self.backends.remove(id),
             MapOp::PutAddr(addr, frontends) => self.service_addrs.insert(addr, frontends, 0),
             MapOp::DeleteAddr(addr) => self.service_addrs.remove(addr),
+            MapOp::PutMaglevTable(table, entries) => {
+                let base = (table - 1) * self.maglev_table_size;
+                for (i, backend_id) in entries.iter().enumerate() {
+                    self.maglev.set(base + i as u32, backend_id, 0)?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -267,13 +283,15 @@ impl Datapath {
             .map_max_entries(MAP_SERVICE_ADDRS, sizes.services)
             .map_max_entries(MAP_BACKENDS, sizes.backends)
             .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
-            .map_max_entries(MAP_AFFINITY, sizes.affinity);
+            .map_max_entries(MAP_AFFINITY, sizes.affinity)
+            .map_max_entries(MAP_MAGLEV, sizes.maglev.tables * sizes.maglev.table_size)
+            .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true);
         if let Some(dir) = pin_path {
             ensure_bpffs(dir)?;
             for sub in [dir.to_owned(), dir.join("links")] {
                 fs::create_dir_all(&sub).map_err(|source| DatapathError::PinDir { path: sub.clone(), source })?;
             }
-            for name in [MAP_SERVICES, MAP_BACKENDS, MAP_SERVICE_ADDRS, MAP_CONNTRACK, MAP_AFFINITY, MAP_COUNTERS] {
+            for name in [MAP_SERVICES, MAP_BACKENDS, MAP_SERVICE_ADDRS, MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_COUNTERS] {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
@@ -287,7 +305,7 @@ impl Datapath {
             let _ = fs::remove_file(&path);
             program.pin(&path).map_err(|source| DatapathError::Pin { path, source })?;
         }
-        let maps = Maps::take(&mut ebpf)?;
+        let maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
         Ok(Self { ebpf, maps, pin_path: pin_path.map(Path::to_owned), attached: BTreeMap::new() })
     }
 

@@ -19,6 +19,8 @@ pub struct ServiceRow {
     pub protocol: String,
     /// ClientIP session affinity timeout; 0 is none.
     pub affinity_timeout_seconds: u32,
+    /// "random", or "maglev" (with its table number).
+    pub algorithm: String,
     pub backends: Vec<BackendRow>,
 }
 
@@ -32,6 +34,10 @@ pub fn service_rows(contents: &MapContents) -> Vec<ServiceRow> {
             port: u16::from_be_bytes(key.port),
             protocol: Protocol::from_number(key.protocol).map_or_else(|| key.protocol.to_string(), |p| p.to_string()),
             affinity_timeout_seconds: value.affinity_timeout_s,
+            algorithm: match value.maglev_table {
+                0 => "random".to_owned(),
+                table => format!("maglev #{table}"),
+            },
             backends: contents
                 .slots_of(key)
                 .into_iter()
@@ -81,7 +87,7 @@ pub fn stats_table(stats: &Stats) -> String {
 }
 
 pub fn services_table(rows: &[ServiceRow]) -> String {
-    let mut out = format!("{:<26} {:>8}  {:<16} {}\n", "FRONTEND", "BACKENDS", "AFFINITY", "ADDRESSES");
+    let mut out = format!("{:<26} {:>8}  {:<10} {:<16} {}\n", "FRONTEND", "BACKENDS", "ALGORITHM", "AFFINITY", "ADDRESSES");
     for row in rows {
         let frontend = format!("{}:{}/{}", row.address, row.port, row.protocol);
         let affinity = match row.affinity_timeout_seconds {
@@ -89,7 +95,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             t => format!("ClientIP {t}s"),
         };
         let addrs: Vec<String> = row.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect();
-        out += &format!("{:<26} {:>8}  {:<16} {}\n", frontend, row.backends.len(), affinity, addrs.join(", "));
+        out += &format!("{:<26} {:>8}  {:<10} {:<16} {}\n", frontend, row.backends.len(), row.algorithm, affinity, addrs.join(", "));
     }
     out
 }

@@ -7,6 +7,7 @@ pub mod dir_source;
 pub mod inspect;
 pub mod interfaces;
 pub mod kube_source;
+pub mod maglev;
 pub mod manifest;
 pub mod model;
 pub mod plan;

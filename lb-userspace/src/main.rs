@@ -7,6 +7,8 @@ use lb_userspace::{
     inspect,
     interfaces::PodInterfaces,
     kube_source::Connection,
+    model::ModelOptions,
+    plan::MaglevConfig,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -59,9 +61,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             args.node_name,
         ),
     };
+    anyhow::ensure!(
+        lb_userspace::maglev::is_prime(args.maglev_table_size),
+        "--maglev-table-size {} is not a prime (try 16381 or 65521)",
+        args.maglev_table_size
+    );
     let config = AgentConfig {
         source,
-        proxy_name: args.proxy_name,
+        model: ModelOptions { proxy_name: args.proxy_name, algorithm: args.lb_algorithm },
         min_sync_period: args.min_sync_period,
         healthz_addr: args.healthz_addr.0,
         metrics_addr: args.metrics_addr.0,
@@ -73,6 +80,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             backends: args.backends_max_entries,
             conntrack: args.conntrack_max_entries,
             affinity: args.affinity_max_entries,
+            maglev: MaglevConfig { table_size: args.maglev_table_size, tables: args.maglev_tables },
         },
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(config))

@@ -99,6 +99,30 @@ pub struct ServicePort {
     pub backends: BTreeSet<SocketAddrV4>,
     /// Session affinity (ClientIP) timeout in seconds; 0 is none.
     pub affinity_timeout_s: u32,
+    pub algorithm: Algorithm,
+}
+
+/// How a frontend picks a backend for a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Algorithm {
+    /// Uniformly at random.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the flow: the same flow picks the same
+    /// backend on every node and after backend changes, mostly.
+    Maglev,
+}
+
+/// Per-Service choice of algorithm, overriding `--lb-algorithm`.
+pub const ALGORITHM_ANNOTATION: &str = "service.lb.io/lb-algorithm";
+
+/// What the model needs besides the objects.
+#[derive(Clone, Debug, Default)]
+pub struct ModelOptions {
+    /// Our `--proxy-name`: Services labelled for another proxy are skipped.
+    pub proxy_name: Option<String>,
+    /// `--lb-algorithm`, for Services without the annotation.
+    pub algorithm: Algorithm,
 }
 
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -197,13 +221,13 @@ fn backends_of(slice_ports: &[SlicePort], port: &PortSpec) -> BTreeSet<SocketAdd
     if ready.is_empty() { pick(|e| e.serving_terminating) } else { ready }
 }
 
-/// Computes the desired state of the datapath. `proxy_name` is our
-/// `--proxy-name`: Services labelled for another proxy are skipped.
+/// Computes the desired state of the datapath.
 pub fn desired_state<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    proxy_name: Option<&str>,
+    options: &ModelOptions,
 ) -> DesiredState {
+    let proxy_name = options.proxy_name.as_deref();
     let mut errors = Vec::new();
     let endpoints = endpoints_by_service(slices, proxy_name, &mut errors);
 
@@ -232,6 +256,20 @@ pub fn desired_state<'a>(
         else {
             continue;
         };
+        let annotation = service.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION));
+        let algorithm = match annotation.map(String::as_str) {
+            None => options.algorithm,
+            Some("random") => Algorithm::Random,
+            Some("maglev") => Algorithm::Maglev,
+            Some(other) => {
+                fail(
+                    &mut errors,
+                    format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
+                    format!("{other:?} is not random or maglev; using {:?}", options.algorithm),
+                );
+                options.algorithm
+            }
+        };
         let key = (object.namespace.clone(), object.name.clone());
         let slice_ports = endpoints.get(&key).map(Vec::as_slice).unwrap_or_default();
 
@@ -254,6 +292,7 @@ pub fn desired_state<'a>(
                         frontend,
                         backends: backends.clone(),
                         affinity_timeout_s,
+                        algorithm,
                     },
                 );
             }
@@ -421,7 +460,7 @@ mod tests {
                 Object::EndpointSlice(s) => slices.push((*s).clone()),
             }
         }
-        desired_state(&services, &slices, Some("lb"))
+        desired_state(&services, &slices, &ModelOptions { proxy_name: Some("lb".into()), algorithm: Algorithm::Random })
     }
 
     fn backends(state: &DesiredState, frontend: &str) -> Vec<String> {
@@ -625,6 +664,21 @@ endpoints: [{addresses: [10.0.0.1]}]
         );
         let fields: Vec<&str> = state.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["spec.sessionAffinity", "spec.sessionAffinityConfig.clientIP.timeoutSeconds"]);
+    }
+
+    #[test]
+    fn the_algorithm_annotation_overrides_the_default() {
+        let service = |name: &str, ip: &str, annotation: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}{annotation}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n")
+        };
+        let state = desired(&[
+            service("plain", "10.96.0.1", ""),
+            service("hashed", "10.96.0.2", ", annotations: {service.lb.io/lb-algorithm: maglev}"),
+            service("odd", "10.96.0.3", ", annotations: {service.lb.io/lb-algorithm: roundrobin}"),
+        ].concat());
+        let algorithms: Vec<Algorithm> = state.services.iter().map(|s| s.algorithm).collect();
+        assert_eq!(algorithms, [Algorithm::Random, Algorithm::Maglev, Algorithm::Random]);
+        assert_eq!(state.errors[0].field, "metadata.annotations[service.lb.io/lb-algorithm]");
     }
 
     #[test]

@@ -14,7 +14,25 @@ use std::{
 
 use lb_common::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue};
 
-use crate::model::ServicePort;
+use crate::{
+    maglev,
+    model::{Algorithm, ServicePort},
+};
+
+/// `--maglev-table-size` and `--maglev-tables`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevConfig {
+    /// Entries per table, a prime.
+    pub table_size: u32,
+    /// How many tables the MAGLEV map holds.
+    pub tables: u32,
+}
+
+impl Default for MaglevConfig {
+    fn default() -> Self {
+        Self { table_size: lb_common::DEFAULT_MAGLEV_TABLE_SIZE, tables: lb_common::DEFAULT_MAGLEV_TABLES }
+    }
+}
 
 /// The exact contents of the SERVICES, BACKENDS and SERVICE_ADDRS maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -34,6 +52,8 @@ pub enum MapOp {
     DeleteBackend(u32),
     PutAddr([u8; 4], u32),
     DeleteAddr([u8; 4]),
+    /// Fill Maglev table `table` (1-based) with these backend ids.
+    PutMaglevTable(u32, Vec<u32>),
 }
 
 impl MapContents {
@@ -57,6 +77,8 @@ impl MapContents {
             MapOp::DeleteAddr(addr) => {
                 self.addrs.remove(addr);
             }
+            // Tables follow from a frontend's backends; they are not kept.
+            MapOp::PutMaglevTable(..) => {}
         }
     }
 
@@ -88,10 +110,14 @@ pub fn backend_value(addr: &SocketAddrV4) -> Backend {
 
 /// What the maps should hold for `desired`, given what they hold now.
 ///
-/// Backend ids and slot positions already in use are kept, so a sync writes
-/// only what changed. A new backend never takes an id that is still in the
-/// current maps: a slot of another service might still name it.
-pub fn target_contents(desired: &[ServicePort], current: &MapContents) -> MapContents {
+/// Backend ids, slot positions and Maglev tables already in use are kept,
+/// so a sync writes only what changed. A new backend never takes an id, nor
+/// a Maglev frontend a table, that is still in the current maps: another
+/// frontend might still name it. Maglev frontends beyond `maglev.tables`
+/// fall back to random selection.
+pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: MaglevConfig) -> MapContents {
+    let tables_in_use: BTreeSet<u32> = current.services.values().map(|v| v.maglev_table).filter(|t| *t != 0).collect();
+    let mut free_tables = (1..=maglev.tables).filter(|t| !tables_in_use.contains(t));
     let mut ids: BTreeMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
     let mut next_id = 1u32;
     let mut target = MapContents::default();
@@ -112,7 +138,14 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents) -> MapCon
         }
         *target.addrs.entry(frontend.vip).or_default() += 1;
         let slots = assign_slots(&current.slots_of(&frontend), &wanted_ids);
-        target.services.insert(frontend, ServiceValue::frontend(slots.len() as u16, service.affinity_timeout_s));
+        let table = match service.algorithm {
+            Algorithm::Random => 0,
+            Algorithm::Maglev => match current.services.get(&frontend).map_or(0, |v| v.maglev_table) {
+                0 => free_tables.next().unwrap_or(0),
+                kept => kept,
+            },
+        };
+        target.services.insert(frontend, ServiceValue::frontend(slots.len() as u16, service.affinity_timeout_s, table));
         for (i, id) in slots.iter().enumerate() {
             target.services.insert(frontend.with_slot(i as u16 + 1), ServiceValue::slot(*id));
         }
@@ -171,9 +204,19 @@ fn assign_slots(current: &[u32], wanted: &BTreeSet<u32>) -> Vec<u32> {
     slots.into_iter().map(|s| s.or_else(|| rest.next().copied())).collect::<Option<Vec<_>>>().unwrap_or_default()
 }
 
+/// The entries of a Maglev table for these backend ids (in any order).
+pub fn maglev_entries(contents: &MapContents, backend_ids: &BTreeSet<u32>, table_size: u32) -> Vec<u32> {
+    // Ordered by address, so the table does not depend on id assignment.
+    let mut by_address: Vec<(Backend, u32)> =
+        backend_ids.iter().filter_map(|id| contents.backends.get(id).map(|b| (*b, *id))).collect();
+    by_address.sort();
+    let backends: Vec<Backend> = by_address.iter().map(|(b, _)| *b).collect();
+    maglev::table(&backends, table_size).into_iter().map(|i| by_address[i as usize].1).collect()
+}
+
 /// The writes that turn `current` into `target`, in an order where every
 /// prefix leaves each frontend whole.
-pub fn plan(current: &MapContents, target: &MapContents) -> Vec<MapOp> {
+pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -> Vec<MapOp> {
     let mut ops = Vec::new();
     for (id, backend) in &target.backends {
         if current.backends.get(id) != Some(backend) {
@@ -184,6 +227,15 @@ pub fn plan(current: &MapContents, target: &MapContents) -> Vec<MapOp> {
     for (k, v) in target.services.iter().filter(|(k, _)| k.slot != 0) {
         if changed(k, v) {
             ops.push(MapOp::PutService(*k, *v));
+        }
+    }
+    // A Maglev table is (re)filled before its frontend names it, whenever
+    // the frontend is new to it or its backends changed.
+    for (k, v) in target.services.iter().filter(|(k, v)| k.slot == 0 && v.maglev_table != 0) {
+        let ids: BTreeSet<u32> = target.slots_of(k).into_iter().collect();
+        let same_table = current.services.get(k).is_some_and(|c| c.maglev_table == v.maglev_table);
+        if !same_table || ids != current.slots_of(k).into_iter().collect() {
+            ops.push(MapOp::PutMaglevTable(v.maglev_table, maglev_entries(target, &ids, maglev.table_size)));
         }
     }
     for (k, v) in target.services.iter().filter(|(k, _)| k.slot == 0) {
@@ -219,8 +271,11 @@ mod tests {
             frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip), port: 80, protocol: Protocol::Tcp },
             backends: backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, *b), 8080)).collect(),
             affinity_timeout_s: 0,
+            algorithm: Algorithm::Random,
         }
     }
+
+    const MAGLEV: MaglevConfig = MaglevConfig { table_size: 13, tables: 2 };
 
     /// Every frontend's slots exist and name existing backends, and a listed
     /// service address has its frontends.
@@ -239,8 +294,8 @@ mod tests {
 
     /// Applies a sync op by op, checking the invariant after each write.
     fn sync(current: &MapContents, desired: &[ServicePort]) -> (MapContents, Vec<MapOp>) {
-        let target = target_contents(desired, current);
-        let ops = plan(current, &target);
+        let target = target_contents(desired, current, MAGLEV);
+        let ops = plan(current, &target, MAGLEV);
         let mut maps = current.clone();
         for op in &ops {
             maps.apply(op);
@@ -297,6 +352,7 @@ mod tests {
                 MapOp::DeleteService(..) => "delete-slot",
                 MapOp::DeleteBackend(..) => "delete-backend",
                 MapOp::PutAddr(..) | MapOp::DeleteAddr(..) => "addr",
+                MapOp::PutMaglevTable(..) => "maglev",
             })
             .collect();
         assert_eq!(kinds, ["put-slot", "put-frontend", "delete-slot", "delete-backend"]);
@@ -339,10 +395,30 @@ mod tests {
             ..service(vip, backends)
         };
         let (before, _) = sync(&MapContents::default(), &[udp(1, &[1, 2]), udp(2, &[3]), service(3, &[4])]);
-        let target = target_contents(&[udp(1, &[2]), service(3, &[])], &before);
+        let target = target_contents(&[udp(1, &[2]), service(3, &[])], &before, MAGLEV);
         let lost: Vec<(u8, u8)> =
             lost_udp_backends(&before, &target).iter().map(|(f, b)| (f.vip[3], b.addr[3])).collect();
         assert_eq!(lost, [(1, 1), (2, 3)], "a removed backend, and the backend of a deleted frontend");
+    }
+
+    #[test]
+    fn maglev_tables_are_filled_before_use_kept_while_unchanged_and_limited_in_number() {
+        let hashed = |vip, backends: &[u8]| ServicePort { algorithm: Algorithm::Maglev, ..service(vip, backends) };
+        let (maps, ops) = sync(&MapContents::default(), &[hashed(1, &[1, 2]), hashed(2, &[3]), hashed(3, &[4])]);
+        let table_of = |m: &MapContents, vip: u8| m.services[&ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0)].maglev_table;
+        assert_eq!((table_of(&maps, 1), table_of(&maps, 2), table_of(&maps, 3)), (1, 2, 0), "two tables, then random");
+        let fill = ops.iter().position(|op| matches!(op, MapOp::PutMaglevTable(1, _))).unwrap();
+        let named = ops.iter().position(|op| matches!(op, MapOp::PutService(k, v) if k.slot == 0 && v.maglev_table == 1)).unwrap();
+        assert!(fill < named, "table filled before the frontend names it");
+        let MapOp::PutMaglevTable(_, entries) = &ops[fill] else { unreachable!() };
+        assert_eq!(entries.len(), 13);
+        assert_eq!(entries.iter().collect::<BTreeSet<_>>(), maps.slots_of(&ServiceKey::new([10, 96, 0, 1], 80u16.to_be_bytes(), 6, 0)).iter().collect());
+
+        // Unchanged: nothing to write. One backend fewer: only that table.
+        assert!(sync(&maps, &[hashed(1, &[1, 2]), hashed(2, &[3]), hashed(3, &[4])]).1.is_empty());
+        let (_, ops) = sync(&maps, &[hashed(1, &[2]), hashed(2, &[3]), hashed(3, &[4])]);
+        let tables: Vec<u32> = ops.iter().filter_map(|op| if let MapOp::PutMaglevTable(t, _) = op { Some(*t) } else { None }).collect();
+        assert_eq!(tables, [1]);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use lb_common::{Backend, ServiceKey};
 
 use crate::{
     model::ServicePort,
-    plan::{MapContents, MapOp, lost_udp_backends, plan, target_contents},
+    plan::{MaglevConfig, MapContents, MapOp, lost_udp_backends, plan, target_contents},
 };
 
 /// Where map writes go: the real maps, or a fake in tests.
@@ -35,12 +35,13 @@ pub struct SyncOutcome {
 /// Keeps a copy of what the maps hold, so a sync writes only the difference.
 pub struct Reconciler {
     current: MapContents,
+    maglev: MaglevConfig,
 }
 
 impl Reconciler {
     /// Starts from what the maps hold now (adopted pinned maps, or empty).
-    pub fn new(current: MapContents) -> Self {
-        Self { current }
+    pub fn new(current: MapContents, maglev: MaglevConfig) -> Self {
+        Self { current, maglev }
     }
 
     pub fn current(&self) -> &MapContents {
@@ -51,8 +52,8 @@ impl Reconciler {
     /// write, the writes before it stay (each prefix of the plan is
     /// consistent) and the next sync carries on from there.
     pub fn sync<W: MapWriter>(&mut self, desired: &[ServicePort], maps: &mut W) -> Result<SyncOutcome, SyncError<W::Error>> {
-        let target = target_contents(desired, &self.current);
-        let ops = plan(&self.current, &target);
+        let target = target_contents(desired, &self.current, self.maglev);
+        let ops = plan(&self.current, &target, self.maglev);
         let lost_udp_backends = lost_udp_backends(&self.current, &target);
         for (done, op) in ops.iter().enumerate() {
             maps.write(op).map_err(|source| SyncError { op: op.clone(), done, total: ops.len(), source })?;

@@ -10,7 +10,8 @@ use lb_common::{
 use lb_tests::packet::{self, ACK, SYN, Seen, Spec};
 use lb_userspace::{
     datapath::{Datapath, MapSizes},
-    model::{Frontend, Protocol, ServicePort},
+    model::{Algorithm, Frontend, Protocol, ServicePort},
+    plan::{MaglevConfig, maglev_entries},
     reconcile::Reconciler,
 };
 
@@ -31,6 +32,7 @@ fn service(vip_port: u16, protocol: Protocol, backends: &[[u8; 4]]) -> ServicePo
         frontend: Frontend { addr: Ipv4Addr::from(VIP), port: vip_port, protocol },
         backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
         affinity_timeout_s: 0,
+        algorithm: Algorithm::Random,
     }
 }
 
@@ -45,7 +47,7 @@ impl Harness {
 
     fn with_sizes(services: &[ServicePort], sizes: MapSizes) -> Self {
         let mut datapath = Datapath::load(None, sizes).expect("load datapath (needs root)");
-        Reconciler::new(Default::default()).sync(services, &mut datapath.maps).expect("seed maps");
+        Reconciler::new(Default::default(), sizes.maglev).sync(services, &mut datapath.maps).expect("seed maps");
         Self { datapath }
     }
 
@@ -243,7 +245,7 @@ fn a_syn_on_a_stale_entry_picks_among_the_current_backends() {
     let flow = |flags| Spec::tcp(addr(CLIENT, 40000), addr(VIP, 80), flags);
     assert_eq!(h.run_spec(&flow(SYN)).1.dst, addr(old, 8080));
     // The old backend leaves the service; the client reuses its source port.
-    let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap());
+    let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap(), MaglevConfig::default());
     reconciler.sync(&[service(80, Protocol::Tcp, &[new])], &mut h.datapath.maps).unwrap();
     assert_eq!(h.run_spec(&flow(SYN)).1.dst, addr(new, 8080));
     assert_eq!(h.run_spec(&flow(ACK)).1.dst, addr(new, 8080));
@@ -321,7 +323,7 @@ fn udp_flows_of_a_removed_backend_move_to_a_live_one() {
     let mut h = Harness::new(&[service(53, Protocol::Udp, &[gone])]);
     let flow = Spec::udp(addr(CLIENT, 50000), addr(VIP, 53));
     assert_eq!(h.run_spec(&flow).1.dst, addr(gone, 8080));
-    let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap());
+    let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap(), MaglevConfig::default());
     let outcome = reconciler.sync(&[service(53, Protocol::Udp, &[live])], &mut h.datapath.maps).unwrap();
     assert_eq!(h.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends), 1);
     assert_eq!(h.datapath.maps.conntrack_entries(), 0, "both directions forgotten");
@@ -447,4 +449,52 @@ fn a_pod_reaching_itself_through_a_service_is_hairpinned_both_ways() {
     assert_eq!((reply.src, reply.dst), (vip, client), "the reply comes from the service, to the pod");
     assert_checksums(&reply);
     assert_eq!((h.counter(counter::DNAT_NEW), h.counter(counter::DNAT_ESTABLISHED), h.counter(counter::REVERSE_NAT)), (1, 1, 1));
+}
+
+/// Which backend the Maglev table of `vip:port` gives `flow`, computed in
+/// userspace from the same hash and table the kernel uses.
+fn predicted(h: &Harness, flow: &CtKey) -> [u8; 4] {
+    let contents = h.datapath.maps.read_contents().unwrap();
+    let frontend = lb_common::ServiceKey::new(flow.daddr, flow.dport, flow.protocol, 0);
+    let ids = contents.slots_of(&frontend).into_iter().collect();
+    let size = MaglevConfig::default().table_size;
+    let table = maglev_entries(&contents, &ids, size);
+    contents.backends[&table[(lb_common::flow_hash(flow) % size) as usize]].addr
+}
+
+#[test]
+fn maglev_sends_each_flow_where_its_table_entry_says_every_time() {
+    let hashed = ServicePort { algorithm: Algorithm::Maglev, ..service(80, Protocol::Tcp, &BACKENDS3) };
+    let mut h = Harness::new(&[hashed]);
+    let mut reached = std::collections::BTreeSet::new();
+    for port in 30000..30060u16 {
+        let (client, vip) = (addr(CLIENT, port), addr(VIP, 80));
+        let expected = addr(predicted(&h, &ct_key(client, vip, packet::TCP)), 8080);
+        for _ in 0..3 {
+            // Every SYN selects anew: with Maglev, always the same backend.
+            assert_eq!(h.run_spec(&Spec::tcp(client, vip, SYN)).1.dst, expected, "port {port}");
+        }
+        reached.insert(expected);
+    }
+    assert_eq!(reached.len(), 3, "60 flows spread over the 3 backends");
+}
+
+#[test]
+fn with_maglev_removing_a_backend_moves_only_its_flows() {
+    let hashed = |backends: &[[u8; 4]]| ServicePort { algorithm: Algorithm::Maglev, ..service(80, Protocol::Tcp, backends) };
+    let mut h = Harness::new(&[hashed(&BACKENDS3)]);
+    let flows: Vec<SocketAddrV4> = (0..300u16).map(|i| addr([10, 244, 3, (i % 250) as u8], 30000 + i)).collect();
+    let before: Vec<SocketAddrV4> = flows.iter().map(|c| h.run_spec(&Spec::tcp(*c, addr(VIP, 80), SYN)).1.dst).collect();
+    let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap(), MaglevConfig::default());
+    reconciler.sync(&[hashed(&BACKENDS3[..2])], &mut h.datapath.maps).unwrap();
+    let removed = addr(BACKENDS3[2], 8080);
+    let (mut kept, mut moved) = (0, 0);
+    for (client, old) in flows.iter().zip(&before) {
+        let now = h.run_spec(&Spec::tcp(*client, addr(VIP, 80), SYN)).1.dst;
+        assert_ne!(now, removed);
+        if *old != removed {
+            if now == *old { kept += 1 } else { moved += 1 }
+        }
+    }
+    assert!(moved * 20 <= kept + moved, "{moved} of {} flows on remaining backends moved", kept + moved);
 }

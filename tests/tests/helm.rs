@@ -167,6 +167,8 @@ agent:
   minSyncPeriod: 1s
   proxyName: lb
   pinPath: /sys/fs/bpf/lb-canary
+  lbAlgorithm: maglev
+  maglev: {tableSize: 65521, tables: 4}
 mapSizes: {services: 262144, backends: 131072, conntrack: 1048576, affinity: 4096}
 healthz: {port: 10266}
 metrics:
@@ -209,6 +211,8 @@ securityContext: {privileged: true}
     assert_eq!(run.pin_path, Path::new("/sys/fs/bpf/lb-canary"));
     assert_eq!((run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries), (262144, 131072, 1048576));
     assert_eq!(run.affinity_max_entries, 4096);
+    assert_eq!(run.lb_algorithm, lb_userspace::model::Algorithm::Maglev);
+    assert_eq!((run.maglev_table_size, run.maglev_tables), (65521, 4));
     assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10266".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));
     let args = agent_container(ds).args.clone().unwrap();
@@ -229,6 +233,7 @@ fn values_the_schema_forbids_fail_with_a_clear_message() {
         ("agent: {podInterface: [veth*]}", "additional properties 'podInterface' not allowed"),
         ("image: {repository: x, pullPolicy: Sometimes}", "/image/pullPolicy"),
         ("agent: {minSyncPeriod: soon}", "/agent/minSyncPeriod"),
+        ("agent: {lbAlgorithm: roundrobin}", "/agent/lbAlgorithm"),
         ("metrics: {port: 70000}", "/metrics/port"),
         ("metrics: {serviceMonitor: {enabled: true}}", "needs metrics.bindAddress 0.0.0.0"),
     ] {

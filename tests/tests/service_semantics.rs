@@ -268,3 +268,38 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
     assert!(answered > 50, "only {answered} requests");
     wait_for(&mut agent, &[3, 4, 5]);
 }
+
+#[test]
+fn the_algorithm_can_be_switched_per_service_at_run_time() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
+    let client = &cluster.pod("client").netns;
+    let manifests = TempDir::new("lb-algorithm").unwrap();
+    let with_annotation = |algorithm: Option<&str>| {
+        let mut object = sticky_service(json!({}));
+        if let Some(a) = algorithm {
+            object["metadata"]["annotations"] = json!({"service.lb.io/lb-algorithm": a});
+        }
+        object
+    };
+    write_yaml(&manifests.0, "slice.yaml", &sticky_slice(&pods));
+    write_yaml(&manifests.0, "service.yaml", &with_annotation(Some("maglev")));
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    let uses = |agent: &mut Agent, maglev: bool| {
+        agent
+            .wait_for_maps("the algorithm", |c| c.services.iter().any(|(k, v)| k.slot == 0 && v.backend_count == 3 && (v.maglev_table != 0) == maglev))
+            .unwrap()
+    };
+    uses(&mut agent, true);
+    agent.wait_for_attachments(4).unwrap();
+    assert!(agent.cli("services", &[]).unwrap().contains("maglev #1"));
+    // Clients on ephemeral ports are different flows: they spread.
+    assert!(reached(client, 30).len() > 1);
+    write_yaml(&manifests.0, "service.yaml", &with_annotation(None));
+    uses(&mut agent, false);
+    assert!(reached(client, 30).len() > 1);
+    write_yaml(&manifests.0, "service.yaml", &with_annotation(Some("maglev")));
+    uses(&mut agent, true);
+    assert!(reached(client, 30).len() > 1);
+}
