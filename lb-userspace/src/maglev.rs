@@ -10,7 +10,7 @@ use lb_common::Backend;
 
 /// Whether `n` is prime; table sizes must be.
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// 64-bit FNV-1a from `basis`.
