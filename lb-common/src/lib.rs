@@ -40,6 +40,14 @@ pub const MAP_AFFINITY: &str = "AFFINITY";
 
 /// The tc program attached to the host side of every pod interface.
 pub const PROG_FROM_POD: &str = "tc_from_pod";
+/// The cgroup programs that balance host-network sockets (connect and
+/// sendmsg pick a backend; recvmsg and getpeername show the service).
+pub const PROGS_SOCK: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
+
+/// SOCK_REVNAT: `SockRevNatKey` → `SockRevNatValue`, LRU. Written by the
+/// connect4/sendmsg4 programs, read by recvmsg4/getpeername4.
+pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
+pub const DEFAULT_SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 
 pub const DEFAULT_SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const DEFAULT_BACKENDS_MAX_ENTRIES: u32 = 65_536;
@@ -121,6 +129,25 @@ pub const fn flow_hash(key: &CtKey) -> u32 {
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// A host socket (by cookie) sent to a backend in place of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub backend_addr: [u8; 4],
+    pub backend_port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// The service address and port the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevNatValue {
+    pub vip: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
 }
 
 /// A client of a frontend, for session affinity.
@@ -307,6 +334,8 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 12);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<AffinityKey>() == 12);
+    assert!(core::mem::size_of::<SockRevNatKey>() == 16);
+    assert!(core::mem::size_of::<SockRevNatValue>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
@@ -327,4 +356,6 @@ mod user {
     unsafe impl aya::Pod for TrafficCounter {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
 }

@@ -7,8 +7,8 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
     DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE,
-    DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue, TrafficCounter,
-    counter,
+    DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOCK_REVNAT_MAX_ENTRIES, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, TrafficCounter, counter,
 };
 
 #[btf_map]
@@ -42,6 +42,10 @@ pub fn maglev_table_size() -> u32 {
     // SAFETY: a global the loader may have rewritten; read it as such.
     unsafe { core::ptr::read_volatile(&MAGLEV_TABLE_SIZE) }
 }
+
+#[btf_map]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, { DEFAULT_SOCK_REVNAT_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<TrafficCounter, { counter::COUNT as usize }> = PerCpuArray::new();

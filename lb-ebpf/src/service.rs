@@ -199,7 +199,7 @@ fn maglev_backend(table: u32, key: &CtKey) -> Option<(u32, Backend)> {
 
 /// A backend from a random slot of `frontend`, which has `count` slots.
 #[inline(always)]
-fn random_backend(frontend: &ServiceKey, count: u16) -> Option<(u32, Backend)> {
+pub fn random_backend(frontend: &ServiceKey, count: u16) -> Option<(u32, Backend)> {
     // SAFETY: a plain helper call.
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
     // SAFETY: plain data, as in `classify`.

@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub model: ModelOptions,
     pub pod_interfaces: PodInterfaces,
     pub pin_path: PathBuf,
+    /// Socket-level balancing for this cgroup, when set.
+    pub cgroup_path: Option<PathBuf>,
     pub map_sizes: MapSizes,
     pub min_sync_period: Duration,
     pub healthz_addr: Option<SocketAddr>,
@@ -103,7 +105,11 @@ struct Agent {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let datapath = Datapath::load(Some(&config.pin_path), config.map_sizes)?;
+    let mut datapath = Datapath::load(Some(&config.pin_path), config.map_sizes)?;
+    if let Some(cgroup) = &config.cgroup_path {
+        datapath.attach_cgroup(cgroup)?;
+        info!(cgroup = %cgroup.display(), "host sockets balanced at connect");
+    }
     let adopted = datapath.maps.read_contents()?;
     info!(
         pin_path = %config.pin_path.display(),

@@ -55,6 +55,27 @@ fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// A path, or none ("") to turn a feature off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptionalPath(pub Option<PathBuf>);
+
+impl std::fmt::Display for OptionalPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(path) => write!(f, "{}", path.display()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn parse_optional_path(value: &str) -> Result<OptionalPath, String> {
+    Ok(OptionalPath((!value.is_empty()).then(|| PathBuf::from(value))))
+}
+
+fn default_cgroup() -> OptionalPath {
+    OptionalPath(crate::datapath::cgroup2_root())
+}
+
 /// An address to serve an endpoint on, or none to turn it off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Listen(pub Option<std::net::SocketAddr>);
@@ -112,6 +133,11 @@ pub struct RunArgs {
     /// Interfaces to attach to, as globs (e.g. "veth*,cali*"); default: every veth.
     #[arg(long, value_delimiter = ',')]
     pub pod_interfaces: Vec<String>,
+    /// cgroup v2 directory whose processes (and those below) get socket-level
+    /// balancing for host-network clients; default the cgroup v2 root; ""
+    /// turns it off.
+    #[arg(long, value_parser = parse_optional_path, default_value_t = default_cgroup())]
+    pub cgroup_path: OptionalPath,
     /// bpffs directory for the pinned maps, program and links.
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,

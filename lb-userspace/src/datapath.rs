@@ -6,6 +6,7 @@
 //!   CONNTRACK, AFFINITY, MAGLEV, COUNTERS     the maps
 //!   tc_from_pod                               the program
 //!   links/if_<ifindex>                        one TCX link per pod interface
+//!   links/cgroup_<program>                    the socket programs' cgroup links
 //! Pinned maps are adopted by the next agent, and pinned links keep the
 //! program attached while no agent runs, so restarts do not drop traffic.
 use std::{
@@ -19,15 +20,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
-    GLOBAL_MAGLEV_TABLE_SIZE, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES, PROG_FROM_POD,
-    ServiceKey, ServiceValue, TrafficCounter, counter,
+    GLOBAL_MAGLEV_TABLE_SIZE, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT,
+    PROG_FROM_POD, PROGS_SOCK, ServiceKey, ServiceValue, TrafficCounter, counter,
 };
 
 use crate::{
@@ -58,6 +59,8 @@ pub enum DatapathError {
     Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("attaching to {interface}: {source}")]
     Attach { interface: String, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("attaching the socket programs to cgroup {path}: {source}")]
+    AttachCgroup { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 /// Maximum entries of the maps, fixed when the maps are first created.
@@ -242,12 +245,27 @@ pub struct Datapath {
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
 
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+/// The type of file system `path` is on (statfs f_type).
+fn fs_type(path: &Path) -> Option<i64> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into the zeroed struct we own.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0) && stat.f_type as i64 == BPF_FS_MAGIC
+    (unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0).then_some(stat.f_type as i64)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    fs_type(path) == Some(BPF_FS_MAGIC)
+}
+
+/// Where cgroup v2 is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified
+/// on hybrid hierarchies.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| fs_type(p) == Some(CGROUP2_SUPER_MAGIC))
 }
 
 /// Mounts bpffs at /sys/fs/bpf when the pin path lives there and it is not
@@ -291,11 +309,23 @@ impl Datapath {
             for sub in [dir.to_owned(), dir.join("links")] {
                 fs::create_dir_all(&sub).map_err(|source| DatapathError::PinDir { path: sub.clone(), source })?;
             }
-            for name in [MAP_SERVICES, MAP_BACKENDS, MAP_SERVICE_ADDRS, MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_COUNTERS] {
+            for name in [
+                MAP_SERVICES,
+                MAP_BACKENDS,
+                MAP_SERVICE_ADDRS,
+                MAP_CONNTRACK,
+                MAP_AFFINITY,
+                MAP_MAGLEV,
+                MAP_SOCK_REVNAT,
+                MAP_COUNTERS,
+            ] {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in PROGS_SOCK {
+            Self::sock_program(&mut ebpf, name)?.load()?;
+        }
         let program = Self::program_of(&mut ebpf)?;
         program.load()?;
         if let Some(dir) = pin_path {
@@ -312,6 +342,37 @@ impl Datapath {
     fn program_of(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
         let program = ebpf.program_mut(PROG_FROM_POD).ok_or(ProgramError::NotLoaded)?;
         Ok(program.try_into()?)
+    }
+
+    fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+        let program = ebpf.program_mut(name).ok_or(ProgramError::NotLoaded)?;
+        Ok(program.try_into()?)
+    }
+
+    /// Attaches the socket programs to the cgroup at `path`: host sockets of
+    /// processes in it (and below) connect straight to backends. A link a
+    /// previous agent pinned is dropped only once the new one is attached;
+    /// both use the same maps, and a socket the first program already sent
+    /// to a backend is no service address to the second.
+    pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), DatapathError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::AttachCgroup {
+            path: path.to_owned(),
+            source,
+        };
+        let cgroup = fs::File::open(path).map_err(|e| err(Box::new(e)))?;
+        for name in PROGS_SOCK {
+            let pin = self.pin_path.as_ref().map(|dir| dir.join("links").join(format!("cgroup_{name}")));
+            let program = Self::sock_program(&mut self.ebpf, name)?;
+            // A cgroup BPF link is always one of many; its flags must be 0.
+            let id = program.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| err(Box::new(e)))?;
+            if let Some(pin) = pin {
+                let link = program.take_link(id).map_err(|e| err(Box::new(e)))?;
+                let fd_link = FdLink::try_from(link).map_err(|e| err(Box::new(e)))?;
+                let _ = fs::remove_file(&pin);
+                fd_link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
+            }
+        }
+        Ok(())
     }
 
     /// The tc program, for BPF_PROG_TEST_RUN.
@@ -379,8 +440,8 @@ impl Datapath {
         if let Some(dir) = &self.pin_path {
             for entry in fs::read_dir(dir.join("links")).into_iter().flatten().flatten() {
                 let name = entry.file_name();
-                let index = name.to_str().and_then(|n| n.strip_prefix("if_")).and_then(|n| n.parse().ok());
-                if index.is_none_or(|i| !alive.contains_key(&i)) {
+                let Some(index) = name.to_str().and_then(|n| n.strip_prefix("if_")) else { continue };
+                if index.parse().ok().is_none_or(|i| !alive.contains_key(&i)) {
                     let _ = fs::remove_file(entry.path());
                 }
             }

@@ -75,6 +75,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         healthz_timeout: args.healthz_timeout,
         pod_interfaces: PodInterfaces::new(&args.pod_interfaces).context("--pod-interfaces")?,
         pin_path: args.pin_path,
+        cgroup_path: args.cgroup_path.0,
         map_sizes: MapSizes {
             services: args.services_max_entries,
             backends: args.backends_max_entries,

@@ -54,7 +54,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `lb run ARGS` in `node` with a pin path of its own.
+    /// Starts `lb run ARGS` in `node` with a pin path of its own. Unless
+    /// ARGS name a `--cgroup-path`, socket-level balancing is off: at the
+    /// default (the cgroup root) it would also catch the test's own "pod"
+    /// threads, which must go through the tc datapath under test.
     pub fn start(node: &Netns, args: &[&str]) -> anyhow::Result<Self> {
         let log_dir = TempDir::new("lb-agent-log")?;
         let log = log_dir.0.join("agent.log");
@@ -66,6 +69,9 @@ impl Agent {
             "--pin-path".into(),
             pin_path.clone().into(),
         ];
+        if !args.contains(&"--cgroup-path") {
+            command.extend(["--cgroup-path".into(), "".into()]);
+        }
         command.extend(args.iter().map(Into::into));
         let child = Self::spawn(&command, &log)?;
         Ok(Self { child, command, pin_path, log, _log_dir: log_dir })

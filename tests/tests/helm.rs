@@ -131,6 +131,7 @@ fn default_values_render_a_kube_proxy_replacement() {
     assert_eq!(run.conntrack_max_entries, lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES);
     assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10256".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("127.0.0.1:10249".parse().unwrap()));
+    assert_eq!(run.cgroup_path.0.as_deref(), Some(Path::new("/sys/fs/cgroup")));
 
     // Read-only on what the datapath needs, plus events; nothing else.
     let rules: Vec<(Vec<String>, Vec<String>, Vec<String>)> = rendered
@@ -167,6 +168,7 @@ agent:
   minSyncPeriod: 1s
   proxyName: lb
   pinPath: /sys/fs/bpf/lb-canary
+  cgroupPath: ""
   lbAlgorithm: maglev
   maglev: {tableSize: 65521, tables: 4}
 mapSizes: {services: 262144, backends: 131072, conntrack: 1048576, affinity: 4096}
@@ -209,6 +211,7 @@ securityContext: {privileged: true}
     assert_eq!(run.proxy_name.as_deref(), Some("lb"));
     assert_eq!(run.min_sync_period, std::time::Duration::from_secs(1));
     assert_eq!(run.pin_path, Path::new("/sys/fs/bpf/lb-canary"));
+    assert_eq!(run.cgroup_path.0, None, "socket-level balancing off");
     assert_eq!((run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries), (262144, 131072, 1048576));
     assert_eq!(run.affinity_max_entries, 4096);
     assert_eq!(run.lb_algorithm, lb_userspace::model::Algorithm::Maglev);

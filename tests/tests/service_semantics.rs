@@ -303,3 +303,29 @@ fn the_algorithm_can_be_switched_per_service_at_run_time() {
     uses(&mut agent, true);
     assert!(reached(client, 30).len() > 1);
 }
+
+#[test]
+fn session_affinity_expires_after_its_timeout_without_traffic() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
+    let client = &cluster.pod("client").netns;
+    let manifests = TempDir::new("lb-affinity-timeout").unwrap();
+    let one_second = json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 1}}});
+    write_yaml(&manifests.0, "service.yaml", &sticky_service(one_second));
+    write_yaml(&manifests.0, "slice.yaml", &sticky_slice(&pods));
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    wait_for_affinity(&mut agent, 1, 3);
+    agent.wait_for_attachments(4).unwrap();
+    // Within the timeout a client sticks; after a quiet spell longer than
+    // it, it is balanced afresh. Over 8 spells, staying on one backend
+    // every time would happen with probability (1/3)^7.
+    let mut chosen = BTreeSet::new();
+    for _ in 0..8 {
+        let burst = reached(client, 3);
+        assert_eq!(burst.len(), 1, "within the timeout: {burst:?}");
+        chosen.extend(burst);
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+    }
+    assert!(chosen.len() > 1, "affinity never expired: {chosen:?}");
+}
