@@ -28,6 +28,10 @@ use crate::{
 };
 
 const DIR_POLL: Duration = Duration::from_millis(200);
+/// A failed sync (a full map, say) is retried without waiting for a change,
+/// backing off from the first to the last delay.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_LAST: Duration = Duration::from_secs(30);
 const INTERFACE_POLL: Duration = Duration::from_millis(500);
 
 pub enum SourceConfig {
@@ -150,7 +154,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut interface_tick = tokio::time::interval(INTERFACE_POLL);
     let mut failed_attachments = BTreeSet::new();
     let mut next_sync = tokio::time::Instant::now();
+    // After a failed sync: when to try again, and the delay after that.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
+        let retry_at = retry.map_or_else(|| tokio::time::Instant::now() + RETRY_LAST, |(at, _)| at);
         tokio::select! {
             () = source.changed() => {
                 agent.health.queued();
@@ -159,8 +166,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 }
                 // Changes that arrive while waiting are folded into this sync.
                 tokio::time::sleep_until(next_sync).await;
-                agent.sync(&source.snapshot());
+                retry = if agent.sync(&source.snapshot()) {
+                    None
+                } else {
+                    Some((tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST))
+                };
                 next_sync = tokio::time::Instant::now() + config.min_sync_period;
+            }
+            () = tokio::time::sleep_until(retry_at), if retry.is_some() => {
+                let delay = retry.map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_LAST));
+                warn!("retrying the failed sync");
+                retry = if agent.sync(&source.snapshot()) {
+                    None
+                } else {
+                    Some((tokio::time::Instant::now() + delay, delay))
+                };
             }
             _ = interface_tick.tick() => {
                 refresh_interfaces(&mut agent.datapath, &config.pod_interfaces, &mut failed_attachments)
@@ -174,7 +194,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 impl Agent {
-    fn sync(&mut self, snapshot: &Snapshot) {
+    /// Brings the maps to `snapshot`; false when a map write failed.
+    fn sync(&mut self, snapshot: &Snapshot) -> bool {
         let started = Instant::now();
         let desired = desired_state(
             snapshot.services.iter().map(AsRef::as_ref),
@@ -223,14 +244,16 @@ impl Agent {
                 } else {
                     debug!(frontends = desired.services.len(), "synced, nothing to write");
                 }
+                true
             }
-            // Re-read the maps: the next change retries from what is really there.
+            // Re-read the maps: the retry carries on from what is really there.
             Err(e) => {
                 error!("sync failed: {e}");
                 self.metrics.sync_failures.inc();
                 if let Ok(actual) = self.datapath.maps.read_contents() {
                     self.reconciler = Reconciler::new(actual, self.maglev);
                 }
+                false
             }
         }
     }

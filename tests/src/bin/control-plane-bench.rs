@@ -68,9 +68,22 @@ fn main() -> anyhow::Result<()> {
         api.apply(Kind::EndpointSlice, slice(i, &(0..4).map(|n| endpoint(i, n)).collect::<Vec<_>>()));
     }
     let started = Instant::now();
+    // Maps sized for the test: a frontend and 4 slots per service, 4 backends.
+    let (service_entries, backend_entries) = ((services * 5 + 1024).to_string(), (services * 4 + 1024).to_string());
     let mut agent = Agent::start(
         &cluster.node,
-        &["--kubeconfig", kubeconfig.to_str().context("path")?, "--min-sync-period", "0ms", "--metrics-addr", ""],
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().context("path")?,
+            "--min-sync-period",
+            "0ms",
+            "--metrics-addr",
+            "",
+            "--services-max-entries",
+            &service_entries,
+            "--backends-max-entries",
+            &backend_entries,
+        ],
     )?;
     agent.wait_for_maps(&format!("{services} frontends"), |c| c.frontends().count() == services as usize)?;
     let cold_start = started.elapsed();
