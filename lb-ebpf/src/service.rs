@@ -53,9 +53,14 @@ fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
         ct.last_seen_ns = now;
         // The other direction ends with this one; FIN and RST are rare
         // enough to pay for the second lookup.
+        // Its clock restarts too: a direction idle for longer than the
+        // closing timeout must still carry the other side's FIN or RST.
         if let Some(peer) = CONNTRACK.get_ptr_mut(ct.peer_key(key)) {
             // SAFETY: as above.
-            unsafe { (*peer).state = CT_STATE_CLOSING };
+            unsafe {
+                (*peer).state = CT_STATE_CLOSING;
+                (*peer).last_seen_ns = now;
+            }
         }
         return;
     }

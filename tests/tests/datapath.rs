@@ -498,3 +498,18 @@ fn with_maglev_removing_a_backend_moves_only_its_flows() {
     }
     assert!(moved * 20 <= kept + moved, "{moved} of {} flows on remaining backends moved", kept + moved);
 }
+
+#[test]
+fn a_close_after_a_long_quiet_spell_still_translates_the_other_sides_fin() {
+    let backend = [10, 244, 0, 11];
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &[backend])]);
+    let (client, vip, server) = (addr(CLIENT, 40000), addr(VIP, 80), addr(backend, 8080));
+    h.run_spec(&Spec::tcp(client, vip, SYN));
+    h.run_spec(&Spec::tcp(server, client, SYN | ACK));
+    h.run_spec(&Spec::tcp(client, vip, ACK));
+    // The backend has sent nothing for a minute; then the client closes.
+    h.age(&ct_key(server, client, packet::TCP), 60 * SECOND);
+    h.run_spec(&Spec::tcp(client, vip, FIN | ACK));
+    let (_, reply) = h.run_spec(&Spec::tcp(server, client, FIN | ACK));
+    assert_eq!(reply.src, vip, "the backend's FIN is still translated");
+}
