@@ -1,5 +1,10 @@
 //! Applies desired services to the maps through one narrow interface.
-use std::collections::BTreeSet;
+//!
+//! A failed write holds back only the frontends that depend on it: their
+//! later writes are skipped, so each keeps a whole (old or new) state, and
+//! every other frontend is still brought up to date. One Service that does
+//! not fit never stops the others.
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{Backend, ServiceKey};
 
@@ -15,10 +20,13 @@ pub trait MapWriter {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("map write {op:?} failed after {done} of {total} writes: {source}")]
+#[error("map write {op:?} failed ({failed} failed, {skipped} held back, of {total} writes): {source}")]
 pub struct SyncError<E: std::error::Error + 'static> {
+    /// The first write that failed.
     pub op: MapOp,
-    pub done: usize,
+    pub failed: usize,
+    /// Writes skipped because a frontend they belong to had a failed write.
+    pub skipped: usize,
     pub total: usize,
     #[source]
     pub source: E,
@@ -38,6 +46,37 @@ pub struct Reconciler {
     maglev: MaglevConfig,
 }
 
+/// Which frontends (slot-0 keys) each write belongs to, for holding back
+/// the rest of a frontend's writes when one of them fails.
+struct Dependents {
+    /// Backend id → frontends whose target slots name it.
+    by_backend: BTreeMap<u32, Vec<ServiceKey>>,
+    /// Maglev table → the frontend that will use it.
+    by_table: BTreeMap<u32, ServiceKey>,
+}
+
+impl Dependents {
+    fn new(target: &MapContents) -> Self {
+        let mut by_backend: BTreeMap<u32, Vec<ServiceKey>> = BTreeMap::new();
+        for (key, value) in target.services.iter().filter(|(k, _)| k.slot != 0) {
+            by_backend.entry(value.backend_id).or_default().push(key.with_slot(0));
+        }
+        let by_table =
+            target.services.iter().filter(|(_, v)| v.maglev_table != 0).map(|(k, v)| (v.maglev_table, *k)).collect();
+        Self { by_backend, by_table }
+    }
+
+    fn of(&self, op: &MapOp) -> Vec<ServiceKey> {
+        match op {
+            MapOp::PutBackend(id, _) => self.by_backend.get(id).cloned().unwrap_or_default(),
+            MapOp::PutService(key, _) | MapOp::DeleteService(key) => vec![key.with_slot(0)],
+            MapOp::PutMaglevTable(table, _) => self.by_table.get(table).copied().into_iter().collect(),
+            // Nothing waits on a backend's deletion or on a service address.
+            MapOp::DeleteBackend(_) | MapOp::PutAddr(..) | MapOp::DeleteAddr(_) => Vec::new(),
+        }
+    }
+}
+
 impl Reconciler {
     /// Starts from what the maps hold now (adopted pinned maps, or empty).
     pub fn new(current: MapContents, maglev: MaglevConfig) -> Self {
@@ -48,17 +87,133 @@ impl Reconciler {
         &self.current
     }
 
-    /// Writes what differs between the maps and `desired`. On a failed
-    /// write, the writes before it stay (each prefix of the plan is
-    /// consistent) and the next sync carries on from there.
+    /// Writes what differs between the maps and `desired`. A failed write
+    /// holds back the rest of its frontends' writes (see the module); the
+    /// error names the first failure, and a later sync retries.
     pub fn sync<W: MapWriter>(&mut self, desired: &[ServicePort], maps: &mut W) -> Result<SyncOutcome, SyncError<W::Error>> {
         let target = target_contents(desired, &self.current, self.maglev);
         let ops = plan(&self.current, &target, self.maglev);
-        let lost_udp_backends = lost_udp_backends(&self.current, &target);
-        for (done, op) in ops.iter().enumerate() {
-            maps.write(op).map_err(|source| SyncError { op: op.clone(), done, total: ops.len(), source })?;
-            self.current.apply(op);
+        let mut lost_udp_backends = lost_udp_backends(&self.current, &target);
+        let dependents = Dependents::new(&target);
+        let mut held_back: BTreeSet<ServiceKey> = BTreeSet::new();
+        let (mut first_error, mut failed, mut skipped) = (None, 0, 0);
+        for op in &ops {
+            let frontends = dependents.of(op);
+            if frontends.iter().any(|f| held_back.contains(f)) {
+                skipped += 1;
+                continue;
+            }
+            // A backend a held-back frontend still names must stay.
+            if let MapOp::DeleteBackend(id) = op
+                && self.current.services.values().any(|v| v.backend_id == *id)
+            {
+                skipped += 1;
+                continue;
+            }
+            match maps.write(op) {
+                Ok(()) => self.current.apply(op),
+                Err(source) => {
+                    failed += 1;
+                    held_back.extend(frontends);
+                    first_error.get_or_insert((op.clone(), source));
+                }
+            }
         }
-        Ok(SyncOutcome { writes: ops.len(), lost_udp_backends })
+        match first_error {
+            None => Ok(SyncOutcome { writes: ops.len(), lost_udp_backends }),
+            Some((op, source)) => {
+                lost_udp_backends.retain(|(frontend, _)| !held_back.contains(frontend));
+                Err(SyncError { op, failed, skipped, total: ops.len(), source })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+    use crate::model::{Algorithm, Frontend, Protocol};
+
+    fn service(vip: u8, backends: &[u8]) -> ServicePort {
+        ServicePort {
+            name: format!("svc-{vip}"),
+            frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip), port: 80, protocol: Protocol::Tcp },
+            backends: backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, *b), 8080)).collect(),
+            affinity_timeout_s: 0,
+            algorithm: Algorithm::Random,
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("injected fault")]
+    struct Fault;
+
+    /// In-memory maps that refuse chosen writes and check, after every
+    /// write, that each frontend is whole.
+    struct FaultyMaps {
+        contents: MapContents,
+        refuse: fn(&MapOp) -> bool,
+    }
+
+    impl MapWriter for FaultyMaps {
+        type Error = Fault;
+
+        fn write(&mut self, op: &MapOp) -> Result<(), Fault> {
+            if (self.refuse)(op) {
+                return Err(Fault);
+            }
+            self.contents.apply(op);
+            for (key, value) in self.contents.services.iter().filter(|(k, _)| k.slot == 0) {
+                for slot in 1..=value.backend_count {
+                    let slot_value = self.contents.services.get(&key.with_slot(slot)).expect("slot exists");
+                    assert!(self.contents.backends.contains_key(&slot_value.backend_id), "after {op:?}: dangling backend");
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn backends_of(contents: &MapContents, vip: u8) -> Vec<u8> {
+        let key = ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0);
+        let mut octets: Vec<u8> = contents.slots_of(&key).iter().map(|id| contents.backends[id].addr[3]).collect();
+        octets.sort();
+        octets
+    }
+
+    #[test]
+    fn a_failed_write_holds_back_only_its_own_frontends() {
+        let mut maps = FaultyMaps { contents: MapContents::default(), refuse: |_| false };
+        let mut reconciler = Reconciler::new(MapContents::default(), MaglevConfig::default());
+        reconciler.sync(&[service(1, &[1, 2]), service(2, &[3])], &mut maps).unwrap();
+
+        // Backend 9 cannot be written (a full map, say).
+        maps.refuse = |op| matches!(op, MapOp::PutBackend(_, b) if b.addr[3] == 9);
+        let error = reconciler.sync(&[service(1, &[1, 9]), service(2, &[3, 4]), service(3, &[5])], &mut maps).unwrap_err();
+        assert_eq!(error.failed, 1);
+        assert_eq!(backends_of(&maps.contents, 1), [1, 2], "service 1 keeps its whole old state");
+        assert_eq!(backends_of(&maps.contents, 2), [3, 4], "the others are brought up to date");
+        assert_eq!(backends_of(&maps.contents, 3), [5]);
+        assert_eq!(reconciler.current(), &maps.contents, "the reconciler knows what was written");
+
+        // Once the write succeeds, the next sync finishes the job.
+        maps.refuse = |_| false;
+        reconciler.sync(&[service(1, &[1, 9]), service(2, &[3, 4]), service(3, &[5])], &mut maps).unwrap();
+        assert_eq!(backends_of(&maps.contents, 1), [1, 9]);
+    }
+
+    #[test]
+    fn a_failed_delete_keeps_what_its_frontend_still_names() {
+        let mut maps = FaultyMaps { contents: MapContents::default(), refuse: |_| false };
+        let mut reconciler = Reconciler::new(MapContents::default(), MaglevConfig::default());
+        reconciler.sync(&[service(1, &[1, 2]), service(2, &[3])], &mut maps).unwrap();
+
+        // Service 1's frontend cannot be deleted: its slots and backends
+        // stay, while service 2 changes.
+        maps.refuse = |op| matches!(op, MapOp::DeleteService(k) if k.slot == 0 && k.vip[3] == 1);
+        reconciler.sync(&[service(2, &[3, 4])], &mut maps).unwrap_err();
+        assert_eq!(backends_of(&maps.contents, 1), [1, 2]);
+        assert_eq!(backends_of(&maps.contents, 2), [3, 4]);
     }
 }
