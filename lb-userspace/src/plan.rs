@@ -258,14 +258,16 @@ pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -
     ops
 }
 
+/// Helpers shared by the planner's and the reconciler's tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use std::net::Ipv4Addr;
 
     use super::*;
     use crate::model::{Frontend, Protocol};
 
-    fn service(vip: u8, backends: &[u8]) -> ServicePort {
+    /// TCP port 80 of 10.96.0.VIP, with backends 10.0.0.B:8080.
+    pub fn service(vip: u8, backends: &[u8]) -> ServicePort {
         ServicePort {
             name: format!("svc-{vip}"),
             frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip), port: 80, protocol: Protocol::Tcp },
@@ -275,14 +277,16 @@ mod tests {
         }
     }
 
-    const MAGLEV: MaglevConfig = MaglevConfig { table_size: 13, tables: 2 };
+    /// Last octets of the backends of 10.96.0.VIP:80/TCP, sorted.
+    pub fn backends_of(contents: &MapContents, vip: u8) -> Vec<u8> {
+        let key = ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0);
+        let mut octets: Vec<u8> = contents.slots_of(&key).iter().map(|id| contents.backends[id].addr[3]).collect();
+        octets.sort();
+        octets
+    }
 
-    /// Every frontend's slots exist and name existing backends, and a listed
-    /// service address has its frontends.
-    fn assert_whole(contents: &MapContents, after: &str) {
-        for addr in contents.addrs.keys() {
-            assert!(contents.services.keys().any(|k| k.vip == *addr), "after {after}: address without frontends");
-        }
+    /// Every frontend's slots exist and name existing backends.
+    pub fn assert_slots_whole(contents: &MapContents, after: &str) {
         for (key, value) in contents.services.iter().filter(|(k, _)| k.slot == 0) {
             for slot in 1..=value.backend_count {
                 let slot_value = contents.services.get(&key.with_slot(slot));
@@ -290,6 +294,22 @@ mod tests {
                 assert!(contents.backends.contains_key(&slot_value.backend_id), "after {after}: dangling backend");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{test_support::*, *};
+    use crate::model::{Frontend, Protocol};
+
+    const MAGLEV: MaglevConfig = MaglevConfig { table_size: 13, tables: 2 };
+
+    /// Every frontend is whole, and a listed service address has its frontends.
+    fn assert_whole(contents: &MapContents, after: &str) {
+        for addr in contents.addrs.keys() {
+            assert!(contents.services.keys().any(|k| k.vip == *addr), "after {after}: address without frontends");
+        }
+        assert_slots_whole(contents, after);
     }
 
     /// Applies a sync op by op, checking the invariant after each write.
@@ -303,13 +323,6 @@ mod tests {
         }
         assert_eq!(maps, target);
         (maps, ops)
-    }
-
-    fn backends_of(contents: &MapContents, vip: u8) -> Vec<u8> {
-        let key = ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0);
-        let mut octets: Vec<u8> = contents.slots_of(&key).iter().map(|id| contents.backends[id].addr[3]).collect();
-        octets.sort();
-        octets
     }
 
     #[test]

@@ -131,20 +131,8 @@ impl Reconciler {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, SocketAddrV4};
-
     use super::*;
-    use crate::model::{Algorithm, Frontend, Protocol};
-
-    fn service(vip: u8, backends: &[u8]) -> ServicePort {
-        ServicePort {
-            name: format!("svc-{vip}"),
-            frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip), port: 80, protocol: Protocol::Tcp },
-            backends: backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, *b), 8080)).collect(),
-            affinity_timeout_s: 0,
-            algorithm: Algorithm::Random,
-        }
-    }
+    use crate::plan::test_support::{assert_slots_whole, backends_of, service};
 
     #[derive(Debug, thiserror::Error)]
     #[error("injected fault")]
@@ -165,21 +153,9 @@ mod tests {
                 return Err(Fault);
             }
             self.contents.apply(op);
-            for (key, value) in self.contents.services.iter().filter(|(k, _)| k.slot == 0) {
-                for slot in 1..=value.backend_count {
-                    let slot_value = self.contents.services.get(&key.with_slot(slot)).expect("slot exists");
-                    assert!(self.contents.backends.contains_key(&slot_value.backend_id), "after {op:?}: dangling backend");
-                }
-            }
+            assert_slots_whole(&self.contents, &format!("{op:?}"));
             Ok(())
         }
-    }
-
-    fn backends_of(contents: &MapContents, vip: u8) -> Vec<u8> {
-        let key = ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0);
-        let mut octets: Vec<u8> = contents.slots_of(&key).iter().map(|id| contents.backends[id].addr[3]).collect();
-        octets.sort();
-        octets
     }
 
     #[test]
