@@ -28,6 +28,13 @@ fn sticky_slice(backends: &[(&str, Ipv4Addr)]) -> Value {
     endpoint_slice("default", "sticky", &HTTP_TARGET, &endpoints)
 }
 
+/// Pods backend-0..2 serving, and a client pod, in the routed topology.
+fn three_backends_and_a_client() -> (Cluster, Vec<PodServer>) {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let servers = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    (cluster, servers)
+}
+
 fn wait_for_affinity(agent: &mut Agent, timeout_s: u32, backends: usize) {
     agent
         .wait_for_maps(&format!("affinity {timeout_s}s, {backends} backends"), |c| {
@@ -42,8 +49,7 @@ fn reached(client: &Netns, connections: usize) -> BTreeSet<String> {
 
 #[test]
 fn session_affinity_holds_and_can_be_switched_at_run_time() {
-    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
-    let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let (cluster, _servers) = three_backends_and_a_client();
     let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
     let client = &cluster.pod("client").netns;
     let manifests = TempDir::new("lb-affinity").unwrap();
@@ -271,8 +277,7 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
 
 #[test]
 fn the_algorithm_can_be_switched_per_service_at_run_time() {
-    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
-    let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let (cluster, _servers) = three_backends_and_a_client();
     let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
     let client = &cluster.pod("client").netns;
     let manifests = TempDir::new("lb-algorithm").unwrap();
@@ -306,8 +311,7 @@ fn the_algorithm_can_be_switched_per_service_at_run_time() {
 
 #[test]
 fn session_affinity_expires_after_its_timeout_without_traffic() {
-    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
-    let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let (cluster, _servers) = three_backends_and_a_client();
     let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
     let client = &cluster.pod("client").netns;
     let manifests = TempDir::new("lb-affinity-timeout").unwrap();
