@@ -19,10 +19,16 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 /// COUNTERS: `Counter` index (`u32`) → `TrafficCounter`, per CPU. Written by
 /// tc, read by the agent.
 pub const MAP_COUNTERS: &str = "COUNTERS";
-/// SERVICE_ADDRS: service address (`[u8; 4]`) → number of frontends on it.
-/// Written by the agent, read by tc: a packet to a service address on a
-/// port no Service defines is dropped, not routed on.
+/// SERVICE_ADDRS: service address (`[u8; 4]`) → `ServiceAddr`. Written by
+/// the agent, read by the hooks: only packets to these addresses pay for a
+/// service lookup, and a packet to a cluster IP on a port no Service
+/// defines is dropped, not routed on.
 pub const MAP_SERVICE_ADDRS: &str = "SERVICE_ADDRS";
+/// SOURCE_RANGES: LPM trie of `SourceRangeKey` → 1. A frontend flagged
+/// `FRONTEND_SOURCE_RANGES` takes new flows only from clients inside one of
+/// its prefixes (loadBalancerSourceRanges). Written by the agent.
+pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
+pub const DEFAULT_SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
 /// MAGLEV: index → backend id, an array of `tables × table size` entries.
 /// Table t (1-based in `ServiceValue::maglev_table`) occupies entries
 /// `(t-1)*size .. t*size`. Written by the agent (tables are computed in
@@ -40,6 +46,9 @@ pub const MAP_AFFINITY: &str = "AFFINITY";
 
 /// The tc program attached to the host side of every pod interface.
 pub const PROG_FROM_POD: &str = "tc_from_pod";
+/// The XDP program on the node's external interfaces: NodePort,
+/// LoadBalancer and ExternalIP traffic, and replies coming back to the node.
+pub const PROG_FROM_WIRE: &str = "xdp_from_wire";
 /// The cgroup programs that balance host-network sockets (connect and
 /// sendmsg pick a backend; recvmsg and getpeername show the service).
 pub const PROGS_SOCK: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
@@ -79,14 +88,28 @@ impl ServiceKey {
     }
 }
 
-/// Slot 0: `backend_count`, `affinity_timeout_s` and `maglev_table` are
-/// set, `backend_id` is 0. Slot n > 0: `backend_id` is set, the rest is 0.
+/// `ServiceValue::flags`: a NodePort, LoadBalancer or ExternalIP frontend.
+/// A client outside the cluster reaches its backends on other nodes through
+/// this node's address (SNAT), so that replies come back this way.
+pub const FRONTEND_EXTERNAL: u8 = 1;
+/// `ServiceValue::flags`: new flows only from clients in SOURCE_RANGES.
+pub const FRONTEND_SOURCE_RANGES: u8 = 2;
+/// `ServiceValue::flags`: with no backend, drop rather than refuse. A
+/// traffic policy of Local on a node without local endpoints: the client
+/// (or its load balancer) must time out and try a node that has some.
+pub const FRONTEND_DROP_WHEN_EMPTY: u8 = 4;
+
+/// Slot 0: `backend_count`, `flags`, `affinity_timeout_s` and
+/// `maglev_table` are set, `backend_id` is 0. Slot n > 0: `backend_id` is
+/// set, the rest is 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
     pub backend_id: u32,
     pub backend_count: u16,
-    pub _pad: [u8; 2],
+    /// `FRONTEND_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
     /// Session affinity (ClientIP) timeout in seconds; 0 is no affinity.
     pub affinity_timeout_s: u32,
     /// 0: random selection; t > 0: Maglev table t of the MAGLEV map.
@@ -94,12 +117,12 @@ pub struct ServiceValue {
 }
 
 impl ServiceValue {
-    pub const fn frontend(backend_count: u16, affinity_timeout_s: u32, maglev_table: u32) -> Self {
-        Self { backend_id: 0, backend_count, _pad: [0; 2], affinity_timeout_s, maglev_table }
+    pub const fn frontend(backend_count: u16, flags: u8, affinity_timeout_s: u32, maglev_table: u32) -> Self {
+        Self { backend_id: 0, backend_count, flags, _pad: 0, affinity_timeout_s, maglev_table }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self { backend_id, backend_count: 0, _pad: [0; 2], affinity_timeout_s: 0, maglev_table: 0 }
+        Self { backend_id, backend_count: 0, flags: 0, _pad: 0, affinity_timeout_s: 0, maglev_table: 0 }
     }
 }
 
@@ -177,20 +200,64 @@ pub struct AffinityValue {
     pub _pad: [u8; 4],
 }
 
+/// `Backend::flags`: the endpoint runs on this node.
+pub const BACKEND_LOCAL: u8 = 1;
+
 /// A backend's address and target port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     pub addr: [u8; 4],
     pub port: [u8; 2],
-    pub _pad: [u8; 2],
+    /// `BACKEND_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
 }
 
 impl Backend {
     pub const fn new(addr: [u8; 4], port: [u8; 2]) -> Self {
-        Self { addr, port, _pad: [0; 2] }
+        Self { addr, port, flags: 0, _pad: 0 }
+    }
+
+    pub const fn with_flags(self, flags: u8) -> Self {
+        Self { flags, ..self }
+    }
+
+    pub const fn is_local(&self) -> bool {
+        self.flags & BACKEND_LOCAL != 0
     }
 }
+
+/// `ServiceAddr::flags`: a cluster IP and nothing else. A packet to it on
+/// a port no Service defines is dropped; on node, load-balancer and
+/// external addresses other ports belong to someone else and pass.
+pub const ADDR_DROP_UNKNOWN_PORTS: u8 = 1;
+
+/// What SERVICE_ADDRS says about one address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceAddr {
+    /// How many frontends (address, port, protocol) the address has.
+    pub frontends: u16,
+    /// `ADDR_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// A frontend and a client prefix, the data of a SOURCE_RANGES key; the
+/// LPM prefix length covers the frontend's 64 bits plus the client prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub vip: [u8; 4],
+    pub port: [u8; 2],
+    pub protocol: u8,
+    pub _pad: u8,
+    pub client: [u8; 4],
+}
+
+/// Bits of a `SourceRangeKey` before the client address.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
 
 /// A flow's 5-tuple as seen in the packet, before any rewrite.
 #[repr(C)]
@@ -215,6 +282,15 @@ pub const CT_DIRECTION_HAIRPIN: u8 = 3;
 /// `HAIRPIN_ADDR`): rewrite the source to the service, the destination
 /// address back to the client (the backend itself).
 pub const CT_DIRECTION_HAIRPIN_REPLY: u8 = 4;
+
+/// `CtValue::direction` of an external client → service packet whose backend
+/// is on another node: rewrite the destination to the backend, and the
+/// source to this node (`snat_addr`, `snat_port`), then send it on.
+pub const CT_DIRECTION_SNAT: u8 = 5;
+/// `CtValue::direction` of the reply of an SNAT flow (backend → this node):
+/// rewrite the source to the service (`nat_*`), the destination to the
+/// client (`snat_*`), then send it back to the client.
+pub const CT_DIRECTION_SNAT_REPLY: u8 = 6;
 
 /// The source a pod sees on a connection it made to itself through a
 /// Service (Cilium's "service loopback" address). A packet from its own
@@ -249,12 +325,17 @@ pub mod ct_timeout {
 pub struct CtValue {
     pub nat_addr: [u8; 4],
     pub nat_port: [u8; 2],
-    /// `CT_DIRECTION_DNAT` or `CT_DIRECTION_REVERSE_SNAT`; anything else is ignored.
+    /// One of `CT_DIRECTION_*`; anything else is ignored.
     pub direction: u8,
     /// `CT_STATE_*`; an unknown value is treated as NEW.
     pub state: u8,
     /// bpf_ktime_get_ns of the last packet (within `ct_timeout::REFRESH_NS`).
     pub last_seen_ns: u64,
+    /// The second rewrite of SNAT flows (see `CT_DIRECTION_SNAT*`); zero
+    /// for the other directions.
+    pub snat_addr: [u8; 4],
+    pub snat_port: [u8; 2],
+    pub _pad: [u8; 2],
 }
 
 impl CtValue {
@@ -266,6 +347,10 @@ impl CtValue {
             CT_DIRECTION_HAIRPIN => (self.nat_addr, self.nat_port, HAIRPIN_ADDR, key.sport),
             // backend → client: the request went from the client to the VIP.
             CT_DIRECTION_HAIRPIN_REPLY => (key.saddr, key.dport, self.nat_addr, self.nat_port),
+            // client → frontend: the reply comes from the backend to this node.
+            CT_DIRECTION_SNAT => (self.nat_addr, self.nat_port, self.snat_addr, self.snat_port),
+            // backend → this node: the request went from the client to the frontend.
+            CT_DIRECTION_SNAT_REPLY => (self.snat_addr, self.snat_port, self.nat_addr, self.nat_port),
             _ => (key.daddr, key.dport, self.nat_addr, self.nat_port),
         };
         CtKey { saddr, daddr, sport, dport, protocol: key.protocol, _pad: [0; 3] }
@@ -273,7 +358,7 @@ impl CtValue {
 
     /// Whether this is the entry of a flow's client → service direction.
     pub const fn is_forward(&self) -> bool {
-        matches!(self.direction, CT_DIRECTION_DNAT | CT_DIRECTION_HAIRPIN)
+        matches!(self.direction, CT_DIRECTION_DNAT | CT_DIRECTION_HAIRPIN | CT_DIRECTION_SNAT)
     }
 
     /// Idle time after which this entry counts as gone.
@@ -314,8 +399,14 @@ pub mod counter {
     pub const DROP_REWRITE_FAILED: u32 = 6;
     /// For a service address on a port no Service defines: dropped.
     pub const DROP_UNKNOWN_PORT: u32 = 7;
+    /// From a client outside the frontend's loadBalancerSourceRanges: dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 8;
+    /// For a traffic-policy-Local frontend without a local endpoint: dropped.
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 9;
+    /// ICMP error about a translated flow: translated to match it.
+    pub const ICMP_ERROR_NAT: u32 = 10;
 
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 11;
 
     /// Names for inspection and metrics, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -327,6 +418,9 @@ pub mod counter {
         "reject_no_backend",
         "drop_rewrite_failed",
         "drop_unknown_port",
+        "drop_source_range",
+        "drop_no_local_backend",
+        "icmp_error_nat",
     ];
 }
 
@@ -339,7 +433,9 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 16);
+    assert!(core::mem::size_of::<CtValue>() == 24);
+    assert!(core::mem::size_of::<ServiceAddr>() == 4);
+    assert!(core::mem::size_of::<SourceRangeKey>() == 12);
     assert!(core::mem::size_of::<TrafficCounter>() == 16);
 };
 
@@ -358,4 +454,6 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for ServiceAddr {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }

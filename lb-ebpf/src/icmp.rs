@@ -1,18 +1,16 @@
 //! Refusing a packet the way kube-proxy's REJECT rule does: an ICMP port
 //! unreachable back to the sender, from the address it tried to reach.
-use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
-    programs::TcContext,
+use crate::{
+    maps::ICMP_REPLY,
+    nat::Frame,
+    parse::{ETH_HLEN, Packet},
 };
-
-use crate::parse::{ETH_HLEN, Packet};
 
 const IPV4_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
 /// RFC 792: the offending IP header and the first 8 bytes of its payload.
 const QUOTED_LEN: usize = IPV4_HLEN + 8;
-const REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTED_LEN;
+pub const REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTED_LEN;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const PROTO_ICMP: u8 = 1;
@@ -31,19 +29,22 @@ fn checksum(bytes: &[u8]) -> [u8; 2] {
     (!(sum as u16)).to_be_bytes()
 }
 
-/// Turns the packet into an ICMP port unreachable to its sender and sends
-/// it back out the interface it came in on. Returns the tc action.
+/// The ICMP port unreachable that refuses `packet`, addressed back to its
+/// sender from the address it tried to reach, built in a per-CPU scratch
+/// buffer (it would not fit on the stack next to the rest); `None` when
+/// the packet has IP options (it is then only dropped).
 #[inline(always)]
-pub fn reply_port_unreachable(ctx: &TcContext, packet: &Packet) -> Result<i32, i64> {
-    // The quoted header is copied as is; one with options is not refused
-    // politely, only dropped.
+pub fn port_unreachable<F: Frame>(frame: &F, packet: &Packet) -> Result<Option<&'static [u8; REPLY_LEN]>, i64> {
     if packet.l4_offset != ETH_HLEN + IPV4_HLEN {
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(None);
     }
+    let Some(reply) = ICMP_REPLY.get_ptr_mut(0) else { return Ok(None) };
+    // SAFETY: this CPU's slot, used by one program run at a time.
+    let reply = unsafe { &mut *reply };
     // Fixed-size loads: the verifier refuses a length that might be zero.
-    let macs: [u8; 12] = ctx.load(0)?;
-    let quoted: [u8; QUOTED_LEN] = ctx.load(ETH_HLEN)?;
-    let mut reply = [0u8; REPLY_LEN];
+    let macs: [u8; 12] = frame.load(0)?;
+    let quoted: [u8; QUOTED_LEN] = frame.load(ETH_HLEN)?;
+    *reply = [0u8; REPLY_LEN];
     reply[ETH_HLEN + IPV4_HLEN + ICMP_HLEN..].copy_from_slice(&quoted);
 
     // Ethernet: back to the sender's MAC, from the MAC it sent to.
@@ -66,15 +67,5 @@ pub fn reply_port_unreachable(ctx: &TcContext, packet: &Packet) -> Result<i32, i
     reply[icmp + 1] = ICMP_PORT_UNREACH;
     let icmp_check = checksum(&reply[icmp..]);
     reply[icmp + 2..icmp + 4].copy_from_slice(&icmp_check);
-
-    // SAFETY: the context's own skb pointer.
-    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN as u32, 0) };
-    if rc != 0 {
-        return Err(rc);
-    }
-    ctx.store(0, &reply, 0)?;
-    // SAFETY: reading the skb's own interface index.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: a plain helper call; the verdict it returns is the tc action.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    Ok(Some(reply))
 }

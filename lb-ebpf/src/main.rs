@@ -9,7 +9,10 @@ mod maps;
 mod nat;
 mod parse;
 mod service;
+mod snat;
 mod tc_pod;
+mod translate;
+mod xdp_wire;
 
 #[cfg(not(test))]
 #[panic_handler]

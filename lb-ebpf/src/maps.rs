@@ -1,14 +1,14 @@
 //! The map statics. Layouts, names and roles are documented in lb-common;
 //! sizes here are defaults the agent overrides at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
     DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE,
-    DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOCK_REVNAT_MAX_ENTRIES, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue, TrafficCounter, counter,
+    DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOCK_REVNAT_MAX_ENTRIES,
+    DEFAULT_SOURCE_RANGES_MAX_ENTRIES, ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey, SockRevNatKey, SockRevNatValue, TrafficCounter, counter,
 };
 
 #[btf_map]
@@ -24,7 +24,12 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_MAX_ENTRIES
     LruHashMap::new();
 
 #[btf_map]
-pub static SERVICE_ADDRS: HashMap<[u8; 4], u32, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
+pub static SERVICE_ADDRS: HashMap<[u8; 4], ServiceAddr, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MAX_ENTRIES as usize }> =
+    LpmTrie::new();
 
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_MAX_ENTRIES as usize }> =
@@ -60,3 +65,7 @@ pub fn count(index: u32, bytes: u32) {
         }
     }
 }
+
+/// Scratch space for building an ICMP reply, one per CPU.
+#[btf_map]
+pub static ICMP_REPLY: PerCpuArray<[u8; crate::icmp::REPLY_LEN], 1> = PerCpuArray::new();

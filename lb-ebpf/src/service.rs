@@ -1,22 +1,47 @@
 //! Service lookup, backend selection and connection tracking, shared by hooks.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN,
-    CT_DIRECTION_HAIRPIN_REPLY, CT_DIRECTION_REVERSE_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, CtKey, CtValue, ServiceKey, ct_timeout, flow_hash,
+    ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN,
+    CT_DIRECTION_HAIRPIN_REPLY, CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FRONTEND_DROP_WHEN_EMPTY,
+    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, ct_timeout,
+    flow_hash,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, SERVICE_ADDRS, SERVICES, maglev_table_size},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, SERVICE_ADDRS, SERVICES, SOURCE_RANGES, maglev_table_size},
     parse::Packet,
+    snat,
 };
+
+/// Where a packet entered the node.
+#[derive(Clone, Copy)]
+pub enum Origin {
+    /// From a pod, whose replies come back through this node anyway.
+    Pod,
+    /// From an external interface (`ifindex`, the hook's `ctx`): a client
+    /// that may be outside the cluster.
+    Wire { ctx: *mut core::ffi::c_void, ifindex: u32 },
+}
 
 /// What a hook does with a packet.
 pub enum Verdict {
     /// Rewrite the destination to this backend; `new` for the first packet
     /// of a flow; `hairpin` when the backend is the client itself, and the
-    /// source must become `HAIRPIN_ADDR`.
-    Dnat { backend: Backend, new: bool, hairpin: bool },
+    /// source must become `HAIRPIN_ADDR`; `snat` when the backend is on
+    /// another node and the source must become this node's address and
+    /// port, after which the packet is sent on.
+    Dnat { backend: Backend, new: bool, hairpin: bool, snat: Option<([u8; 4], [u8; 2])> },
+    /// The reply of an SNAT flow: rewrite the source to the service and the
+    /// destination to the client, and send it back to the client.
+    SnatReply { service: ([u8; 4], [u8; 2]), client: ([u8; 4], [u8; 2]) },
+    /// New flow from a client outside the frontend's source ranges.
+    SourceRangeDenied,
+    /// For a traffic-policy-Local frontend without a local backend.
+    NoLocalBackend,
     /// Rewrite the source back to the service address and port.
     ReverseNat([u8; 4], [u8; 2]),
     /// Rewrite the source back to the service address and port, and the
@@ -74,7 +99,7 @@ fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
 
 /// Decides what to do with `packet`, creating conntrack entries for new flows.
 #[inline(always)]
-pub fn classify(packet: &Packet) -> Verdict {
+pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
     let key = flow_key(packet);
     // The clock is read only on paths that need it: traffic that is not
     // for a service never pays for it.
@@ -96,8 +121,18 @@ pub fn classify(packet: &Packet) -> Verdict {
             CT_DIRECTION_HAIRPIN_REPLY => {
                 Verdict::HairpinReply { service: (value.nat_addr, value.nat_port), client: key.saddr }
             }
-            CT_DIRECTION_DNAT => Verdict::Dnat { backend: nat, new: false, hairpin: false },
-            CT_DIRECTION_HAIRPIN => Verdict::Dnat { backend: nat, new: false, hairpin: true },
+            CT_DIRECTION_SNAT_REPLY => Verdict::SnatReply {
+                service: (value.nat_addr, value.nat_port),
+                client: (value.snat_addr, value.snat_port),
+            },
+            CT_DIRECTION_DNAT => Verdict::Dnat { backend: nat, new: false, hairpin: false, snat: None },
+            CT_DIRECTION_HAIRPIN => Verdict::Dnat { backend: nat, new: false, hairpin: true, snat: None },
+            CT_DIRECTION_SNAT => Verdict::Dnat {
+                backend: nat,
+                new: false,
+                hairpin: false,
+                snat: Some((value.snat_addr, value.snat_port)),
+            },
             _ => Verdict::Pass,
         };
         if reusable && !matches!(verdict, Verdict::Pass) {
@@ -109,20 +144,24 @@ pub fn classify(packet: &Packet) -> Verdict {
     // Most traffic is not to a service address: one lookup tells.
     // SAFETY: map values are plain data; a concurrent update can at worst
     // give a torn mix of two valid entries, which is harmless here.
-    if unsafe { SERVICE_ADDRS.get(&packet.daddr) }.is_none() {
+    let Some(addr) = (unsafe { SERVICE_ADDRS.get(&packet.daddr) }) else {
         return Verdict::Pass;
-    }
+    };
+    let addr_flags = addr.flags;
     let frontend = ServiceKey::new(packet.daddr, packet.dport, packet.protocol, 0);
     // SAFETY: as above.
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
-        return Verdict::UnknownPort;
+        return if addr_flags & ADDR_DROP_UNKNOWN_PORTS != 0 { Verdict::UnknownPort } else { Verdict::Pass };
     };
-    let (count, affinity_timeout_s, maglev_table) =
-        (service.backend_count, service.affinity_timeout_s, service.maglev_table);
-    let now = clock();
-    if count == 0 {
-        return Verdict::NoBackend;
+    let (count, flags, affinity_timeout_s, maglev_table) =
+        (service.backend_count, service.flags, service.affinity_timeout_s, service.maglev_table);
+    if flags & FRONTEND_SOURCE_RANGES != 0 && !source_allowed(packet) {
+        return Verdict::SourceRangeDenied;
     }
+    if count == 0 {
+        return if flags & FRONTEND_DROP_WHEN_EMPTY != 0 { Verdict::NoLocalBackend } else { Verdict::NoBackend };
+    }
+    let now = clock();
     let affinity = AffinityKey {
         vip: packet.daddr,
         client: packet.saddr,
@@ -148,21 +187,45 @@ pub fn classify(packet: &Packet) -> Verdict {
         let _ = AFFINITY.insert(&affinity, &value, 0);
     }
 
-    let hairpin = backend.addr == packet.saddr;
+    // A client outside the cluster cannot be answered by a backend on
+    // another node directly: that node would reply from the pod's address.
+    let snat = match origin {
+        Origin::Wire { ctx, ifindex } if flags & FRONTEND_EXTERNAL != 0 && !backend.is_local() => {
+            let Some(source) = snat::source(ctx, ifindex, packet, &backend) else {
+                return Verdict::NoBackend;
+            };
+            Some(source)
+        }
+        _ => None,
+    };
+    let hairpin = snat.is_none() && backend.addr == packet.saddr;
+    let (direction, reply_direction) = match (hairpin, snat) {
+        (true, _) => (CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY),
+        (false, Some(_)) => (CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY),
+        (false, None) => (CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT),
+    };
+    let (snat_addr, snat_port) = snat.unwrap_or(([0; 4], [0; 2]));
     let forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
-        direction: if hairpin { CT_DIRECTION_HAIRPIN } else { CT_DIRECTION_DNAT },
+        direction,
         state: CT_STATE_NEW,
         last_seen_ns: now,
+        snat_addr,
+        snat_port,
+        _pad: [0; 2],
     };
     let reply_key = forward.peer_key(&key);
+    let (client_addr, client_port) = if snat.is_some() { (packet.saddr, packet.sport) } else { ([0; 4], [0; 2]) };
     let reply = CtValue {
         nat_addr: packet.daddr,
         nat_port: packet.dport,
-        direction: if hairpin { CT_DIRECTION_HAIRPIN_REPLY } else { CT_DIRECTION_REVERSE_SNAT },
+        direction: reply_direction,
         state: CT_STATE_NEW,
         last_seen_ns: now,
+        snat_addr: client_addr,
+        snat_port: client_port,
+        _pad: [0; 2],
     };
     // The reply entry goes in first: once the forward entry exists, a reply
     // may already be on its way. An LRU map evicts rather than fails when
@@ -170,7 +233,21 @@ pub fn classify(packet: &Packet) -> Verdict {
     // then the packet is still translated and the next one retries.
     let _ = CONNTRACK.insert(&reply_key, &reply, 0);
     let _ = CONNTRACK.insert(&key, &forward, 0);
-    Verdict::Dnat { backend, new: true, hairpin }
+    Verdict::Dnat { backend, new: true, hairpin, snat }
+}
+
+/// Whether the client of `packet` is inside one of its frontend's
+/// loadBalancerSourceRanges.
+#[inline(always)]
+fn source_allowed(packet: &Packet) -> bool {
+    let data = SourceRangeKey {
+        vip: packet.daddr,
+        port: packet.dport,
+        protocol: packet.protocol,
+        _pad: 0,
+        client: packet.saddr,
+    };
+    SOURCE_RANGES.get(&Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, data)).is_some()
 }
 
 /// The backend this client had, if it was used within the timeout and

@@ -3,17 +3,19 @@
 //! translated back to the service address.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_skb_change_tail},
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{HAIRPIN_ADDR, counter};
+use lb_common::counter;
 
 use crate::{
-    maps::count,
     icmp,
-    nat::{self, End},
+    maps::count,
+    nat::Frame,
     parse::{self, MAX_HEADERS_LEN, Packet, Unparsed},
-    service::{self, Verdict},
+    service::{self, Origin},
+    translate::{Action, translate},
 };
 
 #[classifier]
@@ -45,29 +47,33 @@ fn parse_skb(ctx: &TcContext) -> Result<Packet, Unparsed> {
 
 /// Returns the counter to bump and the tc action.
 fn try_tc_from_pod(ctx: &TcContext) -> Result<(u32, i32), i64> {
-    let ok = TC_ACT_OK as i32;
     let Ok(packet) = parse_skb(ctx) else {
-        return Ok((counter::PASS_UNPARSED, ok));
+        return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32));
     };
-    match service::classify(&packet) {
-        Verdict::Dnat { backend, new, hairpin } => {
-            nat::rewrite(ctx, &packet, End::Destination, backend.addr, backend.port)?;
-            if hairpin {
-                nat::rewrite(ctx, &packet, End::Source, HAIRPIN_ADDR, packet.sport)?;
-            }
-            Ok((if new { counter::DNAT_NEW } else { counter::DNAT_ESTABLISHED }, ok))
-        }
-        Verdict::ReverseNat(addr, port) => {
-            nat::rewrite(ctx, &packet, End::Source, addr, port)?;
-            Ok((counter::REVERSE_NAT, ok))
-        }
-        Verdict::HairpinReply { service: (addr, port), client } => {
-            nat::rewrite(ctx, &packet, End::Source, addr, port)?;
-            nat::rewrite(ctx, &packet, End::Destination, client, packet.dport)?;
-            Ok((counter::REVERSE_NAT, ok))
-        }
-        Verdict::Pass => Ok((counter::PASS, ok)),
-        Verdict::NoBackend => Ok((counter::REJECT_NO_BACKEND, icmp::reply_port_unreachable(ctx, &packet)?)),
-        Verdict::UnknownPort => Ok((counter::DROP_UNKNOWN_PORT, TC_ACT_SHOT as i32)),
+    let (index, action) = translate(ctx, &packet, service::classify(&packet, Origin::Pod))?;
+    let action = match action {
+        // The stack routes the translated packet, to a pod or another node.
+        Action::Pass | Action::Forward => TC_ACT_OK as i32,
+        Action::Drop => TC_ACT_SHOT as i32,
+        Action::Reject => reject(ctx, &packet)?,
+    };
+    Ok((index, action))
+}
+
+/// Turns the packet into an ICMP port unreachable and sends it back out
+/// the interface it came in on.
+fn reject(ctx: &TcContext, packet: &Packet) -> Result<i32, i64> {
+    let Some(reply) = icmp::port_unreachable(ctx, packet)? else {
+        return Ok(TC_ACT_SHOT as i32);
+    };
+    // SAFETY: the context's own skb pointer.
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::REPLY_LEN as u32, 0) };
+    if rc != 0 {
+        return Err(rc);
     }
+    Frame::store(ctx, 0, reply)?;
+    // SAFETY: reading the skb's own interface index.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a plain helper call; the verdict it returns is the tc action.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

@@ -1,7 +1,8 @@
 //! The agent's main loop: wait for a change from the source, reconcile the
 //! maps (at most once per `min_sync_period`, so a burst of events becomes a
-//! few syncs), attach to new pod interfaces, serve health and metrics, stop
-//! on SIGINT/SIGTERM. Stopping leaves the datapath pinned and attached, so
+//! few syncs), attach to new pod and external interfaces, follow the node's
+//! addresses, serve health, health-check node ports and metrics, stop on
+//! SIGINT/SIGTERM. Stopping leaves the datapath pinned and attached, so
 //! traffic keeps flowing until the next agent adopts it.
 use std::{
     collections::BTreeSet,
@@ -17,9 +18,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath::{Datapath, MapSizes},
+    cidr::Cidr,
+    datapath::{Datapath, Hook, MapSizes},
     dir_source::DirSource,
-    interfaces::{self, PodInterfaces},
+    health_check::HealthCheckServers,
+    interfaces::{self, ExternalInterfaces, PodInterfaces},
     kube_source::{Connection, KubeSource},
     model::{ModelOptions, Snapshot, desired_state},
     plan::MaglevConfig,
@@ -42,7 +45,10 @@ pub enum SourceConfig {
 
 pub struct AgentConfig {
     pub source: SourceConfig,
+    /// Node addresses in it are filled in by the agent.
     pub model: ModelOptions,
+    pub nodeport_addresses: Vec<Cidr>,
+    pub external_interfaces: ExternalInterfaces,
     pub pod_interfaces: PodInterfaces,
     pub pin_path: PathBuf,
     /// Socket-level balancing for this cgroup, when set.
@@ -106,6 +112,7 @@ struct Agent {
     /// programming-duration metric.
     newest_trigger: SystemTime,
     synced_once: bool,
+    health_checks: HealthCheckServers,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -137,22 +144,31 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         SourceConfig::Kube(connection, node_name) => Source::Kube(KubeSource::start(&connection, &node_name).await?),
     };
+    let mut interfaces = Interfaces {
+        pod: config.pod_interfaces,
+        external: config.external_interfaces,
+        nodeport_addresses: config.nodeport_addresses,
+        failed: BTreeSet::new(),
+    };
+    let mut model = config.model;
+    model.node_addresses = interfaces.refresh(&mut datapath, &[]);
+    info!(node = %model.node_name, addresses = ?model.node_addresses, "node addresses for NodePorts");
     let mut agent = Agent {
         datapath,
         reconciler: Reconciler::new(adopted, config.map_sizes.maglev),
-        model: config.model,
+        model,
         maglev: config.map_sizes.maglev,
         health,
         metrics,
         reported: BTreeSet::new(),
         newest_trigger: SystemTime::now(),
         synced_once: false,
+        health_checks: HealthCheckServers::default(),
     };
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut interface_tick = tokio::time::interval(INTERFACE_POLL);
-    let mut failed_attachments = BTreeSet::new();
     let mut next_sync = tokio::time::Instant::now();
     // After a failed sync: when to try again, and the delay after that.
     let mut retry: Option<(tokio::time::Instant, Duration)> = None;
@@ -183,7 +199,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 };
             }
             _ = interface_tick.tick() => {
-                refresh_interfaces(&mut agent.datapath, &config.pod_interfaces, &mut failed_attachments)
+                let addresses = interfaces.refresh(&mut agent.datapath, &agent.model.node_addresses);
+                if addresses != agent.model.node_addresses {
+                    info!(?addresses, "node addresses changed");
+                    agent.model.node_addresses = addresses;
+                    if agent.synced_once && !agent.sync(&source.snapshot()) && retry.is_none() {
+                        retry = Some((tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST));
+                    }
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -226,6 +249,7 @@ impl Agent {
                 self.metrics.frontends.set(desired.services.len() as i64);
                 self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
                 self.observe_programming_latency(&snapshot.slices);
+                self.health_checks.update(&desired.health_checks);
                 if !outcome.lost_udp_backends.is_empty() {
                     let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
                     debug!(flows, "forgot UDP flows of removed backends");
@@ -273,28 +297,73 @@ impl Agent {
     }
 }
 
-/// Attaches to new pod interfaces. A failed attachment is retried every
-/// poll and reported once per interface (`failed` holds their indexes).
-fn refresh_interfaces(datapath: &mut Datapath, selector: &PodInterfaces, failed: &mut BTreeSet<u32>) {
-    let present = match interfaces::list() {
-        Ok(list) => list,
-        Err(e) => return warn!("cannot list interfaces: {e}"),
-    };
-    for name in datapath.forget_vanished(&present) {
-        info!(interface = %name, "interface gone");
-    }
-    failed.retain(|index| present.iter().any(|i| i.index == *index));
-    for interface in &present {
-        if datapath.is_attached(interface) || !selector.selects(interface) {
-            continue;
-        }
-        match datapath.attach(interface) {
-            Ok(()) => {
-                failed.remove(&interface.index);
-                info!(interface = %interface.name, "attached");
+/// Which interfaces get which program, and what failed to attach.
+struct Interfaces {
+    pod: PodInterfaces,
+    external: ExternalInterfaces,
+    nodeport_addresses: Vec<Cidr>,
+    /// Attachments that failed, by hook and ifindex, reported once each.
+    failed: BTreeSet<(Hook, u32)>,
+}
+
+impl Interfaces {
+    /// Attaches to new pod and external interfaces and detaches from
+    /// interfaces no longer external; returns the node addresses now
+    /// (`known` when they cannot be read). An interface holding a node
+    /// address is external, never a pod interface.
+    fn refresh(&mut self, datapath: &mut Datapath, known: &[std::net::Ipv4Addr]) -> Vec<std::net::Ipv4Addr> {
+        let (present, addresses) = match (interfaces::list(), interfaces::addresses()) {
+            (Ok(list), Ok(addresses)) => (list, addresses),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("cannot list interfaces: {e}");
+                return known.to_vec();
             }
-            Err(e) if failed.insert(interface.index) => warn!("{e}; retrying"),
-            Err(e) => debug!("{e}; retrying"),
+        };
+        let node_addresses = interfaces::node_addresses(&addresses, &self.nodeport_addresses);
+        for name in datapath.forget_vanished(&present) {
+            info!(interface = %name, "interface gone");
         }
+        self.failed.retain(|(_, index)| present.iter().any(|i| i.index == *index));
+        for interface in &present {
+            let external = self.external.selects(interface, &node_addresses, &addresses);
+            let hook = if external {
+                Hook::Wire
+            } else if self.pod.selects(interface) && !addresses.iter().any(|(name, _)| *name == interface.name) {
+                Hook::Pod
+            } else {
+                if datapath.is_attached(Hook::Wire, interface) {
+                    datapath.detach(Hook::Wire, interface);
+                    info!(interface = %interface.name, "no longer external: detached");
+                }
+                continue;
+            };
+            if datapath.is_attached(hook, interface) {
+                continue;
+            }
+            match datapath.attach(hook, interface) {
+                Ok(()) => {
+                    self.failed.remove(&(hook, interface.index));
+                    if hook == Hook::Wire {
+                        allow_local_source(&interface.name);
+                    }
+                    info!(interface = %interface.name, ?hook, "attached");
+                }
+                Err(e) if self.failed.insert((hook, interface.index)) => warn!("{e}; retrying"),
+                Err(e) => debug!("{e}; retrying"),
+            }
+        }
+        node_addresses
+    }
+}
+
+/// Lets the stack forward frames from this node's own address that arrive
+/// on an external interface. The XDP program passes a translated frame to
+/// the stack when it cannot send it itself (no neighbour entry yet), and an
+/// SNATed frame carries the node's address as its source, which the stack
+/// would otherwise drop as a martian.
+fn allow_local_source(interface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    if let Err(e) = std::fs::write(&path, "1") {
+        warn!("{path}: {e}; NodePort traffic to other nodes may stall until their neighbour entries exist");
     }
 }

@@ -133,6 +133,20 @@ pub struct RunArgs {
     /// Interfaces to attach to, as globs (e.g. "veth*,cali*"); default: every veth.
     #[arg(long, value_delimiter = ',')]
     pub pod_interfaces: Vec<String>,
+    /// External interfaces, where the XDP program serves NodePort,
+    /// LoadBalancer and ExternalIP traffic, as globs (e.g. "eth*,bond0");
+    /// default: every interface holding a node address.
+    #[arg(long, value_delimiter = ',')]
+    pub external_interfaces: Vec<String>,
+    /// Node addresses NodePorts are served on, as CIDRs (kube-proxy's flag);
+    /// default: every node address. Loopback addresses never are.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<crate::cidr::Cidr>,
+    /// Service externalIPs are served only inside these CIDRs; none by
+    /// default, since an ExternalIP can capture any address's traffic
+    /// (CVE-2020-8554).
+    #[arg(long, value_delimiter = ',')]
+    pub external_ip_cidrs: Vec<crate::cidr::Cidr>,
     /// cgroup v2 directory whose processes (and those below) get socket-level
     /// balancing for host-network clients; default the cgroup v2 root; ""
     /// turns it off.
@@ -162,6 +176,9 @@ pub struct RunArgs {
     /// Size of the session-affinity map (one entry per client and Service port).
     #[arg(long, default_value_t = lb_common::DEFAULT_AFFINITY_MAX_ENTRIES)]
     pub affinity_max_entries: u32,
+    /// Size of the source-ranges map (one entry per load-balancer frontend and range).
+    #[arg(long, default_value_t = lb_common::DEFAULT_SOURCE_RANGES_MAX_ENTRIES)]
+    pub source_ranges_max_entries: u32,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

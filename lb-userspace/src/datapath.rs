@@ -4,8 +4,10 @@
 //! Pin layout under the pin path (default /sys/fs/bpf/lb):
 //!   SERVICES, BACKENDS, SERVICE_ADDRS,
 //!   CONNTRACK, AFFINITY, MAGLEV, COUNTERS     the maps
-//!   tc_from_pod                               the program
+//!   SOURCE_RANGES                             the maps
+//!   tc_from_pod, xdp_from_wire                the programs
 //!   links/if_<ifindex>                        one TCX link per pod interface
+//!   links/xdp_<ifindex>                       one XDP link per external interface
 //!   links/cgroup_<program>                    the socket programs' cgroup links
 //! Pinned maps are adopted by the next agent, and pinned links keep the
 //! program attached while no agent runs, so restarts do not drop traffic.
@@ -18,17 +20,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
-    GLOBAL_MAGLEV_TABLE_SIZE, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT,
-    PROG_FROM_POD, PROGS_SOCK, ServiceKey, ServiceValue, TrafficCounter, counter,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, MAP_AFFINITY, MAP_BACKENDS,
+    MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
+    PROG_FROM_POD, PROG_FROM_WIRE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounter,
+    counter,
 };
 
 use crate::{
@@ -51,7 +55,7 @@ pub enum DatapathError {
     PinDir { path: PathBuf, source: io::Error },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("program {PROG_FROM_POD}: {0}")]
+    #[error("program: {0}")]
     Program(#[from] ProgramError),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
@@ -70,6 +74,7 @@ pub struct MapSizes {
     pub backends: u32,
     pub conntrack: u32,
     pub affinity: u32,
+    pub source_ranges: u32,
     pub maglev: MaglevConfig,
 }
 
@@ -80,6 +85,7 @@ impl Default for MapSizes {
             backends: lb_common::DEFAULT_BACKENDS_MAX_ENTRIES,
             conntrack: lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES,
             affinity: lb_common::DEFAULT_AFFINITY_MAX_ENTRIES,
+            source_ranges: lb_common::DEFAULT_SOURCE_RANGES_MAX_ENTRIES,
             maglev: MaglevConfig::default(),
         }
     }
@@ -89,7 +95,8 @@ impl Default for MapSizes {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
-    pub service_addrs: HashMap<MapData, [u8; 4], u32>,
+    pub service_addrs: HashMap<MapData, [u8; 4], ServiceAddr>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub maglev: Array<MapData, u32>,
@@ -114,6 +121,7 @@ impl Maps {
             services: HashMap::try_from(take(MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
             backends: HashMap::try_from(take(MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
             service_addrs: HashMap::try_from(take(MAP_SERVICE_ADDRS)?).map_err(map_err(MAP_SERVICE_ADDRS))?,
+            source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
             conntrack: HashMap::try_from(take(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             maglev: Array::try_from(take(MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
@@ -130,6 +138,8 @@ impl Maps {
             backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?)).map_err(map_err(MAP_BACKENDS))?,
             service_addrs: HashMap::try_from(Map::HashMap(open(MAP_SERVICE_ADDRS)?))
                 .map_err(map_err(MAP_SERVICE_ADDRS))?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))
+                .map_err(map_err(MAP_SOURCE_RANGES))?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
                 .map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?)).map_err(map_err(MAP_AFFINITY))?,
@@ -154,6 +164,10 @@ impl Maps {
         for entry in self.service_addrs.iter() {
             let (k, v) = entry.map_err(map_err(MAP_SERVICE_ADDRS))?;
             contents.addrs.insert(k, v);
+        }
+        for entry in self.source_ranges.iter() {
+            let (k, _) = entry.map_err(map_err(MAP_SOURCE_RANGES))?;
+            contents.source_ranges.insert((k.prefix_len(), k.data()));
         }
         Ok(contents)
     }
@@ -224,6 +238,8 @@ impl MapWriter for Maps {
             MapOp::DeleteBackend(id) => self.backends.remove(id),
             MapOp::PutAddr(addr, frontends) => self.service_addrs.insert(addr, frontends, 0),
             MapOp::DeleteAddr(addr) => self.service_addrs.remove(addr),
+            MapOp::PutSourceRange((prefix_len, data)) => self.source_ranges.insert(&Key::new(*prefix_len, *data), 1, 0),
+            MapOp::DeleteSourceRange((prefix_len, data)) => self.source_ranges.remove(&Key::new(*prefix_len, *data)),
             MapOp::PutMaglevTable(table, entries) => {
                 let base = (table - 1) * self.maglev_table_size;
                 for (i, backend_id) in entries.iter().enumerate() {
@@ -235,13 +251,32 @@ impl MapWriter for Maps {
     }
 }
 
-/// The loaded datapath: program and maps.
+/// Where on an interface a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    /// tc ingress of a pod interface (`tc_from_pod`).
+    Pod,
+    /// XDP of an external interface (`xdp_from_wire`).
+    Wire,
+}
+
+impl Hook {
+    /// Prefix of the link pins of this hook under links/.
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Hook::Pod => "if_",
+            Hook::Wire => "xdp_",
+        }
+    }
+}
+
+/// The loaded datapath: programs and maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
     pin_path: Option<PathBuf>,
-    /// Interfaces the program is attached to, by ifindex.
-    attached: BTreeMap<u32, String>,
+    /// Interfaces a program is attached to, by hook and ifindex.
+    attached: BTreeMap<(Hook, u32), String>,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -299,6 +334,7 @@ impl Datapath {
         loader
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_ADDRS, sizes.services)
+            .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges)
             .map_max_entries(MAP_BACKENDS, sizes.backends)
             .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
@@ -313,6 +349,7 @@ impl Datapath {
                 MAP_SERVICES,
                 MAP_BACKENDS,
                 MAP_SERVICE_ADDRS,
+                MAP_SOURCE_RANGES,
                 MAP_CONNTRACK,
                 MAP_AFFINITY,
                 MAP_MAGLEV,
@@ -326,14 +363,19 @@ impl Datapath {
         for name in PROGS_SOCK {
             Self::sock_program(&mut ebpf, name)?.load()?;
         }
-        let program = Self::program_of(&mut ebpf)?;
-        program.load()?;
+        Self::program_of(&mut ebpf)?.load()?;
+        Self::xdp_program_of(&mut ebpf)?.load()?;
         if let Some(dir) = pin_path {
-            let path = dir.join(PROG_FROM_POD);
-            // The previous agent's program stays attached through its links
-            // until they are moved to this one; its pin can go now.
-            let _ = fs::remove_file(&path);
-            program.pin(&path).map_err(|source| DatapathError::Pin { path, source })?;
+            // The previous agent's programs stay attached through their
+            // links until they are moved to these; their pins can go now.
+            let pin = |path: PathBuf, result: &mut dyn FnMut(&Path) -> Result<(), aya::pin::PinError>| {
+                let _ = fs::remove_file(&path);
+                result(&path).map_err(|source| DatapathError::Pin { path, source })
+            };
+            let program = Self::program_of(&mut ebpf)?;
+            pin(dir.join(PROG_FROM_POD), &mut |p| program.pin(p))?;
+            let program = Self::xdp_program_of(&mut ebpf)?;
+            pin(dir.join(PROG_FROM_WIRE), &mut |p| program.pin(p))?;
         }
         let maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
         Ok(Self { ebpf, maps, pin_path: pin_path.map(Path::to_owned), attached: BTreeMap::new() })
@@ -341,6 +383,11 @@ impl Datapath {
 
     fn program_of(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
         let program = ebpf.program_mut(PROG_FROM_POD).ok_or(ProgramError::NotLoaded)?;
+        Ok(program.try_into()?)
+    }
+
+    fn xdp_program_of(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
+        let program = ebpf.program_mut(PROG_FROM_WIRE).ok_or(ProgramError::NotLoaded)?;
         Ok(program.try_into()?)
     }
 
@@ -380,49 +427,85 @@ impl Datapath {
         Self::program_of(&mut self.ebpf)
     }
 
-    fn link_pin(&self, ifindex: u32) -> Option<PathBuf> {
-        self.pin_path.as_ref().map(|dir| dir.join("links").join(format!("if_{ifindex}")))
+    /// The XDP program, for BPF_PROG_TEST_RUN.
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        Self::xdp_program_of(&mut self.ebpf)
     }
 
-    /// Attaches the program at tc ingress of `interface` (TCX). A link that
-    /// a previous agent pinned for it is moved to this program atomically,
-    /// so no packet passes untranslated.
-    pub fn attach(&mut self, interface: &Interface) -> Result<(), DatapathError> {
+    fn link_pin(&self, hook: Hook, ifindex: u32) -> Option<PathBuf> {
+        self.pin_path.as_ref().map(|dir| dir.join("links").join(format!("{}{ifindex}", hook.pin_prefix())))
+    }
+
+    /// Attaches the hook's program to `interface`: tc ingress (TCX) for a
+    /// pod interface, XDP for an external one. A link that a previous agent
+    /// pinned for it is moved to this program atomically, so no packet
+    /// passes untranslated.
+    pub fn attach(&mut self, hook: Hook, interface: &Interface) -> Result<(), DatapathError> {
         let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
             interface: interface.name.clone(),
             source,
         };
-        let pin = self.link_pin(interface.index);
-        let program = Self::program_of(&mut self.ebpf)?;
-        let adopted = pin.as_ref().and_then(|p| PinnedLink::from_pin(p).ok()).and_then(|old| {
-            let link = SchedClassifierLink::try_from(FdLink::from(old)).ok()?;
-            // Fails when the link's interface is gone (a reused index).
-            program.attach_to_link(link).ok()
-        });
-        if adopted.is_none() {
-            if let Some(p) = &pin {
-                let _ = fs::remove_file(p);
+        let pin = self.link_pin(hook, interface.index);
+        let old = pin.as_ref().and_then(|p| PinnedLink::from_pin(p).ok()).map(FdLink::from);
+        // Moving fails when the link's interface is gone (a reused index).
+        let fd_link = match hook {
+            Hook::Pod => {
+                let program = Self::program_of(&mut self.ebpf)?;
+                let adopted = old.and_then(|old| {
+                    let link = SchedClassifierLink::try_from(old).ok()?;
+                    program.attach_to_link(link).ok()
+                });
+                match adopted {
+                    Some(_) => None,
+                    None => {
+                        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+                        let id = program
+                            .attach_with_options(&interface.name, TcAttachType::Ingress, options)
+                            .map_err(|e| attach_err(Box::new(e)))?;
+                        let link = program.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+                        Some(FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?)
+                    }
+                }
             }
-            let id = program
-                .attach_with_options(
-                    &interface.name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|e| attach_err(Box::new(e)))?;
-            if let Some(p) = pin {
-                let link = program.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
-                let fd_link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
-                // The pin keeps the link (and the attachment) alive.
-                fd_link.pin(&p).map_err(|source| DatapathError::Pin { path: p.clone(), source })?;
+            Hook::Wire => {
+                let program = Self::xdp_program_of(&mut self.ebpf)?;
+                let adopted = old.and_then(|old| {
+                    let link = XdpLink::try_from(old).ok()?;
+                    program.attach_to_link(link).ok()
+                });
+                match adopted {
+                    Some(_) => None,
+                    None => {
+                        let id = program
+                            .attach_to_if_index(interface.index, XdpMode::Default)
+                            .map_err(|e| attach_err(Box::new(e)))?;
+                        let link = program.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+                        Some(FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?)
+                    }
+                }
             }
+        };
+        if let (Some(fd_link), Some(p)) = (fd_link, pin) {
+            let _ = fs::remove_file(&p);
+            // The pin keeps the link (and the attachment) alive.
+            fd_link.pin(&p).map_err(|source| DatapathError::Pin { path: p.clone(), source })?;
         }
-        self.attached.insert(interface.index, interface.name.clone());
+        self.attached.insert((hook, interface.index), interface.name.clone());
         Ok(())
     }
 
-    pub fn is_attached(&self, interface: &Interface) -> bool {
-        self.attached.get(&interface.index) == Some(&interface.name)
+    pub fn is_attached(&self, hook: Hook, interface: &Interface) -> bool {
+        self.attached.get(&(hook, interface.index)) == Some(&interface.name)
+    }
+
+    /// Detaches the hook's program from an interface that should no longer
+    /// have it (an external interface no longer selected, say).
+    pub fn detach(&mut self, hook: Hook, interface: &Interface) {
+        if self.attached.remove(&(hook, interface.index)).is_some()
+            && let Some(p) = self.link_pin(hook, interface.index)
+        {
+            let _ = fs::remove_file(p);
+        }
     }
 
     /// Forgets interfaces that no longer exist and removes their link pins,
@@ -430,7 +513,7 @@ impl Datapath {
     pub fn forget_vanished(&mut self, present: &[Interface]) -> Vec<String> {
         let alive: BTreeMap<u32, &str> = present.iter().map(|i| (i.index, i.name.as_str())).collect();
         let mut gone = Vec::new();
-        self.attached.retain(|index, name| {
+        self.attached.retain(|(_, index), name| {
             let keep = alive.get(index) == Some(&name.as_str());
             if !keep {
                 gone.push(name.clone());
@@ -440,7 +523,10 @@ impl Datapath {
         if let Some(dir) = &self.pin_path {
             for entry in fs::read_dir(dir.join("links")).into_iter().flatten().flatten() {
                 let name = entry.file_name();
-                let Some(index) = name.to_str().and_then(|n| n.strip_prefix("if_")) else { continue };
+                let index = name.to_str().and_then(|n| {
+                    [Hook::Pod, Hook::Wire].into_iter().find_map(|hook| n.strip_prefix(hook.pin_prefix()))
+                });
+                let Some(index) = index else { continue };
                 if index.parse().ok().is_none_or(|i| !alive.contains_key(&i)) {
                     let _ = fs::remove_file(entry.path());
                 }

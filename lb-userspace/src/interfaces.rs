@@ -1,12 +1,15 @@
-//! Which interfaces of this network namespace are pod interfaces.
+//! Which interfaces of this network namespace are pod interfaces, which
+//! are external ones, and which addresses are the node's.
 //!
 //! Interfaces are listed with if_nameindex(3) and typed with the ethtool
 //! ioctl, both of which answer for the caller's network namespace; /sys would
 //! answer for the namespace sysfs was mounted in, which differs under
 //! `nsenter --net`.
-use std::{ffi::CStr, io};
+use std::{ffi::CStr, io, net::Ipv4Addr};
 
 use glob::Pattern;
+
+use crate::cidr::Cidr;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
@@ -31,6 +34,74 @@ pub fn list() -> io::Result<Vec<Interface>> {
         }
         libc::if_freenameindex(head);
         Ok(out)
+    }
+}
+
+/// The IPv4 addresses of this network namespace, with the name of the
+/// interface holding each.
+pub fn addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut entry = head;
+    while !entry.is_null() {
+        // SAFETY: a node of the list getifaddrs returned; an AF_INET
+        // address is a sockaddr_in.
+        unsafe {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let sin = &*(addr as *const libc::sockaddr_in);
+                let name = CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned();
+                out.push((name, Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            }
+            entry = (*entry).ifa_next;
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The node addresses NodePorts are served on: every IPv4 address inside
+/// `--nodeport-addresses` (all when empty), never a loopback one (a
+/// NodePort on 127.0.0.1 would let any local process or a neighbour with
+/// route_localnet reach services it should not: CVE-2020-8558).
+pub fn node_addresses(all: &[(String, Ipv4Addr)], nodeport_addresses: &[Cidr]) -> Vec<Ipv4Addr> {
+    let mut addrs: Vec<Ipv4Addr> = all
+        .iter()
+        .map(|(_, a)| *a)
+        .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        .filter(|a| nodeport_addresses.is_empty() || nodeport_addresses.iter().any(|c| c.contains(*a)))
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// `--external-interfaces`: glob patterns, or by default every interface
+/// holding a node address (other than loopback).
+#[derive(Clone, Debug, Default)]
+pub struct ExternalInterfaces {
+    patterns: Vec<Pattern>,
+}
+
+impl ExternalInterfaces {
+    pub fn new(globs: &[String]) -> Result<Self, glob::PatternError> {
+        Ok(Self { patterns: globs.iter().map(|g| Pattern::new(g)).collect::<Result<_, _>>()? })
+    }
+
+    pub fn selects(&self, interface: &Interface, node_addresses: &[Ipv4Addr], all: &[(String, Ipv4Addr)]) -> bool {
+        if interface.name == "lo" {
+            return false;
+        }
+        if self.patterns.is_empty() {
+            all.iter().any(|(name, addr)| *name == interface.name && node_addresses.contains(addr))
+        } else {
+            self.patterns.iter().any(|p| p.matches(&interface.name))
+        }
     }
 }
 

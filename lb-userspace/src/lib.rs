@@ -1,9 +1,11 @@
 //! The agent: computes what the datapath maps should hold from Kubernetes
 //! objects and keeps the maps, and the program's attachments, in step.
 pub mod agent;
+pub mod cidr;
 pub mod cli;
 pub mod datapath;
 pub mod dir_source;
+pub mod health_check;
 pub mod inspect;
 pub mod interfaces;
 pub mod kube_source;

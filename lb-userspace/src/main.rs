@@ -5,7 +5,7 @@ use lb_userspace::{
     cli::{Cli, Command, InspectArgs, Output, RunArgs, Source},
     datapath::{MapSizes, Maps},
     inspect,
-    interfaces::PodInterfaces,
+    interfaces::{ExternalInterfaces, PodInterfaces},
     kube_source::Connection,
     model::ModelOptions,
     plan::MaglevConfig,
@@ -58,7 +58,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Source::Dir(path) => SourceConfig::Dir(path),
         Source::Kube => SourceConfig::Kube(
             Connection { kubeconfig: args.kubeconfig, api_server: args.k8s_api_server },
-            args.node_name,
+            args.node_name.clone(),
         ),
     };
     anyhow::ensure!(
@@ -68,7 +68,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let config = AgentConfig {
         source,
-        model: ModelOptions { proxy_name: args.proxy_name, algorithm: args.lb_algorithm },
+        model: ModelOptions {
+            proxy_name: args.proxy_name,
+            algorithm: args.lb_algorithm,
+            node_name: args.node_name,
+            node_addresses: Vec::new(),
+            external_ip_cidrs: args.external_ip_cidrs,
+        },
+        nodeport_addresses: args.nodeport_addresses,
+        external_interfaces: ExternalInterfaces::new(&args.external_interfaces).context("--external-interfaces")?,
         min_sync_period: args.min_sync_period,
         healthz_addr: args.healthz_addr.0,
         metrics_addr: args.metrics_addr.0,
@@ -81,6 +89,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             backends: args.backends_max_entries,
             conntrack: args.conntrack_max_entries,
             affinity: args.affinity_max_entries,
+            source_ranges: args.source_ranges_max_entries,
             maglev: MaglevConfig { table_size: args.maglev_table_size, tables: args.maglev_tables },
         },
     };

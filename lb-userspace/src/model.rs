@@ -15,6 +15,8 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+use crate::cidr::Cidr;
+
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Services (and their slices) with this label belong to another proxy,
@@ -84,22 +86,58 @@ pub struct Frontend {
     pub protocol: Protocol,
 }
 
+impl Default for Frontend {
+    fn default() -> Self {
+        Self { addr: Ipv4Addr::UNSPECIFIED, port: 0, protocol: Protocol::Tcp }
+    }
+}
+
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
     }
 }
 
+/// How clients reach a frontend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    /// A cluster IP: only pods and nodes send to it.
+    #[default]
+    ClusterIp,
+    /// A node address and a nodePort.
+    NodePort,
+    /// An address from `status.loadBalancer.ingress`.
+    LoadBalancer,
+    /// An address from `spec.externalIPs`.
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: remote backends through SNAT.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIp
+    }
+}
+
 /// One frontend of one Service and the backends that get new connections.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
     /// `namespace/name:port-name`, for logs and inspection.
     pub name: String,
     pub frontend: Frontend,
+    pub kind: FrontendKind,
     pub backends: BTreeSet<SocketAddrV4>,
+    /// The backends that run on this node (a subset of `backends`).
+    pub local_backends: BTreeSet<SocketAddrV4>,
     /// Session affinity (ClientIP) timeout in seconds; 0 is none.
     pub affinity_timeout_s: u32,
     pub algorithm: Algorithm,
+    /// loadBalancerSourceRanges: when not empty, only clients inside one of
+    /// these get new connections.
+    pub source_ranges: Vec<Cidr>,
+    /// Without backends, drop rather than refuse: a traffic policy of Local
+    /// on a node without local endpoints, while other nodes have some.
+    pub drop_when_empty: bool,
 }
 
 /// How a frontend picks a backend for a new flow.
@@ -123,6 +161,12 @@ pub struct ModelOptions {
     pub proxy_name: Option<String>,
     /// `--lb-algorithm`, for Services without the annotation.
     pub algorithm: Algorithm,
+    /// `--node-name`: endpoints whose `nodeName` is this are local.
+    pub node_name: String,
+    /// The node addresses NodePorts are served on (`--nodeport-addresses`).
+    pub node_addresses: Vec<Ipv4Addr>,
+    /// `--external-ip-cidrs`: ExternalIPs are honoured only inside these.
+    pub external_ip_cidrs: Vec<Cidr>,
 }
 
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -164,10 +208,22 @@ pub struct Snapshot {
     pub duplicates: Vec<(ObjectRef, PathBuf, PathBuf)>,
 }
 
+/// What a Service's healthCheckNodePort answers (kube-proxy's health server
+/// for externalTrafficPolicy Local).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// Sorted by frontend.
     pub services: Vec<ServicePort>,
+    /// By healthCheckNodePort.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub errors: Vec<ObjectError>,
 }
 
@@ -183,9 +239,12 @@ pub(crate) fn object_ref(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis
 
 /// A port of a Service, before endpoints are joined.
 struct PortSpec {
+    /// Index in `spec.ports`, for errors.
+    index: usize,
     name: String,
     port: u16,
     protocol: Protocol,
+    node_port: Option<u16>,
 }
 
 /// An endpoint address with the conditions that decide its use.
@@ -195,6 +254,8 @@ struct EndpointState {
     ready: bool,
     /// Serving but terminating: used only when no endpoint is ready.
     serving_terminating: bool,
+    /// On this node (`nodeName` is ours).
+    local: bool,
 }
 
 /// A port of an EndpointSlice, with the endpoints behind it.
@@ -207,18 +268,44 @@ struct SlicePort {
 
 /// The backends of one service port, as kube-proxy picks them: ready
 /// endpoints; when none is ready, those still serving while terminating,
-/// so that a rolling update never leaves a Service without backends.
-fn backends_of(slice_ports: &[SlicePort], port: &PortSpec) -> BTreeSet<SocketAddrV4> {
+/// so that a rolling update never leaves a Service without backends. With
+/// `local_only` (a traffic policy of Local), only this node's endpoints.
+/// Returns all the picked backends and the local ones among them.
+fn backends_of(
+    slice_ports: &[SlicePort],
+    port: &PortSpec,
+    local_only: bool,
+) -> (BTreeSet<SocketAddrV4>, BTreeSet<SocketAddrV4>) {
     let matching: Vec<&SlicePort> =
         slice_ports.iter().filter(|sp| sp.name == port.name && sp.protocol == port.protocol).collect();
-    let pick = |wanted: fn(&EndpointState) -> bool| -> BTreeSet<SocketAddrV4> {
+    let pick = |wanted: &dyn Fn(&EndpointState) -> bool| -> BTreeSet<(SocketAddrV4, bool)> {
         matching
             .iter()
-            .flat_map(|sp| sp.endpoints.iter().filter(|e| wanted(e)).map(|e| SocketAddrV4::new(e.addr, sp.port)))
+            .flat_map(|sp| {
+                sp.endpoints
+                    .iter()
+                    .filter(|e| (e.local || !local_only) && wanted(e))
+                    .map(|e| (SocketAddrV4::new(e.addr, sp.port), e.local))
+            })
             .collect()
     };
-    let ready = pick(|e| e.ready);
-    if ready.is_empty() { pick(|e| e.serving_terminating) } else { ready }
+    let ready = pick(&|e| e.ready);
+    let picked = if ready.is_empty() { pick(&|e| e.serving_terminating) } else { ready };
+    let local = picked.iter().filter(|(_, local)| *local).map(|(b, _)| *b).collect();
+    (picked.into_iter().map(|(b, _)| b).collect(), local)
+}
+
+/// Whether `spec.<field>` (externalTrafficPolicy, internalTrafficPolicy)
+/// is Local; anything but Cluster, Local or absent is an error.
+fn policy_is_local(value: Option<&str>, field: &str, fail: &mut impl FnMut(String, String)) -> bool {
+    match value {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            fail(format!("spec.{field}"), format!("{other:?} is not Cluster or Local; using Cluster"));
+            false
+        }
+    }
 }
 
 /// Computes the desired state of the datapath.
@@ -229,12 +316,13 @@ pub fn desired_state<'a>(
 ) -> DesiredState {
     let proxy_name = options.proxy_name.as_deref();
     let mut errors = Vec::new();
-    let endpoints = endpoints_by_service(slices, proxy_name, &mut errors);
+    let endpoints = endpoints_by_service(slices, proxy_name, &options.node_name, &mut errors);
 
     let mut sorted: Vec<&Service> = services.into_iter().collect();
     sorted.sort_by_cached_key(|s| object_ref("Service", &s.metadata));
 
     let mut by_frontend: BTreeMap<Frontend, ServicePort> = BTreeMap::new();
+    let mut health_checks = BTreeMap::new();
     for service in sorted {
         let object = object_ref("Service", &service.metadata);
         let fail = |errors: &mut Vec<ObjectError>, field: String, message: String| {
@@ -272,33 +360,146 @@ pub fn desired_state<'a>(
         };
         let key = (object.namespace.clone(), object.name.clone());
         let slice_ports = endpoints.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let mut fail_field = |field: String, message: String| fail(&mut errors, field, message);
+        let external_local =
+            policy_is_local(spec.external_traffic_policy.as_deref(), "externalTrafficPolicy", &mut fail_field);
+        let internal_local =
+            policy_is_local(spec.internal_traffic_policy.as_deref(), "internalTrafficPolicy", &mut fail_field);
+        let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+        let load_balancer = type_ == "LoadBalancer";
+        let external_ips = external_ips(spec, &options.external_ip_cidrs, &mut fail_field);
+        let (lb_ips, source_ranges) = if load_balancer {
+            (load_balancer_ips(service, &mut fail_field), source_ranges(spec, &mut fail_field))
+        } else {
+            (Vec::new(), Vec::new())
+        };
 
-        for port in &ports {
-            let backends = backends_of(slice_ports, port);
-            for addr in &addrs {
-                let frontend = Frontend { addr: *addr, port: port.port, protocol: port.protocol };
-                if let Some(owner) = by_frontend.get(&frontend) {
-                    fail(
-                        &mut errors,
-                        "spec.clusterIP".into(),
-                        format!("{frontend} is already served for {}", owner.name),
-                    );
-                    continue;
-                }
-                by_frontend.insert(
+        let mut add = |errors: &mut Vec<ObjectError>, port: &PortSpec, kind: FrontendKind, addr: Ipv4Addr, number: u16| {
+            let local_only = if kind.is_external() { external_local } else { internal_local };
+            let (backends, local_backends) = backends_of(slice_ports, port, local_only);
+            let drop_when_empty = local_only && backends.is_empty() && !backends_of(slice_ports, port, false).0.is_empty();
+            let frontend = Frontend { addr, port: number, protocol: port.protocol };
+            if let Some(owner) = by_frontend.get(&frontend) {
+                let field = match kind {
+                    FrontendKind::ClusterIp => "spec.clusterIP".to_owned(),
+                    FrontendKind::NodePort => format!("spec.ports[{}].nodePort", port.index),
+                    FrontendKind::LoadBalancer => "status.loadBalancer.ingress".to_owned(),
+                    FrontendKind::ExternalIp => "spec.externalIPs".to_owned(),
+                };
+                let message = format!("{frontend} is already served for {}", owner.name);
+                errors.push(ObjectError { object: object.clone(), field, message });
+                return;
+            }
+            let source_ranges = if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() };
+            by_frontend.insert(
+                frontend,
+                ServicePort {
+                    name: format!("{}/{}:{}", object.namespace, object.name, port.name),
                     frontend,
-                    ServicePort {
-                        name: format!("{}/{}:{}", object.namespace, object.name, port.name),
-                        frontend,
-                        backends: backends.clone(),
-                        affinity_timeout_s,
-                        algorithm,
-                    },
-                );
+                    kind,
+                    backends,
+                    local_backends,
+                    affinity_timeout_s,
+                    algorithm,
+                    source_ranges,
+                    drop_when_empty,
+                },
+            );
+        };
+        for port in &ports {
+            for addr in &addrs {
+                add(&mut errors, port, FrontendKind::ClusterIp, *addr, port.port);
+            }
+            if let Some(node_port) = port.node_port.filter(|_| node_ports) {
+                for addr in &options.node_addresses {
+                    add(&mut errors, port, FrontendKind::NodePort, *addr, node_port);
+                }
+            }
+            for addr in &lb_ips {
+                add(&mut errors, port, FrontendKind::LoadBalancer, *addr, port.port);
+            }
+            for addr in &external_ips {
+                add(&mut errors, port, FrontendKind::ExternalIp, *addr, port.port);
+            }
+        }
+        if let Some(port) = spec.health_check_node_port.filter(|_| load_balancer && external_local) {
+            match u16::try_from(port).ok().filter(|p| *p != 0) {
+                Some(port) => {
+                    let local_endpoints = slice_ports
+                        .iter()
+                        .flat_map(|sp| sp.endpoints.iter().filter(|e| e.local && e.ready).map(|e| e.addr))
+                        .collect::<BTreeSet<_>>()
+                        .len();
+                    health_checks.insert(
+                        port,
+                        HealthCheck { namespace: object.namespace.clone(), name: object.name.clone(), local_endpoints },
+                    );
+                }
+                None => fail(&mut errors, "spec.healthCheckNodePort".into(), format!("{port} is not a port (1-65535)")),
             }
         }
     }
-    DesiredState { services: by_frontend.into_values().collect(), errors }
+    DesiredState { services: by_frontend.into_values().collect(), health_checks, errors }
+}
+
+/// `spec.externalIPs` inside the allow-list; the others are errors, since
+/// an ExternalIP lets whoever writes a Service capture traffic to any
+/// address (CVE-2020-8554).
+fn external_ips(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    allowed: &[Cidr],
+    fail: &mut impl FnMut(String, String),
+) -> Vec<Ipv4Addr> {
+    let mut addrs = Vec::new();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        let field = format!("spec.externalIPs[{i}]");
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(addr)) if allowed.iter().any(|c| c.contains(addr)) => addrs.push(addr),
+            Ok(std::net::IpAddr::V4(_)) => {
+                fail(field, format!("{ip} is outside --external-ip-cidrs; not served"));
+            }
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => fail(field, format!("{ip:?} is not an IP address")),
+        }
+    }
+    addrs
+}
+
+/// The IPv4 addresses of `status.loadBalancer.ingress`. An ingress whose
+/// ipMode is Proxy is reached through the load balancer's own proxy, so
+/// it is not served here (as kube-proxy).
+fn load_balancer_ips(service: &Service, fail: &mut impl FnMut(String, String)) -> Vec<Ipv4Addr> {
+    let ingress = service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    let mut addrs = Vec::new();
+    for (i, entry) in ingress.into_iter().flatten().enumerate() {
+        if entry.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        let Some(ip) = &entry.ip else { continue };
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(addr)) => addrs.push(addr),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => fail(format!("status.loadBalancer.ingress[{i}].ip"), format!("{ip:?} is not an IP address")),
+        }
+    }
+    addrs
+}
+
+/// `spec.loadBalancerSourceRanges` (IPv4 ones; IPv6 ranges cannot match
+/// an IPv4 frontend). An unparsable entry is reported and skipped.
+fn source_ranges(spec: &k8s_openapi::api::core::v1::ServiceSpec, fail: &mut impl FnMut(String, String)) -> Vec<Cidr> {
+    let mut ranges = Vec::new();
+    for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+        if range.contains(':') {
+            continue;
+        }
+        match range.parse() {
+            Ok(cidr) => ranges.push(cidr),
+            Err(message) => fail(format!("spec.loadBalancerSourceRanges[{i}]"), message),
+        }
+    }
+    ranges
 }
 
 /// The IPv4 cluster IPs of a Service; `None` when it gets no datapath entry.
@@ -377,7 +578,17 @@ fn service_ports(
             fail(format!("spec.ports[{i}].port"), format!("{} is not a port (1-65535)", port.port));
             continue;
         };
-        ports.push(PortSpec { name: port.name.clone().unwrap_or_default(), port: number, protocol });
+        let node_port = match port.node_port {
+            None | Some(0) => None,
+            Some(n) => match u16::try_from(n) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    fail(format!("spec.ports[{i}].nodePort"), format!("{n} is not a port (1-65535)"));
+                    None
+                }
+            },
+        };
+        ports.push(PortSpec { index: i, name: port.name.clone().unwrap_or_default(), port: number, protocol, node_port });
     }
     ports
 }
@@ -386,6 +597,7 @@ fn service_ports(
 fn endpoints_by_service<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     proxy_name: Option<&str>,
+    node_name: &str,
     errors: &mut Vec<ObjectError>,
 ) -> BTreeMap<(String, String), Vec<SlicePort>> {
     let mut by_service: BTreeMap<(String, String), Vec<SlicePort>> = BTreeMap::new();
@@ -419,7 +631,8 @@ fn endpoints_by_service<'a>(
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            endpoints.push(EndpointState { addr, ready, serving_terminating: serving && terminating });
+            let local = !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name);
+            endpoints.push(EndpointState { addr, ready, serving_terminating: serving && terminating, local });
         }
         let entry = by_service.entry((object.namespace.clone(), service.clone())).or_default();
         for (i, port) in slice.ports.iter().flatten().enumerate() {
@@ -460,7 +673,14 @@ mod tests {
                 Object::EndpointSlice(s) => slices.push((*s).clone()),
             }
         }
-        desired_state(&services, &slices, &ModelOptions { proxy_name: Some("lb".into()), algorithm: Algorithm::Random })
+        let options = ModelOptions {
+            proxy_name: Some("lb".into()),
+            node_name: "node-1".into(),
+            node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(198, 51, 100, 1)],
+            external_ip_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        desired_state(&services, &slices, &options)
     }
 
     fn backends(state: &DesiredState, frontend: &str) -> Vec<String> {

@@ -12,11 +12,15 @@ use std::{
     net::SocketAddrV4,
 };
 
-use lb_common::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue};
+use lb_common::{
+    ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, BACKEND_LOCAL, Backend, FRONTEND_DROP_WHEN_EMPTY,
+    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, SOURCE_RANGE_FRONTEND_BITS, ServiceAddr, ServiceKey, ServiceValue,
+    SourceRangeKey,
+};
 
 use crate::{
     maglev,
-    model::{Algorithm, ServicePort},
+    model::{Algorithm, FrontendKind, ServicePort},
 };
 
 /// `--maglev-table-size` and `--maglev-tables`.
@@ -34,13 +38,17 @@ impl Default for MaglevConfig {
     }
 }
 
-/// The exact contents of the SERVICES, BACKENDS and SERVICE_ADDRS maps.
+/// A SOURCE_RANGES entry: the LPM prefix length and the key data.
+pub type SourceRange = (u32, SourceRangeKey);
+
+/// The exact contents of the SERVICES, BACKENDS, SERVICE_ADDRS and
+/// SOURCE_RANGES maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
-    /// Service addresses and how many frontends each has.
-    pub addrs: BTreeMap<[u8; 4], u32>,
+    pub addrs: BTreeMap<[u8; 4], ServiceAddr>,
+    pub source_ranges: BTreeSet<SourceRange>,
 }
 
 /// One map write.
@@ -50,8 +58,10 @@ pub enum MapOp {
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
     DeleteBackend(u32),
-    PutAddr([u8; 4], u32),
+    PutAddr([u8; 4], ServiceAddr),
     DeleteAddr([u8; 4]),
+    PutSourceRange(SourceRange),
+    DeleteSourceRange(SourceRange),
     /// Fill Maglev table `table` (1-based) with these backend ids.
     PutMaglevTable(u32, Vec<u32>),
 }
@@ -76,6 +86,12 @@ impl MapContents {
             }
             MapOp::DeleteAddr(addr) => {
                 self.addrs.remove(addr);
+            }
+            MapOp::PutSourceRange(range) => {
+                self.source_ranges.insert(*range);
+            }
+            MapOp::DeleteSourceRange(range) => {
+                self.source_ranges.remove(range);
             }
             // Tables follow from a frontend's backends; they are not kept.
             MapOp::PutMaglevTable(..) => {}
@@ -104,8 +120,24 @@ pub fn frontend_key(service: &ServicePort) -> ServiceKey {
     ServiceKey::new(f.addr.octets(), f.port.to_be_bytes(), f.protocol.number(), 0)
 }
 
-pub fn backend_value(addr: &SocketAddrV4) -> Backend {
-    Backend::new(addr.ip().octets(), addr.port().to_be_bytes())
+pub fn backend_value(addr: &SocketAddrV4, local: bool) -> Backend {
+    let flags = if local { BACKEND_LOCAL } else { 0 };
+    Backend::new(addr.ip().octets(), addr.port().to_be_bytes()).with_flags(flags)
+}
+
+/// The `FRONTEND_*` flags of a frontend.
+fn frontend_flags(service: &ServicePort) -> u8 {
+    let mut flags = 0;
+    if service.kind.is_external() {
+        flags |= FRONTEND_EXTERNAL;
+    }
+    if !service.source_ranges.is_empty() {
+        flags |= FRONTEND_SOURCE_RANGES;
+    }
+    if service.drop_when_empty {
+        flags |= FRONTEND_DROP_WHEN_EMPTY;
+    }
+    flags
 }
 
 /// What the maps should hold for `desired`, given what they hold now.
@@ -124,7 +156,8 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
 
     for service in desired {
         let frontend = frontend_key(service);
-        let wanted: BTreeSet<Backend> = service.backends.iter().map(backend_value).collect();
+        let wanted: BTreeSet<Backend> =
+            service.backends.iter().map(|b| backend_value(b, service.local_backends.contains(b))).collect();
         let mut wanted_ids = BTreeSet::new();
         for backend in &wanted {
             let id = *ids.entry(*backend).or_insert_with(|| {
@@ -136,7 +169,21 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
             target.backends.insert(id, *backend);
             wanted_ids.insert(id);
         }
-        *target.addrs.entry(frontend.vip).or_default() += 1;
+        let addr = target.addrs.entry(frontend.vip).or_insert(ServiceAddr { flags: ADDR_DROP_UNKNOWN_PORTS, ..Default::default() });
+        addr.frontends += 1;
+        if service.kind != FrontendKind::ClusterIp {
+            addr.flags &= !ADDR_DROP_UNKNOWN_PORTS;
+        }
+        for range in &service.source_ranges {
+            let data = SourceRangeKey {
+                vip: frontend.vip,
+                port: frontend.port,
+                protocol: frontend.protocol,
+                _pad: 0,
+                client: range.addr.octets(),
+            };
+            target.source_ranges.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix_len), data));
+        }
         let slots = assign_slots(&current.slots_of(&frontend), &wanted_ids);
         let table = match service.algorithm {
             Algorithm::Random => 0,
@@ -145,7 +192,8 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
                 kept => kept,
             },
         };
-        target.services.insert(frontend, ServiceValue::frontend(slots.len() as u16, service.affinity_timeout_s, table));
+        let value = ServiceValue::frontend(slots.len() as u16, frontend_flags(service), service.affinity_timeout_s, table);
+        target.services.insert(frontend, value);
         for (i, id) in slots.iter().enumerate() {
             target.services.insert(frontend.with_slot(i as u16 + 1), ServiceValue::slot(*id));
         }
@@ -218,6 +266,9 @@ pub fn maglev_entries(contents: &MapContents, backend_ids: &BTreeSet<u32>, table
 /// prefix leaves each frontend whole.
 pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -> Vec<MapOp> {
     let mut ops = Vec::new();
+    // Ranges are there before a frontend is flagged to check them, and go
+    // only after it no longer is.
+    ops.extend(target.source_ranges.difference(&current.source_ranges).map(|r| MapOp::PutSourceRange(*r)));
     for (id, backend) in &target.backends {
         if current.backends.get(id) != Some(backend) {
             ops.push(MapOp::PutBackend(*id, *backend));
@@ -255,6 +306,7 @@ pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -
     ops.extend(
         current.backends.keys().filter(|id| !target.backends.contains_key(id)).map(|id| MapOp::DeleteBackend(*id)),
     );
+    ops.extend(current.source_ranges.difference(&target.source_ranges).map(|r| MapOp::DeleteSourceRange(*r)));
     ops
 }
 
@@ -272,8 +324,7 @@ pub(crate) mod test_support {
             name: format!("svc-{vip}"),
             frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip), port: 80, protocol: Protocol::Tcp },
             backends: backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, *b), 8080)).collect(),
-            affinity_timeout_s: 0,
-            algorithm: Algorithm::Random,
+            ..Default::default()
         }
     }
 
@@ -366,6 +417,7 @@ mod tests {
                 MapOp::DeleteBackend(..) => "delete-backend",
                 MapOp::PutAddr(..) | MapOp::DeleteAddr(..) => "addr",
                 MapOp::PutMaglevTable(..) => "maglev",
+                MapOp::PutSourceRange(..) | MapOp::DeleteSourceRange(..) => "range",
             })
             .collect();
         assert_eq!(kinds, ["put-slot", "put-frontend", "delete-slot", "delete-backend"]);

@@ -71,8 +71,11 @@ impl Dependents {
             MapOp::PutBackend(id, _) => self.by_backend.get(id).cloned().unwrap_or_default(),
             MapOp::PutService(key, _) | MapOp::DeleteService(key) => vec![key.with_slot(0)],
             MapOp::PutMaglevTable(table, _) => self.by_table.get(table).copied().into_iter().collect(),
+            MapOp::PutSourceRange((_, range)) => vec![ServiceKey::new(range.vip, range.port, range.protocol, 0)],
             // Nothing waits on a backend's deletion or on a service address.
-            MapOp::DeleteBackend(_) | MapOp::PutAddr(..) | MapOp::DeleteAddr(_) => Vec::new(),
+            MapOp::DeleteBackend(_) | MapOp::PutAddr(..) | MapOp::DeleteAddr(_) | MapOp::DeleteSourceRange(_) => {
+                Vec::new()
+            }
         }
     }
 }

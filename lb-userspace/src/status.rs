@@ -17,7 +17,7 @@ use prometheus_client::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
 };
 use tracing::debug;
 
@@ -180,18 +180,8 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let (health, metrics) = (health.clone(), metrics.clone());
         tokio::spawn(async move {
-            let mut request = vec![0u8; 4096];
-            let mut len = 0;
-            while !request[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < request.len() {
-                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request[len..])).await {
-                    Ok(Ok(n)) if n > 0 => len += n,
-                    _ => return,
-                }
-            }
-            let head = String::from_utf8_lossy(&request[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let path = path.split('?').next().unwrap_or(path);
-            let (status, content_type, body) = match path {
+            let Some(path) = read_request_path(&mut stream).await else { return };
+            let (status, content_type, body) = match path.as_str() {
                 "/healthz" | "/livez" => {
                     let (healthy, body) = health.check(path == "/healthz");
                     (if healthy { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
@@ -199,14 +189,34 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
                 "/metrics" => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render()),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = stream.write_all(response.as_bytes()).await {
-                debug!("status endpoint: {e}");
-            }
+            respond(&mut stream, status, content_type, &body).await;
         });
+    }
+}
+
+/// Reads an HTTP request head and returns its path, without the query.
+pub(crate) async fn read_request_path(stream: &mut TcpStream) -> Option<String> {
+    let mut request = vec![0u8; 4096];
+    let mut len = 0;
+    while !request[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < request.len() {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request[len..])).await {
+            Ok(Ok(n)) if n > 0 => len += n,
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&request[..len]);
+    let path = head.split_whitespace().nth(1).unwrap_or("/");
+    Some(path.split('?').next().unwrap_or(path).to_owned())
+}
+
+/// Writes a whole HTTP/1.1 response and closes the exchange.
+pub(crate) async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) {
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = stream.write_all(response.as_bytes()).await {
+        debug!("status endpoint: {e}");
     }
 }
 

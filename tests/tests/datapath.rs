@@ -31,8 +31,7 @@ fn service(vip_port: u16, protocol: Protocol, backends: &[[u8; 4]]) -> ServicePo
         name: "test".into(),
         frontend: Frontend { addr: Ipv4Addr::from(VIP), port: vip_port, protocol },
         backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
-        affinity_timeout_s: 0,
-        algorithm: Algorithm::Random,
+        ..Default::default()
     }
 }
 

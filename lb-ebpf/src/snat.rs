@@ -1,0 +1,83 @@
+//! Source NAT of external clients whose backend is on another node, and
+//! the FIB lookups that route translated frames from XDP.
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
+        bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_get_prandom_u32},
+};
+use lb_common::{Backend, CtKey};
+
+use crate::{maps::CONNTRACK, parse::Packet};
+
+const AF_INET: u8 = 2;
+/// Ports tried when the client's own port is taken toward that backend.
+const PORT_FIRST: u32 = 32_768;
+const PORT_COUNT: u32 = 32_768;
+const PORT_ATTEMPTS: u32 = 4;
+
+/// A route lookup for an IPv4 packet from `saddr` to `daddr`.
+#[inline(always)]
+pub fn fib_params(packet: &Packet, saddr: [u8; 4], daddr: [u8; 4], ifindex: u32, tot_len: u16) -> bpf_fib_lookup {
+    // SAFETY: a plain C struct of integers, valid when zeroed.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = packet.protocol;
+    params.ifindex = ifindex;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    params
+}
+
+/// Runs `bpf_fib_lookup`; true on success.
+#[inline(always)]
+pub fn fib_lookup(ctx: *mut c_void, params: &mut bpf_fib_lookup, flags: u32) -> bool {
+    // SAFETY: `params` is ours and sized as the helper expects.
+    let rc = unsafe { fib_lookup_helper(ctx, params, size_of::<bpf_fib_lookup>() as i32, flags) };
+    rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+}
+
+/// The address and port this node sends the flow of `packet` from, toward
+/// `backend`: the address the kernel would pick for that route, and the
+/// client's own port unless another flow already uses it toward that
+/// backend (then a random high one), as netfilter's masquerade does.
+/// (A function of its own, so its lookup buffer is not on every packet's stack.)
+#[inline(never)]
+pub fn source(ctx: *mut c_void, ifindex: u32, packet: &Packet, backend: &Backend) -> Option<([u8; 4], [u8; 2])> {
+    let mut params = fib_params(packet, [0; 4], backend.addr, ifindex, 0);
+    let flags = BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH;
+    if !fib_lookup(ctx, &mut params, flags) {
+        return None;
+    }
+    // SAFETY: the helper filled in the source address.
+    let node = unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
+    let mut port = packet.sport;
+    let mut attempt = 0;
+    while attempt < PORT_ATTEMPTS {
+        let reply = CtKey {
+            saddr: backend.addr,
+            daddr: node,
+            sport: backend.port,
+            dport: port,
+            protocol: packet.protocol,
+            _pad: [0; 3],
+        };
+        // SAFETY: plain data; only its existence and owner matter here.
+        match unsafe { CONNTRACK.get(&reply) } {
+            None => return Some((node, port)),
+            // This very flow (a retransmitted first packet) keeps its port.
+            Some(entry) if entry.snat_addr == packet.saddr && entry.snat_port == packet.sport => {
+                return Some((node, port));
+            }
+            Some(_) => {}
+        }
+        // SAFETY: a plain helper call.
+        port = ((PORT_FIRST + unsafe { bpf_get_prandom_u32() } % PORT_COUNT) as u16).to_be_bytes();
+        attempt += 1;
+    }
+    None
+}

@@ -1,0 +1,116 @@
+//! XDP on the node's external interfaces: NodePort, LoadBalancer and
+//! ExternalIP traffic from clients anywhere, and replies coming back to
+//! this node.
+//!
+//! A backend on this node: DNAT and pass to the stack, which routes to the
+//! pod; its reply is translated back by `tc_from_pod`. A backend on another
+//! node: DNAT and SNAT to this node, and send the frame straight back out
+//! (XDP_TX, or a redirect to another interface) after a FIB lookup; the
+//! reply comes back here and is translated and sent to the client the same
+//! way. When the FIB cannot say where to (no neighbour entry yet), the
+//! translated frame is passed to the stack, which routes it.
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::{bpf_redirect, bpf_xdp_adjust_tail},
+    macros::xdp,
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::counter;
+
+use crate::{
+    icmp,
+    maps::count,
+    nat::{Frame, csum_replace},
+    parse::{self, Packet},
+    service::{self, Origin},
+    snat::{fib_lookup, fib_params},
+    translate::{Action, translate},
+};
+
+#[xdp]
+pub fn xdp_from_wire(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    match try_xdp_from_wire(&ctx) {
+        Ok((index, action)) => {
+            count(index, len);
+            action
+        }
+        Err(_) => {
+            count(counter::DROP_REWRITE_FAILED, len);
+            XDP_DROP
+        }
+    }
+}
+
+/// Returns the counter to bump and the XDP action.
+fn try_xdp_from_wire(ctx: &XdpContext) -> Result<(u32, u32), i64> {
+    let Ok(packet) = parse::parse(ctx.data(), ctx.data_end()) else {
+        return Ok((counter::PASS_UNPARSED, XDP_PASS));
+    };
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let verdict = service::classify(&packet, Origin::Wire { ctx: ctx.as_ptr(), ifindex });
+    let (index, action) = translate(ctx, &packet, verdict)?;
+    let action = match action {
+        Action::Pass => XDP_PASS,
+        Action::Forward => forward(ctx, &packet, ifindex)?,
+        Action::Drop => XDP_DROP,
+        Action::Reject => reject(ctx, &packet)?,
+    };
+    Ok((index, action))
+}
+
+/// Sends a translated frame on by the FIB: new MACs, TTL down by one, out
+/// the interface the route names. Without a complete answer (no neighbour
+/// entry yet, say) the stack routes it instead.
+#[inline(never)]
+fn forward(ctx: &XdpContext, packet: &Packet, ifindex: u32) -> Result<u32, i64> {
+    let l3 = packet.l3_offset;
+    let addrs: [u8; 8] = Frame::load(ctx, packet.saddr_offset())?;
+    let tot_len: [u8; 2] = Frame::load(ctx, l3 + 2)?;
+    let mut params = fib_params(
+        packet,
+        [addrs[0], addrs[1], addrs[2], addrs[3]],
+        [addrs[4], addrs[5], addrs[6], addrs[7]],
+        ifindex,
+        u16::from_be_bytes(tot_len),
+    );
+    if !fib_lookup(ctx.as_ptr(), &mut params, 0) {
+        return Ok(XDP_PASS);
+    }
+    let ttl_protocol: [u8; 2] = Frame::load(ctx, l3 + 8)?;
+    if ttl_protocol[0] <= 1 {
+        // The stack answers with ICMP time exceeded.
+        return Ok(XDP_PASS);
+    }
+    let decremented = [ttl_protocol[0] - 1, ttl_protocol[1]];
+    let check: [u8; 2] = Frame::load(ctx, packet.ip_check_offset())?;
+    Frame::store(ctx, packet.ip_check_offset(), &csum_replace(check, &ttl_protocol, &decremented))?;
+    Frame::store(ctx, l3 + 8, &decremented)?;
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    Frame::store(ctx, 0, &macs)?;
+    if params.ifindex == ifindex {
+        return Ok(XDP_TX);
+    }
+    // SAFETY: a plain helper call; it returns the XDP action.
+    Ok(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+}
+
+/// Turns the frame into an ICMP port unreachable and sends it back out.
+/// (A function of its own: the reply needs stack the main path does not.)
+#[inline(never)]
+fn reject(ctx: &XdpContext, packet: &Packet) -> Result<u32, i64> {
+    let Some(reply) = icmp::port_unreachable(ctx, packet)? else {
+        return Ok(XDP_DROP);
+    };
+    let delta = icmp::REPLY_LEN as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: the context's own xdp_md pointer.
+    let rc = unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) };
+    if rc != 0 {
+        return Err(rc);
+    }
+    Frame::store(ctx, 0, reply)?;
+    Ok(XDP_TX)
+}

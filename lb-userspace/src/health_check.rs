@@ -1,0 +1,114 @@
+//! Health-check node ports: for each LoadBalancer Service with
+//! externalTrafficPolicy Local, an HTTP server on its healthCheckNodePort
+//! that tells the cloud load balancer whether this node has endpoints of
+//! it, exactly as kube-proxy's answers: 200 with the local endpoint count
+//! when there are some, 503 when there are none.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    model::HealthCheck,
+    status::{read_request_path, respond},
+};
+
+/// The body kube-proxy serves, and whether it goes with 200.
+pub fn answer(check: &HealthCheck) -> (bool, String) {
+    let body = serde_json::json!({
+        "service": { "namespace": check.namespace, "name": check.name },
+        "localEndpoints": check.local_endpoints,
+        "serviceProxyHealthy": true,
+    });
+    (check.local_endpoints > 0, body.to_string())
+}
+
+/// The running servers, by port. Each reads its Service's current state
+/// from a shared slot, so an endpoint change needs no restart.
+#[derive(Default)]
+pub struct HealthCheckServers {
+    servers: BTreeMap<u16, (Arc<Mutex<HealthCheck>>, JoinHandle<()>)>,
+}
+
+impl HealthCheckServers {
+    /// Starts, updates and stops servers to match `wanted`. A port that
+    /// cannot be bound is reported and tried again on the next update.
+    pub fn update(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
+        self.servers.retain(|port, (_, task)| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                task.abort();
+                info!(port, "health-check node port closed");
+            }
+            keep
+        });
+        for (port, check) in wanted {
+            if let Some((slot, _)) = self.servers.get(port) {
+                *slot.lock().expect("health-check lock") = check.clone();
+                continue;
+            }
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
+            let listener = match std::net::TcpListener::bind(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            }) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    warn!("Service {}/{}: spec.healthCheckNodePort {port}: {e}", check.namespace, check.name);
+                    continue;
+                }
+            };
+            info!(port, service = %format!("{}/{}", check.namespace, check.name), "health-check node port open");
+            let slot = Arc::new(Mutex::new(check.clone()));
+            let task = tokio::spawn(serve(listener, slot.clone()));
+            self.servers.insert(*port, (slot, task));
+        }
+    }
+}
+
+impl Drop for HealthCheckServers {
+    fn drop(&mut self) {
+        for (_, task) in self.servers.values() {
+            task.abort();
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, slot: Arc<Mutex<HealthCheck>>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let slot = slot.clone();
+        tokio::spawn(async move {
+            // kube-proxy answers every path the same way.
+            if read_request_path(&mut stream).await.is_none() {
+                return;
+            }
+            let (healthy, body) = answer(&slot.lock().expect("health-check lock"));
+            let status = if healthy { "200 OK" } else { "503 Service Unavailable" };
+            respond(&mut stream, status, "application/json", &body).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_like_kube_proxy() {
+        let mut check = HealthCheck { namespace: "shop".into(), name: "web".into(), local_endpoints: 2 };
+        let (healthy, body) = answer(&check);
+        assert!(healthy);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["service"]["namespace"], "shop");
+        assert_eq!(body["service"]["name"], "web");
+        assert_eq!(body["localEndpoints"], 2);
+        assert_eq!(body["serviceProxyHealthy"], true);
+        check.local_endpoints = 0;
+        assert!(!answer(&check).0);
+    }
+}
