@@ -1,6 +1,7 @@
 //! Shared by the BPF_PROG_TEST_RUN tests, the end-to-end tests and the demo.
 pub mod agent;
 pub mod apiserver;
+pub mod harness;
 pub mod manifests;
 pub mod netns;
 pub mod packet;

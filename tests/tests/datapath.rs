@@ -2,14 +2,16 @@
 //! packets, verdicts, conntrack entries and counters out. Needs root.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
     AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
     CT_STATE_NEW, CtKey, counter,
 };
-use lb_tests::packet::{self, ACK, SYN, Seen, Spec};
+use lb_tests::{
+    harness::{Harness, ct_key, monotonic_ns},
+    packet::{self, ACK, SYN, Seen, Spec},
+};
 use lb_userspace::{
-    datapath::{Datapath, MapSizes},
+    datapath::MapSizes,
     model::{Algorithm, Frontend, Protocol, ServicePort},
     plan::{MaglevConfig, maglev_entries},
     reconcile::Reconciler,
@@ -32,42 +34,6 @@ fn service(vip_port: u16, protocol: Protocol, backends: &[[u8; 4]]) -> ServicePo
         frontend: Frontend { addr: Ipv4Addr::from(VIP), port: vip_port, protocol },
         backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
         ..Default::default()
-    }
-}
-
-struct Harness {
-    datapath: Datapath,
-}
-
-impl Harness {
-    fn new(services: &[ServicePort]) -> Self {
-        Self::with_sizes(services, MapSizes::default())
-    }
-
-    fn with_sizes(services: &[ServicePort], sizes: MapSizes) -> Self {
-        let mut datapath = Datapath::load(None, sizes).expect("load datapath (needs root)");
-        Reconciler::new(Default::default(), sizes.maglev).sync(services, &mut datapath.maps).expect("seed maps");
-        Self { datapath }
-    }
-
-    /// Runs one packet; returns the verdict and the packet as it left.
-    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 64];
-        let program = self.datapath.program().unwrap();
-        let result = program
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    fn run_spec(&mut self, spec: &Spec) -> (u32, Seen) {
-        let (verdict, out) = self.run(&packet::build(spec));
-        (verdict, packet::read(&out))
-    }
-
-    fn counter(&self, index: u32) -> u64 {
-        self.datapath.maps.counters().unwrap()[index as usize].packets
     }
 }
 
@@ -251,13 +217,6 @@ fn a_syn_on_a_stale_entry_picks_among_the_current_backends() {
 }
 
 /// Now on the clock bpf_ktime_get_ns reads (CLOCK_MONOTONIC).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: writes into `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 const BACKENDS3: [[u8; 4]; 3] = [[10, 244, 0, 11], [10, 244, 0, 12], [10, 244, 0, 13]];
 
 fn affinity_service(timeout_s: u32) -> ServicePort {
@@ -332,29 +291,6 @@ fn udp_flows_of_a_removed_backend_move_to_a_live_one() {
 const FIN: u8 = 0x01;
 const RST: u8 = 0x04;
 
-fn ct_key(s: SocketAddrV4, d: SocketAddrV4, protocol: u8) -> CtKey {
-    CtKey {
-        saddr: s.ip().octets(),
-        daddr: d.ip().octets(),
-        sport: s.port().to_be_bytes(),
-        dport: d.port().to_be_bytes(),
-        protocol,
-        _pad: [0; 3],
-    }
-}
-
-impl Harness {
-    fn ct_state(&self, key: &CtKey) -> u8 {
-        self.datapath.maps.conntrack.get(key, 0).expect("conntrack entry").state
-    }
-
-    /// Makes an entry look idle for `idle_ns`.
-    fn age(&mut self, key: &CtKey, idle_ns: u64) {
-        let mut value = self.datapath.maps.conntrack.get(key, 0).unwrap();
-        value.last_seen_ns = monotonic_ns() - idle_ns;
-        self.datapath.maps.conntrack.insert(key, value, 0).unwrap();
-    }
-}
 
 const SECOND: u64 = 1_000_000_000;
 

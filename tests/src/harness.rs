@@ -1,0 +1,105 @@
+//! The datapath's programs loaded (unpinned, unattached) with maps seeded
+//! from Service ports, run on crafted packets through BPF_PROG_TEST_RUN.
+use std::net::SocketAddrV4;
+
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
+use lb_common::{CtKey, CtValue};
+use lb_userspace::{
+    datapath::{Datapath, MapSizes},
+    model::ServicePort,
+    reconcile::Reconciler,
+};
+
+use crate::{
+    netns::Netns,
+    packet::{self, Seen, Spec},
+};
+
+pub struct Harness {
+    pub datapath: Datapath,
+}
+
+impl Harness {
+    pub fn new(services: &[ServicePort]) -> Self {
+        Self::with_sizes(services, MapSizes::default())
+    }
+
+    pub fn with_sizes(services: &[ServicePort], sizes: MapSizes) -> Self {
+        let mut datapath = Datapath::load(None, sizes).expect("load datapath (needs root)");
+        Reconciler::new(Default::default(), sizes.maglev).sync(services, &mut datapath.maps).expect("seed maps");
+        Self { datapath }
+    }
+
+    /// Runs one packet through the tc program; returns the verdict and the
+    /// packet as it left.
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program = self.datapath.program().unwrap();
+        let (verdict, out, _) = test_run(program, frame, None, 1);
+        (verdict, out)
+    }
+
+    pub fn run_spec(&mut self, spec: &Spec) -> (u32, Seen) {
+        let (verdict, out) = self.run(&packet::build(spec));
+        (verdict, packet::read(&out))
+    }
+
+    /// Runs one frame through the XDP program as if it arrived on interface
+    /// `ifindex` of `netns` (where its FIB lookups happen), `repeat` times;
+    /// returns the verdict, the frame as it left and the ns per run.
+    pub fn run_xdp(&mut self, netns: &Netns, ifindex: u32, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, u64) {
+        let program = self.datapath.xdp_program().unwrap();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        netns.enter(|| test_run(program, frame, Some(&ctx), repeat))
+    }
+
+    pub fn counter(&self, index: u32) -> u64 {
+        self.datapath.maps.counters().unwrap()[index as usize].packets
+    }
+
+    pub fn ct(&self, key: &CtKey) -> CtValue {
+        self.datapath.maps.conntrack.get(key, 0).expect("conntrack entry")
+    }
+
+    pub fn ct_state(&self, key: &CtKey) -> u8 {
+        self.ct(key).state
+    }
+
+    /// Makes an entry look idle for `idle_ns`.
+    pub fn age(&mut self, key: &CtKey, idle_ns: u64) {
+        let mut value = self.ct(key);
+        value.last_seen_ns = monotonic_ns() - idle_ns;
+        self.datapath.maps.conntrack.insert(key, value, 0).unwrap();
+    }
+}
+
+pub fn ct_key(s: SocketAddrV4, d: SocketAddrV4, protocol: u8) -> CtKey {
+    CtKey {
+        saddr: s.ip().octets(),
+        daddr: d.ip().octets(),
+        sport: s.port().to_be_bytes(),
+        dport: d.port().to_be_bytes(),
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn test_run<P>(program: &mut P, frame: &[u8], ctx: Option<&[u8]>, repeat: u32) -> (u32, Vec<u8>, u64)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 128];
+    let options =
+        TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: ctx, repeat, ..Default::default() };
+    let result = program.test_run(options).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out, result.duration.as_nanos() as u64)
+}
