@@ -922,4 +922,93 @@ endpoints: [{addresses: [300.1.1.1]}]
         let fields: Vec<&str> = state.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["metadata.labels[kubernetes.io/service-name]", "endpoints[0].addresses[0]"]);
     }
+
+    const EXPOSED: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [203.0.113.5, 8.8.8.8]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  loadBalancerSourceRanges: [10.0.0.0/8, not-a-range]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.10}, {ip: 198.51.100.11, ipMode: Proxy}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.1.1.1], nodeName: node-1}
+- {addresses: [10.1.2.1], nodeName: node-2}
+- {addresses: [10.1.1.2], nodeName: node-1, conditions: {ready: false}}
+"#;
+
+    #[test]
+    fn node_ports_load_balancer_and_external_ips_get_frontends_of_their_kind() {
+        let state = desired(EXPOSED);
+        let frontends: Vec<(String, FrontendKind)> =
+            state.services.iter().map(|s| (s.frontend.to_string(), s.kind)).collect();
+        assert_eq!(
+            frontends,
+            [
+                ("10.96.0.10:80/TCP".to_owned(), FrontendKind::ClusterIp),
+                ("192.0.2.1:30080/TCP".to_owned(), FrontendKind::NodePort),
+                ("198.51.100.1:30080/TCP".to_owned(), FrontendKind::NodePort),
+                ("198.51.100.10:80/TCP".to_owned(), FrontendKind::LoadBalancer),
+                ("203.0.113.5:80/TCP".to_owned(), FrontendKind::ExternalIp),
+            ],
+            "one NodePort frontend per node address; the Proxy-mode ingress and the ExternalIP outside the allow-list are not served"
+        );
+        let fields: Vec<&str> = state.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.externalIPs[1]", "spec.loadBalancerSourceRanges[1]"]);
+        let lb = state.services.iter().find(|s| s.kind == FrontendKind::LoadBalancer).unwrap();
+        assert_eq!(lb.source_ranges, ["10.0.0.0/8".parse().unwrap()]);
+        assert!(state.services.iter().filter(|s| s.kind != FrontendKind::LoadBalancer).all(|s| s.source_ranges.is_empty()));
+    }
+
+    #[test]
+    fn external_policy_local_keeps_external_frontends_on_local_endpoints() {
+        let state = desired(EXPOSED);
+        assert_eq!(backends(&state, "10.96.0.10:80/TCP"), ["10.1.1.1:8080", "10.1.2.1:8080"], "cluster IP: all");
+        for external in ["192.0.2.1:30080/TCP", "198.51.100.10:80/TCP", "203.0.113.5:80/TCP"] {
+            assert_eq!(backends(&state, external), ["10.1.1.1:8080"], "{external}: only this node's");
+        }
+        let cluster = state.services.iter().find(|s| s.kind == FrontendKind::ClusterIp).unwrap();
+        assert_eq!(cluster.local_backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(), ["10.1.1.1:8080"]);
+        assert_eq!(
+            state.health_checks.get(&32000),
+            Some(&HealthCheck { namespace: "shop".into(), name: "web".into(), local_endpoints: 1 })
+        );
+    }
+
+    #[test]
+    fn a_local_policy_without_local_endpoints_drops_while_no_endpoints_at_all_refuses() {
+        let elsewhere = EXPOSED.replace("nodeName: node-1", "nodeName: node-3");
+        let state = desired(&elsewhere);
+        let node_port = state.services.iter().find(|s| s.kind == FrontendKind::NodePort).unwrap();
+        assert!(node_port.backends.is_empty() && node_port.drop_when_empty);
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+        let none = EXPOSED.split("---").next().unwrap();
+        let state = desired(none);
+        assert!(state.services.iter().all(|s| s.backends.is_empty() && !s.drop_when_empty));
+    }
+
+    #[test]
+    fn internal_policy_local_keeps_the_cluster_ip_on_local_endpoints() {
+        let internal = EXPOSED
+            .replace("externalTrafficPolicy: Local", "internalTrafficPolicy: Local")
+            .replace("type: LoadBalancer", "type: ClusterIP");
+        let state = desired(&internal);
+        assert_eq!(state.services.len(), 2, "a ClusterIP Service has no NodePort or load-balancer frontends");
+        assert_eq!(backends(&state, "10.96.0.10:80/TCP"), ["10.1.1.1:8080"]);
+        assert_eq!(backends(&state, "203.0.113.5:80/TCP"), ["10.1.1.1:8080", "10.1.2.1:8080"]);
+        assert!(state.health_checks.is_empty());
+    }
 }

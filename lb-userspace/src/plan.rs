@@ -350,6 +350,8 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::{test_support::*, *};
     use crate::model::{Frontend, Protocol};
 
@@ -492,5 +494,36 @@ mod tests {
         assert_eq!(maps.backends.len(), 1);
         let (maps, _) = sync(&maps, &[service(2, &[1])]);
         assert_eq!(maps.backends.len(), 1, "still used by service 2");
+    }
+
+    #[test]
+    fn external_frontends_carry_their_flags_ranges_and_local_backends() {
+        let mut lb = service(7, &[1, 2]);
+        lb.kind = FrontendKind::LoadBalancer;
+        lb.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        lb.local_backends = [SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 8080)].into();
+        let mut empty = service(8, &[]);
+        empty.kind = FrontendKind::NodePort;
+        empty.drop_when_empty = true;
+        let (maps, ops) = sync(&MapContents::default(), &[service(1, &[1]), lb.clone(), empty]);
+        let key = |vip| ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0);
+        assert_eq!(maps.services[&key(1)].flags, 0);
+        assert_eq!(maps.services[&key(7)].flags, FRONTEND_EXTERNAL | FRONTEND_SOURCE_RANGES);
+        assert_eq!(maps.services[&key(8)].flags, FRONTEND_EXTERNAL | FRONTEND_DROP_WHEN_EMPTY);
+        let local: Vec<u8> = maps.backends.values().filter(|b| b.is_local()).map(|b| b.addr[3]).collect();
+        assert_eq!(local, [1]);
+        assert_eq!(maps.addrs[&[10, 96, 0, 1]].flags, ADDR_DROP_UNKNOWN_PORTS, "a cluster IP drops other ports");
+        assert_eq!(maps.addrs[&[10, 96, 0, 7]].flags, 0, "other addresses pass them");
+        let (prefix_len, range) = maps.source_ranges.first().unwrap();
+        assert_eq!((*prefix_len, range.client, range.vip), (SOURCE_RANGE_FRONTEND_BITS + 24, [192, 0, 2, 0], [10, 96, 0, 7]));
+        let first_frontend = ops.iter().position(|op| matches!(op, MapOp::PutService(k, _) if k.slot == 0)).unwrap();
+        assert!(matches!(ops[0], MapOp::PutSourceRange(_)), "ranges before the frontend that checks them");
+        assert!(first_frontend > 0);
+
+        // Dropping the ranges: the frontend stops checking before they go.
+        lb.source_ranges.clear();
+        let (maps, ops) = sync(&maps, &[service(1, &[1]), lb]);
+        assert!(maps.source_ranges.is_empty());
+        assert!(matches!(ops.last(), Some(MapOp::DeleteSourceRange(_))));
     }
 }
