@@ -11,7 +11,7 @@ as_root() {
 
 # Debian packages: the tools the datapath, the tests and the demo use.
 declare -A package_of=(
-  [ip]=iproute2 [nsenter]=util-linux [bpftool]=bpftool [curl]=curl
+  [ip]=iproute2 [nsenter]=util-linux [bpftool]=bpftool [curl]=curl [ethtool]=ethtool
   [npm]=npm [unzip]=unzip
 )
 missing=()

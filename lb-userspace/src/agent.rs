@@ -343,9 +343,7 @@ impl Interfaces {
             match datapath.attach(hook, interface) {
                 Ok(()) => {
                     self.failed.remove(&(hook, interface.index));
-                    if hook == Hook::Wire {
-                        allow_local_source(&interface.name);
-                    }
+                    allow_local_source(&interface.name);
                     info!(interface = %interface.name, ?hook, "attached");
                 }
                 Err(e) if self.failed.insert((hook, interface.index)) => warn!("{e}; retrying"),
@@ -356,11 +354,11 @@ impl Interfaces {
     }
 }
 
-/// Lets the stack forward frames from this node's own address that arrive
-/// on an external interface. The XDP program passes a translated frame to
-/// the stack when it cannot send it itself (no neighbour entry yet), and an
-/// SNATed frame carries the node's address as its source, which the stack
-/// would otherwise drop as a martian.
+/// Lets the stack forward frames that arrive on an interface we translate
+/// with this node's own address as their source, which it would otherwise
+/// drop as martians: a pod's reply to a NodePort client, translated back at
+/// the pod interface, comes from the node address; and an SNATed frame the
+/// XDP program passes to the stack (no neighbour entry yet) does too.
 fn allow_local_source(interface: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
     if let Err(e) = std::fs::write(&path, "1") {

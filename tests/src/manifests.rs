@@ -15,11 +15,17 @@ pub struct Endpoint<'a> {
     pub ready: bool,
     /// Terminating but still serving, as during a pod's grace period.
     pub terminating: bool,
+    /// The node the pod runs on (`nodeName`).
+    pub node: Option<&'a str>,
 }
 
 impl<'a> Endpoint<'a> {
     pub fn ready(pod: &'a str, ip: Ipv4Addr) -> Self {
-        Self { pod, ip, ready: true, terminating: false }
+        Self { pod, ip, ready: true, terminating: false, node: None }
+    }
+
+    pub fn on(self, node: &'a str) -> Self {
+        Self { node: Some(node), ..self }
     }
 }
 
@@ -53,6 +59,7 @@ pub fn endpoint_slice(namespace: &str, service: &str, ports: &[Port], endpoints:
             "addresses": [e.ip.to_string()],
             "conditions": {"ready": e.ready, "serving": true, "terminating": e.terminating},
             "targetRef": {"kind": "Pod", "namespace": namespace, "name": e.pod},
+            "nodeName": e.node,
         })).collect::<Vec<_>>(),
     })
 }

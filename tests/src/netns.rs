@@ -180,15 +180,7 @@ impl Cluster {
         node.ip(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns.name])?;
         pod.netns.ip(&["link", "set", "eth0", "up"])?;
         match self.topology {
-            Topology::Routed => {
-                node.ip(&["link", "set", veth, "up"])?;
-                node.ip(&["route", "add", &format!("{}/32", pod.ip), "dev", veth])?;
-                pod.netns.ip(&["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
-                pod.netns.ip(&["route", "add", ROUTED_GATEWAY, "dev", "eth0", "scope", "link"])?;
-                pod.netns.ip(&["route", "add", "default", "via", ROUTED_GATEWAY, "dev", "eth0"])?;
-                let mac = self.mac_of(veth)?;
-                pod.netns.ip(&["neigh", "add", ROUTED_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
-            }
+            Topology::Routed => wire_routed(node, pod)?,
             Topology::Bridged => {
                 node.ip(&["link", "set", veth, "master", &self.bridge(), "up"])?;
                 pod.netns.ip(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
@@ -198,14 +190,119 @@ impl Cluster {
         Ok(())
     }
 
-    fn mac_of(&self, interface: &str) -> anyhow::Result<String> {
-        let out = self.node.ip(&["-o", "link", "show", interface])?;
-        let mut words = out.split_whitespace();
-        words.find(|w| *w == "link/ether");
-        words.next().map(str::to_owned).context("no MAC address")
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}
+
+/// The MAC address of `interface` in `netns`.
+pub fn mac_of(netns: &Netns, interface: &str) -> anyhow::Result<String> {
+    let out = netns.ip(&["-o", "link", "show", interface])?;
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "link/ether");
+    words.next().map(str::to_owned).context("no MAC address")
+}
+
+/// Calico-style wiring of a pod whose veth pair exists: the pod a /32 with
+/// a default route via 169.254.1.1 (the host veth's MAC), the node a /32
+/// route to the pod.
+fn wire_routed(node: &Netns, pod: &Pod) -> anyhow::Result<()> {
+    let veth = pod.host_veth.as_str();
+    node.ip(&["link", "set", veth, "up"])?;
+    node.ip(&["route", "add", &format!("{}/32", pod.ip), "dev", veth])?;
+    pod.netns.ip(&["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
+    pod.netns.ip(&["route", "add", ROUTED_GATEWAY, "dev", "eth0", "scope", "link"])?;
+    pod.netns.ip(&["route", "add", "default", "via", ROUTED_GATEWAY, "dev", "eth0"])?;
+    let mac = mac_of(node, veth)?;
+    pod.netns.ip(&["neigh", "add", ROUTED_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+    Ok(())
+}
+
+/// The LAN all nodes and the external client share: 10.200.0.0/24.
+pub const LAN_PREFIX: [u8; 3] = [10, 200, 0];
+/// The external client's address on the LAN.
+pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+
+/// Several nodes and an external client on one LAN (a bridge in a
+/// namespace of its own), each node with routed pods in 10.1.N.0/24 and a
+/// route to every other node's pod range, as a CNI without overlay sets up.
+/// Node N (from 1) is 10.200.0.N and named node-N. The client routes the
+/// given extra prefixes (load-balancer and external IPs) to node 1, as an
+/// upstream router announcing them would.
+pub struct MultiNode {
+    tag: String,
+    lan: Netns,
+    pub nodes: Vec<Netns>,
+    pub client: Netns,
+    /// (node index, pod)
+    pub pods: Vec<(usize, Pod)>,
+}
+
+impl MultiNode {
+    pub fn new(node_count: usize, routed_to_first_node: &[&str]) -> anyhow::Result<Self> {
+        let tag = unique_tag();
+        let lan = Netns::new(format!("lbt{tag}-lan"))?;
+        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new(format!("lbt{tag}-ext"))?;
+        let mut nodes = Vec::new();
+        for n in 1..=node_count {
+            let node = Netns::new(format!("lbt{tag}-n{n}"))?;
+            node.sysctl("net.ipv4.ip_forward", "1")?;
+            nodes.push(node);
+        }
+        let topology = Self { tag, lan, nodes, client, pods: Vec::new() };
+        for (n, node) in topology.nodes.iter().enumerate() {
+            let ip = Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], n as u8 + 1);
+            topology.plug(node, n, ip)?;
+            for (m, _) in topology.nodes.iter().enumerate().filter(|(m, _)| *m != n) {
+                let via = format!("10.200.0.{}", m + 1);
+                node.ip(&["route", "add", &format!("10.1.{}.0/24", m + 1), "via", &via])?;
+            }
+        }
+        topology.plug(&topology.client, 99, EXTERNAL_CLIENT_IP)?;
+        for prefix in routed_to_first_node {
+            topology.client.ip(&["route", "add", prefix, "via", "10.200.0.1"])?;
+        }
+        Ok(topology)
+    }
+
+    /// Connects `netns` to the LAN with address `ip` on its eth0. Transmit
+    /// checksum offload is off, so frames carry full checksums as on a
+    /// physical wire, which is what XDP expects to see; GRO is on at the
+    /// LAN end, which makes that veth take frames its peer's XDP program
+    /// sends back (XDP_TX), as a NIC would.
+    fn plug(&self, netns: &Netns, n: usize, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let port = format!("l{}{n}", self.tag);
+        self.lan.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns.name])?;
+        self.lan.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        run("nsenter", &[&format!("--net={}", self.lan.path().display()), "ethtool", "-K", &port, "gro", "on"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        run("nsenter", &[&format!("--net={}", netns.path().display()), "ethtool", "-K", "eth0", "tx", "off"])?;
+        Ok(())
+    }
+
+    /// Adds a routed pod to node `n` (from 1), at 10.1.N.(10 + its index on the node).
+    pub fn add_pod(&mut self, n: usize, name: &str) -> anyhow::Result<&Pod> {
+        let on_node = self.pods.iter().filter(|(m, _)| *m == n).count();
+        let netns = Netns::new(format!("lbt{}-{name}", self.tag))?;
+        let host_veth = format!("h{}{n}{on_node}", self.tag);
+        let ip = Ipv4Addr::new(10, 1, n as u8, 10 + on_node as u8);
+        let pod = Pod { name: name.to_owned(), ip, host_veth, netns };
+        let node = &self.nodes[n - 1];
+        node.ip(&["link", "add", &pod.host_veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns.name])?;
+        pod.netns.ip(&["link", "set", "eth0", "up"])?;
+        wire_routed(node, &pod)?;
+        self.pods.push((n, pod));
+        Ok(&self.pods.last().expect("just pushed").1)
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods.iter().map(|(_, p)| p).find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn node_ip(n: usize) -> Ipv4Addr {
+        Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], n as u8)
     }
 }

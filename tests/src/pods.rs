@@ -130,6 +130,13 @@ fn serve_tcp(stream: TcpStream, name: &str, stop: &AtomicBool) {
                 );
                 return;
             }
+            Ok(_) if line.trim_end() == WHOAMI => {
+                let peer = writer.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+                if writeln!(writer, "{name} {WHOAMI} {peer}").is_err() {
+                    return;
+                }
+                line.clear();
+            }
             Ok(_) => {
                 if writeln!(writer, "{name} {}", line.trim_end()).is_err() {
                     return;
@@ -166,6 +173,23 @@ impl Session {
             return Err(io::Error::other(format!("echo mismatch: {line:?}")));
         }
         Ok(pod.to_owned())
+    }
+}
+
+/// The line a pod server answers with the client address it sees.
+const WHOAMI: &str = "whoami";
+
+/// One TCP connection from the calling thread's namespace; returns the
+/// pod that answered and the client address it saw.
+pub fn tcp_whoami(addr: SocketAddrV4) -> io::Result<(String, String)> {
+    let mut session = Session::connect(addr)?;
+    writeln!(session.writer, "{WHOAMI}")?;
+    let mut line = String::new();
+    session.reader.read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some(pod), Some(WHOAMI), Some(peer)) => Ok((pod.to_owned(), peer.to_owned())),
+        _ => Err(io::Error::other(format!("bad answer {line:?}"))),
     }
 }
 

@@ -20,7 +20,6 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
 const NODE: [u8; 4] = [10, 200, 0, 1];
-const OTHER_NODE: [u8; 4] = [10, 200, 0, 2];
 const OTHER_NODE_MAC: &str = "02:00:00:00:00:22";
 const CLIENT: [u8; 4] = [10, 200, 0, 100];
 const CLIENT_MAC: &str = "02:00:00:00:00:64";
