@@ -165,13 +165,16 @@ k8sServicePort: 443
 agent:
   logLevel: debug
   podInterfaces: ["cali*", "veth*"]
+  externalInterfaces: ["eth*", "bond0"]
+  nodeportAddresses: [192.0.2.0/24]
+  externalIPCidrs: [203.0.113.0/24, 198.51.100.7]
   minSyncPeriod: 1s
   proxyName: lb
   pinPath: /sys/fs/bpf/lb-canary
   cgroupPath: ""
   lbAlgorithm: maglev
   maglev: {tableSize: 65521, tables: 4}
-mapSizes: {services: 262144, backends: 131072, conntrack: 1048576, affinity: 4096}
+mapSizes: {services: 262144, backends: 131072, conntrack: 1048576, affinity: 4096, sourceRanges: 512}
 healthz: {port: 10266}
 metrics:
   bindAddress: 0.0.0.0
@@ -214,6 +217,11 @@ securityContext: {privileged: true}
     assert_eq!(run.cgroup_path.0, None, "socket-level balancing off");
     assert_eq!((run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries), (262144, 131072, 1048576));
     assert_eq!(run.affinity_max_entries, 4096);
+    assert_eq!(run.source_ranges_max_entries, 512);
+    assert_eq!(run.external_interfaces, ["eth*", "bond0"]);
+    let cidrs = |c: &[lb_userspace::cidr::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    assert_eq!(cidrs(&run.nodeport_addresses), ["192.0.2.0/24"]);
+    assert_eq!(cidrs(&run.external_ip_cidrs), ["203.0.113.0/24", "198.51.100.7/32"]);
     assert_eq!(run.lb_algorithm, lb_userspace::model::Algorithm::Maglev);
     assert_eq!((run.maglev_table_size, run.maglev_tables), (65521, 4));
     assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10266".parse().unwrap()));
@@ -237,6 +245,7 @@ fn values_the_schema_forbids_fail_with_a_clear_message() {
         ("image: {repository: x, pullPolicy: Sometimes}", "/image/pullPolicy"),
         ("agent: {minSyncPeriod: soon}", "/agent/minSyncPeriod"),
         ("agent: {lbAlgorithm: roundrobin}", "/agent/lbAlgorithm"),
+        ("agent: {externalIPCidrs: [everywhere]}", "/agent/externalIPCidrs/0"),
         ("metrics: {port: 70000}", "/metrics/port"),
         ("metrics: {serviceMonitor: {enabled: true}}", "needs metrics.bindAddress 0.0.0.0"),
     ] {
