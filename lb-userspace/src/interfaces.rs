@@ -82,7 +82,8 @@ pub fn node_addresses(all: &[(String, Ipv4Addr)], nodeport_addresses: &[Cidr]) -
 }
 
 /// `--external-interfaces`: glob patterns, or by default every interface
-/// holding a node address (other than loopback).
+/// holding a node address, other than loopback and bridges (a CNI bridge
+/// holds the pods' gateway; a node whose uplink is a bridge names it).
 #[derive(Clone, Debug, Default)]
 pub struct ExternalInterfaces {
     patterns: Vec<Pattern>,
@@ -99,6 +100,7 @@ impl ExternalInterfaces {
         }
         if self.patterns.is_empty() {
             all.iter().any(|(name, addr)| *name == interface.name && node_addresses.contains(addr))
+                && driver(&interface.name).is_ok_and(|d| d != "bridge")
         } else {
             self.patterns.iter().any(|p| p.matches(&interface.name))
         }
