@@ -403,10 +403,8 @@ pub mod counter {
     pub const DROP_SOURCE_RANGE: u32 = 8;
     /// For a traffic-policy-Local frontend without a local endpoint: dropped.
     pub const DROP_NO_LOCAL_BACKEND: u32 = 9;
-    /// ICMP error about a translated flow: translated to match it.
-    pub const ICMP_ERROR_NAT: u32 = 10;
 
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 10;
 
     /// Names for inspection and metrics, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -420,7 +418,6 @@ pub mod counter {
         "drop_unknown_port",
         "drop_source_range",
         "drop_no_local_backend",
-        "icmp_error_nat",
     ];
 }
 
