@@ -49,6 +49,10 @@ pub const PROG_FROM_POD: &str = "tc_from_pod";
 /// The XDP program on the node's external interfaces: NodePort,
 /// LoadBalancer and ExternalIP traffic, and replies coming back to the node.
 pub const PROG_FROM_WIRE: &str = "xdp_from_wire";
+/// The minimal XDP and tc programs: the same header parsing, then pass,
+/// with no lookups. The benchmarks' floor; never attached by the agent.
+pub const PROG_XDP_BASELINE: &str = "xdp_baseline";
+pub const PROG_TC_BASELINE: &str = "tc_baseline";
 /// The cgroup programs that balance host-network sockets (connect and
 /// sendmsg pick a backend; recvmsg and getpeername show the service).
 pub const PROGS_SOCK: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];

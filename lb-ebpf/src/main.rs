@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod baseline;
 mod cgroup_sock;
 mod icmp;
 mod maps;

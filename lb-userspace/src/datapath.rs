@@ -31,7 +31,7 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, MAP_AFFINITY, MAP_BACKENDS,
     MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
-    PROG_FROM_POD, PROG_FROM_WIRE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounter,
+    PROG_FROM_POD, PROG_FROM_WIRE, PROG_TC_BASELINE, PROG_XDP_BASELINE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounter,
     counter,
 };
 
@@ -533,5 +533,34 @@ impl Datapath {
             }
         }
         gone
+    }
+}
+
+/// The minimal programs (the datapath's parsing, then pass, no lookups),
+/// loaded on their own: the floor of the per-packet benchmarks, and a
+/// stand-in for a NIC's receive path in test LANs built of veths.
+pub struct Baseline {
+    ebpf: Ebpf,
+}
+
+impl Baseline {
+    pub fn load() -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NotBuilt);
+        }
+        let mut baseline = Self { ebpf: EbpfLoader::new().load(EBPF_OBJECT)? };
+        baseline.xdp()?.load()?;
+        baseline.tc()?.load()?;
+        Ok(baseline)
+    }
+
+    pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
+        let program = self.ebpf.program_mut(PROG_XDP_BASELINE).ok_or(ProgramError::NotLoaded)?;
+        Ok(program.try_into()?)
+    }
+
+    pub fn tc(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        let program = self.ebpf.program_mut(PROG_TC_BASELINE).ok_or(ProgramError::NotLoaded)?;
+        Ok(program.try_into()?)
     }
 }

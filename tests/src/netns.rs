@@ -11,6 +11,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use aya::programs::XdpMode;
+use lb_userspace::datapath::Baseline;
 
 /// Runs a command and returns its stdout; fails with its stderr.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -232,6 +234,8 @@ pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
 pub struct MultiNode {
     tag: String,
     lan: Netns,
+    /// The XDP program on the LAN's ports.
+    switch: Baseline,
     pub nodes: Vec<Netns>,
     pub client: Netns,
     /// (node index, pod)
@@ -251,7 +255,8 @@ impl MultiNode {
             node.sysctl("net.ipv4.ip_forward", "1")?;
             nodes.push(node);
         }
-        let topology = Self { tag, lan, nodes, client, pods: Vec::new() };
+        let switch = Baseline::load()?;
+        let mut topology = Self { tag, lan, switch: switch, nodes, client, pods: Vec::new() };
         for (n, node) in topology.nodes.iter().enumerate() {
             let ip = Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], n as u8 + 1);
             topology.plug(node, n, ip)?;
@@ -261,6 +266,7 @@ impl MultiNode {
             }
         }
         topology.plug(&topology.client, 99, EXTERNAL_CLIENT_IP)?;
+        topology.run_xdp_on_ports()?;
         for prefix in routed_to_first_node {
             topology.client.ip(&["route", "add", prefix, "via", "10.200.0.1"])?;
         }
@@ -269,17 +275,32 @@ impl MultiNode {
 
     /// Connects `netns` to the LAN with address `ip` on its eth0. Transmit
     /// checksum offload is off, so frames carry full checksums as on a
-    /// physical wire, which is what XDP expects to see; GRO is on at the
-    /// LAN end, which makes that veth take frames its peer's XDP program
-    /// sends back (XDP_TX), as a NIC would.
+    /// physical wire, which is what XDP expects to see.
     fn plug(&self, netns: &Netns, n: usize, ip: Ipv4Addr) -> anyhow::Result<()> {
-        let port = format!("l{}{n}", self.tag);
+        let port = self.port(n);
         self.lan.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns.name])?;
         self.lan.ip(&["link", "set", &port, "master", "br0", "up"])?;
-        run("nsenter", &[&format!("--net={}", self.lan.path().display()), "ethtool", "-K", &port, "gro", "on"])?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         run("nsenter", &[&format!("--net={}", netns.path().display()), "ethtool", "-K", "eth0", "tx", "off"])?;
+        Ok(())
+    }
+
+    fn port(&self, n: usize) -> String {
+        format!("l{}{n}", self.tag)
+    }
+
+    /// Runs the minimal XDP program on every LAN port, as a NIC's receive
+    /// path would be there. A veth passes on what its peer's XDP program
+    /// sends back (XDP_TX) only when it runs XDP too; without it, frames a
+    /// node forwards from XDP wait in the port's ring until other traffic
+    /// wakes it (veth_xdp_flush), which looks like loss.
+    fn run_xdp_on_ports(&mut self) -> anyhow::Result<()> {
+        let ports: Vec<String> = (0..self.nodes.len()).chain([99]).map(|n| self.port(n)).collect();
+        let program = self.switch.xdp()?;
+        self.lan.enter(|| {
+            ports.iter().try_for_each(|port| program.attach(port, XdpMode::Driver).map(drop))
+        })?;
         Ok(())
     }
 

@@ -100,7 +100,6 @@ fn node_port(n: usize) -> SocketAddrV4 {
 }
 
 #[test]
-#[ignore = "open in issue 4: replies of SNATed flows (remote backend) do not reach the client in this veth topology yet"]
 fn node_port_reaches_backends_on_both_nodes_from_outside() {
     let mut setup = Setup::new(web(json!({"type": "NodePort"}), json!({})), &[]);
     setup.wait_for_backends(NODE_PORT, [2, 2]);
@@ -122,7 +121,6 @@ fn node_port_reaches_backends_on_both_nodes_from_outside() {
 }
 
 #[test]
-#[ignore = "open in issue 4: replies of SNATed flows (remote backend) do not reach the client in this veth topology yet"]
 fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced() {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
     let spec = |ranges: &[&str]| {

@@ -1,0 +1,31 @@
+//! The minimal programs: the datapath's own header parsing, then pass, with
+//! no map lookups. They are the floor the benchmarks measure the real hooks
+//! against, and the test LAN's "switch ports" run the XDP one (a veth only
+//! delivers frames its peer sends with XDP_TX when it runs XDP itself).
+use core::hint::black_box;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, xdp_action::XDP_PASS},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::parse::{self, Packet, Unparsed};
+
+#[xdp]
+pub fn xdp_baseline(ctx: XdpContext) -> u32 {
+    keep(parse::parse(ctx.data(), ctx.data_end()));
+    XDP_PASS
+}
+
+#[classifier]
+pub fn tc_baseline(ctx: TcContext) -> i32 {
+    keep(parse::parse(ctx.data(), ctx.data_end()));
+    TC_ACT_OK as i32
+}
+
+/// Keeps the parse from being optimised away: its result is used.
+#[inline(always)]
+fn keep(parsed: Result<Packet, Unparsed>) {
+    black_box(parsed.map_or(0, |p| u32::from_ne_bytes([p.dport[0], p.dport[1], p.protocol, 0])));
+}
