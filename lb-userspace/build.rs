@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<()> {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip || !on_path("bpf-linker") {
         println!("cargo:rerun-if-changed={}", ebpf_dir.display());
-        println!("cargo:warning=eBPF object not built (bpf-linker not on PATH, or AYA_BUILD_SKIP); `lb run` will refuse to start");
+        println!(
+            "cargo:warning=eBPF object not built (bpf-linker not on PATH, or AYA_BUILD_SKIP); `lb run` will refuse to start"
+        );
         fs::write(&object, [])?;
         return Ok(());
     }

@@ -5,8 +5,7 @@
 //! recvmsg and getpeername. Selection is random here: there is no 5-tuple
 //! yet at connect time.
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use lb_common::{ServiceKey, SockRevNatKey, SockRevNatValue};
 
@@ -73,7 +72,8 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     let Some((_, backend)) = random_backend(&frontend, count) else {
         return REFUSE;
     };
-    let key = SockRevNatKey { cookie: cookie(ctx), backend_addr: backend.addr, backend_port: backend.port, _pad: [0; 2] };
+    let key =
+        SockRevNatKey { cookie: cookie(ctx), backend_addr: backend.addr, backend_port: backend.port, _pad: [0; 2] };
     let value = SockRevNatValue { vip, port, _pad: [0; 2] };
     // An LRU map evicts rather than fails; if it did fail, the application
     // would see the backend's address, not a broken connection.

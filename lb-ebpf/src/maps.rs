@@ -5,31 +5,26 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
-    DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE,
-    DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOCK_REVNAT_MAX_ENTRIES,
-    DEFAULT_SOURCE_RANGES_MAX_ENTRIES, ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey, SockRevNatKey, SockRevNatValue, TrafficCounter, counter,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES, DEFAULT_BACKENDS_MAX_ENTRIES,
+    DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES,
+    DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, ServiceAddr, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
 };
 
 #[btf_map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> =
-    HashMap::new();
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
 
 #[btf_map]
-pub static BACKENDS: HashMap<u32, Backend, { DEFAULT_BACKENDS_MAX_ENTRIES as usize }> =
-    HashMap::new();
+pub static BACKENDS: HashMap<u32, Backend, { DEFAULT_BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
 
 #[btf_map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_MAX_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 #[btf_map]
-pub static SERVICE_ADDRS: HashMap<[u8; 4], ServiceAddr, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> =
-    HashMap::new();
+pub static SERVICE_ADDRS: HashMap<[u8; 4], ServiceAddr, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
 
 #[btf_map]
-pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MAX_ENTRIES as usize }> =
-    LpmTrie::new();
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MAX_ENTRIES as usize }> = LpmTrie::new();
 
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_MAX_ENTRIES as usize }> =

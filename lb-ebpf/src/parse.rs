@@ -79,12 +79,7 @@ impl Packet {
     }
 
     pub fn l4_check_offset(&self) -> usize {
-        self.l4_offset
-            + if self.protocol == PROTO_TCP {
-                TCP_CHECK_OFFSET
-            } else {
-                UDP_CHECK_OFFSET
-            }
+        self.l4_offset + if self.protocol == PROTO_TCP { TCP_CHECK_OFFSET } else { UDP_CHECK_OFFSET }
     }
 }
 
@@ -115,9 +110,8 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Unparsed> {
     let l3_offset = ETH_HLEN;
     let ip = at::<Ipv4Hdr>(data, data_end, l3_offset)?;
     // SAFETY: `at` checked the bounds.
-    let (version_ihl, frag_off, protocol, saddr, daddr) = unsafe {
-        ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol, (*ip).saddr, (*ip).daddr)
-    };
+    let (version_ihl, frag_off, protocol, saddr, daddr) =
+        unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol, (*ip).saddr, (*ip).daddr) };
     let ihl = (version_ihl & 0x0f) as usize;
     if version_ihl >> 4 != 4 || ihl < 5 {
         return Err(Unparsed::NotTranslatable);

@@ -6,9 +6,8 @@ use aya_ebpf::{
 use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN,
     CT_DIRECTION_HAIRPIN_REPLY, CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, ct_timeout,
-    flow_hash,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_EXTERNAL,
+    FRONTEND_SOURCE_RANGES, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, ct_timeout, flow_hash,
 };
 
 use crate::{
@@ -162,13 +161,8 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
         return if flags & FRONTEND_DROP_WHEN_EMPTY != 0 { Verdict::NoLocalBackend } else { Verdict::NoBackend };
     }
     let now = clock();
-    let affinity = AffinityKey {
-        vip: packet.daddr,
-        client: packet.saddr,
-        port: packet.dport,
-        protocol: packet.protocol,
-        _pad: 0,
-    };
+    let affinity =
+        AffinityKey { vip: packet.daddr, client: packet.saddr, port: packet.dport, protocol: packet.protocol, _pad: 0 };
     let remembered = if affinity_timeout_s == 0 {
         None
     } else {

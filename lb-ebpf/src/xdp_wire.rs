@@ -10,11 +10,11 @@
 //! way. When the FIB cannot say where to (no neighbour entry yet), the
 //! translated frame is passed to the stack, which routes it.
 use aya_ebpf::{
+    EbpfContext,
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::{bpf_redirect, bpf_xdp_adjust_tail},
     macros::xdp,
     programs::XdpContext,
-    EbpfContext,
 };
 use lb_common::counter;
 

@@ -78,7 +78,9 @@ impl Source {
                             error!("{e}");
                         }
                         for skipped in &rescan.skipped {
-                            warn!("skipped (only Service v1 and EndpointSlice discovery.k8s.io/v1 are read): {skipped}");
+                            warn!(
+                                "skipped (only Service v1 and EndpointSlice discovery.k8s.io/v1 are read): {skipped}"
+                            );
                         }
                         if rescan.changed {
                             return;

@@ -31,8 +31,8 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, MAP_AFFINITY, MAP_BACKENDS,
     MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
-    PROG_FROM_POD, PROG_FROM_WIRE, PROG_TC_BASELINE, PROG_XDP_BASELINE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounter,
-    counter,
+    PROG_FROM_POD, PROG_FROM_WIRE, PROG_TC_BASELINE, PROG_XDP_BASELINE, PROGS_SOCK, ServiceAddr, ServiceKey,
+    ServiceValue, SourceRangeKey, TrafficCounter, counter,
 };
 
 use crate::{
@@ -47,7 +47,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("this lb binary was built without its eBPF object (bpf-linker was missing); install bpf-linker and rebuild")]
+    #[error(
+        "this lb binary was built without its eBPF object (bpf-linker was missing); install bpf-linker and rebuild"
+    )]
     NotBuilt,
     #[error("mounting bpffs at {path}: {source}")]
     MountBpffs { path: PathBuf, source: io::Error },
@@ -112,10 +114,8 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError 
 impl Maps {
     fn take(ebpf: &mut Ebpf, maglev_table_size: u32) -> Result<Self, DatapathError> {
         let mut take = |name: &'static str| {
-            ebpf.take_map(name).ok_or(DatapathError::Map {
-                name,
-                source: aya::maps::MapError::InvalidName { name: name.to_owned() },
-            })
+            ebpf.take_map(name)
+                .ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_owned() } })
         };
         Ok(Self {
             services: HashMap::try_from(take(MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
@@ -140,13 +140,11 @@ impl Maps {
                 .map_err(map_err(MAP_SERVICE_ADDRS))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))
                 .map_err(map_err(MAP_SOURCE_RANGES))?,
-            conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
-                .map_err(map_err(MAP_CONNTRACK))?,
+            conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?)).map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?)).map_err(map_err(MAP_AFFINITY))?,
             maglev: Array::try_from(Map::Array(open(MAP_MAGLEV)?)).map_err(map_err(MAP_MAGLEV))?,
             maglev_table_size: 0,
-            counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))
-                .map_err(map_err(MAP_COUNTERS))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(map_err(MAP_COUNTERS))?,
         })
     }
 

@@ -107,7 +107,11 @@ impl DirSource {
                 Err(e) => (
                     0,
                     ParsedFile {
-                        errors: vec![ManifestError::Document { file: path.clone(), document: 0, message: e.to_string() }],
+                        errors: vec![ManifestError::Document {
+                            file: path.clone(),
+                            document: 0,
+                            message: e.to_string(),
+                        }],
                         ..Default::default()
                     },
                 ),
@@ -146,7 +150,9 @@ mod tests {
     use super::*;
 
     fn service(name: &str, ip: &str) -> String {
-        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+        )
     }
 
     fn names(source: &DirSource) -> Vec<String> {

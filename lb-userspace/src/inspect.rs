@@ -87,7 +87,8 @@ pub fn stats_table(stats: &Stats) -> String {
 }
 
 pub fn services_table(rows: &[ServiceRow]) -> String {
-    let mut out = format!("{:<26} {:>8}  {:<10} {:<16} {}\n", "FRONTEND", "BACKENDS", "ALGORITHM", "AFFINITY", "ADDRESSES");
+    let mut out =
+        format!("{:<26} {:>8}  {:<10} {:<16} {}\n", "FRONTEND", "BACKENDS", "ALGORITHM", "AFFINITY", "ADDRESSES");
     for row in rows {
         let frontend = format!("{}:{}/{}", row.address, row.port, row.protocol);
         let affinity = match row.affinity_timeout_seconds {
@@ -95,7 +96,14 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             t => format!("ClientIP {t}s"),
         };
         let addrs: Vec<String> = row.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect();
-        out += &format!("{:<26} {:>8}  {:<10} {:<16} {}\n", frontend, row.backends.len(), row.algorithm, affinity, addrs.join(", "));
+        out += &format!(
+            "{:<26} {:>8}  {:<10} {:<16} {}\n",
+            frontend,
+            row.backends.len(),
+            row.algorithm,
+            affinity,
+            addrs.join(", ")
+        );
     }
     out
 }

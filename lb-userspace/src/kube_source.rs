@@ -28,7 +28,9 @@ use tracing::{info, warn};
 pub enum KubeSourceError {
     #[error("reading kubeconfig {path}: {source}")]
     Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
-    #[error("no API server configuration (no --kubeconfig, KUBECONFIG, ~/.kube/config or in-cluster service account): {0}")]
+    #[error(
+        "no API server configuration (no --kubeconfig, KUBECONFIG, ~/.kube/config or in-cluster service account): {0}"
+    )]
     Infer(kube::config::InferConfigError),
     #[error("--k8s-api-server {url:?}: {message}")]
     ApiServerUrl { url: String, message: String },
@@ -86,9 +88,11 @@ const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 /// Whether load balancers should keep sending to this node (kube-proxy's
 /// `nodeEligible`): not when it is being deleted or drained for deletion.
 pub fn node_eligible(node: &Node) -> bool {
-    let tainted = node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|taints| {
-        taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT)
-    });
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     node.metadata.deletion_timestamp.is_none() && !tainted
 }
 

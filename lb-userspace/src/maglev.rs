@@ -116,7 +116,11 @@ mod tests {
                     .count();
                 let fraction = moved as f64 / 16_381.0;
                 let bound = 1.0 / f64::from(n) + 0.02;
-                eprintln!("{n} backends, one removed: {:.2}% of entries moved (bound {:.2}%)", fraction * 100.0, bound * 100.0);
+                eprintln!(
+                    "{n} backends, one removed: {:.2}% of entries moved (bound {:.2}%)",
+                    fraction * 100.0,
+                    bound * 100.0
+                );
                 assert!(fraction <= bound, "{n} backends: {fraction} > {bound}");
             }
         }

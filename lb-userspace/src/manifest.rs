@@ -55,11 +55,8 @@ pub fn parse_manifests(file: &Path, text: &str) -> ParsedFile {
     let mut parsed = ParsedFile::default();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document_number = index + 1;
-        let doc_error = |message: String| ManifestError::Document {
-            file: file.to_owned(),
-            document: document_number,
-            message,
-        };
+        let doc_error =
+            |message: String| ManifestError::Document { file: file.to_owned(), document: document_number, message };
         let value = match Value::deserialize(document) {
             Ok(Value::Null) => continue,
             Ok(value) => value,
@@ -69,8 +66,7 @@ pub fn parse_manifests(file: &Path, text: &str) -> ParsedFile {
                 break;
             }
         };
-        let (Some(api_version), Some(kind)) = (str_at(&value, &["apiVersion"]), str_at(&value, &["kind"]))
-        else {
+        let (Some(api_version), Some(kind)) = (str_at(&value, &["apiVersion"]), str_at(&value, &["kind"])) else {
             parsed.errors.push(doc_error("not a Kubernetes object: apiVersion and kind are required".into()));
             continue;
         };
@@ -148,7 +144,11 @@ endpoints: []
         assert_eq!(parsed.skipped, ["apps/v1 Deployment default/web"]);
         let errors: Vec<String> = parsed.errors.iter().map(ToString::to_string).collect();
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors[0].starts_with("/m/app.yaml: Service ns/bad: spec.ports[1].port: invalid type: map"), "{}", errors[0]);
+        assert!(
+            errors[0].starts_with("/m/app.yaml: Service ns/bad: spec.ports[1].port: invalid type: map"),
+            "{}",
+            errors[0]
+        );
         assert_eq!(errors[1], "/m/app.yaml: document 4: not a Kubernetes object: apiVersion and kind are required");
     }
 

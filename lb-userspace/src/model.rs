@@ -335,8 +335,7 @@ pub fn desired_state<'a>(
         if spec.type_.as_deref() == Some("ExternalName") || !is_ours(service.metadata.labels.as_ref(), proxy_name) {
             continue;
         }
-        let Some(addrs) = cluster_ips(spec, &mut |field, message| fail(&mut errors, field, message))
-        else {
+        let Some(addrs) = cluster_ips(spec, &mut |field, message| fail(&mut errors, field, message)) else {
             continue;
         };
         let ports = service_ports(spec, &mut |field, message| fail(&mut errors, field, message));
@@ -375,38 +374,40 @@ pub fn desired_state<'a>(
             (Vec::new(), Vec::new())
         };
 
-        let mut add = |errors: &mut Vec<ObjectError>, port: &PortSpec, kind: FrontendKind, addr: Ipv4Addr, number: u16| {
-            let local_only = if kind.is_external() { external_local } else { internal_local };
-            let (backends, local_backends) = backends_of(slice_ports, port, local_only);
-            let drop_when_empty = local_only && backends.is_empty() && !backends_of(slice_ports, port, false).0.is_empty();
-            let frontend = Frontend { addr, port: number, protocol: port.protocol };
-            if let Some(owner) = by_frontend.get(&frontend) {
-                let field = match kind {
-                    FrontendKind::ClusterIp => "spec.clusterIP".to_owned(),
-                    FrontendKind::NodePort => format!("spec.ports[{}].nodePort", port.index),
-                    FrontendKind::LoadBalancer => "status.loadBalancer.ingress".to_owned(),
-                    FrontendKind::ExternalIp => "spec.externalIPs".to_owned(),
-                };
-                let message = format!("{frontend} is already served for {}", owner.name);
-                errors.push(ObjectError { object: object.clone(), field, message });
-                return;
-            }
-            let source_ranges = if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() };
-            by_frontend.insert(
-                frontend,
-                ServicePort {
-                    name: format!("{}/{}:{}", object.namespace, object.name, port.name),
+        let mut add =
+            |errors: &mut Vec<ObjectError>, port: &PortSpec, kind: FrontendKind, addr: Ipv4Addr, number: u16| {
+                let local_only = if kind.is_external() { external_local } else { internal_local };
+                let (backends, local_backends) = backends_of(slice_ports, port, local_only);
+                let drop_when_empty =
+                    local_only && backends.is_empty() && !backends_of(slice_ports, port, false).0.is_empty();
+                let frontend = Frontend { addr, port: number, protocol: port.protocol };
+                if let Some(owner) = by_frontend.get(&frontend) {
+                    let field = match kind {
+                        FrontendKind::ClusterIp => "spec.clusterIP".to_owned(),
+                        FrontendKind::NodePort => format!("spec.ports[{}].nodePort", port.index),
+                        FrontendKind::LoadBalancer => "status.loadBalancer.ingress".to_owned(),
+                        FrontendKind::ExternalIp => "spec.externalIPs".to_owned(),
+                    };
+                    let message = format!("{frontend} is already served for {}", owner.name);
+                    errors.push(ObjectError { object: object.clone(), field, message });
+                    return;
+                }
+                let source_ranges = if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() };
+                by_frontend.insert(
                     frontend,
-                    kind,
-                    backends,
-                    local_backends,
-                    affinity_timeout_s,
-                    algorithm,
-                    source_ranges,
-                    drop_when_empty,
-                },
-            );
-        };
+                    ServicePort {
+                        name: format!("{}/{}:{}", object.namespace, object.name, port.name),
+                        frontend,
+                        kind,
+                        backends,
+                        local_backends,
+                        affinity_timeout_s,
+                        algorithm,
+                        source_ranges,
+                        drop_when_empty,
+                    },
+                );
+            };
         for port in &ports {
             for addr in &addrs {
                 add(&mut errors, port, FrontendKind::ClusterIp, *addr, port.port);
@@ -588,7 +589,13 @@ fn service_ports(
                 }
             },
         };
-        ports.push(PortSpec { index: i, name: port.name.clone().unwrap_or_default(), port: number, protocol, node_port });
+        ports.push(PortSpec {
+            index: i,
+            name: port.name.clone().unwrap_or_default(),
+            port: number,
+            protocol,
+            node_port,
+        });
     }
     ports
 }
@@ -603,9 +610,8 @@ fn endpoints_by_service<'a>(
     let mut by_service: BTreeMap<(String, String), Vec<SlicePort>> = BTreeMap::new();
     for slice in slices {
         let object = object_ref("EndpointSlice", &slice.metadata);
-        let mut fail = |field: String, message: String| {
-            errors.push(ObjectError { object: object.clone(), field, message })
-        };
+        let mut fail =
+            |field: String, message: String| errors.push(ObjectError { object: object.clone(), field, message });
         let labels = slice.metadata.labels.as_ref();
         let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             fail(format!("metadata.labels[{SERVICE_NAME_LABEL}]"), "missing: the slice belongs to no Service".into());
@@ -868,16 +874,30 @@ endpoints: [{addresses: [10.0.0.1]}]
     #[test]
     fn session_affinity_is_read_with_kubernetes_defaults_and_limits() {
         let service = |name: &str, ip: &str, affinity: &str| {
-            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]{affinity}}}\n---\n")
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]{affinity}}}\n---\n"
+            )
         };
-        let state = desired(&[
-            service("none", "10.96.0.1", ""),
-            service("default", "10.96.0.2", ", sessionAffinity: ClientIP"),
-            service("short", "10.96.0.3", ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}"),
-            service("too-long", "10.96.0.4", ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}"),
-            service("odd", "10.96.0.5", ", sessionAffinity: Cookie"),
-        ].concat());
-        let timeouts: Vec<(String, u32)> = state.services.iter().map(|s| (s.frontend.to_string(), s.affinity_timeout_s)).collect();
+        let state = desired(
+            &[
+                service("none", "10.96.0.1", ""),
+                service("default", "10.96.0.2", ", sessionAffinity: ClientIP"),
+                service(
+                    "short",
+                    "10.96.0.3",
+                    ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}",
+                ),
+                service(
+                    "too-long",
+                    "10.96.0.4",
+                    ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+                ),
+                service("odd", "10.96.0.5", ", sessionAffinity: Cookie"),
+            ]
+            .concat(),
+        );
+        let timeouts: Vec<(String, u32)> =
+            state.services.iter().map(|s| (s.frontend.to_string(), s.affinity_timeout_s)).collect();
         assert_eq!(
             timeouts,
             [("10.96.0.1:80/TCP".into(), 0), ("10.96.0.2:80/TCP".into(), 10_800), ("10.96.0.3:80/TCP".into(), 30)]
@@ -889,13 +909,18 @@ endpoints: [{addresses: [10.0.0.1]}]
     #[test]
     fn the_algorithm_annotation_overrides_the_default() {
         let service = |name: &str, ip: &str, annotation: &str| {
-            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}{annotation}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n")
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}{annotation}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n"
+            )
         };
-        let state = desired(&[
-            service("plain", "10.96.0.1", ""),
-            service("hashed", "10.96.0.2", ", annotations: {service.lb.io/lb-algorithm: maglev}"),
-            service("odd", "10.96.0.3", ", annotations: {service.lb.io/lb-algorithm: roundrobin}"),
-        ].concat());
+        let state = desired(
+            &[
+                service("plain", "10.96.0.1", ""),
+                service("hashed", "10.96.0.2", ", annotations: {service.lb.io/lb-algorithm: maglev}"),
+                service("odd", "10.96.0.3", ", annotations: {service.lb.io/lb-algorithm: roundrobin}"),
+            ]
+            .concat(),
+        );
         let algorithms: Vec<Algorithm> = state.services.iter().map(|s| s.algorithm).collect();
         assert_eq!(algorithms, [Algorithm::Random, Algorithm::Maglev, Algorithm::Random]);
         assert_eq!(state.errors[0].field, "metadata.annotations[service.lb.io/lb-algorithm]");
@@ -970,7 +995,9 @@ endpoints:
         assert_eq!(fields, ["spec.externalIPs[1]", "spec.loadBalancerSourceRanges[1]"]);
         let lb = state.services.iter().find(|s| s.kind == FrontendKind::LoadBalancer).unwrap();
         assert_eq!(lb.source_ranges, ["10.0.0.0/8".parse().unwrap()]);
-        assert!(state.services.iter().filter(|s| s.kind != FrontendKind::LoadBalancer).all(|s| s.source_ranges.is_empty()));
+        assert!(
+            state.services.iter().filter(|s| s.kind != FrontendKind::LoadBalancer).all(|s| s.source_ranges.is_empty())
+        );
     }
 
     #[test]

@@ -101,9 +101,7 @@ impl MapContents {
     /// Backends of `frontend` (a slot-0 key), in slot order.
     pub fn slots_of(&self, frontend: &ServiceKey) -> Vec<u32> {
         let count = self.services.get(frontend).map_or(0, |v| v.backend_count);
-        (1..=count)
-            .filter_map(|slot| self.services.get(&frontend.with_slot(slot)).map(|v| v.backend_id))
-            .collect()
+        (1..=count).filter_map(|slot| self.services.get(&frontend.with_slot(slot)).map(|v| v.backend_id)).collect()
     }
 
     /// Frontends (slot-0 keys) with their backends, in key order.
@@ -169,7 +167,10 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
             target.backends.insert(id, *backend);
             wanted_ids.insert(id);
         }
-        let addr = target.addrs.entry(frontend.vip).or_insert(ServiceAddr { flags: ADDR_DROP_UNKNOWN_PORTS, ..Default::default() });
+        let addr = target
+            .addrs
+            .entry(frontend.vip)
+            .or_insert(ServiceAddr { flags: ADDR_DROP_UNKNOWN_PORTS, ..Default::default() });
         addr.frontends += 1;
         if service.kind != FrontendKind::ClusterIp {
             addr.flags &= !ADDR_DROP_UNKNOWN_PORTS;
@@ -192,7 +193,8 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
                 kept => kept,
             },
         };
-        let value = ServiceValue::frontend(slots.len() as u16, frontend_flags(service), service.affinity_timeout_s, table);
+        let value =
+            ServiceValue::frontend(slots.len() as u16, frontend_flags(service), service.affinity_timeout_s, table);
         target.services.insert(frontend, value);
         for (i, id) in slots.iter().enumerate() {
             target.services.insert(frontend.with_slot(i as u16 + 1), ServiceValue::slot(*id));
@@ -231,7 +233,8 @@ pub fn stale_affinity(
         .filter(|(key, value)| {
             let frontend = key.frontend();
             let with_affinity = contents.services.get(&frontend).is_some_and(|v| v.affinity_timeout_s != 0);
-            let backends = members.entry(frontend).or_insert_with(|| contents.slots_of(&frontend).into_iter().collect());
+            let backends =
+                members.entry(frontend).or_insert_with(|| contents.slots_of(&frontend).into_iter().collect());
             !with_affinity || !backends.contains(&value.backend_id)
         })
         .map(|(key, _)| key)
@@ -446,7 +449,13 @@ mod tests {
         let (maps, _) = sync(&MapContents::default(), &[with_affinity(1, &[1, 2]), service(2, &[1])]);
         let id_of = |octet: u8| *maps.backends.iter().find(|(_, b)| b.addr[3] == octet).unwrap().0;
         let entry = |vip: u8, client: u8, backend: u8| {
-            let key = AffinityKey { vip: [10, 96, 0, vip], client: [10, 1, 0, client], port: 80u16.to_be_bytes(), protocol: 6, _pad: 0 };
+            let key = AffinityKey {
+                vip: [10, 96, 0, vip],
+                client: [10, 1, 0, client],
+                port: 80u16.to_be_bytes(),
+                protocol: 6,
+                _pad: 0,
+            };
             (key, AffinityValue { last_used_ns: 1, backend_id: id_of(backend), _pad: [0; 4] })
         };
         let (keep, gone_backend, no_affinity) = (entry(1, 1, 1), entry(1, 2, 2), entry(2, 3, 1));
@@ -472,19 +481,28 @@ mod tests {
     fn maglev_tables_are_filled_before_use_kept_while_unchanged_and_limited_in_number() {
         let hashed = |vip, backends: &[u8]| ServicePort { algorithm: Algorithm::Maglev, ..service(vip, backends) };
         let (maps, ops) = sync(&MapContents::default(), &[hashed(1, &[1, 2]), hashed(2, &[3]), hashed(3, &[4])]);
-        let table_of = |m: &MapContents, vip: u8| m.services[&ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0)].maglev_table;
+        let table_of = |m: &MapContents, vip: u8| {
+            m.services[&ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0)].maglev_table
+        };
         assert_eq!((table_of(&maps, 1), table_of(&maps, 2), table_of(&maps, 3)), (1, 2, 0), "two tables, then random");
         let fill = ops.iter().position(|op| matches!(op, MapOp::PutMaglevTable(1, _))).unwrap();
-        let named = ops.iter().position(|op| matches!(op, MapOp::PutService(k, v) if k.slot == 0 && v.maglev_table == 1)).unwrap();
+        let named = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::PutService(k, v) if k.slot == 0 && v.maglev_table == 1))
+            .unwrap();
         assert!(fill < named, "table filled before the frontend names it");
         let MapOp::PutMaglevTable(_, entries) = &ops[fill] else { unreachable!() };
         assert_eq!(entries.len(), 13);
-        assert_eq!(entries.iter().collect::<BTreeSet<_>>(), maps.slots_of(&ServiceKey::new([10, 96, 0, 1], 80u16.to_be_bytes(), 6, 0)).iter().collect());
+        assert_eq!(
+            entries.iter().collect::<BTreeSet<_>>(),
+            maps.slots_of(&ServiceKey::new([10, 96, 0, 1], 80u16.to_be_bytes(), 6, 0)).iter().collect()
+        );
 
         // Unchanged: nothing to write. One backend fewer: only that table.
         assert!(sync(&maps, &[hashed(1, &[1, 2]), hashed(2, &[3]), hashed(3, &[4])]).1.is_empty());
         let (_, ops) = sync(&maps, &[hashed(1, &[2]), hashed(2, &[3]), hashed(3, &[4])]);
-        let tables: Vec<u32> = ops.iter().filter_map(|op| if let MapOp::PutMaglevTable(t, _) = op { Some(*t) } else { None }).collect();
+        let tables: Vec<u32> =
+            ops.iter().filter_map(|op| if let MapOp::PutMaglevTable(t, _) = op { Some(*t) } else { None }).collect();
         assert_eq!(tables, [1]);
     }
 
@@ -515,7 +533,10 @@ mod tests {
         assert_eq!(maps.addrs[&[10, 96, 0, 1]].flags, ADDR_DROP_UNKNOWN_PORTS, "a cluster IP drops other ports");
         assert_eq!(maps.addrs[&[10, 96, 0, 7]].flags, 0, "other addresses pass them");
         let (prefix_len, range) = maps.source_ranges.first().unwrap();
-        assert_eq!((*prefix_len, range.client, range.vip), (SOURCE_RANGE_FRONTEND_BITS + 24, [192, 0, 2, 0], [10, 96, 0, 7]));
+        assert_eq!(
+            (*prefix_len, range.client, range.vip),
+            (SOURCE_RANGE_FRONTEND_BITS + 24, [192, 0, 2, 0], [10, 96, 0, 7])
+        );
         let first_frontend = ops.iter().position(|op| matches!(op, MapOp::PutService(k, _) if k.slot == 0)).unwrap();
         assert!(matches!(ops[0], MapOp::PutSourceRange(_)), "ranges before the frontend that checks them");
         assert!(first_frontend > 0);

@@ -93,7 +93,11 @@ impl Reconciler {
     /// Writes what differs between the maps and `desired`. A failed write
     /// holds back the rest of its frontends' writes (see the module); the
     /// error names the first failure, and a later sync retries.
-    pub fn sync<W: MapWriter>(&mut self, desired: &[ServicePort], maps: &mut W) -> Result<SyncOutcome, SyncError<W::Error>> {
+    pub fn sync<W: MapWriter>(
+        &mut self,
+        desired: &[ServicePort],
+        maps: &mut W,
+    ) -> Result<SyncOutcome, SyncError<W::Error>> {
         let target = target_contents(desired, &self.current, self.maglev);
         let ops = plan(&self.current, &target, self.maglev);
         let mut lost_udp_backends = lost_udp_backends(&self.current, &target);
@@ -169,7 +173,8 @@ mod tests {
 
         // Backend 9 cannot be written (a full map, say).
         maps.refuse = |op| matches!(op, MapOp::PutBackend(_, b) if b.addr[3] == 9);
-        let error = reconciler.sync(&[service(1, &[1, 9]), service(2, &[3, 4]), service(3, &[5])], &mut maps).unwrap_err();
+        let error =
+            reconciler.sync(&[service(1, &[1, 9]), service(2, &[3, 4]), service(3, &[5])], &mut maps).unwrap_err();
         assert_eq!(error.failed, 1);
         assert_eq!(backends_of(&maps.contents, 1), [1, 2], "service 1 keeps its whole old state");
         assert_eq!(backends_of(&maps.contents, 2), [3, 4], "the others are brought up to date");

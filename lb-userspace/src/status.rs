@@ -65,9 +65,8 @@ impl Health {
         let s = self.state.lock().expect("health lock");
         let synced = s.last_updated.is_some() && s.queued_since.is_none_or(|q| q.elapsed() < self.timeout);
         let healthy = synced && (s.node_eligible || !for_load_balancers);
-        let stamp = |t: SystemTime| {
-            k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default()
-        };
+        let stamp =
+            |t: SystemTime| k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default();
         let body = serde_json::json!({
             "lastUpdated": s.last_updated.map(stamp).unwrap_or_default(),
             "currentTime": stamp(SystemTime::now()),
@@ -127,11 +126,19 @@ impl Metrics {
             programming_duration.clone(),
         );
         registry.register("lb_sync_failures", "Syncs that failed to write the maps", sync_failures.clone());
-        registry.register("lb_service_frontends", "Frontends (cluster IP, port, protocol) in the datapath", frontends.clone());
+        registry.register(
+            "lb_service_frontends",
+            "Frontends (cluster IP, port, protocol) in the datapath",
+            frontends.clone(),
+        );
         registry.register("lb_backends", "Backends in the datapath", backends.clone());
         registry.register("lb_datapath_packets", "Packets seen by the datapath, by verdict", packets.clone());
         registry.register("lb_datapath_bytes", "Bytes seen by the datapath, by verdict", bytes.clone());
-        registry.register("lb_conntrack_entries", "Entries in the connection-tracking map (two per flow)", conntrack_entries.clone());
+        registry.register(
+            "lb_conntrack_entries",
+            "Entries in the connection-tracking map (two per flow)",
+            conntrack_entries.clone(),
+        );
         Self {
             registry,
             sync_duration,
@@ -186,7 +193,9 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
                     let (healthy, body) = health.check(path == "/healthz");
                     (if healthy { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
                 }
-                "/metrics" => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render()),
+                "/metrics" => {
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
+                }
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };
             respond(&mut stream, status, content_type, &body).await;

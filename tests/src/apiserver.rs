@@ -238,7 +238,8 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Res
     let selected = move |object: &Value| wanted_name.as_deref().is_none_or(|n| object["metadata"]["name"] == n);
     let mut out = stream;
     let Some(kind) = Kind::from_path(path) else {
-        let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
+        let body =
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
         return respond(&mut out, "404 Not Found", &body);
     };
     if matches!(params.get("watch"), Some(&"true" | &"1")) {
@@ -288,7 +289,10 @@ fn watch(
     timeout: Duration,
     bookmarks: bool,
 ) -> std::io::Result<()> {
-    write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )?;
     let (lock, cvar) = &**shared;
     let deadline = Instant::now() + timeout;
     let mut state = lock.lock().unwrap();

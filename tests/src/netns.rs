@@ -298,9 +298,7 @@ impl MultiNode {
     fn run_xdp_on_ports(&mut self) -> anyhow::Result<()> {
         let ports: Vec<String> = (0..self.nodes.len()).chain([99]).map(|n| self.port(n)).collect();
         let program = self.switch.xdp()?;
-        self.lan.enter(|| {
-            ports.iter().try_for_each(|port| program.attach(port, XdpMode::Driver).map(drop))
-        })?;
+        self.lan.enter(|| ports.iter().try_for_each(|port| program.attach(port, XdpMode::Driver).map(drop)))?;
         Ok(())
     }
 

@@ -22,7 +22,15 @@ pub struct Spec {
 
 impl Spec {
     pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
-        Self { src, dst, protocol: TCP, tcp_flags: flags, payload: b"hello".to_vec(), ip_options: vec![], udp_no_checksum: false }
+        Self {
+            src,
+            dst,
+            protocol: TCP,
+            tcp_flags: flags,
+            payload: b"hello".to_vec(),
+            ip_options: vec![],
+            udp_no_checksum: false,
+        }
     }
 
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {

@@ -168,7 +168,8 @@ impl Session {
         writeln!(self.writer, "{message}")?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
-        let (pod, echoed) = line.trim_end().split_once(' ').ok_or_else(|| io::Error::other(format!("bad answer {line:?}")))?;
+        let (pod, echoed) =
+            line.trim_end().split_once(' ').ok_or_else(|| io::Error::other(format!("bad answer {line:?}")))?;
         if echoed != message {
             return Err(io::Error::other(format!("echo mismatch: {line:?}")));
         }

@@ -63,9 +63,15 @@ fn first_packet_to_a_service_is_dnated_and_tracked_both_ways() {
     };
     let ct = &h.datapath.maps.conntrack;
     let forward = ct.get(&key(addr(CLIENT, 40000), addr(VIP, 80)), 0).expect("forward entry");
-    assert_eq!((forward.direction, forward.nat_addr, forward.nat_port), (CT_DIRECTION_DNAT, backend, 8080u16.to_be_bytes()));
+    assert_eq!(
+        (forward.direction, forward.nat_addr, forward.nat_port),
+        (CT_DIRECTION_DNAT, backend, 8080u16.to_be_bytes())
+    );
     let reply = ct.get(&key(addr(backend, 8080), addr(CLIENT, 40000)), 0).expect("reply entry");
-    assert_eq!((reply.direction, reply.nat_addr, reply.nat_port), (CT_DIRECTION_REVERSE_SNAT, VIP, 80u16.to_be_bytes()));
+    assert_eq!(
+        (reply.direction, reply.nat_addr, reply.nat_port),
+        (CT_DIRECTION_REVERSE_SNAT, VIP, 80u16.to_be_bytes())
+    );
     assert_eq!(h.counter(counter::DNAT_NEW), 1);
 }
 
@@ -119,10 +125,7 @@ fn packets_not_for_a_service_pass_untouched() {
 #[test]
 fn ports_and_protocols_a_service_address_does_not_define_are_dropped() {
     let mut h = Harness::new(&[service(80, Protocol::Tcp, &[[10, 244, 0, 11]])]);
-    for spec in [
-        Spec::tcp(addr(CLIENT, 40000), addr(VIP, 81), SYN),
-        Spec::udp(addr(CLIENT, 40000), addr(VIP, 80)),
-    ] {
+    for spec in [Spec::tcp(addr(CLIENT, 40000), addr(VIP, 81), SYN), Spec::udp(addr(CLIENT, 40000), addr(VIP, 80))] {
         assert_eq!(h.run(&packet::build(&spec)).0, TC_ACT_SHOT, "{spec:?}");
     }
     assert_eq!(h.counter(counter::DROP_UNKNOWN_PORT), 2);
@@ -235,7 +238,8 @@ fn session_affinity_keeps_each_client_on_one_backend() {
             assert_eq!(seen.dst, first, "client {client} moved on a new connection");
         }
     }
-    let key = AffinityKey { vip: VIP, client: [10, 244, 1, 1], port: 80u16.to_be_bytes(), protocol: packet::TCP, _pad: 0 };
+    let key =
+        AffinityKey { vip: VIP, client: [10, 244, 1, 1], port: 80u16.to_be_bytes(), protocol: packet::TCP, _pad: 0 };
     let entry = h.datapath.maps.affinity.get(&key, 0).expect("affinity entry");
     assert!(monotonic_ns() - entry.last_used_ns < 5_000_000_000, "timestamp is kernel monotonic time");
 }
@@ -248,8 +252,18 @@ fn fresh_affinity_is_followed_and_expired_affinity_is_not() {
     };
     let first = id_of(&h, BACKENDS3[0]);
     let seed = |h: &mut Harness, client: u8, last_used_ns: u64| {
-        let key = AffinityKey { vip: VIP, client: [10, 244, 2, client], port: 80u16.to_be_bytes(), protocol: packet::TCP, _pad: 0 };
-        h.datapath.maps.affinity.insert(key, AffinityValue { last_used_ns, backend_id: first, _pad: [0; 4] }, 0).unwrap();
+        let key = AffinityKey {
+            vip: VIP,
+            client: [10, 244, 2, client],
+            port: 80u16.to_be_bytes(),
+            protocol: packet::TCP,
+            _pad: 0,
+        };
+        h.datapath
+            .maps
+            .affinity
+            .insert(key, AffinityValue { last_used_ns, backend_id: first, _pad: [0; 4] }, 0)
+            .unwrap();
     };
     let now = monotonic_ns();
     let mut expired_went_elsewhere = false;
@@ -291,7 +305,6 @@ fn udp_flows_of_a_removed_backend_move_to_a_live_one() {
 const FIN: u8 = 0x01;
 const RST: u8 = 0x04;
 
-
 const SECOND: u64 = 1_000_000_000;
 
 #[test]
@@ -306,12 +319,14 @@ fn tcp_entries_follow_the_connection_and_a_fin_or_rst_closes_both_directions() {
         h.run_spec(&Spec::tcp(server, client, SYN | ACK));
         h.run_spec(&Spec::tcp(client, vip, ACK));
         assert_eq!((h.ct_state(&forward), h.ct_state(&reply)), (CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED));
-        let closing = if closer_is_backend { Spec::tcp(server, client, flag | ACK) } else { Spec::tcp(client, vip, flag | ACK) };
+        let closing =
+            if closer_is_backend { Spec::tcp(server, client, flag | ACK) } else { Spec::tcp(client, vip, flag | ACK) };
         h.run_spec(&closing);
         assert_eq!(
             (h.ct_state(&forward), h.ct_state(&reply)),
             (CT_STATE_CLOSING, CT_STATE_CLOSING),
-            "flag {flag:#x} from the {}", if closer_is_backend { "backend" } else { "client" }
+            "flag {flag:#x} from the {}",
+            if closer_is_backend { "backend" } else { "client" }
         );
         // A closed flow idle for its short timeout is gone: the next packet
         // with that tuple is a new flow.
@@ -383,7 +398,10 @@ fn a_pod_reaching_itself_through_a_service_is_hairpinned_both_ways() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!((reply.src, reply.dst), (vip, client), "the reply comes from the service, to the pod");
     assert_checksums(&reply);
-    assert_eq!((h.counter(counter::DNAT_NEW), h.counter(counter::DNAT_ESTABLISHED), h.counter(counter::REVERSE_NAT)), (1, 1, 1));
+    assert_eq!(
+        (h.counter(counter::DNAT_NEW), h.counter(counter::DNAT_ESTABLISHED), h.counter(counter::REVERSE_NAT)),
+        (1, 1, 1)
+    );
 }
 
 /// Which backend the Maglev table of `vip:port` gives `flow`, computed in
@@ -416,10 +434,12 @@ fn maglev_sends_each_flow_where_its_table_entry_says_every_time() {
 
 #[test]
 fn with_maglev_removing_a_backend_moves_only_its_flows() {
-    let hashed = |backends: &[[u8; 4]]| ServicePort { algorithm: Algorithm::Maglev, ..service(80, Protocol::Tcp, backends) };
+    let hashed =
+        |backends: &[[u8; 4]]| ServicePort { algorithm: Algorithm::Maglev, ..service(80, Protocol::Tcp, backends) };
     let mut h = Harness::new(&[hashed(&BACKENDS3)]);
     let flows: Vec<SocketAddrV4> = (0..300u16).map(|i| addr([10, 244, 3, (i % 250) as u8], 30000 + i)).collect();
-    let before: Vec<SocketAddrV4> = flows.iter().map(|c| h.run_spec(&Spec::tcp(*c, addr(VIP, 80), SYN)).1.dst).collect();
+    let before: Vec<SocketAddrV4> =
+        flows.iter().map(|c| h.run_spec(&Spec::tcp(*c, addr(VIP, 80), SYN)).1.dst).collect();
     let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap(), MaglevConfig::default());
     reconciler.sync(&[hashed(&BACKENDS3[..2])], &mut h.datapath.maps).unwrap();
     let removed = addr(BACKENDS3[2], 8080);

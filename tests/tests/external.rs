@@ -123,9 +123,7 @@ fn node_port_reaches_backends_on_both_nodes_from_outside() {
 #[test]
 fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced() {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
-    let spec = |ranges: &[&str]| {
-        json!({"type": "LoadBalancer", "externalIPs": [EXTERNAL_IP.to_string(), "10.252.0.10"], "loadBalancerSourceRanges": ranges})
-    };
+    let spec = |ranges: &[&str]| json!({"type": "LoadBalancer", "externalIPs": [EXTERNAL_IP.to_string(), "10.252.0.10"], "loadBalancerSourceRanges": ranges});
     let mut setup = Setup::new(web(spec(&["10.200.0.96/29"]), status.clone()), &[]);
     let lb = SocketAddrV4::new(LB_IP, 80);
     setup.wait_for_backends(80, [2, 2]);
@@ -157,7 +155,8 @@ fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoint
     setup.wait_for_backends(NODE_PORT, [0, 1]);
     let health = |n: usize| SocketAddrV4::new(MultiNode::node_ip(n), HEALTH_PORT);
 
-    let answers: Vec<(String, String)> = setup.from_client(|| (0..6).map(|_| tcp_whoami(node_port(2)).unwrap()).collect());
+    let answers: Vec<(String, String)> =
+        setup.from_client(|| (0..6).map(|_| tcp_whoami(node_port(2)).unwrap()).collect());
     assert!(answers.iter().all(|(pod, peer)| pod == "pod-2" && *peer == EXTERNAL_CLIENT_IP.to_string()), "{answers:?}");
     let forwarded = setup.from_client(|| tcp_ask(node_port(1)));
     assert!(forwarded.is_err(), "node-1 has no local endpoint and must not forward: {forwarded:?}");

@@ -40,9 +40,8 @@ fn render(values: &str) -> Result<Vec<Value>, String> {
 /// Deserializes a manifest, failing on any field the type does not know.
 fn strict<T: DeserializeOwned>(doc: &Value) -> T {
     let mut unknown = Vec::new();
-    let parsed = serde_ignored::deserialize(doc.clone(), |path| unknown.push(path.to_string())).unwrap_or_else(|e| {
-        panic!("{} does not parse: {e}", doc["kind"].as_str().unwrap_or("?"))
-    });
+    let parsed = serde_ignored::deserialize(doc.clone(), |path| unknown.push(path.to_string()))
+        .unwrap_or_else(|e| panic!("{} does not parse: {e}", doc["kind"].as_str().unwrap_or("?")));
     assert!(unknown.is_empty(), "{} has unknown fields {unknown:?}", doc["kind"].as_str().unwrap_or("?"));
     parsed
 }
@@ -107,7 +106,10 @@ fn default_values_render_a_kube_proxy_replacement() {
     assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     let tolerations = pod.tolerations.as_ref().unwrap();
-    assert!(tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()), "tolerates every taint");
+    assert!(
+        tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tolerates every taint"
+    );
     let strategy = ds.spec.update_strategy.as_ref().unwrap();
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
 
@@ -215,7 +217,10 @@ securityContext: {privileged: true}
     assert_eq!(run.min_sync_period, std::time::Duration::from_secs(1));
     assert_eq!(run.pin_path, Path::new("/sys/fs/bpf/lb-canary"));
     assert_eq!(run.cgroup_path.0, None, "socket-level balancing off");
-    assert_eq!((run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries), (262144, 131072, 1048576));
+    assert_eq!(
+        (run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries),
+        (262144, 131072, 1048576)
+    );
     assert_eq!(run.affinity_max_entries, 4096);
     assert_eq!(run.source_ranges_max_entries, 512);
     assert_eq!(run.external_interfaces, ["eth*", "bond0"]);

@@ -76,7 +76,8 @@ fn metric(node: &Netns, name: &str) -> f64 {
 #[test]
 fn follows_the_cluster_through_scaling_an_api_outage_and_deletion() {
     let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
-    let _servers: Vec<PodServer> = cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
     let pod = |i: usize| (cluster.pods[i].name.as_str(), cluster.pods[i].ip);
     let (node, client) = (&cluster.node, &cluster.pod("client").netns);
     let (mut api, _config, mut agent) = kube_agent(&cluster, &[], &[]);
@@ -137,9 +138,11 @@ fn follows_the_cluster_through_scaling_an_api_outage_and_deletion() {
 #[test]
 fn killing_and_restarting_the_agent_loses_no_request() {
     let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "client"]).unwrap();
-    let _servers: Vec<PodServer> = cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
     let backends = slice(&[("backend-0", cluster.pods[0].ip), ("backend-1", cluster.pods[1].ip)]);
-    let (_api, _config, mut agent) = kube_agent(&cluster, &[(Kind::Service, web()), (Kind::EndpointSlice, backends)], &[]);
+    let (_api, _config, mut agent) =
+        kube_agent(&cluster, &[(Kind::Service, web()), (Kind::EndpointSlice, backends)], &[]);
     wait_for_backends(&mut agent, &[cluster.pods[0].ip, cluster.pods[1].ip]);
     agent.wait_for_attachments(3).unwrap();
 
@@ -151,7 +154,8 @@ fn killing_and_restarting_the_agent_loses_no_request() {
     let workers: Vec<_> = (0..2)
         .map(|worker| {
             let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
-            let mut session = (worker == 0).then(|| std::mem::replace(&mut session, client.enter(|| Session::connect(VIP)).unwrap()));
+            let mut session =
+                (worker == 0).then(|| std::mem::replace(&mut session, client.enter(|| Session::connect(VIP)).unwrap()));
             let backend = backend.clone();
             client.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
@@ -180,7 +184,9 @@ fn killing_and_restarting_the_agent_loses_no_request() {
         agent.kill().unwrap();
         std::thread::sleep(Duration::from_millis(300));
         agent.restart().unwrap();
-        agent.wait_for_log_count("synced frontends=2 writes=0", round + 1).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        agent
+            .wait_for_log_count("synced frontends=2 writes=0", round + 1)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -189,7 +195,13 @@ fn killing_and_restarting_the_agent_loses_no_request() {
     }
     let failures = failures.lock().unwrap();
     let answered = answered.load(Ordering::Relaxed);
-    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), answered, &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        answered,
+        &failures[..failures.len().min(5)]
+    );
     assert!(answered > 100, "only {answered} requests");
 }
 
@@ -224,7 +236,10 @@ fn a_node_being_removed_fails_healthz_but_not_livez() {
     };
     assert_eq!(health("/healthz"), (200, json!(true)), "another node's taint is not ours");
 
-    api.apply(Kind::Node, node(json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}])));
+    api.apply(
+        Kind::Node,
+        node(json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}])),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while health("/healthz").0 != 503 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

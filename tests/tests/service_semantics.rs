@@ -38,7 +38,9 @@ fn three_backends_and_a_client() -> (Cluster, Vec<PodServer>) {
 fn wait_for_affinity(agent: &mut Agent, timeout_s: u32, backends: usize) {
     agent
         .wait_for_maps(&format!("affinity {timeout_s}s, {backends} backends"), |c| {
-            c.services.iter().any(|(k, v)| k.slot == 0 && v.affinity_timeout_s == timeout_s && v.backend_count as usize == backends)
+            c.services
+                .iter()
+                .any(|(k, v)| k.slot == 0 && v.affinity_timeout_s == timeout_s && v.backend_count as usize == backends)
         })
         .unwrap();
 }
@@ -90,7 +92,11 @@ fn a_service_without_endpoints_refuses_at_once_and_undefined_ports_get_no_answer
     let cluster = Cluster::new(Topology::Routed, &["client"]).unwrap();
     let manifests = TempDir::new("lb-reject").unwrap();
     let ports = [("http", 80, "TCP"), ("dns", 53, "UDP")];
-    write_yaml(&manifests.0, "empty.yaml", &service("default", "empty", Ipv4Addr::new(10, 96, 0, 30), &ports, json!({})));
+    write_yaml(
+        &manifests.0,
+        "empty.yaml",
+        &service("default", "empty", Ipv4Addr::new(10, 96, 0, 30), &ports, json!({})),
+    );
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     agent.wait_for_maps("the empty service", |c| c.frontends().count() == 2).unwrap();
     agent.wait_for_attachments(1).unwrap();
@@ -100,7 +106,8 @@ fn a_service_without_endpoints_refuses_at_once_and_undefined_ports_get_no_answer
     client.enter(|| {
         for _ in 0..5 {
             let started = std::time::Instant::now();
-            let error = std::net::TcpStream::connect_timeout(&empty(80), std::time::Duration::from_secs(3)).unwrap_err();
+            let error =
+                std::net::TcpStream::connect_timeout(&empty(80), std::time::Duration::from_secs(3)).unwrap_err();
             let took = started.elapsed();
             assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
             assert!(took < std::time::Duration::from_millis(100), "refused after {took:?}");
@@ -114,13 +121,16 @@ fn a_service_without_endpoints_refuses_at_once_and_undefined_ports_get_no_answer
         assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
 
         // A port the Service does not define: no answer at all.
-        let error = std::net::TcpStream::connect_timeout(&empty(8080), std::time::Duration::from_millis(500)).unwrap_err();
+        let error =
+            std::net::TcpStream::connect_timeout(&empty(8080), std::time::Duration::from_millis(500)).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
     });
     let stats = agent.cli("stats", &["-o", "json"]).unwrap();
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     let packets = |verdict: &str| {
-        stats["verdicts"].as_array().unwrap().iter().find(|r| r["verdict"] == verdict).unwrap()["packets"].as_u64().unwrap()
+        stats["verdicts"].as_array().unwrap().iter().find(|r| r["verdict"] == verdict).unwrap()["packets"]
+            .as_u64()
+            .unwrap()
     };
     assert_eq!(packets("reject_no_backend"), 6);
     assert!(packets("drop_unknown_port") >= 1);
@@ -129,7 +139,8 @@ fn a_service_without_endpoints_refuses_at_once_and_undefined_ports_get_no_answer
 #[test]
 fn a_udp_flow_survives_the_removal_of_its_backend() {
     let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "client"]).unwrap();
-    let _servers: Vec<PodServer> = cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
     let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..2].iter().map(|p| (p.name.as_str(), p.ip)).collect();
     let dns = |backends: &[(&str, Ipv4Addr)]| {
         let endpoints: Vec<Endpoint> = backends.iter().map(|(n, ip)| Endpoint::ready(n, *ip)).collect();
@@ -201,7 +212,10 @@ fn a_pod_reaches_itself_through_its_service_bridged() {
 
 #[test]
 fn a_rolling_replacement_of_every_backend_fails_no_request() {
-    use std::sync::{Arc, Mutex, atomic::{AtomicBool, AtomicU64, Ordering}};
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
     let names = ["old-0", "old-1", "old-2", "new-0", "new-1", "new-2", "client"];
     let cluster = Cluster::new(Topology::Routed, &names).unwrap();
     let mut servers: Vec<Option<PodServer>> =
@@ -214,7 +228,11 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
     let publish = |endpoints: &[(usize, bool, bool)]| {
         let list: Vec<Endpoint> = endpoints
             .iter()
-            .map(|(i, ready, terminating)| Endpoint { ready: *ready, terminating: *terminating, ..Endpoint::ready(pod(*i).0, pod(*i).1) })
+            .map(|(i, ready, terminating)| Endpoint {
+                ready: *ready,
+                terminating: *terminating,
+                ..Endpoint::ready(pod(*i).0, pod(*i).1)
+            })
             .collect();
         write_yaml(&manifests.0, "slice.yaml", &endpoint_slice("default", "sticky", &HTTP_TARGET, &list));
     };
@@ -223,7 +241,9 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
     let wait_for = |agent: &mut Agent, wanted: &[usize]| {
         let wanted: BTreeSet<[u8; 4]> = wanted.iter().map(|i| pod(*i).1.octets()).collect();
         agent
-            .wait_for_maps("backends", |c| c.frontends().any(|(_, b)| b.iter().map(|b| b.addr).collect::<BTreeSet<_>>() == wanted))
+            .wait_for_maps("backends", |c| {
+                c.frontends().any(|(_, b)| b.iter().map(|b| b.addr).collect::<BTreeSet<_>>() == wanted)
+            })
             .unwrap();
     };
     wait_for(&mut agent, &[0, 1, 2]);
@@ -270,7 +290,12 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
     stream.join().unwrap();
     let failures = failures.lock().unwrap();
     let answered = answered.load(Ordering::Relaxed);
-    assert!(failures.is_empty(), "{} of {answered} requests failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {answered} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(answered > 50, "only {answered} requests");
     wait_for(&mut agent, &[3, 4, 5]);
 }
@@ -293,7 +318,9 @@ fn the_algorithm_can_be_switched_per_service_at_run_time() {
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     let uses = |agent: &mut Agent, maglev: bool| {
         agent
-            .wait_for_maps("the algorithm", |c| c.services.iter().any(|(k, v)| k.slot == 0 && v.backend_count == 3 && (v.maglev_table != 0) == maglev))
+            .wait_for_maps("the algorithm", |c| {
+                c.services.iter().any(|(k, v)| k.slot == 0 && v.backend_count == 3 && (v.maglev_table != 0) == maglev)
+            })
             .unwrap()
     };
     uses(&mut agent, true);
@@ -315,7 +342,8 @@ fn session_affinity_expires_after_its_timeout_without_traffic() {
     let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
     let client = &cluster.pod("client").netns;
     let manifests = TempDir::new("lb-affinity-timeout").unwrap();
-    let one_second = json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 1}}});
+    let one_second =
+        json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 1}}});
     write_yaml(&manifests.0, "service.yaml", &sticky_service(one_second));
     write_yaml(&manifests.0, "slice.yaml", &sticky_slice(&pods));
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();

@@ -52,7 +52,8 @@ fn wire() -> Wire {
     netns.ip(&["neigh", "add", "10.200.0.100", "lladdr", CLIENT_MAC, "dev", "ext0", "nud", "permanent"]).unwrap();
     netns.ip(&["route", "add", "10.1.2.0/24", "via", "10.200.0.2"]).unwrap();
     netns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    let ifindex = netns.enter(|| lb_userspace::interfaces::list().unwrap()).into_iter().find(|i| i.name == "ext0").unwrap().index;
+    let ifindex =
+        netns.enter(|| lb_userspace::interfaces::list().unwrap()).into_iter().find(|i| i.name == "ext0").unwrap().index;
     let link = netns.ip(&["-o", "link", "show", "ext0"]).unwrap();
     let mac_text = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).unwrap().to_owned();
     Wire { netns, ifindex, mac: parse_mac(&mac_text) }
@@ -63,7 +64,13 @@ fn parse_mac(text: &str) -> [u8; 6] {
     bytes.try_into().unwrap()
 }
 
-fn frontend(kind: FrontendKind, ip: [u8; 4], port: u16, protocol: Protocol, backends: &[([u8; 4], bool)]) -> ServicePort {
+fn frontend(
+    kind: FrontendKind,
+    ip: [u8; 4],
+    port: u16,
+    protocol: Protocol,
+    backends: &[([u8; 4], bool)],
+) -> ServicePort {
     let backend = |b: &([u8; 4], bool)| addr(b.0, 8080);
     ServicePort {
         name: "test".into(),
@@ -167,7 +174,9 @@ fn source_ranges_admit_clients_inside_and_drop_the_rest() {
     let mut lb = frontend(FrontendKind::LoadBalancer, LB_IP, 80, Protocol::Tcp, &[(LOCAL_POD, true)]);
     lb.source_ranges = vec!["10.200.0.96/30".parse::<Cidr>().unwrap(), "192.0.2.7/32".parse().unwrap()];
     let mut h = Harness::new(&[lb]);
-    for (client, admitted) in [([10, 200, 0, 97], true), ([192, 0, 2, 7], true), (CLIENT, false), ([192, 0, 2, 8], false)] {
+    for (client, admitted) in
+        [([10, 200, 0, 97], true), ([192, 0, 2, 7], true), (CLIENT, false), ([192, 0, 2, 8], false)]
+    {
         let (verdict, _, _) = run(&mut h, &wire, &Spec::tcp(addr(client, 40000), addr(LB_IP, 80), SYN));
         assert_eq!(verdict, if admitted { XDP_PASS } else { XDP_DROP }, "client {client:?}");
     }
@@ -185,7 +194,12 @@ fn policy_local_without_local_endpoints_drops_and_no_endpoints_at_all_refuses() 
     let (verdict, _, _) = run(&mut h, &wire, &Spec::tcp(addr(CLIENT, 40000), addr(NODE, NODE_PORT), SYN));
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(h.counter(counter::DROP_NO_LOCAL_BACKEND), 1);
-    let (verdict, out, _) = h.run_xdp(&wire.netns, wire.ifindex, &packet::build(&Spec::tcp(addr(CLIENT, 40000), addr(NODE, 30081), SYN)), 1);
+    let (verdict, out, _) = h.run_xdp(
+        &wire.netns,
+        wire.ifindex,
+        &packet::build(&Spec::tcp(addr(CLIENT, 40000), addr(NODE, 30081), SYN)),
+        1,
+    );
     assert_eq!(verdict, XDP_TX, "refused with an ICMP error sent back");
     assert_eq!((out[14 + 9], out[14 + 20], out[14 + 21]), (1, 3, 3), "ICMP port unreachable");
     assert_eq!(out[14 + 12..14 + 16], NODE, "from the address the client tried");

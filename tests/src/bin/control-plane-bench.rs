@@ -45,7 +45,10 @@ fn has_backend(maps: &Maps, i: u32, addr: Ipv4Addr) -> bool {
     let key = ServiceKey::new(vip(i).octets(), 80u16.to_be_bytes(), 6, 0);
     let Ok(frontend) = maps.services.get(&key, 0) else { return false };
     (1..=frontend.backend_count).any(|slot| {
-        maps.services.get(&key.with_slot(slot), 0).ok().and_then(|v| maps.backends.get(&v.backend_id, 0).ok())
+        maps.services
+            .get(&key.with_slot(slot), 0)
+            .ok()
+            .and_then(|v| maps.backends.get(&v.backend_id, 0).ok())
             .is_some_and(|b| b.addr == addr.octets())
     })
 }
@@ -106,10 +109,8 @@ fn main() -> anyhow::Result<()> {
     }
     latencies.sort();
     let log = agent.log();
-    let mut sync_ms: Vec<u64> = log
-        .lines()
-        .filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .collect();
+    let mut sync_ms: Vec<u64> =
+        log.lines().filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
     sync_ms.sort();
     println!("services: {services} (4 endpoints each), changes: {changes}");
     println!("cold start to programmed maps: {:.0} ms", cold_start.as_secs_f64() * 1e3);
@@ -121,7 +122,11 @@ fn main() -> anyhow::Result<()> {
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
     );
     if !sync_ms.is_empty() {
-        println!("agent sync (compute and write) of those: p50 {} ms, max {} ms", sync_ms[sync_ms.len() / 2], sync_ms[sync_ms.len() - 1]);
+        println!(
+            "agent sync (compute and write) of those: p50 {} ms, max {} ms",
+            sync_ms[sync_ms.len() / 2],
+            sync_ms[sync_ms.len() - 1]
+        );
     }
     Ok(())
 }

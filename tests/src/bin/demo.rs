@@ -83,7 +83,11 @@ fn demo() -> anyhow::Result<()> {
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0)?;
     agent.wait_for_maps("the web Service", |c| c.frontends().any(|(_, b)| b.len() == 3))?;
     agent.wait_for_attachments(cluster.pods.len())?;
-    println!("   attached to the host side of {} pod veths; pinned at {}", cluster.pods.len(), agent.pin_path.display());
+    println!(
+        "   attached to the host side of {} pod veths; pinned at {}",
+        cluster.pods.len(),
+        agent.pin_path.display()
+    );
     print_cli(&agent, "services")?;
     check_interrupted()?;
 
@@ -135,7 +139,11 @@ fn check_sandbox_matches(docs: &[Value], cluster: &Cluster) -> anyhow::Result<()
     for endpoint in endpoints(&mut docs)?.iter() {
         let (name, addr) = (endpoint["targetRef"]["name"].as_str(), endpoint["addresses"][0].as_str());
         let pod = cluster.pods.iter().find(|p| Some(p.name.as_str()) == name).context("endpoint of no pod")?;
-        ensure!(Some(pod.ip.to_string().as_str()) == addr, "the example's address for {} is not the sandbox's", pod.name);
+        ensure!(
+            Some(pod.ip.to_string().as_str()) == addr,
+            "the example's address for {} is not the sandbox's",
+            pod.name
+        );
     }
     Ok(())
 }
