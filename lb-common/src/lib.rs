@@ -67,6 +67,7 @@ pub const DEFAULT_BACKENDS_MAX_ENTRIES: u32 = 65_536;
 pub const DEFAULT_CONNTRACK_MAX_ENTRIES: u32 = 131_072;
 pub const DEFAULT_AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -265,7 +266,7 @@ pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
 
 /// A flow's 5-tuple as seen in the packet, before any rewrite.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
@@ -407,8 +408,11 @@ pub mod counter {
     pub const DROP_SOURCE_RANGE: u32 = 8;
     /// For a traffic-policy-Local frontend without a local endpoint: dropped.
     pub const DROP_NO_LOCAL_BACKEND: u32 = 9;
+    /// ICMP error (unreachable, fragmentation needed, time exceeded) about a
+    /// translated flow: translated to match the packet its sender saw.
+    pub const ICMP_ERROR_TRANSLATED: u32 = 10;
 
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Names for inspection and metrics, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -422,6 +426,7 @@ pub mod counter {
         "drop_unknown_port",
         "drop_source_range",
         "drop_no_local_backend",
+        "icmp_error_translated",
     ];
 }
 

@@ -1,9 +1,15 @@
-//! Refusing a packet the way kube-proxy's REJECT rule does: an ICMP port
-//! unreachable back to the sender, from the address it tried to reach.
+//! ICMP: refusing a packet the way kube-proxy's REJECT rule does (a port
+//! unreachable back to the sender, from the address it tried to reach), and
+//! translating ICMP errors about translated flows, so that the sender of
+//! the offending packet gets them and recognises its own packet in them
+//! (path-MTU discovery through a NodePort needs this).
+use lb_common::{CtKey, HAIRPIN_ADDR, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
 use crate::{
     maps::ICMP_REPLY,
-    nat::Frame,
+    nat::{Frame, csum_replace},
     parse::{ETH_HLEN, Packet},
+    service::{self, Verdict},
 };
 
 const IPV4_HLEN: usize = 20;
@@ -13,7 +19,16 @@ const QUOTED_LEN: usize = IPV4_HLEN + 8;
 pub const REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTED_LEN;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
-const PROTO_ICMP: u8 = 1;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Offsets in an ICMP error without IP options: the outer IPv4 header, the
+/// ICMP header, the quoted IPv4 header and the quoted ports.
+const OUTER_IP: usize = ETH_HLEN;
+const ICMP: usize = OUTER_IP + IPV4_HLEN;
+const INNER_IP: usize = ICMP + ICMP_HLEN;
+const INNER_PORTS: usize = INNER_IP + IPV4_HLEN;
+const IP_PROTOCOL: usize = 9;
+const IP_ADDRS: usize = 12;
+const IP_CHECK: usize = 10;
 
 /// Internet checksum of `bytes` (an even number, as big-endian 16-bit words).
 #[inline(always)]
@@ -38,7 +53,9 @@ pub fn port_unreachable<F: Frame>(frame: &F, packet: &Packet) -> Result<Option<&
     if packet.l4_offset != ETH_HLEN + IPV4_HLEN {
         return Ok(None);
     }
-    let Some(reply) = ICMP_REPLY.get_ptr_mut(0) else { return Ok(None) };
+    let Some(reply) = ICMP_REPLY.get_ptr_mut(0) else {
+        return Ok(None);
+    };
     // SAFETY: this CPU's slot, used by one program run at a time.
     let reply = unsafe { &mut *reply };
     // Fixed-size loads: the verifier refuses a length that might be zero.
@@ -68,4 +85,164 @@ pub fn port_unreachable<F: Frame>(frame: &F, packet: &Packet) -> Result<Option<&
     let icmp_check = checksum(&reply[icmp..]);
     reply[icmp + 2..icmp + 4].copy_from_slice(&icmp_check);
     Ok(Some(reply))
+}
+
+/// How a translated ICMP error goes on.
+pub enum ErrorRoute {
+    /// To a pod on this node, or from a pod: the stack routes it.
+    Pass,
+    /// To another node or an external client (an SNAT flow): the hook
+    /// routes it, as it does the flow's packets.
+    Forward,
+}
+
+/// Where the conntrack entry at a key sends its packets.
+#[derive(Default)]
+struct Rewritten {
+    src: ([u8; 4], [u8; 2]),
+    dst: ([u8; 4], [u8; 2]),
+    /// An SNAT flow's: the hook routes it on.
+    forward: bool,
+}
+
+/// The (source, destination) that packets at `key` get from its live
+/// conntrack entry, if there is one. (A function of its own: the hooks'
+/// stacks are full.)
+#[inline(never)]
+fn rewrite_of(key: &CtKey, rewritten: &mut Rewritten) -> bool {
+    let (src, dst) = ((key.saddr, key.sport), (key.daddr, key.dport));
+    let Some(verdict) = service::tracked(key) else {
+        return false;
+    };
+    *rewritten = match verdict {
+        Verdict::Dnat { backend, snat, hairpin, .. } => Rewritten {
+            src: match snat {
+                Some(snat) => snat,
+                None if hairpin => (HAIRPIN_ADDR, src.1),
+                None => src,
+            },
+            dst: (backend.addr, backend.port),
+            forward: snat.is_some(),
+        },
+        Verdict::ReverseNat(addr, port) => Rewritten { src: (addr, port), dst, forward: false },
+        Verdict::HairpinReply { service, client } => Rewritten { src: service, dst: (client, dst.1), forward: false },
+        Verdict::SnatReply { service, client } => Rewritten { src: service, dst: client, forward: true },
+        _ => return false,
+    };
+    true
+}
+
+/// Translates an ICMP error (destination unreachable, which includes
+/// fragmentation needed, or time exceeded) that quotes a packet of a
+/// translated flow. The quoted packet is what left this node; the error
+/// is rewritten to quote the packet its sender sent, and is addressed to
+/// that sender. `None` when it is not such an error.
+///
+/// The quoted TCP or UDP checksum is left as it is: the quote may be cut
+/// short before it, and receivers do not check it.
+///
+/// The steps are functions of their own, called one after the other, so
+/// that their buffers never share the hook's stack at the same time.
+#[inline(always)]
+pub fn translate_error<F: Frame>(frame: &F) -> Result<Option<ErrorRoute>, i64> {
+    let mut key = CtKey::default();
+    if !quoted_flow(frame, &mut key)? {
+        return Ok(None);
+    }
+    let mut rewritten = Rewritten::default();
+    if !rewrite_of(&key, &mut rewritten) {
+        return Ok(None);
+    }
+    rewrite_quote(frame, &key, &rewritten)?;
+    readdress(frame, &key, &rewritten)?;
+    Ok(Some(if rewritten.forward { ErrorRoute::Forward } else { ErrorRoute::Pass }))
+}
+
+/// Reads the flow an ICMP error is about into `key`: the reverse of the
+/// quoted packet, which went out translated, so that the conntrack entry
+/// at `key` is the one for packets the other way. False when the packet
+/// is not an ICMP error quoting TCP or UDP.
+#[inline(never)]
+fn quoted_flow<F: Frame>(frame: &F, key: &mut CtKey) -> Result<bool, i64> {
+    if frame.len() < INNER_PORTS + 4 {
+        return Ok(false);
+    }
+    let [outer_version]: [u8; 1] = frame.load(OUTER_IP)?;
+    let [icmp_type]: [u8; 1] = frame.load(ICMP)?;
+    if outer_version != 0x45 || (icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED) {
+        return Ok(false);
+    }
+    let [inner_version]: [u8; 1] = frame.load(INNER_IP)?;
+    let [protocol]: [u8; 1] = frame.load(INNER_IP + IP_PROTOCOL)?;
+    if inner_version != 0x45 || (protocol != PROTO_TCP && protocol != PROTO_UDP) {
+        return Ok(false);
+    }
+    let addrs: [u8; 8] = frame.load(INNER_IP + IP_ADDRS)?;
+    let ports: [u8; 4] = frame.load(INNER_PORTS)?;
+    *key = CtKey {
+        saddr: [addrs[4], addrs[5], addrs[6], addrs[7]],
+        daddr: [addrs[0], addrs[1], addrs[2], addrs[3]],
+        sport: [ports[2], ports[3]],
+        dport: [ports[0], ports[1]],
+        protocol,
+        _pad: [0; 3],
+    };
+    Ok(true)
+}
+
+/// Rewrites the quoted packet to the original: the reverse of where the
+/// entry at `key` sends its packets. The ICMP checksum covers the quoted
+/// addresses, header checksum and ports.
+#[inline(never)]
+fn rewrite_quote<F: Frame>(frame: &F, key: &CtKey, rewritten: &Rewritten) -> Result<(), i64> {
+    let (new_src, new_dst) = (rewritten.dst, rewritten.src);
+    // Header checksum and addresses, then the ports, rewritten in place.
+    let old: [u8; 10] = frame.load(INNER_IP + IP_CHECK)?;
+    let mut new = old;
+    new[2..6].copy_from_slice(&new_src.0);
+    new[6..].copy_from_slice(&new_dst.0);
+    let check = csum_replace([old[0], old[1]], &old, &new);
+    new[..2].copy_from_slice(&check);
+    let old_ports = [key.dport[0], key.dport[1], key.sport[0], key.sport[1]];
+    let new_ports = [new_src.1[0], new_src.1[1], new_dst.1[0], new_dst.1[1]];
+    let icmp_check: [u8; 2] = frame.load(ICMP + 2)?;
+    let icmp_check = csum_replace(csum_replace(icmp_check, &old, &new), &old_ports, &new_ports);
+    frame.store(ICMP + 2, &icmp_check)?;
+    frame.store(INNER_IP + IP_CHECK, &new)?;
+    frame.store(INNER_PORTS, &new_ports)
+}
+
+/// Addresses the error to the quoted packet's original sender; when the
+/// other end sent the error itself, it comes from the address that end had.
+#[inline(never)]
+fn readdress<F: Frame>(frame: &F, key: &CtKey, rewritten: &Rewritten) -> Result<(), i64> {
+    // Header checksum and addresses, rewritten in place.
+    let old: [u8; 10] = frame.load(OUTER_IP + IP_CHECK)?;
+    let mut new = old;
+    // The quoted packet went from key.daddr to key.saddr.
+    if old[2..6] == key.saddr {
+        new[2..6].copy_from_slice(&rewritten.src.0);
+    }
+    if old[6..] == key.daddr {
+        new[6..].copy_from_slice(&rewritten.dst.0);
+    }
+    let check = csum_replace([old[0], old[1]], &old, &new);
+    new[..2].copy_from_slice(&check);
+    frame.store(OUTER_IP + IP_CHECK, &new)
+}
+
+/// The outer header of an ICMP error without options, as `Packet` offsets,
+/// for routing it (addresses and ports are not filled in).
+pub fn error_header() -> Packet {
+    Packet {
+        l3_offset: OUTER_IP,
+        l4_offset: ICMP,
+        protocol: PROTO_ICMP,
+        saddr: [0; 4],
+        daddr: [0; 4],
+        sport: [0; 2],
+        dport: [0; 2],
+        tcp_syn: false,
+        tcp_closing: false,
+    }
 }

@@ -24,6 +24,8 @@ pub enum End {
 
 /// A packet a hook may read and rewrite in place.
 pub trait Frame {
+    /// The length of the whole packet.
+    fn len(&self) -> usize;
     fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], i64>;
     fn store<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64>;
     /// Rewrites the source or destination address and port of `packet`.
@@ -38,6 +40,11 @@ fn fields(packet: &Packet, end: End) -> ([u8; 4], [u8; 2], usize, usize) {
 }
 
 impl Frame for TcContext {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+
     #[inline(always)]
     fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], i64> {
         TcContext::load(self, offset)
@@ -85,6 +92,11 @@ pub fn csum_replace<const N: usize>(check: [u8; 2], old: &[u8; N], new: &[u8; N]
 }
 
 impl Frame for XdpContext {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
     #[inline(always)]
     fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], i64> {
         let mut bytes = [0u8; N];

@@ -1,7 +1,7 @@
 //! Header parsing by direct packet access, shared by every hook.
 use core::mem::size_of;
 
-use lb_common::{PROTO_TCP, PROTO_UDP};
+use lb_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
@@ -89,6 +89,8 @@ pub enum Unparsed {
     NotTranslatable,
     /// The headers run past the readable data.
     Short,
+    /// ICMP: maybe an error about a translated flow (see `icmp::translate_error`).
+    Icmp,
 }
 
 #[inline(always)]
@@ -119,6 +121,9 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Unparsed> {
     // A non-zero fragment offset means no L4 header in this packet.
     if (frag_off[0] & 0x1f) != 0 || frag_off[1] != 0 {
         return Err(Unparsed::NotTranslatable);
+    }
+    if protocol == PROTO_ICMP {
+        return Err(Unparsed::Icmp);
     }
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return Err(Unparsed::NotTranslatable);

@@ -96,6 +96,38 @@ fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
     }
 }
 
+/// What conntrack entry `value` (at `key`) does to the packets of its flow.
+#[inline(always)]
+fn tracked_verdict(key: &CtKey, value: &CtValue) -> Verdict {
+    let nat = Backend::new(value.nat_addr, value.nat_port);
+    match value.direction {
+        CT_DIRECTION_REVERSE_SNAT => Verdict::ReverseNat(value.nat_addr, value.nat_port),
+        CT_DIRECTION_HAIRPIN_REPLY => {
+            Verdict::HairpinReply { service: (value.nat_addr, value.nat_port), client: key.saddr }
+        }
+        CT_DIRECTION_SNAT_REPLY => {
+            Verdict::SnatReply { service: (value.nat_addr, value.nat_port), client: (value.snat_addr, value.snat_port) }
+        }
+        CT_DIRECTION_DNAT => Verdict::Dnat { backend: nat, new: false, hairpin: false, snat: None },
+        CT_DIRECTION_HAIRPIN => Verdict::Dnat { backend: nat, new: false, hairpin: true, snat: None },
+        CT_DIRECTION_SNAT => {
+            Verdict::Dnat { backend: nat, new: false, hairpin: false, snat: Some((value.snat_addr, value.snat_port)) }
+        }
+        _ => Verdict::Pass,
+    }
+}
+
+/// The verdict of the live conntrack entry at `key`, if any, without
+/// refreshing it: for ICMP errors about a flow, which are not its traffic.
+#[inline(always)]
+pub fn tracked(key: &CtKey) -> Option<Verdict> {
+    // SAFETY: plain data; a torn read gives a mix of valid entries at worst.
+    let value = unsafe { CONNTRACK.get(key) }?;
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    (now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(key.protocol)).then(|| tracked_verdict(key, value))
+}
+
 /// Decides what to do with `packet`, creating conntrack entries for new flows.
 #[inline(always)]
 pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
@@ -110,30 +142,11 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
         let value = unsafe { *ct };
         // An entry idle past its state's timeout is gone.
         let live = now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(packet.protocol);
-        let nat = Backend::new(value.nat_addr, value.nat_port);
         // A SYN starts a new connection: pick a backend afresh, so a reused
         // source port never follows a stale entry to a backend that has
         // since left the service.
         let reusable = live && !(value.is_forward() && packet.tcp_syn);
-        let verdict = match value.direction {
-            CT_DIRECTION_REVERSE_SNAT => Verdict::ReverseNat(value.nat_addr, value.nat_port),
-            CT_DIRECTION_HAIRPIN_REPLY => {
-                Verdict::HairpinReply { service: (value.nat_addr, value.nat_port), client: key.saddr }
-            }
-            CT_DIRECTION_SNAT_REPLY => Verdict::SnatReply {
-                service: (value.nat_addr, value.nat_port),
-                client: (value.snat_addr, value.snat_port),
-            },
-            CT_DIRECTION_DNAT => Verdict::Dnat { backend: nat, new: false, hairpin: false, snat: None },
-            CT_DIRECTION_HAIRPIN => Verdict::Dnat { backend: nat, new: false, hairpin: true, snat: None },
-            CT_DIRECTION_SNAT => Verdict::Dnat {
-                backend: nat,
-                new: false,
-                hairpin: false,
-                snat: Some((value.snat_addr, value.snat_port)),
-            },
-            _ => Verdict::Pass,
-        };
+        let verdict = tracked_verdict(&key, &value);
         if reusable && !matches!(verdict, Verdict::Pass) {
             track(&key, ct, packet, now);
             return verdict;

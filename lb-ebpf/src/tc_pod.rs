@@ -47,8 +47,10 @@ fn parse_skb(ctx: &TcContext) -> Result<Packet, Unparsed> {
 
 /// Returns the counter to bump and the tc action.
 fn try_tc_from_pod(ctx: &TcContext) -> Result<(u32, i32), i64> {
-    let Ok(packet) = parse_skb(ctx) else {
-        return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32));
+    let packet = match parse_skb(ctx) {
+        Ok(packet) => packet,
+        Err(Unparsed::Icmp) => return icmp_error(ctx),
+        Err(_) => return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32)),
     };
     let (index, action) = translate(ctx, &packet, service::classify(&packet, Origin::Pod))?;
     let action = match action {
@@ -58,6 +60,16 @@ fn try_tc_from_pod(ctx: &TcContext) -> Result<(u32, i32), i64> {
         Action::Reject => reject(ctx, &packet)?,
     };
     Ok((index, action))
+}
+
+/// Translates a pod's ICMP error about a translated flow (a backend's port
+/// unreachable, say); the stack routes it on.
+/// (A function of its own: it needs stack the main path does not.)
+#[inline(never)]
+fn icmp_error(ctx: &TcContext) -> Result<(u32, i32), i64> {
+    let translated = icmp::translate_error(ctx)?.is_some();
+    let index = if translated { counter::ICMP_ERROR_TRANSLATED } else { counter::PASS_UNPARSED };
+    Ok((index, TC_ACT_OK as i32))
 }
 
 /// Turns the packet into an ICMP port unreachable and sends it back out

@@ -8,7 +8,8 @@
 //! (XDP_TX, or a redirect to another interface) after a FIB lookup; the
 //! reply comes back here and is translated and sent to the client the same
 //! way. When the FIB cannot say where to (no neighbour entry yet), the
-//! translated frame is passed to the stack, which routes it.
+//! translated frame is passed to the stack, which routes it. ICMP errors
+//! about translated flows are translated the same way.
 use aya_ebpf::{
     EbpfContext,
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -19,10 +20,10 @@ use aya_ebpf::{
 use lb_common::counter;
 
 use crate::{
-    icmp,
+    icmp::{self, ErrorRoute},
     maps::count,
     nat::{Frame, csum_replace},
-    parse::{self, Packet},
+    parse::{self, Packet, Unparsed},
     service::{self, Origin},
     snat::{fib_lookup, fib_params},
     translate::{Action, translate},
@@ -45,10 +46,22 @@ pub fn xdp_from_wire(ctx: XdpContext) -> u32 {
 
 /// Returns the counter to bump and the XDP action.
 fn try_xdp_from_wire(ctx: &XdpContext) -> Result<(u32, u32), i64> {
-    let Ok(packet) = parse::parse(ctx.data(), ctx.data_end()) else {
-        return Ok((counter::PASS_UNPARSED, XDP_PASS));
-    };
     let ifindex = ctx.ingress_ifindex() as u32;
+    let packet = match parse::parse(ctx.data(), ctx.data_end()) {
+        Ok(packet) => packet,
+        // Routed from here, not from `icmp_error`: the stack of three
+        // nested calls would be too deep.
+        Err(Unparsed::Icmp) => {
+            return Ok(match icmp_error(ctx)? {
+                None => (counter::PASS_UNPARSED, XDP_PASS),
+                Some(ErrorRoute::Pass) => (counter::ICMP_ERROR_TRANSLATED, XDP_PASS),
+                Some(ErrorRoute::Forward) => {
+                    (counter::ICMP_ERROR_TRANSLATED, forward(ctx, &icmp::error_header(), ifindex)?)
+                }
+            });
+        }
+        Err(_) => return Ok((counter::PASS_UNPARSED, XDP_PASS)),
+    };
     let verdict = service::classify(&packet, Origin::Wire { ctx: ctx.as_ptr(), ifindex });
     let (index, action) = translate(ctx, &packet, verdict)?;
     let action = match action {
@@ -58,6 +71,12 @@ fn try_xdp_from_wire(ctx: &XdpContext) -> Result<(u32, u32), i64> {
         Action::Reject => reject(ctx, &packet)?,
     };
     Ok((index, action))
+}
+
+/// Translates an ICMP error about a translated flow.
+#[inline(never)]
+fn icmp_error(ctx: &XdpContext) -> Result<Option<ErrorRoute>, i64> {
+    icmp::translate_error(ctx)
 }
 
 /// Sends a translated frame on by the FIB: new MACs, TTL down by one, out

@@ -256,7 +256,7 @@ impl MultiNode {
             nodes.push(node);
         }
         let switch = Baseline::load()?;
-        let mut topology = Self { tag, lan, switch: switch, nodes, client, pods: Vec::new() };
+        let mut topology = Self { tag, lan, switch, nodes, client, pods: Vec::new() };
         for (n, node) in topology.nodes.iter().enumerate() {
             let ip = Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], n as u8 + 1);
             topology.plug(node, n, ip)?;

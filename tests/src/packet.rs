@@ -130,3 +130,56 @@ pub fn read(frame: &[u8]) -> Seen {
         payload,
     }
 }
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+
+/// An ICMP error from `from` to `to` quoting `quoted` (a frame as `build`
+/// makes it): its IP header and, as Linux does, the rest of it.
+pub fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, code: u8, mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ICMP_DEST_UNREACH, code, 0, 0, 0, 0];
+    icmp.extend(mtu.to_be_bytes());
+    icmp.extend(&quoted[14..]);
+    let c = fold(sum_words(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0xc0];
+    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend([0, 2, 0, 0, 64, 1, 0, 0]);
+    ip.extend(from.octets());
+    ip.extend(to.octets());
+    let c = fold(sum_words(&ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    frame.extend(ip);
+    frame.extend(icmp);
+    frame
+}
+
+/// An ICMP error as read back: its addresses, the quoted packet's, and
+/// whether the checksums that cover them hold.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SeenIcmpError {
+    pub from: Ipv4Addr,
+    pub to: Ipv4Addr,
+    pub quoted_src: SocketAddrV4,
+    pub quoted_dst: SocketAddrV4,
+    /// The outer IP, ICMP and quoted IP header checksums.
+    pub checksums_ok: bool,
+}
+
+pub fn read_icmp_error(frame: &[u8]) -> SeenIcmpError {
+    let ip = &frame[14..];
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let icmp = &ip[20..total];
+    let quoted = &icmp[8..];
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let port = |o: usize| u16::from_be_bytes([quoted[20 + o], quoted[21 + o]]);
+    SeenIcmpError {
+        from: addr(&ip[12..]),
+        to: addr(&ip[16..]),
+        quoted_src: SocketAddrV4::new(addr(&quoted[12..]), port(0)),
+        quoted_dst: SocketAddrV4::new(addr(&quoted[16..]), port(2)),
+        checksums_ok: [&ip[..20], icmp, &quoted[..20]].iter().all(|b| fold(sum_words(b)) == 0),
+    }
+}

@@ -8,7 +8,7 @@ use lb_common::{
 };
 use lb_tests::{
     harness::{Harness, ct_key, monotonic_ns},
-    packet::{self, ACK, SYN, Seen, Spec},
+    packet::{self, ACK, SYN, Seen, SeenIcmpError, Spec},
 };
 use lb_userspace::{
     datapath::MapSizes,
@@ -204,6 +204,29 @@ fn a_service_without_ready_backends_answers_icmp_port_unreachable() {
         assert_eq!(&icmp[8..], &request[14..14 + 28], "quotes the request's IP header and first 8 bytes");
     }
     assert_eq!(h.counter(counter::REJECT_NO_BACKEND), 2);
+}
+
+/// A backend with nothing listening on the UDP port answers port
+/// unreachable about the request it got; the client must see it come from
+/// the service, quoting the packet it sent, or its socket ignores it.
+#[test]
+fn a_backend_port_unreachable_reaches_the_client_as_from_the_service() {
+    let backend = [10, 244, 1, 10];
+    let mut h = Harness::new(&[service(53, Protocol::Udp, &[backend])]);
+    let client = addr(CLIENT, 50000);
+    let (_, delivered) = h.run(&packet::build(&Spec::udp(client, addr(VIP, 53))));
+    let error =
+        packet::icmp_error(Ipv4Addr::from(backend), Ipv4Addr::from(CLIENT), packet::ICMP_PORT_UNREACH, 0, &delivered);
+    let (verdict, out) = h.run(&error);
+    let expected = SeenIcmpError {
+        from: Ipv4Addr::from(VIP),
+        to: Ipv4Addr::from(CLIENT),
+        quoted_src: client,
+        quoted_dst: addr(VIP, 53),
+        checksums_ok: true,
+    };
+    assert_eq!((verdict, packet::read_icmp_error(&out)), (TC_ACT_OK, expected));
+    assert_eq!(h.counter(counter::ICMP_ERROR_TRANSLATED), 1);
 }
 
 #[test]

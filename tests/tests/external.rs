@@ -90,7 +90,7 @@ impl Setup {
         }
     }
 
-    fn from_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+    fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         self.topology.client.enter(f)
     }
 }
@@ -105,7 +105,7 @@ fn node_port_reaches_backends_on_both_nodes_from_outside() {
     setup.wait_for_backends(NODE_PORT, [2, 2]);
     for n in 1..=2 {
         let answers: Vec<(String, String)> =
-            setup.from_client(|| (0..24).map(|_| tcp_whoami(node_port(n)).unwrap()).collect());
+            setup.in_client(|| (0..24).map(|_| tcp_whoami(node_port(n)).unwrap()).collect());
         let reached: BTreeSet<&str> = answers.iter().map(|(pod, _)| pod.as_str()).collect();
         assert_eq!(reached, BTreeSet::from(["pod-1", "pod-2"]), "via node-{n}");
         for (pod, peer) in &answers {
@@ -116,7 +116,7 @@ fn node_port_reaches_backends_on_both_nodes_from_outside() {
         }
     }
     let udp = SocketAddrV4::new(MultiNode::node_ip(1), UDP_NODE_PORT);
-    let reached: BTreeSet<String> = setup.from_client(|| (0..16).map(|_| udp_ask(udp).unwrap()).collect());
+    let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| udp_ask(udp).unwrap()).collect());
     assert_eq!(reached, BTreeSet::from(["pod-1".to_owned(), "pod-2".to_owned()]), "UDP NodePort");
 }
 
@@ -127,10 +127,10 @@ fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced() {
     let mut setup = Setup::new(web(spec(&["10.200.0.96/29"]), status.clone()), &[]);
     let lb = SocketAddrV4::new(LB_IP, 80);
     setup.wait_for_backends(80, [2, 2]);
-    let reached: BTreeSet<String> = setup.from_client(|| (0..16).map(|_| tcp_ask(lb).unwrap()).collect());
+    let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(lb).unwrap()).collect());
     assert_eq!(reached.len(), 2, "the load-balancer IP reaches both backends: {reached:?}");
     let external = SocketAddrV4::new(EXTERNAL_IP, 80);
-    let reached: BTreeSet<String> = setup.from_client(|| (0..16).map(|_| tcp_ask(external).unwrap()).collect());
+    let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(external).unwrap()).collect());
     assert_eq!(reached.len(), 2, "the allowed ExternalIP reaches both backends: {reached:?}");
     assert!(
         setup.agents[0].log().contains("spec.externalIPs[1]: 10.252.0.10 is outside --external-ip-cidrs"),
@@ -142,9 +142,9 @@ fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced() {
     setup.agents[0]
         .wait_for_maps("the new range", |c| c.source_ranges.iter().any(|(_, r)| r.client == [192, 0, 2, 0]))
         .unwrap();
-    let refused = setup.from_client(|| tcp_ask(lb));
+    let refused = setup.in_client(|| tcp_ask(lb));
     assert!(refused.is_err(), "a client outside the ranges got {refused:?}");
-    assert!(setup.from_client(|| tcp_ask(node_port(1))).is_ok(), "source ranges apply to the load-balancer IP only");
+    assert!(setup.in_client(|| tcp_ask(node_port(1))).is_ok(), "source ranges apply to the load-balancer IP only");
 }
 
 #[test]
@@ -156,27 +156,27 @@ fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoint
     let health = |n: usize| SocketAddrV4::new(MultiNode::node_ip(n), HEALTH_PORT);
 
     let answers: Vec<(String, String)> =
-        setup.from_client(|| (0..6).map(|_| tcp_whoami(node_port(2)).unwrap()).collect());
+        setup.in_client(|| (0..6).map(|_| tcp_whoami(node_port(2)).unwrap()).collect());
     assert!(answers.iter().all(|(pod, peer)| pod == "pod-2" && *peer == EXTERNAL_CLIENT_IP.to_string()), "{answers:?}");
-    let forwarded = setup.from_client(|| tcp_ask(node_port(1)));
+    let forwarded = setup.in_client(|| tcp_ask(node_port(1)));
     assert!(forwarded.is_err(), "node-1 has no local endpoint and must not forward: {forwarded:?}");
 
-    let (status, body) = setup.from_client(|| http_get(health(2), "/healthz")).unwrap();
+    let (status, body) = setup.in_client(|| http_get(health(2), "/healthz")).unwrap();
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!((status, body["localEndpoints"].as_u64()), (200, Some(1)));
     assert_eq!(body["service"], json!({"namespace": "demo", "name": "web"}));
-    let (status, body) = setup.from_client(|| http_get(health(1), "/")).unwrap();
+    let (status, body) = setup.in_client(|| http_get(health(1), "/")).unwrap();
     assert_eq!(status, 503, "no local endpoints: {body}");
 
     // An endpoint comes up on node-1, and node-1's answer changes.
     setup.write_endpoints(&["pod-1", "pod-2"]);
     setup.wait_for_backends(NODE_PORT, [1, 1]);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while setup.from_client(|| http_get(health(1), "/")).map(|r| r.0).unwrap_or(0) != 200 {
+    while setup.in_client(|| http_get(health(1), "/")).map(|r| r.0).unwrap_or(0) != 200 {
         assert!(std::time::Instant::now() < deadline, "node-1's health check never turned 200");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(setup.from_client(|| tcp_whoami(node_port(1))).unwrap().1, EXTERNAL_CLIENT_IP.to_string());
+    assert_eq!(setup.in_client(|| tcp_whoami(node_port(1))).unwrap().1, EXTERNAL_CLIENT_IP.to_string());
 }
 
 #[test]
@@ -200,4 +200,44 @@ fn node_ports_are_not_served_on_loopback() {
     let services = setup.agents[0].cli("services", &["-o", "json"]).unwrap();
     assert!(!services.contains("127.0.0.1"), "a loopback frontend: {services}");
     assert!(services.contains("\"10.200.0.1\""), "the node address is served: {services}");
+}
+
+/// A backend with nothing on the port answers ICMP port unreachable; the
+/// client must get it as if from the node it used, quoting its own packet,
+/// whether the backend is on that node or behind the other (SNAT).
+#[test]
+fn a_backend_port_unreachable_reaches_the_external_client() {
+    let mut setup = Setup::new(web(json!({"type": "NodePort"}), json!({})), &[]);
+    let closed_port: u16 = 30054;
+    let mut closed =
+        service("demo", "closed", Ipv4Addr::new(10, 96, 0, 11), &[("dns", 54, "UDP")], json!({"type": "NodePort"}));
+    closed["spec"]["ports"][0]["nodePort"] = json!(closed_port);
+    write_yaml(&setup.manifests.0, "closed.yaml", &closed);
+    // Only on node-2, and nothing listens on port 9 there.
+    let pod = setup.topology.pod("pod-2");
+    let endpoint = Endpoint::ready(&pod.name, pod.ip).on("node-2");
+    write_yaml(
+        &setup.manifests.0,
+        "closed-slice.yaml",
+        &endpoint_slice("demo", "closed", &[("dns", 9, "UDP")], &[endpoint]),
+    );
+    for agent in &mut setup.agents {
+        agent
+            .wait_for_maps("the closed service", |c| {
+                c.frontends().any(|(k, b)| k.port == closed_port.to_be_bytes() && b.len() == 1)
+            })
+            .unwrap();
+    }
+    for n in [1, 2] {
+        let target = SocketAddrV4::new(MultiNode::node_ip(n), closed_port);
+        let outcome = setup.in_client(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.connect(target)?;
+            socket.send(b"ping")?;
+            socket.recv(&mut [0u8; 64])
+        });
+        let error = outcome.expect_err("nothing listens");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "via node-{n}: {error}");
+    }
 }

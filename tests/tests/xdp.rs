@@ -8,7 +8,7 @@ use lb_common::{CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, counter};
 use lb_tests::{
     harness::{Harness, ct_key},
     netns::{Netns, unique_tag},
-    packet::{self, ACK, SYN, Seen, Spec, TCP},
+    packet::{self, ACK, SYN, Seen, SeenIcmpError, Spec, TCP},
 };
 use lb_userspace::{
     cidr::Cidr,
@@ -237,6 +237,86 @@ fn replies_of_cluster_ip_flows_from_remote_backends_are_translated_on_arrival() 
     assert_eq!(verdict, XDP_PASS);
     assert_eq!((seen.src, seen.dst), (addr(vip, 80), pod));
     assert_checksums(&seen);
+}
+
+/// A router between this node and the client cannot pass the reply on
+/// without fragmenting it: its "fragmentation needed" quotes the reply as
+/// it left this node, and must reach the backend that sent it, quoting the
+/// packet as the backend sent it, for path-MTU discovery to work.
+#[test]
+fn fragmentation_needed_for_a_node_port_reply_reaches_the_backend_translated() {
+    let wire = wire();
+    let router = Ipv4Addr::new(10, 200, 0, 254);
+    let client = addr(CLIENT, 40000);
+    for (backend, local) in [(LOCAL_POD, true), (REMOTE_POD, false)] {
+        let mut h = Harness::new(&[node_port(&[(backend, local)])]);
+        let (_, _, request) = run(&mut h, &wire, &Spec::tcp(client, addr(NODE, NODE_PORT), SYN));
+        // The reply as the client would get it, quoted by the router.
+        let reply = packet::build(&Spec::tcp(addr(NODE, NODE_PORT), client, ACK));
+        let error = packet::icmp_error(router, Ipv4Addr::from(NODE), packet::ICMP_FRAG_NEEDED, 1400, &reply);
+        let (verdict, out, _) = h.run_xdp(&wire.netns, wire.ifindex, &error, 1);
+        let seen = packet::read_icmp_error(&out);
+        // The backend sent its reply to the client, or (SNAT) to this node.
+        let expected = SeenIcmpError {
+            from: router,
+            to: Ipv4Addr::from(backend),
+            quoted_src: addr(backend, 8080),
+            quoted_dst: request.src,
+            checksums_ok: true,
+        };
+        assert_eq!(seen, expected, "local backend: {local}");
+        assert_eq!(verdict, if local { XDP_PASS } else { XDP_TX }, "local backend: {local}");
+        assert_eq!(h.counter(counter::ICMP_ERROR_TRANSLATED), 1);
+    }
+}
+
+/// An ICMP error about the request (the backend's node, or a router on
+/// the way, cannot take it) goes back to the client quoting its own packet.
+#[test]
+fn an_error_about_a_forwarded_request_goes_back_to_the_client_translated() {
+    let wire = wire();
+    let mut h = Harness::new(&[node_port(&[(REMOTE_POD, false)])]);
+    let client = addr(CLIENT, 40000);
+    let (_, forwarded, _) = run(&mut h, &wire, &Spec::tcp(client, addr(NODE, NODE_PORT), SYN));
+    let error = packet::icmp_error(
+        Ipv4Addr::new(10, 200, 0, 2),
+        Ipv4Addr::from(NODE),
+        packet::ICMP_FRAG_NEEDED,
+        1400,
+        &forwarded,
+    );
+    let (verdict, out, _) = h.run_xdp(&wire.netns, wire.ifindex, &error, 1);
+    let expected = SeenIcmpError {
+        from: Ipv4Addr::new(10, 200, 0, 2),
+        to: Ipv4Addr::from(CLIENT),
+        quoted_src: client,
+        quoted_dst: addr(NODE, NODE_PORT),
+        checksums_ok: true,
+    };
+    assert_eq!((verdict, packet::read_icmp_error(&out)), (XDP_TX, expected));
+    assert_eq!(out[..6], parse_mac(CLIENT_MAC));
+}
+
+#[test]
+fn icmp_errors_about_other_flows_and_other_icmp_pass_untouched() {
+    let wire = wire();
+    let mut h = Harness::new(&[node_port(&[(REMOTE_POD, false)])]);
+    let unrelated = packet::build(&Spec::tcp(addr(NODE, 22), addr(CLIENT, 40000), ACK));
+    let error = packet::icmp_error(
+        Ipv4Addr::new(10, 200, 0, 254),
+        Ipv4Addr::from(NODE),
+        packet::ICMP_FRAG_NEEDED,
+        1400,
+        &unrelated,
+    );
+    let mut echo = error.clone();
+    echo[14 + 20] = 8; // an echo request; its checksum does not matter here
+    let short_echo = echo[..14 + 20 + 16].to_vec();
+    for frame in [error, echo, short_echo] {
+        let (verdict, out, _) = h.run_xdp(&wire.netns, wire.ifindex, &frame, 1);
+        assert_eq!((verdict, &out), (XDP_PASS, &frame));
+    }
+    assert_eq!(h.counter(counter::ICMP_ERROR_TRANSLATED), 0);
 }
 
 /// Not a check: the ns per packet the issue asks to note, printed. A
