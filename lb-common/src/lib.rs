@@ -80,16 +80,29 @@ pub struct ServiceKey {
     /// 0 for the frontend's own entry, 1..=backend_count for its backends.
     pub slot: u16,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    /// `SCOPE_*`: which clients this view of the frontend is for.
+    pub scope: u8,
+    pub _pad: [u8; 2],
 }
+
+/// `ServiceKey::scope`: the frontend as every client sees it, unless the
+/// frontend has two scopes.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// `ServiceKey::scope`: the frontend as clients inside the cluster (pods,
+/// the node itself) see it, when its `FRONTEND_TWO_SCOPES` flag says so.
+pub const SCOPE_INTERNAL: u8 = 1;
 
 impl ServiceKey {
     pub const fn new(vip: [u8; 4], port: [u8; 2], protocol: u8, slot: u16) -> Self {
-        Self { vip, port, slot, protocol, _pad: [0; 3] }
+        Self { vip, port, slot, protocol, scope: SCOPE_EXTERNAL, _pad: [0; 2] }
     }
 
     pub const fn with_slot(&self, slot: u16) -> Self {
-        Self::new(self.vip, self.port, self.protocol, slot)
+        Self { slot, ..*self }
+    }
+
+    pub const fn with_scope(&self, scope: u8) -> Self {
+        Self { scope, ..*self }
     }
 }
 
@@ -103,6 +116,12 @@ pub const FRONTEND_SOURCE_RANGES: u8 = 2;
 /// traffic policy of Local on a node without local endpoints: the client
 /// (or its load balancer) must time out and try a node that has some.
 pub const FRONTEND_DROP_WHEN_EMPTY: u8 = 4;
+/// `ServiceValue::flags`: clients inside the cluster get the backends of
+/// the `SCOPE_INTERNAL` view of this frontend. An external traffic policy
+/// of Local keeps external clients on this node's endpoints, while pods
+/// and the node reaching the same address get the whole Service, as
+/// kube-proxy short-circuits them.
+pub const FRONTEND_TWO_SCOPES: u8 = 8;
 
 /// Slot 0: `backend_count`, `flags`, `affinity_timeout_s` and
 /// `maglev_table` are set, `backend_id` is 0. Slot n > 0: `backend_id` is

@@ -11,7 +11,7 @@ use lb_common::{ServiceKey, SockRevNatKey, SockRevNatValue};
 
 use crate::{
     maps::{SERVICE_ADDRS, SERVICES, SOCK_REVNAT},
-    service::random_backend,
+    service::{random_backend, scoped},
 };
 
 /// The syscall goes on (with whatever address we left in the context).
@@ -65,6 +65,8 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
         return ALLOW;
     };
+    // Host clients are inside the cluster.
+    let (frontend, service) = scoped(frontend, service, true);
     let count = service.backend_count;
     if count == 0 {
         return REFUSE;

@@ -7,7 +7,8 @@ use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN,
     CT_DIRECTION_HAIRPIN_REPLY, CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_EXTERNAL,
-    FRONTEND_SOURCE_RANGES, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, ct_timeout, flow_hash,
+    FRONTEND_SOURCE_RANGES, FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
+    SourceRangeKey, ct_timeout, flow_hash,
 };
 
 use crate::{
@@ -165,11 +166,12 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
         return if addr_flags & ADDR_DROP_UNKNOWN_PORTS != 0 { Verdict::UnknownPort } else { Verdict::Pass };
     };
-    let (count, flags, affinity_timeout_s, maglev_table) =
-        (service.backend_count, service.flags, service.affinity_timeout_s, service.maglev_table);
-    if flags & FRONTEND_SOURCE_RANGES != 0 && !source_allowed(packet) {
+    if service.flags & FRONTEND_SOURCE_RANGES != 0 && !source_allowed(packet) {
         return Verdict::SourceRangeDenied;
     }
+    let (frontend, service) = scoped(frontend, service, matches!(origin, Origin::Pod));
+    let (count, flags, affinity_timeout_s, maglev_table) =
+        (service.backend_count, service.flags, service.affinity_timeout_s, service.maglev_table);
     if count == 0 {
         return if flags & FRONTEND_DROP_WHEN_EMPTY != 0 { Verdict::NoLocalBackend } else { Verdict::NoBackend };
     }
@@ -241,6 +243,20 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
     let _ = CONNTRACK.insert(&reply_key, &reply, 0);
     let _ = CONNTRACK.insert(&key, &forward, 0);
     Verdict::Dnat { backend, new: true, hairpin, snat }
+}
+
+/// The view of `frontend` (with value `service`) that a client gets: for a
+/// client inside the cluster, the internal one when the frontend has two.
+#[inline(always)]
+pub fn scoped(frontend: ServiceKey, service: &ServiceValue, internal_client: bool) -> (ServiceKey, &ServiceValue) {
+    if internal_client && service.flags & FRONTEND_TWO_SCOPES != 0 {
+        let internal = frontend.with_scope(SCOPE_INTERNAL);
+        // SAFETY: plain data, as in `classify`.
+        if let Some(value) = unsafe { SERVICES.get(&internal) } {
+            return (internal, value);
+        }
+    }
+    (frontend, service)
 }
 
 /// Whether the client of `packet` is inside one of its frontend's

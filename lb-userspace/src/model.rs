@@ -138,6 +138,12 @@ pub struct ServicePort {
     /// Without backends, drop rather than refuse: a traffic policy of Local
     /// on a node without local endpoints, while other nodes have some.
     pub drop_when_empty: bool,
+    /// For an external frontend with externalTrafficPolicy Local: the
+    /// backends that clients inside the cluster (pods, the node) get, as
+    /// through the cluster IP. kube-proxy short-circuits them so, since
+    /// they need no source address kept and should not depend on a local
+    /// endpoint.
+    pub internal_backends: Option<BTreeSet<SocketAddrV4>>,
 }
 
 /// How a frontend picks a backend for a new flow.
@@ -380,6 +386,8 @@ pub fn desired_state<'a>(
                 let (backends, local_backends) = backends_of(slice_ports, port, local_only);
                 let drop_when_empty =
                     local_only && backends.is_empty() && !backends_of(slice_ports, port, false).0.is_empty();
+                let internal_backends =
+                    (kind.is_external() && external_local).then(|| backends_of(slice_ports, port, internal_local).0);
                 let frontend = Frontend { addr, port: number, protocol: port.protocol };
                 if let Some(owner) = by_frontend.get(&frontend) {
                     let field = match kind {
@@ -405,6 +413,7 @@ pub fn desired_state<'a>(
                         algorithm,
                         source_ranges,
                         drop_when_empty,
+                        internal_backends,
                     },
                 );
             };
@@ -1009,6 +1018,12 @@ endpoints:
         }
         let cluster = state.services.iter().find(|s| s.kind == FrontendKind::ClusterIp).unwrap();
         assert_eq!(cluster.local_backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(), ["10.1.1.1:8080"]);
+        // Clients inside the cluster reaching the external addresses get
+        // the whole Service, as through the cluster IP.
+        for service in &state.services {
+            let expected = service.kind.is_external().then(|| cluster.backends.clone());
+            assert_eq!(service.internal_backends, expected, "{}", service.frontend);
+        }
         assert_eq!(
             state.health_checks.get(&32000),
             Some(&HealthCheck { namespace: "shop".into(), name: "web".into(), local_endpoints: 1 })

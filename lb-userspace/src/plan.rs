@@ -14,8 +14,8 @@ use std::{
 
 use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, BACKEND_LOCAL, Backend, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, SOURCE_RANGE_FRONTEND_BITS, ServiceAddr, ServiceKey, ServiceValue,
-    SourceRangeKey,
+    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS,
+    ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use crate::{
@@ -147,27 +147,18 @@ fn frontend_flags(service: &ServicePort) -> u8 {
 /// fall back to random selection.
 pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: MaglevConfig) -> MapContents {
     let tables_in_use: BTreeSet<u32> = current.services.values().map(|v| v.maglev_table).filter(|t| *t != 0).collect();
-    let mut free_tables = (1..=maglev.tables).filter(|t| !tables_in_use.contains(t));
-    let mut ids: BTreeMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
-    let mut next_id = 1u32;
-    let mut target = MapContents::default();
+    let mut placer = Placer {
+        current,
+        free_tables: (1..=maglev.tables).filter(|t| !tables_in_use.contains(t)).collect::<Vec<_>>().into_iter(),
+        ids: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
+        next_id: 1,
+        target: MapContents::default(),
+    };
 
     for service in desired {
         let frontend = frontend_key(service);
-        let wanted: BTreeSet<Backend> =
-            service.backends.iter().map(|b| backend_value(b, service.local_backends.contains(b))).collect();
-        let mut wanted_ids = BTreeSet::new();
-        for backend in &wanted {
-            let id = *ids.entry(*backend).or_insert_with(|| {
-                while current.backends.contains_key(&next_id) || target.backends.contains_key(&next_id) {
-                    next_id += 1;
-                }
-                next_id
-            });
-            target.backends.insert(id, *backend);
-            wanted_ids.insert(id);
-        }
-        let addr = target
+        let addr = placer
+            .target
             .addrs
             .entry(frontend.vip)
             .or_insert(ServiceAddr { flags: ADDR_DROP_UNKNOWN_PORTS, ..Default::default() });
@@ -183,24 +174,58 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
                 _pad: 0,
                 client: range.addr.octets(),
             };
-            target.source_ranges.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix_len), data));
+            placer.target.source_ranges.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix_len), data));
+        }
+        let mut flags = frontend_flags(service);
+        if let Some(internal) = &service.internal_backends {
+            flags |= FRONTEND_TWO_SCOPES;
+            placer.place(frontend.with_scope(SCOPE_INTERNAL), service, internal, 0);
+        }
+        placer.place(frontend, service, &service.backends, flags);
+    }
+    placer.target
+}
+
+/// Places frontends and their backends in the target maps, reusing what
+/// the current maps hold.
+struct Placer<'a> {
+    current: &'a MapContents,
+    free_tables: std::vec::IntoIter<u32>,
+    ids: BTreeMap<Backend, u32>,
+    next_id: u32,
+    target: MapContents,
+}
+
+impl Placer<'_> {
+    /// The frontend entry `frontend` of `service`, with `backends` in slots.
+    fn place(&mut self, frontend: ServiceKey, service: &ServicePort, backends: &BTreeSet<SocketAddrV4>, flags: u8) {
+        let (current, target) = (self.current, &mut self.target);
+        let mut wanted_ids = BTreeSet::new();
+        for address in backends {
+            let backend = backend_value(address, service.local_backends.contains(address));
+            let id = *self.ids.entry(backend).or_insert_with(|| {
+                while current.backends.contains_key(&self.next_id) || target.backends.contains_key(&self.next_id) {
+                    self.next_id += 1;
+                }
+                self.next_id
+            });
+            target.backends.insert(id, backend);
+            wanted_ids.insert(id);
         }
         let slots = assign_slots(&current.slots_of(&frontend), &wanted_ids);
         let table = match service.algorithm {
             Algorithm::Random => 0,
             Algorithm::Maglev => match current.services.get(&frontend).map_or(0, |v| v.maglev_table) {
-                0 => free_tables.next().unwrap_or(0),
+                0 => self.free_tables.next().unwrap_or(0),
                 kept => kept,
             },
         };
-        let value =
-            ServiceValue::frontend(slots.len() as u16, frontend_flags(service), service.affinity_timeout_s, table);
+        let value = ServiceValue::frontend(slots.len() as u16, flags, service.affinity_timeout_s, table);
         target.services.insert(frontend, value);
         for (i, id) in slots.iter().enumerate() {
             target.services.insert(frontend.with_slot(i as u16 + 1), ServiceValue::slot(*id));
         }
     }
-    target
 }
 
 /// UDP backends that leave a frontend, or whose frontend goes. Their
@@ -546,5 +571,29 @@ mod tests {
         let (maps, ops) = sync(&maps, &[service(1, &[1]), lb]);
         assert!(maps.source_ranges.is_empty());
         assert!(matches!(ops.last(), Some(MapOp::DeleteSourceRange(_))));
+    }
+
+    #[test]
+    fn a_local_policy_frontend_has_an_internal_view_with_the_whole_service() {
+        let mut lb = service(7, &[1]);
+        lb.kind = FrontendKind::LoadBalancer;
+        lb.local_backends = [SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 8080)].into();
+        lb.internal_backends = Some([1, 2].map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, b), 8080)).into());
+        let (maps, _) = sync(&MapContents::default(), &[lb.clone()]);
+        let external = frontend_key(&lb);
+        let internal = external.with_scope(SCOPE_INTERNAL);
+        assert_eq!(maps.services[&external].flags, FRONTEND_EXTERNAL | FRONTEND_TWO_SCOPES);
+        assert_eq!(maps.services[&internal].flags, 0, "no policy, no SNAT, no ranges for clients inside");
+        let addrs_of = |key: &ServiceKey| -> Vec<u8> {
+            maps.slots_of(key).iter().map(|id| maps.backends[id].addr[3]).collect::<BTreeSet<_>>().into_iter().collect()
+        };
+        assert_eq!((addrs_of(&external), addrs_of(&internal)), (vec![1], vec![1, 2]));
+        assert_eq!(maps.addrs[&external.vip].frontends, 1, "one frontend, in two views");
+
+        // Policy back to Cluster: the internal view goes.
+        lb.internal_backends = None;
+        let (maps, _) = sync(&maps, &[lb]);
+        assert!(!maps.services.contains_key(&internal));
+        assert_eq!(maps.services[&external].flags, FRONTEND_EXTERNAL);
     }
 }

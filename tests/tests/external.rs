@@ -150,7 +150,7 @@ fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced() {
 #[test]
 fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoints() {
     let spec = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT});
-    let mut setup = Setup::new(web(spec, json!({})), &[]);
+    let mut setup = Setup::new(web(spec, json!({})), &[(1, "client")]);
     setup.write_endpoints(&["pod-2"]);
     setup.wait_for_backends(NODE_PORT, [0, 1]);
     let health = |n: usize| SocketAddrV4::new(MultiNode::node_ip(n), HEALTH_PORT);
@@ -160,6 +160,12 @@ fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoint
     assert!(answers.iter().all(|(pod, peer)| pod == "pod-2" && *peer == EXTERNAL_CLIENT_IP.to_string()), "{answers:?}");
     let forwarded = setup.in_client(|| tcp_ask(node_port(1)));
     assert!(forwarded.is_err(), "node-1 has no local endpoint and must not forward: {forwarded:?}");
+    // A pod on node-1 reaching the same address gets the whole Service, as
+    // kube-proxy short-circuits traffic from inside the cluster.
+    let client = setup.topology.pod("client");
+    let answers: Vec<(String, String)> =
+        client.netns.enter(|| (0..3).map(|_| tcp_whoami(node_port(1)).unwrap()).collect());
+    assert!(answers.iter().all(|(pod, peer)| pod == "pod-2" && *peer == client.ip.to_string()), "{answers:?}");
 
     let (status, body) = setup.in_client(|| http_get(health(2), "/healthz")).unwrap();
     let body: Value = serde_json::from_str(&body).unwrap();

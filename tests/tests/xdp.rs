@@ -206,6 +206,23 @@ fn policy_local_without_local_endpoints_drops_and_no_endpoints_at_all_refuses() 
     assert_eq!(out[14 + 16..14 + 20], CLIENT);
 }
 
+/// kube-proxy's short-circuit: a pod reaching a Local-policy load-balancer
+/// IP gets the whole Service, even where this node has no endpoint, while
+/// an external client there is dropped.
+#[test]
+fn pods_reaching_a_local_policy_address_get_the_whole_service() {
+    let wire = wire();
+    let mut lb = frontend(FrontendKind::LoadBalancer, LB_IP, 80, Protocol::Tcp, &[]);
+    lb.drop_when_empty = true;
+    lb.internal_backends = Some([addr(REMOTE_POD, 8080)].into());
+    let mut h = Harness::new(&[lb]);
+    let (verdict, _, _) = run(&mut h, &wire, &Spec::tcp(addr(CLIENT, 40000), addr(LB_IP, 80), SYN));
+    assert_eq!(verdict, XDP_DROP, "an external client: no local endpoint");
+    let pod = addr(LOCAL_POD, 41000);
+    let (verdict, seen) = h.run_spec(&Spec::tcp(pod, addr(LB_IP, 80), SYN));
+    assert_eq!((verdict, seen.src, seen.dst), (0, pod, addr(REMOTE_POD, 8080)), "a pod: the remote endpoint");
+}
+
 #[test]
 fn other_ports_of_a_node_address_pass_and_other_traffic_is_untouched() {
     let wire = wire();
