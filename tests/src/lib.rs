@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod harness;
+pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
