@@ -1,5 +1,6 @@
 //! Shared by the BPF_PROG_TEST_RUN tests, the end-to-end tests and the demo.
 pub mod agent;
+pub mod anchors;
 pub mod apiserver;
 pub mod harness;
 pub mod load;

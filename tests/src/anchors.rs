@@ -1,0 +1,196 @@
+//! The benchmarks' anchors: the rulesets kube-proxy writes for N ClusterIP
+//! Services, in its iptables mode (for iptables-restore) and its nftables
+//! mode (for `nft -f`). kube-proxy cannot be installed here, so these
+//! follow the shapes its source and documentation give:
+//!
+//! - iptables: `KUBE-SERVICES` holds one rule per service port, in order,
+//!   jumping to a `KUBE-SVC-*` chain that marks off-cluster clients for
+//!   masquerade and picks a `KUBE-SEP-*` endpoint chain with
+//!   `statistic --mode random --probability 1/(n-i)`; the endpoint chain
+//!   marks hairpin traffic and DNATs. `KUBE-POSTROUTING` masquerades
+//!   marked packets.
+//! - nftables: a verdict map from (address, protocol, port) to a
+//!   per-service chain, which picks an endpoint chain with
+//!   `numgen random mod n vmap`; the endpoint chain DNATs.
+//!
+//! Chain names carry a hash of the service port name, as kube-proxy's do.
+use std::{fmt::Write, net::Ipv4Addr};
+
+/// One Service port as the anchors program it.
+#[derive(Clone, Debug)]
+pub struct AnchorService {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub endpoints: Vec<Ipv4Addr>,
+    pub target_port: u16,
+}
+
+/// The pod CIDR: traffic from outside it is marked for masquerade, as
+/// kube-proxy does with `--cluster-cidr`.
+pub const CLUSTER_CIDR: &str = "10.0.0.0/8";
+const MASQ_MARK: &str = "0x4000";
+
+/// kube-proxy's chain-name suffix: 16 base-32 characters (80 bits) of a
+/// hash of the name. kube-proxy uses SHA-256; two FNV-1a hashes do here.
+fn suffix(name: &str) -> String {
+    let fnv = |seed: u64| {
+        name.bytes().fold(seed, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+    };
+    let bits = u128::from(fnv(0xcbf2_9ce4_8422_2325)) << 64 | u128::from(fnv(0x8422_2325_cbf2_9ce4));
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    (0..16).map(|i| ALPHABET[(bits >> (i * 5)) as usize & 31] as char).collect()
+}
+
+/// The `nat` table of kube-proxy's iptables mode, for iptables-restore.
+pub fn iptables_ruleset(services: &[AnchorService]) -> String {
+    let mut chains = String::new();
+    let mut rules = String::new();
+    for chain in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
+        let _ = writeln!(chains, ":{chain} - [0:0]");
+    }
+    rules.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    rules.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    rules.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
+    let _ = writeln!(rules, "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}");
+    let _ = writeln!(rules, "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN");
+    let _ = writeln!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}");
+    rules.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+    for service in services {
+        let svc_chain = format!("KUBE-SVC-{}", suffix(&service.name));
+        let _ = writeln!(chains, ":{svc_chain} - [0:0]");
+        let comment = format!("{} cluster IP", service.name);
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"{comment}\" -m tcp --dport {} -j {svc_chain}",
+            service.vip, service.port
+        );
+        let _ = writeln!(
+            rules,
+            "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {}/32 -p tcp -m comment --comment \"{comment}\" -m tcp --dport {} -j KUBE-MARK-MASQ",
+            service.vip, service.port
+        );
+        let count = service.endpoints.len();
+        for (i, endpoint) in service.endpoints.iter().enumerate() {
+            let endpoint_at = format!("{endpoint}:{}", service.target_port);
+            let sep_chain = format!("KUBE-SEP-{}", suffix(&format!("{}/{endpoint_at}", service.name)));
+            let _ = writeln!(chains, ":{sep_chain} - [0:0]");
+            let comment = format!("{} -> {endpoint_at}", service.name);
+            if i + 1 < count {
+                let probability = 1.0 / (count - i) as f64;
+                let _ = writeln!(
+                    rules,
+                    "-A {svc_chain} -m comment --comment \"{comment}\" -m statistic --mode random --probability {probability:.11} -j {sep_chain}"
+                );
+            } else {
+                let _ = writeln!(rules, "-A {svc_chain} -m comment --comment \"{comment}\" -j {sep_chain}");
+            }
+            let _ = writeln!(
+                rules,
+                "-A {sep_chain} -s {endpoint}/32 -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
+                service.name
+            );
+            let _ = writeln!(
+                rules,
+                "-A {sep_chain} -p tcp -m comment --comment \"{}\" -m tcp -j DNAT --to-destination {endpoint_at}",
+                service.name
+            );
+        }
+    }
+    format!("*nat\n{chains}{rules}COMMIT\n")
+}
+
+/// The table of kube-proxy's nftables mode, for `nft -f`.
+pub fn nftables_ruleset(table: &str, services: &[AnchorService]) -> String {
+    let mut out = String::new();
+    // Deleting first makes the file reloadable, as kube-proxy's syncs are.
+    let _ = writeln!(out, "table ip {table} {{ }}\ndelete table ip {table}\ntable ip {table} {{");
+    out.push_str("  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n");
+    out.push_str("  chain masquerading {\n    mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n");
+    out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
+    out.push_str("  chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n");
+    out.push_str("  chain nat-postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    jump masquerading\n  }\n");
+    let mut elements = Vec::with_capacity(services.len());
+    for service in services {
+        let svc_chain = format!("service-{}", suffix(&service.name));
+        elements.push(format!("{} . tcp . {} : goto {svc_chain}", service.vip, service.port));
+        let mut picks = Vec::new();
+        let mut endpoint_chains = String::new();
+        for (i, endpoint) in service.endpoints.iter().enumerate() {
+            let endpoint_at = format!("{endpoint}:{}", service.target_port);
+            let ep_chain = format!("endpoint-{}", suffix(&format!("{}/{endpoint_at}", service.name)));
+            picks.push(format!("{i} : goto {ep_chain}"));
+            let _ = writeln!(
+                endpoint_chains,
+                "  chain {ep_chain} {{\n    ip saddr {endpoint} jump mark-for-masquerade\n    meta l4proto tcp dnat to {endpoint_at}\n  }}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  chain {svc_chain} {{\n    ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
+            service.vip,
+            service.port,
+            service.endpoints.len(),
+            picks.join(", ")
+        );
+        out.push_str(&endpoint_chains);
+    }
+    out.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
+    if !elements.is_empty() {
+        let _ = writeln!(out, "    elements = {{ {} }}", elements.join(",\n      "));
+    }
+    out.push_str("  }\n  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(n: u8) -> Vec<AnchorService> {
+        (0..n)
+            .map(|i| AnchorService {
+                name: format!("bench/svc-{i}:http"),
+                vip: Ipv4Addr::new(10, 96, 0, i + 1),
+                port: 80,
+                endpoints: (1..=4).map(|e| Ipv4Addr::new(10, 128, i, e)).collect(),
+                target_port: 8080,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn iptables_services_are_tried_in_order_and_endpoints_picked_uniformly() {
+        let rules = iptables_ruleset(&services(3));
+        let dispatch: Vec<&str> = rules.lines().filter(|l| l.starts_with("-A KUBE-SERVICES")).collect();
+        assert_eq!(dispatch.len(), 3);
+        assert!(dispatch[2].contains("-d 10.96.0.3/32"), "the last service is last in KUBE-SERVICES");
+        let svc = dispatch[0].rsplit(' ').next().unwrap();
+        let picks: Vec<&str> = rules.lines().filter(|l| l.starts_with(&format!("-A {svc} ")) && l.contains("KUBE-SEP")).collect();
+        // 1/4, 1/3, 1/2 and the rest: each endpoint gets a quarter.
+        assert!(picks[0].contains("--probability 0.25000000000"));
+        assert!(picks[1].contains("--probability 0.33333333333"));
+        assert!(picks[2].contains("--probability 0.50000000000"));
+        assert!(!picks[3].contains("statistic"));
+        assert_eq!(rules.lines().filter(|l| l.contains("-j DNAT --to-destination")).count(), 12);
+        assert!(rules.starts_with("*nat\n") && rules.ends_with("COMMIT\n"));
+        let declared = rules.lines().filter(|l| l.starts_with(':')).count();
+        assert_eq!(declared, 3 + 3 + 12, "fixed chains, one per service, one per endpoint");
+    }
+
+    #[test]
+    fn nftables_dispatches_through_one_verdict_map() {
+        let rules = nftables_ruleset("kube-proxy", &services(2));
+        assert!(rules.contains("10.96.0.2 . tcp . 80 : goto service-"));
+        assert_eq!(rules.matches("numgen random mod 4 vmap").count(), 2);
+        assert_eq!(rules.matches("dnat to 10.128.").count(), 8);
+        assert_eq!(rules.matches('{').count(), rules.matches('}').count());
+    }
+
+    #[test]
+    fn chain_names_are_stable_and_distinct() {
+        assert_eq!(suffix("a"), suffix("a"));
+        assert_ne!(suffix("bench/svc-1:http"), suffix("bench/svc-2:http"));
+        assert_eq!(suffix("x").len(), 16);
+    }
+}
