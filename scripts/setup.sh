@@ -12,12 +12,14 @@ as_root() {
 # Debian packages: the tools the datapath, the tests and the demo use.
 declare -A package_of=(
   [ip]=iproute2 [nsenter]=util-linux [bpftool]=bpftool [curl]=curl [ethtool]=ethtool
-  [npm]=npm [unzip]=unzip
+  [npm]=npm [unzip]=unzip [iptables-restore]=iptables [nft]=nftables
 )
 missing=()
 for tool in "${!package_of[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${package_of[$tool]}")
 done
+# The benchmarks' plots are labelled in this font.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq

@@ -34,9 +34,7 @@ const MASQ_MARK: &str = "0x4000";
 /// kube-proxy's chain-name suffix: 16 base-32 characters (80 bits) of a
 /// hash of the name. kube-proxy uses SHA-256; two FNV-1a hashes do here.
 fn suffix(name: &str) -> String {
-    let fnv = |seed: u64| {
-        name.bytes().fold(seed, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
-    };
+    let fnv = |seed: u64| name.bytes().fold(seed, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3));
     let bits = u128::from(fnv(0xcbf2_9ce4_8422_2325)) << 64 | u128::from(fnv(0x8422_2325_cbf2_9ce4));
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     (0..16).map(|i| ALPHABET[(bits >> (i * 5)) as usize & 31] as char).collect()
@@ -108,7 +106,9 @@ pub fn nftables_ruleset(table: &str, services: &[AnchorService]) -> String {
     out.push_str("  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n");
     out.push_str("  chain masquerading {\n    mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n");
     out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
-    out.push_str("  chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n");
+    out.push_str(
+        "  chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n",
+    );
     out.push_str("  chain nat-postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    jump masquerading\n  }\n");
     let mut elements = Vec::with_capacity(services.len());
     for service in services {
@@ -143,6 +143,60 @@ pub fn nftables_ruleset(table: &str, services: &[AnchorService]) -> String {
     out
 }
 
+/// kube-proxy's partial sync after `old` became `new` (same address and
+/// port, other endpoints), for `iptables-restore --noflush`: the service
+/// chain is rewritten, new endpoint chains are made, gone ones deleted.
+pub fn iptables_service_update(old: &AnchorService, new: &AnchorService) -> String {
+    let full = iptables_ruleset(std::slice::from_ref(new));
+    let svc_chain = format!("KUBE-SVC-{}", suffix(&new.name));
+    let sep =
+        |s: &AnchorService, e: &Ipv4Addr| format!("KUBE-SEP-{}", suffix(&format!("{}/{e}:{}", s.name, s.target_port)));
+    let mut out = String::from("*nat\n");
+    let new_seps: Vec<String> = new.endpoints.iter().map(|e| sep(new, e)).collect();
+    let gone: Vec<String> = old.endpoints.iter().map(|e| sep(old, e)).filter(|c| !new_seps.contains(c)).collect();
+    for chain in std::iter::once(&svc_chain).chain(&new_seps).chain(&gone) {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    for line in full.lines().filter(|l| l.starts_with(&format!("-A {svc_chain} ")) || l.starts_with("-A KUBE-SEP-")) {
+        let _ = writeln!(out, "{line}");
+    }
+    for chain in &gone {
+        let _ = writeln!(out, "-X {chain}");
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// The same change in kube-proxy's nftables mode, for `nft -f`.
+pub fn nftables_service_update(table: &str, old: &AnchorService, new: &AnchorService) -> String {
+    let full = nftables_ruleset(table, std::slice::from_ref(new));
+    let svc_chain = format!("service-{}", suffix(&new.name));
+    let endpoint =
+        |s: &AnchorService, e: &Ipv4Addr| format!("endpoint-{}", suffix(&format!("{}/{e}:{}", s.name, s.target_port)));
+    let new_chains: Vec<String> = new.endpoints.iter().map(|e| endpoint(new, e)).collect();
+    let mut out = String::new();
+    for chain in &new_chains {
+        let _ = writeln!(out, "add chain ip {table} {chain}\nflush chain ip {table} {chain}");
+    }
+    let _ = writeln!(out, "flush chain ip {table} {svc_chain}");
+    // The rules of the new chains, taken from the full ruleset.
+    let mut current = None;
+    for line in full.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix(" {")) {
+            current = (name == svc_chain || new_chains.iter().any(|c| c == name)).then(|| name.to_owned());
+        } else if line == "}" {
+            current = None;
+        } else if let Some(chain) = &current {
+            let _ = writeln!(out, "add rule ip {table} {chain} {line}");
+        }
+    }
+    for chain in old.endpoints.iter().map(|e| endpoint(old, e)).filter(|c| !new_chains.contains(c)) {
+        let _ = writeln!(out, "delete chain ip {table} {chain}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,7 +220,8 @@ mod tests {
         assert_eq!(dispatch.len(), 3);
         assert!(dispatch[2].contains("-d 10.96.0.3/32"), "the last service is last in KUBE-SERVICES");
         let svc = dispatch[0].rsplit(' ').next().unwrap();
-        let picks: Vec<&str> = rules.lines().filter(|l| l.starts_with(&format!("-A {svc} ")) && l.contains("KUBE-SEP")).collect();
+        let picks: Vec<&str> =
+            rules.lines().filter(|l| l.starts_with(&format!("-A {svc} ")) && l.contains("KUBE-SEP")).collect();
         // 1/4, 1/3, 1/2 and the rest: each endpoint gets a quarter.
         assert!(picks[0].contains("--probability 0.25000000000"));
         assert!(picks[1].contains("--probability 0.33333333333"));
@@ -185,6 +240,20 @@ mod tests {
         assert_eq!(rules.matches("numgen random mod 4 vmap").count(), 2);
         assert_eq!(rules.matches("dnat to 10.128.").count(), 8);
         assert_eq!(rules.matches('{').count(), rules.matches('}').count());
+    }
+
+    #[test]
+    fn one_endpoint_change_rewrites_its_service_chain_and_swaps_the_endpoint_chain() {
+        let old = services(1).remove(0);
+        let mut new = old.clone();
+        new.endpoints[0] = Ipv4Addr::new(10, 129, 0, 1);
+        let update = iptables_service_update(&old, &new);
+        assert_eq!(update.lines().filter(|l| l.starts_with("-X ")).count(), 1, "{update}");
+        assert!(update.contains("--to-destination 10.129.0.1:8080"));
+        assert!(!update.contains("KUBE-SERVICES"), "the dispatch rule is unchanged");
+        let update = nftables_service_update("kube-proxy", &old, &new);
+        assert_eq!(update.lines().filter(|l| l.starts_with("delete chain")).count(), 1, "{update}");
+        assert!(update.contains("dnat to 10.129.0.1:8080") && update.contains("numgen random mod 4 vmap"));
     }
 
     #[test]

@@ -33,9 +33,14 @@ impl Harness {
     /// Runs one packet through the tc program; returns the verdict and the
     /// packet as it left.
     pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program = self.datapath.program().unwrap();
-        let (verdict, out, _) = test_run(program, frame, None, 1);
+        let (verdict, out, _) = self.run_tc(frame, 1);
         (verdict, out)
+    }
+
+    /// Runs one frame through the tc program `repeat` times; returns the
+    /// verdict, the packet as it left and the ns per run.
+    pub fn run_tc(&mut self, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, u64) {
+        test_run(self.datapath.program().unwrap(), frame, None, repeat)
     }
 
     pub fn run_spec(&mut self, spec: &Spec) -> (u32, Seen) {
@@ -48,8 +53,7 @@ impl Harness {
     /// returns the verdict, the frame as it left and the ns per run.
     pub fn run_xdp(&mut self, netns: &Netns, ifindex: u32, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, u64) {
         let program = self.datapath.xdp_program().unwrap();
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ctx = xdp_ctx(frame, ifindex);
         netns.enter(|| test_run(program, frame, Some(&ctx), repeat))
     }
 
@@ -84,6 +88,12 @@ pub fn ct_key(s: SocketAddrV4, d: SocketAddrV4, protocol: u8) -> CtKey {
     }
 }
 
+/// The `struct xdp_md` of `frame` arriving on `ifindex`: data, data_end,
+/// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+pub fn xdp_ctx(frame: &[u8], ifindex: u32) -> Vec<u8> {
+    [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
 /// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -92,7 +102,9 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn test_run<P>(program: &mut P, frame: &[u8], ctx: Option<&[u8]>, repeat: u32) -> (u32, Vec<u8>, u64)
+/// Runs `program` on `frame` `repeat` times; returns the verdict, the
+/// frame as it left and the ns per run.
+pub fn test_run<P>(program: &mut P, frame: &[u8], ctx: Option<&[u8]>, repeat: u32) -> (u32, Vec<u8>, u64)
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {

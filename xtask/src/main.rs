@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build-ebpf`.
+//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench`.
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -19,11 +19,21 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
+    /// Run the benchmarks against kube-proxy's iptables and nftables modes
+    /// and the direct path; writes bench/RESULTS.md and plots. Installs
+    /// what is missing and builds in release first. Arguments go to the
+    /// runner: --quick, --only crr,rr,packet,control,memory,
+    /// --services 1,1000, --seconds S, --out DIR.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf { debug } => build_ebpf(debug),
+        Task::Bench { args } => bench(&args),
     }
 }
 
@@ -52,5 +62,28 @@ fn build_ebpf(debug: bool) -> anyhow::Result<()> {
     let target_dir = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), Into::into);
     let profile = if debug { "debug" } else { "release" };
     println!("{}", target_dir.join("bpfel-unknown-none").join(profile).join("lb-ebpf").display());
+    Ok(())
+}
+
+/// Installs what is missing (scripts/setup.sh), builds every binary in
+/// release (the agent, the load tools, the runner), and runs the runner.
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let status = Command::new("bash").current_dir(root).args(["-c", "source scripts/setup.sh"]).status()?;
+    if !status.success() {
+        bail!("scripts/setup.sh failed");
+    }
+    let status = Command::new("cargo").current_dir(root).args(["build", "--release", "--bins"]).status()?;
+    if !status.success() {
+        bail!("cargo build --release failed");
+    }
+    let status = Command::new("cargo")
+        .current_dir(root)
+        .args(["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "bench", "--"])
+        .args(args)
+        .status()?;
+    if !status.success() {
+        bail!("the benchmark runner failed");
+    }
     Ok(())
 }

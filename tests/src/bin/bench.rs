@@ -1,0 +1,706 @@
+//! The benchmarks of issue 7, side by side with their anchors, in network
+//! namespaces of their own. Run through `cargo xtask bench [--quick]`,
+//! which builds everything in release first. Writes bench/RESULTS.md and
+//! PNG plots next to it, prints a summary; reports, never fails on a
+//! number.
+//!
+//! 1. New connections (TCP_CRR) vs number of Services (4 endpoints each,
+//!    the target last): ours, kube-proxy iptables, kube-proxy nftables,
+//!    and the direct path (no load balancer).
+//! 2. Kept-open connections (TCP_RR), the same four.
+//! 3. Per-packet cost through BPF_PROG_TEST_RUN, tc and XDP, against the
+//!    minimal programs (`baseline.rs`).
+//! 4. Control plane: cold start, one EndpointSlice change (through the
+//!    test API server, `control-plane-bench`), ruleset loads of the anchors.
+//! 5. Memory: agent RSS and kernel map memory.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use lb_tests::{
+    agent::{Agent, TempDir, lb_binary},
+    anchors::{self, AnchorService},
+    harness::{Harness, test_run, xdp_ctx},
+    load::Report,
+    netns::{Cluster, Netns, Topology, run, unique_tag},
+    packet::{self, ACK, SYN, Spec},
+};
+use lb_userspace::{
+    datapath::{Baseline, MapSizes},
+    model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
+    plan::MaglevConfig,
+};
+
+#[derive(Parser)]
+struct Args {
+    /// A run of a few minutes: fewer sizes, shorter loads.
+    #[arg(long)]
+    quick: bool,
+    /// Benchmarks to run: crr, rr, packet, control, memory (default all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Numbers of Services for the end-to-end benchmarks.
+    #[arg(long, value_delimiter = ',')]
+    services: Vec<u32>,
+    /// Seconds of load per measurement.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Where RESULTS.md and the plots go.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+}
+
+const SYSTEMS: [System; 4] = [System::Ours, System::Iptables, System::Nftables, System::Direct];
+const CONCURRENCY: &str = "2";
+const TARGET_PORT: u16 = 8080;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum System {
+    Ours,
+    Iptables,
+    Nftables,
+    Direct,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ours => "ours",
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1)
+}
+
+fn fake_endpoint(i: u32, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 4 + n)
+}
+
+/// N Services of 4 endpoints; the last one's endpoints are the real
+/// backend pods.
+fn anchor_services(n: u32, backends: &[Ipv4Addr]) -> Vec<AnchorService> {
+    (0..n)
+        .map(|i| AnchorService {
+            name: format!("bench/svc-{i}:http"),
+            vip: vip(i),
+            port: 80,
+            endpoints: if i + 1 == n { backends.to_vec() } else { (0..4).map(|e| fake_endpoint(i, e)).collect() },
+            target_port: TARGET_PORT,
+        })
+        .collect()
+}
+
+/// The same Services as manifests for the agent's dir source, one file.
+fn manifests(services: &[AnchorService]) -> String {
+    let mut out = String::new();
+    for (i, s) in services.iter().enumerate() {
+        let _ = write!(
+            out,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
+             spec: {{clusterIP: {}, ports: [{{name: http, port: 80, protocol: TCP}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: svc-{i}-x, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {TARGET_PORT}, protocol: TCP}}]\nendpoints:\n",
+            s.vip
+        );
+        for e in &s.endpoints {
+            let _ = writeln!(out, "- addresses: [\"{e}\"]\n  conditions: {{ready: true}}");
+        }
+        out.push_str("---\n");
+    }
+    out
+}
+
+/// A process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn load_binary() -> PathBuf {
+    lb_binary().with_file_name("lb-load")
+}
+
+fn in_netns(netns: &Netns) -> Command {
+    let mut command = Command::new("nsenter");
+    command.arg(format!("--net={}", netns.path().display()));
+    command
+}
+
+/// What one end-to-end measurement found besides the load report.
+#[derive(Default)]
+struct Setup {
+    /// Time to a programmed datapath (agent) or a loaded ruleset (anchors).
+    load: Option<Duration>,
+    /// Time to apply one endpoint change (anchors).
+    change: Option<Duration>,
+    agent_rss_kib: Option<u64>,
+    map_kib: Option<u64>,
+}
+
+/// One end-to-end run: fresh namespaces (TIME_WAIT left by an earlier run
+/// would stall SYNs), four backend pods, a client pod, the system under
+/// test programmed with `n` Services, then the load.
+fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Result<(Report, Setup)> {
+    let cluster = Cluster::new(Topology::Routed, &["client", "b1", "b2", "b3", "b4"])?;
+    let backends: Vec<Ipv4Addr> = cluster.pods[1..].iter().map(|p| p.ip).collect();
+    let _servers: Vec<Process> = cluster.pods[1..]
+        .iter()
+        .map(|p| in_netns(&p.netns).arg(load_binary()).arg("serve").stdout(Stdio::null()).spawn().map(Process))
+        .collect::<Result<_, _>>()?;
+    let services = anchor_services(n, &backends);
+    let target_vip = services.last().expect("n >= 1").vip;
+    let mut setup = Setup::default();
+    let manifests_dir = TempDir::new("lb-bench-manifests")?;
+    let rules = TempDir::new("lb-bench-rules")?;
+    let _agent; // kept running through the load
+    // Timed after the load: with one Service, the change is the target's.
+    let mut change_after_load: Option<Vec<String>> = None;
+    let target = match system {
+        System::Direct => SocketAddrV4::new(backends[0], TARGET_PORT),
+        System::Ours => {
+            fs::write(manifests_dir.0.join("services.yaml"), manifests(&services))?;
+            let (service_entries, backend_entries) = ((n * 5 + 1024).to_string(), (n * 4 + 1024).to_string());
+            let started = Instant::now();
+            let dir = format!("dir:{}", manifests_dir.0.display());
+            let mut agent = Agent::start(
+                &cluster.node,
+                &[
+                    "--source",
+                    &dir,
+                    "--metrics-addr",
+                    "",
+                    "--healthz-addr",
+                    "",
+                    "--services-max-entries",
+                    &service_entries,
+                    "--backends-max-entries",
+                    &backend_entries,
+                ],
+            )?;
+            agent.wait_for_attachments(cluster.pods.len())?;
+            agent.wait_for_maps(&format!("{n} frontends"), |c| c.frontends().count() == n as usize)?;
+            setup.load = Some(started.elapsed());
+            setup.agent_rss_kib = Some(agent.rss_kib()?);
+            setup.map_kib = Some(map_memory_kib(&agent.pin_path)?);
+            _agent = agent;
+            SocketAddrV4::new(target_vip, 80)
+        }
+        System::Iptables => {
+            let path = rules.0.join("iptables.rules");
+            fs::write(&path, anchors::iptables_ruleset(&services))?;
+            let node = format!("--net={}", cluster.node.path().display());
+            setup.load = Some(timed("iptables-restore", &[&node, "iptables-restore", path_str(&path)?])?);
+            let (old, new) = changed(&services[0]);
+            let change = rules.0.join("iptables.change");
+            fs::write(&change, anchors::iptables_service_update(&old, &new))?;
+            change_after_load =
+                Some(vec![node, "iptables-restore".into(), "--noflush".into(), path_str(&change)?.into()]);
+            SocketAddrV4::new(target_vip, 80)
+        }
+        System::Nftables => {
+            let path = rules.0.join("nftables.nft");
+            fs::write(&path, anchors::nftables_ruleset("kube-proxy", &services))?;
+            let node = format!("--net={}", cluster.node.path().display());
+            setup.load = Some(timed("nft", &[&node, "nft", "-f", path_str(&path)?])?);
+            let (old, new) = changed(&services[0]);
+            let change = rules.0.join("nftables.change");
+            fs::write(&change, anchors::nftables_service_update("kube-proxy", &old, &new))?;
+            change_after_load = Some(vec![node, "nft".into(), "-f".into(), path_str(&change)?.into()]);
+            SocketAddrV4::new(target_vip, 80)
+        }
+    };
+    let out = in_netns(&cluster.pods[0].netns)
+        .arg(load_binary())
+        .args([mode, "--target", &target.to_string(), "--seconds", &seconds.to_string(), "--concurrency", CONCURRENCY])
+        .output()?;
+    if !out.status.success() {
+        bail!("lb-load {mode}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report: Report = serde_json::from_slice(&out.stdout)?;
+    if let Some(change) = change_after_load {
+        let args: Vec<&str> = change.iter().map(String::as_str).collect();
+        setup.change = Some(timed(args[1], &args)?);
+    }
+    Ok((report, setup))
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str().context("non-UTF-8 path")
+}
+
+/// Runs `nsenter ARGS` and returns how long it took.
+fn timed(what: &str, args: &[&str]) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    run("nsenter", args).with_context(|| what.to_owned())?;
+    Ok(started.elapsed())
+}
+
+/// `service` before and after its first endpoint is replaced.
+fn changed(service: &AnchorService) -> (AnchorService, AnchorService) {
+    let mut new = service.clone();
+    new.endpoints[0] = Ipv4Addr::new(10, 192, 0, 1);
+    (service.clone(), new)
+}
+
+/// Kernel memory of the maps pinned under `pin_path` (bpftool's
+/// bytes_memlock), in KiB.
+fn map_memory_kib(pin_path: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(pin_path)? {
+        let path = entry?.path();
+        if !path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        {
+            continue;
+        }
+        let out = run("bpftool", &["-j", "map", "show", "pinned", path_str(&path)?])?;
+        let info: serde_json::Value = serde_json::from_str(&out)?;
+        total += info["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    Ok(total / 1024)
+}
+
+/// One row of the per-packet table.
+struct Cost {
+    hook: &'static str,
+    services: u32,
+    backends: u32,
+    algorithm: Algorithm,
+    new_flow: u64,
+    established: u64,
+    not_a_service: u64,
+    baseline: u64,
+}
+
+/// Per-packet cost by BPF_PROG_TEST_RUN. The measured frontend's backend
+/// is the frontend itself: a repeated run sees the frame as the previous
+/// run left it, so every SYN is a new flow (a SYN always selects anew) and
+/// every ACK an established-flow hit.
+fn packet_costs(quick: bool) -> anyhow::Result<Vec<Cost>> {
+    let repeat = 1_000_000;
+    let netns = Netns::new(format!("lbt{}-cost", unique_tag()))?;
+    netns.ip(&["link", "set", "lo", "up"])?;
+    let mut baseline = Baseline::load()?;
+    let node = Ipv4Addr::new(10, 200, 0, 1);
+    let client = SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 100), 40000);
+    let frames = [
+        packet::build(&Spec::tcp(client, SocketAddrV4::new(node, 8080), SYN)),
+        packet::build(&Spec::tcp(client, SocketAddrV4::new(node, 8080), ACK)),
+        packet::build(&Spec::tcp(client, SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 7), 80), ACK)),
+    ];
+    let baseline_xdp = netns
+        .enter(|| test_run(baseline.xdp().expect("baseline"), &frames[1], Some(&xdp_ctx(&frames[1], 1)), repeat).2);
+    let baseline_tc = test_run(baseline.tc()?, &frames[1], None, repeat).2;
+
+    let sweeps: Vec<(u32, u32, Algorithm)> = if quick {
+        vec![
+            (1, 4, Algorithm::Random),
+            (10_000, 4, Algorithm::Random),
+            (1, 100, Algorithm::Random),
+            (1, 100, Algorithm::Maglev),
+        ]
+    } else {
+        vec![
+            (1, 4, Algorithm::Random),
+            (1_000, 4, Algorithm::Random),
+            (100_000, 4, Algorithm::Random),
+            (1, 1, Algorithm::Random),
+            (1, 1_000, Algorithm::Random),
+            (1, 4, Algorithm::Maglev),
+            (1, 1_000, Algorithm::Maglev),
+        ]
+    };
+    let mut costs = Vec::new();
+    for (services, backends, algorithm) in sweeps {
+        let mut ports: Vec<ServicePort> = (1..services)
+            .map(|i| ServicePort {
+                name: format!("svc-{i}"),
+                frontend: Frontend { addr: vip(i), port: 80, protocol: Protocol::Tcp },
+                backends: (0..backends)
+                    .map(|b| SocketAddrV4::new(fake_endpoint(i, b % 4), 8080 + (b / 4) as u16))
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        let own = SocketAddrV4::new(node, 8080);
+        // The measured frontend: itself as the backend the ACK hits, among
+        // `backends` (the others differ by port, so never hit by the SYN run
+        // twice in a row, which is fine: a SYN always selects anew).
+        ports.push(ServicePort {
+            name: "measured".into(),
+            frontend: Frontend { addr: node, port: 8080, protocol: Protocol::Tcp },
+            kind: FrontendKind::NodePort,
+            backends: [own].into(),
+            local_backends: [own].into(),
+            algorithm,
+            ..Default::default()
+        });
+        let sizes = MapSizes {
+            services: (services * (backends + 1) + 1024).max(lb_common::DEFAULT_SERVICES_MAX_ENTRIES),
+            backends: (services * backends + 1024).max(lb_common::DEFAULT_BACKENDS_MAX_ENTRIES),
+            maglev: MaglevConfig { tables: 4, table_size: 16381 },
+            ..MapSizes::default()
+        };
+        let mut harness = Harness::with_sizes(&ports, sizes);
+        let mut xdp = [0u64; 3];
+        let mut tc = [0u64; 3];
+        for (i, frame) in frames.iter().enumerate() {
+            xdp[i] = harness.run_xdp(&netns, 1, frame, repeat).2;
+            tc[i] = harness.run_tc(frame, repeat).2;
+        }
+        for (hook, ns, baseline) in [("xdp", xdp, baseline_xdp), ("tc", tc, baseline_tc)] {
+            costs.push(Cost {
+                hook,
+                services,
+                backends,
+                algorithm,
+                new_flow: ns[0],
+                established: ns[1],
+                not_a_service: ns[2],
+                baseline,
+            });
+        }
+    }
+    Ok(costs)
+}
+
+/// Runs `control-plane-bench N CHANGES` and returns its lines.
+fn control_plane(services: u32, changes: u32) -> anyhow::Result<Vec<String>> {
+    let binary = lb_binary().with_file_name("control-plane-bench");
+    let out = Command::new(binary).args([services.to_string(), changes.to_string()]).output()?;
+    if !out.status.success() {
+        bail!("control-plane-bench {services}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.lines().map(str::to_owned).collect())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b == 0.0 { "-".into() } else { format!("{:.2}", a / b) }
+}
+
+/// Plots p50 new-connection latency against the number of Services.
+fn plot_crr(path: &Path, crr: &BTreeMap<(System, u32), (Report, Setup)>, sizes: &[u32]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max = crr.values().map(|(r, _)| r.p50_us).fold(0.0, f64::max) * 1.2 + 1.0;
+    let xs: Vec<f64> = sizes.iter().map(|n| f64::from(*n).log10()).collect();
+    let x_max = xs.iter().copied().fold(0.0, f64::max) + 0.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("TCP_CRR p50 latency vs number of Services", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.2..x_max, 0.0..max)?;
+    chart
+        .configure_mesh()
+        .x_desc("Services (log10)")
+        .y_desc("p50 µs per connection")
+        .x_label_formatter(&|x| format!("{:.0}", 10f64.powf(*x)))
+        .draw()?;
+    for (system, color) in SYSTEMS.iter().zip([RED, BLUE, GREEN, BLACK]) {
+        let points: Vec<(f64, f64)> =
+            sizes.iter().zip(&xs).filter_map(|(n, x)| crr.get(&(*system, *n)).map(|(r, _)| (*x, r.p50_us))).collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(system.name())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Plots per-packet cost of each path against the minimal program.
+fn plot_costs(path: &Path, costs: &[Cost]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (1000, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let rows: Vec<&Cost> = costs.iter().collect();
+    let max = rows.iter().map(|c| c.new_flow.max(c.established) as f64).fold(0.0, f64::max) * 1.15 + 10.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Per-packet cost (BPF_PROG_TEST_RUN): established / not a service / minimal", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(70)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..rows.len() as f64, 0.0..max)?;
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|c| format!("{} {}s {}b {:?}", c.hook, c.services, c.backends, c.algorithm).to_lowercase())
+        .collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len() + 1)
+        .x_label_formatter(&|x| labels.get(*x as usize).cloned().unwrap_or_default())
+        .y_desc("ns per packet")
+        .draw()?;
+    for (offset, color, label, value) in [
+        (0.1, BLUE, "established flow", &(|c: &Cost| c.established) as &dyn Fn(&Cost) -> u64),
+        (0.4, GREEN, "not a service", &|c: &Cost| c.not_a_service),
+        (0.7, BLACK, "minimal program", &|c: &Cost| c.baseline),
+    ] {
+        chart
+            .draw_series(rows.iter().enumerate().map(|(i, c)| {
+                let x = i as f64 + offset;
+                Rectangle::new([(x, 0.0), (x + 0.25, value(c) as f64)], color.filled())
+            }))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn register_font() -> anyhow::Result<()> {
+    let path = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+    let bytes = fs::read(path).with_context(|| format!("{path} (Debian package fonts-dejavu-core)"))?;
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(bytes.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("{path} is not a font"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let sizes = if !args.services.is_empty() {
+        args.services.clone()
+    } else if args.quick {
+        vec![1, 1_000]
+    } else {
+        vec![1, 1_000, 10_000, 30_000]
+    };
+    let seconds = args.seconds.unwrap_or(if args.quick { 2.0 } else { 5.0 });
+    fs::create_dir_all(&args.out)?;
+    register_font()?;
+    let started = Instant::now();
+    let kernel = run("uname", &["-r"])?.trim().to_owned();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let command: Vec<String> = std::env::args().skip(1).collect();
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmark results\n");
+    let _ = writeln!(
+        md,
+        "Command: `cargo xtask bench {}`. Machine: {cpus} CPUs, kernel {kernel}. Date: {}.\n",
+        command.join(" "),
+        run("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?.trim()
+    );
+    let _ = writeln!(
+        md,
+        "Absolute numbers drift on shared machines; the ratios, taken within one run, are the result. \
+         Load: `lb-load`, {CONCURRENCY} workers, {seconds} s per measurement, 64-byte request and response, \
+         fresh namespaces per measurement. Each system serves N ClusterIP Services of 4 endpoints; the target is \
+         the last one (last in iptables order).\n"
+    );
+    let mut summary = Vec::new();
+
+    let mut crr: BTreeMap<(System, u32), (Report, Setup)> = BTreeMap::new();
+    if wants("crr") || wants("memory") || wants("control") {
+        for n in &sizes {
+            for system in SYSTEMS {
+                if system == System::Direct && *n != sizes[0] {
+                    // The direct path has no Services: once is enough.
+                    let (report, _) =
+                        crr.get(&(System::Direct, sizes[0])).map(|(r, _)| (r.clone(), ())).context("direct")?;
+                    crr.insert((system, *n), (report, Setup::default()));
+                    continue;
+                }
+                eprintln!("bench: TCP_CRR, {} with {n} Services", system.name());
+                let result = end_to_end(system, *n, "crr", seconds)?;
+                crr.insert((system, *n), result);
+            }
+        }
+        let get = |s: System, n: u32| &crr[&(s, n)].0;
+        md.push_str("## 1. New connections (TCP_CRR) vs number of Services\n\n");
+        md.push_str("| Services | system | conn/s | p50 µs | p99 µs | errors |\n|---:|---|---:|---:|---:|---:|\n");
+        for n in &sizes {
+            for system in SYSTEMS {
+                let r = get(system, *n);
+                let _ = writeln!(
+                    md,
+                    "| {n} | {} | {:.0} | {:.1} | {:.1} | {} |",
+                    system.name(),
+                    r.rate,
+                    r.p50_us,
+                    r.p99_us,
+                    r.errors
+                );
+            }
+        }
+        md.push_str(
+            "\nRatios of p50 latency (below 1 is better for ours in the first column, above 1 in the others):\n\n",
+        );
+        md.push_str("| Services | ours/direct | iptables/ours | nftables/ours | ours conn/s / iptables conn/s |\n|---:|---:|---:|---:|---:|\n");
+        for n in &sizes {
+            let (o, i, f, d) =
+                (get(System::Ours, *n), get(System::Iptables, *n), get(System::Nftables, *n), get(System::Direct, *n));
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {} | {} | {} |",
+                ratio(o.p50_us, d.p50_us),
+                ratio(i.p50_us, o.p50_us),
+                ratio(f.p50_us, o.p50_us),
+                ratio(o.rate, i.rate)
+            );
+        }
+        let (first, last) = (sizes[0], *sizes.last().expect("sizes"));
+        let flat = ratio(get(System::Ours, last).p50_us, get(System::Ours, first).p50_us);
+        let _ = writeln!(md, "\nours({last}) / ours({first}) p50: {flat}. Plot: `crr.png`.\n");
+        plot_crr(&args.out.join("crr.png"), &crr, &sizes)?;
+        summary.push(format!(
+            "TCP_CRR at {last} Services: ours/direct {}, iptables/ours {}, nftables/ours {}; ours({last})/ours({first}) {flat}",
+            ratio(get(System::Ours, last).p50_us, get(System::Direct, last).p50_us),
+            ratio(get(System::Iptables, last).p50_us, get(System::Ours, last).p50_us),
+            ratio(get(System::Nftables, last).p50_us, get(System::Ours, last).p50_us),
+        ));
+    }
+
+    if wants("rr") {
+        let rr_sizes: Vec<u32> = if args.quick { vec![1] } else { vec![1, 10_000] };
+        md.push_str("## 2. Requests on kept-open connections (TCP_RR)\n\n");
+        md.push_str(
+            "| Services | system | req/s | p50 µs | p99 µs | p99 / ours p99 |\n|---:|---|---:|---:|---:|---:|\n",
+        );
+        for n in rr_sizes {
+            let mut reports = BTreeMap::new();
+            for system in SYSTEMS {
+                eprintln!("bench: TCP_RR, {} with {n} Services", system.name());
+                reports.insert(system, end_to_end(system, n, "rr", seconds)?.0);
+            }
+            let ours_p99 = reports[&System::Ours].p99_us;
+            for (system, r) in &reports {
+                let _ = writeln!(
+                    md,
+                    "| {n} | {} | {:.0} | {:.1} | {:.1} | {} |",
+                    system.name(),
+                    r.rate,
+                    r.p50_us,
+                    r.p99_us,
+                    ratio(r.p99_us, ours_p99)
+                );
+            }
+        }
+        md.push('\n');
+    }
+
+    if wants("packet") {
+        eprintln!("bench: per-packet cost");
+        let costs = packet_costs(args.quick)?;
+        md.push_str("## 3. Per-packet cost (BPF_PROG_TEST_RUN, repeat 1,000,000)\n\n");
+        md.push_str(
+            "ns per packet; the minimal program parses the same headers and passes, with no lookups.\n\n\
+             | hook | Services | backends | algorithm | new flow | established | not a service | minimal | established / minimal |\n\
+             |---|---:|---:|---|---:|---:|---:|---:|---:|\n",
+        );
+        for c in &costs {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:?} | {} | {} | {} | {} | {} |",
+                c.hook,
+                c.services,
+                c.backends,
+                c.algorithm,
+                c.new_flow,
+                c.established,
+                c.not_a_service,
+                c.baseline,
+                ratio(c.established as f64, c.baseline as f64)
+            );
+        }
+        let xdp: Vec<&Cost> =
+            costs.iter().filter(|c| c.hook == "xdp" && c.backends == 4 && c.algorithm == Algorithm::Random).collect();
+        if let (Some(small), Some(large)) = (xdp.first(), xdp.last()) {
+            let line = format!(
+                "XDP established hit: {} ns ({}x minimal); {} Services cost {} of 1",
+                large.established,
+                ratio(large.established as f64, large.baseline as f64),
+                large.services,
+                ratio(large.established as f64, small.established as f64)
+            );
+            let _ = writeln!(md, "\n{line}. Plot: `packet.png`.\n");
+            summary.push(line);
+        }
+        plot_costs(&args.out.join("packet.png"), &costs)?;
+    }
+
+    if wants("control") {
+        md.push_str("## 4. Control plane\n\n");
+        md.push_str("Cold start of the agent (dir source) to a programmed datapath, and the anchors' ruleset loads, from the runs above:\n\n");
+        md.push_str("| Services | ours cold start ms | iptables-restore ms | iptables one change ms | nft -f ms | nft one change ms |\n|---:|---:|---:|---:|---:|---:|\n");
+        for n in &sizes {
+            let setup = |s: System| crr.get(&(s, *n)).map(|(_, setup)| setup);
+            let cell = |d: Option<Duration>| d.map_or("-".into(), ms);
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {} | {} | {} | {} |",
+                cell(setup(System::Ours).and_then(|s| s.load)),
+                cell(setup(System::Iptables).and_then(|s| s.load)),
+                cell(setup(System::Iptables).and_then(|s| s.change)),
+                cell(setup(System::Nftables).and_then(|s| s.load)),
+                cell(setup(System::Nftables).and_then(|s| s.change)),
+            );
+        }
+        let (control_sizes, changes): (Vec<u32>, u32) =
+            if args.quick { (vec![1_000], 100) } else { (vec![10_000, 30_000], 300) };
+        md.push_str("\nThrough the Kubernetes test API server (`control-plane-bench SERVICES CHANGES`):\n\n```\n");
+        for n in control_sizes {
+            eprintln!("bench: control plane, {n} Services");
+            for line in control_plane(n, changes)? {
+                let _ = writeln!(md, "{line}");
+                if line.starts_with("EndpointSlice change") || line.starts_with("cold start") {
+                    summary.push(format!("{n} Services: {line}"));
+                }
+            }
+        }
+        md.push_str("```\n\n");
+    }
+
+    if wants("memory") {
+        md.push_str("## 5. Memory\n\n| Services | agent RSS MiB | kernel map memory MiB |\n|---:|---:|---:|\n");
+        for n in &sizes {
+            if let Some((_, setup)) = crr.get(&(System::Ours, *n)) {
+                let mib = |k: Option<u64>| k.map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0));
+                let _ = writeln!(md, "| {n} | {} | {} |", mib(setup.agent_rss_kib), mib(setup.map_kib));
+            }
+        }
+        md.push('\n');
+    }
+
+    let _ = writeln!(md, "Whole run: {:.0} s.", started.elapsed().as_secs_f64());
+    let results = args.out.join("RESULTS.md");
+    fs::write(&results, md)?;
+    println!("wrote {}", results.display());
+    for line in summary {
+        println!("  {line}");
+    }
+    Ok(())
+}
