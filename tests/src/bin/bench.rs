@@ -161,6 +161,12 @@ struct Setup {
 fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Result<(Report, Setup)> {
     let cluster = Cluster::new(Topology::Routed, &["client", "b1", "b2", "b3", "b4"])?;
     let backends: Vec<Ipv4Addr> = cluster.pods[1..].iter().map(|p| p.ip).collect();
+    // Tens of thousands of connections in a few seconds: the client's
+    // ports would otherwise run out behind TIME_WAIT and time the port
+    // search, not the path.
+    let client_ns = &cluster.pods[0].netns;
+    client_ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    client_ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     let _servers: Vec<Process> = cluster.pods[1..]
         .iter()
         .map(|p| in_netns(&p.netns).arg(load_binary()).arg("serve").stdout(Stdio::null()).spawn().map(Process))
