@@ -80,19 +80,33 @@ pub fn build(spec: &Spec) -> Vec<u8> {
             l4[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
         }
     }
-    let ihl = 5 + spec.ip_options.len() / 4;
-    let mut ip = vec![0x40 | ihl as u8, 0];
-    ip.extend(((ihl * 4 + l4.len()) as u16).to_be_bytes());
-    ip.extend([0, 1, 0x40, 0, 64, spec.protocol, 0, 0]); // id, DF, ttl, proto, checksum
-    ip.extend(spec.src.ip().octets());
-    ip.extend(spec.dst.ip().octets());
-    ip.extend(&spec.ip_options);
+    ipv4_frame(0, 0x40, spec.protocol, *spec.src.ip(), *spec.dst.ip(), &spec.ip_options, &l4)
+}
+
+/// An Ethernet frame carrying an IPv4 header (with `tos`, the flags byte
+/// `flags`, `options`) and `payload`, its checksum computed.
+fn ipv4_frame(
+    tos: u8,
+    flags: u8,
+    protocol: u8,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let ihl = 5 + options.len() / 4;
+    let mut ip = vec![0x40 | ihl as u8, tos];
+    ip.extend(((ihl * 4 + payload.len()) as u16).to_be_bytes());
+    ip.extend([0, 1, flags, 0, 64, protocol, 0, 0]); // id, flags, ttl, proto, checksum
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    ip.extend(options);
     let c = fold(sum_words(&ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
 
     let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
     frame.extend(ip);
-    frame.extend(l4);
+    frame.extend(payload);
     frame
 }
 
@@ -143,17 +157,8 @@ pub fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, code: u8, mtu: u16, quoted: &[u8
     icmp.extend(&quoted[14..]);
     let c = fold(sum_words(&icmp));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut ip = vec![0x45, 0xc0];
-    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend([0, 2, 0, 0, 64, 1, 0, 0]);
-    ip.extend(from.octets());
-    ip.extend(to.octets());
-    let c = fold(sum_words(&ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
-    frame.extend(ip);
-    frame.extend(icmp);
-    frame
+    // Internetwork control, as Linux sends its ICMP errors.
+    ipv4_frame(0xc0, 0, 1, from, to, &[], &icmp)
 }
 
 /// An ICMP error as read back: its addresses, the quoted packet's, and

@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Parser;
 use lb_tests::{
-    agent::{Agent, TempDir, lb_binary},
+    agent::{Agent, TempDir, lb_binary, map_size_args},
     anchors::{self, AnchorService},
     harness::{Harness, test_run, xdp_ctx},
     load::Report,
@@ -183,24 +183,12 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
         System::Direct => SocketAddrV4::new(backends[0], TARGET_PORT),
         System::Ours => {
             fs::write(manifests_dir.0.join("services.yaml"), manifests(&services))?;
-            let (service_entries, backend_entries) = ((n * 5 + 1024).to_string(), (n * 4 + 1024).to_string());
             let started = Instant::now();
             let dir = format!("dir:{}", manifests_dir.0.display());
-            let mut agent = Agent::start(
-                &cluster.node,
-                &[
-                    "--source",
-                    &dir,
-                    "--metrics-addr",
-                    "",
-                    "--healthz-addr",
-                    "",
-                    "--services-max-entries",
-                    &service_entries,
-                    "--backends-max-entries",
-                    &backend_entries,
-                ],
-            )?;
+            let sizes = map_size_args(n);
+            let mut args = vec!["--source", &dir, "--metrics-addr", "", "--healthz-addr", ""];
+            args.extend(sizes.iter().map(String::as_str));
+            let mut agent = Agent::start(&cluster.node, &args)?;
             agent.wait_for_attachments(cluster.pods.len())?;
             agent.wait_for_maps(&format!("{n} frontends"), |c| c.frontends().count() == n as usize)?;
             setup.load = Some(started.elapsed());
@@ -404,6 +392,11 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
 
+/// A load table row: Services, system, rate, p50, p99, and `last`.
+fn row(n: u32, system: System, r: &Report, last: &str) -> String {
+    format!("| {n} | {} | {:.0} | {:.1} | {:.1} | {last} |", system.name(), r.rate, r.p50_us, r.p99_us)
+}
+
 fn ratio(a: f64, b: f64) -> String {
     if b == 0.0 { "-".into() } else { format!("{:.2}", a / b) }
 }
@@ -551,15 +544,7 @@ fn main() -> anyhow::Result<()> {
         for n in &sizes {
             for system in SYSTEMS {
                 let r = get(system, *n);
-                let _ = writeln!(
-                    md,
-                    "| {n} | {} | {:.0} | {:.1} | {:.1} | {} |",
-                    system.name(),
-                    r.rate,
-                    r.p50_us,
-                    r.p99_us,
-                    r.errors
-                );
+                let _ = writeln!(md, "{}", row(*n, system, r, &r.errors.to_string()));
             }
         }
         md.push_str(
@@ -604,15 +589,7 @@ fn main() -> anyhow::Result<()> {
             }
             let ours_p99 = reports[&System::Ours].p99_us;
             for (system, r) in &reports {
-                let _ = writeln!(
-                    md,
-                    "| {n} | {} | {:.0} | {:.1} | {:.1} | {} |",
-                    system.name(),
-                    r.rate,
-                    r.p50_us,
-                    r.p99_us,
-                    ratio(r.p99_us, ours_p99)
-                );
+                let _ = writeln!(md, "{}", row(n, *system, r, &ratio(r.p99_us, ours_p99)));
             }
         }
         md.push('\n');

@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context;
 use lb_common::ServiceKey;
 use lb_tests::{
-    agent::{Agent, TempDir},
+    agent::{Agent, TempDir, map_size_args},
     apiserver::{ApiServer, Kind},
     netns::{Cluster, Topology},
 };
@@ -71,23 +71,11 @@ fn main() -> anyhow::Result<()> {
         api.apply(Kind::EndpointSlice, slice(i, &(0..4).map(|n| endpoint(i, n)).collect::<Vec<_>>()));
     }
     let started = Instant::now();
-    // Maps sized for the test: a frontend and 4 slots per service, 4 backends.
-    let (service_entries, backend_entries) = ((services * 5 + 1024).to_string(), (services * 4 + 1024).to_string());
-    let mut agent = Agent::start(
-        &cluster.node,
-        &[
-            "--kubeconfig",
-            kubeconfig.to_str().context("path")?,
-            "--min-sync-period",
-            "0ms",
-            "--metrics-addr",
-            "",
-            "--services-max-entries",
-            &service_entries,
-            "--backends-max-entries",
-            &backend_entries,
-        ],
-    )?;
+    let sizes = map_size_args(services);
+    let mut args = vec!["--kubeconfig", kubeconfig.to_str().context("path")?, "--min-sync-period", "0ms"];
+    args.extend(["--metrics-addr", ""]);
+    args.extend(sizes.iter().map(String::as_str));
+    let mut agent = Agent::start(&cluster.node, &args)?;
     agent.wait_for_maps(&format!("{services} frontends"), |c| c.frontends().count() == services as usize)?;
     let cold_start = started.elapsed();
     let rss = agent.rss_kib()?;
