@@ -23,12 +23,17 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A short tag unique to this process and call: names of interfaces must
-/// fit in 15 bytes.
+/// A short tag unique to this process and call, fixed at 9 hex digits so
+/// that names built from it fit an interface's 15 bytes. Tests running in
+/// parallel name their namespaces, manifest directories and pin paths with
+/// it, so a repeat would make them share state: the count must not wrap
+/// within one test process.
 pub fn unique_tag() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{:05x}{:x}", std::process::id() & 0xfffff, n & 0xf)
+    assert!(n < 0x1000, "more than 4096 tags in one process");
+    // Linux pids fit in 22 bits (PID_MAX_LIMIT).
+    format!("{:06x}{n:03x}", std::process::id())
 }
 
 /// Moves the calling thread into the network namespace at `path`.
