@@ -3,13 +3,14 @@
 //! translating ICMP errors about translated flows, so that the sender of
 //! the offending packet gets them and recognises its own packet in them
 //! (path-MTU discovery through a NodePort needs this).
-use lb_common::{CtKey, HAIRPIN_ADDR, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use lb_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     maps::ICMP_REPLY,
     nat::{Frame, csum_replace},
     parse::{ETH_HLEN, Packet},
-    service::{self, Verdict},
+    service,
+    translate::{Rewrite, rewrite_of},
 };
 
 const IPV4_HLEN: usize = 20;
@@ -96,40 +97,21 @@ pub enum ErrorRoute {
     Forward,
 }
 
-/// Where the conntrack entry at a key sends its packets.
-#[derive(Default)]
-struct Rewritten {
-    src: ([u8; 4], [u8; 2]),
-    dst: ([u8; 4], [u8; 2]),
-    /// An SNAT flow's: the hook routes it on.
-    forward: bool,
-}
-
-/// The (source, destination) that packets at `key` get from its live
-/// conntrack entry, if there is one. (A function of its own: the hooks'
-/// stacks are full.)
+/// What the live conntrack entry at `key` makes of the packets of its
+/// flow, if there is one. (A function of its own: the hooks' stacks are
+/// full.)
 #[inline(never)]
-fn rewrite_of(key: &CtKey, rewritten: &mut Rewritten) -> bool {
-    let (src, dst) = ((key.saddr, key.sport), (key.daddr, key.dport));
+fn rewrite_at(key: &CtKey, rewrite: &mut Rewrite) -> bool {
     let Some(verdict) = service::tracked(key) else {
         return false;
     };
-    *rewritten = match verdict {
-        Verdict::Dnat { backend, snat, hairpin, .. } => Rewritten {
-            src: match snat {
-                Some(snat) => snat,
-                None if hairpin => (HAIRPIN_ADDR, src.1),
-                None => src,
-            },
-            dst: (backend.addr, backend.port),
-            forward: snat.is_some(),
-        },
-        Verdict::ReverseNat(addr, port) => Rewritten { src: (addr, port), dst, forward: false },
-        Verdict::HairpinReply { service, client } => Rewritten { src: service, dst: (client, dst.1), forward: false },
-        Verdict::SnatReply { service, client } => Rewritten { src: service, dst: client, forward: true },
-        _ => return false,
-    };
-    true
+    match rewrite_of(&verdict, (key.saddr, key.sport), (key.daddr, key.dport)) {
+        Some(found) => {
+            *rewrite = found;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Translates an ICMP error (destination unreachable, which includes
@@ -149,13 +131,13 @@ pub fn translate_error<F: Frame>(frame: &F) -> Result<Option<ErrorRoute>, i64> {
     if !quoted_flow(frame, &mut key)? {
         return Ok(None);
     }
-    let mut rewritten = Rewritten::default();
-    if !rewrite_of(&key, &mut rewritten) {
+    let mut rewrite = Rewrite::default();
+    if !rewrite_at(&key, &mut rewrite) {
         return Ok(None);
     }
-    rewrite_quote(frame, &key, &rewritten)?;
-    readdress(frame, &key, &rewritten)?;
-    Ok(Some(if rewritten.forward { ErrorRoute::Forward } else { ErrorRoute::Pass }))
+    rewrite_quote(frame, &key, &rewrite)?;
+    readdress(frame, &key, &rewrite)?;
+    Ok(Some(if rewrite.forward { ErrorRoute::Forward } else { ErrorRoute::Pass }))
 }
 
 /// Reads the flow an ICMP error is about into `key`: the reverse of the
@@ -194,8 +176,8 @@ fn quoted_flow<F: Frame>(frame: &F, key: &mut CtKey) -> Result<bool, i64> {
 /// entry at `key` sends its packets. The ICMP checksum covers the quoted
 /// addresses, header checksum and ports.
 #[inline(never)]
-fn rewrite_quote<F: Frame>(frame: &F, key: &CtKey, rewritten: &Rewritten) -> Result<(), i64> {
-    let (new_src, new_dst) = (rewritten.dst, rewritten.src);
+fn rewrite_quote<F: Frame>(frame: &F, key: &CtKey, rewrite: &Rewrite) -> Result<(), i64> {
+    let (new_src, new_dst) = (rewrite.destination, rewrite.source);
     // Header checksum and addresses, then the ports, rewritten in place.
     let old: [u8; 10] = frame.load(INNER_IP + IP_CHECK)?;
     let mut new = old;
@@ -215,16 +197,16 @@ fn rewrite_quote<F: Frame>(frame: &F, key: &CtKey, rewritten: &Rewritten) -> Res
 /// Addresses the error to the quoted packet's original sender; when the
 /// other end sent the error itself, it comes from the address that end had.
 #[inline(never)]
-fn readdress<F: Frame>(frame: &F, key: &CtKey, rewritten: &Rewritten) -> Result<(), i64> {
+fn readdress<F: Frame>(frame: &F, key: &CtKey, rewrite: &Rewrite) -> Result<(), i64> {
     // Header checksum and addresses, rewritten in place.
     let old: [u8; 10] = frame.load(OUTER_IP + IP_CHECK)?;
     let mut new = old;
     // The quoted packet went from key.daddr to key.saddr.
     if old[2..6] == key.saddr {
-        new[2..6].copy_from_slice(&rewritten.src.0);
+        new[2..6].copy_from_slice(&rewrite.source.0);
     }
     if old[6..] == key.daddr {
-        new[6..].copy_from_slice(&rewritten.dst.0);
+        new[6..].copy_from_slice(&rewrite.destination.0);
     }
     let check = csum_replace([old[0], old[1]], &old, &new);
     new[..2].copy_from_slice(&check);

@@ -1,26 +1,22 @@
 //! Address and port rewrites with incremental checksum updates, for both
 //! kinds of hook.
 //!
-//! On an skb the kernel's checksum helpers are used rather than arithmetic
-//! of our own: they know whether the L4 checksum is complete or only the
-//! pseudo-header part (CHECKSUM_PARTIAL, common on veth), and update it right
-//! in both cases. XDP sees frames as they came off the wire, whose
-//! checksums are complete, and updates them by RFC 1624 arithmetic.
+//! Headers are rewritten in place through direct packet access, with one
+//! bounds check per field: the load/store helpers cost several times more.
+//! The IPv4 header checksum is always complete and is updated by RFC 1624
+//! arithmetic. So is the L4 checksum of an XDP frame, which comes off the
+//! wire. On an skb the L4 checksum may hold only the pseudo-header sum
+//! (CHECKSUM_PARTIAL, common on veth), which a program cannot see, so the
+//! kernel's l4_csum_replace helper, which knows, updates it.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     programs::{TcContext, XdpContext},
 };
+use core::ptr::{read_unaligned, read_volatile, write_unaligned};
+
 use lb_common::PROTO_UDP;
 
-use crate::parse::Packet;
-
-/// Which end of the packet to rewrite.
-#[derive(Clone, Copy)]
-pub enum End {
-    Source,
-    Destination,
-}
+use crate::{parse::Packet, translate::Rewrite};
 
 /// A packet a hook may read and rewrite in place.
 pub trait Frame {
@@ -28,15 +24,8 @@ pub trait Frame {
     fn len(&self) -> usize;
     fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], i64>;
     fn store<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64>;
-    /// Rewrites the source or destination address and port of `packet`.
-    fn rewrite(&self, packet: &Packet, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), i64>;
-}
-
-fn fields(packet: &Packet, end: End) -> ([u8; 4], [u8; 2], usize, usize) {
-    match end {
-        End::Source => (packet.saddr, packet.sport, packet.saddr_offset(), packet.sport_offset()),
-        End::Destination => (packet.daddr, packet.dport, packet.daddr_offset(), packet.dport_offset()),
-    }
+    /// Gives `packet` the source and destination of `rewrite`, checksums included.
+    fn rewrite(&self, packet: &Packet, rewrite: &Rewrite) -> Result<(), i64>;
 }
 
 impl Frame for TcContext {
@@ -45,6 +34,9 @@ impl Frame for TcContext {
         TcContext::len(self) as usize
     }
 
+    /// Through the helper, which also reaches data outside the linear
+    /// part: ICMP errors are read and written so, where the headers are not
+    /// pulled in first.
     #[inline(always)]
     fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], i64> {
         TcContext::load(self, offset)
@@ -55,40 +47,117 @@ impl Frame for TcContext {
         TcContext::store(self, offset, bytes, 0)
     }
 
+    /// Each L4 checksum update is a helper call, so only what changes is
+    /// updated: the addresses one by one, the two ports as one word.
     #[inline(always)]
-    fn rewrite(&self, packet: &Packet, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), i64> {
-        let (old_addr, old_port, addr_offset, port_offset) = fields(packet, end);
+    fn rewrite(&self, packet: &Packet, rewrite: &Rewrite) -> Result<(), i64> {
+        let (source, destination) = (rewrite.source, rewrite.destination);
         // A UDP checksum of 0 means "none" and must stay 0.
         let mangled_0 = if packet.protocol == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         let l4_check = packet.l4_check_offset();
-        let from_addr = u64::from(u32::from_ne_bytes(old_addr));
-        let to_addr = u64::from(u32::from_ne_bytes(addr));
-        let from_port = u64::from(u16::from_ne_bytes(old_port));
-        let to_port = u64::from(u16::from_ne_bytes(port));
-
-        self.l4_csum_replace(l4_check, from_addr, to_addr, BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4)?;
-        self.l4_csum_replace(l4_check, from_port, to_port, mangled_0 | 2)?;
-        self.l3_csum_replace(packet.ip_check_offset(), from_addr, to_addr, 4)?;
-        TcContext::store(self, addr_offset, &addr, 0)?;
-        TcContext::store(self, port_offset, &port, 0)?;
-        Ok(())
+        let addr_flags = BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4;
+        let old_addrs = [packet.saddr, packet.daddr];
+        let new_addrs = [source.0, destination.0];
+        for (old, new) in old_addrs.iter().zip(&new_addrs) {
+            if old != new {
+                self.l4_csum_replace(l4_check, word(*old), word(*new), addr_flags)?;
+            }
+        }
+        let old_ports = [packet.sport[0], packet.sport[1], packet.dport[0], packet.dport[1]];
+        let new_ports = [source.1[0], source.1[1], destination.1[0], destination.1[1]];
+        if old_ports != new_ports {
+            self.l4_csum_replace(l4_check, word(old_ports), word(new_ports), mangled_0 | 4)?;
+        }
+        // The helpers may have moved the data: only now take pointers.
+        // SAFETY: the context's own __sk_buff, valid for the program run.
+        let (data, data_end) =
+            unsafe { (read_volatile(&(*self.skb.skb).data), read_volatile(&(*self.skb.skb).data_end)) };
+        if old_addrs != new_addrs {
+            let diff = csum_diff(&packet.saddr, &source.0) + csum_diff(&packet.daddr, &destination.0);
+            let ip_check = load_at::<2>(data, data_end, packet.ip_check_offset())?;
+            store_at(data, data_end, packet.ip_check_offset(), &csum_apply(ip_check, diff))?;
+            store_at(data, data_end, packet.saddr_offset(), &source.0)?;
+            store_at(data, data_end, packet.daddr_offset(), &destination.0)?;
+        }
+        store_at(data, data_end, packet.sport_offset(), &new_ports)
     }
 }
 
-/// The Internet checksum `check` after the 16-bit words `old` become `new`
-/// (RFC 1624, eqn. 3).
+/// The u64 the checksum helpers take for these bytes, as they lie in the packet.
 #[inline(always)]
-pub fn csum_replace<const N: usize>(check: [u8; 2], old: &[u8; N], new: &[u8; N]) -> [u8; 2] {
-    let mut sum = u32::from(!u16::from_be_bytes(check));
+fn word(bytes: [u8; 4]) -> u64 {
+    u64::from(u32::from_ne_bytes(bytes))
+}
+
+/// Every field a hook rewrites lies within this many bytes of the frame's start.
+const MAX_HEADER_OFFSET: usize = 255;
+/// -EFAULT, as the helpers say it.
+const OUTSIDE_FRAME: i64 = -14;
+
+/// The N bytes at `offset` of the packet at `[data, data_end)`, read in
+/// place. For XDP, the headers are always in the frame's first buffer, the
+/// only one this reaches; an skb has its headers pulled into the linear
+/// part by the parser first.
+#[inline(always)]
+fn load_at<const N: usize>(data: u32, data_end: u32, offset: usize) -> Result<[u8; N], i64> {
+    let at = bytes_at::<N>(data, data_end, offset)?;
+    // SAFETY: `bytes_at` checked that the N bytes are in the packet.
+    Ok(unsafe { read_unaligned(at) })
+}
+
+/// Writes `bytes` at `offset` of the packet at `[data, data_end)`, in place.
+#[inline(always)]
+fn store_at<const N: usize>(data: u32, data_end: u32, offset: usize, bytes: &[u8; N]) -> Result<(), i64> {
+    let at = bytes_at::<N>(data, data_end, offset)?;
+    // SAFETY: `bytes_at` checked that the N bytes are in the packet, which
+    // both hooks may write.
+    unsafe { write_unaligned(at, *bytes) };
+    Ok(())
+}
+
+#[inline(always)]
+fn bytes_at<const N: usize>(data: u32, data_end: u32, offset: usize) -> Result<*mut [u8; N], i64> {
+    // The verifier only accepts a variable offset into the packet with a
+    // known upper bound.
+    if offset > MAX_HEADER_OFFSET {
+        return Err(OUTSIDE_FRAME);
+    }
+    let start = data as usize + offset;
+    if start + N > data_end as usize {
+        return Err(OUTSIDE_FRAME);
+    }
+    Ok(start as *mut [u8; N])
+}
+
+/// What replacing the bytes `old` by `new` adds to a one's complement sum
+/// (RFC 1624, eqn. 3), not yet folded: N is even, and the bytes are taken
+/// as they lie in the packet, since the sum does not depend on byte order
+/// (RFC 1071) as long as the checksum is read and written the same way.
+#[inline(always)]
+pub fn csum_diff<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
+    let mut diff = 0;
     let mut i = 0;
     while i + 1 < N {
-        sum += u32::from(!u16::from_be_bytes([old[i], old[i + 1]]));
-        sum += u32::from(u16::from_be_bytes([new[i], new[i + 1]]));
+        diff += u32::from(!u16::from_ne_bytes([old[i], old[i + 1]]));
+        diff += u32::from(u16::from_ne_bytes([new[i], new[i + 1]]));
         i += 2;
     }
+    diff
+}
+
+/// The Internet checksum `check` with `diff`, a sum of `csum_diff`s, applied.
+#[inline(always)]
+pub fn csum_apply(check: [u8; 2], diff: u32) -> [u8; 2] {
+    let mut sum = u32::from(!u16::from_ne_bytes(check)) + diff;
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_be_bytes()
+    (!(sum as u16)).to_ne_bytes()
+}
+
+/// The Internet checksum `check` after the bytes `old` become `new`.
+#[inline(always)]
+pub fn csum_replace<const N: usize>(check: [u8; 2], old: &[u8; N], new: &[u8; N]) -> [u8; 2] {
+    csum_apply(check, csum_diff(old, new))
 }
 
 impl Frame for XdpContext {
@@ -99,35 +168,45 @@ impl Frame for XdpContext {
 
     #[inline(always)]
     fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], i64> {
-        let mut bytes = [0u8; N];
-        // SAFETY: the helper checks the bounds and writes at most N bytes.
-        let rc = unsafe { bpf_xdp_load_bytes(self.ctx, offset as u32, bytes.as_mut_ptr().cast(), N as u32) };
-        if rc < 0 { Err(rc) } else { Ok(bytes) }
+        let (data, data_end) = xdp_data(self);
+        load_at(data, data_end, offset)
     }
 
     #[inline(always)]
     fn store<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64> {
-        // SAFETY: the helper checks the bounds and only reads N bytes, so
-        // the pointer's mutability is never used.
-        let rc = unsafe { bpf_xdp_store_bytes(self.ctx, offset as u32, bytes.as_ptr().cast_mut().cast(), N as u32) };
-        if rc < 0 { Err(rc) } else { Ok(()) }
+        let (data, data_end) = xdp_data(self);
+        store_at(data, data_end, offset, bytes)
     }
 
-    #[inline(always)]
-    fn rewrite(&self, packet: &Packet, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), i64> {
-        let (old_addr, old_port, addr_offset, port_offset) = fields(packet, end);
-        let ip_check = Frame::load::<2>(self, packet.ip_check_offset())?;
-        Frame::store(self, packet.ip_check_offset(), &csum_replace(ip_check, &old_addr, &addr))?;
+    /// Both ends at once: one update of each checksum. A function of its
+    /// own, so that its registers do not crowd the hook's stack.
+    #[inline(never)]
+    fn rewrite(&self, packet: &Packet, rewrite: &Rewrite) -> Result<(), i64> {
+        let (source, destination) = (rewrite.source, rewrite.destination);
+        let addrs = csum_diff(&packet.saddr, &source.0) + csum_diff(&packet.daddr, &destination.0);
+        let ports = csum_diff(&packet.sport, &source.1) + csum_diff(&packet.dport, &destination.1);
         let l4_check_offset = packet.l4_check_offset();
         let l4_check = Frame::load::<2>(self, l4_check_offset)?;
         // A UDP checksum of 0 means "none" and must stay 0; a computed 0 is sent as all ones.
         if !(packet.protocol == PROTO_UDP && l4_check == [0, 0]) {
-            let check = csum_replace(csum_replace(l4_check, &old_addr, &addr), &old_port, &port);
+            let check = csum_apply(l4_check, addrs + ports);
             let check = if packet.protocol == PROTO_UDP && check == [0, 0] { [0xff, 0xff] } else { check };
             Frame::store(self, l4_check_offset, &check)?;
         }
-        Frame::store(self, addr_offset, &addr)?;
-        Frame::store(self, port_offset, &port)?;
-        Ok(())
+        let ip_check = Frame::load::<2>(self, packet.ip_check_offset())?;
+        Frame::store(self, packet.ip_check_offset(), &csum_apply(ip_check, addrs))?;
+        Frame::store(self, packet.saddr_offset(), &source.0)?;
+        Frame::store(self, packet.daddr_offset(), &destination.0)?;
+        Frame::store(self, packet.sport_offset(), &source.1)?;
+        Frame::store(self, packet.dport_offset(), &destination.1)
     }
+}
+
+/// An XDP frame's data and data_end, read volatile: otherwise LLVM may move
+/// the loads into a caller and pass the values in, zero-extended in the
+/// callee by shifts, which the verifier refuses on packet pointers.
+#[inline(always)]
+fn xdp_data(ctx: &XdpContext) -> (u32, u32) {
+    // SAFETY: the context's own xdp_md, valid for the program run.
+    unsafe { (read_volatile(&(*ctx.ctx).data), read_volatile(&(*ctx.ctx).data_end)) }
 }

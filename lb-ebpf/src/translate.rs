@@ -3,11 +3,44 @@
 //! hook's business.
 use lb_common::{HAIRPIN_ADDR, counter};
 
-use crate::{
-    nat::{End, Frame},
-    parse::Packet,
-    service::Verdict,
-};
+use crate::{nat::Frame, parse::Packet, service::Verdict};
+
+/// An address and port.
+pub type Endpoint = ([u8; 4], [u8; 2]);
+
+/// The source and destination a packet leaves with.
+#[derive(Clone, Copy, Default)]
+pub struct Rewrite {
+    pub source: Endpoint,
+    pub destination: Endpoint,
+    /// Routed on from here (an SNAT flow), not handed to the stack.
+    pub forward: bool,
+}
+
+/// What `verdict` makes of a packet from `source` to `destination`;
+/// `None` for verdicts that do not translate it. The one place that knows
+/// what each conntrack direction rewrites, for packets and for the packets
+/// quoted in ICMP errors alike.
+#[inline(always)]
+pub fn rewrite_of(verdict: &Verdict, source: Endpoint, destination: Endpoint) -> Option<Rewrite> {
+    Some(match *verdict {
+        Verdict::Dnat { backend, snat, hairpin, .. } => Rewrite {
+            source: match snat {
+                Some(snat) => snat,
+                None if hairpin => (HAIRPIN_ADDR, source.1),
+                None => source,
+            },
+            destination: (backend.addr, backend.port),
+            forward: snat.is_some(),
+        },
+        Verdict::ReverseNat(addr, port) => Rewrite { source: (addr, port), destination, forward: false },
+        Verdict::HairpinReply { service, client } => {
+            Rewrite { source: service, destination: (client, destination.1), forward: false }
+        }
+        Verdict::SnatReply { service, client } => Rewrite { source: service, destination: client, forward: true },
+        _ => return None,
+    })
+}
 
 /// What the hook does with the packet after the rewrite.
 pub enum Action {
@@ -24,38 +57,20 @@ pub enum Action {
 /// the action to take.
 #[inline(always)]
 pub fn translate<F: Frame>(frame: &F, packet: &Packet, verdict: Verdict) -> Result<(u32, Action), i64> {
+    if let Some(rewrite) = rewrite_of(&verdict, (packet.saddr, packet.sport), (packet.daddr, packet.dport)) {
+        frame.rewrite(packet, &rewrite)?;
+        let index = match verdict {
+            Verdict::Dnat { new: true, .. } => counter::DNAT_NEW,
+            Verdict::Dnat { .. } => counter::DNAT_ESTABLISHED,
+            _ => counter::REVERSE_NAT,
+        };
+        return Ok((index, if rewrite.forward { Action::Forward } else { Action::Pass }));
+    }
     Ok(match verdict {
-        Verdict::Dnat { backend, new, hairpin, snat } => {
-            frame.rewrite(packet, End::Destination, backend.addr, backend.port)?;
-            let action = if let Some((addr, port)) = snat {
-                frame.rewrite(packet, End::Source, addr, port)?;
-                Action::Forward
-            } else {
-                if hairpin {
-                    frame.rewrite(packet, End::Source, HAIRPIN_ADDR, packet.sport)?;
-                }
-                Action::Pass
-            };
-            (if new { counter::DNAT_NEW } else { counter::DNAT_ESTABLISHED }, action)
-        }
-        Verdict::ReverseNat(addr, port) => {
-            frame.rewrite(packet, End::Source, addr, port)?;
-            (counter::REVERSE_NAT, Action::Pass)
-        }
-        Verdict::HairpinReply { service: (addr, port), client } => {
-            frame.rewrite(packet, End::Source, addr, port)?;
-            frame.rewrite(packet, End::Destination, client, packet.dport)?;
-            (counter::REVERSE_NAT, Action::Pass)
-        }
-        Verdict::SnatReply { service: (addr, port), client: (client_addr, client_port) } => {
-            frame.rewrite(packet, End::Source, addr, port)?;
-            frame.rewrite(packet, End::Destination, client_addr, client_port)?;
-            (counter::REVERSE_NAT, Action::Forward)
-        }
-        Verdict::Pass => (counter::PASS, Action::Pass),
         Verdict::NoBackend => (counter::REJECT_NO_BACKEND, Action::Reject),
         Verdict::UnknownPort => (counter::DROP_UNKNOWN_PORT, Action::Drop),
         Verdict::SourceRangeDenied => (counter::DROP_SOURCE_RANGE, Action::Drop),
         Verdict::NoLocalBackend => (counter::DROP_NO_LOCAL_BACKEND, Action::Drop),
+        _ => (counter::PASS, Action::Pass),
     })
 }

@@ -44,23 +44,25 @@ pub fn xdp_from_wire(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Returns the counter to bump and the XDP action.
+/// Returns the counter to bump and the XDP action. TCP and UDP, and ICMP
+/// errors, each go their own way in a function of their own, so that
+/// neither's stack is held while the other runs.
 fn try_xdp_from_wire(ctx: &XdpContext) -> Result<(u32, u32), i64> {
     let ifindex = ctx.ingress_ifindex() as u32;
+    match service_packet(ctx, ifindex)? {
+        Some(done) => Ok(done),
+        None => icmp_error(ctx, ifindex),
+    }
+}
+
+/// A TCP or UDP packet: translated if it is service traffic. `None` for
+/// ICMP, which `icmp_error` takes.
+#[inline(never)]
+fn service_packet(ctx: &XdpContext, ifindex: u32) -> Result<Option<(u32, u32)>, i64> {
     let packet = match parse::parse(ctx.data(), ctx.data_end()) {
         Ok(packet) => packet,
-        // Routed from here, not from `icmp_error`: the stack of three
-        // nested calls would be too deep.
-        Err(Unparsed::Icmp) => {
-            return Ok(match icmp_error(ctx)? {
-                None => (counter::PASS_UNPARSED, XDP_PASS),
-                Some(ErrorRoute::Pass) => (counter::ICMP_ERROR_TRANSLATED, XDP_PASS),
-                Some(ErrorRoute::Forward) => {
-                    (counter::ICMP_ERROR_TRANSLATED, forward(ctx, &icmp::error_header(), ifindex)?)
-                }
-            });
-        }
-        Err(_) => return Ok((counter::PASS_UNPARSED, XDP_PASS)),
+        Err(Unparsed::Icmp) => return Ok(None),
+        Err(_) => return Ok(Some((counter::PASS_UNPARSED, XDP_PASS))),
     };
     let verdict = service::classify(&packet, Origin::Wire { ctx: ctx.as_ptr(), ifindex });
     let (index, action) = translate(ctx, &packet, verdict)?;
@@ -70,13 +72,18 @@ fn try_xdp_from_wire(ctx: &XdpContext) -> Result<(u32, u32), i64> {
         Action::Drop => XDP_DROP,
         Action::Reject => reject(ctx, &packet)?,
     };
-    Ok((index, action))
+    Ok(Some((index, action)))
 }
 
-/// Translates an ICMP error about a translated flow.
+/// Translates an ICMP error about a translated flow, and routes it as its
+/// flow's packets are.
 #[inline(never)]
-fn icmp_error(ctx: &XdpContext) -> Result<Option<ErrorRoute>, i64> {
-    icmp::translate_error(ctx)
+fn icmp_error(ctx: &XdpContext, ifindex: u32) -> Result<(u32, u32), i64> {
+    Ok(match icmp::translate_error(ctx)? {
+        None => (counter::PASS_UNPARSED, XDP_PASS),
+        Some(ErrorRoute::Pass) => (counter::ICMP_ERROR_TRANSLATED, XDP_PASS),
+        Some(ErrorRoute::Forward) => (counter::ICMP_ERROR_TRANSLATED, forward(ctx, &icmp::error_header(), ifindex)?),
+    })
 }
 
 /// Sends a translated frame on by the FIB: new MACs, TTL down by one, out

@@ -6,7 +6,7 @@ use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use lb_common::{CtKey, CtValue};
 use lb_userspace::{
     datapath::{Datapath, MapSizes},
-    model::ServicePort,
+    model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
     reconcile::Reconciler,
 };
 
@@ -14,6 +14,39 @@ use crate::{
     netns::Netns,
     packet::{self, Seen, Spec},
 };
+
+/// Services for timing repeated runs of one TCP frame. BPF_PROG_TEST_RUN
+/// runs the frame again as the last run left it, so `timed`'s backends,
+/// `others`, are frontends (cluster IPs) whose one backend is `timed`
+/// itself. A SYN to `timed` is then a new flow with a real rewrite on every
+/// run (to one of `others`, and from there back), and an ACK after such
+/// SYNs an established-flow hit with a real rewrite on every run. Every
+/// backend counts as local, so a hook passes rather than forwards.
+pub fn round_trip_services(
+    timed: SocketAddrV4,
+    kind: FrontendKind,
+    others: &[SocketAddrV4],
+    algorithm: Algorithm,
+) -> Vec<ServicePort> {
+    let frontend = |a: &SocketAddrV4| Frontend { addr: *a.ip(), port: a.port(), protocol: Protocol::Tcp };
+    let mut ports = vec![ServicePort {
+        name: "timed".into(),
+        frontend: frontend(&timed),
+        kind,
+        backends: others.iter().copied().collect(),
+        local_backends: others.iter().copied().collect(),
+        algorithm,
+        ..Default::default()
+    }];
+    ports.extend(others.iter().enumerate().map(|(i, other)| ServicePort {
+        name: format!("timed-back-{i}"),
+        frontend: frontend(other),
+        backends: [timed].into(),
+        local_backends: [timed].into(),
+        ..Default::default()
+    }));
+    ports
+}
 
 pub struct Harness {
     pub datapath: Datapath,
@@ -94,11 +127,12 @@ pub fn xdp_ctx(frame: &[u8], ifindex: u32) -> Vec<u8> {
     [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+/// CLOCK_MONOTONIC_COARSE, the clock of bpf_ktime_get_coarse_ns, which
+/// stamps conntrack and affinity entries.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: writes into `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -7,12 +7,12 @@ use lb_common::{
     CT_STATE_NEW, CtKey, counter,
 };
 use lb_tests::{
-    harness::{Harness, ct_key, monotonic_ns},
+    harness::{Harness, ct_key, monotonic_ns, round_trip_services},
     packet::{self, ACK, SYN, Seen, SeenIcmpError, Spec},
 };
 use lb_userspace::{
     datapath::MapSizes,
-    model::{Algorithm, Frontend, Protocol, ServicePort},
+    model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
     plan::{MaglevConfig, maglev_entries},
     reconcile::Reconciler,
 };
@@ -490,4 +490,23 @@ fn a_close_after_a_long_quiet_spell_still_translates_the_other_sides_fin() {
     h.run_spec(&Spec::tcp(client, vip, FIN | ACK));
     let (_, reply) = h.run_spec(&Spec::tcp(server, client, FIN | ACK));
     assert_eq!(reply.src, vip, "the backend's FIN is still translated");
+}
+
+#[test]
+fn tc_cost_per_packet() {
+    let timed = addr(VIP, 80);
+    let others = [addr([10, 96, 0, 11], 8080)];
+    let mut h = Harness::new(&round_trip_services(timed, FrontendKind::ClusterIp, &others, Algorithm::Random));
+    let repeat = 1_000_000;
+    for (what, spec) in [
+        ("new flow", Spec::tcp(addr(CLIENT, 40000), timed, SYN)),
+        ("established flow", Spec::tcp(addr(CLIENT, 40000), timed, ACK)),
+        ("not a service", Spec::tcp(addr(CLIENT, 40000), addr([10, 244, 0, 7], 80), ACK)),
+    ] {
+        let (verdict, _, ns) = h.run_tc(&packet::build(&spec), repeat);
+        assert_eq!(verdict, TC_ACT_OK);
+        println!("tc_from_pod, {what}: {ns} ns/packet (BPF_PROG_TEST_RUN, repeat {repeat})");
+    }
+    assert_eq!(h.counter(counter::DNAT_NEW), u64::from(repeat), "every SYN run is a new flow");
+    assert_eq!(h.counter(counter::DNAT_ESTABLISHED), u64::from(repeat), "every ACK run is an established flow");
 }

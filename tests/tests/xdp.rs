@@ -6,13 +6,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, counter};
 use lb_tests::{
-    harness::{Harness, ct_key},
+    harness::{Harness, ct_key, round_trip_services},
     netns::{Netns, unique_tag},
     packet::{self, ACK, SYN, Seen, SeenIcmpError, Spec, TCP},
 };
 use lb_userspace::{
     cidr::Cidr,
-    model::{Frontend, FrontendKind, Protocol, ServicePort},
+    model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
 };
 
 const XDP_DROP: u32 = 1;
@@ -343,15 +343,19 @@ fn icmp_errors_about_other_flows_and_other_icmp_pass_untouched() {
 #[test]
 fn xdp_cost_per_packet() {
     let wire = wire();
-    let mut h = Harness::new(&[frontend(FrontendKind::NodePort, NODE, 8080, Protocol::Tcp, &[(NODE, true)])]);
+    let timed = addr(NODE, 8080);
+    let others = [addr([10, 96, 0, 11], 8080)];
+    let mut h = Harness::new(&round_trip_services(timed, FrontendKind::NodePort, &others, Algorithm::Random));
     let repeat = 1_000_000;
-    for (what, spec, expected) in [
-        ("NodePort new flow", Spec::tcp(addr(CLIENT, 40000), addr(NODE, 8080), SYN), XDP_PASS),
-        ("established flow", Spec::tcp(addr(CLIENT, 40000), addr(NODE, 8080), ACK), XDP_PASS),
-        ("not a service", Spec::tcp(addr(CLIENT, 40000), addr([10, 200, 0, 7], 80), ACK), XDP_PASS),
+    for (what, spec) in [
+        ("NodePort new flow", Spec::tcp(addr(CLIENT, 40000), timed, SYN)),
+        ("established flow", Spec::tcp(addr(CLIENT, 40000), timed, ACK)),
+        ("not a service", Spec::tcp(addr(CLIENT, 40000), addr([10, 200, 0, 7], 80), ACK)),
     ] {
         let (verdict, _, ns) = h.run_xdp(&wire.netns, wire.ifindex, &packet::build(&spec), repeat);
-        assert_eq!(verdict, expected);
+        assert_eq!(verdict, XDP_PASS);
         println!("xdp_from_wire, {what}: {ns} ns/packet (BPF_PROG_TEST_RUN, repeat {repeat})");
     }
+    assert_eq!(h.counter(counter::DNAT_NEW), u64::from(repeat), "every SYN run is a new flow");
+    assert_eq!(h.counter(counter::DNAT_ESTABLISHED), u64::from(repeat), "every ACK run is an established flow");
 }

@@ -28,7 +28,7 @@ use clap::Parser;
 use lb_tests::{
     agent::{Agent, TempDir, lb_binary, map_size_args},
     anchors::{self, AnchorService},
-    harness::{Harness, test_run, xdp_ctx},
+    harness::{Harness, round_trip_services, test_run, xdp_ctx},
     load::Report,
     netns::{Cluster, Netns, Topology, run, unique_tag},
     packet::{self, ACK, SYN, Spec},
@@ -286,20 +286,22 @@ struct Cost {
     baseline: u64,
 }
 
-/// Per-packet cost by BPF_PROG_TEST_RUN. The measured frontend's backend
-/// is the frontend itself: a repeated run sees the frame as the previous
-/// run left it, so every SYN is a new flow (a SYN always selects anew) and
-/// every ACK an established-flow hit.
+/// Per-packet cost by BPF_PROG_TEST_RUN, on the timed frontend of
+/// `round_trip_services`: a real new flow on every SYN run and a real
+/// established-flow hit on every ACK run, each with its rewrite. The timed
+/// frontend has `backends` backends (frontends that lead back to it), so
+/// half the SYN runs pick among them and half pick the one way back.
 fn packet_costs(quick: bool) -> anyhow::Result<Vec<Cost>> {
     let repeat = 1_000_000;
     let netns = Netns::new(format!("lbt{}-cost", unique_tag()))?;
     netns.ip(&["link", "set", "lo", "up"])?;
     let mut baseline = Baseline::load()?;
     let node = Ipv4Addr::new(10, 200, 0, 1);
+    let timed = SocketAddrV4::new(node, 8080);
     let client = SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 100), 40000);
     let frames = [
-        packet::build(&Spec::tcp(client, SocketAddrV4::new(node, 8080), SYN)),
-        packet::build(&Spec::tcp(client, SocketAddrV4::new(node, 8080), ACK)),
+        packet::build(&Spec::tcp(client, timed, SYN)),
+        packet::build(&Spec::tcp(client, timed, ACK)),
         packet::build(&Spec::tcp(client, SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 7), 80), ACK)),
     ];
     let baseline_xdp = netns
@@ -326,6 +328,7 @@ fn packet_costs(quick: bool) -> anyhow::Result<Vec<Cost>> {
     };
     let mut costs = Vec::new();
     for (services, backends, algorithm) in sweeps {
+        // The other Services, filling the maps.
         let mut ports: Vec<ServicePort> = (1..services)
             .map(|i| ServicePort {
                 name: format!("svc-{i}"),
@@ -336,19 +339,9 @@ fn packet_costs(quick: bool) -> anyhow::Result<Vec<Cost>> {
                 ..Default::default()
             })
             .collect();
-        let own = SocketAddrV4::new(node, 8080);
-        // The measured frontend: itself as the backend the ACK hits, among
-        // `backends` (the others differ by port, so never hit by the SYN run
-        // twice in a row, which is fine: a SYN always selects anew).
-        ports.push(ServicePort {
-            name: "measured".into(),
-            frontend: Frontend { addr: node, port: 8080, protocol: Protocol::Tcp },
-            kind: FrontendKind::NodePort,
-            backends: [own].into(),
-            local_backends: [own].into(),
-            algorithm,
-            ..Default::default()
-        });
+        let way_back: Vec<SocketAddrV4> =
+            (0..backends).map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 99, (b >> 8) as u8, b as u8), 8080)).collect();
+        ports.extend(round_trip_services(timed, FrontendKind::NodePort, &way_back, algorithm));
         let sizes = MapSizes {
             services: (services * (backends + 1) + 1024).max(lb_common::DEFAULT_SERVICES_MAX_ENTRIES),
             backends: (services * backends + 1024).max(lb_common::DEFAULT_BACKENDS_MAX_ENTRIES),
