@@ -3,6 +3,7 @@ pub mod agent;
 pub mod anchors;
 pub mod apiserver;
 pub mod harness;
+pub mod interrupt;
 pub mod load;
 pub mod manifests;
 pub mod netns;

@@ -32,8 +32,13 @@ pub fn unique_tag() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     assert!(n < 0x1000, "more than 4096 tags in one process");
-    // Linux pids fit in 22 bits (PID_MAX_LIMIT).
-    format!("{:06x}{n:03x}", std::process::id())
+    format!("{}{n:03x}", process_tag())
+}
+
+/// What every `unique_tag` of this process starts with: its pid, which
+/// fits in 22 bits (PID_MAX_LIMIT).
+pub fn process_tag() -> String {
+    format!("{:06x}", std::process::id())
 }
 
 /// Moves the calling thread into the network namespace at `path`.

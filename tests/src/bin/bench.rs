@@ -29,6 +29,7 @@ use lb_tests::{
     agent::{Agent, TempDir, lb_binary, map_size_args},
     anchors::{self, AnchorService},
     harness::{Harness, round_trip_services, test_run, xdp_ctx},
+    interrupt,
     load::Report,
     netns::{Cluster, Netns, Topology, run, unique_tag},
     packet::{self, ACK, SYN, Spec},
@@ -482,6 +483,7 @@ fn register_font() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    interrupt::clean_up_on_interrupt();
     let args = Args::parse();
     let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let sizes = if !args.services.is_empty() {

@@ -16,6 +16,7 @@ use lb_common::ServiceKey;
 use lb_tests::{
     agent::{Agent, TempDir, map_size_args},
     apiserver::{ApiServer, Kind},
+    interrupt,
     netns::{Cluster, Topology},
 };
 use lb_userspace::datapath::Maps;
@@ -58,6 +59,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() -> anyhow::Result<()> {
+    interrupt::clean_up_on_interrupt();
     let mut args = std::env::args().skip(1).map(|a| a.parse::<u32>());
     let services = args.next().transpose()?.unwrap_or(1000);
     let changes = args.next().transpose()?.unwrap_or(1000);
