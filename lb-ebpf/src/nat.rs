@@ -134,7 +134,7 @@ fn bytes_at<const N: usize>(data: u32, data_end: u32, offset: usize) -> Result<*
 /// as they lie in the packet, since the sum does not depend on byte order
 /// (RFC 1071) as long as the checksum is read and written the same way.
 #[inline(always)]
-pub fn csum_diff<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
+fn csum_diff<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
     let mut diff = 0;
     let mut i = 0;
     while i + 1 < N {
@@ -147,7 +147,7 @@ pub fn csum_diff<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
 
 /// The Internet checksum `check` with `diff`, a sum of `csum_diff`s, applied.
 #[inline(always)]
-pub fn csum_apply(check: [u8; 2], diff: u32) -> [u8; 2] {
+fn csum_apply(check: [u8; 2], diff: u32) -> [u8; 2] {
     let mut sum = u32::from(!u16::from_ne_bytes(check)) + diff;
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);

@@ -880,13 +880,17 @@ endpoints: [{addresses: [10.0.0.1]}]
         assert!(backends(&state, "10.96.0.3:80/TCP").is_empty(), "headless slice ignored");
     }
 
+    /// A Service manifest on port 80, with more metadata and spec fields
+    /// (each starting with ", ") after the name and the ports.
+    fn port_80_service(name: &str, metadata: &str, ip: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}{metadata}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]{spec}}}\n---\n"
+        )
+    }
+
     #[test]
     fn session_affinity_is_read_with_kubernetes_defaults_and_limits() {
-        let service = |name: &str, ip: &str, affinity: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]{affinity}}}\n---\n"
-            )
-        };
+        let service = |name: &str, ip: &str, affinity: &str| port_80_service(name, "", ip, affinity);
         let state = desired(
             &[
                 service("none", "10.96.0.1", ""),
@@ -917,11 +921,7 @@ endpoints: [{addresses: [10.0.0.1]}]
 
     #[test]
     fn the_algorithm_annotation_overrides_the_default() {
-        let service = |name: &str, ip: &str, annotation: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}{annotation}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n"
-            )
-        };
+        let service = |name: &str, ip: &str, annotation: &str| port_80_service(name, annotation, ip, "");
         let state = desired(
             &[
                 service("plain", "10.96.0.1", ""),

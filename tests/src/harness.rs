@@ -48,6 +48,22 @@ pub fn round_trip_services(
     ports
 }
 
+/// The frames the per-packet timings run, with their names: a SYN to
+/// `timed` (a new flow on every run, with `round_trip_services`), an ACK to
+/// it (an established flow, after the SYNs), and an ACK to `elsewhere`,
+/// which is not a service.
+pub fn timing_frames(
+    client: SocketAddrV4,
+    timed: SocketAddrV4,
+    elsewhere: SocketAddrV4,
+) -> [(&'static str, Vec<u8>); 3] {
+    [
+        ("new flow", packet::build(&Spec::tcp(client, timed, packet::SYN))),
+        ("established flow", packet::build(&Spec::tcp(client, timed, packet::ACK))),
+        ("not a service", packet::build(&Spec::tcp(client, elsewhere, packet::ACK))),
+    ]
+}
+
 pub struct Harness {
     pub datapath: Datapath,
 }

@@ -7,7 +7,7 @@ use lb_common::{
     CT_STATE_NEW, CtKey, counter,
 };
 use lb_tests::{
-    harness::{Harness, ct_key, monotonic_ns, round_trip_services},
+    harness::{Harness, ct_key, monotonic_ns, round_trip_services, timing_frames},
     packet::{self, ACK, SYN, Seen, SeenIcmpError, Spec},
 };
 use lb_userspace::{
@@ -498,12 +498,8 @@ fn tc_cost_per_packet() {
     let others = [addr([10, 96, 0, 11], 8080)];
     let mut h = Harness::new(&round_trip_services(timed, FrontendKind::ClusterIp, &others, Algorithm::Random));
     let repeat = 1_000_000;
-    for (what, spec) in [
-        ("new flow", Spec::tcp(addr(CLIENT, 40000), timed, SYN)),
-        ("established flow", Spec::tcp(addr(CLIENT, 40000), timed, ACK)),
-        ("not a service", Spec::tcp(addr(CLIENT, 40000), addr([10, 244, 0, 7], 80), ACK)),
-    ] {
-        let (verdict, _, ns) = h.run_tc(&packet::build(&spec), repeat);
+    for (what, frame) in timing_frames(addr(CLIENT, 40000), timed, addr([10, 244, 0, 7], 80)) {
+        let (verdict, _, ns) = h.run_tc(&frame, repeat);
         assert_eq!(verdict, TC_ACT_OK);
         println!("tc_from_pod, {what}: {ns} ns/packet (BPF_PROG_TEST_RUN, repeat {repeat})");
     }

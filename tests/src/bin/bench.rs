@@ -28,11 +28,10 @@ use clap::Parser;
 use lb_tests::{
     agent::{Agent, TempDir, lb_binary, map_size_args},
     anchors::{self, AnchorService},
-    harness::{Harness, round_trip_services, test_run, xdp_ctx},
+    harness::{Harness, round_trip_services, test_run, timing_frames, xdp_ctx},
     interrupt,
     load::Report,
     netns::{Cluster, Netns, Topology, run, unique_tag},
-    packet::{self, ACK, SYN, Spec},
 };
 use lb_userspace::{
     datapath::{Baseline, MapSizes},
@@ -300,11 +299,7 @@ fn packet_costs(quick: bool) -> anyhow::Result<Vec<Cost>> {
     let node = Ipv4Addr::new(10, 200, 0, 1);
     let timed = SocketAddrV4::new(node, 8080);
     let client = SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 100), 40000);
-    let frames = [
-        packet::build(&Spec::tcp(client, timed, SYN)),
-        packet::build(&Spec::tcp(client, timed, ACK)),
-        packet::build(&Spec::tcp(client, SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 7), 80), ACK)),
-    ];
+    let frames = timing_frames(client, timed, SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 7), 80)).map(|(_, f)| f);
     let baseline_xdp = netns
         .enter(|| test_run(baseline.xdp().expect("baseline"), &frames[1], Some(&xdp_ctx(&frames[1], 1)), repeat).2);
     let baseline_tc = test_run(baseline.tc()?, &frames[1], None, repeat).2;
