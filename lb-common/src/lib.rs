@@ -53,9 +53,23 @@ pub const PROG_FROM_WIRE: &str = "xdp_from_wire";
 /// with no lookups. The benchmarks' floor; never attached by the agent.
 pub const PROG_XDP_BASELINE: &str = "xdp_baseline";
 pub const PROG_TC_BASELINE: &str = "tc_baseline";
-/// The cgroup programs that balance host-network sockets (connect and
-/// sendmsg pick a backend; recvmsg and getpeername show the service).
-pub const PROGS_SOCK: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
+/// The cgroup programs that balance sockets (connect and sendmsg pick a
+/// backend; recvmsg and getpeername show the service), for AF_INET sockets
+/// and AF_INET6 sockets using v4-mapped addresses.
+pub const PROGS_SOCK: [&str; 8] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_getpeername4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_getpeername6",
+];
+/// The network namespace (cookie) whose sockets the socket programs
+/// translate, a load-time global; 0 translates every namespace's
+/// (`--socket-lb all`).
+pub const GLOBAL_SOCKET_LB_NETNS: &str = "SOCKET_LB_NETNS";
 
 /// SOCK_REVNAT: `SockRevNatKey` → `SockRevNatValue`, LRU. Written by the
 /// connect4/sendmsg4 programs, read by recvmsg4/getpeername4.
@@ -197,21 +211,62 @@ pub struct SockRevNatValue {
     pub _pad: [u8; 2],
 }
 
-/// A client of a frontend, for session affinity.
+/// A client of a frontend, for session affinity, or a socket that keeps its
+/// backend (unconnected UDP): what the AFFINITY map is keyed by.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
     pub vip: [u8; 4],
-    pub client: [u8; 4],
     pub port: [u8; 2],
     pub protocol: u8,
-    pub _pad: u8,
+    /// The `SCOPE_*` view of the frontend the backend was chosen from: an
+    /// internal client's backend need not be one of the external view's.
+    pub scope: u8,
+    /// `AFFINITY_CLIENT_*`: what `client` holds.
+    pub client_kind: u8,
+    pub _pad: [u8; 7],
+    /// An IPv4 address (then 4 zero bytes), or a cookie in native order.
+    pub client: [u8; 8],
 }
 
+/// `AffinityKey::client_kind`: a client address, seen by the packet hooks
+/// (kube-proxy's ClientIP).
+pub const AFFINITY_CLIENT_ADDR: u8 = 0;
+/// `AffinityKey::client_kind`: a network namespace cookie, seen by the
+/// socket hooks: one pod, or the node's host-network processes.
+pub const AFFINITY_CLIENT_NETNS: u8 = 1;
+/// `AffinityKey::client_kind`: a socket cookie. An unconnected UDP socket
+/// keeps the backend of its first datagram, as a packet-level flow keeps
+/// its conntrack entry; held for the UDP conntrack timeout.
+pub const AFFINITY_CLIENT_SOCKET: u8 = 2;
+
 impl AffinityKey {
-    /// The frontend (slot 0) this client entry belongs to.
+    pub const fn new(frontend: &ServiceKey, client_kind: u8, client: [u8; 8]) -> Self {
+        Self {
+            vip: frontend.vip,
+            port: frontend.port,
+            protocol: frontend.protocol,
+            scope: frontend.scope,
+            client_kind,
+            _pad: [0; 7],
+            client,
+        }
+    }
+
+    /// The client address of an `AFFINITY_CLIENT_ADDR` key.
+    pub const fn addr_client(addr: [u8; 4]) -> [u8; 8] {
+        [addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0]
+    }
+
+    /// The frontend view (slot 0) this client entry belongs to.
     pub const fn frontend(&self) -> ServiceKey {
-        ServiceKey::new(self.vip, self.port, self.protocol, 0)
+        ServiceKey::new(self.vip, self.port, self.protocol, 0).with_scope(self.scope)
+    }
+
+    /// Whether the entry is session affinity (the frontend's
+    /// `affinity_timeout_s`), rather than a socket keeping its backend.
+    pub const fn is_session_affinity(&self) -> bool {
+        self.client_kind != AFFINITY_CLIENT_SOCKET
     }
 }
 
@@ -431,7 +486,12 @@ pub mod counter {
     /// translated flow: translated to match the packet its sender saw.
     pub const ICMP_ERROR_TRANSLATED: u32 = 10;
 
-    pub const COUNT: u32 = 11;
+    /// New external flow to a backend on another node that could not be
+    /// source-NATed (no route to the backend, or no free port): dropped,
+    /// as netfilter drops a packet masquerade cannot translate.
+    pub const DROP_SNAT_FAILED: u32 = 11;
+
+    pub const COUNT: u32 = 12;
 
     /// Names for inspection and metrics, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -446,13 +506,14 @@ pub mod counter {
         "drop_source_range",
         "drop_no_local_backend",
         "icmp_error_translated",
+        "drop_snat_failed",
     ];
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 12);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
-    assert!(core::mem::size_of::<AffinityKey>() == 12);
+    assert!(core::mem::size_of::<AffinityKey>() == 24);
     assert!(core::mem::size_of::<SockRevNatKey>() == 16);
     assert!(core::mem::size_of::<SockRevNatValue>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);

@@ -1,99 +1,280 @@
-//! Socket-level balancing for host-network clients (the node itself,
-//! hostNetwork pods): cgroup hooks that send a socket straight to a backend
-//! when it connects (or per datagram, for unconnected UDP), so its packets
-//! need no NAT; and show the application the service address back on
-//! recvmsg and getpeername. Selection is random here: there is no 5-tuple
-//! yet at connect time.
+//! Socket-level balancing: cgroup hooks that send a socket straight to a
+//! backend when it connects (or per datagram, for unconnected UDP), so its
+//! packets need no NAT, and show the application the service address back
+//! on recvmsg and getpeername. AF_INET sockets, and AF_INET6 sockets using
+//! v4-mapped addresses (`::ffff:a.b.c.d`, as dual-stack applications do).
+//!
+//! Which sockets: those of one network namespace (`SOCKET_LB_NETNS`, the
+//! agent's own: the node's host-network processes), or of every namespace
+//! when it is 0. Lookup, refusal and selection are `lb`'s, as for packets;
+//! what a socket hook cannot do the way a packet hook does is said in
+//! ARCHITECTURE.md.
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
-use lb_common::{ServiceKey, SockRevNatKey, SockRevNatValue};
+use lb_common::{
+    AFFINITY_CLIENT_NETNS, AFFINITY_CLIENT_SOCKET, Backend, CtKey, SockRevNatKey, SockRevNatValue, ct_timeout,
+    flow_hash,
+};
 
 use crate::{
-    maps::{SERVICE_ADDRS, SERVICES, SOCK_REVNAT},
-    service::{random_backend, scoped},
+    conntrack,
+    lb::{self, Lookup, Selector},
+    maps::SOCK_REVNAT,
 };
 
 /// The syscall goes on (with whatever address we left in the context).
 const ALLOW: i32 = 1;
-/// The syscall fails (EPERM): a Service without endpoints refuses at once.
-const REFUSE: i32 = 0;
+/// The syscall fails, with the error `bpf_set_retval` set.
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// The network namespace whose sockets are translated (its cookie); 0 for
+/// all. The agent sets it at load time.
+#[unsafe(no_mangle)]
+static SOCKET_LB_NETNS: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx)
+    to_backend4(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx)
+    to_backend4(&ctx, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    to_service(&ctx)
+    to_service4(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    to_service(&ctx)
+    to_service4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    to_backend6(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    to_backend6(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    to_service6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    to_service6(&ctx)
+}
+
+/// What the socket hook does with a destination.
+enum Choice {
+    /// Not a service (or not a socket of ours): leave it.
+    Leave,
+    /// Send the socket to this backend instead.
+    To(Backend),
+    /// Fail the call with ECONNREFUSED: a Service without endpoints, or a
+    /// port a cluster IP does not define.
+    Refuse,
 }
 
 #[inline(always)]
-fn cookie(ctx: &SockAddrContext) -> u64 {
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the context's own pointer, as the helper expects.
     unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
-/// The address and port of the context, as network-order bytes.
+/// Whether the socket is in a network namespace this agent translates.
 #[inline(always)]
-fn user_addr(sa: &bpf_sock_addr) -> ([u8; 4], [u8; 2]) {
-    // Both fields hold network-order values; the port in the low 16 bits.
-    (sa.user_ip4.to_ne_bytes(), (sa.user_port as u16).to_ne_bytes())
+fn ours(netns: u64) -> bool {
+    // SAFETY: a global the loader may have rewritten; read it as such.
+    let wanted = unsafe { core::ptr::read_volatile(&SOCKET_LB_NETNS) };
+    wanted == 0 || netns == wanted
 }
 
-fn to_backend(ctx: &SockAddrContext) -> i32 {
-    // SAFETY: the kernel hands the program a valid context for its run.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let (vip, port) = user_addr(sa);
-    // SAFETY: map values are plain data.
-    if unsafe { SERVICE_ADDRS.get(&vip) }.is_none() {
-        return ALLOW;
+/// The hash that picks a socket's Maglev entry: there is no 5-tuple yet at
+/// connect time, so the socket stands for the flow.
+#[inline(always)]
+fn socket_hash(cookie: u64, vip: [u8; 4], port: [u8; 2], protocol: u8) -> u32 {
+    let c = cookie.to_ne_bytes();
+    flow_hash(&CtKey {
+        saddr: [c[0], c[1], c[2], c[3]],
+        daddr: vip,
+        sport: [c[4], c[5]],
+        dport: port,
+        protocol,
+        _pad: [0; 3],
+    })
+}
+
+/// The backend for a socket of `ctx` going to `vip`:`port`; `datagram`
+/// for one datagram of an unconnected UDP socket (sendmsg).
+#[inline(always)]
+fn choose(ctx: &SockAddrContext, vip: [u8; 4], port: [u8; 2], protocol: u8, datagram: bool) -> Choice {
+    // SAFETY: the context's own pointer, as the helper expects.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    if !ours(netns) {
+        return Choice::Leave;
     }
-    let frontend = ServiceKey::new(vip, port, sa.protocol as u8, 0);
-    // SAFETY: as above.
-    let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
-        return ALLOW;
+    // Every socket we translate belongs to a client inside the cluster.
+    let frontend = match lb::lookup(vip, port, protocol, true) {
+        Lookup::NotService | Lookup::UnknownPort { cluster_ip: false } => return Choice::Leave,
+        // Left alone, it would be routed out of the node toward nobody.
+        Lookup::UnknownPort { cluster_ip: true } => return Choice::Refuse,
+        Lookup::Frontend(frontend) => frontend,
     };
-    // Host clients are inside the cluster.
-    let (frontend, service) = scoped(frontend, service, true);
-    let count = service.backend_count;
-    if count == 0 {
-        return REFUSE;
+    // Dropping is not possible at a socket: refusing at once is the
+    // nearest (an internal client has no other node to try).
+    if frontend.empty().is_some() {
+        return Choice::Refuse;
     }
-    let Some((_, backend)) = random_backend(&frontend, count) else {
-        return REFUSE;
+    let cookie = socket_cookie(ctx);
+    let selector = Selector {
+        // The namespace is the client: a pod, or the node's processes,
+        // whose packets would all carry the node's address.
+        client_kind: AFFINITY_CLIENT_NETNS,
+        client: netns.to_ne_bytes(),
+        hash: socket_hash(cookie, vip, port, protocol),
+        // An unconnected UDP socket is one flow: its datagrams keep one
+        // backend, as a conntrack entry keeps a packet flow's.
+        sticky: datagram.then_some((AFFINITY_CLIENT_SOCKET, cookie.to_ne_bytes(), ct_timeout::UDP_ESTABLISHED_NS)),
     };
-    let key =
-        SockRevNatKey { cookie: cookie(ctx), backend_addr: backend.addr, backend_port: backend.port, _pad: [0; 2] };
+    match lb::select(&frontend, &selector, conntrack::now()) {
+        Some((_, backend)) => Choice::To(backend),
+        None => Choice::Refuse,
+    }
+}
+
+/// Remembers that the socket reaches `vip`:`port` through `backend`, for
+/// recvmsg and getpeername.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, backend: &Backend, vip: [u8; 4], port: [u8; 2]) {
+    let key = SockRevNatKey {
+        cookie: socket_cookie(ctx),
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        _pad: [0; 2],
+    };
     let value = SockRevNatValue { vip, port, _pad: [0; 2] };
     // An LRU map evicts rather than fails; if it did fail, the application
     // would see the backend's address, not a broken connection.
     let _ = SOCK_REVNAT.insert(&key, &value, 0);
-    sa.user_ip4 = u32::from_ne_bytes(backend.addr);
-    sa.user_port = u32::from(u16::from_ne_bytes(backend.port));
+}
+
+/// The service address and port the socket of `ctx` was sent away from,
+/// if `addr`:`port` is a backend it was sent to.
+#[inline(always)]
+fn service_of(ctx: &SockAddrContext, addr: [u8; 4], port: [u8; 2]) -> Option<SockRevNatValue> {
+    let key = SockRevNatKey { cookie: socket_cookie(ctx), backend_addr: addr, backend_port: port, _pad: [0; 2] };
+    // SAFETY: map values are plain data.
+    unsafe { SOCK_REVNAT.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: a plain helper call; the cgroup hook's error for the syscall.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
+
+/// The port of the context, network order (in the low 16 bits).
+#[inline(always)]
+fn user_port(sa: &bpf_sock_addr) -> [u8; 2] {
+    (sa.user_port as u16).to_ne_bytes()
+}
+
+#[inline(always)]
+fn set_user_port(sa: &mut bpf_sock_addr, port: [u8; 2]) {
+    sa.user_port = u32::from(u16::from_ne_bytes(port));
+}
+
+fn to_backend4(ctx: &SockAddrContext, datagram: bool) -> i32 {
+    // SAFETY: the kernel hands the program a valid context for its run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let (vip, port) = (sa.user_ip4.to_ne_bytes(), user_port(sa));
+    match choose(ctx, vip, port, sa.protocol as u8, datagram) {
+        Choice::Leave => ALLOW,
+        Choice::Refuse => refuse(),
+        Choice::To(backend) => {
+            remember(ctx, &backend, vip, port);
+            sa.user_ip4 = u32::from_ne_bytes(backend.addr);
+            set_user_port(sa, backend.port);
+            ALLOW
+        }
+    }
+}
+
+fn to_service4(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: as in `to_backend4`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(service) = service_of(ctx, sa.user_ip4.to_ne_bytes(), user_port(sa)) {
+        sa.user_ip4 = u32::from_ne_bytes(service.vip);
+        set_user_port(sa, service.port);
+    }
     ALLOW
 }
 
-fn to_service(ctx: &SockAddrContext) -> i32 {
-    // SAFETY: as in `to_backend`.
+/// The IPv4 address inside a v4-mapped IPv6 address (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn v4_mapped(sa: &bpf_sock_addr) -> Option<[u8; 4]> {
+    // SAFETY: reads of the context's own fields, one word at a time (the
+    // verifier checks each context access).
+    let words = unsafe {
+        [
+            core::ptr::read_volatile(&sa.user_ip6[0]),
+            core::ptr::read_volatile(&sa.user_ip6[1]),
+            core::ptr::read_volatile(&sa.user_ip6[2]),
+            core::ptr::read_volatile(&sa.user_ip6[3]),
+        ]
+    };
+    (words[0] == 0 && words[1] == 0 && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+        .then(|| words[3].to_ne_bytes())
+}
+
+#[inline(always)]
+fn set_v4_mapped(sa: &mut bpf_sock_addr, addr: [u8; 4]) {
+    // SAFETY: a write of the context's own field; the prefix stays mapped.
+    unsafe { core::ptr::write_volatile(&mut sa.user_ip6[3], u32::from_ne_bytes(addr)) };
+}
+
+fn to_backend6(ctx: &SockAddrContext, datagram: bool) -> i32 {
+    // SAFETY: as in `to_backend4`.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let (addr, port) = user_addr(sa);
-    let key = SockRevNatKey { cookie: cookie(ctx), backend_addr: addr, backend_port: port, _pad: [0; 2] };
-    // SAFETY: map values are plain data.
-    if let Some(service) = unsafe { SOCK_REVNAT.get(&key) } {
-        sa.user_ip4 = u32::from_ne_bytes(service.vip);
-        sa.user_port = u32::from(u16::from_ne_bytes(service.port));
+    let Some(vip) = v4_mapped(sa) else {
+        return ALLOW;
+    };
+    let port = user_port(sa);
+    match choose(ctx, vip, port, sa.protocol as u8, datagram) {
+        Choice::Leave => ALLOW,
+        Choice::Refuse => refuse(),
+        Choice::To(backend) => {
+            remember(ctx, &backend, vip, port);
+            set_v4_mapped(sa, backend.addr);
+            set_user_port(sa, backend.port);
+            ALLOW
+        }
+    }
+}
+
+fn to_service6(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: as in `to_backend4`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(addr) = v4_mapped(sa) else {
+        return ALLOW;
+    };
+    if let Some(service) = service_of(ctx, addr, user_port(sa)) {
+        set_v4_mapped(sa, service.vip);
+        set_user_port(sa, service.port);
     }
     ALLOW
 }

@@ -6,18 +6,16 @@
 use lb_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
+    conntrack,
     maps::ICMP_REPLY,
-    nat::{Frame, csum_replace},
-    parse::{ETH_HLEN, Packet},
-    service,
-    translate::{Rewrite, rewrite_of},
+    nat::{Frame, Rewrite, csum_replace},
+    parse::{ETH_HLEN, ICMP_HLEN, IPV4_HLEN, Packet},
+    translate::rewrite_of,
 };
 
-const IPV4_HLEN: usize = 20;
-const ICMP_HLEN: usize = 8;
+pub use crate::parse::ICMP_REPLY_LEN as REPLY_LEN;
 /// RFC 792: the offending IP header and the first 8 bytes of its payload.
 const QUOTED_LEN: usize = IPV4_HLEN + 8;
-pub const REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTED_LEN;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -102,7 +100,7 @@ pub enum ErrorRoute {
 /// full.)
 #[inline(never)]
 fn rewrite_at(key: &CtKey, rewrite: &mut Rewrite) -> bool {
-    let Some(verdict) = service::tracked(key) else {
+    let Some(verdict) = conntrack::tracked(key) else {
         return false;
     };
     match rewrite_of(&verdict, (key.saddr, key.sport), (key.daddr, key.dport)) {

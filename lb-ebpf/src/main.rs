@@ -1,18 +1,26 @@
-//! The datapath. One file per hook; parsing, NAT and service selection are
-//! shared helpers so the XDP hook can reuse them.
+//! The datapath. One file per hook; parsing, NAT, conntrack and the
+//! Service's lookup and selection are shared layers below them.
 #![no_std]
 #![no_main]
 
-mod baseline;
-mod cgroup_sock;
-mod icmp;
+// Leaves: packet layout, map statics, rewrites and checksums, verdicts.
 mod maps;
 mod nat;
 mod parse;
-mod service;
+mod verdict;
+// Then state and semantics: conntrack, the Service's lookup and selection,
+// source NAT and its route lookups.
+mod conntrack;
+mod lb;
 mod snat;
-mod tc_pod;
+// Then the packet pipeline the packet hooks share, and its ICMP side.
+mod classify;
+mod icmp;
 mod translate;
+// The hooks, thin: they adapt packets and sockets to the above.
+mod baseline;
+mod cgroup_sock;
+mod tc_pod;
 mod xdp_wire;
 
 #[cfg(not(test))]

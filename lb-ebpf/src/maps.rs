@@ -63,4 +63,4 @@ pub fn count(index: u32, bytes: u32) {
 
 /// Scratch space for building an ICMP reply, one per CPU.
 #[btf_map]
-pub static ICMP_REPLY: PerCpuArray<[u8; crate::icmp::REPLY_LEN], 1> = PerCpuArray::new();
+pub static ICMP_REPLY: PerCpuArray<[u8; crate::parse::ICMP_REPLY_LEN], 1> = PerCpuArray::new();

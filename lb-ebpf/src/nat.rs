@@ -16,7 +16,19 @@ use core::ptr::{read_unaligned, read_volatile, write_unaligned};
 
 use lb_common::PROTO_UDP;
 
-use crate::{parse::Packet, translate::Rewrite};
+use crate::parse::Packet;
+
+/// An address and port, network order.
+pub type Endpoint = ([u8; 4], [u8; 2]);
+
+/// The source and destination a packet leaves with.
+#[derive(Clone, Copy, Default)]
+pub struct Rewrite {
+    pub source: Endpoint,
+    pub destination: Endpoint,
+    /// Routed on from here (an SNAT flow), not handed to the stack.
+    pub forward: bool,
+}
 
 /// A packet a hook may read and rewrite in place.
 pub trait Frame {

@@ -4,6 +4,11 @@ use core::mem::size_of;
 use lb_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+pub const ICMP_HLEN: usize = 8;
+/// An ICMP error the datapath sends: RFC 792's quote of the offending IP
+/// header and the first 8 bytes of its payload, after its own headers.
+pub const ICMP_REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + 8;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 /// Ethernet, the longest IPv4 header and a TCP header without options: what
 /// a hook must be able to read to translate a packet.

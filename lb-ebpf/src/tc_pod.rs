@@ -10,12 +10,12 @@ use aya_ebpf::{
 use lb_common::counter;
 
 use crate::{
-    icmp,
+    classify, icmp,
     maps::count,
     nat::Frame,
     parse::{self, MAX_HEADERS_LEN, Packet, Unparsed},
-    service::{self, Origin},
     translate::{Action, translate},
+    verdict::Origin,
 };
 
 #[classifier]
@@ -52,7 +52,7 @@ fn try_tc_from_pod(ctx: &TcContext) -> Result<(u32, i32), i64> {
         Err(Unparsed::Icmp) => return icmp_error(ctx),
         Err(_) => return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32)),
     };
-    let (index, action) = translate(ctx, &packet, service::classify(&packet, Origin::Pod))?;
+    let (index, action) = translate(ctx, &packet, classify::classify(&packet, Origin::Pod))?;
     let action = match action {
         // The stack routes the translated packet, to a pod or another node.
         Action::Pass | Action::Forward => TC_ACT_OK as i32,

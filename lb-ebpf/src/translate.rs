@@ -3,19 +3,11 @@
 //! hook's business.
 use lb_common::{HAIRPIN_ADDR, counter};
 
-use crate::{nat::Frame, parse::Packet, service::Verdict};
-
-/// An address and port.
-pub type Endpoint = ([u8; 4], [u8; 2]);
-
-/// The source and destination a packet leaves with.
-#[derive(Clone, Copy, Default)]
-pub struct Rewrite {
-    pub source: Endpoint,
-    pub destination: Endpoint,
-    /// Routed on from here (an SNAT flow), not handed to the stack.
-    pub forward: bool,
-}
+use crate::{
+    nat::{Endpoint, Frame, Rewrite},
+    parse::Packet,
+    verdict::Verdict,
+};
 
 /// What `verdict` makes of a packet from `source` to `destination`;
 /// `None` for verdicts that do not translate it. The one place that knows
@@ -71,6 +63,7 @@ pub fn translate<F: Frame>(frame: &F, packet: &Packet, verdict: Verdict) -> Resu
         Verdict::UnknownPort => (counter::DROP_UNKNOWN_PORT, Action::Drop),
         Verdict::SourceRangeDenied => (counter::DROP_SOURCE_RANGE, Action::Drop),
         Verdict::NoLocalBackend => (counter::DROP_NO_LOCAL_BACKEND, Action::Drop),
+        Verdict::SnatFailed => (counter::DROP_SNAT_FAILED, Action::Drop),
         _ => (counter::PASS, Action::Pass),
     })
 }

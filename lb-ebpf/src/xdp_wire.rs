@@ -20,13 +20,14 @@ use aya_ebpf::{
 use lb_common::counter;
 
 use crate::{
+    classify,
     icmp::{self, ErrorRoute},
     maps::count,
     nat::{Frame, csum_replace},
     parse::{self, Packet, Unparsed},
-    service::{self, Origin},
     snat::{fib_lookup, fib_params},
     translate::{Action, translate},
+    verdict::Origin,
 };
 
 #[xdp]
@@ -64,7 +65,7 @@ fn service_packet(ctx: &XdpContext, ifindex: u32) -> Result<Option<(u32, u32)>, 
         Err(Unparsed::Icmp) => return Ok(None),
         Err(_) => return Ok(Some((counter::PASS_UNPARSED, XDP_PASS))),
     };
-    let verdict = service::classify(&packet, Origin::Wire { ctx: ctx.as_ptr(), ifindex });
+    let verdict = classify::classify(&packet, Origin::Wire { ctx: ctx.as_ptr(), ifindex });
     let (index, action) = translate(ctx, &packet, verdict)?;
     let action = match action {
         Action::Pass => XDP_PASS,

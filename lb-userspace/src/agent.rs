@@ -43,6 +43,13 @@ pub enum SourceConfig {
     Kube(Connection, String),
 }
 
+/// Where the socket programs attach and whose sockets they translate.
+pub struct SocketBalancing {
+    pub cgroup: PathBuf,
+    /// Only the agent's own network namespace (`--socket-lb host`), or all.
+    pub own_netns_only: bool,
+}
+
 pub struct AgentConfig {
     pub source: SourceConfig,
     /// Node addresses in it are filled in by the agent.
@@ -51,8 +58,9 @@ pub struct AgentConfig {
     pub external_interfaces: ExternalInterfaces,
     pub pod_interfaces: PodInterfaces,
     pub pin_path: PathBuf,
-    /// Socket-level balancing for this cgroup, when set.
-    pub cgroup_path: Option<PathBuf>,
+    /// Socket-level balancing: where the programs attach, and which
+    /// sockets they translate. None: off.
+    pub socket_lb: Option<SocketBalancing>,
     pub map_sizes: MapSizes,
     pub min_sync_period: Duration,
     pub healthz_addr: Option<SocketAddr>,
@@ -118,10 +126,28 @@ struct Agent {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(Some(&config.pin_path), config.map_sizes)?;
-    if let Some(cgroup) = &config.cgroup_path {
-        datapath.attach_cgroup(cgroup)?;
-        info!(cgroup = %cgroup.display(), "host sockets balanced at connect");
+    let socket_netns = match &config.socket_lb {
+        Some(SocketBalancing { own_netns_only: true, .. }) => {
+            crate::datapath::netns_cookie().context("reading this network namespace's cookie")?
+        }
+        _ => 0,
+    };
+    let mut datapath = Datapath::load(Some(&config.pin_path), config.map_sizes, socket_netns)?;
+    match &config.socket_lb {
+        // One feature lost is no reason to stop serving the rest: pods
+        // still take the per-packet path.
+        Some(socket_lb) => match datapath.attach_cgroup(&socket_lb.cgroup) {
+            Ok(()) => info!(
+                cgroup = %socket_lb.cgroup.display(),
+                scope = if socket_lb.own_netns_only { "host" } else { "all" },
+                "sockets balanced at connect"
+            ),
+            Err(e) => error!("socket-level balancing unavailable, host-network clients are not translated: {e}"),
+        },
+        None => {
+            let detached = datapath.detach_cgroup();
+            info!(detached, "socket-level balancing off");
+        }
     }
     let adopted = datapath.maps.read_contents()?;
     info!(

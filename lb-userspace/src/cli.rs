@@ -147,9 +147,17 @@ pub struct RunArgs {
     /// (CVE-2020-8554).
     #[arg(long, value_delimiter = ',')]
     pub external_ip_cidrs: Vec<crate::cidr::Cidr>,
-    /// cgroup v2 directory whose processes (and those below) get socket-level
-    /// balancing for host-network clients; default the cgroup v2 root; ""
-    /// turns it off.
+    /// Socket-level balancing (cgroup connect/sendmsg hooks): `host`
+    /// translates the sockets of the agent's own network namespace (the
+    /// node's, for a hostNetwork agent), so pods take the per-packet path;
+    /// `all` translates every namespace's sockets, pods' too, so their
+    /// connections need no per-packet NAT; `off` attaches none and
+    /// detaches any an earlier agent left.
+    #[arg(long, value_enum, default_value = "host")]
+    pub socket_lb: SocketLb,
+    /// cgroup v2 directory where the socket programs attach: processes in
+    /// it and below are candidates for socket-level balancing; default the
+    /// cgroup v2 root; "" turns it off, as `--socket-lb off` does.
     #[arg(long, value_parser = parse_optional_path, default_value_t = default_cgroup())]
     pub cgroup_path: OptionalPath,
     /// bpffs directory for the pinned maps, program and links.
@@ -179,6 +187,17 @@ pub struct RunArgs {
     /// Size of the source-ranges map (one entry per load-balancer frontend and range).
     #[arg(long, default_value_t = lb_common::DEFAULT_SOURCE_RANGES_MAX_ENTRIES)]
     pub source_ranges_max_entries: u32,
+}
+
+/// Which sockets the cgroup hooks translate (`--socket-lb`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SocketLb {
+    /// The agent's own network namespace: the node's processes.
+    Host,
+    /// Every network namespace: pods too.
+    All,
+    /// None: no cgroup programs.
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

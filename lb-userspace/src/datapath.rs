@@ -29,10 +29,10 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, MAP_AFFINITY, MAP_BACKENDS,
-    MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
-    PROG_FROM_POD, PROG_FROM_WIRE, PROG_TC_BASELINE, PROG_XDP_BASELINE, PROGS_SOCK, ServiceAddr, ServiceKey,
-    ServiceValue, SourceRangeKey, TrafficCounter, counter,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES,
+    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_FROM_WIRE, PROG_TC_BASELINE, PROG_XDP_BASELINE, PROGS_SOCK,
+    ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounter, counter,
 };
 
 use crate::{
@@ -301,6 +301,25 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         .find(|p| fs_type(p) == Some(CGROUP2_SUPER_MAGIC))
 }
 
+/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE),
+/// which the socket programs compare with `bpf_get_netns_cookie`.
+pub fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: a plain socket call; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` outlive the call, which writes at most `len` bytes.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len) };
+    let result = if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) };
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    result
+}
+
 /// Mounts bpffs at /sys/fs/bpf when the pin path lives there and it is not
 /// mounted yet, as a fresh machine has it.
 fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
@@ -323,8 +342,10 @@ fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
 
 impl Datapath {
     /// Loads the eBPF object. With a pin path, maps already pinned there are
-    /// adopted (contents kept), and the program is pinned anew.
-    pub fn load(pin_path: Option<&Path>, sizes: MapSizes) -> Result<Self, DatapathError> {
+    /// adopted (contents kept), and the program is pinned anew. The socket
+    /// programs translate sockets of the network namespace `socket_netns`
+    /// (a cookie, see `netns_cookie`), or of every namespace when it is 0.
+    pub fn load(pin_path: Option<&Path>, sizes: MapSizes, socket_netns: u64) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
@@ -337,7 +358,8 @@ impl Datapath {
             .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .map_max_entries(MAP_MAGLEV, sizes.maglev.tables * sizes.maglev.table_size)
-            .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true);
+            .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
+            .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true);
         if let Some(dir) = pin_path {
             ensure_bpffs(dir)?;
             for sub in [dir.to_owned(), dir.join("links")] {
@@ -418,6 +440,18 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Detaches the socket programs an earlier agent attached (their links
+    /// live while pinned): socket-level balancing switched off.
+    pub fn detach_cgroup(&mut self) -> usize {
+        let Some(dir) = &self.pin_path else { return 0 };
+        let links = fs::read_dir(dir.join("links")).into_iter().flatten().flatten();
+        let pins: Vec<PathBuf> = links
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("cgroup_")))
+            .collect();
+        pins.iter().filter(|p| fs::remove_file(p).is_ok()).count()
     }
 
     /// The tc program, for BPF_PROG_TEST_RUN.

@@ -1,8 +1,8 @@
 use anyhow::Context;
 use clap::Parser;
 use lb_userspace::{
-    agent::{self, AgentConfig, SourceConfig},
-    cli::{Cli, Command, InspectArgs, Output, RunArgs, Source},
+    agent::{self, AgentConfig, SocketBalancing, SourceConfig},
+    cli::{Cli, Command, InspectArgs, Output, RunArgs, SocketLb, Source},
     datapath::{MapSizes, Maps},
     inspect,
     interfaces::{ExternalInterfaces, PodInterfaces},
@@ -83,7 +83,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         healthz_timeout: args.healthz_timeout,
         pod_interfaces: PodInterfaces::new(&args.pod_interfaces).context("--pod-interfaces")?,
         pin_path: args.pin_path,
-        cgroup_path: args.cgroup_path.0,
+        socket_lb: match (args.socket_lb, args.cgroup_path.0) {
+            (SocketLb::Off, _) | (_, None) => None,
+            (scope, Some(cgroup)) => Some(SocketBalancing { cgroup, own_netns_only: scope == SocketLb::Host }),
+        },
         map_sizes: MapSizes {
             services: args.services_max_entries,
             backends: args.backends_max_entries,

@@ -244,10 +244,12 @@ pub fn lost_udp_backends(current: &MapContents, target: &MapContents) -> BTreeSe
     lost
 }
 
-/// Affinity entries to delete: their frontend is gone or has no affinity
-/// any more, or their backend is no longer one of the frontend's. (The
-/// kernel also checks that the backend still exists, but a backend of
-/// several services outlives its removal from one of them.)
+/// Affinity entries to delete: their frontend view is gone, or their
+/// backend is no longer one of its backends, or (session affinity) the
+/// frontend has no affinity any more. (The kernel also checks that the
+/// backend still exists, but a backend of several services outlives its
+/// removal from one of them.) Entries of unconnected UDP sockets
+/// (`AFFINITY_CLIENT_SOCKET`) need no affinity on the frontend.
 pub fn stale_affinity(
     entries: impl IntoIterator<Item = (AffinityKey, AffinityValue)>,
     contents: &MapContents,
@@ -257,10 +259,10 @@ pub fn stale_affinity(
         .into_iter()
         .filter(|(key, value)| {
             let frontend = key.frontend();
-            let with_affinity = contents.services.get(&frontend).is_some_and(|v| v.affinity_timeout_s != 0);
+            let Some(view) = contents.services.get(&frontend) else { return true };
             let backends =
                 members.entry(frontend).or_insert_with(|| contents.slots_of(&frontend).into_iter().collect());
-            !with_affinity || !backends.contains(&value.backend_id)
+            (key.is_session_affinity() && view.affinity_timeout_s == 0) || !backends.contains(&value.backend_id)
         })
         .map(|(key, _)| key)
         .collect()
@@ -382,6 +384,7 @@ mod tests {
 
     use super::{test_support::*, *};
     use crate::model::{Frontend, Protocol};
+    use lb_common::{AFFINITY_CLIENT_ADDR, AFFINITY_CLIENT_SOCKET};
 
     const MAGLEV: MaglevConfig = MaglevConfig { table_size: 13, tables: 2 };
 
@@ -474,19 +477,39 @@ mod tests {
         let (maps, _) = sync(&MapContents::default(), &[with_affinity(1, &[1, 2]), service(2, &[1])]);
         let id_of = |octet: u8| *maps.backends.iter().find(|(_, b)| b.addr[3] == octet).unwrap().0;
         let entry = |vip: u8, client: u8, backend: u8| {
-            let key = AffinityKey {
-                vip: [10, 96, 0, vip],
-                client: [10, 1, 0, client],
-                port: 80u16.to_be_bytes(),
-                protocol: 6,
-                _pad: 0,
-            };
+            let frontend = ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0);
+            let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10, 1, 0, client]));
             (key, AffinityValue { last_used_ns: 1, backend_id: id_of(backend), _pad: [0; 4] })
         };
         let (keep, gone_backend, no_affinity) = (entry(1, 1, 1), entry(1, 2, 2), entry(2, 3, 1));
+        // An unconnected UDP socket's entry needs no affinity on the frontend.
+        let socket = |(key, value): (AffinityKey, AffinityValue)| {
+            (AffinityKey { client_kind: AFFINITY_CLIENT_SOCKET, client: 7u64.to_ne_bytes(), ..key }, value)
+        };
+        let (socket_kept, socket_gone) = (socket(entry(2, 0, 1)), socket(entry(1, 0, 2)));
         let (after, _) = sync(&maps, &[with_affinity(1, &[1]), service(2, &[1])]);
-        let stale = stale_affinity([keep, gone_backend, no_affinity], &after);
-        assert_eq!(stale, [gone_backend.0, no_affinity.0]);
+        let stale = stale_affinity([keep, gone_backend, no_affinity, socket_kept, socket_gone], &after);
+        assert_eq!(stale, [gone_backend.0, no_affinity.0, socket_gone.0]);
+    }
+
+    #[test]
+    fn affinity_entries_are_judged_by_the_view_of_the_frontend_they_were_chosen_from() {
+        // externalTrafficPolicy Local: the external view has the local
+        // backend 1, the internal view (pods, the node) backends 1 and 2.
+        let external = ServiceKey::new([10, 96, 0, 1], 80u16.to_be_bytes(), 6, 0);
+        let internal = external.with_scope(SCOPE_INTERNAL);
+        let mut contents = MapContents::default();
+        contents.services.insert(external, ServiceValue::frontend(1, FRONTEND_TWO_SCOPES, 60, 0));
+        contents.services.insert(external.with_slot(1), ServiceValue::slot(1));
+        contents.services.insert(internal, ServiceValue::frontend(2, 0, 60, 0));
+        contents.services.insert(internal.with_slot(1), ServiceValue::slot(1));
+        contents.services.insert(internal.with_slot(2), ServiceValue::slot(2));
+        let entry = |view: &ServiceKey, backend_id| {
+            let key = AffinityKey::new(view, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10, 1, 0, 9]));
+            (key, AffinityValue { last_used_ns: 1, backend_id, _pad: [0; 4] })
+        };
+        let (pod_remote, outside_remote) = (entry(&internal, 2), entry(&external, 2));
+        assert_eq!(stale_affinity([pod_remote, outside_remote], &contents), [outside_remote.0]);
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl Harness {
     }
 
     pub fn with_sizes(services: &[ServicePort], sizes: MapSizes) -> Self {
-        let mut datapath = Datapath::load(None, sizes).expect("load datapath (needs root)");
+        let mut datapath = Datapath::load(None, sizes, 0).expect("load datapath (needs root)");
         Reconciler::new(Default::default(), sizes.maglev).sync(services, &mut datapath.maps).expect("seed maps");
         Self { datapath }
     }

@@ -3,8 +3,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
-    AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, CtKey, counter,
+    AFFINITY_CLIENT_ADDR, AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, ServiceKey, counter,
 };
 use lb_tests::{
     harness::{Harness, ct_key, monotonic_ns, round_trip_services, timing_frames},
@@ -261,10 +261,10 @@ fn session_affinity_keeps_each_client_on_one_backend() {
             assert_eq!(seen.dst, first, "client {client} moved on a new connection");
         }
     }
-    let key =
-        AffinityKey { vip: VIP, client: [10, 244, 1, 1], port: 80u16.to_be_bytes(), protocol: packet::TCP, _pad: 0 };
+    let frontend = ServiceKey::new(VIP, 80u16.to_be_bytes(), packet::TCP, 0);
+    let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10, 244, 1, 1]));
     let entry = h.datapath.maps.affinity.get(&key, 0).expect("affinity entry");
-    assert!(monotonic_ns() - entry.last_used_ns < 5_000_000_000, "timestamp is kernel monotonic time");
+    assert!(monotonic_ns().wrapping_sub(entry.last_used_ns) < 5_000_000_000, "timestamp is kernel monotonic time");
 }
 
 #[test]
@@ -275,13 +275,8 @@ fn fresh_affinity_is_followed_and_expired_affinity_is_not() {
     };
     let first = id_of(&h, BACKENDS3[0]);
     let seed = |h: &mut Harness, client: u8, last_used_ns: u64| {
-        let key = AffinityKey {
-            vip: VIP,
-            client: [10, 244, 2, client],
-            port: 80u16.to_be_bytes(),
-            protocol: packet::TCP,
-            _pad: 0,
-        };
+        let frontend = ServiceKey::new(VIP, 80u16.to_be_bytes(), packet::TCP, 0);
+        let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10, 244, 2, client]));
         h.datapath
             .maps
             .affinity

@@ -1,0 +1,92 @@
+//! The packet pipeline of the tc and XDP hooks: conntrack first, then the
+//! Service's lookup and selection (`lb`), then source NAT where the client
+//! is outside the cluster (`snat`), then new conntrack entries. Returns a
+//! `Verdict`; knows nothing of the hook.
+use aya_ebpf::maps::lpm_trie::Key;
+use lb_common::{
+    AFFINITY_CLIENT_ADDR, AffinityKey, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
+    CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, FRONTEND_EXTERNAL,
+    SOURCE_RANGE_FRONTEND_BITS, SourceRangeKey, flow_hash,
+};
+
+use crate::{
+    conntrack,
+    lb::{self, Empty, Lookup, Selector},
+    maps::SOURCE_RANGES,
+    parse::Packet,
+    snat,
+    verdict::{Origin, Verdict},
+};
+
+/// Decides what to do with `packet`, creating conntrack entries for new flows.
+#[inline(always)]
+pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
+    let key = conntrack::flow_key(packet);
+    if let Some(verdict) = conntrack::established(&key, packet) {
+        return verdict;
+    }
+    let internal_client = matches!(origin, Origin::Pod);
+    let frontend = match lb::lookup(packet.daddr, packet.dport, packet.protocol, internal_client) {
+        Lookup::NotService => return Verdict::Pass,
+        // A port no Service defines on a cluster IP is not answered.
+        Lookup::UnknownPort { cluster_ip: true } => return Verdict::UnknownPort,
+        Lookup::UnknownPort { cluster_ip: false } => return Verdict::Pass,
+        Lookup::Frontend(frontend) => frontend,
+    };
+    if frontend.source_ranges && !source_allowed(packet) {
+        return Verdict::SourceRangeDenied;
+    }
+    match frontend.empty() {
+        Some(Empty::Drop) => return Verdict::NoLocalBackend,
+        Some(Empty::Refuse) => return Verdict::NoBackend,
+        None => {}
+    }
+    let now = conntrack::now();
+    let selector = Selector {
+        client_kind: AFFINITY_CLIENT_ADDR,
+        client: AffinityKey::addr_client(packet.saddr),
+        hash: flow_hash(&key),
+        sticky: None,
+    };
+    let Some((_, backend)) = lb::select(&frontend, &selector, now) else {
+        return Verdict::NoBackend;
+    };
+
+    // A client outside the cluster cannot be answered by a backend on
+    // another node directly: that node would reply from the pod's address.
+    let snat = match origin {
+        Origin::Wire { ctx, ifindex } if frontend.flags & FRONTEND_EXTERNAL != 0 && !backend.is_local() => {
+            let Some(source) = snat::source(ctx, ifindex, packet, &backend) else {
+                return Verdict::SnatFailed;
+            };
+            Some(source)
+        }
+        _ => None,
+    };
+    let hairpin = snat.is_none() && backend.addr == packet.saddr;
+    let (direction, reply_direction) = match (hairpin, snat) {
+        (true, _) => (CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY),
+        (false, Some(_)) => (CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY),
+        (false, None) => (CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT),
+    };
+    let forward = conntrack::entry((backend.addr, backend.port), direction, snat.unwrap_or_default(), now);
+    // An SNAT flow's reply entry also restores the client.
+    let client = if snat.is_some() { (packet.saddr, packet.sport) } else { Default::default() };
+    let reply = conntrack::entry((packet.daddr, packet.dport), reply_direction, client, now);
+    conntrack::create(&key, &forward, &reply);
+    Verdict::Dnat { backend, new: true, hairpin, snat }
+}
+
+/// Whether the client of `packet` is inside one of its frontend's
+/// loadBalancerSourceRanges.
+#[inline(always)]
+fn source_allowed(packet: &Packet) -> bool {
+    let data = SourceRangeKey {
+        vip: packet.daddr,
+        port: packet.dport,
+        protocol: packet.protocol,
+        _pad: 0,
+        client: packet.saddr,
+    };
+    SOURCE_RANGES.get(&Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, data)).is_some()
+}

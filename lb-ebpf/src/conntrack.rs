@@ -1,0 +1,146 @@
+//! Connection tracking: the entries of translated flows, their lifecycle
+//! (state, timeouts, refresh), and the verdict an entry gives its packets.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    Backend, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY, CT_DIRECTION_REVERSE_SNAT,
+    CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue,
+    ct_timeout,
+};
+
+use crate::{maps::CONNTRACK, parse::Packet, verdict::Verdict};
+
+/// The time conntrack and affinity entries are stamped with:
+/// CLOCK_MONOTONIC_COARSE. Timeouts are seconds long, so a clock that
+/// moves once a tick serves them, at a fraction of the cost of reading the
+/// precise one on every packet. Ages are `now.wrapping_sub(stamp)`: a
+/// clock that started a minute ago is as good as any.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: a plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+pub fn flow_key(packet: &Packet) -> CtKey {
+    CtKey {
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        sport: packet.sport,
+        dport: packet.dport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Moves a live entry's state on with this packet and refreshes its time.
+#[inline(always)]
+fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
+    // SAFETY: a pointer to a map value, valid for this program run; racing
+    // writers on other CPUs store the same kind of values.
+    let ct = unsafe { &mut *ct };
+    if packet.tcp_closing {
+        ct.state = CT_STATE_CLOSING;
+        ct.last_seen_ns = now;
+        // The other direction ends with this one; FIN and RST are rare
+        // enough to pay for the second lookup.
+        // Its clock restarts too: a direction idle for longer than the
+        // closing timeout must still carry the other side's FIN or RST.
+        if let Some(peer) = CONNTRACK.get_ptr_mut(ct.peer_key(key)) {
+            // SAFETY: as above.
+            unsafe {
+                (*peer).state = CT_STATE_CLOSING;
+                (*peer).last_seen_ns = now;
+            }
+        }
+        return;
+    }
+    if ct.state == CT_STATE_NEW && !packet.tcp_syn {
+        ct.state = CT_STATE_ESTABLISHED;
+    }
+    if now.wrapping_sub(ct.last_seen_ns) >= ct_timeout::REFRESH_NS {
+        ct.last_seen_ns = now;
+    }
+}
+
+/// What conntrack entry `value` (at `key`) does to the packets of its flow.
+#[inline(always)]
+fn tracked_verdict(key: &CtKey, value: &CtValue) -> Verdict {
+    let nat = Backend::new(value.nat_addr, value.nat_port);
+    match value.direction {
+        CT_DIRECTION_REVERSE_SNAT => Verdict::ReverseNat(value.nat_addr, value.nat_port),
+        CT_DIRECTION_HAIRPIN_REPLY => {
+            Verdict::HairpinReply { service: (value.nat_addr, value.nat_port), client: key.saddr }
+        }
+        CT_DIRECTION_SNAT_REPLY => {
+            Verdict::SnatReply { service: (value.nat_addr, value.nat_port), client: (value.snat_addr, value.snat_port) }
+        }
+        CT_DIRECTION_DNAT => Verdict::Dnat { backend: nat, new: false, hairpin: false, snat: None },
+        CT_DIRECTION_HAIRPIN => Verdict::Dnat { backend: nat, new: false, hairpin: true, snat: None },
+        CT_DIRECTION_SNAT => {
+            Verdict::Dnat { backend: nat, new: false, hairpin: false, snat: Some((value.snat_addr, value.snat_port)) }
+        }
+        _ => Verdict::Pass,
+    }
+}
+
+/// The verdict of the live conntrack entry at `key`, if any, without
+/// refreshing it: for ICMP errors about a flow, which are not its traffic.
+#[inline(always)]
+pub fn tracked(key: &CtKey) -> Option<Verdict> {
+    // SAFETY: plain data; a torn read gives a mix of valid entries at worst.
+    let value = unsafe { CONNTRACK.get(key) }?;
+    let now = now();
+    (now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(key.protocol)).then(|| tracked_verdict(key, value))
+}
+
+/// The verdict of `packet`'s live entry, refreshed with it; `None` when the
+/// flow has none (or a TCP SYN starts it anew).
+#[inline(always)]
+pub fn established(key: &CtKey, packet: &Packet) -> Option<Verdict> {
+    let ct = CONNTRACK.get_ptr_mut(*key)?;
+    // The clock is read only on paths that need it: traffic that is not
+    // for a service never pays for it.
+    let now = now();
+    // SAFETY: a pointer to a map value, valid for this program run.
+    let value = unsafe { *ct };
+    // An entry idle past its state's timeout is gone.
+    let live = now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(packet.protocol);
+    // A SYN starts a new connection: pick a backend afresh, so a reused
+    // source port never follows a stale entry to a backend that has since
+    // left the service.
+    let reusable = live && !(value.is_forward() && packet.tcp_syn);
+    let verdict = tracked_verdict(key, &value);
+    if reusable && !matches!(verdict, Verdict::Pass) {
+        track(key, ct, packet, now);
+        return Some(verdict);
+    }
+    None
+}
+
+/// Records a new flow: the entry of its first packet (at `key`) and of its
+/// replies.
+#[inline(always)]
+pub fn create(key: &CtKey, forward: &CtValue, reply: &CtValue) {
+    // The reply entry goes in first: once the forward entry exists, a reply
+    // may already be on its way. An LRU map evicts rather than fails when
+    // full, so the results only matter if the kernel is out of memory, and
+    // then the packet is still translated and the next one retries.
+    let _ = CONNTRACK.insert(&forward.peer_key(key), reply, 0);
+    let _ = CONNTRACK.insert(key, forward, 0);
+}
+
+/// A new entry of `direction` rewriting to `nat`, with `snat` as its
+/// second rewrite (zero when none).
+#[inline(always)]
+pub fn entry(nat: ([u8; 4], [u8; 2]), direction: u8, snat: ([u8; 4], [u8; 2]), now: u64) -> CtValue {
+    CtValue {
+        nat_addr: nat.0,
+        nat_port: nat.1,
+        direction,
+        state: CT_STATE_NEW,
+        last_seen_ns: now,
+        snat_addr: snat.0,
+        snat_port: snat.1,
+        _pad: [0; 2],
+    }
+}
