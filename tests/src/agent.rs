@@ -65,10 +65,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `lb run ARGS` in `node` with a pin path of its own. Unless
-    /// ARGS name a `--cgroup-path`, socket-level balancing is off: at the
-    /// default (the cgroup root) it would also catch the test's own "pod"
-    /// threads, which must go through the tc datapath under test.
+    /// Starts `lb run ARGS` in `node` with a pin path of its own and
+    /// otherwise the agent's defaults, as the chart ships it: socket-level
+    /// balancing at the cgroup v2 root for `node`'s own sockets
+    /// (`--socket-lb host`), so pods (other namespaces) take the tc path.
     pub fn start(node: &Netns, args: &[&str]) -> anyhow::Result<Self> {
         let log_dir = TempDir::new("lb-agent-log")?;
         let log = log_dir.0.join("agent.log");
@@ -80,9 +80,6 @@ impl Agent {
             "--pin-path".into(),
             pin_path.clone().into(),
         ];
-        if !args.contains(&"--cgroup-path") {
-            command.extend(["--cgroup-path".into(), "".into()]);
-        }
         command.extend(args.iter().map(Into::into));
         let child = Self::spawn(&command, &log)?;
         Ok(Self { child, command, pin_path, log, _log_dir: log_dir })
@@ -127,6 +124,13 @@ impl Agent {
         }
         self.child = Self::spawn(&self.command, &self.log)?;
         Ok(())
+    }
+
+    /// Stops the agent and starts it again with `extra` arguments added
+    /// (same pin path: it adopts what the first one left).
+    pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.command.extend(extra.iter().map(Into::into));
+        self.restart()
     }
 
     /// Runs `lb SUBCOMMAND --pin-path <ours> ARGS` and returns its stdout.

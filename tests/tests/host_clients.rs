@@ -1,105 +1,152 @@
 //! Host-network clients (the node itself, hostNetwork pods) reaching
-//! ClusterIPs through socket-level balancing: the agent's cgroup programs
-//! attached to a cgroup of the test's own, a client process moved into it.
-//! Needs root and cgroup v2.
-use std::{
-    collections::BTreeSet,
-    ffi::CString,
-    net::Ipv4Addr,
-    os::unix::process::CommandExt,
-    path::{Path, PathBuf},
-    process::Command,
-};
+//! ClusterIPs through socket-level balancing, with the agent's defaults
+//! (`--socket-lb host`, attached at the cgroup v2 root): only sockets of the
+//! agent's own network namespace are translated. Needs root and cgroup v2.
+use std::{collections::BTreeSet, net::Ipv4Addr, net::SocketAddrV4};
 
 use lb_tests::{
-    agent::{Agent, TempDir, lb_binary},
+    agent::{Agent, TempDir},
+    clients::{Answer, Client, ClientPath, TestCgroup},
     manifests::{Endpoint, endpoint_slice, service, write_yaml},
-    netns::{Cluster, Netns, Topology, unique_tag},
+    netns::{Cluster, Topology},
     pods::{PodServer, TCP_PORT, UDP_PORT},
 };
 use serde_json::json;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const HTTP: SocketAddrV4 = SocketAddrV4::new(VIP, 80);
+const DNS: SocketAddrV4 = SocketAddrV4::new(VIP, 53);
 
-/// A cgroup of the test's own, removed on drop.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new() -> Self {
-        let root = lb_userspace::datapath::cgroup2_root().expect("cgroup v2 mounted");
-        let path = root.join(format!("lbt-{}", unique_tag()));
-        std::fs::create_dir(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // Empty once the probes have exited.
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// Runs `probe ARGS` in `node`'s network namespace, inside `cgroup` if given.
-fn probe(node: &Netns, cgroup: Option<&Path>, args: &[&str]) -> Result<String, String> {
-    let probe = lb_binary().with_file_name("probe");
-    let mut command = Command::new("nsenter");
-    command.arg(format!("--net={}", node.path().display())).arg(probe).args(args);
-    if let Some(cgroup) = cgroup {
-        let procs = CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                // "0" moves the writing process: the child, before it execs.
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                let written = fd >= 0 && libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                if fd >= 0 {
-                    libc::close(fd);
-                }
-                if written { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-            });
-        }
-    }
-    let out = command.output().map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if out.status.success() { Ok(text) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
-}
-
-#[test]
-fn host_clients_reach_cluster_ips_through_socket_level_balancing() {
-    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1"]).unwrap();
-    let _servers: Vec<PodServer> = cluster.pods.iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+/// Two backends behind VIP (TCP 80, UDP 53), an agent started with `args`.
+fn web(cluster: &Cluster, args: &[&str]) -> (Agent, TempDir) {
     let manifests = TempDir::new("lb-host").unwrap();
     let ports = [("http", 80, "TCP"), ("dns", 53, "UDP")];
     let targets = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
     let endpoints: Vec<Endpoint> = cluster.pods.iter().map(|p| Endpoint::ready(&p.name, p.ip)).collect();
     write_yaml(&manifests.0, "service.yaml", &service("default", "web", VIP, &ports, json!({})));
     write_yaml(&manifests.0, "slice.yaml", &endpoint_slice("default", "web", &targets, &endpoints));
-    let cgroup = TestCgroup::new();
     let source = format!("dir:{}", manifests.0.display());
-    let cgroup_arg = cgroup.0.to_str().unwrap().to_owned();
-    let mut agent = Agent::start(&cluster.node, &["--source", &source, "--cgroup-path", &cgroup_arg]).unwrap();
+    let mut all_args = vec!["--source", &source];
+    all_args.extend(args);
+    let mut agent = Agent::start(&cluster.node, &all_args).unwrap();
     agent.wait_for_maps("the service", |c| c.frontends().count() == 2).unwrap();
-    let node = &cluster.node;
-    let in_cgroup = Some(cgroup.0.as_path());
+    agent.wait_for_log("sockets balanced at connect").unwrap();
+    (agent, manifests)
+}
 
-    // TCP: connected straight to a backend; the application sees the service.
-    let mut answers = BTreeSet::new();
-    for _ in 0..10 {
-        let out = probe(node, in_cgroup, &["tcp", "10.96.0.40:80"]).unwrap();
-        assert!(out.ends_with("peer=10.96.0.40:80"), "{out}");
-        answers.insert(out.split_whitespace().next().unwrap().to_owned());
+fn two_backends() -> (Cluster, Vec<PodServer>) {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1"]).unwrap();
+    let servers = cluster.pods.iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    (cluster, servers)
+}
+
+fn assert_shows_service(path: ClientPath, answer: &Answer, service: SocketAddrV4) {
+    let Answer::From { pod, peer } = answer else { panic!("{path:?}: {answer:?}") };
+    assert!(pod.starts_with("backend-"), "{path:?}: {answer:?}");
+    let shown = match path {
+        ClientPath::Host6 => format!("[::ffff:{}]:{}", service.ip(), service.port()),
+        _ => service.to_string(),
+    };
+    assert_eq!(*peer, shown, "{path:?}: the application sees the service address");
+}
+
+#[test]
+fn host_clients_reach_cluster_ips_through_socket_level_balancing_with_the_defaults() {
+    let (cluster, _servers) = two_backends();
+    let (_agent, _manifests) = web(&cluster, &[]);
+    for path in [ClientPath::Host, ClientPath::Host6] {
+        let mut client = Client::start(path, &cluster.node, None);
+        // TCP: connected straight to a backend; the application sees the service.
+        let mut pods = BTreeSet::new();
+        for _ in 0..10 {
+            let answer = client.ask("tcp", HTTP);
+            assert_shows_service(path, &answer, HTTP);
+            pods.insert(answer.pod().unwrap().to_owned());
+        }
+        assert_eq!(pods.len(), 2, "{path:?}: 10 connections reached {pods:?}");
+        // UDP, unconnected (sendmsg/recvmsg) and connected (connect/getpeername).
+        for mode in ["udp", "udp-connected"] {
+            assert_shows_service(path, &client.ask(mode, DNS), DNS);
+        }
     }
-    assert_eq!(answers.len(), 2, "10 connections reached {answers:?}");
+    // A pod's sockets are not the node's: the pod takes the tc path, and
+    // still reaches the service.
+    let pod = Client::start(ClientPath::PodTc, &cluster.pods[0].netns, None).ask("tcp", HTTP);
+    assert_shows_service(ClientPath::PodTc, &pod, HTTP);
+}
 
-    // UDP, unconnected (sendmsg/recvmsg) and connected (connect/getpeername).
-    for mode in ["udp", "udp-connected"] {
-        let out = probe(node, in_cgroup, &[mode, "10.96.0.40:53"]).unwrap();
-        assert!(out.starts_with("answer=backend-") && out.ends_with("peer=10.96.0.40:53"), "{mode}: {out}");
+#[test]
+fn a_cgroup_path_limits_socket_balancing_to_its_processes() {
+    // Non-default on purpose: `--cgroup-path` narrows the hooks to one
+    // cgroup; the default (the root) is tested above.
+    let (cluster, _servers) = two_backends();
+    let cgroup = TestCgroup::new();
+    let (_agent, _manifests) = web(&cluster, &["--cgroup-path", cgroup.0.to_str().unwrap()]);
+    let inside = Client::start(ClientPath::Host, &cluster.node, Some(&cgroup.0)).ask("tcp", HTTP);
+    assert_shows_service(ClientPath::Host, &inside, HTTP);
+    // Outside the cgroup nothing translates it: the node has no route to
+    // the cluster IP.
+    let outside = Client::start(ClientPath::Host, &cluster.node, None).ask("tcp", HTTP);
+    assert!(matches!(outside, Answer::Error { .. }), "{outside:?}");
+}
+
+#[test]
+fn two_agents_in_two_namespaces_never_translate_each_others_sockets() {
+    // Both at the cgroup root (the default), each for its own namespace;
+    // only the first serves VIP. Were the first to translate the second
+    // node's sockets, the second node would reach VIP.
+    let (first, _first_servers) = two_backends();
+    let (second, _second_servers) = two_backends();
+    let (_first_agent, _m) = web(&first, &[]);
+    let manifests = TempDir::new("lb-host-other").unwrap();
+    let other = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 41), 80);
+    let endpoints: Vec<Endpoint> = second.pods.iter().map(|p| Endpoint::ready(&p.name, p.ip)).collect();
+    write_yaml(
+        &manifests.0,
+        "service.yaml",
+        &service("default", "other", *other.ip(), &[("http", 80, "TCP")], json!({})),
+    );
+    write_yaml(
+        &manifests.0,
+        "slice.yaml",
+        &endpoint_slice("default", "other", &[("http", TCP_PORT, "TCP")], &endpoints),
+    );
+    let mut second_agent = Agent::with_manifests(&second.node, &manifests.0).unwrap();
+    second_agent.wait_for_maps("the other service", |c| c.frontends().count() == 1).unwrap();
+    second_agent.wait_for_log("sockets balanced at connect").unwrap();
+
+    let mut on_first = Client::start(ClientPath::Host, &first.node, None);
+    let mut on_second = Client::start(ClientPath::Host, &second.node, None);
+    for _ in 0..3 {
+        assert_shows_service(ClientPath::Host, &on_first.ask("tcp", HTTP), HTTP);
+        assert_shows_service(ClientPath::Host, &on_second.ask("tcp", other), other);
+        assert!(
+            matches!(on_second.ask("tcp", HTTP), Answer::Error { .. }),
+            "the first agent translated the second node"
+        );
+        assert!(
+            matches!(on_first.ask("tcp", other), Answer::Error { .. }),
+            "the second agent translated the first node"
+        );
     }
+}
 
-    // A process outside the cgroup is not balanced: the node has no route
-    // to the cluster IP.
-    assert!(probe(node, None, &["tcp", "10.96.0.40:80"]).is_err());
-    drop(agent);
+#[test]
+fn socket_lb_off_detaches_the_programs_an_earlier_agent_left() {
+    let (cluster, _servers) = two_backends();
+    let (mut agent, _manifests) = web(&cluster, &[]);
+    let links = |agent: &Agent| {
+        std::fs::read_dir(agent.pin_path.join("links"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("cgroup_"))
+            .count()
+    };
+    assert_eq!(links(&agent), lb_common::PROGS_SOCK.len());
+    let mut client = Client::start(ClientPath::Host, &cluster.node, None);
+    assert_shows_service(ClientPath::Host, &client.ask("tcp", HTTP), HTTP);
+    agent.restart_with(&["--socket-lb", "off"]).unwrap();
+    agent.wait_for_log("socket-level balancing off").unwrap();
+    assert_eq!(links(&agent), 0);
+    assert!(matches!(client.ask("tcp", HTTP), Answer::Error { .. }), "still translated after --socket-lb off");
 }

@@ -1,58 +1,125 @@
-//! A host-network client for the tests: one TCP or UDP exchange with ADDR,
-//! printing the answering pod and the peer address the socket API reports
-//! (getpeername, or recvfrom's source), as `answer=NAME peer=ADDR`.
+//! A client for the tests, run as its own process so that it can sit in a
+//! network namespace and a cgroup of the test's choosing (the socket hooks
+//! act on processes, by cgroup). Either one exchange:
 //!
-//! probe tcp|udp|udp-connected ADDR
+//!     probe tcp|udp|udp-connected|tcp6|udp6|udp6-connected ADDR
+//!
+//! or, with no arguments, one command per line on stdin, each answered by
+//! one line on stdout, so a test can drive a client that keeps sockets:
+//!
+//!     tcp ADDR | udp ADDR | ... (as above)    one exchange on a new socket
+//!     keep udp|udp-connected|udp6-connected ADDR
+//!                                             open a socket and keep it
+//!     kept                                    one exchange on that socket
+//!
+//! An exchange prints `answer=NAME peer=ADDR` (the answering pod and the
+//! peer the socket API reports: getpeername, or recvfrom's source), or
+//! `error=KIND ms=MS` (an io::ErrorKind, and how long the call took). The
+//! `6` modes use an AF_INET6 socket and the v4-mapped form of ADDR.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
-    time::Duration,
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
+    time::{Duration, Instant},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [mode, addr] = args.as_slice() else {
-        eprintln!("usage: probe tcp|udp|udp-connected ADDR");
-        std::process::exit(2);
-    };
-    let addr: SocketAddr = addr.parse().expect("ADDR is IP:PORT");
-    match exchange(mode, addr) {
-        Ok((answer, peer)) => println!("answer={answer} peer={peer}"),
-        Err(e) => {
-            eprintln!("probe {mode} {addr}: {e}");
-            std::process::exit(1);
+    match args.as_slice() {
+        [] => commands(),
+        [mode, addr] => match exchange(mode, addr.parse().expect("ADDR is IP:PORT")) {
+            Ok(answer) => println!("{answer}"),
+            Err(e) => {
+                eprintln!("probe {mode} {addr}: {e}");
+                std::process::exit(1);
+            }
+        },
+        _ => {
+            eprintln!("usage: probe [tcp|udp|udp-connected|tcp6|udp6|udp6-connected ADDR]");
+            std::process::exit(2);
         }
     }
 }
 
-fn exchange(mode: &str, addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+fn commands() {
+    let mut kept: Option<(UdpSocket, SocketAddr, bool)> = None;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let started = Instant::now();
+        let result = match words.as_slice() {
+            ["kept"] => match &kept {
+                Some((socket, to, connected)) => ask_udp(socket, *to, *connected),
+                None => Err(std::io::Error::other("no kept socket")),
+            },
+            ["keep", mode, addr] => match open_udp(mode, addr.parse().expect("ADDR is IP:PORT")) {
+                Ok(socket) => {
+                    let line = format!("kept={mode}");
+                    kept = Some(socket);
+                    Ok(line)
+                }
+                Err(e) => Err(e),
+            },
+            [mode, addr] => exchange(mode, addr.parse().expect("ADDR is IP:PORT")),
+            _ => Err(std::io::Error::other(format!("bad command {line:?}"))),
+        };
+        match result {
+            Ok(answer) => println!("{answer}"),
+            Err(e) => println!("error={:?} ms={}", e.kind(), started.elapsed().as_millis()),
+        }
+        std::io::stdout().flush().expect("stdout");
+    }
+}
+
+/// ADDR as the mode's socket family wants it.
+fn target(mode: &str, addr: SocketAddr) -> SocketAddr {
+    match (mode.contains('6'), addr) {
+        (true, SocketAddr::V4(v4)) => SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
+        _ => addr,
+    }
+}
+
+/// An unbound UDP socket of the mode's family, and whether it is connected.
+fn open_udp(mode: &str, addr: SocketAddr) -> std::io::Result<(UdpSocket, SocketAddr, bool)> {
+    let to = target(mode, addr);
+    let socket =
+        if to.is_ipv6() { UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))? } else { UdpSocket::bind("0.0.0.0:0")? };
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    let connected = mode.ends_with("connected");
+    if connected {
+        socket.connect(to)?;
+    }
+    Ok((socket, to, connected))
+}
+
+fn ask_udp(socket: &UdpSocket, to: SocketAddr, connected: bool) -> std::io::Result<String> {
     let mut buf = [0u8; 256];
+    let (n, peer) = if connected {
+        socket.send(b"ping")?;
+        let n = socket.recv(&mut buf)?;
+        (n, socket.peer_addr()?)
+    } else {
+        socket.send_to(b"ping", to)?;
+        socket.recv_from(&mut buf)?
+    };
+    Ok(format!("answer={} peer={peer}", String::from_utf8_lossy(&buf[..n])))
+}
+
+fn exchange(mode: &str, addr: SocketAddr) -> std::io::Result<String> {
     match mode {
-        "tcp" => {
-            let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        "tcp" | "tcp6" => {
+            let mut stream = TcpStream::connect_timeout(&target(mode, addr), TIMEOUT)?;
             stream.set_read_timeout(Some(TIMEOUT))?;
             writeln!(stream, "ping")?;
             let mut line = String::new();
             BufReader::new(stream.try_clone()?).read_line(&mut line)?;
             let answer = line.split_whitespace().next().unwrap_or_default().to_owned();
-            Ok((answer, stream.peer_addr()?))
+            Ok(format!("answer={answer} peer={}", stream.peer_addr()?))
         }
-        "udp" => {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            socket.set_read_timeout(Some(TIMEOUT))?;
-            socket.send_to(b"ping", addr)?;
-            let (n, from) = socket.recv_from(&mut buf)?;
-            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
-        }
-        "udp-connected" => {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            socket.set_read_timeout(Some(TIMEOUT))?;
-            socket.connect(addr)?;
-            socket.send(b"ping")?;
-            let n = socket.recv(&mut buf)?;
-            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), socket.peer_addr()?))
+        "udp" | "udp-connected" | "udp6" | "udp6-connected" => {
+            let (socket, to, connected) = open_udp(mode, addr)?;
+            ask_udp(&socket, to, connected)
         }
         other => Err(std::io::Error::other(format!("unknown mode {other}"))),
     }
