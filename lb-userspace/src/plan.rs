@@ -15,7 +15,7 @@ use std::{
 use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, BACKEND_LOCAL, Backend, FRONTEND_DROP_WHEN_EMPTY,
     FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS,
-    ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey,
+    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 use crate::{
@@ -242,6 +242,39 @@ pub fn lost_udp_backends(current: &MapContents, target: &MapContents) -> BTreeSe
         lost.extend(backends_of(current, frontend).difference(&after).map(|b| (*frontend, *b)));
     }
     lost
+}
+
+/// The connected UDP sockets (by cookie) the socket hooks sent to a
+/// backend that has since left their frontend (`lost`, from
+/// `lost_udp_backends`), with those backends: such a socket is connected
+/// to the backend itself, so no conntrack cleanup can move it; it must be
+/// destroyed. `entries` are SOCK_REVNAT's; a socket is judged by the view
+/// the socket hooks use (internal when the frontend has one).
+pub fn udp_sockets_to_destroy(
+    entries: impl IntoIterator<Item = (SockRevNatKey, SockRevNatValue)>,
+    lost: &BTreeSet<(ServiceKey, Backend)>,
+    after: &MapContents,
+) -> (BTreeSet<u64>, BTreeSet<([u8; 4], [u8; 2])>) {
+    let lost_pairs: BTreeSet<(([u8; 4], [u8; 2]), ([u8; 4], [u8; 2]))> =
+        lost.iter().map(|(frontend, backend)| ((frontend.vip, frontend.port), (backend.addr, backend.port))).collect();
+    let mut cookies = BTreeSet::new();
+    let mut backends = BTreeSet::new();
+    for (key, value) in entries {
+        let (service, backend) = ((value.vip, value.port), (key.backend_addr, key.backend_port));
+        if !lost_pairs.contains(&(service, backend)) {
+            continue;
+        }
+        let external = ServiceKey::new(value.vip, value.port, lb_common::PROTO_UDP, 0);
+        let internal = external.with_scope(SCOPE_INTERNAL);
+        let view = if after.services.contains_key(&internal) { internal } else { external };
+        let still_there =
+            after.slots_of(&view).iter().filter_map(|id| after.backends.get(id)).any(|b| (b.addr, b.port) == backend);
+        if !still_there {
+            cookies.insert(key.cookie);
+            backends.insert(backend);
+        }
+    }
+    (cookies, backends)
 }
 
 /// Affinity entries to delete: their frontend view is gone, or their
@@ -490,6 +523,30 @@ mod tests {
         let (after, _) = sync(&maps, &[with_affinity(1, &[1]), service(2, &[1])]);
         let stale = stale_affinity([keep, gone_backend, no_affinity, socket_kept, socket_gone], &after);
         assert_eq!(stale, [gone_backend.0, no_affinity.0, socket_gone.0]);
+    }
+
+    #[test]
+    fn connected_udp_sockets_of_a_backend_that_left_their_frontend_are_to_be_destroyed() {
+        let udp = |vip, backends: &[u8]| ServicePort {
+            frontend: Frontend { protocol: Protocol::Udp, ..service(vip, backends).frontend },
+            ..service(vip, backends)
+        };
+        let (before, _) = sync(&MapContents::default(), &[udp(1, &[1, 2]), udp(2, &[2])]);
+        let (after, _) = sync(&before, &[udp(1, &[1]), udp(2, &[2])]);
+        let lost = lost_udp_backends(&before, &after);
+        let backend_of = |n: u8| before.backends.values().find(|b| b.addr[3] == n).map(|b| (b.addr, b.port)).unwrap();
+        let service_port = before.services.keys().find(|k| k.slot == 0).unwrap().port;
+        let socket = |cookie: u64, vip: u8, backend: u8| {
+            let (addr, port) = backend_of(backend);
+            let key = SockRevNatKey { cookie, backend_addr: addr, backend_port: port, _pad: [0; 2] };
+            (key, SockRevNatValue { vip: [10, 96, 0, vip], port: service_port, _pad: [0; 2] })
+        };
+        // Sent to backend 2 of service 1 (gone), backend 1 of service 1
+        // (stays), backend 2 of service 2 (stays there).
+        let entries = [socket(7, 1, 2), socket(8, 1, 1), socket(9, 2, 2)];
+        let (cookies, backends) = udp_sockets_to_destroy(entries, &lost, &after);
+        assert_eq!(cookies, BTreeSet::from([7]));
+        assert_eq!(backends, BTreeSet::from([backend_of(2)]));
     }
 
     #[test]

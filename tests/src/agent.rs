@@ -151,7 +151,10 @@ impl Agent {
     pub fn links(&self) -> anyhow::Result<Vec<(u64, u64)>> {
         let mut links = Vec::new();
         for entry in fs::read_dir(self.pin_path.join("links"))? {
-            links.push(bpftool_ids(&["link", "show", "pinned"], &entry?.path(), "prog_id")?);
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with("if_") {
+                links.push(bpftool_ids(&["link", "show", "pinned"], &entry.path(), "prog_id")?);
+            }
         }
         links.sort();
         Ok(links)
@@ -186,10 +189,12 @@ impl Agent {
         })
     }
 
-    /// Waits until the program is attached to `count` interfaces.
+    /// Waits until the packet programs are attached to `count` interfaces
+    /// (the socket programs' cgroup links not counted).
     pub fn wait_for_attachments(&mut self, count: usize) -> anyhow::Result<()> {
         self.wait(&format!("{count} attachments"), |pin_path| {
-            fs::read_dir(pin_path.join("links")).map(|d| d.count()).unwrap_or(0) >= count
+            let links = fs::read_dir(pin_path.join("links")).into_iter().flatten().flatten();
+            links.filter(|e| !e.file_name().to_string_lossy().starts_with("cgroup_")).count() >= count
         })
     }
 

@@ -86,6 +86,10 @@ fn run_args(ds: &DaemonSet) -> RunArgs {
     }
 }
 
+fn ds_args(ds: &DaemonSet) -> Vec<String> {
+    agent_container(ds).args.clone().unwrap()
+}
+
 fn env(container: &Container, name: &str) -> Option<String> {
     container.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
 }
@@ -133,7 +137,11 @@ fn default_values_render_a_kube_proxy_replacement() {
     assert_eq!(run.conntrack_max_entries, lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES);
     assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10256".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("127.0.0.1:10249".parse().unwrap()));
-    assert_eq!(run.cgroup_path.0.as_deref(), Some(Path::new("/sys/fs/cgroup")));
+    // No fixed cgroup path: the agent finds the v2 root, which on hybrid
+    // hosts (this one) is not /sys/fs/cgroup.
+    assert!(!ds_args(ds).iter().any(|a| a.starts_with("--cgroup-path")), "{:?}", ds_args(ds));
+    assert_eq!(run.cgroup_path.0, lb_userspace::datapath::cgroup2_root());
+    assert_eq!(run.socket_lb, lb_userspace::cli::SocketLb::Host);
 
     // Read-only on what the datapath needs, plus events; nothing else.
     let rules: Vec<(Vec<String>, Vec<String>, Vec<String>)> = rendered
@@ -173,7 +181,7 @@ agent:
   minSyncPeriod: 1s
   proxyName: lb
   pinPath: /sys/fs/bpf/lb-canary
-  cgroupPath: ""
+  socketLB: "off"
   lbAlgorithm: maglev
   maglev: {tableSize: 65521, tables: 4}
 mapSizes: {services: 262144, backends: 131072, conntrack: 1048576, affinity: 4096, sourceRanges: 512}
@@ -216,7 +224,7 @@ securityContext: {privileged: true}
     assert_eq!(run.proxy_name.as_deref(), Some("lb"));
     assert_eq!(run.min_sync_period, std::time::Duration::from_secs(1));
     assert_eq!(run.pin_path, Path::new("/sys/fs/bpf/lb-canary"));
-    assert_eq!(run.cgroup_path.0, None, "socket-level balancing off");
+    assert_eq!(run.socket_lb, lb_userspace::cli::SocketLb::Off);
     assert_eq!(
         (run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries),
         (262144, 131072, 1048576)
