@@ -88,21 +88,26 @@ pub fn probe_command(netns: &Netns, cgroup: Option<&Path>) -> Command {
     let mut command = Command::new("nsenter");
     command.arg(format!("--net={}", netns.path().display())).arg(lb_binary().with_file_name("probe"));
     if let Some(cgroup) = cgroup {
-        let procs = CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                // "0" moves the writing process: the child, before it execs.
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                let written = fd >= 0 && libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                if fd >= 0 {
-                    libc::close(fd);
-                }
-                if written { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-            });
-        }
+        move_into_cgroup(&mut command, cgroup);
     }
     command
+}
+
+/// Makes `command`'s process move itself into `cgroup` before it execs.
+pub fn move_into_cgroup(command: &mut Command, cgroup: &Path) {
+    let procs = CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // "0" moves the writing process: the child, before it execs.
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            let written = fd >= 0 && libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            if fd >= 0 {
+                libc::close(fd);
+            }
+            if written { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
 }
 
 /// What one exchange gave.

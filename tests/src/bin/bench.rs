@@ -28,6 +28,7 @@ use clap::Parser;
 use lb_tests::{
     agent::{Agent, TempDir, lb_binary, map_size_args},
     anchors::{self, AnchorService},
+    clients::{TestCgroup, move_into_cgroup},
     harness::{Harness, round_trip_services, test_run, timing_frames, xdp_ctx},
     interrupt,
     load::Report,
@@ -58,13 +59,16 @@ struct Args {
     out: PathBuf,
 }
 
-const SYSTEMS: [System; 4] = [System::Ours, System::Iptables, System::Nftables, System::Direct];
+const SYSTEMS: [System; 5] = [System::Ours, System::OursSocket, System::Iptables, System::Nftables, System::Direct];
 const CONCURRENCY: &str = "2";
 const TARGET_PORT: u16 = 8080;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum System {
+    /// The agent's defaults: the pod client's flows through tc.
     Ours,
+    /// `--socket-lb all`: the pod client's sockets translated at connect.
+    OursSocket,
     Iptables,
     Nftables,
     Direct,
@@ -74,6 +78,7 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             Self::Ours => "ours",
+            Self::OursSocket => "ours-socket",
             Self::Iptables => "iptables",
             Self::Nftables => "nftables",
             Self::Direct => "direct",
@@ -177,17 +182,24 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
     let manifests_dir = TempDir::new("lb-bench-manifests")?;
     let rules = TempDir::new("lb-bench-rules")?;
     let _agent; // kept running through the load
+    let socket_cgroup = (system == System::OursSocket).then(TestCgroup::new);
     // Timed after the load: with one Service, the change is the target's.
     let mut change_after_load: Option<Vec<String>> = None;
     let target = match system {
         System::Direct => SocketAddrV4::new(backends[0], TARGET_PORT),
-        System::Ours => {
+        System::Ours | System::OursSocket => {
             fs::write(manifests_dir.0.join("services.yaml"), manifests(&services))?;
             let started = Instant::now();
             let dir = format!("dir:{}", manifests_dir.0.display());
             let sizes = map_size_args(n);
             let mut args = vec!["--source", &dir, "--metrics-addr", "", "--healthz-addr", ""];
             args.extend(sizes.iter().map(String::as_str));
+            let cgroup_arg = socket_cgroup.as_ref().map(|c| c.0.display().to_string());
+            if let Some(cgroup) = &cgroup_arg {
+                // `all` at a cgroup of the bench's own: only its client is
+                // translated, nothing else running on the machine.
+                args.extend(["--socket-lb", "all", "--cgroup-path", cgroup]);
+            }
             let mut agent = Agent::start(&cluster.node, &args)?;
             agent.wait_for_attachments(cluster.pods.len())?;
             agent.wait_for_maps(&format!("{n} frontends"), |c| c.frontends().count() == n as usize)?;
@@ -221,7 +233,11 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
             SocketAddrV4::new(target_vip, 80)
         }
     };
-    let out = in_netns(&cluster.pods[0].netns)
+    let mut client = in_netns(&cluster.pods[0].netns);
+    if let Some(cgroup) = &socket_cgroup {
+        move_into_cgroup(&mut client, &cgroup.0);
+    }
+    let out = client
         .arg(load_binary())
         .args([mode, "--target", &target.to_string(), "--seconds", &seconds.to_string(), "--concurrency", CONCURRENCY])
         .output()?;
@@ -410,7 +426,7 @@ fn plot_crr(path: &Path, crr: &BTreeMap<(System, u32), (Report, Setup)>, sizes: 
         .y_desc("p50 µs per connection")
         .x_label_formatter(&|x| format!("{:.0}", 10f64.powf(*x)))
         .draw()?;
-    for (system, color) in SYSTEMS.iter().zip([RED, BLUE, GREEN, BLACK]) {
+    for (system, color) in SYSTEMS.iter().zip([RED, MAGENTA, BLUE, GREEN, BLACK]) {
         let points: Vec<(f64, f64)> =
             sizes.iter().zip(&xs).filter_map(|(n, x)| crr.get(&(*system, *n)).map(|(r, _)| (*x, r.p50_us))).collect();
         chart
