@@ -154,6 +154,18 @@ fn a_second_client_on_the_same_port_gets_another_snat_port() {
 }
 
 #[test]
+fn a_remote_backend_without_a_route_drops_the_packet_and_counts_it_as_snat_failed() {
+    let wire = wire();
+    // No route to 10.9.9.0/24 in the node namespace: the FIB cannot pick a
+    // source address, so the flow cannot be source-NATed.
+    let mut h = Harness::new(&[node_port(&[([10, 9, 9, 9], false)])]);
+    let (verdict, _, _) = run(&mut h, &wire, &Spec::tcp(addr(CLIENT, 40000), addr(NODE, NODE_PORT), SYN));
+    assert_eq!(verdict, XDP_DROP, "dropped, as masquerade drops what it cannot translate");
+    assert_eq!(h.counter(counter::DROP_SNAT_FAILED), 1);
+    assert_eq!(h.counter(counter::REJECT_NO_BACKEND), 0, "the Service has a backend: no refusal");
+}
+
+#[test]
 fn udp_node_port_and_load_balancer_ips_are_served() {
     let wire = wire();
     let udp = frontend(FrontendKind::NodePort, NODE, 30053, Protocol::Udp, &[(LOCAL_POD, true)]);
