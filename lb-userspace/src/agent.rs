@@ -111,6 +111,9 @@ impl Source {
 
 struct Agent {
     datapath: Datapath,
+    /// Socket-level balancing translates other namespaces' sockets too
+    /// (`--socket-lb all`): their sockets are destroyed there as well.
+    sockets_of_all_netns: bool,
     reconciler: Reconciler,
     model: ModelOptions,
     maglev: MaglevConfig,
@@ -183,6 +186,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     info!(node = %model.node_name, addresses = ?model.node_addresses, "node addresses for NodePorts");
     let mut agent = Agent {
         datapath,
+        sockets_of_all_netns: matches!(config.socket_lb, Some(SocketBalancing { own_netns_only: false, .. })),
         reconciler: Reconciler::new(adopted, config.map_sizes.maglev),
         model,
         maglev: config.map_sizes.maglev,
@@ -245,6 +249,28 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 impl Agent {
+    /// Destroys the connected UDP sockets the socket hooks sent to a
+    /// backend that has left their frontend (`lost`): they are connected to
+    /// the backend itself, so no conntrack cleanup can move them. The
+    /// application sees ECONNABORTED and makes a new socket, which gets a
+    /// live backend.
+    fn destroy_udp_sockets(&self, lost: &BTreeSet<(lb_common::ServiceKey, lb_common::Backend)>) {
+        let entries = self.datapath.maps.sock_revnat.iter().filter_map(Result::ok);
+        let (cookies, backends) = crate::plan::udp_sockets_to_destroy(entries, lost, self.reconciler.current());
+        if cookies.is_empty() {
+            return;
+        }
+        let destroyed = if self.sockets_of_all_netns {
+            crate::sock_destroy::destroy_udp_sockets_in_every_netns(&backends, &cookies)
+        } else {
+            crate::sock_destroy::destroy_udp_sockets_to(&backends, Some(&cookies))
+        };
+        match destroyed {
+            Ok(sockets) => debug!(sockets, "destroyed connected UDP sockets of removed backends"),
+            Err(e) => warn!("destroying connected UDP sockets of removed backends: {e}"),
+        }
+    }
+
     /// Brings the maps to `snapshot`; false when a map write failed.
     fn sync(&mut self, snapshot: &Snapshot) -> bool {
         let started = Instant::now();
@@ -281,6 +307,7 @@ impl Agent {
                 if !outcome.lost_udp_backends.is_empty() {
                     let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
                     debug!(flows, "forgot UDP flows of removed backends");
+                    self.destroy_udp_sockets(&outcome.lost_udp_backends);
                 }
                 if writes > 0 {
                     match self.datapath.maps.prune_affinity(self.reconciler.current()) {

@@ -32,7 +32,7 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
     MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES,
     MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_FROM_WIRE, PROG_TC_BASELINE, PROG_XDP_BASELINE, PROGS_SOCK,
-    ServiceAddr, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounter, counter,
+    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
 };
 
 use crate::{
@@ -102,6 +102,9 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub maglev: Array<MapData, u32>,
+    /// Sockets the socket hooks sent to a backend (read to find the
+    /// connected UDP sockets of a backend that left).
+    pub sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     /// Entries per Maglev table, as loaded (0 when opened from pins).
     maglev_table_size: u32,
     pub counters: PerCpuArray<MapData, TrafficCounter>,
@@ -125,6 +128,7 @@ impl Maps {
             conntrack: HashMap::try_from(take(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             maglev: Array::try_from(take(MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
+            sock_revnat: HashMap::try_from(take(MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             maglev_table_size,
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
         })
@@ -143,6 +147,8 @@ impl Maps {
             conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?)).map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?)).map_err(map_err(MAP_AFFINITY))?,
             maglev: Array::try_from(Map::Array(open(MAP_MAGLEV)?)).map_err(map_err(MAP_MAGLEV))?,
+            sock_revnat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REVNAT)?))
+                .map_err(map_err(MAP_SOCK_REVNAT))?,
             maglev_table_size: 0,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(map_err(MAP_COUNTERS))?,
         })

@@ -14,4 +14,5 @@ pub mod manifest;
 pub mod model;
 pub mod plan;
 pub mod reconcile;
+pub mod sock_destroy;
 pub mod status;

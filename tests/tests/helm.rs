@@ -107,6 +107,7 @@ fn default_values_render_a_kube_proxy_replacement() {
     let ds = &rendered.daemonset;
     let pod = ds.spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.host_pid, None, "the host's PID namespace only for --socket-lb all");
     assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     let tolerations = pod.tolerations.as_ref().unwrap();
@@ -265,4 +266,13 @@ fn values_the_schema_forbids_fail_with_a_clear_message() {
         let error = render(values).expect_err(values);
         assert!(error.contains(message), "for {values:?}: {error}");
     }
+}
+
+#[test]
+fn socket_lb_all_gets_the_hosts_pid_namespace_to_reach_pods_sockets() {
+    let rendered = parse(&render("agent:\n  socketLB: all\n").unwrap());
+    let pod = rendered.daemonset.spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.host_pid, Some(true));
+    assert_eq!(run_args(&rendered.daemonset).socket_lb, lb_userspace::cli::SocketLb::All);
+    assert!(render("agent:\n  socketLB: pods\n").is_err(), "the schema names the choices");
 }

@@ -14,7 +14,8 @@
 //!
 //! An exchange prints `answer=NAME peer=ADDR` (the answering pod and the
 //! peer the socket API reports: getpeername, or recvfrom's source), or
-//! `error=KIND ms=MS` (an io::ErrorKind, and how long the call took). The
+//! `error=KIND ms=MS errno=N` (an io::ErrorKind, how long the call took,
+//! and the errno). The
 //! `6` modes use an AF_INET6 socket and the v4-mapped form of ADDR.
 use std::{
     io::{BufRead, BufReader, Write},
@@ -66,7 +67,12 @@ fn commands() {
         };
         match result {
             Ok(answer) => println!("{answer}"),
-            Err(e) => println!("error={:?} ms={}", e.kind(), started.elapsed().as_millis()),
+            Err(e) => println!(
+                "error={:?} ms={} errno={}",
+                e.kind(),
+                started.elapsed().as_millis(),
+                e.raw_os_error().unwrap_or(0)
+            ),
         }
         std::io::stdout().flush().expect("stdout");
     }
