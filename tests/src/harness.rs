@@ -121,7 +121,7 @@ impl Harness {
     /// Makes an entry look idle for `idle_ns`.
     pub fn age(&mut self, key: &CtKey, idle_ns: u64) {
         let mut value = self.ct(key);
-        value.last_seen_ns = monotonic_ns() - idle_ns;
+        value.last_seen_ns = stamp_idle_for(monotonic_ns(), idle_ns);
         self.datapath.maps.conntrack.insert(key, value, 0).unwrap();
     }
 }
@@ -141,6 +141,16 @@ pub fn ct_key(s: SocketAddrV4, d: SocketAddrV4, protocol: u8) -> CtKey {
 /// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
 pub fn xdp_ctx(frame: &[u8], ifindex: u32) -> Vec<u8> {
     [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+/// The stamp of an entry last seen `idle_ns` before `now`, in the
+/// datapath's clock arithmetic. A machine booted less than `idle_ns` ago has
+/// `now < idle_ns`: the subtraction wraps, as the datapath's own does
+/// (`now.wrapping_sub(last_seen) < timeout`), so the entry still reads as
+/// idle for exactly `idle_ns` where a saturating stamp (0) would make it
+/// look only `now` old, and a plain `-` would panic.
+pub fn stamp_idle_for(now: u64, idle_ns: u64) -> u64 {
+    now.wrapping_sub(idle_ns)
 }
 
 /// CLOCK_MONOTONIC_COARSE, the clock of bpf_ktime_get_coarse_ns, which
@@ -164,4 +174,20 @@ where
     let result = program.test_run(options).expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out, result.duration.as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stamp_idle_for;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn an_entry_aged_past_the_boot_time_still_reads_as_idle_that_long() {
+        // Booted 5 s ago; an entry made to look idle for an hour.
+        let now = 5 * SECOND;
+        let stamp = stamp_idle_for(now, 3600 * SECOND);
+        assert_eq!(now.wrapping_sub(stamp), 3600 * SECOND, "the datapath's arithmetic sees the idle time");
+        assert_eq!(stamp_idle_for(10 * SECOND, 4 * SECOND), 6 * SECOND, "no wrap when the clock is ahead");
+    }
 }

@@ -7,7 +7,7 @@ use lb_common::{
     CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, ServiceKey, counter,
 };
 use lb_tests::{
-    harness::{Harness, ct_key, monotonic_ns, round_trip_services, timing_frames},
+    harness::{Harness, ct_key, monotonic_ns, round_trip_services, stamp_idle_for, timing_frames},
     packet::{self, ACK, SYN, Seen, SeenIcmpError, Spec},
 };
 use lb_userspace::{
@@ -287,7 +287,7 @@ fn fresh_affinity_is_followed_and_expired_affinity_is_not() {
     let mut expired_went_elsewhere = false;
     for client in 1..=30u8 {
         seed(&mut h, client, now);
-        seed(&mut h, client + 100, now - 2_000_000_000);
+        seed(&mut h, client + 100, stamp_idle_for(now, 2_000_000_000));
         let fresh = h.run_spec(&Spec::tcp(addr([10, 244, 2, client], 40000), addr(VIP, 80), SYN)).1;
         assert_eq!(fresh.dst, addr(BACKENDS3[0], 8080), "a fresh entry is followed");
         let expired = h.run_spec(&Spec::tcp(addr([10, 244, 2, client + 100], 40000), addr(VIP, 80), SYN)).1;
