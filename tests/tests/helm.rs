@@ -276,3 +276,52 @@ fn socket_lb_all_gets_the_hosts_pid_namespace_to_reach_pods_sockets() {
     assert_eq!(run_args(&rendered.daemonset).socket_lb, lb_userspace::cli::SocketLb::All);
     assert!(render("agent:\n  socketLB: pods\n").is_err(), "the schema names the choices");
 }
+
+#[test]
+fn the_agent_with_the_charts_default_arguments_serves_a_cluster_ip_on_this_host() {
+    use lb_tests::{
+        agent::Agent,
+        clients::{Answer, Client, ClientPath},
+        manifests::{Endpoint, endpoint_slice, service, write_yaml},
+        netns::{Cluster, Topology},
+        pods::{PodServer, TCP_PORT},
+    };
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    // The DaemonSet's arguments as rendered, but for what only a cluster
+    // gives (the API server, the kubelet's node name) and the pin path
+    // (the test's own, not a real install's).
+    let rendered = parse(&render("").unwrap());
+    let args: Vec<String> = ds_args(&rendered.daemonset)
+        .into_iter()
+        .skip(1) // `run`
+        .filter(|a| !["--source=", "--node-name=", "--pin-path="].iter().any(|p| a.starts_with(p)))
+        .collect();
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "client"]).unwrap();
+    let backend = cluster.pod("backend-0");
+    let _server = PodServer::start(&backend.netns, &backend.name).unwrap();
+    let manifests = TempDir::new("lb-helm-e2e").unwrap();
+    let vip = Ipv4Addr::new(10, 96, 0, 70);
+    write_yaml(
+        &manifests.0,
+        "service.yaml",
+        &service("default", "web", vip, &[("http", 80, "TCP")], serde_json::json!({})),
+    );
+    let endpoints = [Endpoint::ready(&backend.name, backend.ip)];
+    write_yaml(&manifests.0, "slice.yaml", &endpoint_slice("default", "web", &[("http", TCP_PORT, "TCP")], &endpoints));
+    let source = format!("--source=dir:{}", manifests.0.display());
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.push(&source);
+    let mut agent = Agent::start(&cluster.node, &all).unwrap();
+    agent.wait_for_maps("the service", |c| c.frontends().count() == 1).unwrap();
+    agent.wait_for_attachments(2).unwrap();
+    agent.wait_for_log("sockets balanced at connect").unwrap();
+    let target = SocketAddrV4::new(vip, 80);
+    for (path, netns) in [(ClientPath::Host, &cluster.node), (ClientPath::PodTc, &cluster.pod("client").netns)] {
+        let answer = Client::start(path, netns, None).ask("tcp", target);
+        assert!(
+            matches!(&answer, Answer::From { pod, .. } if pod == "backend-0"),
+            "{path:?}: {answer:?}\n{}",
+            agent.log()
+        );
+    }
+}
