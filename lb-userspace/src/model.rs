@@ -98,6 +98,11 @@ impl fmt::Display for Frontend {
     }
 }
 
+/// Most backends one frontend can hold: they fill SERVICES slots 1..=count,
+/// numbered by a u16. A port with more gets an `ObjectError`, and the
+/// planner keeps this many (`plan::target_contents`).
+pub const MAX_BACKENDS: usize = u16::MAX as usize;
+
 /// How clients reach a frontend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FrontendKind {
@@ -418,6 +423,17 @@ pub fn desired_state<'a>(
                 );
             };
         for port in &ports {
+            let all = backends_of(slice_ports, port, false).0.len();
+            if all > MAX_BACKENDS {
+                fail(
+                    &mut errors,
+                    format!("spec.ports[{}]", port.index),
+                    format!(
+                        "{all} endpoints, but a frontend holds at most {MAX_BACKENDS} backends: those already \
+                         in its slots, then the lowest addresses, get new connections; the rest none"
+                    ),
+                );
+            }
             for addr in &addrs {
                 add(&mut errors, port, FrontendKind::ClusterIp, *addr, port.port);
             }
@@ -955,6 +971,51 @@ endpoints: [{addresses: [300.1.1.1]}]
         );
         let fields: Vec<&str> = state.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["metadata.labels[kubernetes.io/service-name]", "endpoints[0].addresses[0]"]);
+    }
+
+    #[test]
+    fn a_port_with_more_endpoints_than_a_frontend_holds_is_an_error_of_that_port_only() {
+        let parsed = parse_manifests(
+            std::path::Path::new("test.yaml"),
+            &format!(
+                "{WEB}---{}",
+                r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: [10.0.0.1]}]
+"#
+            ),
+        );
+        let (mut services, mut slices) = (Vec::new(), Vec::new());
+        for object in parsed.objects {
+            match object {
+                Object::Service(s) => services.push((*s).clone()),
+                Object::EndpointSlice(s) => slices.push((*s).clone()),
+            }
+        }
+        // A second slice with one endpoint too many for port http only.
+        let mut big = slices[0].clone();
+        big.metadata.name = Some("web-2".into());
+        big.ports.as_mut().unwrap().truncate(1);
+        big.endpoints = Some(
+            (1..=MAX_BACKENDS as u32)
+                .map(|i| k8s_openapi::api::discovery::v1::Endpoint {
+                    addresses: vec![Ipv4Addr::from(0x0a01_0000 + i).to_string()],
+                    ..Default::default()
+                })
+                .collect(),
+        );
+        slices.push(big);
+        let state = desired_state(&services, &slices, &ModelOptions::default());
+        let errors: Vec<(String, &str)> =
+            state.errors.iter().map(|e| (e.object.to_string(), e.field.as_str())).collect();
+        assert_eq!(errors, [("Service shop/web".to_owned(), "spec.ports[0]")], "{:?}", state.errors);
+        assert!(state.errors[0].message.starts_with("65536 endpoints, but a frontend holds at most 65535"));
+        assert_eq!(backends(&state, "10.96.0.10:80/TCP").len(), MAX_BACKENDS + 1, "the planner picks which");
+        assert_eq!(backends(&state, "10.96.0.10:53/UDP"), ["10.0.0.1:5353"], "the other port is untouched");
     }
 
     const EXPOSED: &str = r#"

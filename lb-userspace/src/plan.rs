@@ -20,7 +20,7 @@ use lb_common::{
 
 use crate::{
     maglev,
-    model::{Algorithm, FrontendKind, ServicePort},
+    model::{Algorithm, FrontendKind, MAX_BACKENDS, ServicePort},
 };
 
 /// `--maglev-table-size` and `--maglev-tables`.
@@ -200,9 +200,20 @@ impl Placer<'_> {
     /// The frontend entry `frontend` of `service`, with `backends` in slots.
     fn place(&mut self, frontend: ServiceKey, service: &ServicePort, backends: &BTreeSet<SocketAddrV4>, flags: u8) {
         let (current, target) = (self.current, &mut self.target);
+        let mut chosen: Vec<Backend> =
+            backends.iter().map(|a| backend_value(a, service.local_backends.contains(a))).collect();
+        if chosen.len() > MAX_BACKENDS {
+            // The model reports this as an error of the Service. Keep the
+            // backends already in this frontend's slots (their flows stay
+            // put), then the lowest addresses: deterministic, and chosen
+            // before ids are given, so a backend left out takes no id.
+            let slotted: BTreeSet<Backend> =
+                current.slots_of(&frontend).iter().filter_map(|id| current.backends.get(id)).copied().collect();
+            chosen.sort_by_key(|b| !slotted.contains(b));
+            chosen.truncate(MAX_BACKENDS);
+        }
         let mut wanted_ids = BTreeSet::new();
-        for address in backends {
-            let backend = backend_value(address, service.local_backends.contains(address));
+        for backend in chosen {
             let id = *self.ids.entry(backend).or_insert_with(|| {
                 while current.backends.contains_key(&self.next_id) || target.backends.contains_key(&self.next_id) {
                     self.next_id += 1;
@@ -220,10 +231,12 @@ impl Placer<'_> {
                 kept => kept,
             },
         };
-        let value = ServiceValue::frontend(slots.len() as u16, flags, service.affinity_timeout_s, table);
+        // At most MAX_BACKENDS (u16::MAX) slots, numbered 1..=count.
+        let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
+        let value = ServiceValue::frontend(count, flags, service.affinity_timeout_s, table);
         target.services.insert(frontend, value);
-        for (i, id) in slots.iter().enumerate() {
-            target.services.insert(frontend.with_slot(i as u16 + 1), ServiceValue::slot(*id));
+        for (slot, id) in (1..=u16::MAX).zip(&slots) {
+            target.services.insert(frontend.with_slot(slot), ServiceValue::slot(*id));
         }
     }
 }
@@ -609,6 +622,48 @@ mod tests {
         let tables: Vec<u32> =
             ops.iter().filter_map(|op| if let MapOp::PutMaglevTable(t, _) = op { Some(*t) } else { None }).collect();
         assert_eq!(tables, [1]);
+    }
+
+    #[test]
+    fn a_frontend_with_more_backends_than_slots_keeps_its_slotted_ones_then_the_lowest_addresses() {
+        // Service 1 starts with ten backends at the top of a large range.
+        let address = |i: u32| SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 8080);
+        let many = |range: std::ops::RangeInclusive<u32>| ServicePort {
+            backends: range.map(address).collect(),
+            ..service(1, &[])
+        };
+        let top = MAX_BACKENDS as u32 + 10;
+        let (before, _) = sync(&MapContents::default(), &[many(top - 9..=top), service(2, &[1, 2])]);
+        let key = frontend_key(&service(1, &[]));
+        let slotted = before.slots_of(&key);
+
+        // Grown past the limit: its ten keep their slots, the lowest
+        // addresses fill the rest, nothing wraps, service 2 is untouched.
+        let desired = [many(1..=top), service(2, &[1, 2])];
+        let target = target_contents(&desired, &before, MAGLEV);
+        assert_eq!(target, target_contents(&desired, &before, MAGLEV), "deterministic");
+        assert_eq!(target.services[&key].backend_count, u16::MAX);
+        let slots = target.slots_of(&key);
+        assert_eq!(slots.len(), MAX_BACKENDS);
+        assert_eq!(slots[..10], slotted[..], "backends in slots keep them");
+        let kept: BTreeSet<u32> = slots.iter().map(|id| u32::from(Ipv4Addr::from(target.backends[id].addr))).collect();
+        let lowest: BTreeSet<u32> = (1..=top - 10 - 10).chain(top - 9..=top).map(|i| 0x0a00_0000 + i).collect();
+        assert_eq!(kept, lowest);
+        assert_eq!(backends_of(&target, 2), [1, 2]);
+        assert_eq!(
+            target.services.keys().filter(|k| k.vip == key.vip).count(),
+            MAX_BACKENDS + 1,
+            "no slot 0 or beyond"
+        );
+        let named: BTreeSet<u32> =
+            target.services.iter().filter(|(k, _)| k.slot != 0).map(|(_, v)| v.backend_id).collect();
+        assert!(target.backends.keys().all(|id| named.contains(id)), "a backend left out takes no id");
+        let mut maps = before.clone();
+        for op in plan(&before, &target, MAGLEV) {
+            maps.apply(&op);
+        }
+        assert_eq!(maps, target);
+        assert_slots_whole(&maps, "the whole plan");
     }
 
     #[test]
