@@ -105,8 +105,11 @@ pub struct Maps {
     /// Sockets the socket hooks sent to a backend (read to find the
     /// connected UDP sockets of a backend that left).
     pub sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
-    /// Entries per Maglev table, as loaded (0 when opened from pins).
-    maglev_table_size: u32,
+    /// Entries per Maglev table, as loaded. None when opened from pins: the
+    /// size is a load-time global of the programs, recorded in no map
+    /// (MAGLEV's max_entries is tables × size, with neither known), so such
+    /// Maps refuse to write Maglev tables rather than misplace them.
+    maglev_table_size: Option<u32>,
     pub counters: PerCpuArray<MapData, TrafficCounter>,
 }
 
@@ -129,12 +132,13 @@ impl Maps {
             affinity: HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             maglev: Array::try_from(take(MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
             sock_revnat: HashMap::try_from(take(MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
-            maglev_table_size,
+            maglev_table_size: Some(maglev_table_size),
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
         })
     }
 
     /// Opens the maps an agent pinned under `pin_path`, for inspection.
+    /// They cannot write Maglev tables (see `maglev_table_size`).
     pub fn open_pinned(pin_path: &Path) -> Result<Self, DatapathError> {
         let open = |name: &'static str| MapData::from_pin(pin_path.join(name)).map_err(map_err(name));
         Ok(Self {
@@ -149,7 +153,7 @@ impl Maps {
             maglev: Array::try_from(Map::Array(open(MAP_MAGLEV)?)).map_err(map_err(MAP_MAGLEV))?,
             sock_revnat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REVNAT)?))
                 .map_err(map_err(MAP_SOCK_REVNAT))?,
-            maglev_table_size: 0,
+            maglev_table_size: None,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(map_err(MAP_COUNTERS))?,
         })
     }
@@ -245,9 +249,30 @@ impl MapWriter for Maps {
             MapOp::PutSourceRange((prefix_len, data)) => self.source_ranges.insert(&Key::new(*prefix_len, *data), 1, 0),
             MapOp::DeleteSourceRange((prefix_len, data)) => self.source_ranges.remove(&Key::new(*prefix_len, *data)),
             MapOp::PutMaglevTable(table, entries) => {
-                let base = (table - 1) * self.maglev_table_size;
-                for (i, backend_id) in entries.iter().enumerate() {
-                    self.maglev.set(base + i as u32, backend_id, 0)?;
+                let refuse = |kind, message: String| Err(aya::maps::MapError::IoError(io::Error::new(kind, message)));
+                let Some(size) = self.maglev_table_size else {
+                    return refuse(
+                        io::ErrorKind::Unsupported,
+                        format!(
+                            "{MAP_MAGLEV}: maps opened from pins do not know the table size (a load-time global); \
+                             table {table} not written"
+                        ),
+                    );
+                };
+                if entries.len() != size as usize {
+                    return refuse(
+                        io::ErrorKind::InvalidInput,
+                        format!("{MAP_MAGLEV}: table {table} has {} entries, not {size}", entries.len()),
+                    );
+                }
+                // Tables are 1-based, and a table is written whole or not at all.
+                let base = table.checked_sub(1).and_then(|t| t.checked_mul(size));
+                let Some(base) = base.filter(|b| b.checked_add(size).is_some_and(|end| end <= self.maglev.len()))
+                else {
+                    return refuse(io::ErrorKind::InvalidInput, format!("{MAP_MAGLEV}: no table {table}"));
+                };
+                for (backend_id, i) in entries.iter().zip(base..) {
+                    self.maglev.set(i, backend_id, 0)?;
                 }
                 Ok(())
             }

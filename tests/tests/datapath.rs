@@ -11,10 +11,10 @@ use lb_tests::{
     packet::{self, ACK, SYN, Seen, SeenIcmpError, Spec},
 };
 use lb_userspace::{
-    datapath::MapSizes,
+    datapath::{Datapath, MapSizes, Maps},
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
-    plan::{MaglevConfig, maglev_entries},
-    reconcile::Reconciler,
+    plan::{MaglevConfig, MapOp, maglev_entries},
+    reconcile::{MapWriter, Reconciler},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -448,6 +448,40 @@ fn maglev_sends_each_flow_where_its_table_entry_says_every_time() {
         reached.insert(expected);
     }
     assert_eq!(reached.len(), 3, "60 flows spread over the 3 backends");
+}
+
+/// A pin directory of this test's own, removed with everything in it.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn maps_opened_from_pins_refuse_to_write_a_maglev_table_they_cannot_place() {
+    let pins = Pins(format!("/sys/fs/bpf/lbt-{}", lb_tests::netns::unique_tag()).into());
+    let sizes = MapSizes { maglev: MaglevConfig { table_size: 13, tables: 2 }, ..MapSizes::default() };
+    let mut datapath = Datapath::load(Some(&pins.0), sizes).expect("load datapath (needs root)");
+    let table = |maps: &Maps, number: u32| -> Vec<u32> {
+        (0..13).map(|i| maps.maglev.get(&((number - 1) * 13 + i), 0).unwrap()).collect()
+    };
+
+    // The agent's own maps know the size: table 2 is entries 13..26.
+    datapath.maps.write(&MapOp::PutMaglevTable(2, vec![7; 13])).unwrap();
+    assert_eq!((table(&datapath.maps, 1), table(&datapath.maps, 2)), (vec![0; 13], vec![7; 13]));
+    for bad in [MapOp::PutMaglevTable(0, vec![7; 13]), MapOp::PutMaglevTable(3, vec![7; 13])] {
+        datapath.maps.write(&bad).expect_err("there is no such table");
+    }
+    datapath.maps.write(&MapOp::PutMaglevTable(1, vec![7; 14])).expect_err("a table has 13 entries");
+
+    // Maps opened from the pins do not, and write nothing.
+    let mut pinned = Maps::open_pinned(&pins.0).unwrap();
+    let error = pinned.write(&MapOp::PutMaglevTable(2, vec![9; 13])).unwrap_err();
+    assert!(error.to_string().contains("do not know the table size"), "{error}");
+    assert_eq!((table(&pinned, 1), table(&pinned, 2)), (vec![0; 13], vec![7; 13]));
+    drop(datapath);
 }
 
 #[test]
