@@ -257,6 +257,9 @@ pub fn lost_udp_backends(current: &MapContents, target: &MapContents) -> BTreeSe
     lost
 }
 
+/// An address and port, network order.
+pub type Endpoint = ([u8; 4], [u8; 2]);
+
 /// The connected UDP sockets (by cookie) the socket hooks sent to a
 /// backend that has since left their frontend (`lost`, from
 /// `lost_udp_backends`), with those backends: such a socket is connected
@@ -267,8 +270,8 @@ pub fn udp_sockets_to_destroy(
     entries: impl IntoIterator<Item = (SockRevNatKey, SockRevNatValue)>,
     lost: &BTreeSet<(ServiceKey, Backend)>,
     after: &MapContents,
-) -> (BTreeSet<u64>, BTreeSet<([u8; 4], [u8; 2])>) {
-    let lost_pairs: BTreeSet<(([u8; 4], [u8; 2]), ([u8; 4], [u8; 2]))> =
+) -> (BTreeSet<u64>, BTreeSet<Endpoint>) {
+    let lost_pairs: BTreeSet<(Endpoint, Endpoint)> =
         lost.iter().map(|(frontend, backend)| ((frontend.vip, frontend.port), (backend.addr, backend.port))).collect();
     let mut cookies = BTreeSet::new();
     let mut backends = BTreeSet::new();

@@ -463,7 +463,7 @@ impl Drop for Pins {
 fn maps_opened_from_pins_refuse_to_write_a_maglev_table_they_cannot_place() {
     let pins = Pins(format!("/sys/fs/bpf/lbt-{}", lb_tests::netns::unique_tag()).into());
     let sizes = MapSizes { maglev: MaglevConfig { table_size: 13, tables: 2 }, ..MapSizes::default() };
-    let mut datapath = Datapath::load(Some(&pins.0), sizes).expect("load datapath (needs root)");
+    let mut datapath = Datapath::load(Some(&pins.0), sizes, 0).expect("load datapath (needs root)");
     let table = |maps: &Maps, number: u32| -> Vec<u32> {
         (0..13).map(|i| maps.maglev.get(&((number - 1) * 13 + i), 0).unwrap()).collect()
     };
