@@ -29,7 +29,8 @@ pub const MAP_SERVICE_ADDRS: &str = "SERVICE_ADDRS";
 /// its prefixes (loadBalancerSourceRanges). Written by the agent.
 pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const DEFAULT_SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
-/// MAGLEV: index → backend id, an array of `tables × table size` entries.
+/// MAGLEV: index → backend id, an array of `(tables + 1) × table size`
+/// entries (one spare table, so a changed table is written before use).
 /// Table t (1-based in `ServiceValue::maglev_table`) occupies entries
 /// `(t-1)*size .. t*size`. Written by the agent (tables are computed in
 /// userspace), read by tc for new flows of Maglev frontends.
@@ -37,7 +38,7 @@ pub const MAP_MAGLEV: &str = "MAGLEV";
 /// The Maglev table size M, a load-time global of the eBPF object.
 pub const GLOBAL_MAGLEV_TABLE_SIZE: &str = "MAGLEV_TABLE_SIZE";
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
-/// How many Maglev tables the MAGLEV map holds by default.
+/// How many frontends can use Maglev by default (MAGLEV holds one more table).
 pub const DEFAULT_MAGLEV_TABLES: u32 = 16;
 /// AFFINITY: `AffinityKey` → `AffinityValue`, LRU. Session affinity
 /// (ClientIP): written and read by tc on new flows; the agent deletes

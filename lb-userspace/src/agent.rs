@@ -159,6 +159,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         backends = adopted.backends.len(),
         "datapath loaded"
     );
+    let maglev = datapath.maps.maglev_capacity().unwrap_or(config.map_sizes.maglev);
+    if maglev != config.map_sizes.maglev {
+        warn!(
+            pinned_tables = maglev.tables,
+            flag_tables = config.map_sizes.maglev.tables,
+            "MAGLEV was pinned by an earlier agent with another size: it keeps that size until its pin is removed"
+        );
+    }
     let health = Arc::new(Health::new(config.healthz_timeout));
     let metrics = Arc::new(Metrics::new(config.pin_path.clone()));
     for (flag, addr) in [("--healthz-addr", config.healthz_addr), ("--metrics-addr", config.metrics_addr)] {
@@ -187,9 +195,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut agent = Agent {
         datapath,
         sockets_of_all_netns: matches!(config.socket_lb, Some(SocketBalancing { own_netns_only: false, .. })),
-        reconciler: Reconciler::new(adopted, config.map_sizes.maglev),
+        reconciler: Reconciler::new(adopted, maglev),
         model,
-        maglev: config.map_sizes.maglev,
+        maglev,
         health,
         metrics,
         reported: BTreeSet::new(),

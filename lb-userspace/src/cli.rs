@@ -179,6 +179,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE)]
     pub maglev_table_size: u32,
     /// How many Service ports can use Maglev; further ones fall back to random.
+    /// The map holds one table more: a spare, into which a changed table is
+    /// written before its Service port switches to it.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLES)]
     pub maglev_tables: u32,
     /// Size of the session-affinity map (one entry per client and Service port).

@@ -137,6 +137,14 @@ impl Maps {
         })
     }
 
+    /// The Maglev frontends these maps have room for: one per table of
+    /// MAGLEV but the spare (`MaglevConfig::map_tables`). Maps adopted from
+    /// pins keep the size they were made with, whatever the flags say now.
+    pub fn maglev_capacity(&self) -> Option<MaglevConfig> {
+        let table_size = self.maglev_table_size.filter(|size| *size > 0)?;
+        Some(MaglevConfig { table_size, tables: (self.maglev.len() / table_size).saturating_sub(1) })
+    }
+
     /// Opens the maps an agent pinned under `pin_path`, for inspection.
     /// They cannot write Maglev tables (see `maglev_table_size`).
     pub fn open_pinned(pin_path: &Path) -> Result<Self, DatapathError> {
@@ -388,7 +396,7 @@ impl Datapath {
             .map_max_entries(MAP_BACKENDS, sizes.backends)
             .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
-            .map_max_entries(MAP_MAGLEV, sizes.maglev.tables * sizes.maglev.table_size)
+            .map_max_entries(MAP_MAGLEV, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
             .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true);
         if let Some(dir) = pin_path {

@@ -8,7 +8,7 @@
 //! address is listed once its frontends exist, so no port of it is dropped
 //! as unknown while its Service is being added.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::SocketAddrV4,
 };
 
@@ -28,8 +28,19 @@ use crate::{
 pub struct MaglevConfig {
     /// Entries per table, a prime.
     pub table_size: u32,
-    /// How many tables the MAGLEV map holds.
+    /// How many frontends can use Maglev (further ones fall back to
+    /// random). The MAGLEV map holds one table more: see `map_tables`.
     pub tables: u32,
+}
+
+impl MaglevConfig {
+    /// Tables in the MAGLEV map: one per Maglev frontend and a spare. A
+    /// frontend whose backends change gets its new table written into the
+    /// spare and is then pointed at it, so no packet ever reads a table
+    /// half rewritten; its old table is the next change's spare.
+    pub fn map_tables(self) -> u32 {
+        self.tables.saturating_add(1)
+    }
 }
 
 impl Default for MaglevConfig {
@@ -104,6 +115,16 @@ impl MapContents {
         (1..=count).filter_map(|slot| self.services.get(&frontend.with_slot(slot)).map(|v| v.backend_id)).collect()
     }
 
+    /// Frontend entries (slot-0 keys), in key order.
+    pub fn frontend_entries(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue)> {
+        self.services.iter().filter(|(k, _)| k.slot == 0)
+    }
+
+    /// The backend ids of `frontend`, in no order (a Maglev table's).
+    fn backend_set(&self, frontend: &ServiceKey) -> BTreeSet<u32> {
+        self.slots_of(frontend).into_iter().collect()
+    }
+
     /// Frontends (slot-0 keys) with their backends, in key order.
     pub fn frontends(&self) -> impl Iterator<Item = (&ServiceKey, Vec<&Backend>)> {
         self.services.iter().filter(|(k, _)| k.slot == 0).map(|(k, _)| {
@@ -146,10 +167,9 @@ fn frontend_flags(service: &ServicePort) -> u8 {
 /// frontend might still name it. Maglev frontends beyond `maglev.tables`
 /// fall back to random selection.
 pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: MaglevConfig) -> MapContents {
-    let tables_in_use: BTreeSet<u32> = current.services.values().map(|v| v.maglev_table).filter(|t| *t != 0).collect();
     let mut placer = Placer {
         current,
-        free_tables: (1..=maglev.tables).filter(|t| !tables_in_use.contains(t)).collect::<Vec<_>>().into_iter(),
+        new_maglev: Vec::new(),
         ids: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
         next_id: 1,
         target: MapContents::default(),
@@ -183,14 +203,48 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
         }
         placer.place(frontend, service, &service.backends, flags);
     }
-    placer.target
+    let mut target = placer.target;
+    assign_maglev_tables(&mut target, current, &placer.new_maglev, maglev);
+    target
+}
+
+/// Gives Maglev tables to the frontends of `target` (see
+/// `MaglevConfig::map_tables`). A frontend whose backends changed moves to
+/// a spare table and frees its own for the next one; `plan` orders the
+/// writes so that no table is written while a frontend names it. New
+/// Maglev frontends (`new`, in order) then take what is left, up to
+/// `maglev.tables` in all. A table named by the current maps is never a
+/// spare: a frontend deleted in this sync frees its table for the next.
+fn assign_maglev_tables(target: &mut MapContents, current: &MapContents, new: &[ServiceKey], maglev: MaglevConfig) {
+    let in_use: BTreeSet<u32> = current.services.values().map(|v| v.maglev_table).filter(|t| *t != 0).collect();
+    let mut spares: VecDeque<u32> = (1..=maglev.map_tables()).filter(|t| !in_use.contains(t)).collect();
+    let changed: Vec<ServiceKey> = target
+        .frontend_entries()
+        .filter(|(k, v)| v.maglev_table != 0 && target.backend_set(k) != current.backend_set(k))
+        .map(|(k, _)| *k)
+        .collect();
+    for key in changed {
+        // Without a spare (maps adopted from an agent that kept none) the
+        // table is rewritten where it is.
+        let Some(spare) = spares.pop_front() else { break };
+        if let Some(value) = target.services.get_mut(&key) {
+            spares.push_back(std::mem::replace(&mut value.maglev_table, spare));
+        }
+    }
+    let hashed = target.frontend_entries().filter(|(_, v)| v.maglev_table != 0).count();
+    let room = (maglev.tables as usize).saturating_sub(hashed);
+    for key in new.iter().take(room) {
+        let (Some(spare), Some(value)) = (spares.pop_front(), target.services.get_mut(key)) else { break };
+        value.maglev_table = spare;
+    }
 }
 
 /// Places frontends and their backends in the target maps, reusing what
 /// the current maps hold.
 struct Placer<'a> {
     current: &'a MapContents,
-    free_tables: std::vec::IntoIter<u32>,
+    /// Maglev frontends without a table yet, in order.
+    new_maglev: Vec<ServiceKey>,
     ids: BTreeMap<Backend, u32>,
     next_id: u32,
     target: MapContents,
@@ -224,13 +278,15 @@ impl Placer<'_> {
             wanted_ids.insert(id);
         }
         let slots = assign_slots(&current.slots_of(&frontend), &wanted_ids);
+        // A Maglev frontend keeps its table here; `assign_maglev_tables`
+        // gives new ones theirs and moves changed ones to a spare.
         let table = match service.algorithm {
             Algorithm::Random => 0,
-            Algorithm::Maglev => match current.services.get(&frontend).map_or(0, |v| v.maglev_table) {
-                0 => self.free_tables.next().unwrap_or(0),
-                kept => kept,
-            },
+            Algorithm::Maglev => current.services.get(&frontend).map_or(0, |v| v.maglev_table),
         };
+        if service.algorithm == Algorithm::Maglev && table == 0 {
+            self.new_maglev.push(frontend);
+        }
         // At most MAX_BACKENDS (u16::MAX) slots, numbered 1..=count.
         let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
         let value = ServiceValue::frontend(count, flags, service.affinity_timeout_s, table);
@@ -359,18 +415,46 @@ pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -
             ops.push(MapOp::PutService(*k, *v));
         }
     }
-    // A Maglev table is (re)filled before its frontend names it, whenever
-    // the frontend is new to it or its backends changed.
-    for (k, v) in target.services.iter().filter(|(k, v)| k.slot == 0 && v.maglev_table != 0) {
-        let ids: BTreeSet<u32> = target.slots_of(k).into_iter().collect();
-        let same_table = current.services.get(k).is_some_and(|c| c.maglev_table == v.maglev_table);
-        if !same_table || ids != current.slots_of(k).into_iter().collect() {
+    // Frontends, each after its Maglev table is filled (when it is new to
+    // the table or its backends changed). A table is written only while no
+    // other frontend names it: a frontend that frees a table goes first.
+    let needs_table = |k: &ServiceKey, v: &ServiceValue| {
+        v.maglev_table != 0
+            && (current.services.get(k).is_none_or(|c| c.maglev_table != v.maglev_table)
+                || target.backend_set(k) != current.backend_set(k))
+    };
+    let mut namers: BTreeMap<u32, BTreeSet<ServiceKey>> = BTreeMap::new();
+    for (k, v) in current.frontend_entries().filter(|(_, v)| v.maglev_table != 0) {
+        namers.entry(v.maglev_table).or_default().insert(*k);
+    }
+    let mut pending: VecDeque<(&ServiceKey, &ServiceValue)> =
+        target.frontend_entries().filter(|(k, v)| changed(k, v) || needs_table(k, v)).collect();
+    let mut waited = 0;
+    while let Some((k, v)) = pending.pop_front() {
+        let free = |namers: &BTreeMap<u32, BTreeSet<ServiceKey>>| {
+            namers.get(&v.maglev_table).is_none_or(|n| n.iter().all(|other| other == k))
+        };
+        // A table still named elsewhere waits for its namer to move, unless
+        // nothing else can move (adopted maps without a spare): then it is
+        // rewritten in place.
+        if needs_table(k, v) && !free(&namers) && waited < pending.len() + 1 {
+            pending.push_back((k, v));
+            waited += 1;
+            continue;
+        }
+        waited = 0;
+        if needs_table(k, v) {
+            let ids = target.backend_set(k);
             ops.push(MapOp::PutMaglevTable(v.maglev_table, maglev_entries(target, &ids, maglev.table_size)));
         }
-    }
-    for (k, v) in target.services.iter().filter(|(k, _)| k.slot == 0) {
         if changed(k, v) {
             ops.push(MapOp::PutService(*k, *v));
+            if let Some(old) = current.services.get(k).map(|c| c.maglev_table).filter(|t| *t != 0) {
+                namers.entry(old).or_default().remove(k);
+            }
+            if v.maglev_table != 0 {
+                namers.entry(v.maglev_table).or_default().insert(*k);
+            }
         }
     }
     for (addr, frontends) in &target.addrs {
@@ -450,9 +534,25 @@ mod tests {
         let target = target_contents(desired, current, MAGLEV);
         let ops = plan(current, &target, MAGLEV);
         let mut maps = current.clone();
+        // Maglev table → the backend ids written into it.
+        let mut tables: BTreeMap<u32, BTreeSet<u32>> = current
+            .frontend_entries()
+            .filter(|(_, v)| v.maglev_table != 0)
+            .map(|(k, v)| (v.maglev_table, current.backend_set(k)))
+            .collect();
         for op in &ops {
+            if let MapOp::PutMaglevTable(table, entries) = op {
+                let named = maps.frontend_entries().any(|(_, v)| v.maglev_table == *table);
+                assert!(!named, "{op:?}: table {table} written while a frontend reads it");
+                tables.insert(*table, entries.iter().copied().collect());
+            }
             maps.apply(op);
             assert_whole(&maps, &format!("{op:?}"));
+            for (key, value) in maps.frontend_entries().filter(|(_, v)| v.maglev_table != 0) {
+                let table = tables.get(&value.maglev_table);
+                let table = table.unwrap_or_else(|| panic!("after {op:?}: {key:?} names an unwritten table"));
+                assert!(table.iter().all(|id| maps.backends.contains_key(id)), "after {op:?}: dangling table entry");
+            }
         }
         assert_eq!(maps, target);
         (maps, ops)
@@ -619,12 +719,32 @@ mod tests {
             maps.slots_of(&ServiceKey::new([10, 96, 0, 1], 80u16.to_be_bytes(), 6, 0)).iter().collect()
         );
 
-        // Unchanged: nothing to write. One backend fewer: only that table.
+        // Unchanged: nothing to write.
         assert!(sync(&maps, &[hashed(1, &[1, 2]), hashed(2, &[3]), hashed(3, &[4])]).1.is_empty());
-        let (_, ops) = sync(&maps, &[hashed(1, &[2]), hashed(2, &[3]), hashed(3, &[4])]);
-        let tables: Vec<u32> =
-            ops.iter().filter_map(|op| if let MapOp::PutMaglevTable(t, _) = op { Some(*t) } else { None }).collect();
-        assert_eq!(tables, [1]);
+        let written = |ops: &[MapOp]| -> Vec<u32> {
+            ops.iter().filter_map(|op| if let MapOp::PutMaglevTable(t, _) = op { Some(*t) } else { None }).collect()
+        };
+        // One backend fewer: the new table goes into the spare (3), and the
+        // frontend switches to it; table 1 is the next spare.
+        let (maps, ops) = sync(&maps, &[hashed(1, &[2]), hashed(2, &[3]), hashed(3, &[4])]);
+        assert_eq!(written(&ops), [3]);
+        assert_eq!((table_of(&maps, 1), table_of(&maps, 2)), (3, 2));
+        // Both change at once: one moves to the spare, the other to the
+        // table the first left (written only after the first has left it).
+        let (maps, ops) = sync(&maps, &[hashed(1, &[2, 5]), hashed(2, &[3, 6]), hashed(3, &[4])]);
+        assert_eq!(written(&ops).len(), 2);
+        let tables = BTreeSet::from([table_of(&maps, 1), table_of(&maps, 2)]);
+        assert_eq!(tables.len(), 2);
+        assert!(tables.is_subset(&BTreeSet::from([1, 2, 3])));
+        // A frontend deleted and a new one in one sync: the new one takes
+        // the spare, not the table the deleted one still names; that table
+        // is the spare of the next sync.
+        let left = table_of(&maps, 2);
+        let (maps, _) = sync(&maps, &[hashed(1, &[2, 5]), hashed(4, &[7])]);
+        assert!(![0, left, table_of(&maps, 1)].contains(&table_of(&maps, 4)));
+        let (maps, ops) = sync(&maps, &[hashed(1, &[2]), hashed(4, &[7, 8])]);
+        assert_eq!(written(&ops).len(), 2, "both changed, each atomically");
+        assert!([table_of(&maps, 1), table_of(&maps, 4)].contains(&left));
     }
 
     #[test]

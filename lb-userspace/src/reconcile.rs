@@ -110,6 +110,15 @@ impl Reconciler {
                 skipped += 1;
                 continue;
             }
+            // A table another frontend still reads (its move to a spare
+            // was held back) must not be rewritten under it.
+            if let MapOp::PutMaglevTable(table, _) = op
+                && self.current.frontend_entries().any(|(k, v)| v.maglev_table == *table && !frontends.contains(k))
+            {
+                skipped += 1;
+                held_back.extend(frontends);
+                continue;
+            }
             // A backend a held-back frontend still names must stay.
             if let MapOp::DeleteBackend(id) = op
                 && self.current.services.values().any(|v| v.backend_id == *id)
@@ -159,6 +168,10 @@ mod tests {
             if (self.refuse)(op) {
                 return Err(Fault);
             }
+            if let MapOp::PutMaglevTable(table, _) = op {
+                let named = self.contents.frontend_entries().any(|(_, v)| v.maglev_table == *table);
+                assert!(!named, "{op:?}: table {table} written while a frontend reads it");
+            }
             self.contents.apply(op);
             assert_slots_whole(&self.contents, &format!("{op:?}"));
             Ok(())
@@ -199,5 +212,36 @@ mod tests {
         reconciler.sync(&[service(2, &[3, 4])], &mut maps).unwrap_err();
         assert_eq!(backends_of(&maps.contents, 1), [1, 2]);
         assert_eq!(backends_of(&maps.contents, 2), [3, 4]);
+    }
+
+    #[test]
+    fn a_held_back_move_to_a_spare_table_keeps_its_old_table_from_being_rewritten() {
+        use crate::model::Algorithm;
+        let hashed = |vip, backends: &[u8]| ServicePort { algorithm: Algorithm::Maglev, ..service(vip, backends) };
+        let config = MaglevConfig { table_size: 13, tables: 2 };
+        let table_of = |m: &MapContents, vip: u8| {
+            m.services[&ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0)].maglev_table
+        };
+        let mut maps = FaultyMaps { contents: MapContents::default(), refuse: |_| false };
+        let mut reconciler = Reconciler::new(MapContents::default(), config);
+        reconciler.sync(&[hashed(1, &[1]), hashed(2, &[2])], &mut maps).unwrap();
+        let before = (table_of(&maps.contents, 1), table_of(&maps.contents, 2));
+
+        // Both change: one moves to the spare, the other to the table the
+        // first leaves. The first move fails, so the second must wait.
+        let first_to_move = if before.0 < before.1 { 1 } else { 2 };
+        maps.refuse = if first_to_move == 1 {
+            |op| matches!(op, MapOp::PutService(k, _) if k.slot == 0 && k.vip[3] == 1)
+        } else {
+            |op| matches!(op, MapOp::PutService(k, _) if k.slot == 0 && k.vip[3] == 2)
+        };
+        reconciler.sync(&[hashed(1, &[1, 3]), hashed(2, &[2, 4])], &mut maps).unwrap_err();
+        assert_eq!((table_of(&maps.contents, 1), table_of(&maps.contents, 2)), before, "neither moved");
+        assert_eq!(reconciler.current(), &maps.contents);
+
+        maps.refuse = |_| false;
+        reconciler.sync(&[hashed(1, &[1, 3]), hashed(2, &[2, 4])], &mut maps).unwrap();
+        assert_eq!(backends_of(&maps.contents, 1), [1, 3]);
+        assert_eq!(backends_of(&maps.contents, 2), [2, 4]);
     }
 }

@@ -468,10 +468,13 @@ fn maps_opened_from_pins_refuse_to_write_a_maglev_table_they_cannot_place() {
         (0..13).map(|i| maps.maglev.get(&((number - 1) * 13 + i), 0).unwrap()).collect()
     };
 
-    // The agent's own maps know the size: table 2 is entries 13..26.
+    // The agent's own maps know the size: table 2 is entries 13..26. Two
+    // Maglev frontends fit, in three tables (one a spare).
+    assert_eq!(datapath.maps.maglev_capacity(), Some(sizes.maglev));
     datapath.maps.write(&MapOp::PutMaglevTable(2, vec![7; 13])).unwrap();
     assert_eq!((table(&datapath.maps, 1), table(&datapath.maps, 2)), (vec![0; 13], vec![7; 13]));
-    for bad in [MapOp::PutMaglevTable(0, vec![7; 13]), MapOp::PutMaglevTable(3, vec![7; 13])] {
+    datapath.maps.write(&MapOp::PutMaglevTable(3, vec![8; 13])).unwrap();
+    for bad in [MapOp::PutMaglevTable(0, vec![7; 13]), MapOp::PutMaglevTable(4, vec![7; 13])] {
         datapath.maps.write(&bad).expect_err("there is no such table");
     }
     datapath.maps.write(&MapOp::PutMaglevTable(1, vec![7; 14])).expect_err("a table has 13 entries");
