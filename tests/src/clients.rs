@@ -184,7 +184,8 @@ impl Client {
             .collect()
     }
 
-    /// Opens a UDP socket (`udp` or `udp-connected`) and keeps it.
+    /// Opens a socket (`tcp`: a connection; `udp`, `udp-connected`) and
+    /// keeps it for `kept`.
     pub fn keep(&mut self, mode: &str, addr: SocketAddrV4) -> Answer {
         let mode = self.path.mode(mode);
         self.command(&format!("keep {mode} {addr}"))

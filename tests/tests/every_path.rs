@@ -235,3 +235,37 @@ fn a_pod_reaches_itself_through_its_service(path: ClientPath) {
     assert_eq!(setup.client.ask("udp", DNS).pod(), Some("self"), "{path:?}");
 }
 on_every_path!(a_pod_reaches_itself_through_its_service);
+
+fn an_open_connection_keeps_its_backend_through_removal_and_restarts(path: ClientPath) {
+    let mut setup = Setup::new(path, &BACKENDS, "client", json!({}));
+    assert!(matches!(setup.client.keep("tcp", HTTP), Answer::From { .. } | Answer::Error { .. }));
+    let Answer::From { pod: pinned, peer } = setup.client.kept() else { panic!("{path:?}: no answer") };
+    // The application sees the service address, whichever path translated.
+    let service_address = if path == ClientPath::Host6 { format!("[::ffff:{VIP}]:80") } else { HTTP.to_string() };
+    assert_eq!(peer, service_address, "{path:?}");
+    let still = |setup: &mut Setup, when: &str| {
+        let answer = setup.client.kept();
+        assert_eq!(answer, Answer::From { pod: pinned.clone(), peer: service_address.clone() }, "{path:?} {when}");
+    };
+
+    // Its backend leaves the Service: the open connection is not dropped,
+    // and no new one reaches that backend.
+    let rest: Vec<&str> = BACKENDS.iter().copied().filter(|n| *n != pinned).collect();
+    setup.publish(&rest);
+    still(&mut setup, "after its backend left");
+    let reached = setup.distinct_pods(20);
+    assert!(!reached.contains(&pinned), "{path:?}: a new connection reached removed {pinned}");
+
+    // A clean stop, then a restart that adopts the pinned datapath, then a
+    // SIGKILL and another restart: the connection never notices.
+    setup.agent.restart().unwrap();
+    setup.agent.wait_for_log("sockets balanced at connect").unwrap();
+    still(&mut setup, "after a restart");
+    setup.agent.kill().unwrap();
+    still(&mut setup, "with no agent running");
+    setup.agent.restart().unwrap();
+    setup.agent.wait_for_log("sockets balanced at connect").unwrap();
+    still(&mut setup, "after a SIGKILL and a restart");
+    assert!(!setup.distinct_pods(10).contains(&pinned), "{path:?}: after the restarts");
+}
+on_every_path!(an_open_connection_keeps_its_backend_through_removal_and_restarts);

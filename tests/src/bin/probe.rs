@@ -8,8 +8,9 @@
 //! one line on stdout, so a test can drive a client that keeps sockets:
 //!
 //!     tcp ADDR | udp ADDR | ... (as above)    one exchange on a new socket
-//!     keep udp|udp-connected|udp6-connected ADDR
-//!                                             open a socket and keep it
+//!     keep tcp|tcp6|udp|udp-connected|udp6-connected ADDR
+//!                                             open a socket (a TCP
+//!                                             connection) and keep it
 //!     kept                                    one exchange on that socket
 //!
 //! An exchange prints `answer=NAME peer=ADDR` (the answering pod and the
@@ -22,6 +23,31 @@ use std::{
     net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
+
+/// The socket `keep` opened.
+enum Kept {
+    Udp { socket: UdpSocket, to: SocketAddr, connected: bool },
+    Tcp { stream: TcpStream, lines: BufReader<TcpStream> },
+}
+
+impl Kept {
+    fn open(mode: &str, addr: SocketAddr) -> std::io::Result<Self> {
+        if mode.starts_with("tcp") {
+            let stream = connect_tcp(mode, addr)?;
+            Ok(Kept::Tcp { lines: BufReader::new(stream.try_clone()?), stream })
+        } else {
+            let (socket, to, connected) = open_udp(mode, addr)?;
+            Ok(Kept::Udp { socket, to, connected })
+        }
+    }
+
+    fn ask(&mut self) -> std::io::Result<String> {
+        match self {
+            Kept::Udp { socket, to, connected } => ask_udp(socket, *to, *connected),
+            Kept::Tcp { stream, lines } => ask_tcp(stream, lines),
+        }
+    }
+}
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -44,24 +70,20 @@ fn main() {
 }
 
 fn commands() {
-    let mut kept: Option<(UdpSocket, SocketAddr, bool)> = None;
+    let mut kept: Option<Kept> = None;
     for line in std::io::stdin().lock().lines() {
         let line = line.expect("stdin");
         let words: Vec<&str> = line.split_whitespace().collect();
         let started = Instant::now();
         let result = match words.as_slice() {
-            ["kept"] => match &kept {
-                Some((socket, to, connected)) => ask_udp(socket, *to, *connected),
+            ["kept"] => match &mut kept {
+                Some(socket) => socket.ask(),
                 None => Err(std::io::Error::other("no kept socket")),
             },
-            ["keep", mode, addr] => match open_udp(mode, addr.parse().expect("ADDR is IP:PORT")) {
-                Ok(socket) => {
-                    let line = format!("kept={mode}");
-                    kept = Some(socket);
-                    Ok(line)
-                }
-                Err(e) => Err(e),
-            },
+            ["keep", mode, addr] => Kept::open(mode, addr.parse().expect("ADDR is IP:PORT")).map(|socket| {
+                kept = Some(socket);
+                format!("kept={mode}")
+            }),
             [mode, addr] => exchange(mode, addr.parse().expect("ADDR is IP:PORT")),
             _ => Err(std::io::Error::other(format!("bad command {line:?}"))),
         };
@@ -112,16 +134,28 @@ fn ask_udp(socket: &UdpSocket, to: SocketAddr, connected: bool) -> std::io::Resu
     Ok(format!("answer={} peer={peer}", String::from_utf8_lossy(&buf[..n])))
 }
 
+fn connect_tcp(mode: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&target(mode, addr), TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+/// One line out, one line back: the answering pod's name comes first.
+fn ask_tcp(mut stream: &TcpStream, lines: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    writeln!(stream, "ping")?;
+    let mut line = String::new();
+    if lines.read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let answer = line.split_whitespace().next().unwrap_or_default().to_owned();
+    Ok(format!("answer={answer} peer={}", stream.peer_addr()?))
+}
+
 fn exchange(mode: &str, addr: SocketAddr) -> std::io::Result<String> {
     match mode {
         "tcp" | "tcp6" => {
-            let mut stream = TcpStream::connect_timeout(&target(mode, addr), TIMEOUT)?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            writeln!(stream, "ping")?;
-            let mut line = String::new();
-            BufReader::new(stream.try_clone()?).read_line(&mut line)?;
-            let answer = line.split_whitespace().next().unwrap_or_default().to_owned();
-            Ok(format!("answer={answer} peer={}", stream.peer_addr()?))
+            let stream = connect_tcp(mode, addr)?;
+            ask_tcp(&stream, &mut BufReader::new(stream.try_clone()?))
         }
         "udp" | "udp-connected" | "udp6" | "udp6-connected" => {
             let (socket, to, connected) = open_udp(mode, addr)?;
