@@ -5,7 +5,7 @@
 //! SIGINT/SIGTERM. Stopping leaves the datapath pinned and attached, so
 //! traffic keeps flowing until the next agent adopts it.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -36,6 +36,10 @@ const DIR_POLL: Duration = Duration::from_millis(200);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_LAST: Duration = Duration::from_secs(30);
 const INTERFACE_POLL: Duration = Duration::from_millis(500);
+/// The degraded-feature names (`Health::set_degraded`) of socket-level
+/// balancing and of the interfaces a program failed to attach to.
+const FEATURE_SOCKET_LB: &str = "socket_lb";
+const FEATURE_INTERFACE: &str = "interface ";
 
 pub enum SourceConfig {
     Dir(PathBuf),
@@ -45,7 +49,9 @@ pub enum SourceConfig {
 
 /// Where the socket programs attach and whose sockets they translate.
 pub struct SocketBalancing {
-    pub cgroup: PathBuf,
+    /// Where to attach; None: the root of the cgroup v2 hierarchy, found
+    /// among the mounts (`mounts::cgroup2_root`).
+    pub cgroup: Option<PathBuf>,
     /// Only the agent's own network namespace (`--socket-lb host`), or all.
     pub own_netns_only: bool,
 }
@@ -136,17 +142,28 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         _ => 0,
     };
     let mut datapath = Datapath::load(Some(&config.pin_path), config.map_sizes, socket_netns)?;
+    let health = Arc::new(Health::new(config.healthz_timeout));
     match &config.socket_lb {
         // One feature lost is no reason to stop serving the rest: pods
-        // still take the per-packet path.
-        Some(socket_lb) => match datapath.attach_cgroup(&socket_lb.cgroup) {
-            Ok(()) => info!(
-                cgroup = %socket_lb.cgroup.display(),
-                scope = if socket_lb.own_netns_only { "host" } else { "all" },
-                "sockets balanced at connect"
-            ),
-            Err(e) => error!("socket-level balancing unavailable, host-network clients are not translated: {e}"),
-        },
+        // still take the per-packet path. /healthz and /metrics say so.
+        Some(socket_lb) => {
+            let attached = socket_lb.cgroup.clone().map_or_else(crate::mounts::cgroup2_root, Ok).map_err(|e| e.to_string());
+            let attached = attached.and_then(|cgroup| match datapath.attach_cgroup(&cgroup) {
+                Ok(()) => Ok(cgroup),
+                Err(e) => Err(e.to_string()),
+            });
+            match attached {
+                Ok(cgroup) => info!(
+                    cgroup = %cgroup.display(),
+                    scope = if socket_lb.own_netns_only { "host" } else { "all" },
+                    "sockets balanced at connect"
+                ),
+                Err(e) => {
+                    error!("socket-level balancing unavailable, host-network clients are not translated: {e}");
+                    health.set_degraded(FEATURE_SOCKET_LB, Some(e));
+                }
+            }
+        }
         None => {
             let detached = datapath.detach_cgroup();
             info!(detached, "socket-level balancing off");
@@ -167,7 +184,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             "MAGLEV was pinned by an earlier agent with another size: it keeps that size until its pin is removed"
         );
     }
-    let health = Arc::new(Health::new(config.healthz_timeout));
     let metrics = Arc::new(Metrics::new(config.pin_path.clone()));
     for (flag, addr) in [("--healthz-addr", config.healthz_addr), ("--metrics-addr", config.metrics_addr)] {
         if let Some(addr) = addr {
@@ -187,10 +203,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         pod: config.pod_interfaces,
         external: config.external_interfaces,
         nodeport_addresses: config.nodeport_addresses,
-        failed: BTreeSet::new(),
+        failed: BTreeMap::new(),
     };
     let mut model = config.model;
-    model.node_addresses = interfaces.refresh(&mut datapath, &[]);
+    model.node_addresses = interfaces.refresh(&mut datapath, &[], &health);
     info!(node = %model.node_name, addresses = ?model.node_addresses, "node addresses for NodePorts");
     let mut agent = Agent {
         datapath,
@@ -239,7 +255,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 };
             }
             _ = interface_tick.tick() => {
-                let addresses = interfaces.refresh(&mut agent.datapath, &agent.model.node_addresses);
+                let addresses = interfaces.refresh(&mut agent.datapath, &agent.model.node_addresses, &agent.health);
                 if addresses != agent.model.node_addresses {
                     info!(?addresses, "node addresses changed");
                     agent.model.node_addresses = addresses;
@@ -365,8 +381,9 @@ struct Interfaces {
     pod: PodInterfaces,
     external: ExternalInterfaces,
     nodeport_addresses: Vec<Cidr>,
-    /// Attachments that failed, by hook and ifindex, reported once each.
-    failed: BTreeSet<(Hook, u32)>,
+    /// Attachments that failed, by hook and ifindex: the interface's name
+    /// and the error. Logged once each, and reported as degraded.
+    failed: BTreeMap<(Hook, u32), (String, String)>,
 }
 
 impl Interfaces {
@@ -374,7 +391,12 @@ impl Interfaces {
     /// interfaces no longer external; returns the node addresses now
     /// (`known` when they cannot be read). An interface holding a node
     /// address is external, never a pod interface.
-    fn refresh(&mut self, datapath: &mut Datapath, known: &[std::net::Ipv4Addr]) -> Vec<std::net::Ipv4Addr> {
+    fn refresh(
+        &mut self,
+        datapath: &mut Datapath,
+        known: &[std::net::Ipv4Addr],
+        health: &Health,
+    ) -> Vec<std::net::Ipv4Addr> {
         let (present, addresses) = match (interfaces::list(), interfaces::addresses()) {
             (Ok(list), Ok(addresses)) => (list, addresses),
             (Err(e), _) | (_, Err(e)) => {
@@ -386,7 +408,7 @@ impl Interfaces {
         for name in datapath.forget_vanished(&present) {
             info!(interface = %name, "interface gone");
         }
-        self.failed.retain(|(_, index)| present.iter().any(|i| i.index == *index));
+        self.failed.retain(|(_, index), _| present.iter().any(|i| i.index == *index));
         for interface in &present {
             let external = self.external.selects(interface, &node_addresses, &addresses);
             let hook = if external {
@@ -409,10 +431,24 @@ impl Interfaces {
                     allow_local_source(&interface.name);
                     info!(interface = %interface.name, ?hook, "attached");
                 }
-                Err(e) if self.failed.insert((hook, interface.index)) => warn!("{e}; retrying"),
-                Err(e) => debug!("{e}; retrying"),
+                Err(e) => {
+                    let failure = (interface.name.clone(), e.to_string());
+                    if self.failed.insert((hook, interface.index), failure).is_none() {
+                        warn!("{e}; retrying");
+                    } else {
+                        debug!("{e}; retrying");
+                    }
+                }
             }
         }
+        let failures = self.failed.iter().map(|((hook, _), (name, error))| {
+            let hook = match hook {
+                Hook::Pod => "pod",
+                Hook::Wire => "external",
+            };
+            (format!("{FEATURE_INTERFACE}{name} ({hook})"), error.clone())
+        });
+        health.set_degraded_group(FEATURE_INTERFACE, failures.collect());
         node_addresses
     }
 }

@@ -25,6 +25,26 @@ pub enum Command {
     Backends(InspectArgs),
     /// Print the datapath's packet counters by verdict and its conntrack entries.
     Stats(InspectArgs),
+    /// Mount bpffs and the cgroup v2 hierarchy where they are missing, from
+    /// the given namespaces (the host's): the Helm chart's init container.
+    Mount(MountArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// A cgroup namespace to enter first, such as /hostproc/1/ns/cgroup, so
+    /// that the cgroup v2 mount shows the whole hierarchy.
+    #[arg(long)]
+    pub cgroup_ns: Option<PathBuf>,
+    /// A mount namespace to mount in, such as /hostproc/1/ns/mnt.
+    #[arg(long)]
+    pub mount_ns: Option<PathBuf>,
+    /// Where bpffs must be mounted.
+    #[arg(long)]
+    pub bpffs: Option<PathBuf>,
+    /// Where the cgroup v2 hierarchy must be mounted.
+    #[arg(long)]
+    pub cgroup2: Option<PathBuf>,
 }
 
 /// Where Services and EndpointSlices come from.
@@ -72,9 +92,6 @@ fn parse_optional_path(value: &str) -> Result<OptionalPath, String> {
     Ok(OptionalPath((!value.is_empty()).then(|| PathBuf::from(value))))
 }
 
-fn default_cgroup() -> OptionalPath {
-    OptionalPath(crate::datapath::cgroup2_root())
-}
 
 /// An address to serve an endpoint on, or none to turn it off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,10 +173,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "host")]
     pub socket_lb: SocketLb,
     /// cgroup v2 directory where the socket programs attach: processes in
-    /// it and below are candidates for socket-level balancing; default the
-    /// cgroup v2 root; "" turns it off, as `--socket-lb off` does.
-    #[arg(long, value_parser = parse_optional_path, default_value_t = default_cgroup())]
-    pub cgroup_path: OptionalPath,
+    /// it and below are candidates for socket-level balancing. Default: the
+    /// root of the cgroup v2 hierarchy, wherever it is mounted (unified,
+    /// hybrid, or where `lb mount` put it); "" turns them off, as
+    /// `--socket-lb off` does.
+    #[arg(long, value_parser = parse_optional_path)]
+    pub cgroup_path: Option<OptionalPath>,
     /// bpffs directory for the pinned maps, program and links.
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,

@@ -13,7 +13,6 @@
 //! program attached while no agent runs, so restarts do not drop traffic.
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -51,8 +50,8 @@ pub enum DatapathError {
         "this lb binary was built without its eBPF object (bpf-linker was missing); install bpf-linker and rebuild"
     )]
     NotBuilt,
-    #[error("mounting bpffs at {path}: {source}")]
-    MountBpffs { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Mount(#[from] crate::mounts::MountError),
     #[error("creating pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
     #[error("loading the eBPF object: {0}")]
@@ -316,30 +315,6 @@ pub struct Datapath {
     attached: BTreeMap<(Hook, u32), String>,
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
-
-/// The type of file system `path` is on (statfs f_type).
-fn fs_type(path: &Path) -> Option<i64> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statfs writes into the zeroed struct we own.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0).then_some(stat.f_type as i64)
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    fs_type(path) == Some(BPF_FS_MAGIC)
-}
-
-/// Where cgroup v2 is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified
-/// on hybrid hierarchies.
-pub fn cgroup2_root() -> Option<PathBuf> {
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| fs_type(p) == Some(CGROUP2_SUPER_MAGIC))
-}
-
 /// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE),
 /// which the socket programs compare with `bpf_get_netns_cookie`.
 pub fn netns_cookie() -> io::Result<u64> {
@@ -357,26 +332,6 @@ pub fn netns_cookie() -> io::Result<u64> {
     // SAFETY: our own descriptor.
     unsafe { libc::close(fd) };
     result
-}
-
-/// Mounts bpffs at /sys/fs/bpf when the pin path lives there and it is not
-/// mounted yet, as a fresh machine has it.
-fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
-    let root = Path::new("/sys/fs/bpf");
-    if !pin_path.starts_with(root) || is_bpffs(root) {
-        return Ok(());
-    }
-    tracing::info!("mounting bpffs at {}", root.display());
-    let err = |source| DatapathError::MountBpffs { path: root.to_owned(), source };
-    fs::create_dir_all(root).map_err(err)?;
-    let target = CString::new("/sys/fs/bpf").expect("no NUL");
-    let fstype = CString::new("bpf").expect("no NUL");
-    // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(err(io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 impl Datapath {
@@ -400,7 +355,7 @@ impl Datapath {
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
             .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true);
         if let Some(dir) = pin_path {
-            ensure_bpffs(dir)?;
+            crate::mounts::ensure_bpffs(dir)?;
             for sub in [dir.to_owned(), dir.join("links")] {
                 fs::create_dir_all(&sub).map_err(|source| DatapathError::PinDir { path: sub.clone(), source })?;
             }

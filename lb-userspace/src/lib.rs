@@ -12,6 +12,7 @@ pub mod kube_source;
 pub mod maglev;
 pub mod manifest;
 pub mod model;
+pub mod mounts;
 pub mod plan;
 pub mod reconcile;
 pub mod sock_destroy;

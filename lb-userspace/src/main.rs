@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 use lb_userspace::{
     agent::{self, AgentConfig, SocketBalancing, SourceConfig},
-    cli::{Cli, Command, InspectArgs, Output, RunArgs, SocketLb, Source},
+    cli::{Cli, Command, InspectArgs, OptionalPath, Output, RunArgs, SocketLb, Source},
     datapath::{MapSizes, Maps},
     inspect,
     interfaces::{ExternalInterfaces, PodInterfaces},
@@ -36,6 +36,18 @@ fn main() -> anyhow::Result<()> {
                 Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
             })
         }),
+        Command::Mount(args) => {
+            let request = lb_userspace::mounts::MountRequest {
+                cgroup_ns: args.cgroup_ns,
+                mount_ns: args.mount_ns,
+                bpffs: args.bpffs,
+                cgroup2: args.cgroup2,
+            };
+            for line in lb_userspace::mounts::mount_missing(&request)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Command::Stats(args) => {
             let maps = open_pinned(&args)?;
             let stats = inspect::stats(&maps.counters()?, maps.conntrack_entries());
@@ -83,9 +95,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         healthz_timeout: args.healthz_timeout,
         pod_interfaces: PodInterfaces::new(&args.pod_interfaces).context("--pod-interfaces")?,
         pin_path: args.pin_path,
-        socket_lb: match (args.socket_lb, args.cgroup_path.0) {
-            (SocketLb::Off, _) | (_, None) => None,
-            (scope, Some(cgroup)) => Some(SocketBalancing { cgroup, own_netns_only: scope == SocketLb::Host }),
+        socket_lb: match (args.socket_lb, args.cgroup_path) {
+            (SocketLb::Off, _) | (_, Some(OptionalPath(None))) => None,
+            (scope, cgroup) => {
+                Some(SocketBalancing { cgroup: cgroup.and_then(|c| c.0), own_netns_only: scope == SocketLb::Host })
+            }
         },
         map_sizes: MapSizes {
             services: args.services_max_entries,

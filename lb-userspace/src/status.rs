@@ -2,8 +2,12 @@
 //!
 //! Health: unhealthy until the first sync; afterwards unhealthy only while a
 //! change has been waiting longer than the timeout without a sync (kube-proxy
-//! `ProxierHealthServer`). The body is JSON either way.
+//! `ProxierHealthServer`). The body is JSON either way. A feature that does
+//! not work (socket-level balancing, a program on one interface) leaves the
+//! node healthy, since the rest still serves, and is listed in the body's
+//! `degraded` and in the `lb_degraded` metric.
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, atomic::AtomicU64},
@@ -27,6 +31,8 @@ struct HealthState {
     last_updated: Option<SystemTime>,
     queued_since: Option<Instant>,
     node_eligible: bool,
+    /// Features that do not work, with why.
+    degraded: BTreeMap<String, String>,
 }
 
 pub struct Health {
@@ -36,7 +42,8 @@ pub struct Health {
 
 impl Health {
     pub fn new(timeout: Duration) -> Self {
-        let state = HealthState { last_updated: None, queued_since: None, node_eligible: true };
+        let state =
+            HealthState { last_updated: None, queued_since: None, node_eligible: true, degraded: BTreeMap::new() };
         Self { state: Mutex::new(state), timeout }
     }
 
@@ -44,6 +51,26 @@ impl Health {
     /// `kube_source::node_eligible`); /healthz fails while it should not.
     pub fn set_node_eligible(&self, eligible: bool) {
         self.state.lock().expect("health lock").node_eligible = eligible;
+    }
+
+    /// Records that `feature` does not work (with why), or works again.
+    pub fn set_degraded(&self, feature: &str, reason: Option<String>) {
+        let mut s = self.state.lock().expect("health lock");
+        match reason {
+            Some(reason) => s.degraded.insert(feature.to_owned(), reason),
+            None => s.degraded.remove(feature),
+        };
+    }
+
+    /// Replaces the degraded features named `prefix...` with `now`.
+    pub fn set_degraded_group(&self, prefix: &str, now: BTreeMap<String, String>) {
+        let mut s = self.state.lock().expect("health lock");
+        s.degraded.retain(|feature, _| !feature.starts_with(prefix));
+        s.degraded.extend(now);
+    }
+
+    pub fn degraded(&self) -> BTreeMap<String, String> {
+        self.state.lock().expect("health lock").degraded.clone()
     }
 
     /// A change arrived that the datapath does not have yet.
@@ -71,6 +98,7 @@ impl Health {
             "lastUpdated": s.last_updated.map(stamp).unwrap_or_default(),
             "currentTime": stamp(SystemTime::now()),
             "nodeEligible": s.node_eligible,
+            "degraded": s.degraded,
         });
         (healthy, body.to_string())
     }
@@ -79,6 +107,11 @@ impl Health {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
     verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabel {
+    feature: String,
 }
 
 pub struct Metrics {
@@ -92,6 +125,7 @@ pub struct Metrics {
     packets: Family<VerdictLabel, Counter>,
     bytes: Family<VerdictLabel, Counter>,
     conntrack_entries: Gauge,
+    degraded: Family<FeatureLabel, Gauge>,
     /// Totals last read from COUNTERS, to turn them into counter increments.
     seen: Mutex<Vec<(u64, u64)>>,
     pin_path: PathBuf,
@@ -110,6 +144,7 @@ impl Metrics {
         let (sync_failures, frontends, backends) = (Counter::default(), Gauge::default(), Gauge::default());
         let (packets, bytes) = (Family::default(), Family::default());
         let conntrack_entries = Gauge::default();
+        let degraded = Family::default();
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "Time to compute and write the datapath maps for one sync",
@@ -139,6 +174,11 @@ impl Metrics {
             "Entries in the connection-tracking map (two per flow)",
             conntrack_entries.clone(),
         );
+        registry.register(
+            "lb_degraded",
+            "Features that do not work (socket_lb, or an interface's program), 1 each; the rest still serves",
+            degraded.clone(),
+        );
         Self {
             registry,
             sync_duration,
@@ -150,6 +190,7 @@ impl Metrics {
             packets,
             bytes,
             conntrack_entries,
+            degraded,
             seen: Mutex::new(vec![(0, 0); lb_common::counter::COUNT as usize]),
             pin_path,
         }
@@ -161,8 +202,13 @@ impl Metrics {
         self.last_sync.set(now.as_secs_f64());
     }
 
-    /// Reads the datapath's counters from the pinned maps, then encodes all.
-    fn render(&self) -> String {
+    /// Reads the datapath's counters from the pinned maps and the degraded
+    /// features from `health`, then encodes all.
+    fn render(&self, health: &Health) -> String {
+        self.degraded.clear();
+        for feature in health.degraded().into_keys() {
+            self.degraded.get_or_create(&FeatureLabel { feature }).set(1);
+        }
         if let Ok(maps) = Maps::open_pinned(&self.pin_path) {
             if let Ok(totals) = maps.counters() {
                 let mut seen = self.seen.lock().expect("metrics lock");
@@ -194,7 +240,7 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
                     (if healthy { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
                 }
                 "/metrics" => {
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render(&health))
                 }
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };

@@ -70,16 +70,24 @@ impl Agent {
     /// balancing at the cgroup v2 root for `node`'s own sockets
     /// (`--socket-lb host`), so pods (other namespaces) take the tc path.
     pub fn start(node: &Netns, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_entering(node, &[], args)
+    }
+
+    /// As `start`, entering other namespaces first too: `namespaces` are
+    /// nsenter options, such as `--mount=/proc/PID/ns/mnt` (a host layout
+    /// a test arranged in a mount namespace of its own).
+    pub fn start_entering(node: &Netns, namespaces: &[String], args: &[&str]) -> anyhow::Result<Self> {
         let log_dir = TempDir::new("lb-agent-log")?;
         let log = log_dir.0.join("agent.log");
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/lbt-{}", unique_tag()));
-        let mut command: Vec<std::ffi::OsString> = vec![
+        let mut command: Vec<std::ffi::OsString> = namespaces.iter().map(Into::into).collect();
+        command.extend([
             format!("--net={}", node.path().display()).into(),
             lb_binary().into(),
             "run".into(),
             "--pin-path".into(),
             pin_path.clone().into(),
-        ];
+        ]);
         command.extend(args.iter().map(Into::into));
         let child = Self::spawn(&command, &log)?;
         Ok(Self { child, command, pin_path, log, _log_dir: log_dir })
@@ -210,6 +218,18 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
         bail!("timed out waiting for {what}; agent log:\n{}", self.log())
+    }
+
+    /// Waits for the agent to exit by itself (it refused to start, say).
+    pub fn wait_for_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the agent still runs after 10 s:\n{}", self.log())
     }
 
     /// Sends SIGTERM and waits for a clean exit.

@@ -63,7 +63,7 @@ pub struct TestCgroup(pub PathBuf);
 
 impl TestCgroup {
     pub fn new() -> Self {
-        let root = lb_userspace::datapath::cgroup2_root().expect("cgroup v2 mounted");
+        let root = lb_userspace::mounts::cgroup2_root().expect("cgroup v2 mounted");
         let path = root.join(format!("lbt-{}", unique_tag()));
         std::fs::create_dir(&path).expect("creating a test cgroup");
         Self(path)

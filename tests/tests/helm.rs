@@ -90,6 +90,17 @@ fn ds_args(ds: &DaemonSet) -> Vec<String> {
     agent_container(ds).args.clone().unwrap()
 }
 
+/// An init container's args, parsed by `lb mount`: the namespaces it
+/// enters and where it mounts bpffs and cgroup v2 ("" where not asked).
+fn mount_args(container: &Container) -> [String; 4] {
+    let args = container.args.clone().unwrap();
+    let cli = Cli::try_parse_from(std::iter::once("lb".to_owned()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("lb refuses {args:?}:\n{e}"));
+    let LbCommand::Mount(mount) = cli.command else { panic!("not `mount`: {args:?}") };
+    let text = |p: Option<std::path::PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+    [text(mount.cgroup_ns), text(mount.mount_ns), text(mount.bpffs), text(mount.cgroup2)]
+}
+
 fn env(container: &Container, name: &str) -> Option<String> {
     container.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
 }
@@ -129,7 +140,27 @@ fn default_values_render_a_kube_proxy_replacement() {
     assert_eq!(probe_path(&agent.readiness_probe).as_deref(), Some("/healthz"));
     let volumes: Vec<String> =
         pod.volumes.as_ref().unwrap().iter().map(|v| v.host_path.as_ref().unwrap().path.clone()).collect();
-    assert_eq!(volumes, ["/sys/fs/bpf", "/sys/fs/cgroup"]);
+    assert_eq!(volumes, ["/sys/fs/bpf", "/run/lb/cgroupv2", "/proc"]);
+    let mounts = |c: &Container| -> Vec<(String, String, Option<String>)> {
+        let mounts = c.volume_mounts.as_deref().unwrap_or_default();
+        mounts.iter().map(|m| (m.name.clone(), m.mount_path.clone(), m.mount_propagation.clone())).collect()
+    };
+    let host_to_container = Some("HostToContainer".to_owned());
+    assert_eq!(
+        mounts(agent),
+        [
+            ("bpffs".to_owned(), "/sys/fs/bpf".to_owned(), host_to_container.clone()),
+            ("cgroup".to_owned(), "/run/lb/cgroupv2".to_owned(), host_to_container),
+        ],
+        "the agent sees the host's bpffs and the cgroup v2 hierarchy the init container mounted"
+    );
+    // The init container mounts both on the host, from the host's
+    // namespaces (its /proc): the only place such mounts outlive the pod.
+    let init = pod.init_containers.as_deref().unwrap_or_default();
+    assert_eq!(init.len(), 1);
+    assert_eq!(init[0].security_context.as_ref().unwrap().privileged, Some(true));
+    assert_eq!(mounts(&init[0]), [("hostproc".to_owned(), "/hostproc".to_owned(), None)]);
+    assert_eq!(mount_args(&init[0]), ["/hostproc/1/ns/cgroup", "/hostproc/1/ns/mnt", "/sys/fs/bpf", "/run/lb/cgroupv2"]);
     assert_eq!(env(agent, "KUBERNETES_SERVICE_HOST"), None, "in-cluster default until k8sServiceHost is set");
 
     let run = run_args(ds);
@@ -141,7 +172,7 @@ fn default_values_render_a_kube_proxy_replacement() {
     // No fixed cgroup path: the agent finds the v2 root, which on hybrid
     // hosts (this one) is not /sys/fs/cgroup.
     assert!(!ds_args(ds).iter().any(|a| a.starts_with("--cgroup-path")), "{:?}", ds_args(ds));
-    assert_eq!(run.cgroup_path.0, lb_userspace::datapath::cgroup2_root());
+    assert_eq!(run.cgroup_path, None);
     assert_eq!(run.socket_lb, lb_userspace::cli::SocketLb::Host);
 
     // Read-only on what the datapath needs, plus events; nothing else.
@@ -269,6 +300,24 @@ fn values_the_schema_forbids_fail_with_a_clear_message() {
 }
 
 #[test]
+fn the_init_container_mounts_only_what_is_asked_and_goes_with_both_off() {
+    let pod_of = |values: &str| parse(&render(values).unwrap()).daemonset.spec.template.spec.unwrap();
+    let pod = pod_of("bpf: {autoMount: false}\n");
+    let init = pod.init_containers.unwrap();
+    assert_eq!(mount_args(&init[0]), ["/hostproc/1/ns/cgroup", "/hostproc/1/ns/mnt", "", "/run/lb/cgroupv2"]);
+    // No socket programs, or a cgroup path given: no cgroup mount.
+    for values in ["agent: {socketLB: \"off\"}\n", "agent: {cgroupPath: /sys/fs/cgroup}\n"] {
+        let init = pod_of(values).init_containers.unwrap();
+        assert_eq!(mount_args(&init[0]), ["", "/hostproc/1/ns/mnt", "/sys/fs/bpf", ""], "{values}");
+    }
+    let pod = pod_of("bpf: {autoMount: false}\ncgroup: {autoMount: {enabled: false}}\n");
+    assert!(pod.init_containers.is_none());
+    let volumes: Vec<String> = pod.volumes.unwrap().iter().map(|v| v.host_path.as_ref().unwrap().path.clone()).collect();
+    assert_eq!(volumes, ["/sys/fs/bpf", "/sys/fs/cgroup"], "the host's cgroup tree, searched by the agent");
+    assert!(render("cgroup: {hostRoot: relative}\n").unwrap_err().contains("/cgroup/hostRoot"));
+}
+
+#[test]
 fn socket_lb_all_gets_the_hosts_pid_namespace_to_reach_pods_sockets() {
     let rendered = parse(&render("agent:\n  socketLB: all\n").unwrap());
     let pod = rendered.daemonset.spec.template.spec.as_ref().unwrap();
@@ -277,51 +326,249 @@ fn socket_lb_all_gets_the_hosts_pid_namespace_to_reach_pods_sockets() {
     assert!(render("agent:\n  socketLB: pods\n").is_err(), "the schema names the choices");
 }
 
+/// The host layouts the chart must handle, each arranged in a mount
+/// namespace of the test's own (nothing else on the machine sees it), held
+/// by a sleeping process: the agent and `lb mount` (the chart's init
+/// container, which enters the host's namespaces) enter it.
+mod layout {
+    use std::{
+        io::{BufRead, BufReader},
+        path::PathBuf,
+        process::{Child, Command, Stdio},
+    };
+
+    use lb_tests::{
+        clients::{TestCgroup, move_into_cgroup},
+        netns::unique_tag,
+    };
+
+    pub struct Layout {
+        holder: Child,
+        /// The holder's cgroup, when the layout has a private cgroup namespace.
+        _cgroup: Option<TestCgroup>,
+        /// A directory for `lb mount --cgroup2`, removed on drop.
+        pub cgroup2_dir: PathBuf,
+    }
+
+    impl Layout {
+        /// A mount namespace (and, with `private_cgroup`, a cgroup
+        /// namespace rooted at a test cgroup) set up by the shell `script`.
+        pub fn new(script: &str, private_cgroup: bool) -> Self {
+            let mut command = Command::new("unshare");
+            command.args(["--mount", "--propagation", "private"]);
+            let cgroup = private_cgroup.then(TestCgroup::new);
+            if let Some(cgroup) = &cgroup {
+                command.arg("--cgroup");
+                move_into_cgroup(&mut command, &cgroup.0);
+            }
+            command.args(["sh", "-c", &format!("set -e; {script}; echo ready; exec sleep 600")]);
+            let mut holder = command.stdout(Stdio::piped()).spawn().expect("unshare (util-linux)");
+            let mut line = String::new();
+            BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready", "layout script {script:?} failed");
+            let cgroup2_dir = PathBuf::from(format!("/run/lbt-cgroup2-{}", unique_tag()));
+            Self { holder, _cgroup: cgroup, cgroup2_dir }
+        }
+
+        /// nsenter options that enter this layout.
+        pub fn namespaces(&self) -> Vec<String> {
+            let pid = self.holder.id();
+            let mut options = vec![format!("--mount=/proc/{pid}/ns/mnt")];
+            if self._cgroup.is_some() {
+                options.push(format!("--cgroup=/proc/{pid}/ns/cgroup"));
+            }
+            options
+        }
+
+        /// `lb mount ARGS` as the chart's init container runs it: entering
+        /// this layout's mount namespace (the "host's") and the machine's
+        /// cgroup namespace. Its output.
+        pub fn init_container(&self, args: &[&str]) -> String {
+            let out = Command::new(lb_tests::agent::lb_binary())
+                .arg("mount")
+                .arg(format!("--mount-ns=/proc/{}/ns/mnt", self.holder.id()))
+                .arg("--cgroup-ns=/proc/self/ns/cgroup")
+                .args(args)
+                .output()
+                .unwrap();
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "lb mount {args:?}: {stdout}{stderr}");
+            stdout.into_owned()
+        }
+    }
+
+    impl Drop for Layout {
+        fn drop(&mut self) {
+            let _ = self.holder.kill();
+            let _ = self.holder.wait();
+            // Its mounts went with the namespace; the directory stays.
+            let _ = std::fs::remove_dir(&self.cgroup2_dir);
+        }
+    }
+}
+
+/// A cluster with one backend serving a ClusterIP, and the agent started
+/// with the DaemonSet's default arguments as rendered, but for what only a
+/// cluster gives (the API server, the kubelet's node name) and the pin path
+/// (the test's own, not a real install's); in `layout` when given.
+struct ChartAgent {
+    agent: lb_tests::agent::Agent,
+    _server: lb_tests::pods::PodServer,
+    _manifests: TempDir,
+    cluster: lb_tests::netns::Cluster,
+}
+
+const CHART_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 70);
+
+impl ChartAgent {
+    fn start(layout: Option<&layout::Layout>) -> Self {
+        use lb_tests::{
+            manifests::{Endpoint, endpoint_slice, service, write_yaml},
+            netns::{Cluster, Topology},
+            pods::{PodServer, TCP_PORT},
+        };
+        let rendered = parse(&render("").unwrap());
+        let args: Vec<String> = ds_args(&rendered.daemonset)
+            .into_iter()
+            .skip(1) // `run`
+            .filter(|a| !["--source=", "--node-name=", "--pin-path="].iter().any(|p| a.starts_with(p)))
+            .collect();
+        let cluster = Cluster::new(Topology::Routed, &["backend-0", "client"]).unwrap();
+        let backend = cluster.pod("backend-0");
+        let server = PodServer::start(&backend.netns, &backend.name).unwrap();
+        let manifests = TempDir::new("lb-helm-e2e").unwrap();
+        write_yaml(
+            &manifests.0,
+            "service.yaml",
+            &service("default", "web", CHART_VIP, &[("http", 80, "TCP")], serde_json::json!({})),
+        );
+        let endpoints = [Endpoint::ready(&backend.name, backend.ip)];
+        let slice = endpoint_slice("default", "web", &[("http", TCP_PORT, "TCP")], &endpoints);
+        write_yaml(&manifests.0, "slice.yaml", &slice);
+        let source = format!("--source=dir:{}", manifests.0.display());
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.push(&source);
+        let namespaces = layout.map(layout::Layout::namespaces).unwrap_or_default();
+        let agent = lb_tests::agent::Agent::start_entering(&cluster.node, &namespaces, &all).unwrap();
+        Self { agent, _server: server, _manifests: manifests, cluster }
+    }
+
+    /// Waits for the first sync (read from the log: the pins may be on a
+    /// bpffs only the layout sees).
+    fn wait_until_synced(&mut self) {
+        self.agent.wait_for_log("synced frontends=1").unwrap();
+    }
+
+    /// The ClusterIP answers a client on each of `paths`.
+    fn serves(&self, paths: &[lb_tests::clients::ClientPath]) {
+        use lb_tests::clients::{Client, ClientPath};
+        let target = std::net::SocketAddrV4::new(CHART_VIP, 80);
+        for path in paths {
+            let netns = if *path == ClientPath::Host { &self.cluster.node } else { &self.cluster.pod("client").netns };
+            // The pod interfaces are attached within the 500 ms interface poll.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let answer = loop {
+                let answer = Client::start(*path, netns, None).ask("tcp", target);
+                if answer.pod() == Some("backend-0") || std::time::Instant::now() > deadline {
+                    break answer;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            };
+            assert!(answer.pod() == Some("backend-0"), "{path:?}: {answer:?}\n{}", self.agent.log());
+        }
+    }
+
+    /// /healthz: (status, the `degraded` features).
+    fn healthz(&self) -> (u16, serde_json::Value) {
+        let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 10256);
+        let (status, body) = self.cluster.node.enter(|| lb_tests::pods::http_get(addr, "/healthz")).unwrap();
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        (status, body["degraded"].clone())
+    }
+}
+
 #[test]
 fn the_agent_with_the_charts_default_arguments_serves_a_cluster_ip_on_this_host() {
-    use lb_tests::{
-        agent::Agent,
-        clients::{Answer, Client, ClientPath},
-        manifests::{Endpoint, endpoint_slice, service, write_yaml},
-        netns::{Cluster, Topology},
-        pods::{PodServer, TCP_PORT},
-    };
-    use std::net::{Ipv4Addr, SocketAddrV4};
-    // The DaemonSet's arguments as rendered, but for what only a cluster
-    // gives (the API server, the kubelet's node name) and the pin path
-    // (the test's own, not a real install's).
-    let rendered = parse(&render("").unwrap());
-    let args: Vec<String> = ds_args(&rendered.daemonset)
-        .into_iter()
-        .skip(1) // `run`
-        .filter(|a| !["--source=", "--node-name=", "--pin-path="].iter().any(|p| a.starts_with(p)))
-        .collect();
-    let cluster = Cluster::new(Topology::Routed, &["backend-0", "client"]).unwrap();
-    let backend = cluster.pod("backend-0");
-    let _server = PodServer::start(&backend.netns, &backend.name).unwrap();
-    let manifests = TempDir::new("lb-helm-e2e").unwrap();
-    let vip = Ipv4Addr::new(10, 96, 0, 70);
-    write_yaml(
-        &manifests.0,
-        "service.yaml",
-        &service("default", "web", vip, &[("http", 80, "TCP")], serde_json::json!({})),
-    );
-    let endpoints = [Endpoint::ready(&backend.name, backend.ip)];
-    write_yaml(&manifests.0, "slice.yaml", &endpoint_slice("default", "web", &[("http", TCP_PORT, "TCP")], &endpoints));
-    let source = format!("--source=dir:{}", manifests.0.display());
-    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
-    all.push(&source);
-    let mut agent = Agent::start(&cluster.node, &all).unwrap();
-    agent.wait_for_maps("the service", |c| c.frontends().count() == 1).unwrap();
-    agent.wait_for_attachments(2).unwrap();
-    agent.wait_for_log("sockets balanced at connect").unwrap();
-    let target = SocketAddrV4::new(vip, 80);
-    for (path, netns) in [(ClientPath::Host, &cluster.node), (ClientPath::PodTc, &cluster.pod("client").netns)] {
-        let answer = Client::start(path, netns, None).ask("tcp", target);
-        assert!(
-            matches!(&answer, Answer::From { pod, .. } if pod == "backend-0"),
-            "{path:?}: {answer:?}\n{}",
-            agent.log()
-        );
-    }
+    // This host is hybrid: v1 controllers at /sys/fs/cgroup, v2 at
+    // /sys/fs/cgroup/unified; bpffs at /sys/fs/bpf.
+    use lb_tests::clients::ClientPath;
+    let mut chart = ChartAgent::start(None);
+    chart.wait_until_synced();
+    chart.agent.wait_for_log("sockets balanced at connect cgroup=/sys/fs/cgroup/unified").unwrap();
+    chart.serves(&[ClientPath::Host, ClientPath::PodTc]);
+    assert_eq!(chart.healthz(), (200, serde_json::json!({})));
+}
+
+#[test]
+fn unified_cgroup_v2_at_sys_fs_cgroup() {
+    use lb_tests::clients::ClientPath;
+    let layout = layout::Layout::new("umount -l /sys/fs/cgroup; mount -t cgroup2 none /sys/fs/cgroup", false);
+    let mut chart = ChartAgent::start(Some(&layout));
+    chart.wait_until_synced();
+    chart.agent.wait_for_log("sockets balanced at connect cgroup=/sys/fs/cgroup ").unwrap();
+    chart.serves(&[ClientPath::Host, ClientPath::PodTc]);
+}
+
+#[test]
+fn no_cgroup_v2_mounted_serves_pods_then_the_init_container_mounts_it() {
+    use lb_tests::clients::ClientPath;
+    let layout = layout::Layout::new("umount -l /sys/fs/cgroup", false);
+    let mut chart = ChartAgent::start(Some(&layout));
+    chart.wait_until_synced();
+    // Without it, only socket-level balancing is lost: said in the log,
+    // /healthz (still healthy) and metrics; pods are served.
+    chart.agent.wait_for_log("no cgroup v2 hierarchy is mounted here").unwrap();
+    chart.serves(&[ClientPath::PodTc]);
+    let (status, degraded) = chart.healthz();
+    assert_eq!(status, 200);
+    assert!(degraded["socket_lb"].as_str().unwrap().contains("no cgroup v2"), "{degraded}");
+
+    let dir = layout.cgroup2_dir.display().to_string();
+    let said = layout.init_container(&[&format!("--cgroup2={dir}")]);
+    assert_eq!(said.trim(), format!("mounted cgroup v2 at {dir}"));
+    assert_eq!(layout.init_container(&[&format!("--cgroup2={dir}")]).trim(), format!("cgroup v2 already mounted at {dir}"));
+    chart.agent.restart().unwrap();
+    chart.agent.wait_for_log(&format!("sockets balanced at connect cgroup={dir}")).unwrap();
+    chart.serves(&[ClientPath::Host, ClientPath::PodTc]);
+    assert_eq!(chart.healthz(), (200, serde_json::json!({})));
+}
+
+#[test]
+fn a_private_cgroup_namespace_sees_a_subtree_until_the_init_container_mounts_the_hosts() {
+    use lb_tests::clients::ClientPath;
+    // As a container runtime with a private cgroup namespace gives a pod:
+    // /sys/fs/cgroup is the pod's own cgroup.
+    let layout = layout::Layout::new("umount -l /sys/fs/cgroup; mount -t cgroup2 none /sys/fs/cgroup", true);
+    let mut chart = ChartAgent::start(Some(&layout));
+    chart.wait_until_synced();
+    chart.agent.wait_for_log("only part of the cgroup v2 hierarchy is mounted here (/sys/fs/cgroup").unwrap();
+    chart.serves(&[ClientPath::PodTc]);
+    assert!(chart.healthz().1["socket_lb"].is_string());
+
+    // The init container mounts the hierarchy from the host's cgroup
+    // namespace: its root, whatever the agent's namespace shows.
+    let dir = layout.cgroup2_dir.display().to_string();
+    layout.init_container(&[&format!("--cgroup2={dir}")]);
+    chart.agent.restart().unwrap();
+    chart.agent.wait_for_log(&format!("sockets balanced at connect cgroup={dir}")).unwrap();
+    chart.serves(&[ClientPath::Host, ClientPath::PodTc]);
+}
+
+#[test]
+fn no_bpffs_on_the_host_is_refused_in_a_container_until_the_init_container_mounts_it() {
+    use lb_tests::clients::ClientPath;
+    // A container's mount namespace, where a bpffs the agent mounted would
+    // vanish with the pod (and the datapath's pins with it).
+    let layout = layout::Layout::new("umount -l /sys/fs/bpf", false);
+    let mut chart = ChartAgent::start(Some(&layout));
+    let status = chart.agent.wait_for_exit().unwrap();
+    assert!(!status.success());
+    let log = chart.agent.log();
+    assert!(log.contains("bpffs is not mounted on the host at /sys/fs/bpf"), "{log}");
+    assert!(log.contains("bpf.autoMount"), "says what to do: {log}");
+
+    assert_eq!(layout.init_container(&["--bpffs=/sys/fs/bpf"]).trim(), "mounted bpffs at /sys/fs/bpf");
+    chart.agent.restart().unwrap();
+    chart.wait_until_synced();
+    chart.serves(&[ClientPath::Host, ClientPath::PodTc]);
 }
