@@ -529,6 +529,7 @@ fn no_cgroup_v2_mounted_serves_pods_then_the_init_container_mounts_it() {
     assert_eq!(layout.init_container(&[&format!("--cgroup2={dir}")]).trim(), format!("cgroup v2 already mounted at {dir}"));
     chart.agent.restart().unwrap();
     chart.agent.wait_for_log(&format!("sockets balanced at connect cgroup={dir}")).unwrap();
+    chart.agent.wait_for_log_count("synced frontends=1", 2).unwrap();
     chart.serves(&[ClientPath::Host, ClientPath::PodTc]);
     assert_eq!(chart.healthz(), (200, serde_json::json!({})));
 }
