@@ -147,7 +147,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         // One feature lost is no reason to stop serving the rest: pods
         // still take the per-packet path. /healthz and /metrics say so.
         Some(socket_lb) => {
-            let attached = socket_lb.cgroup.clone().map_or_else(crate::mounts::cgroup2_root, Ok).map_err(|e| e.to_string());
+            let attached =
+                socket_lb.cgroup.clone().map_or_else(crate::mounts::cgroup2_root, Ok).map_err(|e| e.to_string());
             let attached = attached.and_then(|cgroup| match datapath.attach_cgroup(&cgroup) {
                 Ok(()) => Ok(cgroup),
                 Err(e) => Err(e.to_string()),

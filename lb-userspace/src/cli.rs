@@ -92,7 +92,6 @@ fn parse_optional_path(value: &str) -> Result<OptionalPath, String> {
     Ok(OptionalPath((!value.is_empty()).then(|| PathBuf::from(value))))
 }
 
-
 /// An address to serve an endpoint on, or none to turn it off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Listen(pub Option<std::net::SocketAddr>);

@@ -17,8 +17,7 @@
 //! auto-mounts do: only there does a mount outlive the pod.
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
@@ -43,9 +42,7 @@ pub enum MountError {
         .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
     OnlyCgroup2Subtrees(Vec<PathBuf>),
-    #[error(
-        "the pin path {0} is not on a bpffs; mount one there (mount -t bpf bpf DIR) or use a path under {BPFFS}"
-    )]
+    #[error("the pin path {0} is not on a bpffs; mount one there (mount -t bpf bpf DIR) or use a path under {BPFFS}")]
     NotBpffs(PathBuf),
     #[error(
         "bpffs is not mounted on the host at {0}, and a mount made here would vanish with this container, \
@@ -100,7 +97,8 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal =
+            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal.and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok()) {
             Some(byte) => {
                 out.push(byte);
@@ -152,7 +150,8 @@ pub fn cgroup2_root() -> Result<PathBuf, MountError> {
 /// machine's mount namespace: PID 1's, unless this process is itself PID 1
 /// of its PID namespace, as a container's first process is.
 fn mount_outlives_this_process(point: &Path) -> bool {
-    let shared = own_mounts().into_iter().filter(|m| point.starts_with(&m.point)).max_by_key(|m| m.point.as_os_str().len());
+    let shared =
+        own_mounts().into_iter().filter(|m| point.starts_with(&m.point)).max_by_key(|m| m.point.as_os_str().len());
     if shared.is_some_and(|m| m.shared) {
         return true;
     }
@@ -265,12 +264,7 @@ not a mountinfo line
         assert_eq!(mounts.len(), 3);
         assert_eq!(
             mounts[0],
-            Mount {
-                point: "/sys/fs/cgroup/unified".into(),
-                root: "/".into(),
-                fstype: "cgroup2".into(),
-                shared: false
-            }
+            Mount { point: "/sys/fs/cgroup/unified".into(), root: "/".into(), fstype: "cgroup2".into(), shared: false }
         );
         assert!(mounts[1].shared && mounts[1].fstype == "bpf");
         assert_eq!(mounts[2].point, PathBuf::from("/run/lb/cgroup v2"));

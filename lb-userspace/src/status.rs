@@ -312,4 +312,26 @@ mod tests {
         health.updated();
         assert!(health.check(true).0);
     }
+
+    #[test]
+    fn a_degraded_feature_is_listed_and_leaves_the_node_healthy() {
+        let health = Health::new(Duration::from_secs(10));
+        health.updated();
+        health.set_degraded("socket_lb", Some("no cgroup v2".into()));
+        health.set_degraded_group("interface ", [("interface eth1 (external)".to_owned(), "EBUSY".to_owned())].into());
+        let (healthy, body) = health.check(true);
+        assert!(healthy, "the rest still serves");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body["degraded"],
+            serde_json::json!({"socket_lb": "no cgroup v2", "interface eth1 (external)": "EBUSY"})
+        );
+        let metrics = Metrics::new("/nonexistent".into());
+        assert!(metrics.render(&health).contains("lb_degraded{feature=\"socket_lb\"} 1"));
+        // The interface attached after all; the group is replaced whole.
+        health.set_degraded_group("interface ", BTreeMap::new());
+        health.set_degraded("socket_lb", None);
+        assert!(health.degraded().is_empty());
+        assert!(!metrics.render(&health).contains("lb_degraded{"), "cleared, not left at 1");
+    }
 }

@@ -160,7 +160,10 @@ fn default_values_render_a_kube_proxy_replacement() {
     assert_eq!(init.len(), 1);
     assert_eq!(init[0].security_context.as_ref().unwrap().privileged, Some(true));
     assert_eq!(mounts(&init[0]), [("hostproc".to_owned(), "/hostproc".to_owned(), None)]);
-    assert_eq!(mount_args(&init[0]), ["/hostproc/1/ns/cgroup", "/hostproc/1/ns/mnt", "/sys/fs/bpf", "/run/lb/cgroupv2"]);
+    assert_eq!(
+        mount_args(&init[0]),
+        ["/hostproc/1/ns/cgroup", "/hostproc/1/ns/mnt", "/sys/fs/bpf", "/run/lb/cgroupv2"]
+    );
     assert_eq!(env(agent, "KUBERNETES_SERVICE_HOST"), None, "in-cluster default until k8sServiceHost is set");
 
     let run = run_args(ds);
@@ -312,7 +315,8 @@ fn the_init_container_mounts_only_what_is_asked_and_goes_with_both_off() {
     }
     let pod = pod_of("bpf: {autoMount: false}\ncgroup: {autoMount: {enabled: false}}\n");
     assert!(pod.init_containers.is_none());
-    let volumes: Vec<String> = pod.volumes.unwrap().iter().map(|v| v.host_path.as_ref().unwrap().path.clone()).collect();
+    let volumes: Vec<String> =
+        pod.volumes.unwrap().iter().map(|v| v.host_path.as_ref().unwrap().path.clone()).collect();
     assert_eq!(volumes, ["/sys/fs/bpf", "/sys/fs/cgroup"], "the host's cgroup tree, searched by the agent");
     assert!(render("cgroup: {hostRoot: relative}\n").unwrap_err().contains("/cgroup/hostRoot"));
 }
@@ -526,7 +530,10 @@ fn no_cgroup_v2_mounted_serves_pods_then_the_init_container_mounts_it() {
     let dir = layout.cgroup2_dir.display().to_string();
     let said = layout.init_container(&[&format!("--cgroup2={dir}")]);
     assert_eq!(said.trim(), format!("mounted cgroup v2 at {dir}"));
-    assert_eq!(layout.init_container(&[&format!("--cgroup2={dir}")]).trim(), format!("cgroup v2 already mounted at {dir}"));
+    assert_eq!(
+        layout.init_container(&[&format!("--cgroup2={dir}")]).trim(),
+        format!("cgroup v2 already mounted at {dir}")
+    );
     chart.agent.restart().unwrap();
     chart.agent.wait_for_log(&format!("sockets balanced at connect cgroup={dir}")).unwrap();
     chart.agent.wait_for_log_count("synced frontends=1", 2).unwrap();
