@@ -6,7 +6,7 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, Backend, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_SOURCE_RANGES,
-    FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, ServiceKey,
+    FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, ServiceKey, ct_timeout,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICE_ADDRS, SERVICES, maglev_table_size};
@@ -124,7 +124,17 @@ pub fn select(frontend: &Frontend, selector: &Selector, now: u64) -> Option<(u32
         selector.sticky.map(|(kind, client, timeout_ns)| (AffinityKey::new(&frontend.key, kind, client), timeout_ns))
     };
     let remembered = memory.as_ref().and_then(|(key, timeout_ns)| remembered_backend(key, now, *timeout_ns));
-    let picked = remembered.or_else(|| match frontend.maglev_table {
+    // An unconnected UDP socket's entry is looked up on every message: its
+    // stamp is refreshed at most once per interval, as conntrack's is, so
+    // that most messages cost a lookup and no write. Session affinity is
+    // refreshed by every new connection (its timeout may be 1 s).
+    if frontend.affinity_timeout_s == 0
+        && let Some((last_used, picked)) = remembered
+        && now.wrapping_sub(last_used) < ct_timeout::REFRESH_NS
+    {
+        return Some(picked);
+    }
+    let picked = remembered.map(|(_, picked)| picked).or_else(|| match frontend.maglev_table {
         0 => random_backend(&frontend.key, frontend.backend_count),
         table => maglev_backend(table, selector.hash),
     })?;
@@ -136,16 +146,17 @@ pub fn select(frontend: &Frontend, selector: &Selector, now: u64) -> Option<(u32
 }
 
 /// The backend remembered at `key`, if used within the timeout and still
-/// there. The agent deletes entries whose backend left the frontend.
+/// there, with when it was last used. The agent deletes entries whose
+/// backend left the frontend.
 #[inline(always)]
-fn remembered_backend(key: &AffinityKey, now: u64, timeout_ns: u64) -> Option<(u32, Backend)> {
+fn remembered_backend(key: &AffinityKey, now: u64, timeout_ns: u64) -> Option<(u64, (u32, Backend))> {
     // SAFETY: plain data, as in `lookup`.
     let entry = unsafe { AFFINITY.get(key) }?;
     let (last_used, backend_id) = (entry.last_used_ns, entry.backend_id);
     if now.wrapping_sub(last_used) >= timeout_ns {
         return None;
     }
-    backend(backend_id)
+    Some((last_used, backend(backend_id)?))
 }
 
 #[inline(always)]
