@@ -242,10 +242,44 @@ impl Maps {
     }
 }
 
+/// A write the kernel refused because the map is full, said as what it is:
+/// which map, what fills it, and which flag sizes it. Other errors keep
+/// their errno in the message (aya's syscall error shows only the call).
+fn explain_write_error(op: &MapOp, error: aya::maps::MapError) -> aya::maps::MapError {
+    let aya::maps::MapError::SyscallError(syscall) = &error else { return error };
+    let errno = syscall.io_error.raw_os_error();
+    let sizing = match op {
+        MapOp::PutService(..) => {
+            Some((MAP_SERVICES, "a frontend plus one entry per backend of each", "services", "services"))
+        }
+        MapOp::PutAddr(..) => Some((MAP_SERVICE_ADDRS, "one entry per service address", "services", "services")),
+        MapOp::PutBackend(..) => Some((MAP_BACKENDS, "one entry per distinct backend", "backends", "backends")),
+        MapOp::PutSourceRange(..) => {
+            Some((MAP_SOURCE_RANGES, "one entry per source range", "source-ranges", "sourceRanges"))
+        }
+        _ => None,
+    };
+    let message = match sizing {
+        // A full hash map refuses a new key with E2BIG; an LPM trie with ENOSPC.
+        Some((map, holds, flag, value)) if matches!(errno, Some(libc::E2BIG | libc::ENOSPC)) => format!(
+            "{map} is full (it holds {holds}): raise --{flag}-max-entries (chart: mapSizes.{value}); \
+             a map pinned by an earlier agent keeps its size until its pin is removed"
+        ),
+        _ => format!("`{}`: {}", syscall.call, syscall.io_error),
+    };
+    aya::maps::MapError::IoError(io::Error::new(syscall.io_error.kind(), message))
+}
+
 impl MapWriter for Maps {
     type Error = aya::maps::MapError;
 
     fn write(&mut self, op: &MapOp) -> Result<(), aya::maps::MapError> {
+        self.write_unexplained(op).map_err(|e| explain_write_error(op, e))
+    }
+}
+
+impl Maps {
+    fn write_unexplained(&mut self, op: &MapOp) -> Result<(), aya::maps::MapError> {
         match op {
             MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),

@@ -13,7 +13,7 @@ use lb_tests::{
 use lb_userspace::{
     datapath::{Datapath, MapSizes, Maps},
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
-    plan::{MaglevConfig, MapOp, maglev_entries},
+    plan::{MaglevConfig, MapContents, MapOp, maglev_entries},
     reconcile::{MapWriter, Reconciler},
 };
 
@@ -484,6 +484,21 @@ fn maps_opened_from_pins_refuse_to_write_a_maglev_table_they_cannot_place() {
     let error = pinned.write(&MapOp::PutMaglevTable(2, vec![9; 13])).unwrap_err();
     assert!(error.to_string().contains("do not know the table size"), "{error}");
     assert_eq!((table(&pinned, 1), table(&pinned, 2)), (vec![0; 13], vec![7; 13]));
+    drop(datapath);
+}
+
+#[test]
+fn a_full_map_is_named_with_the_flag_that_sizes_it() {
+    let pins = Pins(format!("/sys/fs/bpf/lbt-{}", lb_tests::netns::unique_tag()).into());
+    let sizes = MapSizes { services: 4, ..MapSizes::default() };
+    let mut datapath = Datapath::load(Some(&pins.0), sizes, 0).expect("load datapath (needs root)");
+    // A frontend and four slots: five entries in a map of four.
+    let mut reconciler = Reconciler::new(MapContents::default(), MaglevConfig::default());
+    let backends = [[10, 244, 0, 11], [10, 244, 0, 12], [10, 244, 0, 13], [10, 244, 0, 14]];
+    let error = reconciler.sync(&[service(80, Protocol::Tcp, &backends)], &mut datapath.maps).unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("SERVICES is full"), "{message}");
+    assert!(message.contains("--services-max-entries (chart: mapSizes.services)"), "{message}");
     drop(datapath);
 }
 
