@@ -159,6 +159,12 @@ fn mount_outlives_this_process(point: &Path) -> bool {
     std::process::id() != 1 && namespace("1").is_some() && namespace("1") == namespace("self")
 }
 
+/// Mounts `fstype` at `dir`, creating the directory first.
+fn mount_creating(fstype: &str, source: &str, dir: &Path) -> Result<(), MountError> {
+    fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+    mount(fstype, source, dir).map_err(io_error("mounting at", dir))
+}
+
 fn mount(fstype: &str, source: &str, target: &Path) -> io::Result<()> {
     let (fstype, source) = (CString::new(fstype)?, CString::new(source)?);
     let target = CString::new(target.as_os_str().as_bytes())?;
@@ -187,8 +193,7 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<bool, MountError> {
         return Err(MountError::BpffsWouldNotOutlive(root.to_owned()));
     }
     tracing::info!("mounting bpffs at {}", root.display());
-    fs::create_dir_all(root).map_err(io_error("creating", root))?;
-    mount("bpf", "bpf", root).map_err(io_error("mounting bpffs at", root))?;
+    mount_creating("bpf", "bpf", root)?;
     Ok(true)
 }
 
@@ -223,27 +228,23 @@ pub fn mount_missing(request: &MountRequest) -> Result<Vec<String>, MountError> 
         }
     }
     let mut done = Vec::new();
-    if let Some(dir) = &request.bpffs {
-        if is_bpffs(dir) {
-            done.push(format!("bpffs already mounted at {}", dir.display()));
-        } else {
-            fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
-            mount("bpf", "bpf", dir).map_err(io_error("mounting bpffs at", dir))?;
-            done.push(format!("mounted bpffs at {}", dir.display()));
+    type IsMounted = fn(&Path) -> bool;
+    let wanted: [(&Option<PathBuf>, &str, IsMounted, &str, &str); 2] = [
+        (&request.bpffs, "bpffs", is_bpffs, "bpf", "bpf"),
+        (&request.cgroup2, "cgroup v2", is_cgroup2_root, "cgroup2", "none"),
+    ];
+    for (dir, name, is_mounted, fstype, source) in wanted {
+        let Some(dir) = dir else { continue };
+        if is_mounted(dir) {
+            done.push(format!("{name} already mounted at {}", dir.display()));
+            continue;
         }
-    }
-    if let Some(dir) = &request.cgroup2 {
-        if is_cgroup2_root(dir) {
-            done.push(format!("cgroup v2 already mounted at {}", dir.display()));
-        } else {
-            fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
-            mount("cgroup2", "none", dir).map_err(io_error("mounting cgroup v2 at", dir))?;
-            if !is_cgroup2_root(dir) {
-                // Mounted from a private cgroup namespace: not the root.
-                return Err(MountError::OnlyCgroup2Subtrees(vec![dir.clone()]));
-            }
-            done.push(format!("mounted cgroup v2 at {}", dir.display()));
+        mount_creating(fstype, source, dir)?;
+        if !is_mounted(dir) {
+            // cgroup v2 mounted from a private cgroup namespace: not the root.
+            return Err(MountError::OnlyCgroup2Subtrees(vec![dir.clone()]));
         }
+        done.push(format!("mounted {name} at {}", dir.display()));
     }
     Ok(done)
 }

@@ -427,23 +427,27 @@ pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -
     for (k, v) in current.frontend_entries().filter(|(_, v)| v.maglev_table != 0) {
         namers.entry(v.maglev_table).or_default().insert(*k);
     }
-    let mut pending: VecDeque<(&ServiceKey, &ServiceValue)> =
-        target.frontend_entries().filter(|(k, v)| changed(k, v) || needs_table(k, v)).collect();
+    // (frontend, value, whether its table is to be filled), judged once.
+    let mut pending: VecDeque<(&ServiceKey, &ServiceValue, bool)> = target
+        .frontend_entries()
+        .map(|(k, v)| (k, v, needs_table(k, v)))
+        .filter(|(k, v, fill)| *fill || changed(k, v))
+        .collect();
     let mut waited = 0;
-    while let Some((k, v)) = pending.pop_front() {
+    while let Some((k, v, fill)) = pending.pop_front() {
         let free = |namers: &BTreeMap<u32, BTreeSet<ServiceKey>>| {
             namers.get(&v.maglev_table).is_none_or(|n| n.iter().all(|other| other == k))
         };
         // A table still named elsewhere waits for its namer to move, unless
         // nothing else can move (adopted maps without a spare): then it is
         // rewritten in place.
-        if needs_table(k, v) && !free(&namers) && waited < pending.len() + 1 {
-            pending.push_back((k, v));
+        if fill && !free(&namers) && waited < pending.len() + 1 {
+            pending.push_back((k, v, fill));
             waited += 1;
             continue;
         }
         waited = 0;
-        if needs_table(k, v) {
+        if fill {
             let ids = target.backend_set(k);
             ops.push(MapOp::PutMaglevTable(v.maglev_table, maglev_entries(target, &ids, maglev.table_size)));
         }
