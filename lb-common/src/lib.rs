@@ -47,9 +47,12 @@ pub const MAP_AFFINITY: &str = "AFFINITY";
 
 /// The tc program attached to the host side of every pod interface.
 pub const PROG_FROM_POD: &str = "tc_from_pod";
-/// The XDP program on the node's external interfaces: NodePort,
-/// LoadBalancer and ExternalIP traffic, and replies coming back to the node.
-pub const PROG_FROM_WIRE: &str = "xdp_from_wire";
+/// The programs of the node's external interfaces: NodePort, LoadBalancer
+/// and ExternalIP traffic, and replies coming back to the node. One of the
+/// two per interface (`--external-datapath`): at tc ingress (any
+/// interface), or XDP (drivers that run it natively).
+pub const PROG_TC_FROM_WIRE: &str = "tc_from_wire";
+pub const PROG_XDP_FROM_WIRE: &str = "xdp_from_wire";
 /// The minimal XDP and tc programs: the same header parsing, then pass,
 /// with no lookups. The benchmarks' floor; never attached by the agent.
 pub const PROG_XDP_BASELINE: &str = "xdp_baseline";

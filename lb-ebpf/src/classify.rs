@@ -29,8 +29,15 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
     let frontend = match lb::lookup(packet.daddr, packet.dport, packet.protocol, internal_client) {
         Lookup::NotService => return Verdict::Pass,
         // A port no Service defines on a cluster IP is not answered.
-        Lookup::UnknownPort { cluster_ip: true } => return Verdict::UnknownPort,
-        Lookup::UnknownPort { cluster_ip: false } => return Verdict::Pass,
+        Lookup::UnknownPort { cluster_ip } => {
+            // A volatile read keeps the flag on this path: otherwise LLVM
+            // may merge this arm with the one above and mask whatever the
+            // flag's register holds there, a pointer maybe, which the
+            // verifier refuses.
+            // SAFETY: a read of a local.
+            let cluster_ip = unsafe { core::ptr::read_volatile(&cluster_ip) };
+            return if cluster_ip { Verdict::UnknownPort } else { Verdict::Pass };
+        }
         Lookup::Frontend(frontend) => frontend,
     };
     if frontend.source_ranges && !source_allowed(packet) {

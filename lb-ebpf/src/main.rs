@@ -9,18 +9,22 @@ mod nat;
 mod parse;
 mod verdict;
 // Then state and semantics: conntrack, the Service's lookup and selection,
-// source NAT and its route lookups.
+// route lookups, and source NAT.
 mod conntrack;
 mod lb;
+mod route;
 mod snat;
-// Then the packet pipeline the packet hooks share, and its ICMP side.
+// Then the packet pipeline the packet hooks share, its ICMP side, and
+// what the tc hooks share.
 mod classify;
 mod icmp;
+mod skb;
 mod translate;
 // The hooks, thin: they adapt packets and sockets to the above.
 mod baseline;
 mod cgroup_sock;
 mod tc_pod;
+mod tc_wire;
 mod xdp_wire;
 
 #[cfg(not(test))]

@@ -60,8 +60,10 @@ impl Frame for TcContext {
     }
 
     /// Each L4 checksum update is a helper call, so only what changes is
-    /// updated: the addresses one by one, the two ports as one word.
-    #[inline(always)]
+    /// updated: the addresses one by one, the two ports as one word. A
+    /// function of its own, as for XDP: inlined, its stack would add to
+    /// the pipeline's and break the verifier's limit on the external hook.
+    #[inline(never)]
     fn rewrite(&self, packet: &Packet, rewrite: &Rewrite) -> Result<(), i64> {
         let (source, destination) = (rewrite.source, rewrite.destination);
         // A UDP checksum of 0 means "none" and must stay 0.

@@ -1,44 +1,22 @@
-//! Source NAT of external clients whose backend is on another node, and
-//! the FIB lookups that route translated frames from XDP.
-use core::{ffi::c_void, mem::size_of};
+//! Source NAT of external clients whose backend is on another node.
+use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
-    },
-    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_get_prandom_u32},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC},
+    helpers::bpf_get_prandom_u32,
 };
 use lb_common::{Backend, CtKey};
 
-use crate::{maps::CONNTRACK, parse::Packet};
+use crate::{
+    maps::CONNTRACK,
+    parse::Packet,
+    route::{fib_lookup, fib_params},
+};
 
-const AF_INET: u8 = 2;
 /// Ports tried when the client's own port is taken toward that backend.
 const PORT_FIRST: u32 = 32_768;
 const PORT_COUNT: u32 = 32_768;
 const PORT_ATTEMPTS: u32 = 4;
-
-/// A route lookup for an IPv4 packet from `saddr` to `daddr`.
-#[inline(always)]
-pub fn fib_params(packet: &Packet, saddr: [u8; 4], daddr: [u8; 4], ifindex: u32, tot_len: u16) -> bpf_fib_lookup {
-    // SAFETY: a plain C struct of integers, valid when zeroed.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = packet.protocol;
-    params.ifindex = ifindex;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
-    params
-}
-
-/// Runs `bpf_fib_lookup`; true on success.
-#[inline(always)]
-pub fn fib_lookup(ctx: *mut c_void, params: &mut bpf_fib_lookup, flags: u32) -> bool {
-    // SAFETY: `params` is ours and sized as the helper expects.
-    let rc = unsafe { fib_lookup_helper(ctx, params, size_of::<bpf_fib_lookup>() as i32, flags) };
-    rc == BPF_FIB_LKUP_RET_SUCCESS as i64
-}
 
 /// The address and port this node sends the flow of `packet` from, toward
 /// `backend`: the address the kernel would pick for that route, and the
@@ -49,7 +27,7 @@ pub fn fib_lookup(ctx: *mut c_void, params: &mut bpf_fib_lookup, flags: u32) -> 
 pub fn source(ctx: *mut c_void, ifindex: u32, packet: &Packet, backend: &Backend) -> Option<([u8; 4], [u8; 2])> {
     let mut params = fib_params(packet, [0; 4], backend.addr, ifindex, 0);
     let flags = BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH;
-    if !fib_lookup(ctx, &mut params, flags) {
+    if fib_lookup(ctx, &mut params, flags) != BPF_FIB_LKUP_RET_SUCCESS {
         return None;
     }
     // SAFETY: the helper filled in the source address.

@@ -1,6 +1,7 @@
-//! XDP on the node's external interfaces: NodePort, LoadBalancer and
-//! ExternalIP traffic from clients anywhere, and replies coming back to
-//! this node.
+//! XDP on the node's external interfaces whose driver runs it natively
+//! (`--external-datapath`; `tc_wire.rs` serves the others): NodePort,
+//! LoadBalancer and ExternalIP traffic from clients anywhere, and replies
+//! coming back to this node.
 //!
 //! A backend on this node: DNAT and pass to the stack, which routes to the
 //! pod; its reply is translated back by `tc_from_pod`. A backend on another
@@ -23,9 +24,9 @@ use crate::{
     classify,
     icmp::{self, ErrorRoute},
     maps::count,
-    nat::{Frame, csum_replace},
+    nat::Frame,
     parse::{self, Packet, Unparsed},
-    snat::{fib_lookup, fib_params},
+    route::{Route, Sender, next_hop},
     translate::{Action, translate},
     verdict::Origin,
 };
@@ -92,37 +93,12 @@ fn icmp_error(ctx: &XdpContext, ifindex: u32) -> Result<(u32, u32), i64> {
 /// entry yet, say) the stack routes it instead.
 #[inline(never)]
 fn forward(ctx: &XdpContext, packet: &Packet, ifindex: u32) -> Result<u32, i64> {
-    let l3 = packet.l3_offset;
-    let addrs: [u8; 8] = Frame::load(ctx, packet.saddr_offset())?;
-    let tot_len: [u8; 2] = Frame::load(ctx, l3 + 2)?;
-    let mut params = fib_params(
-        packet,
-        [addrs[0], addrs[1], addrs[2], addrs[3]],
-        [addrs[4], addrs[5], addrs[6], addrs[7]],
-        ifindex,
-        u16::from_be_bytes(tot_len),
-    );
-    if !fib_lookup(ctx.as_ptr(), &mut params, 0) {
-        return Ok(XDP_PASS);
-    }
-    let ttl_protocol: [u8; 2] = Frame::load(ctx, l3 + 8)?;
-    if ttl_protocol[0] <= 1 {
-        // The stack answers with ICMP time exceeded.
-        return Ok(XDP_PASS);
-    }
-    let decremented = [ttl_protocol[0] - 1, ttl_protocol[1]];
-    let check: [u8; 2] = Frame::load(ctx, packet.ip_check_offset())?;
-    Frame::store(ctx, packet.ip_check_offset(), &csum_replace(check, &ttl_protocol, &decremented))?;
-    Frame::store(ctx, l3 + 8, &decremented)?;
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
-    Frame::store(ctx, 0, &macs)?;
-    if params.ifindex == ifindex {
-        return Ok(XDP_TX);
-    }
-    // SAFETY: a plain helper call; it returns the XDP action.
-    Ok(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+    Ok(match next_hop(ctx, ctx.as_ptr(), packet, ifindex, Sender::Xdp)? {
+        Route::Out { ifindex: out } if out == ifindex => XDP_TX,
+        // SAFETY: a plain helper call; it returns the XDP action.
+        Route::Out { ifindex: out } => (unsafe { bpf_redirect(out, 0) }) as u32,
+        Route::Stack | Route::Resolve { .. } => XDP_PASS,
+    })
 }
 
 /// Turns the frame into an ICMP port unreachable and sends it back out.

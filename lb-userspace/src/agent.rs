@@ -22,7 +22,7 @@ use crate::{
     datapath::{Datapath, Hook, MapSizes},
     dir_source::DirSource,
     health_check::HealthCheckServers,
-    interfaces::{self, ExternalInterfaces, PodInterfaces},
+    interfaces::{self, ExternalDatapath, ExternalInterfaces, PodInterfaces, WireChoice},
     kube_source::{Connection, KubeSource},
     model::{ModelOptions, Snapshot, desired_state},
     plan::MaglevConfig,
@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub model: ModelOptions,
     pub nodeport_addresses: Vec<Cidr>,
     pub external_interfaces: ExternalInterfaces,
+    /// Which program serves each external interface: tc or XDP.
+    pub external_datapath: ExternalDatapath,
     pub pod_interfaces: PodInterfaces,
     pub pin_path: PathBuf,
     /// Socket-level balancing: where the programs attach, and which
@@ -203,6 +205,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut interfaces = Interfaces {
         pod: config.pod_interfaces,
         external: config.external_interfaces,
+        external_datapath: config.external_datapath,
         nodeport_addresses: config.nodeport_addresses,
         failed: BTreeMap::new(),
     };
@@ -381,6 +384,7 @@ impl Agent {
 struct Interfaces {
     pod: PodInterfaces,
     external: ExternalInterfaces,
+    external_datapath: ExternalDatapath,
     nodeport_addresses: Vec<Cidr>,
     /// Attachments that failed, by hook and ifindex: the interface's name
     /// and the error. Logged once each, and reported as degraded.
@@ -412,14 +416,18 @@ impl Interfaces {
         self.failed.retain(|(_, index), _| present.iter().any(|i| i.index == *index));
         for interface in &present {
             let external = self.external.selects(interface, &node_addresses, &addresses);
-            let hook = if external {
-                Hook::Wire
+            let (hook, why) = if external {
+                match self.external_datapath.choose(interfaces::driver(&interface.name).ok().as_deref()) {
+                    WireChoice::Tc(why) => (Hook::WireTc, why),
+                    WireChoice::Xdp(why) => (Hook::WireXdp, why),
+                }
             } else if self.pod.selects(interface) && !addresses.iter().any(|(name, _)| *name == interface.name) {
-                Hook::Pod
+                (Hook::Pod, "pod interface")
             } else {
-                if datapath.is_attached(Hook::Wire, interface) {
-                    datapath.detach(Hook::Wire, interface);
-                    info!(interface = %interface.name, "no longer external: detached");
+                for hook in [Hook::WireTc, Hook::WireXdp] {
+                    if datapath.is_attached(hook, interface) && datapath.detach(hook, interface) {
+                        info!(interface = %interface.name, program = hook.program(), "no longer external: detached");
+                    }
                 }
                 continue;
             };
@@ -430,7 +438,16 @@ impl Interfaces {
                 Ok(()) => {
                     self.failed.remove(&(hook, interface.index));
                     allow_local_source(&interface.name);
-                    info!(interface = %interface.name, ?hook, "attached");
+                    info!(interface = %interface.name, program = hook.program(), reason = why, "attached");
+                    // The other external program, if an earlier agent (or
+                    // another --external-datapath) attached it, goes only
+                    // now: no packet passed untranslated in between.
+                    let other = [Hook::WireTc, Hook::WireXdp].into_iter().filter(|h| hook.is_external() && *h != hook);
+                    for other in other {
+                        if datapath.detach(other, interface) {
+                            info!(interface = %interface.name, program = other.program(), "replaced: detached");
+                        }
+                    }
                 }
                 Err(e) => {
                     let failure = (interface.name.clone(), e.to_string());
@@ -445,7 +462,7 @@ impl Interfaces {
         let failures = self.failed.iter().map(|((hook, _), (name, error))| {
             let hook = match hook {
                 Hook::Pod => "pod",
-                Hook::Wire => "external",
+                Hook::WireTc | Hook::WireXdp => "external",
             };
             (format!("{FEATURE_INTERFACE}{name} ({hook})"), error.clone())
         });
@@ -457,8 +474,9 @@ impl Interfaces {
 /// Lets the stack forward frames that arrive on an interface we translate
 /// with this node's own address as their source, which it would otherwise
 /// drop as martians: a pod's reply to a NodePort client, translated back at
-/// the pod interface, comes from the node address; and an SNATed frame the
-/// XDP program passes to the stack (no neighbour entry yet) does too.
+/// the pod interface, comes from the node address; and an SNATed frame an
+/// external program passes to the stack (XDP without a neighbour entry yet,
+/// say) does too.
 fn allow_local_source(interface: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
     if let Err(e) = std::fs::write(&path, "1") {

@@ -149,11 +149,17 @@ pub struct RunArgs {
     /// Interfaces to attach to, as globs (e.g. "veth*,cali*"); default: every veth.
     #[arg(long, value_delimiter = ',')]
     pub pod_interfaces: Vec<String>,
-    /// External interfaces, where the XDP program serves NodePort,
-    /// LoadBalancer and ExternalIP traffic, as globs (e.g. "eth*,bond0");
-    /// default: every interface holding a node address.
+    /// External interfaces, where NodePort, LoadBalancer and ExternalIP
+    /// traffic is served, as globs (e.g. "eth*,bond0"); default: every
+    /// interface holding a node address.
     #[arg(long, value_delimiter = ',')]
     pub external_interfaces: Vec<String>,
+    /// The program on external interfaces: `tc` (tc ingress, any
+    /// interface), `xdp` (XDP, for NICs whose driver runs it natively), or
+    /// `auto`: XDP on drivers known to run it natively and send frames on
+    /// (not veth), tc on the rest.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub external_datapath: crate::interfaces::ExternalDatapath,
     /// Node addresses NodePorts are served on, as CIDRs (kube-proxy's flag);
     /// default: every node address. Loopback addresses never are.
     #[arg(long, value_delimiter = ',')]

@@ -5,9 +5,9 @@
 //!   SERVICES, BACKENDS, SERVICE_ADDRS,
 //!   CONNTRACK, AFFINITY, MAGLEV, COUNTERS     the maps
 //!   SOURCE_RANGES                             the maps
-//!   tc_from_pod, xdp_from_wire                the programs
+//!   tc_from_pod, tc_from_wire, xdp_from_wire  the programs
 //!   links/if_<ifindex>                        one TCX link per pod interface
-//!   links/xdp_<ifindex>                       one XDP link per external interface
+//!   links/wire_<ifindex>, links/xdp_<ifindex> one TCX or XDP link per external interface
 //!   links/cgroup_<program>                    the socket programs' cgroup links
 //! Pinned maps are adopted by the next agent, and pinned links keep the
 //! program attached while no agent runs, so restarts do not drop traffic.
@@ -30,8 +30,9 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
     MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES,
-    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_FROM_WIRE, PROG_TC_BASELINE, PROG_XDP_BASELINE, PROGS_SOCK,
-    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
+    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE,
+    PROG_XDP_FROM_WIRE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    SourceRangeKey, TrafficCounter, counter,
 };
 
 use crate::{
@@ -324,20 +325,66 @@ impl Maps {
 /// Where on an interface a program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
-    /// tc ingress of a pod interface (`tc_from_pod`).
+    /// tc ingress (TCX) of a pod interface (`tc_from_pod`).
     Pod,
+    /// tc ingress (TCX) of an external interface (`tc_from_wire`).
+    WireTc,
     /// XDP of an external interface (`xdp_from_wire`).
-    Wire,
+    WireXdp,
 }
 
 impl Hook {
+    pub const ALL: [Hook; 3] = [Hook::Pod, Hook::WireTc, Hook::WireXdp];
+
     /// Prefix of the link pins of this hook under links/.
     fn pin_prefix(self) -> &'static str {
         match self {
             Hook::Pod => "if_",
-            Hook::Wire => "xdp_",
+            Hook::WireTc => "wire_",
+            Hook::WireXdp => "xdp_",
         }
     }
+
+    /// The program this hook runs.
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::Pod => PROG_FROM_POD,
+            Hook::WireTc => PROG_TC_FROM_WIRE,
+            Hook::WireXdp => PROG_XDP_FROM_WIRE,
+        }
+    }
+
+    pub fn is_external(self) -> bool {
+        self != Hook::Pod
+    }
+}
+
+/// A program attached to an interface, as its pinned link says.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    /// The interface's name, or `#<ifindex>` when it has none here.
+    pub interface: String,
+    pub program: &'static str,
+}
+
+/// The programs attached through the links pinned under `pin_path`: what
+/// an agent attached, whether or not one runs now.
+pub fn pinned_attachments(pin_path: &Path) -> Vec<Attachment> {
+    let mut out: Vec<(u32, Attachment)> = fs::read_dir(pin_path.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let (hook, index) = Hook::ALL
+                .into_iter()
+                .find_map(|hook| Some((hook, name.strip_prefix(hook.pin_prefix())?.parse::<u32>().ok()?)))?;
+            let interface = crate::interfaces::name_of(index).unwrap_or_else(|| format!("#{index}"));
+            Some((index, Attachment { interface, program: hook.program() }))
+        })
+        .collect();
+    out.sort_by_key(|(index, a)| (*index, a.program));
+    out.into_iter().map(|(_, a)| a).collect()
 }
 
 /// The loaded datapath: programs and maps.
@@ -411,7 +458,8 @@ impl Datapath {
         for name in PROGS_SOCK {
             Self::sock_program(&mut ebpf, name)?.load()?;
         }
-        Self::program_of(&mut ebpf)?.load()?;
+        Self::tc_program_of(&mut ebpf, PROG_FROM_POD)?.load()?;
+        Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load()?;
         Self::xdp_program_of(&mut ebpf)?.load()?;
         if let Some(dir) = pin_path {
             // The previous agent's programs stay attached through their
@@ -420,22 +468,24 @@ impl Datapath {
                 let _ = fs::remove_file(&path);
                 result(&path).map_err(|source| DatapathError::Pin { path, source })
             };
-            let program = Self::program_of(&mut ebpf)?;
-            pin(dir.join(PROG_FROM_POD), &mut |p| program.pin(p))?;
+            for name in [PROG_FROM_POD, PROG_TC_FROM_WIRE] {
+                let program = Self::tc_program_of(&mut ebpf, name)?;
+                pin(dir.join(name), &mut |p| program.pin(p))?;
+            }
             let program = Self::xdp_program_of(&mut ebpf)?;
-            pin(dir.join(PROG_FROM_WIRE), &mut |p| program.pin(p))?;
+            pin(dir.join(PROG_XDP_FROM_WIRE), &mut |p| program.pin(p))?;
         }
         let maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
         Ok(Self { ebpf, maps, pin_path: pin_path.map(Path::to_owned), attached: BTreeMap::new() })
     }
 
-    fn program_of(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
-        let program = ebpf.program_mut(PROG_FROM_POD).ok_or(ProgramError::NotLoaded)?;
+    fn tc_program_of<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
+        let program = ebpf.program_mut(name).ok_or(ProgramError::NotLoaded)?;
         Ok(program.try_into()?)
     }
 
     fn xdp_program_of(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
-        let program = ebpf.program_mut(PROG_FROM_WIRE).ok_or(ProgramError::NotLoaded)?;
+        let program = ebpf.program_mut(PROG_XDP_FROM_WIRE).ok_or(ProgramError::NotLoaded)?;
         Ok(program.try_into()?)
     }
 
@@ -482,9 +532,14 @@ impl Datapath {
         pins.iter().filter(|p| fs::remove_file(p).is_ok()).count()
     }
 
-    /// The tc program, for BPF_PROG_TEST_RUN.
+    /// The pod interfaces' tc program, for BPF_PROG_TEST_RUN.
     pub fn program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        Self::program_of(&mut self.ebpf)
+        Self::tc_program_of(&mut self.ebpf, PROG_FROM_POD)
+    }
+
+    /// The external interfaces' tc program, for BPF_PROG_TEST_RUN.
+    pub fn tc_wire_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        Self::tc_program_of(&mut self.ebpf, PROG_TC_FROM_WIRE)
     }
 
     /// The XDP program, for BPF_PROG_TEST_RUN.
@@ -496,8 +551,8 @@ impl Datapath {
         self.pin_path.as_ref().map(|dir| dir.join("links").join(format!("{}{ifindex}", hook.pin_prefix())))
     }
 
-    /// Attaches the hook's program to `interface`: tc ingress (TCX) for a
-    /// pod interface, XDP for an external one. A link that a previous agent
+    /// Attaches the hook's program to `interface`, at tc ingress (TCX) or
+    /// XDP. A link that a previous agent
     /// pinned for it is moved to this program atomically, so no packet
     /// passes untranslated.
     pub fn attach(&mut self, hook: Hook, interface: &Interface) -> Result<(), DatapathError> {
@@ -509,8 +564,8 @@ impl Datapath {
         let old = pin.as_ref().and_then(|p| PinnedLink::from_pin(p).ok()).map(FdLink::from);
         // Moving fails when the link's interface is gone (a reused index).
         let fd_link = match hook {
-            Hook::Pod => {
-                let program = Self::program_of(&mut self.ebpf)?;
+            Hook::Pod | Hook::WireTc => {
+                let program = Self::tc_program_of(&mut self.ebpf, hook.program())?;
                 let adopted = old.and_then(|old| {
                     let link = SchedClassifierLink::try_from(old).ok()?;
                     program.attach_to_link(link).ok()
@@ -527,7 +582,7 @@ impl Datapath {
                     }
                 }
             }
-            Hook::Wire => {
+            Hook::WireXdp => {
                 let program = Self::xdp_program_of(&mut self.ebpf)?;
                 let adopted = old.and_then(|old| {
                     let link = XdpLink::try_from(old).ok()?;
@@ -559,13 +614,14 @@ impl Datapath {
     }
 
     /// Detaches the hook's program from an interface that should no longer
-    /// have it (an external interface no longer selected, say).
-    pub fn detach(&mut self, hook: Hook, interface: &Interface) {
-        if self.attached.remove(&(hook, interface.index)).is_some()
-            && let Some(p) = self.link_pin(hook, interface.index)
-        {
-            let _ = fs::remove_file(p);
-        }
+    /// have it (an external interface no longer selected, or now served by
+    /// the other external hook).
+    /// Also removes such a link an earlier agent pinned. Returns whether
+    /// there was one.
+    pub fn detach(&mut self, hook: Hook, interface: &Interface) -> bool {
+        let ours = self.attached.remove(&(hook, interface.index)).is_some();
+        let pinned = self.link_pin(hook, interface.index).is_some_and(|p| fs::remove_file(p).is_ok());
+        ours || pinned
     }
 
     /// Forgets interfaces that no longer exist and removes their link pins,
@@ -583,9 +639,9 @@ impl Datapath {
         if let Some(dir) = &self.pin_path {
             for entry in fs::read_dir(dir.join("links")).into_iter().flatten().flatten() {
                 let name = entry.file_name();
-                let index = name.to_str().and_then(|n| {
-                    [Hook::Pod, Hook::Wire].into_iter().find_map(|hook| n.strip_prefix(hook.pin_prefix()))
-                });
+                let index = name
+                    .to_str()
+                    .and_then(|n| Hook::ALL.into_iter().find_map(|hook| n.strip_prefix(hook.pin_prefix())));
                 let Some(index) = index else { continue };
                 if index.parse().ok().is_none_or(|i| !alive.contains_key(&i)) {
                     let _ = fs::remove_file(entry.path());

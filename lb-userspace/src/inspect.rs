@@ -1,9 +1,10 @@
-//! `lb services` and `lb backends`: what the pinned maps hold.
+//! `lb services`, `lb backends` and `lb stats`: what the pinned maps and
+//! links hold.
 use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use crate::{model::Protocol, plan::MapContents};
+use crate::{datapath::Attachment, model::Protocol, plan::MapContents};
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
 pub struct BackendRow {
@@ -60,6 +61,8 @@ pub struct Stats {
     /// Packets and bytes per verdict, by counter name.
     pub verdicts: Vec<VerdictRow>,
     pub conntrack_entries: usize,
+    /// Which program serves which interface.
+    pub attachments: Vec<Attachment>,
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -69,13 +72,13 @@ pub struct VerdictRow {
     pub bytes: u64,
 }
 
-pub fn stats(counters: &[lb_common::TrafficCounter], conntrack_entries: usize) -> Stats {
+pub fn stats(counters: &[lb_common::TrafficCounter], conntrack_entries: usize, attachments: Vec<Attachment>) -> Stats {
     let verdicts = lb_common::counter::NAMES
         .iter()
         .zip(counters)
         .map(|(verdict, c)| VerdictRow { verdict, packets: c.packets, bytes: c.bytes })
         .collect();
-    Stats { verdicts, conntrack_entries }
+    Stats { verdicts, conntrack_entries, attachments }
 }
 
 pub fn stats_table(stats: &Stats) -> String {
@@ -83,7 +86,12 @@ pub fn stats_table(stats: &Stats) -> String {
     for row in &stats.verdicts {
         out += &format!("{:<22} {:>14} {:>16}\n", row.verdict, row.packets, row.bytes);
     }
-    out + &format!("\nconntrack entries: {} (two per flow)\n", stats.conntrack_entries)
+    out += &format!("\nconntrack entries: {} (two per flow)\n", stats.conntrack_entries);
+    out += &format!("\n{:<16} {}\n", "INTERFACE", "PROGRAM");
+    for a in &stats.attachments {
+        out += &format!("{:<16} {}\n", a.interface, a.program);
+    }
+    out
 }
 
 pub fn services_table(rows: &[ServiceRow]) -> String {

@@ -37,6 +37,18 @@ pub fn list() -> io::Result<Vec<Interface>> {
     }
 }
 
+/// The name of the interface `index` in this network namespace.
+pub fn name_of(index: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IFNAMSIZ];
+    // SAFETY: `buf` has the IFNAMSIZ bytes if_indextoname may write.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if name.is_null() {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
 /// The IPv4 addresses of this network namespace, with the name of the
 /// interface holding each.
 pub fn addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
@@ -134,7 +146,7 @@ struct IfReq {
 }
 
 /// The kernel driver behind `name` ("veth", "bridge", ...).
-fn driver(name: &str) -> io::Result<String> {
+pub fn driver(name: &str) -> io::Result<String> {
     let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
     let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
@@ -161,6 +173,67 @@ fn driver(name: &str) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
+/// `--external-datapath`: which program serves an external interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalDatapath {
+    /// XDP where the driver is known to run it natively and send frames
+    /// on; tc everywhere else.
+    #[default]
+    Auto,
+    /// tc ingress everywhere: works on every interface.
+    Tc,
+    /// XDP everywhere, in the driver where it can run, else generic.
+    Xdp,
+}
+
+/// Drivers that run XDP in the driver and send frames on with XDP_TX and
+/// redirects, as a NodePort to another node needs. Not veth: its XDP_TX
+/// reaches the peer only when the peer runs XDP or NAPI too, which a node
+/// cannot arrange for a bridge it does not own (kind's Docker bridge).
+const NATIVE_XDP_DRIVERS: [&str; 17] = [
+    "mlx4_en",
+    "mlx5_core",
+    "i40e",
+    "ice",
+    "ixgbe",
+    "ixgbevf",
+    "igb",
+    "igc",
+    "bnxt_en",
+    "nfp",
+    "qede",
+    "ena",
+    "gve",
+    "virtio_net",
+    "hv_netvsc",
+    "sfc",
+    "idpf",
+];
+
+/// Which external program serves an interface, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireChoice {
+    Tc(&'static str),
+    Xdp(&'static str),
+}
+
+impl ExternalDatapath {
+    /// The program for an external interface whose driver is `driver`
+    /// (None when it cannot be read).
+    pub fn choose(self, driver: Option<&str>) -> WireChoice {
+        match self {
+            ExternalDatapath::Tc => WireChoice::Tc("--external-datapath tc"),
+            ExternalDatapath::Xdp => WireChoice::Xdp("--external-datapath xdp"),
+            ExternalDatapath::Auto => match driver {
+                Some(d) if NATIVE_XDP_DRIVERS.contains(&d) => WireChoice::Xdp("driver runs XDP natively"),
+                Some("veth") => WireChoice::Tc("veth: XDP cannot send frames on to a peer without XDP"),
+                Some(_) => WireChoice::Tc("driver not known to run XDP natively"),
+                None => WireChoice::Tc("driver unknown"),
+            },
+        }
+    }
+}
+
 /// `--pod-interfaces`: glob patterns, or every veth when none are given.
 #[derive(Clone, Debug, Default)]
 pub struct PodInterfaces {
@@ -178,5 +251,22 @@ impl PodInterfaces {
         } else {
             self.patterns.iter().any(|p| p.matches(&interface.name))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ExternalDatapath, WireChoice};
+
+    #[test]
+    fn auto_takes_xdp_only_on_drivers_that_run_it_natively() {
+        let auto = ExternalDatapath::Auto;
+        assert!(matches!(auto.choose(Some("mlx5_core")), WireChoice::Xdp(_)));
+        assert!(matches!(auto.choose(Some("virtio_net")), WireChoice::Xdp(_)));
+        for driver in [Some("veth"), Some("bridge"), Some("bonding"), Some("vxlan"), None] {
+            assert!(matches!(auto.choose(driver), WireChoice::Tc(_)), "{driver:?}");
+        }
+        assert!(matches!(ExternalDatapath::Tc.choose(Some("mlx5_core")), WireChoice::Tc(_)));
+        assert!(matches!(ExternalDatapath::Xdp.choose(Some("veth")), WireChoice::Xdp(_)));
     }
 }

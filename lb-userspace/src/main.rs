@@ -50,7 +50,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Stats(args) => {
             let maps = open_pinned(&args)?;
-            let stats = inspect::stats(&maps.counters()?, maps.conntrack_entries());
+            let attachments = lb_userspace::datapath::pinned_attachments(&args.pin_path);
+            let stats = inspect::stats(&maps.counters()?, maps.conntrack_entries(), attachments);
             match args.output {
                 Output::Table => print!("{}", inspect::stats_table(&stats)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
@@ -89,6 +90,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         nodeport_addresses: args.nodeport_addresses,
         external_interfaces: ExternalInterfaces::new(&args.external_interfaces).context("--external-interfaces")?,
+        external_datapath: args.external_datapath,
         min_sync_period: args.min_sync_period,
         healthz_addr: args.healthz_addr.0,
         metrics_addr: args.metrics_addr.0,

@@ -114,6 +114,12 @@ struct FeatureLabel {
     feature: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttachmentLabel {
+    interface: String,
+    program: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub sync_duration: Histogram,
@@ -126,6 +132,7 @@ pub struct Metrics {
     bytes: Family<VerdictLabel, Counter>,
     conntrack_entries: Gauge,
     degraded: Family<FeatureLabel, Gauge>,
+    attachments: Family<AttachmentLabel, Gauge>,
     /// Totals last read from COUNTERS, to turn them into counter increments.
     seen: Mutex<Vec<(u64, u64)>>,
     pin_path: PathBuf,
@@ -144,7 +151,7 @@ impl Metrics {
         let (sync_failures, frontends, backends) = (Counter::default(), Gauge::default(), Gauge::default());
         let (packets, bytes) = (Family::default(), Family::default());
         let conntrack_entries = Gauge::default();
-        let degraded = Family::default();
+        let (degraded, attachments) = (Family::default(), Family::default());
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "Time to compute and write the datapath maps for one sync",
@@ -179,6 +186,11 @@ impl Metrics {
             "Features that do not work (socket_lb, or an interface's program), 1 each; the rest still serves",
             degraded.clone(),
         );
+        registry.register(
+            "lb_interface_program",
+            "The program serving each interface (tc_from_pod, tc_from_wire or xdp_from_wire), 1 each",
+            attachments.clone(),
+        );
         Self {
             registry,
             sync_duration,
@@ -191,6 +203,7 @@ impl Metrics {
             bytes,
             conntrack_entries,
             degraded,
+            attachments,
             seen: Mutex::new(vec![(0, 0); lb_common::counter::COUNT as usize]),
             pin_path,
         }
@@ -208,6 +221,10 @@ impl Metrics {
         self.degraded.clear();
         for feature in health.degraded().into_keys() {
             self.degraded.get_or_create(&FeatureLabel { feature }).set(1);
+        }
+        self.attachments.clear();
+        for a in crate::datapath::pinned_attachments(&self.pin_path) {
+            self.attachments.get_or_create(&AttachmentLabel { interface: a.interface, program: a.program }).set(1);
         }
         if let Ok(maps) = Maps::open_pinned(&self.pin_path) {
             if let Ok(totals) = maps.counters() {

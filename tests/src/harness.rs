@@ -106,6 +106,15 @@ impl Harness {
         netns.enter(|| test_run(program, frame, Some(&ctx), repeat))
     }
 
+    /// Runs one frame through the external interfaces' tc program as if it
+    /// arrived on interface `ifindex` of `netns`, `repeat` times; returns
+    /// the verdict, the frame as it left and the ns per run.
+    pub fn run_tc_wire(&mut self, netns: &Netns, ifindex: u32, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, u64) {
+        let program = self.datapath.tc_wire_program().unwrap();
+        let ctx = skb_ctx(ifindex);
+        netns.enter(|| test_run(program, frame, Some(&ctx), repeat))
+    }
+
     pub fn counter(&self, index: u32) -> u64 {
         self.datapath.maps.counters().unwrap()[index as usize].packets
     }
@@ -141,6 +150,18 @@ pub fn ct_key(s: SocketAddrV4, d: SocketAddrV4, protocol: u8) -> CtKey {
 /// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
 pub fn xdp_ctx(frame: &[u8], ifindex: u32) -> Vec<u8> {
     [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+/// The `struct __sk_buff` of a frame arriving on `ifindex`, up to the
+/// fields BPF_PROG_TEST_RUN lets a test set: ingress_ifindex and ifindex
+/// (the device the skb is on, in the caller's network namespace); the rest
+/// zero, as it requires.
+pub fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    const INGRESS_IFINDEX: usize = 36;
+    let mut ctx = vec![0u8; INGRESS_IFINDEX + 8];
+    ctx[INGRESS_IFINDEX..INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[INGRESS_IFINDEX + 4..].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
 }
 
 /// The stamp of an entry last seen `idle_ns` before `now`, in the
