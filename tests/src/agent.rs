@@ -60,6 +60,8 @@ pub struct Agent {
     child: Child,
     command: Vec<std::ffi::OsString>,
     pub pin_path: PathBuf,
+    /// The node's network namespace, where `cli` runs `lb` too.
+    net: PathBuf,
     log: PathBuf,
     _log_dir: TempDir,
 }
@@ -90,7 +92,7 @@ impl Agent {
         ]);
         command.extend(args.iter().map(Into::into));
         let child = Self::spawn(&command, &log)?;
-        Ok(Self { child, command, pin_path, log, _log_dir: log_dir })
+        Ok(Self { child, command, pin_path, net: node.path(), log, _log_dir: log_dir })
     }
 
     fn spawn(command: &[std::ffi::OsString], log: &Path) -> anyhow::Result<Child> {
@@ -141,9 +143,12 @@ impl Agent {
         self.restart()
     }
 
-    /// Runs `lb SUBCOMMAND --pin-path <ours> ARGS` and returns its stdout.
+    /// Runs `lb SUBCOMMAND --pin-path <ours> ARGS` in the node's network
+    /// namespace, as an operator on the node would, and returns its stdout.
     pub fn cli(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = std::process::Command::new(lb_binary())
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.net.display()))
+            .arg(lb_binary())
             .arg(subcommand)
             .arg("--pin-path")
             .arg(&self.pin_path)

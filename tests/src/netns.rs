@@ -235,6 +235,21 @@ pub const LAN_PREFIX: [u8; 3] = [10, 200, 0];
 /// The external client's address on the LAN.
 pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
 
+/// What the nodes' LAN is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lan {
+    /// A plain bridge with nothing on its ports, the nodes' eth0 veths
+    /// with their default offloads: exactly kind's Docker bridge, and what
+    /// containerlab and many VMs have.
+    PlainBridge,
+    /// A bridge whose ports behave as NICs do for XDP: they run the minimal
+    /// XDP program, so that a veth hands on what its peer's XDP program
+    /// sends (XDP_TX) at once (`veth_xdp_flush`), and the nodes send full
+    /// checksums, as frames off a physical wire have. For tests of
+    /// `--external-datapath xdp`, which a veth LAN cannot otherwise carry.
+    XdpCapable,
+}
+
 /// Several nodes and an external client on one LAN (a bridge in a
 /// namespace of its own), each node with routed pods in 10.1.N.0/24 and a
 /// route to every other node's pod range, as a CNI without overlay sets up.
@@ -244,8 +259,9 @@ pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
 pub struct MultiNode {
     tag: String,
     lan: Netns,
-    /// The XDP program on the LAN's ports.
-    switch: Baseline,
+    kind: Lan,
+    /// The XDP program on the LAN's ports, on an `XdpCapable` LAN.
+    switch: Option<Baseline>,
     pub nodes: Vec<Netns>,
     pub client: Netns,
     /// (node index, pod)
@@ -253,7 +269,7 @@ pub struct MultiNode {
 }
 
 impl MultiNode {
-    pub fn new(node_count: usize, routed_to_first_node: &[&str]) -> anyhow::Result<Self> {
+    pub fn new(node_count: usize, routed_to_first_node: &[&str], kind: Lan) -> anyhow::Result<Self> {
         let tag = unique_tag();
         let lan = Netns::new(format!("lbt{tag}-lan"))?;
         lan.ip(&["link", "add", "br0", "type", "bridge"])?;
@@ -265,8 +281,8 @@ impl MultiNode {
             node.sysctl("net.ipv4.ip_forward", "1")?;
             nodes.push(node);
         }
-        let switch = Baseline::load()?;
-        let mut topology = Self { tag, lan, switch, nodes, client, pods: Vec::new() };
+        let switch = if kind == Lan::XdpCapable { Some(Baseline::load()?) } else { None };
+        let mut topology = Self { tag, lan, kind, switch, nodes, client, pods: Vec::new() };
         for (n, node) in topology.nodes.iter().enumerate() {
             let ip = Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], n as u8 + 1);
             topology.plug(node, n, ip)?;
@@ -283,16 +299,19 @@ impl MultiNode {
         Ok(topology)
     }
 
-    /// Connects `netns` to the LAN with address `ip` on its eth0. Transmit
-    /// checksum offload is off, so frames carry full checksums as on a
-    /// physical wire, which is what XDP expects to see.
+    /// Connects `netns` to the LAN with address `ip` on its eth0. On an
+    /// `XdpCapable` LAN transmit checksum offload is off, so frames carry
+    /// full checksums as on a physical wire, which is what XDP expects to
+    /// see; on a plain bridge they keep the veth default (partial).
     fn plug(&self, netns: &Netns, n: usize, ip: Ipv4Addr) -> anyhow::Result<()> {
         let port = self.port(n);
         self.lan.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns.name])?;
         self.lan.ip(&["link", "set", &port, "master", "br0", "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
-        run("nsenter", &[&format!("--net={}", netns.path().display()), "ethtool", "-K", "eth0", "tx", "off"])?;
+        if self.kind == Lan::XdpCapable {
+            run("nsenter", &[&format!("--net={}", netns.path().display()), "ethtool", "-K", "eth0", "tx", "off"])?;
+        }
         Ok(())
     }
 
@@ -300,14 +319,15 @@ impl MultiNode {
         format!("l{}{n}", self.tag)
     }
 
-    /// Runs the minimal XDP program on every LAN port, as a NIC's receive
-    /// path would be there. A veth passes on what its peer's XDP program
+    /// On an `XdpCapable` LAN, runs the minimal XDP program on every LAN
+    /// port, as a NIC's receive path would be there. A veth passes on what its peer's XDP program
     /// sends back (XDP_TX) only when it runs XDP too; without it, frames a
     /// node forwards from XDP wait in the port's ring until other traffic
     /// wakes it (veth_xdp_flush), which looks like loss.
     fn run_xdp_on_ports(&mut self) -> anyhow::Result<()> {
         let ports: Vec<String> = (0..self.nodes.len()).chain([99]).map(|n| self.port(n)).collect();
-        let program = self.switch.xdp()?;
+        let Some(switch) = self.switch.as_mut() else { return Ok(()) };
+        let program = switch.xdp()?;
         self.lan.enter(|| ports.iter().try_for_each(|port| program.attach(port, XdpMode::Driver).map(drop)))?;
         Ok(())
     }

@@ -1,6 +1,13 @@
 //! External traffic end to end, on two nodes: the real agent on each (with
 //! its own --node-name, reading the same manifests), backend pods on both,
 //! and a client outside the cluster on the nodes' LAN. Needs root.
+//!
+//! Every test runs twice: with the agent's default flags on a plain bridge
+//! (kind's topology), where `--external-datapath auto` picks tc for the
+//! veth uplinks; and with `--external-datapath xdp` forced, on a LAN whose
+//! ports can carry what XDP sends, so that the XDP hook stays covered. (On
+//! the plain bridge, forced XDP loses every request to a backend on the
+//! other node: the reason auto never picks XDP on a veth.)
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
@@ -10,7 +17,7 @@ use std::{
 use lb_tests::{
     agent::{Agent, TempDir},
     manifests::{Endpoint, Port, endpoint_slice, service, write_yaml},
-    netns::{EXTERNAL_CLIENT_IP, MultiNode},
+    netns::{EXTERNAL_CLIENT_IP, Lan, MultiNode},
     pods::{PodServer, TCP_PORT, UDP_PORT, http_get, tcp_ask, tcp_whoami, udp_ask},
 };
 use serde_json::{Value, json};
@@ -23,6 +30,24 @@ const UDP_NODE_PORT: u16 = 30053;
 const HEALTH_PORT: u16 = 32000;
 const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
 const SLICE_PORTS: [Port; 2] = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
+
+/// Which external program the agents run, and on what LAN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Default flags, on a plain bridge: tc.
+    Default,
+    /// `--external-datapath xdp`, on a LAN that carries XDP_TX frames.
+    ForcedXdp,
+}
+
+impl Mode {
+    fn program(self) -> &'static str {
+        match self {
+            Mode::Default => "tc_from_wire",
+            Mode::ForcedXdp => "xdp_from_wire",
+        }
+    }
+}
 
 /// Two nodes with a backend pod each (`pod-1` on node-1, `pod-2` on
 /// node-2) serving, an agent on each node, and the manifests directory.
@@ -42,8 +67,12 @@ fn web(extra_spec: Value, status: Value) -> Value {
 }
 
 impl Setup {
-    fn new(service: Value, extra_pods: &[(usize, &str)]) -> Self {
-        let mut topology = MultiNode::new(2, &["10.250.0.0/24", "10.251.0.0/24"]).unwrap();
+    fn new(mode: Mode, service: Value, extra_pods: &[(usize, &str)]) -> Self {
+        let lan = match mode {
+            Mode::Default => Lan::PlainBridge,
+            Mode::ForcedXdp => Lan::XdpCapable,
+        };
+        let mut topology = MultiNode::new(2, &["10.250.0.0/24", "10.251.0.0/24"], lan).unwrap();
         for (n, name) in [(1, "pod-1"), (2, "pod-2")].iter().chain(extra_pods) {
             topology.add_pod(*n, name).unwrap();
         }
@@ -55,7 +84,11 @@ impl Setup {
         for n in 1..=2 {
             let node_name = format!("node-{n}");
             let dir = format!("dir:{}", setup.manifests.0.display());
-            let args = ["--source", &dir, "--node-name", &node_name, "--external-ip-cidrs", "10.251.0.0/24"];
+            let mut args = vec!["--source", &dir, "--node-name", &node_name, "--external-ip-cidrs", "10.251.0.0/24"];
+            if mode == Mode::ForcedXdp {
+                // Not the default: XDP is for NICs that run it natively.
+                args.extend(["--external-datapath", "xdp"]);
+            }
             let mut agent = Agent::start(&setup.topology.nodes[n - 1], &args).unwrap();
             // The pod veths and eth0.
             agent.wait_for_attachments(setup.topology.pods.iter().filter(|(m, _)| *m == n).count() + 1).unwrap();
@@ -99,13 +132,18 @@ fn node_port(n: usize) -> SocketAddrV4 {
     SocketAddrV4::new(MultiNode::node_ip(n), NODE_PORT)
 }
 
-#[test]
-fn node_port_reaches_backends_on_both_nodes_from_outside() {
-    let mut setup = Setup::new(web(json!({"type": "NodePort"}), json!({})), &[]);
+fn node_port_reaches_backends_on_both_nodes_from_outside(mode: Mode) {
+    let mut setup = Setup::new(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
     setup.wait_for_backends(NODE_PORT, [2, 2]);
+    for agent in &setup.agents {
+        let stats: Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
+        let eth0 = json!({"interface": "eth0", "program": mode.program()});
+        assert!(stats["attachments"].as_array().unwrap().contains(&eth0), "{mode:?}: {}", stats["attachments"]);
+    }
     for n in 1..=2 {
+        // As many requests as the kind run, every one answered.
         let answers: Vec<(String, String)> =
-            setup.in_client(|| (0..24).map(|_| tcp_whoami(node_port(n)).unwrap()).collect());
+            setup.in_client(|| (0..40).map(|_| tcp_whoami(node_port(n)).unwrap()).collect());
         let reached: BTreeSet<&str> = answers.iter().map(|(pod, _)| pod.as_str()).collect();
         assert_eq!(reached, BTreeSet::from(["pod-1", "pod-2"]), "via node-{n}");
         for (pod, peer) in &answers {
@@ -115,16 +153,17 @@ fn node_port_reaches_backends_on_both_nodes_from_outside() {
             assert_eq!(peer, &expected.to_string(), "{pod} via node-{n}");
         }
     }
-    let udp = SocketAddrV4::new(MultiNode::node_ip(1), UDP_NODE_PORT);
-    let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| udp_ask(udp).unwrap()).collect());
-    assert_eq!(reached, BTreeSet::from(["pod-1".to_owned(), "pod-2".to_owned()]), "UDP NodePort");
+    for n in 1..=2 {
+        let udp = SocketAddrV4::new(MultiNode::node_ip(n), UDP_NODE_PORT);
+        let reached: BTreeSet<String> = setup.in_client(|| (0..20).map(|_| udp_ask(udp).unwrap()).collect());
+        assert_eq!(reached, BTreeSet::from(["pod-1".to_owned(), "pod-2".to_owned()]), "UDP NodePort via node-{n}");
+    }
 }
 
-#[test]
-fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced() {
+fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
     let spec = |ranges: &[&str]| json!({"type": "LoadBalancer", "externalIPs": [EXTERNAL_IP.to_string(), "10.252.0.10"], "loadBalancerSourceRanges": ranges});
-    let mut setup = Setup::new(web(spec(&["10.200.0.96/29"]), status.clone()), &[]);
+    let mut setup = Setup::new(mode, web(spec(&["10.200.0.96/29"]), status.clone()), &[]);
     let lb = SocketAddrV4::new(LB_IP, 80);
     setup.wait_for_backends(80, [2, 2]);
     let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(lb).unwrap()).collect());
@@ -147,10 +186,9 @@ fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced() {
     assert!(setup.in_client(|| tcp_ask(node_port(1))).is_ok(), "source ranges apply to the load-balancer IP only");
 }
 
-#[test]
-fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoints() {
+fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoints(mode: Mode) {
     let spec = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT});
-    let mut setup = Setup::new(web(spec, json!({})), &[(1, "client")]);
+    let mut setup = Setup::new(mode, web(spec, json!({})), &[(1, "client")]);
     setup.write_endpoints(&["pod-2"]);
     setup.wait_for_backends(NODE_PORT, [0, 1]);
     let health = |n: usize| SocketAddrV4::new(MultiNode::node_ip(n), HEALTH_PORT);
@@ -185,9 +223,8 @@ fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoint
     assert_eq!(setup.in_client(|| tcp_whoami(node_port(1))).unwrap().1, EXTERNAL_CLIENT_IP.to_string());
 }
 
-#[test]
-fn cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address() {
-    let mut setup = Setup::new(web(json!({}), json!({})), &[(1, "client")]);
+fn cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address(mode: Mode) {
+    let mut setup = Setup::new(mode, web(json!({}), json!({})), &[(1, "client")]);
     setup.write_endpoints(&["pod-2"]);
     setup.wait_for_backends(80, [1, 1]);
     let client = setup.topology.pod("client");
@@ -196,9 +233,8 @@ fn cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address() {
     assert!(answers.iter().all(|(pod, peer)| pod == "pod-2" && *peer == client.ip.to_string()), "{answers:?}");
 }
 
-#[test]
-fn node_ports_are_not_served_on_loopback() {
-    let mut setup = Setup::new(web(json!({"type": "NodePort"}), json!({})), &[]);
+fn node_ports_are_not_served_on_loopback(mode: Mode) {
+    let mut setup = Setup::new(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
     setup.wait_for_backends(NODE_PORT, [2, 2]);
     let node = &setup.topology.nodes[0];
     let loopback = node.enter(|| tcp_ask(SocketAddrV4::new(Ipv4Addr::LOCALHOST, NODE_PORT)));
@@ -211,9 +247,8 @@ fn node_ports_are_not_served_on_loopback() {
 /// A backend with nothing on the port answers ICMP port unreachable; the
 /// client must get it as if from the node it used, quoting its own packet,
 /// whether the backend is on that node or behind the other (SNAT).
-#[test]
-fn a_backend_port_unreachable_reaches_the_external_client() {
-    let mut setup = Setup::new(web(json!({"type": "NodePort"}), json!({})), &[]);
+fn a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
+    let mut setup = Setup::new(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
     let closed_port: u16 = 30054;
     let mut closed =
         service("demo", "closed", Ipv4Addr::new(10, 96, 0, 11), &[("dns", 54, "UDP")], json!({"type": "NodePort"}));
@@ -247,3 +282,30 @@ fn a_backend_port_unreachable_reaches_the_external_client() {
         assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "via node-{n}: {error}");
     }
 }
+
+/// Each test above, once per mode.
+macro_rules! in_both_modes {
+    ($($test:ident),* $(,)?) => {
+        mod default_flags_on_a_plain_bridge {
+            $(#[test]
+            fn $test() {
+                super::$test(super::Mode::Default)
+            })*
+        }
+        mod forced_xdp {
+            $(#[test]
+            fn $test() {
+                super::$test(super::Mode::ForcedXdp)
+            })*
+        }
+    };
+}
+
+in_both_modes!(
+    node_port_reaches_backends_on_both_nodes_from_outside,
+    load_balancer_and_external_ips_are_served_and_source_ranges_enforced,
+    policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoints,
+    cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address,
+    node_ports_are_not_served_on_loopback,
+    a_backend_port_unreachable_reaches_the_external_client,
+);
