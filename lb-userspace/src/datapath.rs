@@ -680,3 +680,23 @@ impl Baseline {
         Ok(program.try_into()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Attachment, pinned_attachments};
+
+    #[test]
+    fn link_pins_name_the_program_and_interface_they_attach() {
+        let dir = std::env::temp_dir().join(format!("lb-pins-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("links")).unwrap();
+        // Index 1 is loopback in every network namespace; 999999 is none.
+        for pin in ["if_1", "wire_1", "xdp_999999", "cgroup_connect4", "if_x"] {
+            std::fs::write(dir.join("links").join(pin), b"").unwrap();
+        }
+        let found = pinned_attachments(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let expected = [("lo", "tc_from_pod"), ("lo", "tc_from_wire"), ("#999999", "xdp_from_wire")]
+            .map(|(interface, program)| Attachment { interface: interface.to_owned(), program });
+        assert_eq!(found, expected);
+    }
+}

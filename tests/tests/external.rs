@@ -18,7 +18,7 @@ use lb_tests::{
     agent::{Agent, TempDir},
     manifests::{Endpoint, Port, endpoint_slice, service, write_yaml},
     netns::{EXTERNAL_CLIENT_IP, Lan, MultiNode},
-    pods::{PodServer, TCP_PORT, UDP_PORT, http_get, tcp_ask, tcp_whoami, udp_ask},
+    pods::{PodServer, Session, TCP_PORT, UDP_PORT, http_get, tcp_ask, tcp_whoami, udp_ask},
 };
 use serde_json::{Value, json};
 
@@ -72,6 +72,10 @@ impl Setup {
             Mode::Default => Lan::PlainBridge,
             Mode::ForcedXdp => Lan::XdpCapable,
         };
+        Self::new_on(mode, lan, service, extra_pods)
+    }
+
+    fn new_on(mode: Mode, lan: Lan, service: Value, extra_pods: &[(usize, &str)]) -> Self {
         let mut topology = MultiNode::new(2, &["10.250.0.0/24", "10.251.0.0/24"], lan).unwrap();
         for (n, name) in [(1, "pod-1"), (2, "pod-2")].iter().chain(extra_pods) {
             topology.add_pod(*n, name).unwrap();
@@ -136,9 +140,7 @@ fn node_port_reaches_backends_on_both_nodes_from_outside(mode: Mode) {
     let mut setup = Setup::new(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
     setup.wait_for_backends(NODE_PORT, [2, 2]);
     for agent in &setup.agents {
-        let stats: Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
-        let eth0 = json!({"interface": "eth0", "program": mode.program()});
-        assert!(stats["attachments"].as_array().unwrap().contains(&eth0), "{mode:?}: {}", stats["attachments"]);
+        assert_eq!(eth0_programs(agent), [mode.program()], "{mode:?}");
     }
     for n in 1..=2 {
         // As many requests as the kind run, every one answered.
@@ -281,6 +283,45 @@ fn a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
         let error = outcome.expect_err("nothing listens");
         assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "via node-{n}: {error}");
     }
+}
+
+/// The programs an agent's `lb stats` lists for eth0.
+fn eth0_programs(agent: &Agent) -> Vec<String> {
+    let stats: Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
+    let attachments = stats["attachments"].as_array().unwrap().iter();
+    attachments.filter(|a| a["interface"] == "eth0").map(|a| a["program"].as_str().unwrap().to_owned()).collect()
+}
+
+/// An agent restarted with the other external program replaces the one
+/// on eth0: the new one is attached before the old one goes, the open
+/// connections (their conntrack entries are shared) go on, and XDP is off
+/// the interface afterwards. Started with the default (tc); the LAN
+/// carries XDP_TX so that both work.
+#[test]
+fn switching_the_external_program_keeps_open_connections() {
+    let mut setup = Setup::new_on(Mode::Default, Lan::XdpCapable, web(json!({"type": "NodePort"}), json!({})), &[]);
+    setup.wait_for_backends(NODE_PORT, [2, 2]);
+    assert_eq!(eth0_programs(&setup.agents[0]), ["tc_from_wire"]);
+    let mut sessions: Vec<(Session, String)> = (0..6)
+        .map(|i| {
+            let mut session = setup.in_client(|| Session::connect(node_port(1))).unwrap();
+            let backend = session.ask(&format!("hello {i}")).unwrap();
+            (session, backend)
+        })
+        .collect();
+    let backends: BTreeSet<&str> = sessions.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(backends.len(), 2, "open connections to both nodes' pods: {backends:?}");
+
+    // Not the default: XDP is for NICs that run it natively.
+    setup.agents[0].restart_with(&["--external-datapath", "xdp"]).unwrap();
+    setup.agents[0].wait_for_log("program=\"xdp_from_wire\"").unwrap();
+    setup.agents[0].wait_for_log("replaced: detached").unwrap();
+    assert_eq!(eth0_programs(&setup.agents[0]), ["xdp_from_wire"]);
+    for (i, (session, backend)) in sessions.iter_mut().enumerate() {
+        assert_eq!(&session.ask(&format!("after {i}")).unwrap(), backend, "connection {i} kept its backend");
+    }
+    let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(node_port(1)).unwrap()).collect());
+    assert_eq!(reached.len(), 2, "new connections reach both nodes' pods: {reached:?}");
 }
 
 /// Each test above, once per mode.

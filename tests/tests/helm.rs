@@ -177,6 +177,7 @@ fn default_values_render_a_kube_proxy_replacement() {
     assert!(!ds_args(ds).iter().any(|a| a.starts_with("--cgroup-path")), "{:?}", ds_args(ds));
     assert_eq!(run.cgroup_path, None);
     assert_eq!(run.socket_lb, lb_userspace::cli::SocketLb::Host);
+    assert_eq!(run.external_datapath, lb_userspace::interfaces::ExternalDatapath::Auto);
 
     // Read-only on what the datapath needs, plus events; nothing else.
     let rules: Vec<(Vec<String>, Vec<String>, Vec<String>)> = rendered
@@ -211,6 +212,7 @@ agent:
   logLevel: debug
   podInterfaces: ["cali*", "veth*"]
   externalInterfaces: ["eth*", "bond0"]
+  externalDatapath: xdp
   nodeportAddresses: [192.0.2.0/24]
   externalIPCidrs: [203.0.113.0/24, 198.51.100.7]
   minSyncPeriod: 1s
@@ -267,6 +269,7 @@ securityContext: {privileged: true}
     assert_eq!(run.affinity_max_entries, 4096);
     assert_eq!(run.source_ranges_max_entries, 512);
     assert_eq!(run.external_interfaces, ["eth*", "bond0"]);
+    assert_eq!(run.external_datapath, lb_userspace::interfaces::ExternalDatapath::Xdp);
     let cidrs = |c: &[lb_userspace::cidr::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>();
     assert_eq!(cidrs(&run.nodeport_addresses), ["192.0.2.0/24"]);
     assert_eq!(cidrs(&run.external_ip_cidrs), ["203.0.113.0/24", "198.51.100.7/32"]);
@@ -328,6 +331,7 @@ fn socket_lb_all_gets_the_hosts_pid_namespace_to_reach_pods_sockets() {
     assert_eq!(pod.host_pid, Some(true));
     assert_eq!(run_args(&rendered.daemonset).socket_lb, lb_userspace::cli::SocketLb::All);
     assert!(render("agent:\n  socketLB: pods\n").is_err(), "the schema names the choices");
+    assert!(render("agent:\n  externalDatapath: native\n").is_err(), "the schema names the choices");
 }
 
 /// The host layouts the chart must handle, each arranged in a mount
