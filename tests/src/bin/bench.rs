@@ -8,8 +8,9 @@
 //!    the target last): ours, kube-proxy iptables, kube-proxy nftables,
 //!    and the direct path (no load balancer).
 //! 2. Kept-open connections (TCP_RR), the same four.
-//! 3. Per-packet cost through BPF_PROG_TEST_RUN, tc and XDP, against the
-//!    minimal programs (`baseline.rs`).
+//! 3. Per-packet cost through BPF_PROG_TEST_RUN of the external hook (XDP
+//!    and tc) and the pod hook (tc), against the minimal programs
+//!    (`baseline.rs`).
 //! 4. Control plane: cold start, one EndpointSlice change (through the
 //!    test API server, `control-plane-bench`), ruleset loads of the anchors.
 //! 5. Memory: agent RSS and kernel map memory.
@@ -290,6 +291,10 @@ fn map_memory_kib(pin_path: &Path) -> anyhow::Result<u64> {
     Ok(total / 1024)
 }
 
+const HOOK_XDP_WIRE: &str = "xdp (external)";
+const HOOK_TC_WIRE: &str = "tc (external)";
+const HOOK_TC_POD: &str = "tc (pod)";
+
 /// One row of the per-packet table.
 struct Cost {
     hook: &'static str,
@@ -361,13 +366,21 @@ fn packet_costs(quick: bool) -> anyhow::Result<Vec<Cost>> {
             ..MapSizes::default()
         };
         let mut harness = Harness::with_sizes(&ports, sizes);
-        let mut xdp = [0u64; 3];
-        let mut tc = [0u64; 3];
+        // The external interface's two programs (the one `auto` picks per
+        // driver) and the pod interfaces' program, on the same frames.
+        let mut xdp_wire = [0u64; 3];
+        let mut tc_wire = [0u64; 3];
+        let mut tc_pod = [0u64; 3];
         for (i, frame) in frames.iter().enumerate() {
-            xdp[i] = harness.run_xdp(&netns, 1, frame, repeat).2;
-            tc[i] = harness.run_tc(frame, repeat).2;
+            xdp_wire[i] = harness.run_xdp(&netns, 1, frame, repeat).2;
+            tc_wire[i] = harness.run_tc_wire(&netns, 1, frame, repeat).2;
+            tc_pod[i] = harness.run_tc(frame, repeat).2;
         }
-        for (hook, ns, baseline) in [("xdp", xdp, baseline_xdp), ("tc", tc, baseline_tc)] {
+        for (hook, ns, baseline) in [
+            (HOOK_XDP_WIRE, xdp_wire, baseline_xdp),
+            (HOOK_TC_WIRE, tc_wire, baseline_tc),
+            (HOOK_TC_POD, tc_pod, baseline_tc),
+        ] {
             costs.push(Cost {
                 hook,
                 services,
@@ -443,9 +456,10 @@ fn plot_crr(path: &Path, crr: &BTreeMap<(System, u32), (Report, Setup)>, sizes: 
 /// Plots per-packet cost of each path against the minimal program.
 fn plot_costs(path: &Path, costs: &[Cost]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let root = BitMapBackend::new(path, (1000, 540)).into_drawing_area();
-    root.fill(&WHITE)?;
     let rows: Vec<&Cost> = costs.iter().collect();
+    let width = (rows.len() as u32 * 90).max(1000);
+    let root = BitMapBackend::new(path, (width, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
     let max = rows.iter().map(|c| c.new_flow.max(c.established) as f64).fold(0.0, f64::max) * 1.15 + 10.0;
     let mut chart = ChartBuilder::on(&root)
         .caption("Per-packet cost (BPF_PROG_TEST_RUN): established / not a service / minimal", ("sans-serif", 20))
@@ -625,19 +639,28 @@ fn main() -> anyhow::Result<()> {
                 ratio(c.established as f64, c.baseline as f64)
             );
         }
-        let xdp: Vec<&Cost> =
-            costs.iter().filter(|c| c.hook == "xdp" && c.backends == 4 && c.algorithm == Algorithm::Random).collect();
-        if let (Some(small), Some(large)) = (xdp.first(), xdp.last()) {
-            let line = format!(
-                "XDP established hit: {} ns ({}x minimal); {} Services cost {} of 1",
-                large.established,
-                ratio(large.established as f64, large.baseline as f64),
-                large.services,
-                ratio(large.established as f64, small.established as f64)
-            );
-            let _ = writeln!(md, "\n{line}. Plot: `packet.png`.\n");
+        let mut lines = Vec::new();
+        for (hook, label) in [(HOOK_XDP_WIRE, "XDP"), (HOOK_TC_WIRE, "tc external"), (HOOK_TC_POD, "tc pod")] {
+            let rows: Vec<&Cost> = costs
+                .iter()
+                .filter(|c| c.hook == hook && c.backends == 4 && c.algorithm == Algorithm::Random)
+                .collect();
+            if let (Some(small), Some(large)) = (rows.first(), rows.last()) {
+                lines.push(format!(
+                    "{label} established hit: {} ns ({}x minimal); {} Services cost {} of 1",
+                    large.established,
+                    ratio(large.established as f64, large.baseline as f64),
+                    large.services,
+                    ratio(large.established as f64, small.established as f64)
+                ));
+            }
+        }
+        md.push('\n');
+        for line in lines {
+            let _ = writeln!(md, "{line}.  ");
             summary.push(line);
         }
+        md.push_str("\nPlot: `packet.png`.\n\n");
         plot_costs(&args.out.join("packet.png"), &costs)?;
     }
 
