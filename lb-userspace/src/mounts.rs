@@ -145,14 +145,26 @@ pub fn cgroup2_root() -> Result<PathBuf, MountError> {
     Err(if subtrees.is_empty() { MountError::NoCgroup2 } else { MountError::OnlyCgroup2Subtrees(subtrees) })
 }
 
+/// The inode number of the machine's first mount namespace on kernels
+/// that give it a fixed one (`MNT_NS_INIT_INO` in linux/nsfs.h, 6.18 and
+/// later). Other namespaces get inode numbers from 0xF0000000 up, so this
+/// never names a container's namespace.
+const INITIAL_MOUNT_NS_INODE: u64 = 0xEFFF_FFF8;
+
 /// Whether a mount made at `point` now outlives this process: it does when
 /// it propagates to a peer namespace (`shared`), or when this is the
-/// machine's mount namespace: PID 1's, unless this process is itself PID 1
-/// of its PID namespace, as a container's first process is.
+/// machine's mount namespace: the initial one, or PID 1's unless this
+/// process is itself PID 1 of its PID namespace, as a container's first
+/// process is. PID 1's namespace is not always readable (a hardened init,
+/// as on some VMs, refuses even root), hence the inode check first.
 fn mount_outlives_this_process(point: &Path) -> bool {
     let shared =
         own_mounts().into_iter().filter(|m| point.starts_with(&m.point)).max_by_key(|m| m.point.as_os_str().len());
     if shared.is_some_and(|m| m.shared) {
+        return true;
+    }
+    let own_inode = fs::metadata("/proc/self/ns/mnt").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    if own_inode == Some(INITIAL_MOUNT_NS_INODE) {
         return true;
     }
     let namespace = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
