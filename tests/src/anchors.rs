@@ -1,6 +1,6 @@
 //! The benchmarks' anchors: the rulesets kube-proxy writes for N ClusterIP
-//! Services, in its iptables mode (for iptables-restore) and its nftables
-//! mode (for `nft -f`). kube-proxy cannot be installed here, so these
+//! Services (and NodePorts, iptables mode only), in its iptables mode (for
+//! iptables-restore) and its nftables mode (for `nft -f`). kube-proxy cannot be installed here, so these
 //! follow the shapes its source and documentation give:
 //!
 //! - iptables: `KUBE-SERVICES` holds one rule per service port, in order,
@@ -9,6 +9,16 @@
 //!   `statistic --mode random --probability 1/(n-i)`; the endpoint chain
 //!   marks hairpin traffic and DNATs. `KUBE-POSTROUTING` masquerades
 //!   marked packets.
+//! - iptables, NodePorts (`externalTrafficPolicy: Cluster`, the default):
+//!   `KUBE-SERVICES` ends with `-m addrtype --dst-type LOCAL -j
+//!   KUBE-NODEPORTS` (every node address; kube-proxy's default with no
+//!   `--nodeport-addresses`), which has one rule per node port jumping to
+//!   a `KUBE-EXT-*` chain (the `KUBE-SVC-*` chain's suffix) that marks the
+//!   packet for masquerade and goes on to the `KUBE-SVC-*` chain. Left
+//!   out: the filter table's `KUBE-FORWARD`, `KUBE-NODEPORTS` and
+//!   firewall chains, which only accept what a FORWARD policy of ACCEPT
+//!   accepts anyway, drop conntrack-INVALID packets, or reject Services
+//!   with no endpoints.
 //! - nftables: a verdict map from (address, protocol, port) to a
 //!   per-service chain, which picks an endpoint chain with
 //!   `numgen random mod n vmap`; the endpoint chain DNATs.
@@ -24,6 +34,9 @@ pub struct AnchorService {
     pub port: u16,
     pub endpoints: Vec<Ipv4Addr>,
     pub target_port: u16,
+    /// A NodePort Service's node port (`externalTrafficPolicy: Cluster`);
+    /// only the iptables anchor programs it.
+    pub node_port: Option<u16>,
 }
 
 /// The pod CIDR: traffic from outside it is marked for masquerade, as
@@ -44,7 +57,11 @@ fn suffix(name: &str) -> String {
 pub fn iptables_ruleset(services: &[AnchorService]) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
-    for chain in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
+    let node_ports = services.iter().any(|s| s.node_port.is_some());
+    for chain in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"]
+        .into_iter()
+        .chain(node_ports.then_some("KUBE-NODEPORTS"))
+    {
         let _ = writeln!(chains, ":{chain} - [0:0]");
     }
     rules.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
@@ -68,6 +85,21 @@ pub fn iptables_ruleset(services: &[AnchorService]) -> String {
             "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {}/32 -p tcp -m comment --comment \"{comment}\" -m tcp --dport {} -j KUBE-MARK-MASQ",
             service.vip, service.port
         );
+        if let Some(node_port) = service.node_port {
+            let ext_chain = format!("KUBE-EXT-{}", suffix(&service.name));
+            let _ = writeln!(chains, ":{ext_chain} - [0:0]");
+            let _ = writeln!(
+                rules,
+                "-A KUBE-NODEPORTS -p tcp -m comment --comment \"{}\" -m tcp --dport {node_port} -j {ext_chain}",
+                service.name
+            );
+            let _ = writeln!(
+                rules,
+                "-A {ext_chain} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ",
+                service.name
+            );
+            let _ = writeln!(rules, "-A {ext_chain} -j {svc_chain}");
+        }
         let count = service.endpoints.len();
         for (i, endpoint) in service.endpoints.iter().enumerate() {
             let endpoint_at = format!("{endpoint}:{}", service.target_port);
@@ -94,6 +126,9 @@ pub fn iptables_ruleset(services: &[AnchorService]) -> String {
                 service.name
             );
         }
+    }
+    if node_ports {
+        rules.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
     }
     format!("*nat\n{chains}{rules}COMMIT\n")
 }
@@ -209,6 +244,7 @@ mod tests {
                 port: 80,
                 endpoints: (1..=4).map(|e| Ipv4Addr::new(10, 128, i, e)).collect(),
                 target_port: 8080,
+                node_port: None,
             })
             .collect()
     }
@@ -231,6 +267,23 @@ mod tests {
         assert!(rules.starts_with("*nat\n") && rules.ends_with("COMMIT\n"));
         let declared = rules.lines().filter(|l| l.starts_with(':')).count();
         assert_eq!(declared, 3 + 3 + 12, "fixed chains, one per service, one per endpoint");
+    }
+
+    #[test]
+    fn a_node_port_is_matched_last_on_local_addresses_and_masqueraded() {
+        let mut services = services(2);
+        services[0].node_port = Some(30080);
+        let rules = iptables_ruleset(&services);
+        let dispatch: Vec<&str> = rules.lines().filter(|l| l.starts_with("-A KUBE-SERVICES")).collect();
+        assert_eq!(dispatch.len(), 3);
+        assert!(dispatch[2].ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"), "{rules}");
+        let svc = dispatch[0].rsplit(' ').next().unwrap();
+        let ext = svc.replace("KUBE-SVC-", "KUBE-EXT-");
+        assert!(rules.contains(&format!("--dport 30080 -j {ext}\n")), "{rules}");
+        let ext_rules: Vec<&str> = rules.lines().filter(|l| l.starts_with(&format!("-A {ext} "))).collect();
+        assert!(ext_rules[0].ends_with("-j KUBE-MARK-MASQ") && ext_rules[1].ends_with(&format!("-j {svc}")));
+        assert_eq!(rules.lines().filter(|l| l.starts_with(':')).count(), 4 + 1 + 2 + 8, "{rules}");
+        assert!(!iptables_ruleset(&services[1..]).contains("KUBE-NODEPORTS"), "none without a node port");
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //! 4. Control plane: cold start, one EndpointSlice change (through the
 //!    test API server, `control-plane-bench`), ruleset loads of the anchors.
 //! 5. Memory: agent RSS and kernel map memory.
+//! 6. NodePort from a client outside the cluster (TCP_CRR), the one
+//!    backend on the other node: ours with tc and with XDP, kube-proxy
+//!    iptables, and the direct path to the pod.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -33,20 +36,22 @@ use lb_tests::{
     harness::{Harness, round_trip_services, test_run, timing_frames, xdp_ctx},
     interrupt,
     load::Report,
-    netns::{Cluster, Netns, Topology, run, unique_tag},
+    manifests::{Endpoint, endpoint_slice, service, write_yaml},
+    netns::{Cluster, Lan, MultiNode, Netns, Topology, run, unique_tag},
 };
 use lb_userspace::{
     datapath::{Baseline, MapSizes},
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
     plan::MaglevConfig,
 };
+use serde_json::json;
 
 #[derive(Parser)]
 struct Args {
     /// A run of a few minutes: fewer sizes, shorter loads.
     #[arg(long)]
     quick: bool,
-    /// Benchmarks to run: crr, rr, packet, control, memory (default all).
+    /// Benchmarks to run: crr, rr, packet, control, memory, nodeport (default all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Numbers of Services for the end-to-end benchmarks.
@@ -105,6 +110,7 @@ fn anchor_services(n: u32, backends: &[Ipv4Addr]) -> Vec<AnchorService> {
             port: 80,
             endpoints: if i + 1 == n { backends.to_vec() } else { (0..4).map(|e| fake_endpoint(i, e)).collect() },
             target_port: TARGET_PORT,
+            node_port: None,
         })
         .collect()
 }
@@ -251,6 +257,146 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
         setup.change = Some(timed(args[1], &args)?);
     }
     Ok((report, setup))
+}
+
+/// What serves the NodePort in the NodePort benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodePortSystem {
+    /// An agent per node with the default flags (`--external-datapath
+    /// auto`: tc on veth uplinks).
+    Ours,
+    /// An agent per node with `--external-datapath xdp`.
+    OursXdp,
+    /// kube-proxy's iptables rules on each node, no agent.
+    Iptables,
+    /// No load balancer: the client straight to the backend pod.
+    Direct,
+}
+
+/// The NodePort benchmark's runs, each on the LAN it needs.
+const NODE_PORT_RUNS: [(NodePortSystem, Lan); 5] = [
+    // kind's topology.
+    (NodePortSystem::Ours, Lan::PlainBridge),
+    // XDP forwarding to the other node works on veths only on this LAN,
+    // whose ports run XDP themselves (on a plain bridge the frames XDP
+    // sends wait in the peer's ring: see `Lan::XdpCapable`).
+    (NodePortSystem::OursXdp, Lan::XdpCapable),
+    (NodePortSystem::Iptables, Lan::PlainBridge),
+    // A direct path on each LAN, so that each row is compared on its own.
+    (NodePortSystem::Direct, Lan::PlainBridge),
+    (NodePortSystem::Direct, Lan::XdpCapable),
+];
+const NODE_PORT: u16 = 30080;
+const NODE_PORT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// NodePort TCP_CRR on two fresh nodes: the external client connects to
+/// node 1's address, whose only backend is a pod on node 2, so every
+/// connection is translated (and source-NATed) on node 1 and crosses to
+/// node 2. Returns the report and what served it (with eth0's program,
+/// as `lb stats` names it, for ours).
+fn node_port_crr(system: NodePortSystem, lan: Lan, seconds: f64) -> anyhow::Result<(Report, String)> {
+    let mut topology = MultiNode::new(2, &[], lan)?;
+    let backend = topology.add_pod(2, "backend")?.ip;
+    let client = &topology.client;
+    client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    let _server = in_netns(&topology.pod("backend").netns)
+        .arg(load_binary())
+        .arg("serve")
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Process)?;
+    let node_port = SocketAddrV4::new(MultiNode::node_ip(1), NODE_PORT);
+    let manifests_dir = TempDir::new("lb-bench-manifests")?;
+    let rules = TempDir::new("lb-bench-rules")?;
+    let mut agents = Vec::new(); // kept running through the load
+    let (target, served_by) = match system {
+        NodePortSystem::Direct => {
+            // As a router that knows the pod range would route.
+            client.ip(&["route", "add", "10.1.2.0/24", "via", &MultiNode::node_ip(2).to_string()])?;
+            (SocketAddrV4::new(backend, TARGET_PORT), "direct (no load balancer)".to_owned())
+        }
+        NodePortSystem::Iptables => {
+            let path = rules.0.join("iptables.rules");
+            let service = AnchorService {
+                name: "bench/np:http".into(),
+                vip: NODE_PORT_VIP,
+                port: 80,
+                endpoints: vec![backend],
+                target_port: TARGET_PORT,
+                node_port: Some(NODE_PORT),
+            };
+            fs::write(&path, anchors::iptables_ruleset(&[service]))?;
+            // On both nodes, as kube-proxy runs on both (node 2's rules
+            // only cost its conntrack and a miss).
+            for node in &topology.nodes {
+                timed(
+                    "iptables-restore",
+                    &[&format!("--net={}", node.path().display()), "iptables-restore", path_str(&path)?],
+                )?;
+            }
+            (node_port, "kube-proxy iptables".to_owned())
+        }
+        NodePortSystem::Ours | NodePortSystem::OursXdp => {
+            let mut svc = service("bench", "np", NODE_PORT_VIP, &[("http", 80, "TCP")], json!({"type": "NodePort"}));
+            svc["spec"]["ports"][0]["nodePort"] = json!(NODE_PORT);
+            write_yaml(&manifests_dir.0, "np.yaml", &svc);
+            let endpoint = Endpoint::ready("backend", backend).on("node-2");
+            let slice = endpoint_slice("bench", "np", &[("http", TARGET_PORT, "TCP")], &[endpoint]);
+            write_yaml(&manifests_dir.0, "np-slice.yaml", &slice);
+            let dir = format!("dir:{}", manifests_dir.0.display());
+            for n in 1..=2 {
+                let node_name = format!("node-{n}");
+                let mut args =
+                    vec!["--source", &dir, "--node-name", &node_name, "--metrics-addr", "", "--healthz-addr", ""];
+                if system == NodePortSystem::OursXdp {
+                    args.extend(["--external-datapath", "xdp"]);
+                }
+                let mut agent = Agent::start(&topology.nodes[n - 1], &args)?;
+                // The pod veths and eth0.
+                agent.wait_for_attachments(topology.pods.iter().filter(|(m, _)| *m == n).count() + 1)?;
+                agent.wait_for_maps("the node port with its backend", |c| {
+                    c.frontends().any(|(k, b)| k.port == NODE_PORT.to_be_bytes() && k.protocol == 6 && b.len() == 1)
+                })?;
+                agents.push(agent);
+            }
+            let stats: serde_json::Value = serde_json::from_str(&agents[0].cli("stats", &["-o", "json"])?)?;
+            let eth0: Vec<&str> = stats["attachments"]
+                .as_array()
+                .context("lb stats: no attachments")?
+                .iter()
+                .filter(|a| a["interface"] == "eth0")
+                .filter_map(|a| a["program"].as_str())
+                .collect();
+            let flags = if system == NodePortSystem::Ours { "default flags" } else { "--external-datapath xdp" };
+            (node_port, format!("ours, {flags} (eth0: {})", eth0.join(", ")))
+        }
+    };
+    wait_until_connects(client, target)?;
+    let out = in_netns(client)
+        .arg(load_binary())
+        .args(["crr", "--target", &target.to_string(), "--seconds", &seconds.to_string(), "--concurrency", CONCURRENCY])
+        .output()?;
+    if !out.status.success() {
+        bail!("lb-load crr: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((serde_json::from_slice(&out.stdout)?, served_by))
+}
+
+/// Waits (up to 5 s) until a TCP connection from `netns` to `target`
+/// completes: the server listens and the path works, its neighbours
+/// resolved before the load starts.
+fn wait_until_connects(netns: &Netns, target: SocketAddrV4) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    netns.enter(|| {
+        while std::net::TcpStream::connect_timeout(&target.into(), Duration::from_millis(500)).is_err() {
+            if Instant::now() > deadline {
+                bail!("{target} does not answer");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    })
 }
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {
@@ -705,6 +851,53 @@ fn main() -> anyhow::Result<()> {
             }
         }
         md.push('\n');
+    }
+
+    if wants("nodeport") {
+        let mut runs = Vec::new();
+        for (system, lan) in NODE_PORT_RUNS {
+            eprintln!("bench: NodePort TCP_CRR, {system:?} on {lan:?}");
+            runs.push((system, lan, node_port_crr(system, lan, seconds)?));
+        }
+        let p50 = |system: NodePortSystem, lan: Lan| {
+            runs.iter().find(|(s, l, _)| (*s, *l) == (system, lan)).map_or(0.0, |(_, _, (r, _))| r.p50_us)
+        };
+        md.push_str("## 6. NodePort from outside the cluster (TCP_CRR, backend on the other node)\n\n");
+        let _ = writeln!(
+            md,
+            "The client on the nodes' LAN connects to node 1's address and node port {NODE_PORT}; the Service's one \
+             backend is a pod on node 2, so each connection is translated on node 1 and crosses to node 2. The direct \
+             path goes to the pod through node 2's routing alone.\n"
+        );
+        md.push_str("| system | LAN | conn/s | p50 µs | p99 µs | errors | p50 / direct p50 |\n|---|---|---:|---:|---:|---:|---:|\n");
+        for (_, lan, (r, served_by)) in &runs {
+            let lan_name = match lan {
+                Lan::PlainBridge => "plain bridge",
+                Lan::XdpCapable => "XDP-capable",
+            };
+            let _ = writeln!(
+                md,
+                "| {served_by} | {lan_name} | {:.0} | {:.1} | {:.1} | {} | {} |",
+                r.rate,
+                r.p50_us,
+                r.p99_us,
+                r.errors,
+                ratio(r.p50_us, p50(NodePortSystem::Direct, *lan))
+            );
+        }
+        let (tc, xdp, iptables) = (
+            p50(NodePortSystem::Ours, Lan::PlainBridge),
+            p50(NodePortSystem::OursXdp, Lan::XdpCapable),
+            p50(NodePortSystem::Iptables, Lan::PlainBridge),
+        );
+        let line = format!(
+            "NodePort TCP_CRR to the other node: tc p50 {tc:.1} µs, xdp {xdp:.1} µs, iptables {iptables:.1} µs \
+             (iptables/tc {}, iptables/xdp {})",
+            ratio(iptables, tc),
+            ratio(iptables, xdp)
+        );
+        let _ = writeln!(md, "\n{line}.\n");
+        summary.push(line);
     }
 
     let _ = writeln!(md, "Whole run: {:.0} s.", started.elapsed().as_secs_f64());
