@@ -70,6 +70,13 @@ pub const PROGS_SOCK: [&str; 8] = [
     "sock_recvmsg6",
     "sock_getpeername6",
 ];
+/// A per-boot seed of the "random" backend choice, a load-time global: the
+/// slot is a function of the flow's hash and this seed (`random_slot`), so
+/// a packet whose conntrack entry was lost (evicted from a full table, or
+/// a race with a restart) goes to the backend its flow already has, while
+/// clients cannot predict which backend a 5-tuple gets.
+pub const GLOBAL_FLOW_SEED: &str = "FLOW_SEED";
+
 /// The network namespace (cookie) whose sockets the socket programs
 /// translate, a load-time global; 0 translates every namespace's
 /// (`--socket-lb all`).
@@ -194,6 +201,24 @@ pub const fn flow_hash(key: &CtKey) -> u32 {
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// The slot (1..=count) a frontend without session affinity or Maglev
+/// gives the flow (or socket) with hash `hash`, under the per-boot `seed`
+/// (`GLOBAL_FLOW_SEED`); 0 when it has no slots. The seed goes through
+/// murmur3's finaliser with the hash, so flows spread evenly over any
+/// count and nearby hashes (one source port apart) land far apart.
+pub const fn random_slot(hash: u32, seed: u32, count: u16) -> u16 {
+    if count == 0 {
+        return 0;
+    }
+    let mut h = hash ^ seed.rotate_left(16) ^ 0x5bd1_e995;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    (h % count as u32) as u16 + 1
 }
 
 /// A host socket (by cookie) sent to a backend in place of a service.
@@ -546,4 +571,37 @@ mod user {
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for ServiceAddr {}
     unsafe impl aya::Pod for SourceRangeKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CtKey, flow_hash, random_slot};
+
+    #[test]
+    fn random_slot_spreads_flows_evenly_and_depends_on_the_seed() {
+        assert_eq!(random_slot(12345, 1, 0), 0, "no slots, no slot");
+        for count in [1u16, 2, 3, 4, 7, 100] {
+            let mut hits = [0u32; 101];
+            let flows = 20_000u32;
+            for port in 0..flows {
+                let key = CtKey {
+                    saddr: [10, 244, 0, 20],
+                    daddr: [10, 96, 0, 10],
+                    sport: ((port % 60_000) as u16 + 1024).to_be_bytes(),
+                    dport: 80u16.to_be_bytes(),
+                    protocol: 6,
+                    _pad: [0; 3],
+                };
+                let slot = random_slot(flow_hash(&key).wrapping_add(port / 60_000), 0xdead_beef, count);
+                assert!((1..=count).contains(&slot));
+                hits[slot as usize] += 1;
+            }
+            let fair = flows / u32::from(count);
+            for slot in 1..=count as usize {
+                assert!(hits[slot].abs_diff(fair) < fair / 5 + 20, "count {count}: slot {slot} got {}", hits[slot]);
+            }
+        }
+        let differ = (0..1000u32).filter(|h| random_slot(*h, 1, 16) != random_slot(*h, 2, 16)).count();
+        assert!(differ > 800, "another seed, another draw: {differ} of 1000 differ");
+    }
 }

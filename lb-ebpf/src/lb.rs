@@ -3,13 +3,12 @@
 //! refusal, session affinity, Maglev, random), for packets (tc, XDP) and
 //! sockets (the cgroup hooks) alike. The hooks only adapt a packet or a
 //! socket to `lookup` and `select`.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, Backend, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_SOURCE_RANGES,
-    FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, ServiceKey, ct_timeout,
+    FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, ServiceKey, ct_timeout, random_slot,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICE_ADDRS, SERVICES, maglev_table_size};
+use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICE_ADDRS, SERVICES, flow_seed, maglev_table_size};
 
 /// A frontend as one client sees it.
 #[derive(Clone, Copy)]
@@ -103,7 +102,8 @@ pub struct Selector {
     /// namespace at the socket hooks.
     pub client_kind: u8,
     pub client: [u8; 8],
-    /// Maglev's hash of the flow (or socket).
+    /// The hash of the flow (or socket) that Maglev and random selection
+    /// map to a backend.
     pub hash: u32,
     /// Without session affinity, keep one backend for this key for this
     /// long (ns): an unconnected UDP socket, which is one flow.
@@ -112,7 +112,11 @@ pub struct Selector {
 
 /// Picks `frontend`'s backend for `selector` (which must have backends):
 /// the one session affinity remembers, if used within its timeout and
-/// still there; else Maglev's for Maglev frontends; else a random one.
+/// still there; else Maglev's for Maglev frontends; else a "random" one:
+/// a slot drawn from the flow's hash and a per-boot seed, so the same flow
+/// always draws the same slot (a packet whose conntrack entry was evicted
+/// goes on to its backend while the backend set is unchanged), and
+/// different flows spread as evenly as with a random draw.
 /// The choice is remembered for affinity (each new connection restarts
 /// the timer, as kube-proxy's `recent` match does).
 #[inline(always)]
@@ -135,7 +139,7 @@ pub fn select(frontend: &Frontend, selector: &Selector, now: u64) -> Option<(u32
         return Some(picked);
     }
     let picked = remembered.map(|(_, picked)| picked).or_else(|| match frontend.maglev_table {
-        0 => random_backend(&frontend.key, frontend.backend_count),
+        0 => hashed_backend(&frontend.key, frontend.backend_count, selector.hash),
         table => maglev_backend(table, selector.hash),
     })?;
     if let Some((key, _)) = memory {
@@ -177,14 +181,14 @@ fn maglev_backend(table: u32, hash: u32) -> Option<(u32, Backend)> {
     backend(*MAGLEV.get(index)?)
 }
 
-/// A backend from a random slot of `frontend`, which has `count` slots.
+/// The backend in the slot of `frontend` (which has `count` slots) that
+/// `hash` draws under this boot's seed.
 #[inline(always)]
-fn random_backend(frontend: &ServiceKey, count: u16) -> Option<(u32, Backend)> {
+fn hashed_backend(frontend: &ServiceKey, count: u16, hash: u32) -> Option<(u32, Backend)> {
     if count == 0 {
         return None;
     }
-    // SAFETY: a plain helper call.
-    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
+    let slot = random_slot(hash, flow_seed(), count);
     // SAFETY: plain data, as in `lookup`.
     let backend_id = unsafe { SERVICES.get(&frontend.with_slot(slot)) }?.backend_id;
     backend(backend_id)

@@ -43,6 +43,17 @@ pub fn maglev_table_size() -> u32 {
     unsafe { core::ptr::read_volatile(&MAGLEV_TABLE_SIZE) }
 }
 
+/// The per-boot seed of random selection (`lb_common::GLOBAL_FLOW_SEED`);
+/// the agent sets it at load time.
+#[unsafe(no_mangle)]
+static FLOW_SEED: u32 = 0;
+
+#[inline(always)]
+pub fn flow_seed() -> u32 {
+    // SAFETY: a global the loader may have rewritten; read it as such.
+    unsafe { core::ptr::read_volatile(&FLOW_SEED) }
+}
+
 #[btf_map]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, { DEFAULT_SOCK_REVNAT_MAX_ENTRIES as usize }> =
     LruHashMap::new();

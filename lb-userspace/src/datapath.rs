@@ -28,7 +28,8 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_FLOW_SEED, GLOBAL_MAGLEV_TABLE_SIZE,
+    GLOBAL_SOCKET_LB_NETNS,
     MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES,
     MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE,
     PROG_XDP_FROM_WIRE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
@@ -415,6 +416,21 @@ pub fn netns_cookie() -> io::Result<u64> {
     result
 }
 
+/// This boot's seed of the datapath's "random" backend choice
+/// (`lb_common::random_slot`): the same for every agent of one boot, so a
+/// restarted agent's programs give a flow whose conntrack entry was lost
+/// the backend it had; different on every boot and every node, so nobody
+/// can pick a backend by choosing a source port. Drawn from the kernel's
+/// boot id (a random UUID per boot), or its boot time where that is
+/// unreadable.
+pub fn flow_seed() -> u32 {
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .or_else(|_| fs::read_to_string("/proc/stat").map(|s| s.lines().filter(|l| l.starts_with("btime")).collect()))
+        .unwrap_or_default();
+    // FNV-1a: any stable hash of the text will do.
+    boot.trim().bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
 impl Datapath {
     /// Loads the eBPF object. With a pin path, maps already pinned there are
     /// adopted (contents kept), and the program is pinned anew. The socket
@@ -424,6 +440,7 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
+        let seed = flow_seed();
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_SERVICES, sizes.services)
@@ -434,7 +451,8 @@ impl Datapath {
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .map_max_entries(MAP_MAGLEV, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
-            .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true);
+            .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
+            .override_global(GLOBAL_FLOW_SEED, &seed, true);
         if let Some(dir) = pin_path {
             crate::mounts::ensure_bpffs(dir)?;
             for sub in [dir.to_owned(), dir.join("links")] {

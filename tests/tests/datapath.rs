@@ -244,6 +244,7 @@ fn a_syn_on_a_stale_entry_picks_among_the_current_backends() {
 
 /// Now on the clock bpf_ktime_get_ns reads (CLOCK_MONOTONIC).
 const BACKENDS3: [[u8; 4]; 3] = [[10, 244, 0, 11], [10, 244, 0, 12], [10, 244, 0, 13]];
+const BACKENDS4: [[u8; 4]; 4] = [[10, 244, 0, 11], [10, 244, 0, 12], [10, 244, 0, 13], [10, 244, 0, 14]];
 
 fn affinity_service(timeout_s: u32) -> ServicePort {
     ServicePort { affinity_timeout_s: timeout_s, ..service(80, Protocol::Tcp, &BACKENDS3) }
@@ -448,6 +449,37 @@ fn maglev_sends_each_flow_where_its_table_entry_says_every_time() {
         reached.insert(expected);
     }
     assert_eq!(reached.len(), 3, "60 flows spread over the 3 backends");
+}
+
+#[test]
+fn a_flow_whose_conntrack_entries_were_lost_keeps_its_backend() {
+    // Eviction from a full table (or a race with a restart) loses a live
+    // flow's entries; its next packet, not a SYN, must reach the backend
+    // the flow already has, or the connection breaks.
+    let mut h = Harness::new(&[service(80, Protocol::Tcp, &BACKENDS4)]);
+    let seed = lb_userspace::datapath::flow_seed();
+    let contents = h.datapath.maps.read_contents().unwrap();
+    let frontend = ServiceKey::new(VIP, 80u16.to_be_bytes(), packet::TCP, 0);
+    let mut reached = std::collections::BTreeSet::new();
+    for port in 42000..42040u16 {
+        let (client, vip) = (addr(CLIENT, port), addr(VIP, 80));
+        let flow = ct_key(client, vip, packet::TCP);
+        let first = h.run_spec(&Spec::tcp(client, vip, SYN)).1.dst;
+        // The kernel's draw, predicted in userspace from the flow hash and
+        // this boot's seed.
+        let slot = lb_common::random_slot(lb_common::flow_hash(&flow), seed, 4);
+        let id = contents.services[&frontend.with_slot(slot)].backend_id;
+        assert_eq!(first, addr(contents.backends[&id].addr, 8080), "port {port}: slot {slot}");
+        reached.insert(first);
+        let reply = ct_key(first, client, packet::TCP);
+        for key in [flow, reply] {
+            h.datapath.maps.conntrack.remove(&key).unwrap();
+        }
+        let (verdict, later) = h.run_spec(&Spec::tcp(client, vip, ACK));
+        assert_eq!((verdict, later.dst), (TC_ACT_OK, first), "port {port}: an ACK without an entry moved");
+        assert_eq!(h.ct(&flow).nat_addr, first.ip().octets(), "the entry is made again");
+    }
+    assert_eq!(reached.len(), 4, "40 flows spread over the 4 backends: {reached:?}");
 }
 
 /// A pin directory of this test's own, removed with everything in it.
