@@ -89,6 +89,8 @@ pub const DEFAULT_SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 
 pub const DEFAULT_SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const DEFAULT_BACKENDS_MAX_ENTRIES: u32 = 65_536;
+/// The object's own CONNTRACK size (tests, benchmarks); the agent sizes it
+/// from the node's memory (`lb_userspace::sizing::conntrack_entries`).
 pub const DEFAULT_CONNTRACK_MAX_ENTRIES: u32 = 131_072;
 pub const DEFAULT_AFFINITY_MAX_ENTRIES: u32 = 65_536;
 

@@ -25,8 +25,9 @@ use crate::{
     interfaces::{self, ExternalDatapath, ExternalInterfaces, PodInterfaces, WireChoice},
     kube_source::{Connection, KubeSource},
     model::{ModelOptions, Snapshot, desired_state},
-    plan::MaglevConfig,
+    plan::{MaglevConfig, MapContents},
     reconcile::Reconciler,
+    sizing::{self, Entries},
     status::{self, Health, Metrics},
 };
 
@@ -69,7 +70,10 @@ pub struct AgentConfig {
     /// Socket-level balancing: where the programs attach, and which
     /// sockets they translate. None: off.
     pub socket_lb: Option<SocketBalancing>,
+    /// The maps' sizes when created: floors the agent grows the agent-written
+    /// maps from as the cluster needs (`sizing`), unless `fixed_map_sizes`.
     pub map_sizes: MapSizes,
+    pub fixed_map_sizes: bool,
     pub min_sync_period: Duration,
     pub healthz_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -134,6 +138,12 @@ struct Agent {
     newest_trigger: SystemTime,
     synced_once: bool,
     health_checks: HealthCheckServers,
+    /// The flags' map sizes: floors of grown maps.
+    map_floors: MapSizes,
+    fixed_map_sizes: bool,
+    /// Maps last reported at or above 90 % full, so each crossing is
+    /// logged once.
+    nearly_full: BTreeSet<&'static str>,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -224,6 +234,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         newest_trigger: SystemTime::now(),
         synced_once: false,
         health_checks: HealthCheckServers::default(),
+        map_floors: config.map_sizes,
+        fixed_map_sizes: config.fixed_map_sizes,
+        nearly_full: BTreeSet::new(),
     };
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -323,13 +336,16 @@ impl Agent {
         }
         self.reported = reported;
 
-        match self.reconciler.sync(&desired.services, &mut self.datapath.maps) {
+        let target = self.reconciler.target(&desired.services);
+        self.fit_maps(&target);
+        match self.reconciler.sync_to(&target, &mut self.datapath.maps) {
             Ok(outcome) => {
                 let writes = outcome.writes;
                 let took = started.elapsed();
                 self.metrics.record_sync(took);
                 self.metrics.frontends.set(desired.services.len() as i64);
                 self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
+                self.metrics.set_agent_map_entries(&Entries::held(self.reconciler.current()));
                 self.observe_programming_latency(&snapshot.slices);
                 self.health_checks.update(&desired.health_checks);
                 if !outcome.lost_udp_backends.is_empty() {
@@ -363,6 +379,51 @@ impl Agent {
                 false
             }
         }
+    }
+
+    /// Makes room for a sync to `target`: grows the agent-written maps
+    /// that cannot hold it (old and new entries side by side, as mid-sync)
+    /// unless sizes are fixed, and warns once when a map passes 90 %. A
+    /// sync that still does not fit fails on the full map, naming it.
+    fn fit_maps(&mut self, target: &MapContents) {
+        let needed = Entries::needed(self.reconciler.current(), target);
+        let mut capacity = match self.datapath.maps.capacity() {
+            Ok(capacity) => capacity,
+            Err(e) => return warn!("reading the maps' sizes: {e}"),
+        };
+        if !self.fixed_map_sizes
+            && let Some(sizes) = sizing::grown(&capacity, &needed, &self.map_floors)
+        {
+            let started = Instant::now();
+            match self.datapath.grow(sizes) {
+                Ok(()) => info!(
+                    services = sizes.services,
+                    backends = sizes.backends,
+                    source_ranges = sizes.source_ranges,
+                    needed_services = needed.services,
+                    needed_backends = needed.backends,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "maps grown for the cluster, traffic kept on its conntrack entries"
+                ),
+                Err(e) => error!("growing the maps failed; syncing into the maps there are: {e}"),
+            }
+            capacity = self.datapath.maps.capacity().unwrap_or(capacity);
+        }
+        let full: BTreeSet<&'static str> = sizing::nearly_full(&capacity, &needed)
+            .into_iter()
+            .map(|(map, entries, room)| {
+                if !self.nearly_full.contains(map) {
+                    let what = if self.fixed_map_sizes {
+                        "raise its --*-max-entries flag (sizes are fixed by --fixed-map-sizes)"
+                    } else {
+                        "it grows when a sync needs more"
+                    };
+                    warn!(map, entries, capacity = room, "map over 90% full: {what}");
+                }
+                map
+            })
+            .collect();
+        self.nearly_full = full;
     }
 
     /// Time from each EndpointSlice change not yet counted to now.

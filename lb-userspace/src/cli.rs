@@ -187,15 +187,23 @@ pub struct RunArgs {
     /// bpffs directory for the pinned maps, program and links.
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
-    /// Size of the services map (frontends plus backend slots).
+    /// Initial size of the services map (frontends plus backend slots), and
+    /// the least it grows to: the agent grows it when the cluster needs more.
     #[arg(long, default_value_t = lb_common::DEFAULT_SERVICES_MAX_ENTRIES)]
     pub services_max_entries: u32,
-    /// Size of the backends map.
+    /// Initial size of the backends map, and the least it grows to.
     #[arg(long, default_value_t = lb_common::DEFAULT_BACKENDS_MAX_ENTRIES)]
     pub backends_max_entries: u32,
-    /// Size of the connection-tracking map (two entries per flow).
-    #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES)]
-    pub conntrack_max_entries: u32,
+    /// Never grow the services, backends and source-ranges maps: their
+    /// --*-max-entries are fixed sizes, and a sync that does not fit fails.
+    #[arg(long)]
+    pub fixed_map_sizes: bool,
+    /// Size of the connection-tracking map (two entries per flow). Default:
+    /// 0.25 % of the node's memory at 96 bytes an entry, at least 262,144
+    /// (kube-proxy's 131,072 flows), at most 2^24. A pinned map keeps its
+    /// size until its pin is removed.
+    #[arg(long)]
+    pub conntrack_max_entries: Option<u32>,
     /// Backend selection for Services without the service.lb.io/lb-algorithm annotation.
     #[arg(long, value_enum, default_value = "random")]
     pub lb_algorithm: crate::model::Algorithm,
@@ -210,7 +218,8 @@ pub struct RunArgs {
     /// Size of the session-affinity map (one entry per client and Service port).
     #[arg(long, default_value_t = lb_common::DEFAULT_AFFINITY_MAX_ENTRIES)]
     pub affinity_max_entries: u32,
-    /// Size of the source-ranges map (one entry per load-balancer frontend and range).
+    /// Initial size of the source-ranges map (one entry per load-balancer
+    /// frontend and range), and the least it grows to.
     #[arg(long, default_value_t = lb_common::DEFAULT_SOURCE_RANGES_MAX_ENTRIES)]
     pub source_ranges_max_entries: u32,
 }

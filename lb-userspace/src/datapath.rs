@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -41,6 +41,8 @@ use crate::{
     plan::{MaglevConfig, MapContents, MapOp, stale_affinity},
     reconcile::MapWriter,
 };
+pub use crate::sizing::MapSizes;
+use crate::sizing::Entries;
 
 /// The eBPF object, built by build.rs. Empty when it was built without
 /// bpf-linker (`cargo check`, `cargo clippy`).
@@ -66,32 +68,10 @@ pub enum DatapathError {
     Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("attaching to {interface}: {source}")]
     Attach { interface: String, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("the maps cannot grow without a pin path (their links and traffic maps are found through pins)")]
+    GrowWithoutPins,
     #[error("attaching the socket programs to cgroup {path}: {source}")]
     AttachCgroup { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
-}
-
-/// Maximum entries of the maps, fixed when the maps are first created.
-#[derive(Clone, Copy, Debug)]
-pub struct MapSizes {
-    pub services: u32,
-    pub backends: u32,
-    pub conntrack: u32,
-    pub affinity: u32,
-    pub source_ranges: u32,
-    pub maglev: MaglevConfig,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            services: lb_common::DEFAULT_SERVICES_MAX_ENTRIES,
-            backends: lb_common::DEFAULT_BACKENDS_MAX_ENTRIES,
-            conntrack: lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES,
-            affinity: lb_common::DEFAULT_AFFINITY_MAX_ENTRIES,
-            source_ranges: lb_common::DEFAULT_SOURCE_RANGES_MAX_ENTRIES,
-            maglev: MaglevConfig::default(),
-        }
-    }
 }
 
 /// Handles on the maps.
@@ -239,9 +219,86 @@ impl Maps {
         flows.len()
     }
 
+    /// Copies every entry of `old`'s agent-written maps (SERVICES,
+    /// SERVICE_ADDRS, BACKENDS, SOURCE_RANGES) into these, unchanged.
+    fn copy_agent_maps_from(&mut self, old: &Maps) -> Result<(), DatapathError> {
+        for entry in old.services.iter() {
+            let (k, v) = entry.map_err(map_err(MAP_SERVICES))?;
+            self.services.insert(k, v, 0).map_err(map_err(MAP_SERVICES))?;
+        }
+        for entry in old.backends.iter() {
+            let (k, v) = entry.map_err(map_err(MAP_BACKENDS))?;
+            self.backends.insert(k, v, 0).map_err(map_err(MAP_BACKENDS))?;
+        }
+        for entry in old.service_addrs.iter() {
+            let (k, v) = entry.map_err(map_err(MAP_SERVICE_ADDRS))?;
+            self.service_addrs.insert(k, v, 0).map_err(map_err(MAP_SERVICE_ADDRS))?;
+        }
+        for entry in old.source_ranges.iter() {
+            let (k, v) = entry.map_err(map_err(MAP_SOURCE_RANGES))?;
+            self.source_ranges.insert(&k, v, 0).map_err(map_err(MAP_SOURCE_RANGES))?;
+        }
+        Ok(())
+    }
+
+    /// Room in the agent-written maps, as the kernel made them (a pinned
+    /// map keeps the size it was created with, whatever was asked since).
+    pub fn capacity(&self) -> Result<Entries, DatapathError> {
+        Ok(Entries {
+            services: max_entries(&self.services, MAP_SERVICES)? as usize,
+            service_addrs: max_entries(&self.service_addrs, MAP_SERVICE_ADDRS)? as usize,
+            backends: max_entries(&self.backends, MAP_BACKENDS)? as usize,
+            source_ranges: max_entries(&self.source_ranges, MAP_SOURCE_RANGES)? as usize,
+        })
+    }
+
+    /// Every map's name and size as the kernel has it.
+    pub fn capacities(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
+        Ok(vec![
+            (MAP_SERVICES, max_entries(&self.services, MAP_SERVICES)?),
+            (MAP_SERVICE_ADDRS, max_entries(&self.service_addrs, MAP_SERVICE_ADDRS)?),
+            (MAP_BACKENDS, max_entries(&self.backends, MAP_BACKENDS)?),
+            (MAP_SOURCE_RANGES, max_entries(&self.source_ranges, MAP_SOURCE_RANGES)?),
+            (MAP_CONNTRACK, max_entries(&self.conntrack, MAP_CONNTRACK)?),
+            (MAP_AFFINITY, max_entries(&self.affinity, MAP_AFFINITY)?),
+            (MAP_MAGLEV, max_entries(&self.maglev, MAP_MAGLEV)?),
+            (MAP_SOCK_REVNAT, max_entries(&self.sock_revnat, MAP_SOCK_REVNAT)?),
+        ])
+    }
+
+    /// Entries and capacity of every map but MAGLEV (an array, always
+    /// full), counted by walking each: for `lb stats`, not a hot path.
+    pub fn fill(&self) -> Result<Vec<crate::inspect::MapFill>, DatapathError> {
+        let entries = [
+            (MAP_SERVICES, self.services.keys().filter(Result::is_ok).count()),
+            (MAP_SERVICE_ADDRS, self.service_addrs.keys().filter(Result::is_ok).count()),
+            (MAP_BACKENDS, self.backends.keys().filter(Result::is_ok).count()),
+            (MAP_SOURCE_RANGES, self.source_ranges.keys().filter(Result::is_ok).count()),
+            (MAP_CONNTRACK, self.conntrack_entries()),
+            (MAP_AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
+            (MAP_SOCK_REVNAT, self.sock_revnat.keys().filter(Result::is_ok).count()),
+        ];
+        let capacities = self.capacities()?;
+        Ok(entries
+            .into_iter()
+            .map(|(map, entries)| {
+                let capacity = capacities.iter().find(|(name, _)| *name == map).map_or(0, |(_, c)| *c);
+                crate::inspect::MapFill { map, entries, capacity }
+            })
+            .collect())
+    }
+
     pub fn conntrack_entries(&self) -> usize {
         self.conntrack.keys().filter(Result::is_ok).count()
     }
+}
+
+/// The kernel's max_entries of a map.
+fn max_entries<K: aya::Pod, V: aya::Pod>(
+    map: &impl IterableMap<K, V>,
+    name: &'static str,
+) -> Result<u32, DatapathError> {
+    Ok(map.map().info().map_err(map_err(name))?.max_entries())
 }
 
 /// A write the kernel refused because the map is full, said as what it is:
@@ -395,6 +452,11 @@ pub struct Datapath {
     pin_path: Option<PathBuf>,
     /// Interfaces a program is attached to, by hook and ifindex.
     attached: BTreeMap<(Hook, u32), String>,
+    /// What the object was loaded with, for loading it again (`grow`).
+    sizes: MapSizes,
+    socket_netns: u64,
+    /// Where the socket programs are attached, if they are.
+    cgroup: Option<PathBuf>,
 }
 
 /// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE),
@@ -431,12 +493,57 @@ pub fn flow_seed() -> u32 {
     boot.trim().bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
+/// The maps the agent writes and sizes for the cluster: `Datapath::grow`
+/// replaces them with bigger ones. The others (traffic state written by
+/// the programs, counters, and MAGLEV, whose size is a flag) are shared by
+/// every program generation.
+const GROWABLE_MAPS: [&str; 4] = [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES];
+const SHARED_MAPS: [&str; 5] = [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS];
+
+/// The pin of a grown map until it replaces the live one.
+fn next_pin(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.next"))
+}
+
 impl Datapath {
     /// Loads the eBPF object. With a pin path, maps already pinned there are
     /// adopted (contents kept), and the program is pinned anew. The socket
     /// programs translate sockets of the network namespace `socket_netns`
     /// (a cookie, see `netns_cookie`), or of every namespace when it is 0.
     pub fn load(pin_path: Option<&Path>, sizes: MapSizes, socket_netns: u64) -> Result<Self, DatapathError> {
+        if let Some(dir) = pin_path {
+            crate::mounts::ensure_bpffs(dir)?;
+            for sub in [dir.to_owned(), dir.join("links")] {
+                fs::create_dir_all(&sub).map_err(|source| DatapathError::PinDir { path: sub.clone(), source })?;
+            }
+            // Left by an agent stopped in the middle of `grow`: the live
+            // pins are whole, these may not be.
+            for name in GROWABLE_MAPS {
+                let _ = fs::remove_file(next_pin(dir, name));
+            }
+        }
+        let pins = pin_path.map(|dir| -> Vec<(&str, PathBuf)> {
+            GROWABLE_MAPS.into_iter().chain(SHARED_MAPS).map(|name| (name, dir.join(name))).collect()
+        });
+        let mut ebpf = Self::load_object(sizes, socket_netns, pins.unwrap_or_default())?;
+        if let Some(dir) = pin_path {
+            Self::pin_programs(&mut ebpf, dir)?;
+        }
+        let maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_path: pin_path.map(Path::to_owned),
+            attached: BTreeMap::new(),
+            sizes,
+            socket_netns,
+            cgroup: None,
+        })
+    }
+
+    /// The object with its maps sized and pinned (adopted where a pin
+    /// exists) as given, and its programs loaded, not attached.
+    fn load_object(sizes: MapSizes, socket_netns: u64, pins: Vec<(&str, PathBuf)>) -> Result<Ebpf, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
@@ -453,24 +560,8 @@ impl Datapath {
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
             .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
             .override_global(GLOBAL_FLOW_SEED, &seed, true);
-        if let Some(dir) = pin_path {
-            crate::mounts::ensure_bpffs(dir)?;
-            for sub in [dir.to_owned(), dir.join("links")] {
-                fs::create_dir_all(&sub).map_err(|source| DatapathError::PinDir { path: sub.clone(), source })?;
-            }
-            for name in [
-                MAP_SERVICES,
-                MAP_BACKENDS,
-                MAP_SERVICE_ADDRS,
-                MAP_SOURCE_RANGES,
-                MAP_CONNTRACK,
-                MAP_AFFINITY,
-                MAP_MAGLEV,
-                MAP_SOCK_REVNAT,
-                MAP_COUNTERS,
-            ] {
-                loader.map_pin_path(name, dir.join(name));
-            }
+        for (name, path) in pins {
+            loader.map_pin_path(name, path);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in PROGS_SOCK {
@@ -479,22 +570,83 @@ impl Datapath {
         Self::tc_program_of(&mut ebpf, PROG_FROM_POD)?.load()?;
         Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load()?;
         Self::xdp_program_of(&mut ebpf)?.load()?;
-        if let Some(dir) = pin_path {
-            // The previous agent's programs stay attached through their
-            // links until they are moved to these; their pins can go now.
-            let pin = |path: PathBuf, result: &mut dyn FnMut(&Path) -> Result<(), aya::pin::PinError>| {
-                let _ = fs::remove_file(&path);
-                result(&path).map_err(|source| DatapathError::Pin { path, source })
-            };
-            for name in [PROG_FROM_POD, PROG_TC_FROM_WIRE] {
-                let program = Self::tc_program_of(&mut ebpf, name)?;
-                pin(dir.join(name), &mut |p| program.pin(p))?;
-            }
-            let program = Self::xdp_program_of(&mut ebpf)?;
-            pin(dir.join(PROG_XDP_FROM_WIRE), &mut |p| program.pin(p))?;
+        Ok(ebpf)
+    }
+
+    /// Pins the interface programs under `dir`, replacing the pins of an
+    /// earlier generation (whose programs stay attached through their
+    /// links until those are moved to these).
+    fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DatapathError> {
+        let pin = |path: PathBuf, result: &mut dyn FnMut(&Path) -> Result<(), aya::pin::PinError>| {
+            let _ = fs::remove_file(&path);
+            result(&path).map_err(|source| DatapathError::Pin { path, source })
+        };
+        for name in [PROG_FROM_POD, PROG_TC_FROM_WIRE] {
+            let program = Self::tc_program_of(ebpf, name)?;
+            pin(dir.join(name), &mut |p| program.pin(p))?;
         }
-        let maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
-        Ok(Self { ebpf, maps, pin_path: pin_path.map(Path::to_owned), attached: BTreeMap::new() })
+        let program = Self::xdp_program_of(ebpf)?;
+        pin(dir.join(PROG_XDP_FROM_WIRE), &mut |p| program.pin(p))
+    }
+
+    /// The sizes these maps were asked for (pinned maps adopted from an
+    /// earlier agent may differ: `Maps::capacity` reads the kernel's).
+    pub fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    /// Replaces SERVICES, SERVICE_ADDRS, BACKENDS and SOURCE_RANGES with
+    /// maps of `sizes`, without a packet seeing a missing entry or a
+    /// connection losing its state:
+    /// 1. a second generation of the object is loaded whose agent maps are
+    ///    new (pinned as `NAME.next`) and whose traffic maps (CONNTRACK,
+    ///    AFFINITY, SOCK_REVNAT, COUNTERS) and MAGLEV are the pinned ones;
+    /// 2. the new maps get a copy of the old ones' entries (same backend
+    ///    ids, slots and tables, so AFFINITY's backend ids stay right);
+    /// 3. the new pins replace the old (`rename(2)`, atomic on bpffs): an
+    ///    agent that dies from here on adopts the new maps;
+    /// 4. every pinned link (interfaces, cgroup) is moved to the new
+    ///    programs, as a restart moves them: until its link moves, an
+    ///    interface's packets use the old maps, then the new ones, which
+    ///    hold the same entries.
+    ///
+    /// Needs a pin path (links and shared maps are found through pins).
+    pub fn grow(&mut self, sizes: MapSizes) -> Result<(), DatapathError> {
+        let dir = self.pin_path.clone().ok_or(DatapathError::GrowWithoutPins)?;
+        for name in GROWABLE_MAPS {
+            let _ = fs::remove_file(next_pin(&dir, name));
+        }
+        let pins = GROWABLE_MAPS
+            .into_iter()
+            .map(|name| (name, next_pin(&dir, name)))
+            .chain(SHARED_MAPS.into_iter().map(|name| (name, dir.join(name))))
+            .collect();
+        let mut ebpf = Self::load_object(sizes, self.socket_netns, pins)?;
+        let mut maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
+        maps.copy_agent_maps_from(&self.maps)?;
+        for name in GROWABLE_MAPS {
+            let (from, to) = (next_pin(&dir, name), dir.join(name));
+            fs::rename(&from, &to).map_err(|source| DatapathError::PinDir { path: to.clone(), source })?;
+        }
+        Self::pin_programs(&mut ebpf, &dir)?;
+        // The old generation stays loaded until every link has moved.
+        let old = std::mem::replace(&mut self.ebpf, ebpf);
+        self.maps = maps;
+        self.sizes = sizes;
+        let attached: Vec<((Hook, u32), String)> = self.attached.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut first_error = None;
+        for ((hook, index), name) in attached {
+            if let Err(e) = self.attach(hook, &Interface { index, name }) {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(cgroup) = self.cgroup.clone() {
+            if let Err(e) = self.attach_cgroup(&cgroup) {
+                first_error.get_or_insert(e);
+            }
+        }
+        drop(old);
+        first_error.map_or(Ok(()), Err)
     }
 
     fn tc_program_of<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
@@ -535,6 +687,7 @@ impl Datapath {
                 fd_link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
             }
         }
+        self.cgroup = Some(path.to_owned());
         Ok(())
     }
 

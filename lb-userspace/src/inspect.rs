@@ -63,6 +63,21 @@ pub struct Stats {
     pub conntrack_entries: usize,
     /// Which program serves which interface.
     pub attachments: Vec<Attachment>,
+    /// How full each map is.
+    pub maps: Vec<MapFill>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+impl MapFill {
+    pub fn percent(&self) -> f64 {
+        if self.capacity == 0 { 0.0 } else { self.entries as f64 * 100.0 / f64::from(self.capacity) }
+    }
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -72,13 +87,18 @@ pub struct VerdictRow {
     pub bytes: u64,
 }
 
-pub fn stats(counters: &[lb_common::TrafficCounter], conntrack_entries: usize, attachments: Vec<Attachment>) -> Stats {
+pub fn stats(
+    counters: &[lb_common::TrafficCounter],
+    conntrack_entries: usize,
+    attachments: Vec<Attachment>,
+    maps: Vec<MapFill>,
+) -> Stats {
     let verdicts = lb_common::counter::NAMES
         .iter()
         .zip(counters)
         .map(|(verdict, c)| VerdictRow { verdict, packets: c.packets, bytes: c.bytes })
         .collect();
-    Stats { verdicts, conntrack_entries, attachments }
+    Stats { verdicts, conntrack_entries, attachments, maps }
 }
 
 pub fn stats_table(stats: &Stats) -> String {
@@ -90,6 +110,13 @@ pub fn stats_table(stats: &Stats) -> String {
     out += &format!("\n{:<16} {}\n", "INTERFACE", "PROGRAM");
     for a in &stats.attachments {
         out += &format!("{:<16} {}\n", a.interface, a.program);
+    }
+    if !stats.maps.is_empty() {
+        out += &format!("\n{:<16} {:>10} {:>10} {:>6}\n", "MAP", "ENTRIES", "CAPACITY", "FILL");
+        for m in &stats.maps {
+            let warn = if m.percent() >= crate::sizing::WARN_FILL * 100.0 { "  (over 90%)" } else { "" };
+            out += &format!("{:<16} {:>10} {:>10} {:>5.1}%{warn}\n", m.map, m.entries, m.capacity, m.percent());
+        }
     }
     out
 }

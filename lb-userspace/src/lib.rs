@@ -15,5 +15,6 @@ pub mod model;
 pub mod mounts;
 pub mod plan;
 pub mod reconcile;
+pub mod sizing;
 pub mod sock_destroy;
 pub mod status;

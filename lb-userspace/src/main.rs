@@ -9,6 +9,7 @@ use lb_userspace::{
     kube_source::Connection,
     model::ModelOptions,
     plan::MaglevConfig,
+    sizing,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -51,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Stats(args) => {
             let maps = open_pinned(&args)?;
             let attachments = lb_userspace::datapath::pinned_attachments(&args.pin_path);
-            let stats = inspect::stats(&maps.counters()?, maps.conntrack_entries(), attachments);
+            let stats = inspect::stats(&maps.counters()?, maps.conntrack_entries(), attachments, maps.fill()?);
             match args.output {
                 Output::Table => print!("{}", inspect::stats_table(&stats)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
@@ -103,10 +104,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 Some(SocketBalancing { cgroup: cgroup.and_then(|c| c.0), own_netns_only: scope == SocketLb::Host })
             }
         },
+        fixed_map_sizes: args.fixed_map_sizes,
         map_sizes: MapSizes {
             services: args.services_max_entries,
             backends: args.backends_max_entries,
-            conntrack: args.conntrack_max_entries,
+            conntrack: args.conntrack_max_entries.unwrap_or_else(|| {
+                let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+                sizing::conntrack_entries(sizing::mem_total(&meminfo).unwrap_or(0))
+            }),
             affinity: args.affinity_max_entries,
             source_ranges: args.source_ranges_max_entries,
             maglev: MaglevConfig { table_size: args.maglev_table_size, tables: args.maglev_tables },

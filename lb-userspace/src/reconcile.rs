@@ -98,10 +98,27 @@ impl Reconciler {
         desired: &[ServicePort],
         maps: &mut W,
     ) -> Result<SyncOutcome, SyncError<W::Error>> {
-        let target = target_contents(desired, &self.current, self.maglev);
-        let ops = plan(&self.current, &target, self.maglev);
-        let mut lost_udp_backends = lost_udp_backends(&self.current, &target);
-        let dependents = Dependents::new(&target);
+        let target = self.target(desired);
+        self.sync_to(&target, maps)
+    }
+
+    /// What the maps will hold once `desired` is written: ids, slots and
+    /// tables placed from what they hold now. The agent sizes the maps
+    /// from it before `sync_to` writes it.
+    pub fn target(&self, desired: &[ServicePort]) -> MapContents {
+        target_contents(desired, &self.current, self.maglev)
+    }
+
+    /// `sync` with the target already computed (by `target`, from the
+    /// current contents).
+    pub fn sync_to<W: MapWriter>(
+        &mut self,
+        target: &MapContents,
+        maps: &mut W,
+    ) -> Result<SyncOutcome, SyncError<W::Error>> {
+        let ops = plan(&self.current, target, self.maglev);
+        let mut lost_udp_backends = lost_udp_backends(&self.current, target);
+        let dependents = Dependents::new(target);
         let mut held_back: BTreeSet<ServiceKey> = BTreeSet::new();
         let (mut first_error, mut failed, mut skipped) = (None, 0, 0);
         for op in &ops {

@@ -115,6 +115,11 @@ struct FeatureLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttachmentLabel {
     interface: String,
     program: &'static str,
@@ -131,6 +136,8 @@ pub struct Metrics {
     packets: Family<VerdictLabel, Counter>,
     bytes: Family<VerdictLabel, Counter>,
     conntrack_entries: Gauge,
+    map_entries: Family<MapLabel, Gauge>,
+    map_capacity: Family<MapLabel, Gauge>,
     degraded: Family<FeatureLabel, Gauge>,
     attachments: Family<AttachmentLabel, Gauge>,
     /// Totals last read from COUNTERS, to turn them into counter increments.
@@ -151,6 +158,7 @@ impl Metrics {
         let (sync_failures, frontends, backends) = (Counter::default(), Gauge::default(), Gauge::default());
         let (packets, bytes) = (Family::default(), Family::default());
         let conntrack_entries = Gauge::default();
+        let (map_entries, map_capacity) = (Family::default(), Family::default());
         let (degraded, attachments) = (Family::default(), Family::default());
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -182,6 +190,16 @@ impl Metrics {
             conntrack_entries.clone(),
         );
         registry.register(
+            "lb_map_entries",
+            "Entries in each datapath map (the agent's after its last sync; the datapath's counted at scrape)",
+            map_entries.clone(),
+        );
+        registry.register(
+            "lb_map_capacity",
+            "Maximum entries of each datapath map, as the kernel has it",
+            map_capacity.clone(),
+        );
+        registry.register(
             "lb_degraded",
             "Features that do not work (socket_lb, or an interface's program), 1 each; the rest still serves",
             degraded.clone(),
@@ -202,6 +220,8 @@ impl Metrics {
             packets,
             bytes,
             conntrack_entries,
+            map_entries,
+            map_capacity,
             degraded,
             attachments,
             seen: Mutex::new(vec![(0, 0); lb_common::counter::COUNT as usize]),
@@ -213,6 +233,14 @@ impl Metrics {
         self.sync_duration.observe(took.as_secs_f64());
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         self.last_sync.set(now.as_secs_f64());
+    }
+
+    /// The agent-written maps' entries after a sync (counting them at
+    /// scrape would walk SERVICES, hundreds of thousands of entries).
+    pub fn set_agent_map_entries(&self, entries: &crate::sizing::Entries) {
+        for (map, n) in entries.by_map() {
+            self.map_entries.get_or_create(&MapLabel { map }).set(n as i64);
+        }
     }
 
     /// Reads the datapath's counters from the pinned maps and the degraded
@@ -236,7 +264,19 @@ impl Metrics {
                     *last = (total.packets, total.bytes);
                 }
             }
-            self.conntrack_entries.set(maps.conntrack_entries() as i64);
+            let conntrack = maps.conntrack_entries() as i64;
+            self.conntrack_entries.set(conntrack);
+            let traffic = [
+                (lb_common::MAP_CONNTRACK, conntrack),
+                (lb_common::MAP_AFFINITY, maps.affinity.keys().filter(Result::is_ok).count() as i64),
+                (lb_common::MAP_SOCK_REVNAT, maps.sock_revnat.keys().filter(Result::is_ok).count() as i64),
+            ];
+            for (map, n) in traffic {
+                self.map_entries.get_or_create(&MapLabel { map }).set(n);
+            }
+            for (map, capacity) in maps.capacities().unwrap_or_default() {
+                self.map_capacity.get_or_create(&MapLabel { map }).set(i64::from(capacity));
+            }
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

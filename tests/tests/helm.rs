@@ -169,7 +169,8 @@ fn default_values_render_a_kube_proxy_replacement() {
     let run = run_args(ds);
     assert_eq!(run.source, Source::Kube);
     assert_eq!(run.node_name, "$(NODE_NAME)", "filled in by the kubelet");
-    assert_eq!(run.conntrack_max_entries, lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES);
+    assert_eq!(run.conntrack_max_entries, None, "sized from the node's memory");
+    assert!(!run.fixed_map_sizes, "the agent grows the maps it writes");
     assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10256".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("127.0.0.1:10249".parse().unwrap()));
     // No fixed cgroup path: the agent finds the v2 root, which on hybrid
@@ -221,7 +222,7 @@ agent:
   socketLB: "off"
   lbAlgorithm: maglev
   maglev: {tableSize: 65521, tables: 4}
-mapSizes: {services: 262144, backends: 131072, conntrack: 1048576, affinity: 4096, sourceRanges: 512}
+mapSizes: {services: 262144, backends: 131072, conntrack: 1048576, affinity: 4096, sourceRanges: 512, fixed: true}
 healthz: {port: 10266}
 metrics:
   bindAddress: 0.0.0.0
@@ -264,8 +265,9 @@ securityContext: {privileged: true}
     assert_eq!(run.socket_lb, lb_userspace::cli::SocketLb::Off);
     assert_eq!(
         (run.services_max_entries, run.backends_max_entries, run.conntrack_max_entries),
-        (262144, 131072, 1048576)
+        (262144, 131072, Some(1048576))
     );
+    assert!(run.fixed_map_sizes);
     assert_eq!(run.affinity_max_entries, 4096);
     assert_eq!(run.source_ranges_max_entries, 512);
     assert_eq!(run.external_interfaces, ["eth*", "bond0"]);

@@ -1,0 +1,255 @@
+//! How big the maps are (pure): the agent-owned maps sized from what the
+//! cluster needs, CONNTRACK from the node's memory. No I/O: the agent
+//! reads the capacities and the memory, this decides.
+//!
+//! SERVICES, SERVICE_ADDRS, BACKENDS and SOURCE_RANGES hold what the agent
+//! writes, so their need is known before a sync: while a sync runs, the
+//! maps hold old and new entries side by side (puts before deletes), so a
+//! sync needs room for the union of both states. When that does not fit,
+//! the agent grows the maps first (`Datapath::grow`), with headroom so
+//! that growth is rare. The flags are floors, or fixed sizes with
+//! `--fixed-map-sizes`. MAGLEV keeps `--maglev-tables` (64 KiB a table; a
+//! frontend beyond it falls back to random), and the LRU maps written by
+//! the datapath (CONNTRACK, AFFINITY, SOCK_REVNAT) keep the size they were
+//! made with: a full LRU evicts, it never refuses.
+use std::collections::BTreeSet;
+
+use crate::plan::{MaglevConfig, MapContents};
+
+/// Maximum entries of the maps, fixed when the maps are created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// SERVICES (frontends plus backend slots); SERVICE_ADDRS gets as many
+    /// (a service address has at least one frontend).
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+    pub source_ranges: u32,
+    pub maglev: MaglevConfig,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: lb_common::DEFAULT_SERVICES_MAX_ENTRIES,
+            backends: lb_common::DEFAULT_BACKENDS_MAX_ENTRIES,
+            conntrack: lb_common::DEFAULT_CONNTRACK_MAX_ENTRIES,
+            affinity: lb_common::DEFAULT_AFFINITY_MAX_ENTRIES,
+            source_ranges: lb_common::DEFAULT_SOURCE_RANGES_MAX_ENTRIES,
+            maglev: MaglevConfig::default(),
+        }
+    }
+}
+
+/// Entries of the agent-owned maps: what a sync needs, or what the maps
+/// hold room for (`Maps::capacity`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Entries {
+    pub services: usize,
+    pub service_addrs: usize,
+    pub backends: usize,
+    pub source_ranges: usize,
+}
+
+impl Entries {
+    /// What a sync from `current` to `target` needs: every key of either
+    /// (both are in the maps at once, mid-sync).
+    pub fn needed(current: &MapContents, target: &MapContents) -> Self {
+        fn union<K: Ord + Copy>(a: impl Iterator<Item = K>, b: impl Iterator<Item = K>) -> usize {
+            a.chain(b).collect::<BTreeSet<K>>().len()
+        }
+        Self {
+            services: union(current.services.keys().copied(), target.services.keys().copied()),
+            service_addrs: union(current.addrs.keys().copied(), target.addrs.keys().copied()),
+            backends: union(current.backends.keys().copied(), target.backends.keys().copied()),
+            source_ranges: union(current.source_ranges.iter().copied(), target.source_ranges.iter().copied()),
+        }
+    }
+
+    /// What `contents` holds.
+    pub fn held(contents: &MapContents) -> Self {
+        Self {
+            services: contents.services.len(),
+            service_addrs: contents.addrs.len(),
+            backends: contents.backends.len(),
+            source_ranges: contents.source_ranges.len(),
+        }
+    }
+
+    /// Each map by its name, with `self`'s count.
+    pub fn by_map(&self) -> [(&'static str, usize); 4] {
+        [
+            (lb_common::MAP_SERVICES, self.services),
+            (lb_common::MAP_SERVICE_ADDRS, self.service_addrs),
+            (lb_common::MAP_BACKENDS, self.backends),
+            (lb_common::MAP_SOURCE_RANGES, self.source_ranges),
+        ]
+    }
+}
+
+/// Room grown maps get beyond what is needed now: half as much again, so
+/// a cluster growing steadily causes a reload now and then, not per sync.
+const HEADROOM_NUM: usize = 3;
+const HEADROOM_DEN: usize = 2;
+/// A map's fill (entries / capacity) worth a warning.
+pub const WARN_FILL: f64 = 0.9;
+
+/// The sizes to grow the agent-written maps to, from `capacity` (what the
+/// kernel's maps hold room for) to fit `needed`; None when everything
+/// fits. A map that must grow gets the need plus headroom, and never less
+/// than its floor; the others keep their capacity (never shrink under
+/// what they hold). SERVICE_ADDRS is sized with SERVICES. The maps the
+/// datapath writes, and MAGLEV, are shared by the grown generation and
+/// keep `floors`' values, which only matter for fresh maps.
+pub fn grown(capacity: &Entries, needed: &Entries, floors: &MapSizes) -> Option<MapSizes> {
+    let room = |need: usize, floor: u32| {
+        let with_headroom = need.saturating_mul(HEADROOM_NUM).div_ceil(HEADROOM_DEN);
+        u32::try_from(with_headroom).unwrap_or(u32::MAX).max(floor)
+    };
+    let kept = |cap: usize| u32::try_from(cap).unwrap_or(u32::MAX);
+    let services_short = needed.services > capacity.services || needed.service_addrs > capacity.service_addrs;
+    let backends_short = needed.backends > capacity.backends;
+    let ranges_short = needed.source_ranges > capacity.source_ranges;
+    if !(services_short || backends_short || ranges_short) {
+        return None;
+    }
+    Some(MapSizes {
+        services: if services_short {
+            room(needed.services.max(needed.service_addrs), floors.services)
+        } else {
+            kept(capacity.services.max(capacity.service_addrs))
+        },
+        backends: if backends_short { room(needed.backends, floors.backends) } else { kept(capacity.backends) },
+        source_ranges: if ranges_short {
+            room(needed.source_ranges, floors.source_ranges)
+        } else {
+            kept(capacity.source_ranges)
+        },
+        ..*floors
+    })
+}
+
+/// The maps at or above `WARN_FILL` for `needed` in `capacity`: (map,
+/// entries, capacity).
+pub fn nearly_full(capacity: &Entries, needed: &Entries) -> Vec<(&'static str, usize, usize)> {
+    capacity
+        .by_map()
+        .into_iter()
+        .zip(needed.by_map())
+        .filter(|((_, cap), (_, need))| *cap > 0 && *need as f64 >= WARN_FILL * *cap as f64)
+        .map(|((name, cap), (_, need))| (name, need, cap))
+        .collect()
+}
+
+/// Bytes of kernel memory a CONNTRACK entry costs, about: key (16) and
+/// value (24) plus an LRU hash element's header and bucket (the rest; the
+/// figure is checked against `bpftool map show`'s memlock in the note of
+/// issue 18).
+pub const CONNTRACK_ENTRY_BYTES: u64 = 96;
+/// Share of the node's memory CONNTRACK may take by default: 0.25 %,
+/// Cilium's default `bpf-map-dynamic-size-ratio`.
+pub const CONNTRACK_MEMORY_PERMILLE: f64 = 2.5;
+/// Never fewer entries than this: kube-proxy's floor of 131,072 flows
+/// (`conntrack.min`), two entries per flow.
+pub const CONNTRACK_MIN_ENTRIES: u32 = 262_144;
+/// Nor more than this (Cilium's cap, 2^24), whatever the memory.
+pub const CONNTRACK_MAX_ENTRIES: u32 = 1 << 24;
+
+/// CONNTRACK's default size on a node with `total_memory` bytes:
+/// 0.25 % of memory at `CONNTRACK_ENTRY_BYTES` an entry, within
+/// [`CONNTRACK_MIN_ENTRIES`, `CONNTRACK_MAX_ENTRIES`]. 24 GiB: 671,088
+/// entries (335,544 flows, 61 MiB).
+pub fn conntrack_entries(total_memory: u64) -> u32 {
+    let budget = total_memory as f64 * CONNTRACK_MEMORY_PERMILLE / 1000.0;
+    let entries = (budget / CONNTRACK_ENTRY_BYTES as f64) as u64;
+    entries.clamp(u64::from(CONNTRACK_MIN_ENTRIES), u64::from(CONNTRACK_MAX_ENTRIES)) as u32
+}
+
+/// MemTotal of /proc/meminfo's text, in bytes.
+pub fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{ServiceKey, ServiceValue};
+
+    use super::*;
+
+    fn contents(frontends: u8, slots: u16) -> MapContents {
+        let mut c = MapContents::default();
+        for f in 0..frontends {
+            let key = ServiceKey::new([10, 96, 0, f], 80u16.to_be_bytes(), 6, 0);
+            for slot in 0..=slots {
+                c.services.insert(key.with_slot(slot), ServiceValue::default());
+            }
+            c.addrs.insert([10, 96, 0, f], Default::default());
+        }
+        c
+    }
+
+    #[test]
+    fn a_sync_needs_room_for_the_old_and_the_new_entries_at_once() {
+        let (old, new) = (contents(3, 2), contents(5, 2));
+        let needed = Entries::needed(&old, &new);
+        assert_eq!((needed.services, needed.service_addrs), (15, 5), "old keys are a subset here");
+        let mut moved = contents(0, 0);
+        moved.services.insert(ServiceKey::new([10, 97, 0, 1], [0, 80], 6, 0), ServiceValue::default());
+        assert_eq!(Entries::needed(&old, &moved).services, 9 + 1, "both until the old are deleted");
+    }
+
+    #[test]
+    fn maps_grow_with_headroom_only_when_short_and_never_below_the_flags() {
+        let floors = MapSizes { services: 100, backends: 50, source_ranges: 10, ..MapSizes::default() };
+        let capacity = Entries { services: 100, service_addrs: 100, backends: 50, source_ranges: 10 };
+        let fits = Entries { services: 100, service_addrs: 40, backends: 50, source_ranges: 0 };
+        assert_eq!(grown(&capacity, &fits, &floors), None, "exactly full still fits");
+
+        let needed = Entries { services: 101, ..fits };
+        let sizes = grown(&capacity, &needed, &floors).expect("SERVICES is short");
+        assert_eq!((sizes.services, sizes.backends, sizes.source_ranges), (152, 50, 10), "only SERVICES grows, by half");
+
+        let needed = Entries { backends: 1_000, source_ranges: 11, ..fits };
+        let sizes = grown(&capacity, &needed, &floors).unwrap();
+        assert_eq!((sizes.services, sizes.backends, sizes.source_ranges), (100, 1_500, 17));
+
+        // Maps pinned by an earlier agent bigger than the flags keep their
+        // size when they fit; a floor higher than the need wins.
+        let pinned = Entries { backends: 5_000, ..capacity };
+        let sizes = grown(&pinned, &Entries { services: 200, ..fits }, &floors).unwrap();
+        assert_eq!((sizes.services, sizes.backends), (300, 5_000));
+        let big_floors = MapSizes { services: 10_000, ..floors };
+        assert_eq!(grown(&capacity, &Entries { services: 200, ..fits }, &big_floors).unwrap().services, 10_000);
+
+        // 30,000 Services of 4 endpoints: 150,000 SERVICES entries.
+        let defaults = Entries { services: 65_536, service_addrs: 65_536, backends: 65_536, source_ranges: 16_384 };
+        let cluster = Entries { services: 150_000, service_addrs: 30_000, backends: 120_000, source_ranges: 0 };
+        let sizes = grown(&defaults, &cluster, &MapSizes::default()).unwrap();
+        assert_eq!((sizes.services, sizes.backends, sizes.source_ranges), (225_000, 180_000, 16_384));
+    }
+
+    #[test]
+    fn nearly_full_maps_are_named_from_ninety_percent() {
+        let capacity = Entries { services: 100, service_addrs: 100, backends: 10, source_ranges: 0 };
+        let needed = Entries { services: 89, service_addrs: 90, backends: 10, source_ranges: 0 };
+        assert_eq!(
+            nearly_full(&capacity, &needed),
+            vec![(lb_common::MAP_SERVICE_ADDRS, 90, 100), (lb_common::MAP_BACKENDS, 10, 10)]
+        );
+    }
+
+    #[test]
+    fn conntrack_is_sized_from_memory_within_the_floor_and_the_cap() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(conntrack_entries(24 * GIB), 671_088, "the README's figure");
+        assert_eq!(conntrack_entries(GIB), CONNTRACK_MIN_ENTRIES, "kube-proxy's floor on a small node");
+        assert_eq!(conntrack_entries(4096 * GIB), CONNTRACK_MAX_ENTRIES);
+        assert_eq!(conntrack_entries(0), CONNTRACK_MIN_ENTRIES);
+        let meminfo = "MemTotal:       24683772 kB\nMemFree:        20000000 kB\n";
+        assert_eq!(mem_total(meminfo), Some(24_683_772 * 1024));
+        assert_eq!(mem_total("nothing"), None);
+    }
+}
