@@ -500,9 +500,10 @@ pub fn flow_seed() -> u32 {
 const GROWABLE_MAPS: [&str; 4] = [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES];
 const SHARED_MAPS: [&str; 5] = [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS];
 
-/// The pin of a grown map until it replaces the live one.
+/// The pin of a grown map until it replaces the live one (bpffs refuses
+/// names with a dot).
 fn next_pin(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("{name}.next"))
+    dir.join(format!("{name}_next"))
 }
 
 impl Datapath {
@@ -599,7 +600,7 @@ impl Datapath {
     /// maps of `sizes`, without a packet seeing a missing entry or a
     /// connection losing its state:
     /// 1. a second generation of the object is loaded whose agent maps are
-    ///    new (pinned as `NAME.next`) and whose traffic maps (CONNTRACK,
+    ///    new (pinned as `NAME_next`) and whose traffic maps (CONNTRACK,
     ///    AFFINITY, SOCK_REVNAT, COUNTERS) and MAGLEV are the pinned ones;
     /// 2. the new maps get a copy of the old ones' entries (same backend
     ///    ids, slots and tables, so AFFINITY's backend ids stay right);

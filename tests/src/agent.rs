@@ -27,17 +27,6 @@ pub fn lb_binary() -> PathBuf {
     lb
 }
 
-/// `lb run` flags that size the maps for `services` Services of 4
-/// endpoints each: a frontend and 4 slots per Service, 4 backends.
-pub fn map_size_args(services: u32) -> Vec<String> {
-    vec![
-        "--services-max-entries".into(),
-        (services * 5 + 1024).to_string(),
-        "--backends-max-entries".into(),
-        (services * 4 + 1024).to_string(),
-    ]
-}
-
 /// A directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

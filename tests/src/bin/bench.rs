@@ -30,7 +30,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Parser;
 use lb_tests::{
-    agent::{Agent, TempDir, lb_binary, map_size_args},
+    agent::{Agent, TempDir, lb_binary},
     anchors::{self, AnchorService},
     clients::{TestCgroup, move_into_cgroup},
     harness::{Harness, round_trip_services, test_run, timing_frames, xdp_ctx},
@@ -198,9 +198,8 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
             fs::write(manifests_dir.0.join("services.yaml"), manifests(&services))?;
             let started = Instant::now();
             let dir = format!("dir:{}", manifests_dir.0.display());
-            let sizes = map_size_args(n);
+            // No sizing flags: the agent sizes its maps for the cluster.
             let mut args = vec!["--source", &dir, "--metrics-addr", "", "--healthz-addr", ""];
-            args.extend(sizes.iter().map(String::as_str));
             let cgroup_arg = socket_cgroup.as_ref().map(|c| c.0.display().to_string());
             if let Some(cgroup) = &cgroup_arg {
                 // `all` at a cgroup of the bench's own: only its client is

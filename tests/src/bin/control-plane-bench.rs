@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context;
 use lb_common::ServiceKey;
 use lb_tests::{
-    agent::{Agent, TempDir, map_size_args},
+    agent::{Agent, TempDir},
     apiserver::{ApiServer, Kind},
     interrupt,
     netns::{Cluster, Topology},
@@ -73,10 +73,9 @@ fn main() -> anyhow::Result<()> {
         api.apply(Kind::EndpointSlice, slice(i, &(0..4).map(|n| endpoint(i, n)).collect::<Vec<_>>()));
     }
     let started = Instant::now();
-    let sizes = map_size_args(services);
+    // No sizing flags: the agent sizes its maps for the cluster.
     let mut args = vec!["--kubeconfig", kubeconfig.to_str().context("path")?, "--min-sync-period", "0ms"];
     args.extend(["--metrics-addr", ""]);
-    args.extend(sizes.iter().map(String::as_str));
     let mut agent = Agent::start(&cluster.node, &args)?;
     agent.wait_for_maps(&format!("{services} frontends"), |c| c.frontends().count() == services as usize)?;
     let cold_start = started.elapsed();
