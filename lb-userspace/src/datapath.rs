@@ -29,20 +29,19 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_FLOW_SEED, GLOBAL_MAGLEV_TABLE_SIZE,
-    GLOBAL_SOCKET_LB_NETNS,
-    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS, MAP_SERVICES,
-    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE,
-    PROG_XDP_FROM_WIRE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
-    SourceRangeKey, TrafficCounter, counter,
+    GLOBAL_SOCKET_LB_NETNS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS,
+    MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_TC_BASELINE, PROG_TC_FROM_WIRE,
+    PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
 };
 
+use crate::sizing::Entries;
+pub use crate::sizing::MapSizes;
 use crate::{
     interfaces::Interface,
     plan::{MaglevConfig, MapContents, MapOp, stale_affinity},
     reconcile::MapWriter,
 };
-pub use crate::sizing::MapSizes;
-use crate::sizing::Entries;
 
 /// The eBPF object, built by build.rs. Empty when it was built without
 /// bpf-linker (`cargo check`, `cargo clippy`).

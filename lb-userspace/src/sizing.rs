@@ -210,7 +210,11 @@ mod tests {
 
         let needed = Entries { services: 101, ..fits };
         let sizes = grown(&capacity, &needed, &floors).expect("SERVICES is short");
-        assert_eq!((sizes.services, sizes.backends, sizes.source_ranges), (152, 50, 10), "only SERVICES grows, by half");
+        assert_eq!(
+            (sizes.services, sizes.backends, sizes.source_ranges),
+            (152, 50, 10),
+            "only SERVICES grows, by half"
+        );
 
         let needed = Entries { backends: 1_000, source_ranges: 11, ..fits };
         let sizes = grown(&capacity, &needed, &floors).unwrap();

@@ -101,6 +101,30 @@ impl Agent {
         Self::start(node, &["--source", &format!("dir:{}", manifests.display())])
     }
 
+    /// Kernel memory of the maps pinned by this agent (bpftool's
+    /// bytes_memlock, summed), in KiB.
+    pub fn map_memory_kib(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for entry in fs::read_dir(&self.pin_path)? {
+            let path = entry?.path();
+            let is_map = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+            if !is_map {
+                continue;
+            }
+            let out =
+                std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&path).output()?;
+            if !out.status.success() {
+                bail!("bpftool map show {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            }
+            let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            total += info["bytes_memlock"].as_u64().unwrap_or(0);
+        }
+        Ok(total / 1024)
+    }
+
     /// Resident memory of the agent process, in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;

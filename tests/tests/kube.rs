@@ -133,6 +133,13 @@ fn follows_the_cluster_through_scaling_an_api_outage_and_deletion() {
     assert!(metric(node, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
     assert!(metric(node, "lb_datapath_packets_total{verdict=\"dnat_new\"}") >= 60.0);
     assert_eq!(metric(node, "lb_service_frontends"), 0.0);
+    // Map fill: the agent's maps after its last sync, the datapath's at
+    // scrape, each against the kernel's size (default flags: SERVICES
+    // 65,536; CONNTRACK from this node's memory).
+    assert_eq!(metric(node, "lb_map_entries{map=\"SERVICES\"}"), 0.0);
+    assert_eq!(metric(node, "lb_map_capacity{map=\"SERVICES\"}"), 65_536.0);
+    assert!(metric(node, "lb_map_entries{map=\"CONNTRACK\"}") >= 2.0);
+    assert!(metric(node, "lb_map_capacity{map=\"CONNTRACK\"}") >= 262_144.0, "never below kube-proxy's floor");
 }
 
 #[test]

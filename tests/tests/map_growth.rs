@@ -51,7 +51,11 @@ fn maps_grow_under_traffic_without_breaking_connections() {
     let manifests = TempDir::new("lb-manifests").unwrap();
     write_yaml(&manifests.0, "web.yaml", &service("demo", "web", VIP, &[("http", 80, "TCP")], json!({})));
     let endpoints: Vec<Endpoint> = cluster.pods[..3].iter().map(|p| Endpoint::ready(&p.name, p.ip)).collect();
-    write_yaml(&manifests.0, "web-slice.yaml", &endpoint_slice("demo", "web", &[("http", TCP_PORT, "TCP")], &endpoints));
+    write_yaml(
+        &manifests.0,
+        "web-slice.yaml",
+        &endpoint_slice("demo", "web", &[("http", TCP_PORT, "TCP")], &endpoints),
+    );
 
     // Small initial sizes (the flags are floors), so that growth happens
     // at a test's scale; the default sizes grow the same way, from 65,536

@@ -57,6 +57,12 @@ struct Args {
     /// Numbers of Services for the end-to-end benchmarks.
     #[arg(long, value_delimiter = ',')]
     services: Vec<u32>,
+    /// Systems for the TCP_CRR and memory benchmarks: ours, ours-socket,
+    /// iptables, nftables, direct (default all). Ours and direct alone
+    /// skip the anchors' ruleset loads, which take minutes at 30,000
+    /// Services and more.
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
     /// Seconds of load per measurement.
     #[arg(long)]
     seconds: Option<f64>,
@@ -211,7 +217,7 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
             agent.wait_for_maps(&format!("{n} frontends"), |c| c.frontends().count() == n as usize)?;
             setup.load = Some(started.elapsed());
             setup.agent_rss_kib = Some(agent.rss_kib()?);
-            setup.map_kib = Some(map_memory_kib(&agent.pin_path)?);
+            setup.map_kib = Some(agent.map_memory_kib()?);
             _agent = agent;
             SocketAddrV4::new(target_vip, 80)
         }
@@ -416,26 +422,6 @@ fn changed(service: &AnchorService) -> (AnchorService, AnchorService) {
     (service.clone(), new)
 }
 
-/// Kernel memory of the maps pinned under `pin_path` (bpftool's
-/// bytes_memlock), in KiB.
-fn map_memory_kib(pin_path: &Path) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for entry in fs::read_dir(pin_path)? {
-        let path = entry?.path();
-        if !path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
-        {
-            continue;
-        }
-        let out = run("bpftool", &["-j", "map", "show", "pinned", path_str(&path)?])?;
-        let info: serde_json::Value = serde_json::from_str(&out)?;
-        total += info["bytes_memlock"].as_u64().unwrap_or(0);
-    }
-    Ok(total / 1024)
-}
-
 const HOOK_XDP_WIRE: &str = "xdp (external)";
 const HOOK_TC_WIRE: &str = "tc (external)";
 const HOOK_TC_POD: &str = "tc (pod)";
@@ -561,7 +547,7 @@ fn row(n: u32, system: System, r: &Report, last: &str) -> String {
 }
 
 fn ratio(a: f64, b: f64) -> String {
-    if b == 0.0 { "-".into() } else { format!("{:.2}", a / b) }
+    if a == 0.0 || b == 0.0 { "-".into() } else { format!("{:.2}", a / b) }
 }
 
 /// Plots p50 new-connection latency against the number of Services.
@@ -689,8 +675,9 @@ fn main() -> anyhow::Result<()> {
 
     let mut crr: BTreeMap<(System, u32), (Report, Setup)> = BTreeMap::new();
     if wants("crr") || wants("memory") || wants("control") {
+        let chosen = |s: &System| args.systems.is_empty() || args.systems.iter().any(|name| name == s.name());
         for n in &sizes {
-            for system in SYSTEMS {
+            for system in SYSTEMS.into_iter().filter(chosen) {
                 if system == System::Direct && *n != sizes[0] {
                     // The direct path has no Services: once is enough.
                     let (report, _) =
@@ -703,11 +690,22 @@ fn main() -> anyhow::Result<()> {
                 crr.insert((system, *n), result);
             }
         }
-        let get = |s: System, n: u32| &crr[&(s, n)].0;
+        // Systems left out (`--systems`) read as zero, which `ratio` shows as "-".
+        let missing = Report {
+            mode: lb_tests::load::Mode::Crr,
+            transactions: 0,
+            errors: 0,
+            seconds: 0.0,
+            rate: 0.0,
+            p50_us: 0.0,
+            p90_us: 0.0,
+            p99_us: 0.0,
+        };
+        let get = |s: System, n: u32| crr.get(&(s, n)).map_or(&missing, |(r, _)| r);
         md.push_str("## 1. New connections (TCP_CRR) vs number of Services\n\n");
         md.push_str("| Services | system | conn/s | p50 µs | p99 µs | errors |\n|---:|---|---:|---:|---:|---:|\n");
         for n in &sizes {
-            for system in SYSTEMS {
+            for system in SYSTEMS.into_iter().filter(chosen) {
                 let r = get(system, *n);
                 let _ = writeln!(md, "{}", row(*n, system, r, &r.errors.to_string()));
             }

@@ -80,6 +80,8 @@ fn main() -> anyhow::Result<()> {
     agent.wait_for_maps(&format!("{services} frontends"), |c| c.frontends().count() == services as usize)?;
     let cold_start = started.elapsed();
     let rss = agent.rss_kib()?;
+    let map_kib = agent.map_memory_kib()?;
+    let maps_now = Maps::open_pinned(&agent.pin_path)?.capacities()?;
 
     let maps = Maps::open_pinned(&agent.pin_path)?;
     let mut latencies = Vec::with_capacity(changes as usize);
@@ -104,6 +106,9 @@ fn main() -> anyhow::Result<()> {
     println!("services: {services} (4 endpoints each), changes: {changes}");
     println!("cold start to programmed maps: {:.0} ms", cold_start.as_secs_f64() * 1e3);
     println!("agent resident memory: {:.1} MiB", rss as f64 / 1024.0);
+    println!("kernel map memory: {:.1} MiB (no sizing flags)", map_kib as f64 / 1024.0);
+    let sizes: Vec<String> = maps_now.iter().map(|(map, capacity)| format!("{map} {capacity}")).collect();
+    println!("map sizes: {}", sizes.join(", "));
     println!(
         "EndpointSlice change -> maps: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         percentile(&latencies, 0.5).as_secs_f64() * 1e3,
