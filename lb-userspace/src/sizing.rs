@@ -12,8 +12,6 @@
 //! frontend beyond it falls back to random), and the LRU maps written by
 //! the datapath (CONNTRACK, AFFINITY, SOCK_REVNAT) keep the size they were
 //! made with: a full LRU evicts, it never refuses.
-use std::collections::BTreeSet;
-
 use crate::plan::{MaglevConfig, MapContents};
 
 /// Maximum entries of the maps, fixed when the maps are created.
@@ -56,14 +54,18 @@ impl Entries {
     /// What a sync from `current` to `target` needs: every key of either
     /// (both are in the maps at once, mid-sync).
     pub fn needed(current: &MapContents, target: &MapContents) -> Self {
-        fn union<K: Ord + Copy>(a: impl Iterator<Item = K>, b: impl Iterator<Item = K>) -> usize {
-            a.chain(b).collect::<BTreeSet<K>>().len()
+        // |current ∪ target| = |current| + |target \ current|, without a
+        // set of both (SERVICES holds hundreds of thousands of keys).
+        fn union<K>(current: usize, target: impl Iterator<Item = K>, held: impl Fn(&K) -> bool) -> usize {
+            current + target.filter(|k| !held(k)).count()
         }
         Self {
-            services: union(current.services.keys().copied(), target.services.keys().copied()),
-            service_addrs: union(current.addrs.keys().copied(), target.addrs.keys().copied()),
-            backends: union(current.backends.keys().copied(), target.backends.keys().copied()),
-            source_ranges: union(current.source_ranges.iter().copied(), target.source_ranges.iter().copied()),
+            services: union(current.services.len(), target.services.keys(), |k| current.services.contains_key(*k)),
+            service_addrs: union(current.addrs.len(), target.addrs.keys(), |k| current.addrs.contains_key(*k)),
+            backends: union(current.backends.len(), target.backends.keys(), |k| current.backends.contains_key(*k)),
+            source_ranges: union(current.source_ranges.len(), target.source_ranges.iter(), |k| {
+                current.source_ranges.contains(*k)
+            }),
         }
     }
 
