@@ -70,12 +70,14 @@ pub const PROGS_SOCK: [&str; 8] = [
     "sock_recvmsg6",
     "sock_getpeername6",
 ];
-/// A per-boot seed of the "random" backend choice, a load-time global: the
-/// slot is a function of the flow's hash and this seed (`random_slot`), so
-/// a packet whose conntrack entry was lost (evicted from a full table, or
-/// a race with a restart) goes to the backend its flow already has, while
-/// clients cannot predict which backend a 5-tuple gets.
-pub const GLOBAL_FLOW_SEED: &str = "FLOW_SEED";
+/// FLOW_SEED: one `u32` (index 0), the seed of the "random" backend
+/// choice: the slot is a function of the flow's hash and this seed
+/// (`random_slot`), so a packet whose conntrack entry was lost (evicted
+/// from a full table, or a race with a restart) goes to the backend its
+/// flow already has, while clients cannot tell which backend a 5-tuple
+/// gets. Drawn at random by the first agent of a boot and pinned, so every
+/// later agent and program generation of the boot uses the same one.
+pub const MAP_FLOW_SEED: &str = "FLOW_SEED";
 
 /// The network namespace (cookie) whose sockets the socket programs
 /// translate, a load-time global; 0 translates every namespace's
@@ -207,7 +209,7 @@ pub const fn flow_hash(key: &CtKey) -> u32 {
 
 /// The slot (1..=count) a frontend without session affinity or Maglev
 /// gives the flow (or socket) with hash `hash`, under the per-boot `seed`
-/// (`GLOBAL_FLOW_SEED`); 0 when it has no slots. The seed goes through
+/// (`MAP_FLOW_SEED`); 0 when it has no slots. The seed goes through
 /// murmur3's finaliser with the hash, so flows spread evenly over any
 /// count and nearby hashes (one source port apart) land far apart.
 pub const fn random_slot(hash: u32, seed: u32, count: u16) -> u16 {

@@ -43,15 +43,13 @@ pub fn maglev_table_size() -> u32 {
     unsafe { core::ptr::read_volatile(&MAGLEV_TABLE_SIZE) }
 }
 
-/// The per-boot seed of random selection (`lb_common::GLOBAL_FLOW_SEED`);
-/// the agent sets it at load time.
-#[unsafe(no_mangle)]
-static FLOW_SEED: u32 = 0;
+#[btf_map]
+pub static FLOW_SEED: Array<u32, 1> = Array::new();
 
+/// The seed of random selection (`lb_common::MAP_FLOW_SEED`).
 #[inline(always)]
 pub fn flow_seed() -> u32 {
-    // SAFETY: a global the loader may have rewritten; read it as such.
-    unsafe { core::ptr::read_volatile(&FLOW_SEED) }
+    FLOW_SEED.get(0).copied().unwrap_or(0)
 }
 
 #[btf_map]

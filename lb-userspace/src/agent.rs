@@ -320,6 +320,7 @@ impl Agent {
             snapshot.slices.iter().map(AsRef::as_ref),
             &self.model,
         );
+        let modelled = started.elapsed();
         let duplicates = snapshot.duplicates.iter().map(|(object, ignored, kept)| {
             format!("{}: {object}: also defined in {}; this copy is ignored", ignored.display(), kept.display())
         });
@@ -337,7 +338,9 @@ impl Agent {
         self.reported = reported;
 
         let target = self.reconciler.target(&desired.services);
+        let targeted = started.elapsed();
         self.fit_maps(&target);
+        let fitted = started.elapsed();
         match self.reconciler.sync_to(&target, &mut self.datapath.maps) {
             Ok(outcome) => {
                 let writes = outcome.writes;
@@ -363,7 +366,19 @@ impl Agent {
                 self.health.updated();
                 // The first sync says whether adopted maps were already right.
                 if writes > 0 || !std::mem::replace(&mut self.synced_once, true) || took > Duration::from_millis(100) {
-                    info!(frontends = desired.services.len(), writes, took_ms = took.as_millis() as u64, "synced");
+                    // Where the time went: the model of every object, the
+                    // target contents, sizing, then plan and writes.
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    info!(
+                        frontends = desired.services.len(),
+                        writes,
+                        took_ms = took.as_millis() as u64,
+                        model_ms = ms(modelled),
+                        target_ms = ms(targeted - modelled),
+                        sizing_ms = ms(fitted - targeted),
+                        write_ms = ms(took - fitted),
+                        "synced"
+                    );
                 } else {
                     debug!(frontends = desired.services.len(), "synced, nothing to write");
                 }
@@ -396,15 +411,20 @@ impl Agent {
         {
             let started = Instant::now();
             match self.datapath.grow(sizes) {
-                Ok(()) => info!(
-                    services = sizes.services,
-                    backends = sizes.backends,
-                    source_ranges = sizes.source_ranges,
-                    needed_services = needed.services,
-                    needed_backends = needed.backends,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "maps grown for the cluster, traffic kept on its conntrack entries"
-                ),
+                Ok(unmoved) => {
+                    for what in unmoved {
+                        warn!("after growing the maps, left on the previous maps until attached again: {what}");
+                    }
+                    info!(
+                        services = sizes.services,
+                        backends = sizes.backends,
+                        source_ranges = sizes.source_ranges,
+                        needed_services = needed.services,
+                        needed_backends = needed.backends,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "maps grown for the cluster, traffic kept on its conntrack entries"
+                    );
+                }
                 Err(e) => error!("growing the maps failed; syncing into the maps there are: {e}"),
             }
             capacity = self.datapath.maps.capacity().unwrap_or(capacity);

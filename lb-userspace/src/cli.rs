@@ -199,11 +199,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub fixed_map_sizes: bool,
     /// Size of the connection-tracking map (two entries per flow). Default:
-    /// 0.25 % of the node's memory at 96 bytes an entry, at least 262,144
-    /// (kube-proxy's 131,072 flows), at most 2^24. A pinned map keeps its
-    /// size until its pin is removed.
+    /// 0.25 % of the node's memory at 96 bytes an entry (at most a quarter
+    /// of --memory-limit), at least 262,144 (kube-proxy's 131,072 flows),
+    /// at most 2^24. A pinned map keeps its size until its pin is removed.
     #[arg(long)]
     pub conntrack_max_entries: Option<u32>,
+    /// The agent's memory limit in bytes (the chart passes its container's
+    /// limit). Map memory is charged to the agent's cgroup, so CONNTRACK's
+    /// default takes at most a quarter of it.
+    #[arg(long, env = "LB_MEMORY_LIMIT")]
+    pub memory_limit: Option<u64>,
     /// Backend selection for Services without the service.lb.io/lb-algorithm annotation.
     #[arg(long, value_enum, default_value = "random")]
     pub lb_algorithm: crate::model::Algorithm,

@@ -4,6 +4,7 @@
 //! Pin layout under the pin path (default /sys/fs/bpf/lb):
 //!   SERVICES, BACKENDS, SERVICE_ADDRS,
 //!   CONNTRACK, AFFINITY, MAGLEV, COUNTERS     the maps
+//!   SOCK_REVNAT, FLOW_SEED                    the maps
 //!   SOURCE_RANGES                             the maps
 //!   tc_from_pod, tc_from_wire, xdp_from_wire  the programs
 //!   links/if_<ifindex>                        one TCX link per pod interface
@@ -28,8 +29,8 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_FLOW_SEED, GLOBAL_MAGLEV_TABLE_SIZE,
-    GLOBAL_SOCKET_LB_NETNS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_MAGLEV, MAP_SERVICE_ADDRS,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FLOW_SEED, MAP_MAGLEV, MAP_SERVICE_ADDRS,
     MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_TC_BASELINE, PROG_TC_FROM_WIRE,
     PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey,
     SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
@@ -67,6 +68,10 @@ pub enum DatapathError {
     Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("attaching to {interface}: {source}")]
     Attach { interface: String, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("drawing the flow seed from /dev/urandom: {0}")]
+    Seed(io::Error),
+    #[error("replacing the pin {path} with the grown map: {source}")]
+    Rename { path: PathBuf, source: io::Error },
     #[error("the maps cannot grow without a pin path (their links and traffic maps are found through pins)")]
     GrowWithoutPins,
     #[error("attaching the socket programs to cgroup {path}: {source}")]
@@ -91,6 +96,8 @@ pub struct Maps {
     /// Maps refuse to write Maglev tables rather than misplace them.
     maglev_table_size: Option<u32>,
     pub counters: PerCpuArray<MapData, TrafficCounter>,
+    /// The seed of random selection (`lb_common::MAP_FLOW_SEED`).
+    flow_seed: Array<MapData, u32>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -114,6 +121,7 @@ impl Maps {
             sock_revnat: HashMap::try_from(take(MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             maglev_table_size: Some(maglev_table_size),
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
+            flow_seed: Array::try_from(take(MAP_FLOW_SEED)?).map_err(map_err(MAP_FLOW_SEED))?,
         })
     }
 
@@ -143,6 +151,7 @@ impl Maps {
                 .map_err(map_err(MAP_SOCK_REVNAT))?,
             maglev_table_size: None,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(map_err(MAP_COUNTERS))?,
+            flow_seed: Array::try_from(Map::Array(open(MAP_FLOW_SEED)?)).map_err(map_err(MAP_FLOW_SEED))?,
         })
     }
 
@@ -216,6 +225,25 @@ impl Maps {
             let _ = self.conntrack.remove(&value.peer_key(key));
         }
         flows.len()
+    }
+
+    /// The seed of random selection the programs use.
+    pub fn flow_seed(&self) -> Result<u32, DatapathError> {
+        self.flow_seed.get(&0, 0).map_err(map_err(MAP_FLOW_SEED))
+    }
+
+    /// Draws the seed of random selection unless one is there already
+    /// (adopted from a pin: a flow keeps its backend across agents).
+    fn seed_flows(&mut self) -> Result<(), DatapathError> {
+        if self.flow_seed()? != 0 {
+            return Ok(());
+        }
+        let mut bytes = [0u8; 4];
+        let drawn = fs::File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes));
+        drawn.map_err(DatapathError::Seed)?;
+        // 0 means "not drawn yet".
+        let seed = u32::from_ne_bytes(bytes).max(1);
+        self.flow_seed.set(0, seed, 0).map_err(map_err(MAP_FLOW_SEED))
     }
 
     /// Copies every entry of `old`'s agent-written maps (SERVICES,
@@ -424,20 +452,29 @@ pub struct Attachment {
     pub program: &'static str,
 }
 
-/// The programs attached through the links pinned under `pin_path`: what
-/// an agent attached, whether or not one runs now.
-pub fn pinned_attachments(pin_path: &Path) -> Vec<Attachment> {
-    let mut out: Vec<(u32, Attachment)> = fs::read_dir(pin_path.join("links"))
+/// The interface links pinned under `pin_path`/links, by hook and ifindex.
+fn pinned_links(pin_path: &Path) -> Vec<(Hook, u32)> {
+    fs::read_dir(pin_path.join("links"))
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|entry| {
             let name = entry.file_name().into_string().ok()?;
-            let (hook, index) = Hook::ALL
+            Hook::ALL
                 .into_iter()
-                .find_map(|hook| Some((hook, name.strip_prefix(hook.pin_prefix())?.parse::<u32>().ok()?)))?;
+                .find_map(|hook| Some((hook, name.strip_prefix(hook.pin_prefix())?.parse::<u32>().ok()?)))
+        })
+        .collect()
+}
+
+/// The programs attached through the links pinned under `pin_path`: what
+/// an agent attached, whether or not one runs now.
+pub fn pinned_attachments(pin_path: &Path) -> Vec<Attachment> {
+    let mut out: Vec<(u32, Attachment)> = pinned_links(pin_path)
+        .into_iter()
+        .map(|(hook, index)| {
             let interface = crate::interfaces::name_of(index).unwrap_or_else(|| format!("#{index}"));
-            Some((index, Attachment { interface, program: hook.program() }))
+            (index, Attachment { interface, program: hook.program() })
         })
         .collect();
     out.sort_by_key(|(index, a)| (*index, a.program));
@@ -477,27 +514,12 @@ pub fn netns_cookie() -> io::Result<u64> {
     result
 }
 
-/// This boot's seed of the datapath's "random" backend choice
-/// (`lb_common::random_slot`): the same for every agent of one boot, so a
-/// restarted agent's programs give a flow whose conntrack entry was lost
-/// the backend it had; different on every boot and every node, so nobody
-/// can pick a backend by choosing a source port. Drawn from the kernel's
-/// boot id (a random UUID per boot), or its boot time where that is
-/// unreadable.
-pub fn flow_seed() -> u32 {
-    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .or_else(|_| fs::read_to_string("/proc/stat").map(|s| s.lines().filter(|l| l.starts_with("btime")).collect()))
-        .unwrap_or_default();
-    // FNV-1a: any stable hash of the text will do.
-    boot.trim().bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
-}
-
 /// The maps the agent writes and sizes for the cluster: `Datapath::grow`
 /// replaces them with bigger ones. The others (traffic state written by
 /// the programs, counters, and MAGLEV, whose size is a flag) are shared by
 /// every program generation.
 const GROWABLE_MAPS: [&str; 4] = [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES];
-const SHARED_MAPS: [&str; 5] = [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS];
+const SHARED_MAPS: [&str; 6] = [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS, MAP_FLOW_SEED];
 
 /// The pin of a grown map until it replaces the live one (bpffs refuses
 /// names with a dot).
@@ -529,7 +551,8 @@ impl Datapath {
         if let Some(dir) = pin_path {
             Self::pin_programs(&mut ebpf, dir)?;
         }
-        let maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
+        let mut maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
+        maps.seed_flows()?;
         Ok(Self {
             ebpf,
             maps,
@@ -547,7 +570,6 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
-        let seed = flow_seed();
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_SERVICES, sizes.services)
@@ -558,8 +580,7 @@ impl Datapath {
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .map_max_entries(MAP_MAGLEV, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
-            .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
-            .override_global(GLOBAL_FLOW_SEED, &seed, true);
+            .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true);
         for (name, path) in pins {
             loader.map_pin_path(name, path);
         }
@@ -600,18 +621,24 @@ impl Datapath {
     /// connection losing its state:
     /// 1. a second generation of the object is loaded whose agent maps are
     ///    new (pinned as `NAME_next`) and whose traffic maps (CONNTRACK,
-    ///    AFFINITY, SOCK_REVNAT, COUNTERS) and MAGLEV are the pinned ones;
+    ///    AFFINITY, SOCK_REVNAT, COUNTERS), MAGLEV and FLOW_SEED are the
+    ///    pinned ones;
     /// 2. the new maps get a copy of the old ones' entries (same backend
     ///    ids, slots and tables, so AFFINITY's backend ids stay right);
     /// 3. the new pins replace the old (`rename(2)`, atomic on bpffs): an
     ///    agent that dies from here on adopts the new maps;
-    /// 4. every pinned link (interfaces, cgroup) is moved to the new
-    ///    programs, as a restart moves them: until its link moves, an
-    ///    interface's packets use the old maps, then the new ones, which
-    ///    hold the same entries.
+    /// 4. every interface link pinned under links/ is moved to the new
+    ///    programs (`attach_to_link`), as a restart moves them: until its
+    ///    link moves, an interface's packets use the old maps, then the
+    ///    new ones, which hold the same entries; the socket programs are
+    ///    attached anew and their pins swapped, as at start.
     ///
     /// Needs a pin path (links and shared maps are found through pins).
-    pub fn grow(&mut self, sizes: MapSizes) -> Result<(), DatapathError> {
+    ///
+    /// Returns what could not be moved (each said as what and why): those
+    /// links keep the old generation's programs and maps, a consistent but
+    /// frozen view, until the agent attaches them again.
+    pub fn grow(&mut self, sizes: MapSizes) -> Result<Vec<String>, DatapathError> {
         let dir = self.pin_path.clone().ok_or(DatapathError::GrowWithoutPins)?;
         for name in GROWABLE_MAPS {
             let _ = fs::remove_file(next_pin(&dir, name));
@@ -624,29 +651,44 @@ impl Datapath {
         let mut ebpf = Self::load_object(sizes, self.socket_netns, pins)?;
         let mut maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
         maps.copy_agent_maps_from(&self.maps)?;
+        // Up to here nothing live has changed (a failure leaves `_next`
+        // pins, removed by the next attempt or start). The renames are
+        // the last step that can fail before the agent moves to the new
+        // maps; on bpffs, in one directory, they do not.
         for name in GROWABLE_MAPS {
             let (from, to) = (next_pin(&dir, name), dir.join(name));
-            fs::rename(&from, &to).map_err(|source| DatapathError::PinDir { path: to.clone(), source })?;
+            fs::rename(&from, &to).map_err(|source| DatapathError::Rename { path: to.clone(), source })?;
         }
-        Self::pin_programs(&mut ebpf, &dir)?;
-        // The old generation stays loaded until every link has moved.
+        // The agent writes what the pins name from now on. The old
+        // generation stays loaded until every link has moved.
         let old = std::mem::replace(&mut self.ebpf, ebpf);
         self.maps = maps;
         self.sizes = sizes;
-        let attached: Vec<((Hook, u32), String)> = self.attached.iter().map(|(k, v)| (*k, v.clone())).collect();
-        let mut first_error = None;
-        for ((hook, index), name) in attached {
-            if let Err(e) = self.attach(hook, &Interface { index, name }) {
-                first_error.get_or_insert(e);
+        let mut unmoved = Vec::new();
+        if let Err(e) = Self::pin_programs(&mut self.ebpf, &dir) {
+            unmoved.push(format!("pinning the programs: {e}"));
+        }
+        // Every link pinned under links/, not only those this agent made:
+        // one left on the old generation would read maps nobody writes.
+        for (hook, index) in pinned_links(&dir) {
+            let Some(name) = self.attached.get(&(hook, index)).cloned().or_else(|| crate::interfaces::name_of(index))
+            else {
+                continue; // The interface is gone; its pin goes with `forget_vanished`.
+            };
+            if let Err(e) = self.attach(hook, &Interface { index, name: name.clone() }) {
+                // Not attached as far as the agent knows: the next
+                // interface poll attaches it again.
+                self.attached.remove(&(hook, index));
+                unmoved.push(format!("{name} ({}): {e}", hook.program()));
             }
         }
-        if let Some(cgroup) = self.cgroup.clone() {
-            if let Err(e) = self.attach_cgroup(&cgroup) {
-                first_error.get_or_insert(e);
-            }
+        if let Some(cgroup) = self.cgroup.clone()
+            && let Err(e) = self.attach_cgroup(&cgroup)
+        {
+            unmoved.push(e.to_string());
         }
         drop(old);
-        first_error.map_or(Ok(()), Err)
+        Ok(unmoved)
     }
 
     fn tc_program_of<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {

@@ -110,7 +110,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             backends: args.backends_max_entries,
             conntrack: args.conntrack_max_entries.unwrap_or_else(|| {
                 let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-                sizing::conntrack_entries(sizing::mem_total(&meminfo).unwrap_or(0))
+                sizing::conntrack_entries(sizing::mem_total(&meminfo).unwrap_or(0), args.memory_limit)
             }),
             affinity: args.affinity_max_entries,
             source_ranges: args.source_ranges_max_entries,

@@ -158,12 +158,16 @@ pub const CONNTRACK_MIN_ENTRIES: u32 = 262_144;
 /// Nor more than this (Cilium's cap, 2^24), whatever the memory.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 1 << 24;
 
-/// CONNTRACK's default size on a node with `total_memory` bytes:
-/// 0.25 % of memory at `CONNTRACK_ENTRY_BYTES` an entry, within
-/// [`CONNTRACK_MIN_ENTRIES`, `CONNTRACK_MAX_ENTRIES`]. 24 GiB: 671,088
-/// entries (335,544 flows, 61 MiB).
-pub fn conntrack_entries(total_memory: u64) -> u32 {
-    let budget = total_memory as f64 * CONNTRACK_MEMORY_PERMILLE / 1000.0;
+/// CONNTRACK's default size on a node with `total_memory` bytes, for an
+/// agent limited to `memory_limit` bytes: 0.25 % of memory at
+/// `CONNTRACK_ENTRY_BYTES` an entry, but no more than a quarter of the
+/// limit (map memory is charged to the agent's memory cgroup: a huge node
+/// must not make the agent's own maps exceed its container's limit),
+/// within [`CONNTRACK_MIN_ENTRIES`, `CONNTRACK_MAX_ENTRIES`]. 24 GiB:
+/// 671,088 entries (335,544 flows, 61 MiB).
+pub fn conntrack_entries(total_memory: u64, memory_limit: Option<u64>) -> u32 {
+    let node_share = total_memory as f64 * CONNTRACK_MEMORY_PERMILLE / 1000.0;
+    let budget = memory_limit.map_or(node_share, |limit| node_share.min(limit as f64 / 4.0));
     let entries = (budget / CONNTRACK_ENTRY_BYTES as f64) as u64;
     entries.clamp(u64::from(CONNTRACK_MIN_ENTRIES), u64::from(CONNTRACK_MAX_ENTRIES)) as u32
 }
@@ -250,10 +254,13 @@ mod tests {
     #[test]
     fn conntrack_is_sized_from_memory_within_the_floor_and_the_cap() {
         const GIB: u64 = 1 << 30;
-        assert_eq!(conntrack_entries(24 * GIB), 671_088, "the README's figure");
-        assert_eq!(conntrack_entries(GIB), CONNTRACK_MIN_ENTRIES, "kube-proxy's floor on a small node");
-        assert_eq!(conntrack_entries(4096 * GIB), CONNTRACK_MAX_ENTRIES);
-        assert_eq!(conntrack_entries(0), CONNTRACK_MIN_ENTRIES);
+        assert_eq!(conntrack_entries(24 * GIB, None), 671_088, "the README's figure");
+        assert_eq!(conntrack_entries(24 * GIB, Some(512 << 20)), 671_088, "the chart's limit is no bound here");
+        assert_eq!(conntrack_entries(GIB, None), CONNTRACK_MIN_ENTRIES, "kube-proxy's floor on a small node");
+        assert_eq!(conntrack_entries(4096 * GIB, None), CONNTRACK_MAX_ENTRIES);
+        // 512 GiB under the chart's 512 MiB limit: 128 MiB of entries, not 1.3 GiB.
+        assert_eq!(conntrack_entries(512 * GIB, Some(512 << 20)), 1_398_101);
+        assert_eq!(conntrack_entries(0, None), CONNTRACK_MIN_ENTRIES);
         let meminfo = "MemTotal:       24683772 kB\nMemFree:        20000000 kB\n";
         assert_eq!(mem_total(meminfo), Some(24_683_772 * 1024));
         assert_eq!(mem_total("nothing"), None);

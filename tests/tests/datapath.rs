@@ -457,7 +457,8 @@ fn a_flow_whose_conntrack_entries_were_lost_keeps_its_backend() {
     // flow's entries; its next packet, not a SYN, must reach the backend
     // the flow already has, or the connection breaks.
     let mut h = Harness::new(&[service(80, Protocol::Tcp, &BACKENDS4)]);
-    let seed = lb_userspace::datapath::flow_seed();
+    let seed = h.datapath.maps.flow_seed().unwrap();
+    assert_ne!(seed, 0, "drawn at load");
     let contents = h.datapath.maps.read_contents().unwrap();
     let frontend = ServiceKey::new(VIP, 80u16.to_be_bytes(), packet::TCP, 0);
     let mut reached = std::collections::BTreeSet::new();

@@ -170,6 +170,9 @@ fn default_values_render_a_kube_proxy_replacement() {
     assert_eq!(run.source, Source::Kube);
     assert_eq!(run.node_name, "$(NODE_NAME)", "filled in by the kubelet");
     assert_eq!(run.conntrack_max_entries, None, "sized from the node's memory");
+    let limit = agent.env.as_ref().unwrap().iter().find(|e| e.name == "LB_MEMORY_LIMIT").expect("LB_MEMORY_LIMIT");
+    let field = limit.value_from.as_ref().and_then(|v| v.resource_field_ref.as_ref()).expect("from the downward API");
+    assert_eq!(field.resource, "limits.memory", "within the container's memory limit");
     assert!(!run.fixed_map_sizes, "the agent grows the maps it writes");
     assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10256".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("127.0.0.1:10249".parse().unwrap()));

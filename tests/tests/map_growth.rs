@@ -70,7 +70,8 @@ fn maps_grow_under_traffic_without_breaking_connections() {
     agent.wait_for_attachments(4).unwrap();
     let maps = map_stats(&agent);
     assert_eq!((capacity(&maps, "SERVICES"), capacity(&maps, "BACKENDS")), (32, 16), "{maps}");
-    let program_before = agent.program_id().unwrap();
+    let links_before = agent.links().unwrap();
+    assert_eq!(links_before.len(), 4, "one TCX link per pod interface");
 
     let client = &cluster.pod("client").netns;
     let vip = SocketAddrV4::new(VIP, 80);
@@ -97,7 +98,8 @@ fn maps_grow_under_traffic_without_breaking_connections() {
             })
         });
         // 40 Services of 4 endpoints: 201 SERVICES entries, 163 backends;
-        // then 40 more, past the first growth's headroom.
+        // then 40 more, past the first growth's headroom. (The directory
+        // may be read mid-write: a third growth is fine.)
         write_fillers(&manifests.0, 0, 40);
         agent.wait_for_log_count("maps grown", 1).unwrap();
         agent.wait_for_maps("41 frontends", |c| c.frontends().count() == 41).unwrap();
@@ -116,17 +118,42 @@ fn maps_grow_under_traffic_without_breaking_connections() {
 
     let maps = map_stats(&agent);
     assert!(capacity(&maps, "SERVICES") >= 401 && capacity(&maps, "BACKENDS") >= 323, "{maps}");
-    assert_ne!(agent.program_id().unwrap(), program_before, "the links run the grown generation's programs");
+    // Every link moved: same links, each now running the grown
+    // generation's program (the one pinned now).
+    let program = agent.program_id().unwrap();
+    let links = agent.links().unwrap();
+    assert_eq!(links.iter().map(|l| l.0).collect::<Vec<_>>(), links_before.iter().map(|l| l.0).collect::<Vec<_>>());
+    assert!(links.iter().all(|(_, prog)| *prog == program), "links {links:?}, program {program}");
+    assert!(links_before.iter().all(|(_, prog)| *prog != program), "a new generation: {links_before:?}");
     let log = agent.log();
-    assert!(!log.contains("sync failed"), "no sync ran into a full map:\n{log}");
+    assert!(!log.contains("sync failed") && !log.contains("left on the previous maps"), "{log}");
+    // Packets read the grown maps: a Service that exists only there works.
+    let second = Ipv4Addr::new(10, 96, 0, 11);
+    write_yaml(&manifests.0, "second.yaml", &service("demo", "second", second, &[("http", 80, "TCP")], json!({})));
+    let first_pod = [Endpoint::ready(&cluster.pods[0].name, cluster.pods[0].ip)];
+    let slice = endpoint_slice("demo", "second", &[("http", TCP_PORT, "TCP")], &first_pod);
+    write_yaml(&manifests.0, "second-slice.yaml", &slice);
+    agent.wait_for_maps("82 frontends", |c| c.frontends().count() == 82).unwrap();
+    let answer = client.enter(|| tcp_ask(SocketAddrV4::new(second, 80))).unwrap();
+    assert_eq!(answer, cluster.pods[0].name);
+    let stats: Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
+    let dropped: u64 = stats["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["verdict"].as_str().is_some_and(|n| n.starts_with("drop")))
+        .map(|v| v["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dropped, 0, "{stats}");
 
     // A restarted agent adopts the grown maps as they are.
     let synced = agent.log().matches("synced").count();
+    let grown = agent.log().matches("maps grown").count();
     agent.restart().unwrap();
     agent.wait_for_log_count("synced", synced + 1).unwrap();
     let after_restart = map_stats(&agent);
     assert_eq!(capacity(&after_restart, "SERVICES"), capacity(&maps, "SERVICES"), "{after_restart}");
-    assert_eq!(agent.log().matches("maps grown").count(), 2, "no growth after the restart");
+    assert_eq!(agent.log().matches("maps grown").count(), grown, "no growth after the restart");
     assert_eq!(session.ask("restarted").unwrap(), pinned);
     assert!(client.enter(|| tcp_ask(vip)).is_ok());
 }
