@@ -199,7 +199,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub fixed_map_sizes: bool,
     /// Size of the connection-tracking map (two entries per flow). Default:
-    /// 0.25 % of the node's memory at 96 bytes an entry (at most a quarter
+    /// 0.25 % of the node's memory at 112 bytes an entry (at most a quarter
     /// of --memory-limit), at least 262,144 (kube-proxy's 131,072 flows),
     /// at most 2^24. A pinned map keeps its size until its pin is removed.
     #[arg(long)]
