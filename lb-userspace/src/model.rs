@@ -166,7 +166,7 @@ pub enum Algorithm {
 pub const ALGORITHM_ANNOTATION: &str = "service.lb.io/lb-algorithm";
 
 /// What the model needs besides the objects.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModelOptions {
     /// Our `--proxy-name`: Services labelled for another proxy are skipped.
     pub proxy_name: Option<String>,
@@ -259,7 +259,7 @@ struct PortSpec {
 }
 
 /// An endpoint address with the conditions that decide its use.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct EndpointState {
     addr: Ipv4Addr,
     ready: bool,
@@ -270,6 +270,7 @@ struct EndpointState {
 }
 
 /// A port of an EndpointSlice, with the endpoints behind it.
+#[derive(Clone, Debug)]
 struct SlicePort {
     name: String,
     protocol: Protocol,
@@ -319,154 +320,197 @@ fn policy_is_local(value: Option<&str>, field: &str, fail: &mut impl FnMut(Strin
     }
 }
 
+/// What one Service asks of the datapath, computed from it and its
+/// slices alone (so it can be kept while neither changes): the frontends
+/// it claims, its own errors, its health-check node port.
+#[derive(Clone, Debug, Default)]
+struct ServiceModel {
+    /// Frontends in the order claimed, each with the field that claims it
+    /// (named when another Service already has the frontend).
+    claims: Vec<(ServicePort, String)>,
+    errors: Vec<ObjectError>,
+    health_check: Option<(u16, HealthCheck)>,
+}
+
 /// Computes the desired state of the datapath.
 pub fn desired_state<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     options: &ModelOptions,
 ) -> DesiredState {
-    let proxy_name = options.proxy_name.as_deref();
     let mut errors = Vec::new();
-    let endpoints = endpoints_by_service(slices, proxy_name, &options.node_name, &mut errors);
-
+    let endpoints = endpoints_by_service(slices, options.proxy_name.as_deref(), &options.node_name, &mut errors);
     let mut sorted: Vec<&Service> = services.into_iter().collect();
     sorted.sort_by_cached_key(|s| object_ref("Service", &s.metadata));
+    let models: Vec<(ObjectRef, ServiceModel)> = sorted
+        .into_iter()
+        .map(|service| {
+            let object = object_ref("Service", &service.metadata);
+            let key = (object.namespace.clone(), object.name.clone());
+            let slice_ports = endpoints.get(&key).map(Vec::as_slice).unwrap_or_default();
+            (object, model_service(service, slice_ports, options))
+        })
+        .collect();
+    merge(models.iter().map(|(object, model)| (object, model)), errors)
+}
 
+/// Puts the Services' models together, in order: the first Service (by
+/// namespace and name) to claim a frontend has it, and a later one's
+/// claim is an error of that one, naming the field.
+fn merge<'a>(
+    models: impl Iterator<Item = (&'a ObjectRef, &'a ServiceModel)>,
+    mut errors: Vec<ObjectError>,
+) -> DesiredState {
     let mut by_frontend: BTreeMap<Frontend, ServicePort> = BTreeMap::new();
     let mut health_checks = BTreeMap::new();
-    for service in sorted {
-        let object = object_ref("Service", &service.metadata);
-        let fail = |errors: &mut Vec<ObjectError>, field: String, message: String| {
-            errors.push(ObjectError { object: object.clone(), field, message })
-        };
-        let Some(spec) = &service.spec else {
-            fail(&mut errors, "spec".into(), "missing".into());
-            continue;
-        };
-        if spec.type_.as_deref() == Some("ExternalName") || !is_ours(service.metadata.labels.as_ref(), proxy_name) {
-            continue;
-        }
-        let Some(addrs) = cluster_ips(spec, &mut |field, message| fail(&mut errors, field, message)) else {
-            continue;
-        };
-        let ports = service_ports(spec, &mut |field, message| fail(&mut errors, field, message));
-        let Some(affinity_timeout_s) = session_affinity(spec, &mut |field, message| fail(&mut errors, field, message))
-        else {
-            continue;
-        };
-        let annotation = service.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION));
-        let algorithm = match annotation.map(String::as_str) {
-            None => options.algorithm,
-            Some("random") => Algorithm::Random,
-            Some("maglev") => Algorithm::Maglev,
-            Some(other) => {
-                fail(
-                    &mut errors,
-                    format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
-                    format!("{other:?} is not random or maglev; using {:?}", options.algorithm),
-                );
-                options.algorithm
-            }
-        };
-        let key = (object.namespace.clone(), object.name.clone());
-        let slice_ports = endpoints.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let mut fail_field = |field: String, message: String| fail(&mut errors, field, message);
-        let external_local =
-            policy_is_local(spec.external_traffic_policy.as_deref(), "externalTrafficPolicy", &mut fail_field);
-        let internal_local =
-            policy_is_local(spec.internal_traffic_policy.as_deref(), "internalTrafficPolicy", &mut fail_field);
-        let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
-        let load_balancer = type_ == "LoadBalancer";
-        let external_ips = external_ips(spec, &options.external_ip_cidrs, &mut fail_field);
-        let (lb_ips, source_ranges) = if load_balancer {
-            (load_balancer_ips(service, &mut fail_field), source_ranges(spec, &mut fail_field))
-        } else {
-            (Vec::new(), Vec::new())
-        };
-
-        let mut add =
-            |errors: &mut Vec<ObjectError>, port: &PortSpec, kind: FrontendKind, addr: Ipv4Addr, number: u16| {
-                let local_only = if kind.is_external() { external_local } else { internal_local };
-                let (backends, local_backends) = backends_of(slice_ports, port, local_only);
-                let drop_when_empty =
-                    local_only && backends.is_empty() && !backends_of(slice_ports, port, false).0.is_empty();
-                let internal_backends =
-                    (kind.is_external() && external_local).then(|| backends_of(slice_ports, port, internal_local).0);
-                let frontend = Frontend { addr, port: number, protocol: port.protocol };
-                if let Some(owner) = by_frontend.get(&frontend) {
-                    let field = match kind {
-                        FrontendKind::ClusterIp => "spec.clusterIP".to_owned(),
-                        FrontendKind::NodePort => format!("spec.ports[{}].nodePort", port.index),
-                        FrontendKind::LoadBalancer => "status.loadBalancer.ingress".to_owned(),
-                        FrontendKind::ExternalIp => "spec.externalIPs".to_owned(),
-                    };
-                    let message = format!("{frontend} is already served for {}", owner.name);
-                    errors.push(ObjectError { object: object.clone(), field, message });
-                    return;
+    for (object, model) in models {
+        errors.extend(model.errors.iter().cloned());
+        for (service_port, field) in &model.claims {
+            match by_frontend.get(&service_port.frontend) {
+                Some(owner) => errors.push(ObjectError {
+                    object: object.clone(),
+                    field: field.clone(),
+                    message: format!("{} is already served for {}", service_port.frontend, owner.name),
+                }),
+                None => {
+                    by_frontend.insert(service_port.frontend, service_port.clone());
                 }
-                let source_ranges = if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() };
-                by_frontend.insert(
-                    frontend,
-                    ServicePort {
-                        name: format!("{}/{}:{}", object.namespace, object.name, port.name),
-                        frontend,
-                        kind,
-                        backends,
-                        local_backends,
-                        affinity_timeout_s,
-                        algorithm,
-                        source_ranges,
-                        drop_when_empty,
-                        internal_backends,
-                    },
-                );
-            };
-        for port in &ports {
-            let all = backends_of(slice_ports, port, false).0.len();
-            if all > MAX_BACKENDS {
-                fail(
-                    &mut errors,
-                    format!("spec.ports[{}]", port.index),
-                    format!(
-                        "{all} endpoints, but a frontend holds at most {MAX_BACKENDS} backends: those already \
-                         in its slots, then the lowest addresses, get new connections; the rest none"
-                    ),
-                );
-            }
-            for addr in &addrs {
-                add(&mut errors, port, FrontendKind::ClusterIp, *addr, port.port);
-            }
-            if let Some(node_port) = port.node_port.filter(|_| node_ports) {
-                for addr in &options.node_addresses {
-                    add(&mut errors, port, FrontendKind::NodePort, *addr, node_port);
-                }
-            }
-            for addr in &lb_ips {
-                add(&mut errors, port, FrontendKind::LoadBalancer, *addr, port.port);
-            }
-            for addr in &external_ips {
-                add(&mut errors, port, FrontendKind::ExternalIp, *addr, port.port);
             }
         }
-        if let Some(port) = spec.health_check_node_port.filter(|_| load_balancer && external_local) {
-            match u16::try_from(port).ok().filter(|p| *p != 0) {
-                Some(port) => {
-                    let local_endpoints = slice_ports
-                        .iter()
-                        .flat_map(|sp| sp.endpoints.iter().filter(|e| e.local && e.ready).map(|e| e.addr))
-                        .collect::<BTreeSet<_>>()
-                        .len();
-                    health_checks.insert(
-                        port,
-                        HealthCheck { namespace: object.namespace.clone(), name: object.name.clone(), local_endpoints },
-                    );
-                }
-                None => fail(&mut errors, "spec.healthCheckNodePort".into(), format!("{port} is not a port (1-65535)")),
-            }
+        if let Some((port, check)) = &model.health_check {
+            health_checks.insert(*port, check.clone());
         }
     }
     DesiredState { services: by_frontend.into_values().collect(), health_checks, errors }
+}
+
+/// The model of one Service with the endpoints of its slices.
+fn model_service(service: &Service, slice_ports: &[SlicePort], options: &ModelOptions) -> ServiceModel {
+    let proxy_name = options.proxy_name.as_deref();
+    let mut errors = Vec::new();
+    let mut health_check = None;
+    let object = object_ref("Service", &service.metadata);
+    let fail = |errors: &mut Vec<ObjectError>, field: String, message: String| {
+        errors.push(ObjectError { object: object.clone(), field, message })
+    };
+    let Some(spec) = &service.spec else {
+        fail(&mut errors, "spec".into(), "missing".into());
+        return ServiceModel { errors, ..Default::default() };
+    };
+    if spec.type_.as_deref() == Some("ExternalName") || !is_ours(service.metadata.labels.as_ref(), proxy_name) {
+        return ServiceModel::default();
+    }
+    let Some(addrs) = cluster_ips(spec, &mut |field, message| fail(&mut errors, field, message)) else {
+        return ServiceModel { errors, ..Default::default() };
+    };
+    let ports = service_ports(spec, &mut |field, message| fail(&mut errors, field, message));
+    let Some(affinity_timeout_s) = session_affinity(spec, &mut |field, message| fail(&mut errors, field, message))
+    else {
+        return ServiceModel { errors, ..Default::default() };
+    };
+    let annotation = service.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION));
+    let algorithm = match annotation.map(String::as_str) {
+        None => options.algorithm,
+        Some("random") => Algorithm::Random,
+        Some("maglev") => Algorithm::Maglev,
+        Some(other) => {
+            fail(
+                &mut errors,
+                format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
+                format!("{other:?} is not random or maglev; using {:?}", options.algorithm),
+            );
+            options.algorithm
+        }
+    };
+    let mut fail_field = |field: String, message: String| fail(&mut errors, field, message);
+    let external_local =
+        policy_is_local(spec.external_traffic_policy.as_deref(), "externalTrafficPolicy", &mut fail_field);
+    let internal_local =
+        policy_is_local(spec.internal_traffic_policy.as_deref(), "internalTrafficPolicy", &mut fail_field);
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+    let load_balancer = type_ == "LoadBalancer";
+    let external_ips = external_ips(spec, &options.external_ip_cidrs, &mut fail_field);
+    let (lb_ips, source_ranges) = if load_balancer {
+        (load_balancer_ips(service, &mut fail_field), source_ranges(spec, &mut fail_field))
+    } else {
+        (Vec::new(), Vec::new())
+    };
+
+    let mut claims = Vec::new();
+    let mut add = |port: &PortSpec, kind: FrontendKind, addr: Ipv4Addr, number: u16| {
+        let local_only = if kind.is_external() { external_local } else { internal_local };
+        let (backends, local_backends) = backends_of(slice_ports, port, local_only);
+        let drop_when_empty = local_only && backends.is_empty() && !backends_of(slice_ports, port, false).0.is_empty();
+        let internal_backends =
+            (kind.is_external() && external_local).then(|| backends_of(slice_ports, port, internal_local).0);
+        let frontend = Frontend { addr, port: number, protocol: port.protocol };
+        // Named in the error of whoever else claims this frontend.
+        let field = match kind {
+            FrontendKind::ClusterIp => "spec.clusterIP".to_owned(),
+            FrontendKind::NodePort => format!("spec.ports[{}].nodePort", port.index),
+            FrontendKind::LoadBalancer => "status.loadBalancer.ingress".to_owned(),
+            FrontendKind::ExternalIp => "spec.externalIPs".to_owned(),
+        };
+        let source_ranges = if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() };
+        let service_port = ServicePort {
+            name: format!("{}/{}:{}", object.namespace, object.name, port.name),
+            frontend,
+            kind,
+            backends,
+            local_backends,
+            affinity_timeout_s,
+            algorithm,
+            source_ranges,
+            drop_when_empty,
+            internal_backends,
+        };
+        claims.push((service_port, field));
+    };
+    for port in &ports {
+        let all = backends_of(slice_ports, port, false).0.len();
+        if all > MAX_BACKENDS {
+            fail(
+                &mut errors,
+                format!("spec.ports[{}]", port.index),
+                format!(
+                    "{all} endpoints, but a frontend holds at most {MAX_BACKENDS} backends: those already \
+                     in its slots, then the lowest addresses, get new connections; the rest none"
+                ),
+            );
+        }
+        for addr in &addrs {
+            add(port, FrontendKind::ClusterIp, *addr, port.port);
+        }
+        if let Some(node_port) = port.node_port.filter(|_| node_ports) {
+            for addr in &options.node_addresses {
+                add(port, FrontendKind::NodePort, *addr, node_port);
+            }
+        }
+        for addr in &lb_ips {
+            add(port, FrontendKind::LoadBalancer, *addr, port.port);
+        }
+        for addr in &external_ips {
+            add(port, FrontendKind::ExternalIp, *addr, port.port);
+        }
+    }
+    if let Some(port) = spec.health_check_node_port.filter(|_| load_balancer && external_local) {
+        match u16::try_from(port).ok().filter(|p| *p != 0) {
+            Some(port) => {
+                let local_endpoints = slice_ports
+                    .iter()
+                    .flat_map(|sp| sp.endpoints.iter().filter(|e| e.local && e.ready).map(|e| e.addr))
+                    .collect::<BTreeSet<_>>()
+                    .len();
+                health_check = Some((
+                    port,
+                    HealthCheck { namespace: object.namespace.clone(), name: object.name.clone(), local_endpoints },
+                ));
+            }
+            None => fail(&mut errors, "spec.healthCheckNodePort".into(), format!("{port} is not a port (1-65535)")),
+        }
+    }
+    ServiceModel { claims, errors, health_check }
 }
 
 /// `spec.externalIPs` inside the allow-list; the others are errors, since

@@ -122,5 +122,14 @@ fn main() -> anyhow::Result<()> {
             sync_ms[sync_ms.len() - 1]
         );
     }
+    // Where the last sync's time went, as the agent logs it.
+    if let Some(last) = log.lines().rev().find(|l| l.contains("model_ms=")) {
+        let parts: Vec<&str> = ["model_ms=", "target_ms=", "sizing_ms=", "write_ms="]
+            .into_iter()
+            .filter_map(|field| Some(last.split_once(field)?.1.split_whitespace().next()?).map(|v| (field, v)))
+            .map(|(field, v)| &last[last.find(field).unwrap_or(0)..][..field.len() + v.len()])
+            .collect();
+        println!("last sync: {}", parts.join(" "));
+    }
     Ok(())
 }
