@@ -198,11 +198,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         );
     }
     let metrics = Arc::new(Metrics::new(config.pin_path.clone()));
+    let serving = status::serving_runtime().context("starting the serving thread")?;
     for (flag, addr) in [("--healthz-addr", config.healthz_addr), ("--metrics-addr", config.metrics_addr)] {
         if let Some(addr) = addr {
-            let listener = status::bind(flag, addr).await?;
+            let listener = status::bind_on(&serving, flag, addr)?;
             info!("serving {flag} on {}", listener.local_addr()?);
-            tokio::spawn(status::serve(listener, health.clone(), metrics.clone()));
+            serving.spawn(status::serve(listener, health.clone(), metrics.clone()));
         }
     }
     let mut source = match config.source {
@@ -233,7 +234,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         reported: BTreeSet::new(),
         newest_trigger: SystemTime::now(),
         synced_once: false,
-        health_checks: HealthCheckServers::default(),
+        health_checks: HealthCheckServers::new(serving.clone()),
         map_floors: config.map_sizes,
         fixed_map_sizes: config.fixed_map_sizes,
         nearly_full: BTreeSet::new(),

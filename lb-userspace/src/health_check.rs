@@ -28,13 +28,18 @@ pub fn answer(check: &HealthCheck) -> (bool, String) {
 }
 
 /// The running servers, by port. Each reads its Service's current state
-/// from a shared slot, so an endpoint change needs no restart.
-#[derive(Default)]
+/// from a shared slot, so an endpoint change needs no restart. They run on
+/// the serving runtime (`status::serving_runtime`), never behind a sync.
 pub struct HealthCheckServers {
     servers: BTreeMap<u16, (Arc<Mutex<HealthCheck>>, JoinHandle<()>)>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl HealthCheckServers {
+    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+        Self { servers: BTreeMap::new(), runtime }
+    }
+
     /// Starts, updates and stops servers to match `wanted`. A port that
     /// cannot be bound is reported and tried again on the next update.
     pub fn update(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
@@ -52,6 +57,7 @@ impl HealthCheckServers {
                 continue;
             }
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
+            let _serving = self.runtime.enter();
             let listener = match std::net::TcpListener::bind(addr).and_then(|l| {
                 l.set_nonblocking(true)?;
                 TcpListener::from_std(l)
@@ -64,7 +70,7 @@ impl HealthCheckServers {
             };
             info!(port, service = %format!("{}/{}", check.namespace, check.name), "health-check node port open");
             let slot = Arc::new(Mutex::new(check.clone()));
-            let task = tokio::spawn(serve(listener, slot.clone()));
+            let task = self.runtime.spawn(serve(listener, slot.clone()));
             self.servers.insert(*port, (slot, task));
         }
     }

@@ -297,7 +297,12 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
                     (if healthy { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
                 }
                 "/metrics" => {
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render(&health))
+                    // Reading the maps walks CONNTRACK (hundreds of
+                    // thousands of entries): off this thread, so that a
+                    // scrape never delays a probe.
+                    let render = tokio::task::spawn_blocking(move || metrics.render(&health));
+                    let body = render.await.unwrap_or_default();
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
                 }
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };
@@ -333,8 +338,27 @@ pub(crate) async fn respond(stream: &mut TcpStream, status: &str, content_type: 
 }
 
 /// Binds a status listener, naming the flag when it fails.
-pub async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{flag} {addr}: {e}"))
+/// A runtime on a thread of its own for everything that answers the
+/// outside: /healthz, /livez, /metrics and the health-check node ports.
+/// The agent's own thread spends whole syncs (hundreds of milliseconds at
+/// tens of thousands of Services) without yielding; kubelet probes and
+/// cloud load balancers must not wait for them. Returns its handle; the
+/// thread lives as long as the process.
+pub fn serving_runtime() -> std::io::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("lb-serving".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
+}
+
+/// Binds `addr` for `flag` on the runtime of `handle` (the serving one).
+pub fn bind_on(handle: &tokio::runtime::Handle, flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let _serving = handle.enter();
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("{flag} {addr}: {e}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(listener)?)
 }
 
 /// Unix time of an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`.

@@ -72,6 +72,28 @@ fn main() -> anyhow::Result<()> {
         api.apply(Kind::Service, service(i));
         api.apply(Kind::EndpointSlice, slice(i, &(0..4).map(|n| endpoint(i, n)).collect::<Vec<_>>()));
     }
+    // /healthz polled all through the run, from the node, as the kubelet
+    // would: its answers must not wait for syncs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (stop, node) = (stop.clone(), cluster.node.path());
+        std::thread::spawn(move || -> Vec<Duration> {
+            let mut answers = Vec::new();
+            if lb_tests::netns::setns(&node).is_err() {
+                return answers;
+            }
+            let healthz = std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t0 = Instant::now();
+                // Refused until the agent listens: not an answer.
+                if lb_tests::pods::http_get(healthz, "/healthz").is_ok() {
+                    answers.push(t0.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            answers
+        })
+    };
     let started = Instant::now();
     // No sizing flags: the agent sizes its maps for the cluster.
     let mut args = vec!["--kubeconfig", kubeconfig.to_str().context("path")?, "--min-sync-period", "0ms"];
@@ -99,6 +121,9 @@ fn main() -> anyhow::Result<()> {
         latencies.push(t0.elapsed());
     }
     latencies.sort();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = poller.join().unwrap_or_default();
+    answers.sort();
     let log = agent.log();
     let mut sync_ms: Vec<u64> =
         log.lines().filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
@@ -120,6 +145,15 @@ fn main() -> anyhow::Result<()> {
             "agent sync (compute and write) of those: p50 {} ms, max {} ms",
             sync_ms[sync_ms.len() / 2],
             sync_ms[sync_ms.len() - 1]
+        );
+    }
+    if !answers.is_empty() {
+        println!(
+            "/healthz during cold start and changes: {} answers, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            answers.len(),
+            percentile(&answers, 0.5).as_secs_f64() * 1e3,
+            percentile(&answers, 0.99).as_secs_f64() * 1e3,
+            answers.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
         );
     }
     // Where the last sync's time went, as the agent logs it.
