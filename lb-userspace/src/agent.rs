@@ -25,8 +25,8 @@ use crate::{
     interfaces::{self, ExternalDatapath, ExternalInterfaces, PodInterfaces, WireChoice},
     kube_source::{Connection, KubeSource},
     model::{ModelOptions, Snapshot, desired_state},
-    plan::{MaglevConfig, MapContents},
-    reconcile::Reconciler,
+    plan::MaglevConfig,
+    reconcile::{Reconciler, Step},
     sizing::{self, Entries},
     status::{self, Health, Metrics},
 };
@@ -316,7 +316,7 @@ impl Agent {
     /// Brings the maps to `snapshot`; false when a map write failed.
     fn sync(&mut self, snapshot: &Snapshot) -> bool {
         let started = Instant::now();
-        let desired = desired_state(
+        let mut desired = desired_state(
             snapshot.services.iter().map(AsRef::as_ref),
             snapshot.slices.iter().map(AsRef::as_ref),
             &self.model,
@@ -338,16 +338,17 @@ impl Agent {
         }
         self.reported = reported;
 
-        let target = self.reconciler.target(&desired.services);
+        let frontends = desired.services.len();
+        let step = self.reconciler.prepare(&desired.services);
         let targeted = started.elapsed();
-        self.fit_maps(&target);
+        self.fit_maps(&step);
         let fitted = started.elapsed();
-        match self.reconciler.sync_to(&target, &mut self.datapath.maps) {
+        match self.reconciler.sync_step(&step, &mut self.datapath.maps) {
             Ok(outcome) => {
                 let writes = outcome.writes;
                 let took = started.elapsed();
                 self.metrics.record_sync(took);
-                self.metrics.frontends.set(desired.services.len() as i64);
+                self.metrics.frontends.set(frontends as i64);
                 self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
                 self.metrics.set_agent_map_entries(&Entries::held(self.reconciler.current()));
                 self.observe_programming_latency(&snapshot.slices);
@@ -365,13 +366,15 @@ impl Agent {
                     }
                 }
                 self.health.updated();
+                // The next sync computes only what changed from this.
+                self.reconciler.remember(std::mem::take(&mut desired.services));
                 // The first sync says whether adopted maps were already right.
                 if writes > 0 || !std::mem::replace(&mut self.synced_once, true) || took > Duration::from_millis(100) {
                     // Where the time went: the model of every object, the
                     // target contents, sizing, then plan and writes.
                     let ms = |d: Duration| d.as_secs_f64() * 1e3;
                     info!(
-                        frontends = desired.services.len(),
+                        frontends,
                         writes,
                         took_ms = took.as_millis() as u64,
                         model_ms = ms(modelled),
@@ -381,7 +384,7 @@ impl Agent {
                         "synced"
                     );
                 } else {
-                    debug!(frontends = desired.services.len(), "synced, nothing to write");
+                    debug!(frontends, "synced, nothing to write");
                 }
                 true
             }
@@ -401,8 +404,8 @@ impl Agent {
     /// that cannot hold it (old and new entries side by side, as mid-sync)
     /// unless sizes are fixed, and warns once when a map passes 90 %. A
     /// sync that still does not fit fails on the full map, naming it.
-    fn fit_maps(&mut self, target: &MapContents) {
-        let needed = Entries::needed(self.reconciler.current(), target);
+    fn fit_maps(&mut self, step: &Step) {
+        let needed = self.reconciler.needed(step);
         let mut capacity = match self.datapath.maps.capacity() {
             Ok(capacity) => capacity,
             Err(e) => return warn!("reading the maps' sizes: {e}"),

@@ -115,6 +115,11 @@ impl MapContents {
         (1..=count).filter_map(|slot| self.services.get(&frontend.with_slot(slot)).map(|v| v.backend_id)).collect()
     }
 
+    /// The backend ids the slots name.
+    pub fn slot_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.services.iter().filter(|(k, _)| k.slot != 0).map(|(_, v)| v.backend_id)
+    }
+
     /// Frontend entries (slot-0 keys), in key order.
     pub fn frontend_entries(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue)> {
         self.services.iter().filter(|(k, _)| k.slot == 0)
@@ -167,25 +172,63 @@ fn frontend_flags(service: &ServicePort) -> u8 {
 /// frontend might still name it. Maglev frontends beyond `maglev.tables`
 /// fall back to random selection.
 pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: MaglevConfig) -> MapContents {
+    let ids: BTreeMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
+    let tables: BTreeSet<u32> = current.services.values().map(|v| v.maglev_table).filter(|t| *t != 0).collect();
+    let everything =
+        Globals { ids: &ids, id_taken: &|id| current.backends.contains_key(&id), tables: &tables, hashed_elsewhere: 0 };
+    target_contents_within(desired, current, maglev, &everything)
+}
+
+/// A service address before its frontends are counted: unknown ports are
+/// dropped until a frontend other than a cluster IP is on it.
+pub const EMPTY_ADDR: ServiceAddr = ServiceAddr { frontends: 0, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 };
+
+/// Counts `service` into the SERVICE_ADDRS entry of its address.
+pub fn count_on_address(addr: &mut ServiceAddr, service: &ServicePort) {
+    addr.frontends += 1;
+    if service.kind != FrontendKind::ClusterIp {
+        addr.flags &= !ADDR_DROP_UNKNOWN_PORTS;
+    }
+}
+
+/// What a target computed for some frontends only must know of the rest
+/// of the maps (`Reconciler` keeps these as indexes, so that one changed
+/// Service costs its own frontends, not a walk over all).
+pub struct Globals<'a> {
+    /// Every backend in the maps and its id: a backend another frontend
+    /// already has keeps its id.
+    pub ids: &'a BTreeMap<Backend, u32>,
+    /// Whether an id is in the maps: a new backend never takes one.
+    pub id_taken: &'a dyn Fn(u32) -> bool,
+    /// Maglev tables any frontend in the maps names: never a spare.
+    pub tables: &'a BTreeSet<u32>,
+    /// Frontends with a Maglev table outside `current`'s (which keep it).
+    pub hashed_elsewhere: usize,
+}
+
+/// `target_contents` for the frontends of `desired`, which `current`
+/// holds only the entries of (its SERVICES entries, SOURCE_RANGES and the
+/// backends they name); `globals` stands for the rest. SERVICE_ADDRS is
+/// counted from `desired` alone: a caller with frontends elsewhere on the
+/// same addresses corrects it.
+pub fn target_contents_within(
+    desired: &[ServicePort],
+    current: &MapContents,
+    maglev: MaglevConfig,
+    globals: &Globals,
+) -> MapContents {
     let mut placer = Placer {
         current,
+        globals,
         new_maglev: Vec::new(),
-        ids: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
+        new_ids: BTreeMap::new(),
         next_id: 1,
         target: MapContents::default(),
     };
 
     for service in desired {
         let frontend = frontend_key(service);
-        let addr = placer
-            .target
-            .addrs
-            .entry(frontend.vip)
-            .or_insert(ServiceAddr { flags: ADDR_DROP_UNKNOWN_PORTS, ..Default::default() });
-        addr.frontends += 1;
-        if service.kind != FrontendKind::ClusterIp {
-            addr.flags &= !ADDR_DROP_UNKNOWN_PORTS;
-        }
+        count_on_address(placer.target.addrs.entry(frontend.vip).or_insert(EMPTY_ADDR), service);
         for range in &service.source_ranges {
             let data = SourceRangeKey {
                 vip: frontend.vip,
@@ -204,7 +247,7 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
         placer.place(frontend, service, &service.backends, flags);
     }
     let mut target = placer.target;
-    assign_maglev_tables(&mut target, current, &placer.new_maglev, maglev);
+    assign_maglev_tables(&mut target, current, &placer.new_maglev, maglev, globals);
     target
 }
 
@@ -215,9 +258,14 @@ pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: M
 /// Maglev frontends (`new`, in order) then take what is left, up to
 /// `maglev.tables` in all. A table named by the current maps is never a
 /// spare: a frontend deleted in this sync frees its table for the next.
-fn assign_maglev_tables(target: &mut MapContents, current: &MapContents, new: &[ServiceKey], maglev: MaglevConfig) {
-    let in_use: BTreeSet<u32> = current.services.values().map(|v| v.maglev_table).filter(|t| *t != 0).collect();
-    let mut spares: VecDeque<u32> = (1..=maglev.map_tables()).filter(|t| !in_use.contains(t)).collect();
+fn assign_maglev_tables(
+    target: &mut MapContents,
+    current: &MapContents,
+    new: &[ServiceKey],
+    maglev: MaglevConfig,
+    globals: &Globals,
+) {
+    let mut spares: VecDeque<u32> = (1..=maglev.map_tables()).filter(|t| !globals.tables.contains(t)).collect();
     let changed: Vec<ServiceKey> = target
         .frontend_entries()
         .filter(|(k, v)| v.maglev_table != 0 && target.backend_set(k) != current.backend_set(k))
@@ -231,7 +279,7 @@ fn assign_maglev_tables(target: &mut MapContents, current: &MapContents, new: &[
             spares.push_back(std::mem::replace(&mut value.maglev_table, spare));
         }
     }
-    let hashed = target.frontend_entries().filter(|(_, v)| v.maglev_table != 0).count();
+    let hashed = globals.hashed_elsewhere + target.frontend_entries().filter(|(_, v)| v.maglev_table != 0).count();
     let room = (maglev.tables as usize).saturating_sub(hashed);
     for key in new.iter().take(room) {
         let (Some(spare), Some(value)) = (spares.pop_front(), target.services.get_mut(key)) else { break };
@@ -243,9 +291,11 @@ fn assign_maglev_tables(target: &mut MapContents, current: &MapContents, new: &[
 /// the current maps hold.
 struct Placer<'a> {
     current: &'a MapContents,
+    globals: &'a Globals<'a>,
     /// Maglev frontends without a table yet, in order.
     new_maglev: Vec<ServiceKey>,
-    ids: BTreeMap<Backend, u32>,
+    /// Ids given in this target to backends the maps do not hold.
+    new_ids: BTreeMap<Backend, u32>,
     next_id: u32,
     target: MapContents,
 }
@@ -267,12 +317,16 @@ impl Placer<'_> {
             chosen.truncate(MAX_BACKENDS);
         }
         let mut wanted_ids = BTreeSet::new();
+        let globals = self.globals;
         for backend in chosen {
-            let id = *self.ids.entry(backend).or_insert_with(|| {
-                while current.backends.contains_key(&self.next_id) || target.backends.contains_key(&self.next_id) {
-                    self.next_id += 1;
-                }
-                self.next_id
+            let known = globals.ids.get(&backend).copied();
+            let id = known.unwrap_or_else(|| {
+                *self.new_ids.entry(backend).or_insert_with(|| {
+                    while (globals.id_taken)(self.next_id) || target.backends.contains_key(&self.next_id) {
+                        self.next_id += 1;
+                    }
+                    self.next_id
+                })
             });
             target.backends.insert(id, backend);
             wanted_ids.insert(id);

@@ -6,11 +6,17 @@
 //! not fit never stops the others.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, ServiceKey};
+use std::net::Ipv4Addr;
+
+use lb_common::{Backend, ServiceKey, ServiceValue};
 
 use crate::{
-    model::ServicePort,
-    plan::{MaglevConfig, MapContents, MapOp, lost_udp_backends, plan, target_contents},
+    model::{Algorithm, ServicePort},
+    plan::{
+        EMPTY_ADDR, Globals, MaglevConfig, MapContents, MapOp, count_on_address, frontend_key, lost_udp_backends, plan,
+        target_contents, target_contents_within,
+    },
+    sizing::Entries,
 };
 
 /// Where map writes go: the real maps, or a fake in tests.
@@ -40,10 +46,137 @@ pub struct SyncOutcome {
     pub lost_udp_backends: BTreeSet<(ServiceKey, Backend)>,
 }
 
-/// Keeps a copy of what the maps hold, so a sync writes only the difference.
+/// Keeps a copy of what the maps hold, so a sync writes only the difference,
+/// and what they were last synced to, so that a sync computes only the
+/// frontends whose desired state changed (one changed Service costs its
+/// own frontends, not a walk over all of them).
 pub struct Reconciler {
     current: MapContents,
     maglev: MaglevConfig,
+    index: Index,
+    /// The desired state `current` holds (sorted by frontend, as the model
+    /// gives it); None when unknown (first sync, or after a failed one):
+    /// the next sync then computes every frontend.
+    synced: Option<Vec<ServicePort>>,
+}
+
+/// Indexes of `current` kept in step with every write, for what a sync of
+/// some frontends must know of all the others.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Index {
+    /// Backend → its id.
+    ids: BTreeMap<Backend, u32>,
+    /// Backend id → how many slots name it.
+    refs: BTreeMap<u32, u32>,
+    /// Maglev table → how many frontends name it.
+    tables: BTreeMap<u32, u32>,
+}
+
+impl Index {
+    fn of(contents: &MapContents) -> Self {
+        let mut index = Self { ids: contents.backends.iter().map(|(id, b)| (*b, *id)).collect(), ..Self::default() };
+        for (key, value) in &contents.services {
+            index.count(key, value, true);
+        }
+        index
+    }
+
+    /// Counts (or uncounts) one SERVICES entry.
+    fn count(&mut self, key: &ServiceKey, value: &ServiceValue, add: bool) {
+        let (map, id) = if key.slot != 0 {
+            (&mut self.refs, value.backend_id)
+        } else if value.maglev_table != 0 {
+            (&mut self.tables, value.maglev_table)
+        } else {
+            return;
+        };
+        let n = map.entry(id).or_default();
+        *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        if *n == 0 {
+            map.remove(&id);
+        }
+    }
+
+    /// Follows `op`, about to be applied to `current`.
+    fn track(&mut self, current: &MapContents, op: &MapOp) {
+        match op {
+            MapOp::PutService(key, value) => {
+                if let Some(old) = current.services.get(key) {
+                    self.count(key, old, false);
+                }
+                self.count(key, value, true);
+            }
+            MapOp::DeleteService(key) => {
+                if let Some(old) = current.services.get(key) {
+                    self.count(key, old, false);
+                }
+            }
+            MapOp::PutBackend(id, backend) => {
+                if let Some(old) = current.backends.get(id)
+                    && self.ids.get(old) == Some(id)
+                {
+                    self.ids.remove(old);
+                }
+                self.ids.insert(*backend, *id);
+            }
+            MapOp::DeleteBackend(id) => {
+                if let Some(old) = current.backends.get(id)
+                    && self.ids.get(old) == Some(id)
+                {
+                    self.ids.remove(old);
+                }
+            }
+            MapOp::PutAddr(..)
+            | MapOp::DeleteAddr(_)
+            | MapOp::PutSourceRange(_)
+            | MapOp::DeleteSourceRange(_)
+            | MapOp::PutMaglevTable(..) => {}
+        }
+    }
+}
+
+/// A sync's work: what the maps should hold for the frontends it touches,
+/// and what they hold of them now.
+pub struct Step {
+    /// The maps' entries of the touched frontends; None: all (every
+    /// frontend is touched).
+    before: Option<MapContents>,
+    target: MapContents,
+}
+
+impl Step {
+    /// The entries the sync writes toward.
+    pub fn target(&self) -> &MapContents {
+        &self.target
+    }
+}
+
+/// The frontends (slot-0 external keys) whose desired state differs
+/// between `old` and `new`, both sorted by frontend.
+fn changed_frontends(old: &[ServicePort], new: &[ServicePort]) -> BTreeSet<ServiceKey> {
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    let mut changed = BTreeSet::new();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return changed,
+            (Some(x), Some(y)) if x.frontend == y.frontend => {
+                if x != y {
+                    changed.insert(frontend_key(y));
+                }
+                a.next();
+                b.next();
+            }
+            (Some(x), y) if y.is_none_or(|y| x.frontend < y.frontend) => {
+                changed.insert(frontend_key(x));
+                a.next();
+            }
+            (_, Some(y)) => {
+                changed.insert(frontend_key(y));
+                b.next();
+            }
+            (Some(_), None) => unreachable!("handled above"),
+        }
+    }
 }
 
 /// Which frontends (slot-0 keys) each write belongs to, for holding back
@@ -83,41 +216,118 @@ impl Dependents {
 impl Reconciler {
     /// Starts from what the maps hold now (adopted pinned maps, or empty).
     pub fn new(current: MapContents, maglev: MaglevConfig) -> Self {
-        Self { current, maglev }
+        Self { index: Index::of(&current), current, maglev, synced: None }
     }
 
     pub fn current(&self) -> &MapContents {
         &self.current
     }
 
-    /// Writes what differs between the maps and `desired`. A failed write
-    /// holds back the rest of its frontends' writes (see the module); the
-    /// error names the first failure, and a later sync retries.
+    /// Writes what differs between the maps and `desired` (sorted by
+    /// frontend). A failed write holds back the rest of its frontends'
+    /// writes (see the module); the error names the first failure, and a
+    /// later sync retries.
     pub fn sync<W: MapWriter>(
         &mut self,
         desired: &[ServicePort],
         maps: &mut W,
     ) -> Result<SyncOutcome, SyncError<W::Error>> {
-        let target = self.target(desired);
-        self.sync_to(&target, maps)
+        let step = self.prepare(desired);
+        let outcome = self.sync_step(&step, maps);
+        if outcome.is_ok() {
+            self.remember(desired.to_vec());
+        }
+        outcome
     }
 
-    /// What the maps will hold once `desired` is written: ids, slots and
-    /// tables placed from what they hold now. The agent sizes the maps
-    /// from it before `sync_to` writes it.
-    pub fn target(&self, desired: &[ServicePort]) -> MapContents {
-        target_contents(desired, &self.current, self.maglev)
+    /// The work of a sync to `desired` (sorted by frontend, as the model
+    /// gives it): only the frontends whose desired state changed since the
+    /// last sync, and Maglev frontends waiting for a table while one is
+    /// free; every frontend when the last sync is not known.
+    pub fn prepare(&self, desired: &[ServicePort]) -> Step {
+        let Some(synced) = &self.synced else {
+            return Step { before: None, target: target_contents(desired, &self.current, self.maglev) };
+        };
+        let mut touched = changed_frontends(synced, desired);
+        // A table freed (now or in this sync) lets a Maglev frontend that
+        // fell back to random have one, though its own state is unchanged:
+        // those waiting are always looked at.
+        let waiting = desired.iter().filter(|s| s.algorithm == Algorithm::Maglev).map(frontend_key);
+        touched.extend(waiting.filter(|k| self.current.services.get(k).is_none_or(|v| v.maglev_table == 0)));
+        let mut before = MapContents::default();
+        for frontend in &touched {
+            let (mut low, mut high) = (*frontend, *frontend);
+            (low.slot, low.protocol, low.scope, low._pad) = (0, 0, 0, [0; 2]);
+            (high.slot, high.protocol, high.scope, high._pad) = (u16::MAX, u8::MAX, u8::MAX, [u8::MAX; 2]);
+            let entries = self.current.services.range(low..=high).filter(|(k, _)| k.protocol == frontend.protocol);
+            before.services.extend(entries.map(|(k, v)| (*k, *v)));
+            if let Some(addr) = self.current.addrs.get(&frontend.vip) {
+                before.addrs.insert(frontend.vip, *addr);
+            }
+        }
+        let is_touched = |vip, port, protocol| touched.contains(&ServiceKey::new(vip, port, protocol, 0));
+        before.source_ranges =
+            self.current.source_ranges.iter().filter(|(_, r)| is_touched(r.vip, r.port, r.protocol)).copied().collect();
+        let wanted: Vec<ServicePort> = desired.iter().filter(|s| touched.contains(&frontend_key(s))).cloned().collect();
+        let before_ids: BTreeSet<u32> = before.slot_ids().collect();
+        let hashed_elsewhere = self.index.tables.values().map(|n| *n as usize).sum::<usize>()
+            - before.frontend_entries().filter(|(_, v)| v.maglev_table != 0).count();
+        let tables: BTreeSet<u32> = self.index.tables.keys().copied().collect();
+        let globals = Globals {
+            ids: &self.index.ids,
+            id_taken: &|id| self.current.backends.contains_key(&id),
+            tables: &tables,
+            hashed_elsewhere,
+        };
+        before.backends = before_ids.iter().filter_map(|id| Some((*id, *self.current.backends.get(id)?))).collect();
+        let mut target = target_contents_within(&wanted, &before, self.maglev, &globals);
+        // Backends the target names that the maps already hold (another
+        // frontend's) are no news: `plan` compares with `before`.
+        for id in target.slot_ids().collect::<Vec<_>>() {
+            if let Some(backend) = self.current.backends.get(&id) {
+                before.backends.insert(id, *backend);
+            }
+        }
+        // An address is shared with frontends outside this step: count
+        // them all, from the whole desired state.
+        for vip in before.addrs.keys().chain(target.addrs.keys()).copied().collect::<BTreeSet<_>>() {
+            let address = Ipv4Addr::from(vip);
+            let from = desired.partition_point(|s| s.frontend.addr < address);
+            let on_address = desired[from..].iter().take_while(|s| s.frontend.addr == address);
+            let mut entry = EMPTY_ADDR;
+            on_address.for_each(|s| count_on_address(&mut entry, s));
+            if entry.frontends == 0 {
+                target.addrs.remove(&vip);
+            } else {
+                target.addrs.insert(vip, entry);
+            }
+        }
+        Step { before: Some(before), target }
     }
 
-    /// `sync` with the target already computed (by `target`, from the
-    /// current contents).
-    pub fn sync_to<W: MapWriter>(
-        &mut self,
-        target: &MapContents,
-        maps: &mut W,
-    ) -> Result<SyncOutcome, SyncError<W::Error>> {
-        let ops = plan(&self.current, target, self.maglev);
-        let mut lost_udp_backends = lost_udp_backends(&self.current, target);
+    /// What the maps need room for during `step`: all they hold, and the
+    /// keys the step adds (old and new are side by side mid-sync).
+    pub fn needed(&self, step: &Step) -> Entries {
+        Entries::needed(&self.current, &step.target)
+    }
+
+    /// Records that the maps now hold `desired`, after `sync_step`
+    /// succeeded: the next sync starts from it.
+    pub fn remember(&mut self, desired: Vec<ServicePort>) {
+        if let Some(old) = self.synced.replace(desired) {
+            // Freeing tens of thousands of ports takes milliseconds that
+            // the next change should not wait for.
+            std::thread::spawn(move || drop(old));
+        }
+    }
+
+    /// Writes `step` (from `prepare`); `remember` the desired state after
+    /// it succeeds. After a failure the next sync computes every frontend.
+    pub fn sync_step<W: MapWriter>(&mut self, step: &Step, maps: &mut W) -> Result<SyncOutcome, SyncError<W::Error>> {
+        let target = &step.target;
+        let before = step.before.as_ref().unwrap_or(&self.current);
+        let ops = plan(before, target, self.maglev);
+        let mut lost_udp_backends = lost_udp_backends(before, target);
         let dependents = Dependents::new(target);
         let mut held_back: BTreeSet<ServiceKey> = BTreeSet::new();
         let (mut first_error, mut failed, mut skipped) = (None, 0, 0);
@@ -129,22 +339,31 @@ impl Reconciler {
             }
             // A table another frontend still reads (its move to a spare
             // was held back) must not be rewritten under it.
-            if let MapOp::PutMaglevTable(table, _) = op
-                && self.current.frontend_entries().any(|(k, v)| v.maglev_table == *table && !frontends.contains(k))
-            {
-                skipped += 1;
-                held_back.extend(frontends);
-                continue;
+            if let MapOp::PutMaglevTable(table, _) = op {
+                let named = self.index.tables.get(table).copied().unwrap_or(0) as usize;
+                let by_its_own = frontends
+                    .iter()
+                    .filter(|k| self.current.services.get(k).is_some_and(|v| v.maglev_table == *table))
+                    .count();
+                if named > by_its_own {
+                    skipped += 1;
+                    held_back.extend(frontends);
+                    continue;
+                }
             }
-            // A backend a held-back frontend still names must stay.
+            // A backend a slot still names (a held-back frontend's, or
+            // another frontend's) must stay.
             if let MapOp::DeleteBackend(id) = op
-                && self.current.services.values().any(|v| v.backend_id == *id)
+                && self.index.refs.contains_key(id)
             {
                 skipped += 1;
                 continue;
             }
             match maps.write(op) {
-                Ok(()) => self.current.apply(op),
+                Ok(()) => {
+                    self.index.track(&self.current, op);
+                    self.current.apply(op);
+                }
                 Err(source) => {
                     failed += 1;
                     held_back.extend(frontends);
@@ -153,8 +372,11 @@ impl Reconciler {
             }
         }
         match first_error {
-            None => Ok(SyncOutcome { writes: ops.len(), lost_udp_backends }),
+            None => Ok(SyncOutcome { writes: ops.len() - skipped, lost_udp_backends }),
             Some((op, source)) => {
+                // The maps hold neither the old state nor the new: the next
+                // sync computes every frontend.
+                self.synced = None;
                 lost_udp_backends.retain(|(frontend, _)| !held_back.contains(frontend));
                 Err(SyncError { op, failed, skipped, total: ops.len(), source })
             }
@@ -260,5 +482,130 @@ mod tests {
         reconciler.sync(&[hashed(1, &[1, 3]), hashed(2, &[2, 4])], &mut maps).unwrap();
         assert_eq!(backends_of(&maps.contents, 1), [1, 3]);
         assert_eq!(backends_of(&maps.contents, 2), [2, 4]);
+    }
+
+    /// xorshift64: the same sequence on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+
+        fn backends(&mut self) -> BTreeSet<std::net::SocketAddrV4> {
+            (0..self.below(5))
+                .map(|_| std::net::SocketAddrV4::new([10, 0, 0, 1 + self.below(10) as u8].into(), 8080))
+                .collect()
+        }
+    }
+
+    /// A random change of the desired state: frontends come, go and change
+    /// their backends, algorithm, kind, scopes and source ranges, on a few
+    /// shared addresses and backends.
+    fn mutate(rng: &mut Rng, desired: &mut BTreeMap<crate::model::Frontend, ServicePort>) {
+        use crate::model::{Frontend, FrontendKind, Protocol};
+        for _ in 0..1 + rng.below(3) {
+            let protocol = if rng.below(4) == 0 { Protocol::Udp } else { Protocol::Tcp };
+            let frontend =
+                Frontend { addr: [10, 96, 0, 1 + rng.below(6) as u8].into(), port: 80 + rng.below(2) as u16, protocol };
+            if rng.below(4) == 0 {
+                desired.remove(&frontend);
+                continue;
+            }
+            let backends = rng.backends();
+            let external = rng.below(3) == 0;
+            let service = ServicePort {
+                name: format!("svc/{frontend}"),
+                frontend,
+                kind: if external { FrontendKind::NodePort } else { FrontendKind::ClusterIp },
+                local_backends: backends.iter().filter(|_| rng.below(2) == 0).copied().collect(),
+                backends,
+                affinity_timeout_s: if rng.below(5) == 0 { 30 } else { 0 },
+                algorithm: if rng.below(3) == 0 { Algorithm::Maglev } else { Algorithm::Random },
+                source_ranges: if external && rng.below(2) == 0 { vec!["10.0.0.0/8".parse().unwrap()] } else { vec![] },
+                drop_when_empty: false,
+                internal_backends: (external && rng.below(2) == 0).then(|| rng.backends()),
+            };
+            desired.insert(frontend, service);
+        }
+    }
+
+    #[test]
+    fn syncing_only_what_changed_gives_the_maps_a_whole_sync_gives() {
+        let maglev = MaglevConfig { table_size: 13, tables: 2 };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut desired = BTreeMap::new();
+        let empty = || FaultyMaps { contents: MapContents::default(), refuse: |_| false };
+        let (mut partial_maps, mut whole_maps) = (empty(), empty());
+        let mut partial = Reconciler::new(MapContents::default(), maglev);
+        let (mut touched, mut total) = (0, 0);
+        for round in 0..400 {
+            mutate(&mut rng, &mut desired);
+            let wanted: Vec<ServicePort> = desired.values().cloned().collect();
+            // The reference: every frontend, from the maps as they are.
+            let mut whole = Reconciler::new(whole_maps.contents.clone(), maglev);
+            whole.sync(&wanted, &mut whole_maps).unwrap();
+            let step = partial.prepare(&wanted);
+            if let Some(before) = &step.before {
+                touched += before.frontend_entries().count().max(step.target.frontend_entries().count());
+                total += wanted.len();
+            }
+            partial.sync_step(&step, &mut partial_maps).unwrap();
+            partial.remember(wanted);
+            if partial_maps.contents != whole_maps.contents {
+                let (a, b) = (&partial_maps.contents, &whole_maps.contents);
+                let keys: BTreeSet<_> = a.services.keys().chain(b.services.keys()).collect();
+                let differ: Vec<_> = keys
+                    .into_iter()
+                    .filter(|k| a.services.get(k) != b.services.get(k))
+                    .map(|k| (k, a.services.get(k), b.services.get(k)))
+                    .take(6)
+                    .collect();
+                panic!(
+                    "round {round}: partial vs whole SERVICES {differ:?}; addrs equal {}, backends equal {}, ranges equal {}",
+                    a.addrs == b.addrs,
+                    a.backends == b.backends,
+                    a.source_ranges == b.source_ranges
+                );
+            }
+            assert_eq!(partial.current, partial_maps.contents, "round {round}");
+            assert_eq!(partial.index, Index::of(&partial.current), "round {round}: indexes kept in step");
+        }
+        assert!(touched < total / 2, "syncs touched {touched} of {total} frontends: not only what changed");
+        let again = partial.prepare(&desired.values().cloned().collect::<Vec<_>>());
+        let waiting = desired.values().filter(|s| s.algorithm == Algorithm::Maglev).count();
+        assert!(again.target.frontend_entries().count() <= waiting, "nothing changed: only Maglev frontends waiting");
+    }
+
+    #[test]
+    fn one_changed_frontend_among_a_thousand_is_all_a_sync_computes_and_writes() {
+        let maglev = MaglevConfig::default();
+        let services: Vec<ServicePort> = (0..1000u32)
+            .map(|i| {
+                let mut s = service(1, &[1, 2]);
+                s.frontend.addr = std::net::Ipv4Addr::from(u32::from(s.frontend.addr) + i);
+                s
+            })
+            .collect();
+        let mut maps = FaultyMaps { contents: MapContents::default(), refuse: |_| false };
+        let mut reconciler = Reconciler::new(MapContents::default(), maglev);
+        reconciler.sync(&services, &mut maps).unwrap();
+        let mut changed = services.clone();
+        changed[500].backends = service(1, &[2, 3]).backends;
+        let step = reconciler.prepare(&changed);
+        assert_eq!(step.target.frontend_entries().count(), 1);
+        assert_eq!(step.before.as_ref().map(|b| b.services.len()), Some(3), "its frontend entry and two slots");
+        let outcome = reconciler.sync_step(&step, &mut maps).unwrap();
+        // The new backend and its slot; backend 2's slot and the count are
+        // unchanged, and backend 1 stays (the 999 others name it: its
+        // planned deletion is skipped).
+        assert_eq!(outcome.writes, 2, "{:?}", plan(step.before.as_ref().unwrap(), &step.target, maglev));
+        let key = frontend_key(&changed[500]);
+        let now: Vec<u8> = maps.contents.slots_of(&key).iter().map(|id| maps.contents.backends[id].addr[3]).collect();
+        assert_eq!(now, [3, 2], "backend 3 in backend 1's slot; backend 2 kept its own");
+        assert_eq!(maps.contents.backends.len(), 3, "backend 1 stays for the 999 others");
     }
 }

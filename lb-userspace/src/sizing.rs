@@ -52,7 +52,9 @@ pub struct Entries {
 
 impl Entries {
     /// What a sync from `current` to `target` needs: every key of either
-    /// (both are in the maps at once, mid-sync).
+    /// (both are in the maps at once, mid-sync). `target` may hold only the
+    /// frontends a sync touches (`Reconciler::prepare`): the others are in
+    /// `current` already.
     pub fn needed(current: &MapContents, target: &MapContents) -> Self {
         // |current ∪ target| = |current| + |target \ current|, without a
         // set of both (SERVICES holds hundreds of thousands of keys).
