@@ -24,7 +24,7 @@ use crate::{
     health_check::HealthCheckServers,
     interfaces::{self, ExternalDatapath, ExternalInterfaces, PodInterfaces, WireChoice},
     kube_source::{Connection, KubeSource},
-    model::{ModelOptions, Snapshot, desired_state},
+    model::{Model, ModelOptions, Snapshot},
     plan::MaglevConfig,
     reconcile::{Reconciler, Step},
     sizing::{self, Entries},
@@ -128,6 +128,9 @@ struct Agent {
     sockets_of_all_netns: bool,
     reconciler: Reconciler,
     model: ModelOptions,
+    /// The Services' frontends, kept between syncs and updated from the
+    /// objects that changed.
+    kept_model: Model,
     maglev: MaglevConfig,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -228,6 +231,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         sockets_of_all_netns: matches!(config.socket_lb, Some(SocketBalancing { own_netns_only: false, .. })),
         reconciler: Reconciler::new(adopted, maglev),
         model,
+        kept_model: Model::default(),
         maglev,
         health,
         metrics,
@@ -316,16 +320,13 @@ impl Agent {
     /// Brings the maps to `snapshot`; false when a map write failed.
     fn sync(&mut self, snapshot: &Snapshot) -> bool {
         let started = Instant::now();
-        let mut desired = desired_state(
-            snapshot.services.iter().map(AsRef::as_ref),
-            snapshot.slices.iter().map(AsRef::as_ref),
-            &self.model,
-        );
+        let changed = self.kept_model.update(&snapshot.services, &snapshot.slices, &self.model);
         let modelled = started.elapsed();
         let duplicates = snapshot.duplicates.iter().map(|(object, ignored, kept)| {
             format!("{}: {object}: also defined in {}; this copy is ignored", ignored.display(), kept.display())
         });
-        let object_errors = desired.errors.iter().map(|e| {
+        let errors = self.kept_model.errors();
+        let object_errors = errors.iter().map(|e| {
             let file = snapshot.origins.get(&e.object).map(|p| format!("{}: ", p.display())).unwrap_or_default();
             format!("{file}{e}")
         });
@@ -338,8 +339,8 @@ impl Agent {
         }
         self.reported = reported;
 
-        let frontends = desired.services.len();
-        let step = self.reconciler.prepare(&desired.services);
+        let frontends = self.kept_model.desired().len();
+        let step = self.reconciler.prepare(self.kept_model.desired(), (!changed.all).then_some(&changed.frontends));
         let targeted = started.elapsed();
         self.fit_maps(&step);
         let fitted = started.elapsed();
@@ -352,7 +353,7 @@ impl Agent {
                 self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
                 self.metrics.set_agent_map_entries(&Entries::held(self.reconciler.current()));
                 self.observe_programming_latency(&snapshot.slices);
-                self.health_checks.update(&desired.health_checks);
+                self.health_checks.update(&self.kept_model.health_checks());
                 if !outcome.lost_udp_backends.is_empty() {
                     let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
                     debug!(flows, "forgot UDP flows of removed backends");
@@ -367,7 +368,7 @@ impl Agent {
                 }
                 self.health.updated();
                 // The next sync computes only what changed from this.
-                self.reconciler.remember(std::mem::take(&mut desired.services));
+                self.reconciler.remember();
                 // The first sync says whether adopted maps were already right.
                 if writes > 0 || !std::mem::replace(&mut self.synced_once, true) || took > Duration::from_millis(100) {
                     // Where the time went: the model of every object, the

@@ -6,7 +6,7 @@
 //! itself: every other Service is still computed. Both sources (a directory
 //! of manifests, the Kubernetes API) feed this same function.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
@@ -352,6 +352,263 @@ pub fn desired_state<'a>(
         })
         .collect();
     merge(models.iter().map(|(object, model)| (object, model)), errors)
+}
+
+/// A Service (or slice) by namespace and name.
+type Key = (String, String);
+
+/// The identity of a shared object: where it lives. Sound while the
+/// tracker holds the object: the address cannot be reused meanwhile.
+fn identity<T>(object: &Arc<T>) -> usize {
+    Arc::as_ptr(object) as usize
+}
+
+/// Which objects of a source changed since the last look, by identity:
+/// sources hand out the same `Arc` for an object that did not change
+/// (kube-rs reflector stores, the directory source's parsed files), so
+/// finding the changes costs a hash lookup per object, never a read of it.
+struct Tracker<T> {
+    /// Identity → key, the object (held, see `identity`) and the round it
+    /// was last seen in.
+    by_identity: HashMap<usize, (Key, Arc<T>, u64)>,
+    by_key: HashMap<Key, usize>,
+    round: u64,
+}
+
+impl<T> Default for Tracker<T> {
+    fn default() -> Self {
+        Self { by_identity: HashMap::new(), by_key: HashMap::new(), round: 0 }
+    }
+}
+
+impl<T> Tracker<T> {
+    /// The keys whose object is new, replaced or gone since the last call,
+    /// with the object now (None: gone).
+    fn changes(&mut self, objects: &[Arc<T>], key_of: impl Fn(&T) -> Key) -> Vec<(Key, Option<Arc<T>>)> {
+        self.round += 1;
+        let mut changes = Vec::new();
+        for object in objects {
+            let id = identity(object);
+            if let Some(seen) = self.by_identity.get_mut(&id) {
+                seen.2 = self.round;
+                continue;
+            }
+            let key = key_of(object);
+            if let Some(replaced) = self.by_key.insert(key.clone(), id) {
+                self.by_identity.remove(&replaced);
+            }
+            self.by_identity.insert(id, (key.clone(), object.clone(), self.round));
+            changes.push((key, Some(object.clone())));
+        }
+        let round = self.round;
+        let gone: Vec<usize> = self.by_identity.iter().filter(|(_, seen)| seen.2 != round).map(|(id, _)| *id).collect();
+        for id in gone {
+            let Some((key, _, _)) = self.by_identity.remove(&id) else { continue };
+            if self.by_key.get(&key) == Some(&id) {
+                self.by_key.remove(&key);
+                changes.push((key, None));
+            }
+        }
+        changes
+    }
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (meta.namespace.clone().unwrap_or_else(|| "default".to_owned()), meta.name.clone().unwrap_or_default())
+}
+
+/// What changed in the desired state at one `Model::update`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Frontends whose serving Service port is new, different or gone.
+    pub frontends: BTreeSet<Frontend>,
+    /// Everything may have changed (first update, or new options).
+    pub all: bool,
+}
+
+/// The model kept between syncs: `desired_state`'s result, updated from
+/// the objects that changed since the last update only. A Service is
+/// computed again when it or one of its slices changed; the frontends it
+/// claims are re-decided among their claimants (the first Service by
+/// namespace and name owns a frontend, as in `merge`). One changed
+/// EndpointSlice among 30,000 Services costs its Service, not a pass
+/// over every object.
+#[derive(Default)]
+pub struct Model {
+    options: Option<ModelOptions>,
+    services: Tracker<Service>,
+    slices: Tracker<EndpointSlice>,
+    /// The Services, by key.
+    service_objects: HashMap<Key, Arc<Service>>,
+    /// Slices by the Service they name (namespace, service-name label).
+    slices_of: HashMap<Key, BTreeMap<Key, Arc<EndpointSlice>>>,
+    /// Each slice's Service (as `slices_of` files it).
+    slice_owner: HashMap<Key, Key>,
+    /// Each Service's slices, parsed, with their errors.
+    slice_ports: HashMap<Key, (Vec<SlicePort>, Vec<ObjectError>)>,
+    /// Errors of slices that name no Service (no service-name label).
+    stray_slices: HashMap<Key, Vec<ObjectError>>,
+    /// Each Service's model (its claims moved to `claims`), with its
+    /// reference and the frontends it claimed.
+    models: HashMap<Key, (ObjectRef, ServiceModel, Vec<Frontend>)>,
+    /// Claims on each frontend by Service, in order: the first owns it.
+    claims: BTreeMap<Frontend, BTreeMap<Key, (Arc<ServicePort>, String)>>,
+    /// A Service's claims on a frontend it already claimed (two ports
+    /// alike): errors, like any claim on a frontend someone else has.
+    repeated_claims: HashMap<Key, Vec<(Arc<ServicePort>, String)>>,
+    /// Health-check node ports by Service, in order: the last has it.
+    checks: BTreeMap<u16, BTreeMap<Key, HealthCheck>>,
+    /// The port of the Service owning each frontend (shared with `claims`).
+    desired: BTreeMap<Frontend, Arc<ServicePort>>,
+}
+
+impl Model {
+    /// Brings the model to these objects (the source's whole state) and
+    /// says which frontends changed.
+    pub fn update(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        options: &ModelOptions,
+    ) -> Changed {
+        let all = self.options.as_ref() != Some(options);
+        if all {
+            *self = Self { options: Some(options.clone()), ..Self::default() };
+        }
+        let mut dirty: BTreeSet<Key> = BTreeSet::new();
+        for (key, slice) in self.slices.changes(slices, |s| key_of(&s.metadata)) {
+            if let Some(owner) = self.slice_owner.remove(&key) {
+                if let Some(group) = self.slices_of.get_mut(&owner) {
+                    group.remove(&key);
+                }
+                dirty.insert(owner);
+            }
+            self.stray_slices.remove(&key);
+            let Some(slice) = slice else { continue };
+            let label = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+            match label {
+                Some(service) => {
+                    let owner = (key.0.clone(), service.clone());
+                    self.slices_of.entry(owner.clone()).or_default().insert(key.clone(), slice.clone());
+                    self.slice_owner.insert(key, owner.clone());
+                    dirty.insert(owner);
+                }
+                None => {
+                    let mut errors = Vec::new();
+                    endpoints_by_service([slice.as_ref()], None, "", &mut errors);
+                    self.stray_slices.insert(key, errors);
+                }
+            }
+        }
+        for owner in &dirty {
+            match self.slices_of.get(owner).filter(|group| !group.is_empty()) {
+                Some(group) => {
+                    let mut errors = Vec::new();
+                    let mut parsed = endpoints_by_service(
+                        group.values().map(AsRef::as_ref),
+                        options.proxy_name.as_deref(),
+                        &options.node_name,
+                        &mut errors,
+                    );
+                    self.slice_ports.insert(owner.clone(), (parsed.remove(owner).unwrap_or_default(), errors));
+                }
+                None => {
+                    self.slices_of.remove(owner);
+                    self.slice_ports.remove(owner);
+                }
+            }
+        }
+        for (key, service) in self.services.changes(services, |s| key_of(&s.metadata)) {
+            match service {
+                Some(service) => self.service_objects.insert(key.clone(), service),
+                None => self.service_objects.remove(&key),
+            };
+            dirty.insert(key);
+        }
+        let mut contested = BTreeSet::new();
+        for key in dirty {
+            self.repeated_claims.remove(&key);
+            if let Some((_, old, claimed)) = self.models.remove(&key) {
+                for frontend in claimed {
+                    if let Some(claimants) = self.claims.get_mut(&frontend) {
+                        claimants.remove(&key);
+                    }
+                    contested.insert(frontend);
+                }
+                if let Some((port, _)) = &old.health_check
+                    && let Some(claimants) = self.checks.get_mut(port)
+                {
+                    claimants.remove(&key);
+                }
+            }
+            let Some(service) = self.service_objects.get(&key) else { continue };
+            let ports = self.slice_ports.get(&key).map(|(ports, _)| ports.as_slice()).unwrap_or_default();
+            let mut model = model_service(service, ports, options);
+            // The ports move to the claims (one copy of each is kept); a
+            // Service claiming one frontend twice: its first claim counts.
+            let mut claimed = Vec::new();
+            for (port, field) in std::mem::take(&mut model.claims) {
+                let frontend = port.frontend;
+                contested.insert(frontend);
+                if claimed.contains(&frontend) {
+                    self.repeated_claims.entry(key.clone()).or_default().push((Arc::new(port), field));
+                } else {
+                    claimed.push(frontend);
+                    self.claims.entry(frontend).or_default().insert(key.clone(), (Arc::new(port), field));
+                }
+            }
+            if let Some((port, check)) = &model.health_check {
+                self.checks.entry(*port).or_default().insert(key.clone(), check.clone());
+            }
+            self.models.insert(key, (object_ref("Service", &service.metadata), model, claimed));
+        }
+        let mut changed = Changed { all, ..Changed::default() };
+        for frontend in contested {
+            let owner = self.claims.get(&frontend).and_then(|c| c.values().next()).map(|(port, _)| port);
+            let now = match owner {
+                Some(port) => self.desired.insert(frontend, port.clone()).is_none_or(|old| old != *port),
+                None => self.desired.remove(&frontend).is_some(),
+            };
+            if now {
+                changed.frontends.insert(frontend);
+            }
+            if self.claims.get(&frontend).is_some_and(BTreeMap::is_empty) {
+                self.claims.remove(&frontend);
+            }
+        }
+        self.checks.retain(|_, claimants| !claimants.is_empty());
+        changed
+    }
+
+    /// The Service ports to serve, by frontend.
+    pub fn desired(&self) -> &BTreeMap<Frontend, Arc<ServicePort>> {
+        &self.desired
+    }
+
+    /// Health-check node ports to serve.
+    pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        self.checks.iter().filter_map(|(port, c)| Some((*port, c.values().next_back()?.clone()))).collect()
+    }
+
+    /// Every object error: slices', Services', and claims on frontends
+    /// another Service owns.
+    pub fn errors(&self) -> Vec<ObjectError> {
+        let mut errors: Vec<ObjectError> = self.stray_slices.values().flatten().cloned().collect();
+        errors.extend(self.slice_ports.values().flat_map(|(_, e)| e).cloned());
+        errors.extend(self.models.values().flat_map(|(_, model, _)| &model.errors).cloned());
+        let owner = |frontend: &Frontend| self.claims.get(frontend)?.values().next().map(|(port, _)| port.name.clone());
+        let losing = self.claims.values().filter(|c| c.len() > 1).flat_map(|c| c.iter().skip(1));
+        let repeated = self.repeated_claims.iter().flat_map(|(key, claims)| claims.iter().map(move |c| (key, c)));
+        for (key, (port, field)) in losing.chain(repeated) {
+            let (Some((object, _, _)), Some(owner)) = (self.models.get(key), owner(&port.frontend)) else { continue };
+            errors.push(ObjectError {
+                object: object.clone(),
+                field: field.clone(),
+                message: format!("{} is already served for {owner}", port.frontend),
+            });
+        }
+        errors
+    }
 }
 
 /// Puts the Services' models together, in order: the first Service (by
@@ -1157,5 +1414,142 @@ endpoints:
         assert_eq!(backends(&state, "10.96.0.10:80/TCP"), ["10.1.1.1:8080"]);
         assert_eq!(backends(&state, "203.0.113.5:80/TCP"), ["10.1.1.1:8080", "10.1.2.1:8080"]);
         assert!(state.health_checks.is_empty());
+    }
+
+    /// xorshift64: the same sequence on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// A random Service: a few names in two namespaces on a few cluster
+    /// IPs and node ports, so that claims collide.
+    fn random_service(rng: &mut Rng, name: &str, namespace: &str) -> Service {
+        let local = rng.below(3) == 0;
+        let type_ = ["ClusterIP", "NodePort", "LoadBalancer"][rng.below(3) as usize];
+        let mut ports = vec![serde_json::json!({"name": "http", "port": 80, "nodePort": 30080 + rng.below(2)})];
+        if rng.below(2) == 0 {
+            ports.push(serde_json::json!({"name": "dns", "port": 53, "protocol": "UDP"}));
+        }
+        if rng.below(6) == 0 {
+            ports.push(serde_json::json!({"name": "again", "port": 80}));
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "type": type_,
+                "clusterIP": format!("10.96.0.{}", 1 + rng.below(4)),
+                "ports": ports,
+                "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
+                "healthCheckNodePort": 32000 + rng.below(2),
+                "sessionAffinity": if rng.below(4) == 0 { "ClientIP" } else { "None" },
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": format!("198.51.100.{}", 1 + rng.below(2))}]}},
+        }))
+        .unwrap()
+    }
+
+    fn random_slice(rng: &mut Rng, name: &str, namespace: &str) -> EndpointSlice {
+        let endpoints: Vec<serde_json::Value> = (0..rng.below(4))
+            .map(|_| {
+                serde_json::json!({
+                    "addresses": [format!("10.1.0.{}", 1 + rng.below(6))],
+                    "nodeName": format!("node-{}", 1 + rng.below(2)),
+                    "conditions": {"ready": rng.below(4) != 0, "serving": true, "terminating": rng.below(4) == 0},
+                })
+            })
+            .collect();
+        let mut labels = serde_json::json!({});
+        if rng.below(8) != 0 {
+            labels["kubernetes.io/service-name"] = format!("s{}", rng.below(5)).into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_kept_model_follows_changes_as_the_whole_computation_does() {
+        let options = ModelOptions {
+            node_name: "node-1".into(),
+            node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+            ..Default::default()
+        };
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut services: BTreeMap<Key, Arc<Service>> = BTreeMap::new();
+        let mut slices: BTreeMap<Key, Arc<EndpointSlice>> = BTreeMap::new();
+        let mut model = Model::default();
+        let mut previous: BTreeMap<Frontend, Arc<ServicePort>> = BTreeMap::new();
+        let (mut conflicts, mut checks, mut repeated, mut stray) = (0, 0, 0, 0);
+        for round in 0..300 {
+            for _ in 0..1 + rng.below(3) {
+                let namespace = ["a", "b"][rng.below(2) as usize].to_owned();
+                let (kind, index) = (rng.below(2), rng.below(5));
+                let gone = rng.below(5) == 0;
+                if kind == 0 {
+                    let key = (namespace.clone(), format!("s{index}"));
+                    if gone {
+                        services.remove(&key);
+                    } else {
+                        services.insert(key.clone(), Arc::new(random_service(&mut rng, &key.1, &namespace)));
+                    }
+                } else {
+                    let key = (namespace.clone(), format!("e{index}"));
+                    if gone {
+                        slices.remove(&key);
+                    } else {
+                        slices.insert(key.clone(), Arc::new(random_slice(&mut rng, &key.1, &namespace)));
+                    }
+                }
+            }
+            let (now_services, now_slices): (Vec<_>, Vec<_>) =
+                (services.values().cloned().collect(), slices.values().cloned().collect());
+            let changed = model.update(&now_services, &now_slices, &options);
+            let whole =
+                desired_state(services.values().map(AsRef::as_ref), slices.values().map(AsRef::as_ref), &options);
+            let kept: Vec<ServicePort> = model.desired().values().map(|p| (**p).clone()).collect();
+            assert_eq!(kept, whole.services, "round {round}");
+            assert_eq!(model.health_checks(), whole.health_checks, "round {round}");
+            let set = |errors: Vec<ObjectError>| errors.into_iter().map(|e| e.to_string()).collect::<BTreeSet<_>>();
+            let errors = set(model.errors());
+            conflicts += errors.iter().filter(|e| e.contains("already served")).count();
+            // A Service's own second claim: "Service a/s1: ... served for a/s1:http".
+            let own = |e: &&String| {
+                let service = e.split(':').next().unwrap_or("").trim_start_matches("Service ");
+                e.contains(&format!("already served for {service}:"))
+            };
+            repeated += errors.iter().filter(own).count();
+            stray += errors.iter().filter(|e| e.contains("belongs to no Service")).count();
+            checks += model.health_checks().len();
+            assert_eq!(errors, set(whole.errors), "round {round}");
+            if round > 0 {
+                assert!(!changed.all);
+                let differ: BTreeSet<Frontend> = previous
+                    .keys()
+                    .chain(model.desired().keys())
+                    .filter(|f| previous.get(f) != model.desired().get(f))
+                    .copied()
+                    .collect();
+                assert_eq!(changed.frontends, differ, "round {round}: the changes said are the changes made");
+            }
+            previous = model.desired().clone();
+        }
+        assert!(conflicts > 50 && repeated > 0 && stray > 0 && checks > 50, "{conflicts} {repeated} {stray} {checks}");
+        // New options (the node's addresses moved): everything again.
+        let moved = ModelOptions { node_addresses: vec![Ipv4Addr::new(192, 0, 2, 9)], ..options };
+        let now: (Vec<_>, Vec<_>) = (services.values().cloned().collect(), slices.values().cloned().collect());
+        assert!(model.update(&now.0, &now.1, &moved).all);
+        let whole = desired_state(services.values().map(AsRef::as_ref), slices.values().map(AsRef::as_ref), &moved);
+        assert_eq!(model.desired().values().map(|p| (**p).clone()).collect::<Vec<_>>(), whole.services);
     }
 }

@@ -4,16 +4,18 @@
 //! later writes are skipped, so each keeps a whole (old or new) state, and
 //! every other frontend is still brought up to date. One Service that does
 //! not fit never stops the others.
-use std::collections::{BTreeMap, BTreeSet};
-
-use std::net::Ipv4Addr;
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use lb_common::{Backend, ServiceKey, ServiceValue};
 
 use crate::{
-    model::{Algorithm, ServicePort},
+    model::{Algorithm, Frontend, Protocol, ServicePort},
     plan::{
-        EMPTY_ADDR, Globals, MaglevConfig, MapContents, MapOp, count_on_address, frontend_key, lost_udp_backends, plan,
+        EMPTY_ADDR, Globals, MaglevConfig, MapContents, MapOp, count_on_address, lost_udp_backends, plan,
         target_contents, target_contents_within,
     },
     sizing::Entries,
@@ -54,10 +56,10 @@ pub struct Reconciler {
     current: MapContents,
     maglev: MaglevConfig,
     index: Index,
-    /// The desired state `current` holds (sorted by frontend, as the model
-    /// gives it); None when unknown (first sync, or after a failed one):
-    /// the next sync then computes every frontend.
-    synced: Option<Vec<ServicePort>>,
+    /// Whether `current` holds the desired state last remembered, so that
+    /// the next sync may compute only the frontends that changed since;
+    /// false at first and after a failed sync: every frontend then.
+    in_step: bool,
 }
 
 /// Indexes of `current` kept in step with every write, for what a sync of
@@ -135,6 +137,11 @@ impl Index {
     }
 }
 
+/// The SERVICES key of a frontend's own (external) entry.
+fn key_of(frontend: &Frontend) -> ServiceKey {
+    ServiceKey::new(frontend.addr.octets(), frontend.port.to_be_bytes(), frontend.protocol.number(), 0)
+}
+
 /// A sync's work: what the maps should hold for the frontends it touches,
 /// and what they hold of them now.
 pub struct Step {
@@ -148,34 +155,6 @@ impl Step {
     /// The entries the sync writes toward.
     pub fn target(&self) -> &MapContents {
         &self.target
-    }
-}
-
-/// The frontends (slot-0 external keys) whose desired state differs
-/// between `old` and `new`, both sorted by frontend.
-fn changed_frontends(old: &[ServicePort], new: &[ServicePort]) -> BTreeSet<ServiceKey> {
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    let mut changed = BTreeSet::new();
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return changed,
-            (Some(x), Some(y)) if x.frontend == y.frontend => {
-                if x != y {
-                    changed.insert(frontend_key(y));
-                }
-                a.next();
-                b.next();
-            }
-            (Some(x), y) if y.is_none_or(|y| x.frontend < y.frontend) => {
-                changed.insert(frontend_key(x));
-                a.next();
-            }
-            (_, Some(y)) => {
-                changed.insert(frontend_key(y));
-                b.next();
-            }
-            (Some(_), None) => unreachable!("handled above"),
-        }
     }
 }
 
@@ -216,15 +195,15 @@ impl Dependents {
 impl Reconciler {
     /// Starts from what the maps hold now (adopted pinned maps, or empty).
     pub fn new(current: MapContents, maglev: MaglevConfig) -> Self {
-        Self { index: Index::of(&current), current, maglev, synced: None }
+        Self { index: Index::of(&current), current, maglev, in_step: false }
     }
 
     pub fn current(&self) -> &MapContents {
         &self.current
     }
 
-    /// Writes what differs between the maps and `desired` (sorted by
-    /// frontend). A failed write holds back the rest of its frontends'
+    /// Writes what differs between the maps and `desired`, computing every
+    /// frontend. A failed write holds back the rest of its frontends'
     /// writes (see the module); the error names the first failure, and a
     /// later sync retries.
     pub fn sync<W: MapWriter>(
@@ -232,31 +211,39 @@ impl Reconciler {
         desired: &[ServicePort],
         maps: &mut W,
     ) -> Result<SyncOutcome, SyncError<W::Error>> {
-        let step = self.prepare(desired);
+        let desired: BTreeMap<Frontend, ServicePort> = desired.iter().map(|s| (s.frontend, s.clone())).collect();
+        let step = self.prepare(&desired, None);
         let outcome = self.sync_step(&step, maps);
         if outcome.is_ok() {
-            self.remember(desired.to_vec());
+            self.remember();
         }
         outcome
     }
 
-    /// The work of a sync to `desired` (sorted by frontend, as the model
-    /// gives it): only the frontends whose desired state changed since the
-    /// last sync, and Maglev frontends waiting for a table while one is
-    /// free; every frontend when the last sync is not known.
-    pub fn prepare(&self, desired: &[ServicePort]) -> Step {
-        let Some(synced) = &self.synced else {
-            return Step { before: None, target: target_contents(desired, &self.current, self.maglev) };
+    /// The work of a sync to `desired`: with `changed` (the frontends whose
+    /// desired state changed since the last sync remembered, as
+    /// `model::Model` says), those alone, and Maglev frontends waiting for
+    /// a table; every frontend without it, or when the last sync is not
+    /// known to have been written.
+    pub fn prepare<P: Borrow<ServicePort>>(
+        &self,
+        desired: &BTreeMap<Frontend, P>,
+        changed: Option<&BTreeSet<Frontend>>,
+    ) -> Step {
+        let Some(changed) = changed.filter(|_| self.in_step) else {
+            let all: Vec<ServicePort> = desired.values().map(|p| p.borrow().clone()).collect();
+            return Step { before: None, target: target_contents(&all, &self.current, self.maglev) };
         };
-        let mut touched = changed_frontends(synced, desired);
+        let mut touched = changed.clone();
         // A table freed (now or in this sync) lets a Maglev frontend that
         // fell back to random have one, though its own state is unchanged:
         // those waiting are always looked at.
-        let waiting = desired.iter().filter(|s| s.algorithm == Algorithm::Maglev).map(frontend_key);
-        touched.extend(waiting.filter(|k| self.current.services.get(k).is_none_or(|v| v.maglev_table == 0)));
+        let ports = desired.values().map(Borrow::borrow);
+        let waiting = ports.filter(|s: &&ServicePort| s.algorithm == Algorithm::Maglev).map(|s| s.frontend);
+        touched.extend(waiting.filter(|f| self.current.services.get(&key_of(f)).is_none_or(|v| v.maglev_table == 0)));
         let mut before = MapContents::default();
-        for frontend in &touched {
-            let (mut low, mut high) = (*frontend, *frontend);
+        for frontend in touched.iter().map(key_of) {
+            let (mut low, mut high) = (frontend, frontend);
             (low.slot, low.protocol, low.scope, low._pad) = (0, 0, 0, [0; 2]);
             (high.slot, high.protocol, high.scope, high._pad) = (u16::MAX, u8::MAX, u8::MAX, [u8::MAX; 2]);
             let entries = self.current.services.range(low..=high).filter(|(k, _)| k.protocol == frontend.protocol);
@@ -265,10 +252,12 @@ impl Reconciler {
                 before.addrs.insert(frontend.vip, *addr);
             }
         }
-        let is_touched = |vip, port, protocol| touched.contains(&ServiceKey::new(vip, port, protocol, 0));
+        let keys: BTreeSet<ServiceKey> = touched.iter().map(key_of).collect();
+        let is_touched = |vip, port, protocol| keys.contains(&ServiceKey::new(vip, port, protocol, 0));
         before.source_ranges =
             self.current.source_ranges.iter().filter(|(_, r)| is_touched(r.vip, r.port, r.protocol)).copied().collect();
-        let wanted: Vec<ServicePort> = desired.iter().filter(|s| touched.contains(&frontend_key(s))).cloned().collect();
+        let wanted: Vec<ServicePort> =
+            touched.iter().filter_map(|f| desired.get(f)).map(|p| p.borrow().clone()).collect();
         let before_ids: BTreeSet<u32> = before.slot_ids().collect();
         let hashed_elsewhere = self.index.tables.values().map(|n| *n as usize).sum::<usize>()
             - before.frontend_entries().filter(|(_, v)| v.maglev_table != 0).count();
@@ -292,10 +281,12 @@ impl Reconciler {
         // them all, from the whole desired state.
         for vip in before.addrs.keys().chain(target.addrs.keys()).copied().collect::<BTreeSet<_>>() {
             let address = Ipv4Addr::from(vip);
-            let from = desired.partition_point(|s| s.frontend.addr < address);
-            let on_address = desired[from..].iter().take_while(|s| s.frontend.addr == address);
+            let first = Frontend { addr: address, port: 0, protocol: Protocol::Tcp };
             let mut entry = EMPTY_ADDR;
-            on_address.for_each(|s| count_on_address(&mut entry, s));
+            desired
+                .range(first..)
+                .take_while(|(f, _)| f.addr == address)
+                .for_each(|(_, s)| count_on_address(&mut entry, s.borrow()));
             if entry.frontends == 0 {
                 target.addrs.remove(&vip);
             } else {
@@ -311,14 +302,11 @@ impl Reconciler {
         Entries::needed(&self.current, &step.target)
     }
 
-    /// Records that the maps now hold `desired`, after `sync_step`
-    /// succeeded: the next sync starts from it.
-    pub fn remember(&mut self, desired: Vec<ServicePort>) {
-        if let Some(old) = self.synced.replace(desired) {
-            // Freeing tens of thousands of ports takes milliseconds that
-            // the next change should not wait for.
-            std::thread::spawn(move || drop(old));
-        }
+    /// Records that the maps now hold the desired state the last step was
+    /// prepared for, after `sync_step` succeeded: the next sync may compute
+    /// only what changed since.
+    pub fn remember(&mut self) {
+        self.in_step = true;
     }
 
     /// Writes `step` (from `prepare`); `remember` the desired state after
@@ -376,7 +364,7 @@ impl Reconciler {
             Some((op, source)) => {
                 // The maps hold neither the old state nor the new: the next
                 // sync computes every frontend.
-                self.synced = None;
+                self.in_step = false;
                 lost_udp_backends.retain(|(frontend, _)| !held_back.contains(frontend));
                 Err(SyncError { op, failed, skipped, total: ops.len(), source })
             }
@@ -542,19 +530,24 @@ mod tests {
         let (mut partial_maps, mut whole_maps) = (empty(), empty());
         let mut partial = Reconciler::new(MapContents::default(), maglev);
         let (mut touched, mut total) = (0, 0);
+        let mut previous: BTreeMap<Frontend, ServicePort> = BTreeMap::new();
         for round in 0..400 {
             mutate(&mut rng, &mut desired);
             let wanted: Vec<ServicePort> = desired.values().cloned().collect();
             // The reference: every frontend, from the maps as they are.
             let mut whole = Reconciler::new(whole_maps.contents.clone(), maglev);
             whole.sync(&wanted, &mut whole_maps).unwrap();
-            let step = partial.prepare(&wanted);
+            // What the model would say changed.
+            let changed: BTreeSet<Frontend> =
+                previous.keys().chain(desired.keys()).filter(|f| previous.get(f) != desired.get(f)).copied().collect();
+            let step = partial.prepare(&desired, Some(&changed));
             if let Some(before) = &step.before {
                 touched += before.frontend_entries().count().max(step.target.frontend_entries().count());
                 total += wanted.len();
             }
             partial.sync_step(&step, &mut partial_maps).unwrap();
-            partial.remember(wanted);
+            partial.remember();
+            previous = desired.clone();
             if partial_maps.contents != whole_maps.contents {
                 let (a, b) = (&partial_maps.contents, &whole_maps.contents);
                 let keys: BTreeSet<_> = a.services.keys().chain(b.services.keys()).collect();
@@ -575,7 +568,7 @@ mod tests {
             assert_eq!(partial.index, Index::of(&partial.current), "round {round}: indexes kept in step");
         }
         assert!(touched < total / 2, "syncs touched {touched} of {total} frontends: not only what changed");
-        let again = partial.prepare(&desired.values().cloned().collect::<Vec<_>>());
+        let again = partial.prepare(&desired, Some(&BTreeSet::new()));
         let waiting = desired.values().filter(|s| s.algorithm == Algorithm::Maglev).count();
         assert!(again.target.frontend_entries().count() <= waiting, "nothing changed: only Maglev frontends waiting");
     }
@@ -593,9 +586,10 @@ mod tests {
         let mut maps = FaultyMaps { contents: MapContents::default(), refuse: |_| false };
         let mut reconciler = Reconciler::new(MapContents::default(), maglev);
         reconciler.sync(&services, &mut maps).unwrap();
-        let mut changed = services.clone();
-        changed[500].backends = service(1, &[2, 3]).backends;
-        let step = reconciler.prepare(&changed);
+        let mut changed: BTreeMap<Frontend, ServicePort> = services.iter().map(|s| (s.frontend, s.clone())).collect();
+        let frontend = services[500].frontend;
+        changed.get_mut(&frontend).unwrap().backends = service(1, &[2, 3]).backends;
+        let step = reconciler.prepare(&changed, Some(&BTreeSet::from([frontend])));
         assert_eq!(step.target.frontend_entries().count(), 1);
         assert_eq!(step.before.as_ref().map(|b| b.services.len()), Some(3), "its frontend entry and two slots");
         let outcome = reconciler.sync_step(&step, &mut maps).unwrap();
@@ -603,7 +597,7 @@ mod tests {
         // unchanged, and backend 1 stays (the 999 others name it: its
         // planned deletion is skipped).
         assert_eq!(outcome.writes, 2, "{:?}", plan(step.before.as_ref().unwrap(), &step.target, maglev));
-        let key = frontend_key(&changed[500]);
+        let key = key_of(&frontend);
         let now: Vec<u8> = maps.contents.slots_of(&key).iter().map(|id| maps.contents.backends[id].addr[3]).collect();
         assert_eq!(now, [3, 2], "backend 3 in backend 1's slot; backend 2 kept its own");
         assert_eq!(maps.contents.backends.len(), 3, "backend 1 stays for the 999 others");

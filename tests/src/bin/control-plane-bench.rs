@@ -156,14 +156,16 @@ fn main() -> anyhow::Result<()> {
             answers.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
         );
     }
-    // Where the last sync's time went, as the agent logs it.
-    if let Some(last) = log.lines().rev().find(|l| l.contains("model_ms=")) {
+    // Where the first and the last sync's time went, as the agent logs it.
+    let breakdowns = log.lines().filter(|l| l.contains("model_ms="));
+    for (which, line) in [("first", breakdowns.clone().next()), ("last", breakdowns.last())] {
+        let Some(last) = line else { continue };
         let parts: Vec<&str> = ["model_ms=", "target_ms=", "sizing_ms=", "write_ms="]
             .into_iter()
             .filter_map(|field| Some(last.split_once(field)?.1.split_whitespace().next()?).map(|v| (field, v)))
             .map(|(field, v)| &last[last.find(field).unwrap_or(0)..][..field.len() + v.len()])
             .collect();
-        println!("last sync: {}", parts.join(" "));
+        println!("{which} sync: {}", parts.join(" "));
     }
     Ok(())
 }
