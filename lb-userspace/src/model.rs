@@ -458,6 +458,12 @@ pub struct Model {
     repeated_claims: HashMap<Key, Vec<(Arc<ServicePort>, String)>>,
     /// Health-check node ports by Service, in order: the last has it.
     checks: BTreeMap<u16, BTreeMap<Key, HealthCheck>>,
+    /// Keys of the `slice_ports` and `models` entries that hold errors,
+    /// and frontends with more than one claimant: `errors` reads these
+    /// alone, not every Service.
+    slice_groups_with_errors: BTreeSet<Key>,
+    services_with_errors: BTreeSet<Key>,
+    shared_frontends: BTreeSet<Frontend>,
     /// The port of the Service owning each frontend (shared with `claims`).
     desired: BTreeMap<Frontend, Arc<ServicePort>>,
 }
@@ -510,11 +516,17 @@ impl Model {
                         &options.node_name,
                         &mut errors,
                     );
+                    if errors.is_empty() {
+                        self.slice_groups_with_errors.remove(owner);
+                    } else {
+                        self.slice_groups_with_errors.insert(owner.clone());
+                    }
                     self.slice_ports.insert(owner.clone(), (parsed.remove(owner).unwrap_or_default(), errors));
                 }
                 None => {
                     self.slices_of.remove(owner);
                     self.slice_ports.remove(owner);
+                    self.slice_groups_with_errors.remove(owner);
                 }
             }
         }
@@ -528,6 +540,7 @@ impl Model {
         let mut contested = BTreeSet::new();
         for key in dirty {
             self.repeated_claims.remove(&key);
+            self.services_with_errors.remove(&key);
             if let Some((_, old, claimed)) = self.models.remove(&key) {
                 for frontend in claimed {
                     if let Some(claimants) = self.claims.get_mut(&frontend) {
@@ -560,6 +573,9 @@ impl Model {
             if let Some((port, check)) = &model.health_check {
                 self.checks.entry(*port).or_default().insert(key.clone(), check.clone());
             }
+            if !model.errors.is_empty() {
+                self.services_with_errors.insert(key.clone());
+            }
             self.models.insert(key, (object_ref("Service", &service.metadata), model, claimed));
         }
         let mut changed = Changed { all, ..Changed::default() };
@@ -572,8 +588,17 @@ impl Model {
             if now {
                 changed.frontends.insert(frontend);
             }
-            if self.claims.get(&frontend).is_some_and(BTreeMap::is_empty) {
-                self.claims.remove(&frontend);
+            match self.claims.get(&frontend).map(BTreeMap::len) {
+                Some(0) => {
+                    self.claims.remove(&frontend);
+                    self.shared_frontends.remove(&frontend);
+                }
+                Some(1) | None => {
+                    self.shared_frontends.remove(&frontend);
+                }
+                Some(_) => {
+                    self.shared_frontends.insert(frontend);
+                }
             }
         }
         self.checks.retain(|_, claimants| !claimants.is_empty());
@@ -594,10 +619,13 @@ impl Model {
     /// another Service owns.
     pub fn errors(&self) -> Vec<ObjectError> {
         let mut errors: Vec<ObjectError> = self.stray_slices.values().flatten().cloned().collect();
-        errors.extend(self.slice_ports.values().flat_map(|(_, e)| e).cloned());
-        errors.extend(self.models.values().flat_map(|(_, model, _)| &model.errors).cloned());
+        let groups = self.slice_groups_with_errors.iter().filter_map(|key| self.slice_ports.get(key));
+        errors.extend(groups.flat_map(|(_, e)| e).cloned());
+        let services = self.services_with_errors.iter().filter_map(|key| self.models.get(key));
+        errors.extend(services.flat_map(|(_, model, _)| &model.errors).cloned());
         let owner = |frontend: &Frontend| self.claims.get(frontend)?.values().next().map(|(port, _)| port.name.clone());
-        let losing = self.claims.values().filter(|c| c.len() > 1).flat_map(|c| c.iter().skip(1));
+        let shared = self.shared_frontends.iter().filter_map(|f| self.claims.get(f));
+        let losing = shared.flat_map(|c| c.iter().skip(1));
         let repeated = self.repeated_claims.iter().flat_map(|(key, claims)| claims.iter().map(move |c| (key, c)));
         for (key, (port, field)) in losing.chain(repeated) {
             let (Some((object, _, _)), Some(owner)) = (self.models.get(key), owner(&port.frontend)) else { continue };

@@ -60,6 +60,9 @@ pub struct Reconciler {
     /// the next sync may compute only the frontends that changed since;
     /// false at first and after a failed sync: every frontend then.
     in_step: bool,
+    /// Maglev frontends that fell back to random for want of a table:
+    /// looked at in every sync, since a table freed lets one have it.
+    waiting: BTreeSet<Frontend>,
 }
 
 /// Indexes of `current` kept in step with every write, for what a sync of
@@ -137,6 +140,15 @@ impl Index {
     }
 }
 
+/// The Maglev frontends among `ports` that `target` gives no table.
+fn waiting_for_a_table<'a>(ports: impl Iterator<Item = &'a ServicePort>, target: &MapContents) -> BTreeSet<Frontend> {
+    ports
+        .filter(|s| s.algorithm == Algorithm::Maglev)
+        .map(|s| s.frontend)
+        .filter(|f| target.services.get(&key_of(f)).is_none_or(|v| v.maglev_table == 0))
+        .collect()
+}
+
 /// The SERVICES key of a frontend's own (external) entry.
 fn key_of(frontend: &Frontend) -> ServiceKey {
     ServiceKey::new(frontend.addr.octets(), frontend.port.to_be_bytes(), frontend.protocol.number(), 0)
@@ -149,6 +161,8 @@ pub struct Step {
     /// frontend is touched).
     before: Option<MapContents>,
     target: MapContents,
+    /// `Reconciler::waiting` once the step is written.
+    waiting: BTreeSet<Frontend>,
 }
 
 impl Step {
@@ -195,7 +209,7 @@ impl Dependents {
 impl Reconciler {
     /// Starts from what the maps hold now (adopted pinned maps, or empty).
     pub fn new(current: MapContents, maglev: MaglevConfig) -> Self {
-        Self { index: Index::of(&current), current, maglev, in_step: false }
+        Self { index: Index::of(&current), current, maglev, in_step: false, waiting: BTreeSet::new() }
     }
 
     pub fn current(&self) -> &MapContents {
@@ -232,15 +246,14 @@ impl Reconciler {
     ) -> Step {
         let Some(changed) = changed.filter(|_| self.in_step) else {
             let all: Vec<ServicePort> = desired.values().map(|p| p.borrow().clone()).collect();
-            return Step { before: None, target: target_contents(&all, &self.current, self.maglev) };
+            let target = target_contents(&all, &self.current, self.maglev);
+            let waiting = waiting_for_a_table(all.iter(), &target);
+            return Step { before: None, target, waiting };
         };
-        let mut touched = changed.clone();
         // A table freed (now or in this sync) lets a Maglev frontend that
         // fell back to random have one, though its own state is unchanged:
         // those waiting are always looked at.
-        let ports = desired.values().map(Borrow::borrow);
-        let waiting = ports.filter(|s: &&ServicePort| s.algorithm == Algorithm::Maglev).map(|s| s.frontend);
-        touched.extend(waiting.filter(|f| self.current.services.get(&key_of(f)).is_none_or(|v| v.maglev_table == 0)));
+        let touched: BTreeSet<Frontend> = changed.union(&self.waiting).copied().collect();
         let mut before = MapContents::default();
         for frontend in touched.iter().map(key_of) {
             let (mut low, mut high) = (frontend, frontend);
@@ -293,7 +306,9 @@ impl Reconciler {
                 target.addrs.insert(vip, entry);
             }
         }
-        Step { before: Some(before), target }
+        let still = waiting_for_a_table(wanted.iter(), &target);
+        let waiting = self.waiting.iter().filter(|f| !touched.contains(f)).copied().chain(still).collect();
+        Step { before: Some(before), target, waiting }
     }
 
     /// What the maps need room for during `step`: all they hold, and the
@@ -360,7 +375,10 @@ impl Reconciler {
             }
         }
         match first_error {
-            None => Ok(SyncOutcome { writes: ops.len() - skipped, lost_udp_backends }),
+            None => {
+                self.waiting = step.waiting.clone();
+                Ok(SyncOutcome { writes: ops.len() - skipped, lost_udp_backends })
+            }
             Some((op, source)) => {
                 // The maps hold neither the old state nor the new: the next
                 // sync computes every frontend.
