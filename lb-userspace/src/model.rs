@@ -382,6 +382,11 @@ impl<T> Default for Tracker<T> {
 }
 
 impl<T> Tracker<T> {
+    /// The object at `key` as last seen.
+    fn get(&self, key: &Key) -> Option<&Arc<T>> {
+        self.by_identity.get(self.by_key.get(key)?).map(|(_, object, _)| object)
+    }
+
     /// The keys whose object is new, replaced or gone since the last call,
     /// with the object now (None: gone).
     fn changes(&mut self, objects: &[Arc<T>], key_of: impl Fn(&T) -> Key) -> Vec<(Key, Option<Arc<T>>)> {
@@ -417,6 +422,57 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
     (meta.namespace.clone().unwrap_or_else(|| "default".to_owned()), meta.name.clone().unwrap_or_default())
 }
 
+/// A map kept as a sorted vector: the model's inner maps mostly hold one
+/// entry (a frontend's claimants, a Service's slices), where a BTreeMap
+/// would allocate a whole node for each.
+#[derive(Debug)]
+struct SmallMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<K: Ord, V> SmallMap<K, V> {
+    fn insert(&mut self, key: K, value: V) {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (key, value)),
+        }
+    }
+
+    fn remove(&mut self, key: &K) {
+        if let Ok(i) = self.0.binary_search_by(|(k, _)| k.cmp(key)) {
+            self.0.remove(i);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn first(&self) -> Option<&V> {
+        self.0.first().map(|(_, v)| v)
+    }
+
+    fn last(&self) -> Option<&V> {
+        self.0.last().map(|(_, v)| v)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+}
+
 /// What changed in the desired state at one `Model::update`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changed {
@@ -438,10 +494,8 @@ pub struct Model {
     options: Option<ModelOptions>,
     services: Tracker<Service>,
     slices: Tracker<EndpointSlice>,
-    /// The Services, by key.
-    service_objects: HashMap<Key, Arc<Service>>,
     /// Slices by the Service they name (namespace, service-name label).
-    slices_of: HashMap<Key, BTreeMap<Key, Arc<EndpointSlice>>>,
+    slices_of: HashMap<Key, SmallMap<Key, Arc<EndpointSlice>>>,
     /// Each slice's Service (as `slices_of` files it).
     slice_owner: HashMap<Key, Key>,
     /// Each Service's slices, parsed, with their errors.
@@ -452,12 +506,12 @@ pub struct Model {
     /// reference and the frontends it claimed.
     models: HashMap<Key, (ObjectRef, ServiceModel, Vec<Frontend>)>,
     /// Claims on each frontend by Service, in order: the first owns it.
-    claims: BTreeMap<Frontend, BTreeMap<Key, (Arc<ServicePort>, String)>>,
+    claims: BTreeMap<Frontend, SmallMap<Key, (Arc<ServicePort>, String)>>,
     /// A Service's claims on a frontend it already claimed (two ports
     /// alike): errors, like any claim on a frontend someone else has.
     repeated_claims: HashMap<Key, Vec<(Arc<ServicePort>, String)>>,
     /// Health-check node ports by Service, in order: the last has it.
-    checks: BTreeMap<u16, BTreeMap<Key, HealthCheck>>,
+    checks: BTreeMap<u16, SmallMap<Key, HealthCheck>>,
     /// Keys of the `slice_ports` and `models` entries that hold errors,
     /// and frontends with more than one claimant: `errors` reads these
     /// alone, not every Service.
@@ -530,11 +584,7 @@ impl Model {
                 }
             }
         }
-        for (key, service) in self.services.changes(services, |s| key_of(&s.metadata)) {
-            match service {
-                Some(service) => self.service_objects.insert(key.clone(), service),
-                None => self.service_objects.remove(&key),
-            };
+        for (key, _) in self.services.changes(services, |s| key_of(&s.metadata)) {
             dirty.insert(key);
         }
         let mut contested = BTreeSet::new();
@@ -554,7 +604,7 @@ impl Model {
                     claimants.remove(&key);
                 }
             }
-            let Some(service) = self.service_objects.get(&key) else { continue };
+            let Some(service) = self.services.get(&key) else { continue };
             let ports = self.slice_ports.get(&key).map(|(ports, _)| ports.as_slice()).unwrap_or_default();
             let mut model = model_service(service, ports, options);
             // The ports move to the claims (one copy of each is kept); a
@@ -580,7 +630,7 @@ impl Model {
         }
         let mut changed = Changed { all, ..Changed::default() };
         for frontend in contested {
-            let owner = self.claims.get(&frontend).and_then(|c| c.values().next()).map(|(port, _)| port);
+            let owner = self.claims.get(&frontend).and_then(SmallMap::first).map(|(port, _)| port);
             let now = match owner {
                 Some(port) => self.desired.insert(frontend, port.clone()).is_none_or(|old| old != *port),
                 None => self.desired.remove(&frontend).is_some(),
@@ -588,7 +638,7 @@ impl Model {
             if now {
                 changed.frontends.insert(frontend);
             }
-            match self.claims.get(&frontend).map(BTreeMap::len) {
+            match self.claims.get(&frontend).map(SmallMap::len) {
                 Some(0) => {
                     self.claims.remove(&frontend);
                     self.shared_frontends.remove(&frontend);
@@ -612,7 +662,7 @@ impl Model {
 
     /// Health-check node ports to serve.
     pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
-        self.checks.iter().filter_map(|(port, c)| Some((*port, c.values().next_back()?.clone()))).collect()
+        self.checks.iter().filter_map(|(port, c)| Some((*port, c.last()?.clone()))).collect()
     }
 
     /// Every object error: slices', Services', and claims on frontends
@@ -623,7 +673,7 @@ impl Model {
         errors.extend(groups.flat_map(|(_, e)| e).cloned());
         let services = self.services_with_errors.iter().filter_map(|key| self.models.get(key));
         errors.extend(services.flat_map(|(_, model, _)| &model.errors).cloned());
-        let owner = |frontend: &Frontend| self.claims.get(frontend)?.values().next().map(|(port, _)| port.name.clone());
+        let owner = |frontend: &Frontend| self.claims.get(frontend)?.first().map(|(port, _)| port.name.clone());
         let shared = self.shared_frontends.iter().filter_map(|f| self.claims.get(f));
         let losing = shared.flat_map(|c| c.iter().skip(1));
         let repeated = self.repeated_claims.iter().flat_map(|(key, claims)| claims.iter().map(move |c| (key, c)));
