@@ -10,7 +10,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_common::{Backend, ServiceKey, ServiceValue};
+use lb_common::{Backend, SCOPE_INTERNAL, ServiceKey, ServiceValue};
 
 use crate::{
     model::{Algorithm, Frontend, Protocol, ServicePort},
@@ -60,6 +60,8 @@ pub struct Reconciler {
     /// the next sync may compute only the frontends that changed since;
     /// false at first and after a failed sync: every frontend then.
     in_step: bool,
+    /// Whether the last step wrote every frontend it touched.
+    last_step_whole: bool,
     /// Maglev frontends that fell back to random for want of a table:
     /// looked at in every sync, since a table freed lets one have it.
     waiting: BTreeSet<Frontend>,
@@ -142,11 +144,22 @@ impl Index {
 
 /// The Maglev frontends among `ports` that `target` gives no table.
 fn waiting_for_a_table<'a>(ports: impl Iterator<Item = &'a ServicePort>, target: &MapContents) -> BTreeSet<Frontend> {
+    let without_table = |key: ServiceKey| target.services.get(&key).is_none_or(|v| v.maglev_table == 0);
     ports
         .filter(|s| s.algorithm == Algorithm::Maglev)
+        // The internal view of a two-scope frontend has a table of its own.
+        .filter(|s| {
+            let key = key_of(&s.frontend);
+            without_table(key) || (s.internal_backends.is_some() && without_table(key.with_scope(SCOPE_INTERNAL)))
+        })
         .map(|s| s.frontend)
-        .filter(|f| target.services.get(&key_of(f)).is_none_or(|v| v.maglev_table == 0))
         .collect()
+}
+
+/// How many Maglev tables the frontends' entries (both scopes) name.
+fn tables_named(current: &MapContents, frontends: &BTreeSet<Frontend>) -> usize {
+    let named = |key: ServiceKey| current.services.get(&key).is_some_and(|v| v.maglev_table != 0);
+    frontends.iter().map(key_of).map(|k| usize::from(named(k)) + usize::from(named(k.with_scope(SCOPE_INTERNAL)))).sum()
 }
 
 /// The SERVICES key of a frontend's own (external) entry.
@@ -209,7 +222,14 @@ impl Dependents {
 impl Reconciler {
     /// Starts from what the maps hold now (adopted pinned maps, or empty).
     pub fn new(current: MapContents, maglev: MaglevConfig) -> Self {
-        Self { index: Index::of(&current), current, maglev, in_step: false, waiting: BTreeSet::new() }
+        Self {
+            index: Index::of(&current),
+            current,
+            maglev,
+            in_step: false,
+            last_step_whole: false,
+            waiting: BTreeSet::new(),
+        }
     }
 
     pub fn current(&self) -> &MapContents {
@@ -250,10 +270,14 @@ impl Reconciler {
             let waiting = waiting_for_a_table(all.iter(), &target);
             return Step { before: None, target, waiting };
         };
-        // A table freed (now or in this sync) lets a Maglev frontend that
-        // fell back to random have one, though its own state is unchanged:
-        // those waiting are always looked at.
-        let touched: BTreeSet<Frontend> = changed.union(&self.waiting).copied().collect();
+        // A table free (now, or freed by a frontend of this sync) lets a
+        // Maglev frontend that fell back to random have one, though its own
+        // state is unchanged: those waiting are looked at then. With every
+        // table taken they would get none, as a whole computation shows.
+        let hashed: usize = self.index.tables.values().map(|n| *n as usize).sum();
+        let room = hashed.saturating_sub(tables_named(&self.current, changed)) < self.maglev.tables as usize;
+        let touched: BTreeSet<Frontend> =
+            if room { changed.union(&self.waiting).copied().collect() } else { changed.clone() };
         let mut before = MapContents::default();
         for frontend in touched.iter().map(key_of) {
             let (mut low, mut high) = (frontend, frontend);
@@ -321,7 +345,7 @@ impl Reconciler {
     /// prepared for, after `sync_step` succeeded: the next sync may compute
     /// only what changed since.
     pub fn remember(&mut self) {
-        self.in_step = true;
+        self.in_step = self.last_step_whole;
     }
 
     /// Writes `step` (from `prepare`); `remember` the desired state after
@@ -377,6 +401,10 @@ impl Reconciler {
         match first_error {
             None => {
                 self.waiting = step.waiting.clone();
+                // A frontend held back without an error (a table another
+                // frontend still reads) is not where its desired state says:
+                // the next sync computes everything and finds it.
+                self.last_step_whole = held_back.is_empty();
                 Ok(SyncOutcome { writes: ops.len() - skipped, lost_udp_backends })
             }
             Some((op, source)) => {
