@@ -352,7 +352,7 @@ impl Agent {
                 self.metrics.frontends.set(frontends as i64);
                 self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
                 self.metrics.set_agent_map_entries(&Entries::held(self.reconciler.current()));
-                self.observe_programming_latency(&snapshot.slices);
+                self.observe_programming_latency(&changed.slices);
                 self.health_checks.update(&self.kept_model.health_checks());
                 if !outcome.lost_udp_backends.is_empty() {
                     let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);

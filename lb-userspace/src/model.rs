@@ -474,12 +474,15 @@ impl<K: Ord, V> SmallMap<K, V> {
 }
 
 /// What changed in the desired state at one `Model::update`.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Changed {
     /// Frontends whose serving Service port is new, different or gone.
     pub frontends: BTreeSet<Frontend>,
     /// Everything may have changed (first update, or new options).
     pub all: bool,
+    /// The EndpointSlices that are new or replaced (for the programming
+    /// latency of their changes).
+    pub slices: Vec<Arc<EndpointSlice>>,
 }
 
 /// The model kept between syncs: `desired_state`'s result, updated from
@@ -536,6 +539,7 @@ impl Model {
             *self = Self { options: Some(options.clone()), ..Self::default() };
         }
         let mut dirty: BTreeSet<Key> = BTreeSet::new();
+        let mut new_slices = Vec::new();
         for (key, slice) in self.slices.changes(slices, |s| key_of(&s.metadata)) {
             if let Some(owner) = self.slice_owner.remove(&key) {
                 if let Some(group) = self.slices_of.get_mut(&owner) {
@@ -545,6 +549,7 @@ impl Model {
             }
             self.stray_slices.remove(&key);
             let Some(slice) = slice else { continue };
+            new_slices.push(slice.clone());
             let label = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
             match label {
                 Some(service) => {
@@ -628,7 +633,7 @@ impl Model {
             }
             self.models.insert(key, (object_ref("Service", &service.metadata), model, claimed));
         }
-        let mut changed = Changed { all, ..Changed::default() };
+        let mut changed = Changed { all, slices: new_slices, ..Changed::default() };
         for frontend in contested {
             let owner = self.claims.get(&frontend).and_then(SmallMap::first).map(|(port, _)| port);
             let now = match owner {

@@ -174,8 +174,13 @@ fn frontend_flags(service: &ServicePort) -> u8 {
 pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: MaglevConfig) -> MapContents {
     let ids: BTreeMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
     let tables: BTreeSet<u32> = current.services.values().map(|v| v.maglev_table).filter(|t| *t != 0).collect();
-    let everything =
-        Globals { ids: &ids, id_taken: &|id| current.backends.contains_key(&id), tables: &tables, hashed_elsewhere: 0 };
+    let everything = Globals {
+        ids: &ids,
+        id_taken: &|id| current.backends.contains_key(&id),
+        first_free_id: 1,
+        tables: &tables,
+        hashed_elsewhere: 0,
+    };
     target_contents_within(desired, current, maglev, &everything)
 }
 
@@ -200,6 +205,9 @@ pub struct Globals<'a> {
     pub ids: &'a BTreeMap<Backend, u32>,
     /// Whether an id is in the maps: a new backend never takes one.
     pub id_taken: &'a dyn Fn(u32) -> bool,
+    /// Every id below this is taken (1 if unknown): where the search for a
+    /// free id starts.
+    pub first_free_id: u32,
     /// Maglev tables any frontend in the maps names: never a spare.
     pub tables: &'a BTreeSet<u32>,
     /// Frontends with a Maglev table outside `current`'s (which keep it).
@@ -222,7 +230,7 @@ pub fn target_contents_within(
         globals,
         new_maglev: Vec::new(),
         new_ids: BTreeMap::new(),
-        next_id: 1,
+        next_id: globals.first_free_id,
         target: MapContents::default(),
     };
 

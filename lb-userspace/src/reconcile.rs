@@ -77,11 +77,18 @@ struct Index {
     refs: BTreeMap<u32, u32>,
     /// Maglev table → how many frontends name it.
     tables: BTreeMap<u32, u32>,
+    /// Backend ids not in the maps below `id_top`; every id from `id_top`
+    /// on is free. So the lowest free id costs a lookup, not a walk over
+    /// the ids in use.
+    free_ids: BTreeSet<u32>,
+    id_top: u32,
 }
 
 impl Index {
     fn of(contents: &MapContents) -> Self {
         let mut index = Self { ids: contents.backends.iter().map(|(id, b)| (*b, *id)).collect(), ..Self::default() };
+        index.id_top = contents.backends.keys().next_back().map_or(1, |max| max.saturating_add(1));
+        index.free_ids = (1..index.id_top).filter(|id| !contents.backends.contains_key(id)).collect();
         for (key, value) in &contents.services {
             index.count(key, value, true);
         }
@@ -101,6 +108,36 @@ impl Index {
         *n = if add { *n + 1 } else { n.saturating_sub(1) };
         if *n == 0 {
             map.remove(&id);
+        }
+    }
+
+    /// The lowest backend id not in the maps.
+    fn first_free_id(&self) -> u32 {
+        self.free_ids.first().copied().unwrap_or(self.id_top)
+    }
+
+    /// Keeps the free ids in step with `op`, just applied.
+    fn follow_free_ids(&mut self, op: &MapOp) {
+        match op {
+            MapOp::PutBackend(id, _) if *id < self.id_top => {
+                self.free_ids.remove(id);
+            }
+            MapOp::PutBackend(id, _) => {
+                // Ids come lowest-first, so this gap is empty but for maps
+                // adopted from elsewhere.
+                self.free_ids.extend(self.id_top..*id);
+                self.id_top = id.saturating_add(1);
+            }
+            MapOp::DeleteBackend(id) if id.saturating_add(1) == self.id_top => {
+                self.id_top = *id;
+                while self.id_top > 1 && self.free_ids.remove(&(self.id_top - 1)) {
+                    self.id_top -= 1;
+                }
+            }
+            MapOp::DeleteBackend(id) if *id < self.id_top => {
+                self.free_ids.insert(*id);
+            }
+            _ => {}
         }
     }
 
@@ -302,6 +339,7 @@ impl Reconciler {
         let globals = Globals {
             ids: &self.index.ids,
             id_taken: &|id| self.current.backends.contains_key(&id),
+            first_free_id: self.index.first_free_id(),
             tables: &tables,
             hashed_elsewhere,
         };
@@ -390,6 +428,7 @@ impl Reconciler {
                 Ok(()) => {
                     self.index.track(&self.current, op);
                     self.current.apply(op);
+                    self.index.follow_free_ids(op);
                 }
                 Err(source) => {
                     failed += 1;
