@@ -514,6 +514,23 @@ pub fn netns_cookie() -> io::Result<u64> {
     result
 }
 
+/// Runs a program load again when the verifier gave up with EAGAIN: it
+/// does when a signal arrives for the loading thread mid-verification
+/// (libbpf retries the same way, up to 5 times).
+fn retry_interrupted(mut load: impl FnMut() -> Result<(), DatapathError>) -> Result<(), DatapathError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(DatapathError::Program(ProgramError::LoadError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < 5 =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The maps the agent writes and sizes for the cluster: `Datapath::grow`
 /// replaces them with bigger ones. The others (traffic state written by
 /// the programs, counters, and MAGLEV, whose size is a flag) are shared by
@@ -586,11 +603,11 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in PROGS_SOCK {
-            Self::sock_program(&mut ebpf, name)?.load()?;
+            retry_interrupted(|| Self::sock_program(&mut ebpf, name)?.load().map_err(Into::into))?;
         }
-        Self::tc_program_of(&mut ebpf, PROG_FROM_POD)?.load()?;
-        Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load()?;
-        Self::xdp_program_of(&mut ebpf)?.load()?;
+        retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD)?.load().map_err(Into::into))?;
+        retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load().map_err(Into::into))?;
+        retry_interrupted(|| Self::xdp_program_of(&mut ebpf)?.load().map_err(Into::into))?;
         Ok(ebpf)
     }
 
@@ -878,8 +895,8 @@ impl Baseline {
             return Err(DatapathError::NotBuilt);
         }
         let mut baseline = Self { ebpf: EbpfLoader::new().load(EBPF_OBJECT)? };
-        baseline.xdp()?.load()?;
-        baseline.tc()?.load()?;
+        retry_interrupted(|| baseline.xdp()?.load().map_err(Into::into))?;
+        retry_interrupted(|| baseline.tc()?.load().map_err(Into::into))?;
         Ok(baseline)
     }
 
