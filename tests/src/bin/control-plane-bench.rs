@@ -166,8 +166,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     // Where the first and the last sync's time went, as the agent logs it.
-    let breakdowns = log.lines().filter(|l| l.contains("model_ms="));
-    for (which, line) in [("first", breakdowns.clone().next()), ("last", breakdowns.last())] {
+    let mut breakdowns = log.lines().filter(|l| l.contains("model_ms="));
+    for (which, line) in [("first", breakdowns.clone().next()), ("last", breakdowns.next_back())] {
         let Some(last) = line else { continue };
         let parts: Vec<&str> = ["model_ms=", "target_ms=", "sizing_ms=", "write_ms="]
             .into_iter()
