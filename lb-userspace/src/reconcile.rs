@@ -7,16 +7,15 @@
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
 };
 
-use lb_common::{Backend, SCOPE_INTERNAL, ServiceKey, ServiceValue};
+use lb_common::{Backend, FRONTEND_EXTERNAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceAddr, ServiceKey, ServiceValue};
 
 use crate::{
-    model::{Algorithm, Frontend, Protocol, ServicePort},
+    model::{Algorithm, Frontend, ServicePort},
     plan::{
-        EMPTY_ADDR, Globals, MaglevConfig, MapContents, MapOp, count_on_address, lost_udp_backends, plan,
-        target_contents, target_contents_within,
+        EMPTY_ADDR, Globals, MaglevConfig, MapContents, MapOp, lost_udp_backends, plan, target_contents,
+        target_contents_within,
     },
     sizing::Entries,
 };
@@ -77,6 +76,9 @@ struct Index {
     refs: BTreeMap<u32, u32>,
     /// Maglev table → how many frontends name it.
     tables: BTreeMap<u32, u32>,
+    /// Service address → its frontends, and how many of them are not
+    /// cluster IPs (the SERVICE_ADDRS entry follows from these).
+    on_address: BTreeMap<[u8; 4], (u32, u32)>,
     /// Backend ids not in the maps below `id_top`; every id from `id_top`
     /// on is free. So the lowest free id costs a lookup, not a walk over
     /// the ids in use.
@@ -97,6 +99,19 @@ impl Index {
 
     /// Counts (or uncounts) one SERVICES entry.
     fn count(&mut self, key: &ServiceKey, value: &ServiceValue, add: bool) {
+        if key.slot == 0 && key.scope == SCOPE_EXTERNAL {
+            let (frontends, external) = self.on_address.entry(key.vip).or_default();
+            let step = |n: &mut u32, counted: bool| {
+                if counted {
+                    *n = if add { *n + 1 } else { n.saturating_sub(1) };
+                }
+            };
+            step(frontends, true);
+            step(external, value.flags & FRONTEND_EXTERNAL != 0);
+            if *frontends == 0 {
+                self.on_address.remove(&key.vip);
+            }
+        }
         let (map, id) = if key.slot != 0 {
             (&mut self.refs, value.backend_id)
         } else if value.maglev_table != 0 {
@@ -352,20 +367,29 @@ impl Reconciler {
                 before.backends.insert(id, *backend);
             }
         }
-        // An address is shared with frontends outside this step: count
-        // them all, from the whole desired state.
+        // An address is shared with frontends outside this step: its entry
+        // counts them all, from the index, less the touched frontends as
+        // they are and plus them as they will be.
         for vip in before.addrs.keys().chain(target.addrs.keys()).copied().collect::<BTreeSet<_>>() {
-            let address = Ipv4Addr::from(vip);
-            let first = Frontend { addr: address, port: 0, protocol: Protocol::Tcp };
-            let mut entry = EMPTY_ADDR;
-            desired
-                .range(first..)
-                .take_while(|(f, _)| f.addr == address)
-                .for_each(|(_, s)| count_on_address(&mut entry, s.borrow()));
-            if entry.frontends == 0 {
+            let (mut frontends, mut external) = self.index.on_address.get(&vip).copied().unwrap_or_default();
+            let on_vip = |contents: &MapContents| -> Vec<bool> {
+                let own = contents.frontend_entries().filter(|(k, _)| k.vip == vip && k.scope == SCOPE_EXTERNAL);
+                own.map(|(_, v)| v.flags & FRONTEND_EXTERNAL != 0).collect()
+            };
+            for is_external in on_vip(&before) {
+                frontends = frontends.saturating_sub(1);
+                external = external.saturating_sub(u32::from(is_external));
+            }
+            for is_external in on_vip(&target) {
+                frontends += 1;
+                external += u32::from(is_external);
+            }
+            if frontends == 0 {
                 target.addrs.remove(&vip);
             } else {
-                target.addrs.insert(vip, entry);
+                let flags = if external > 0 { 0 } else { EMPTY_ADDR.flags };
+                let frontends = u16::try_from(frontends).unwrap_or(u16::MAX);
+                target.addrs.insert(vip, ServiceAddr { frontends, flags, ..EMPTY_ADDR });
             }
         }
         let still = waiting_for_a_table(wanted.iter(), &target);
