@@ -18,3 +18,5 @@ pub mod reconcile;
 pub mod sizing;
 pub mod sock_destroy;
 pub mod status;
+#[cfg(test)]
+mod test_rng;

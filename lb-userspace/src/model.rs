@@ -1499,17 +1499,7 @@ endpoints:
         assert!(state.health_checks.is_empty());
     }
 
-    /// xorshift64: the same sequence on every run.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// A random Service: a few names in two namespaces on a few cluster
     /// IPs and node ports, so that claims collide.

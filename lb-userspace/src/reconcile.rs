@@ -581,22 +581,13 @@ mod tests {
         assert_eq!(backends_of(&maps.contents, 2), [2, 4]);
     }
 
-    /// xorshift64: the same sequence on every run.
-    struct Rng(u64);
+    use crate::test_rng::Rng;
 
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-
-        fn backends(&mut self) -> BTreeSet<std::net::SocketAddrV4> {
-            (0..self.below(5))
-                .map(|_| std::net::SocketAddrV4::new([10, 0, 0, 1 + self.below(10) as u8].into(), 8080))
-                .collect()
-        }
+    /// Up to 4 of 10 backends.
+    fn random_backends(rng: &mut Rng) -> BTreeSet<std::net::SocketAddrV4> {
+        (0..rng.below(5))
+            .map(|_| std::net::SocketAddrV4::new([10, 0, 0, 1 + rng.below(10) as u8].into(), 8080))
+            .collect()
     }
 
     /// A random change of the desired state: frontends come, go and change
@@ -612,7 +603,7 @@ mod tests {
                 desired.remove(&frontend);
                 continue;
             }
-            let backends = rng.backends();
+            let backends = random_backends(rng);
             let external = rng.below(3) == 0;
             let service = ServicePort {
                 name: format!("svc/{frontend}"),
@@ -624,7 +615,7 @@ mod tests {
                 algorithm: if rng.below(3) == 0 { Algorithm::Maglev } else { Algorithm::Random },
                 source_ranges: if external && rng.below(2) == 0 { vec!["10.0.0.0/8".parse().unwrap()] } else { vec![] },
                 drop_when_empty: false,
-                internal_backends: (external && rng.below(2) == 0).then(|| rng.backends()),
+                internal_backends: (external && rng.below(2) == 0).then(|| random_backends(rng)),
             };
             desired.insert(frontend, service);
         }
