@@ -301,18 +301,26 @@ impl Maps {
             (MAP_SERVICE_ADDRS, self.service_addrs.keys().filter(Result::is_ok).count()),
             (MAP_BACKENDS, self.backends.keys().filter(Result::is_ok).count()),
             (MAP_SOURCE_RANGES, self.source_ranges.keys().filter(Result::is_ok).count()),
-            (MAP_CONNTRACK, self.conntrack_entries()),
-            (MAP_AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
-            (MAP_SOCK_REVNAT, self.sock_revnat.keys().filter(Result::is_ok).count()),
         ];
         let capacities = self.capacities()?;
         Ok(entries
             .into_iter()
+            .chain(self.traffic_entries())
             .map(|(map, entries)| {
                 let capacity = capacities.iter().find(|(name, _)| *name == map).map_or(0, |(_, c)| *c);
                 crate::inspect::MapFill { map, entries, capacity }
             })
             .collect())
+    }
+
+    /// Entries of the maps the datapath writes (CONNTRACK, AFFINITY,
+    /// SOCK_REVNAT), counted by walking each.
+    pub fn traffic_entries(&self) -> [(&'static str, usize); 3] {
+        [
+            (MAP_CONNTRACK, self.conntrack_entries()),
+            (MAP_AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
+            (MAP_SOCK_REVNAT, self.sock_revnat.keys().filter(Result::is_ok).count()),
+        ]
     }
 
     pub fn conntrack_entries(&self) -> usize {

@@ -264,15 +264,11 @@ impl Metrics {
                     *last = (total.packets, total.bytes);
                 }
             }
-            let conntrack = maps.conntrack_entries() as i64;
-            self.conntrack_entries.set(conntrack);
-            let traffic = [
-                (lb_common::MAP_CONNTRACK, conntrack),
-                (lb_common::MAP_AFFINITY, maps.affinity.keys().filter(Result::is_ok).count() as i64),
-                (lb_common::MAP_SOCK_REVNAT, maps.sock_revnat.keys().filter(Result::is_ok).count() as i64),
-            ];
-            for (map, n) in traffic {
-                self.map_entries.get_or_create(&MapLabel { map }).set(n);
+            for (map, n) in maps.traffic_entries() {
+                if map == lb_common::MAP_CONNTRACK {
+                    self.conntrack_entries.set(n as i64);
+                }
+                self.map_entries.get_or_create(&MapLabel { map }).set(n as i64);
             }
             for (map, capacity) in maps.capacities().unwrap_or_default() {
                 self.map_capacity.get_or_create(&MapLabel { map }).set(i64::from(capacity));
