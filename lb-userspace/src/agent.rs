@@ -13,7 +13,6 @@ use std::{
 };
 
 use anyhow::Context;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
@@ -24,7 +23,7 @@ use crate::{
     health_check::HealthCheckServers,
     interfaces::{self, ExternalDatapath, ExternalInterfaces, PodInterfaces, WireChoice},
     kube_source::{Connection, KubeSource},
-    model::{Model, ModelOptions, Snapshot},
+    model::{Changes, Model, ModelOptions},
     plan::MaglevConfig,
     reconcile::{Reconciler, Step},
     sizing::{self, Entries},
@@ -82,7 +81,8 @@ pub struct AgentConfig {
 
 /// Where Services and EndpointSlices come from.
 enum Source {
-    Dir { dir: DirSource, tick: tokio::time::Interval },
+    /// The directory, polled; what changed since the last sync.
+    Dir { dir: DirSource, tick: tokio::time::Interval, pending: Changes },
     Kube(KubeSource),
 }
 
@@ -90,7 +90,7 @@ impl Source {
     /// Returns once something changed. Cancel-safe.
     async fn changed(&mut self) {
         match self {
-            Source::Dir { dir, tick } => loop {
+            Source::Dir { dir, tick, pending } => loop {
                 tick.tick().await;
                 match dir.rescan() {
                     Ok(rescan) => {
@@ -102,7 +102,8 @@ impl Source {
                                 "skipped (only Service v1 and EndpointSlice discovery.k8s.io/v1 are read): {skipped}"
                             );
                         }
-                        if rescan.changed {
+                        if !rescan.changes.is_empty() {
+                            pending.extend(rescan.changes);
                             return;
                         }
                     }
@@ -113,10 +114,19 @@ impl Source {
         }
     }
 
-    fn snapshot(&self) -> Snapshot {
+    /// The objects that changed since the last call.
+    fn take_changes(&mut self) -> Changes {
         match self {
-            Source::Dir { dir, .. } => dir.snapshot(),
-            Source::Kube(kube) => Snapshot { services: kube.services(), slices: kube.slices(), ..Default::default() },
+            Source::Dir { pending, .. } => std::mem::take(pending),
+            Source::Kube(kube) => kube.take_changes(),
+        }
+    }
+
+    /// The directory, for errors to name the file of an object.
+    fn files(&self) -> Option<&DirSource> {
+        match self {
+            Source::Dir { dir, .. } => Some(dir),
+            Source::Kube(_) => None,
         }
     }
 }
@@ -212,7 +222,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut source = match config.source {
         SourceConfig::Dir(path) => {
             anyhow::ensure!(path.is_dir(), "source directory {} does not exist", path.display());
-            Source::Dir { dir: DirSource::new(path), tick: tokio::time::interval(DIR_POLL) }
+            Source::Dir { dir: DirSource::new(path), tick: tokio::time::interval(DIR_POLL), pending: Changes::default() }
         }
         SourceConfig::Kube(connection, node_name) => Source::Kube(KubeSource::start(&connection, &node_name).await?),
     };
@@ -260,7 +270,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 }
                 // Changes that arrive while waiting are folded into this sync.
                 tokio::time::sleep_until(next_sync).await;
-                retry = if agent.sync(&source.snapshot()) {
+                let changes = source.take_changes();
+                retry = if agent.sync(changes, source.files()) {
                     None
                 } else {
                     Some((tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST))
@@ -270,7 +281,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             () = tokio::time::sleep_until(retry_at), if retry.is_some() => {
                 let delay = retry.map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_LAST));
                 warn!("retrying the failed sync");
-                retry = if agent.sync(&source.snapshot()) {
+                // The model has the changes; the reconciler starts over
+                // from the maps as they are.
+                let changes = source.take_changes();
+                retry = if agent.sync(changes, source.files()) {
                     None
                 } else {
                     Some((tokio::time::Instant::now() + delay, delay))
@@ -281,7 +295,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 if addresses != agent.model.node_addresses {
                     info!(?addresses, "node addresses changed");
                     agent.model.node_addresses = addresses;
-                    if agent.synced_once && !agent.sync(&source.snapshot()) && retry.is_none() {
+                    // Before the first sync the changes wait for it (the
+                    // source may not have listed everything yet).
+                    if agent.synced_once && !agent.sync(Changes::default(), source.files()) && retry.is_none() {
                         retry = Some((tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST));
                     }
                 }
@@ -317,17 +333,19 @@ impl Agent {
         }
     }
 
-    /// Brings the maps to `snapshot`; false when a map write failed.
-    fn sync(&mut self, snapshot: &Snapshot) -> bool {
+    /// Applies the source's changes to the model and brings the maps to
+    /// it; false when a map write failed. `files`: where the objects were
+    /// read, to name in errors.
+    fn sync(&mut self, changes: Changes, files: Option<&DirSource>) -> bool {
         let started = Instant::now();
-        let changed = self.kept_model.update(&snapshot.services, &snapshot.slices, &self.model);
+        let changed = self.kept_model.update(changes, &self.model);
         let modelled = started.elapsed();
-        let duplicates = snapshot.duplicates.iter().map(|(object, ignored, kept)| {
+        let duplicates = files.into_iter().flat_map(DirSource::duplicates).map(|(object, ignored, kept)| {
             format!("{}: {object}: also defined in {}; this copy is ignored", ignored.display(), kept.display())
         });
         let errors = self.kept_model.errors();
         let object_errors = errors.iter().map(|e| {
-            let file = snapshot.origins.get(&e.object).map(|p| format!("{}: ", p.display())).unwrap_or_default();
+            let file = files.and_then(|f| f.origin(&e.object)).map(|p| format!("{}: ", p.display())).unwrap_or_default();
             format!("{file}{e}")
         });
         let mut reported = BTreeSet::new();
@@ -352,7 +370,7 @@ impl Agent {
                 self.metrics.frontends.set(frontends as i64);
                 self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
                 self.metrics.set_agent_map_entries(&Entries::held(self.reconciler.current()));
-                self.observe_programming_latency(&changed.slices);
+                self.observe_programming_latency(&changed.slice_triggers);
                 self.health_checks.update(&self.kept_model.health_checks());
                 if !outcome.lost_udp_backends.is_empty() {
                     let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
@@ -452,10 +470,10 @@ impl Agent {
     }
 
     /// Time from each EndpointSlice change not yet counted to now.
-    fn observe_programming_latency(&mut self, slices: &[Arc<EndpointSlice>]) {
+    fn observe_programming_latency(&mut self, triggers: &[SystemTime]) {
         let now = SystemTime::now();
         let mut newest = self.newest_trigger;
-        for trigger in slices.iter().filter_map(|s| status::trigger_time(s)) {
+        for &trigger in triggers {
             if trigger > self.newest_trigger {
                 let latency = now.duration_since(trigger).unwrap_or_default();
                 self.metrics.programming_duration.observe(latency.as_secs_f64());

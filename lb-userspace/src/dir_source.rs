@@ -12,12 +12,13 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     io,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use crate::{
     manifest::{ManifestError, Object, ParsedFile, parse_manifests},
-    model::Snapshot,
+    model::{Changes, NodeNames, ObjectRef, ParsedSlice},
 };
 
 const RACY_WINDOW: Duration = Duration::from_secs(2);
@@ -29,10 +30,11 @@ struct Fingerprint {
     inode: u64,
 }
 
-/// What a rescan found in files that changed, for the caller to log.
-#[derive(Debug, Default)]
+/// What a rescan found: the objects that changed, for the model, and
+/// what files that changed hold that cannot be used, for the caller to log.
+#[derive(Default)]
 pub struct Rescan {
-    pub changed: bool,
+    pub changes: Changes,
     pub errors: Vec<ManifestError>,
     pub skipped: Vec<String>,
 }
@@ -40,6 +42,11 @@ pub struct Rescan {
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, Known>,
+    /// The objects served, each from the first file (by name) defining it.
+    served: BTreeMap<ObjectRef, (PathBuf, Object)>,
+    /// Objects defined in more than one file: (object, ignored file, kept file).
+    duplicates: Vec<(ObjectRef, PathBuf, PathBuf)>,
+    nodes: NodeNames,
 }
 
 struct Known {
@@ -62,14 +69,21 @@ fn is_manifest(path: &Path) -> bool {
 
 impl DirSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new() }
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            served: BTreeMap::new(),
+            duplicates: Vec::new(),
+            nodes: NodeNames::default(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Looks for added, changed and removed files and parses what changed.
+    /// Looks for added, changed and removed files, parses what changed and
+    /// says which objects changed.
     pub fn rescan(&mut self) -> io::Result<Rescan> {
         let mut seen = BTreeMap::new();
         for entry in fs::read_dir(&self.dir)? {
@@ -89,7 +103,7 @@ impl DirSource {
         let mut rescan = Rescan::default();
         let before = self.files.len();
         self.files.retain(|path, _| seen.contains_key(path));
-        rescan.changed = self.files.len() != before;
+        let mut changed = self.files.len() != before;
         for (path, print) in seen {
             let known = self.files.get(&path);
             let racy = print.modified.is_none_or(|m| m.elapsed().is_ok_and(|age| age < RACY_WINDOW));
@@ -119,29 +133,75 @@ impl DirSource {
             rescan.errors.extend(parsed.errors.iter().cloned());
             rescan.skipped.extend(parsed.skipped.iter().map(|s| format!("{}: {s}", path.display())));
             self.files.insert(path, Known { print, content_hash, parsed });
-            rescan.changed = true;
+            changed = true;
+        }
+        if changed {
+            rescan.changes = self.serve();
         }
         Ok(rescan)
     }
 
-    /// Every object of the directory; the first file (by name) wins a duplicate.
-    pub fn snapshot(&self) -> Snapshot {
-        let mut snapshot = Snapshot::default();
+    /// Decides again which file's copy of each object is served (the
+    /// first file by name wins a duplicate) and returns the objects whose
+    /// served copy is new, replaced or gone. Files not reparsed keep their
+    /// objects, so comparing identities finds the changes.
+    fn serve(&mut self) -> Changes {
+        let mut served: BTreeMap<ObjectRef, (PathBuf, Object)> = BTreeMap::new();
+        self.duplicates.clear();
         for (path, known) in &self.files {
             for object in &known.parsed.objects {
                 let reference = object.object_ref();
-                if let Some(first) = snapshot.origins.get(&reference) {
-                    snapshot.duplicates.push((reference, path.clone(), first.clone()));
+                if let Some((first, _)) = served.get(&reference) {
+                    self.duplicates.push((reference, path.clone(), first.clone()));
                     continue;
                 }
-                snapshot.origins.insert(reference, path.clone());
-                match object {
-                    Object::Service(s) => snapshot.services.push(s.clone()),
-                    Object::EndpointSlice(s) => snapshot.slices.push(s.clone()),
+                served.insert(reference, (path.clone(), object.clone()));
+            }
+        }
+        let mut changes = Changes::default();
+        let key = |reference: &ObjectRef| (reference.namespace.clone(), reference.name.clone());
+        for (reference, (_, object)) in &served {
+            let same = match (object, self.served.get(reference).map(|(_, o)| o)) {
+                (Object::Service(now), Some(Object::Service(before))) => Arc::ptr_eq(now, before),
+                (Object::EndpointSlice(now), Some(Object::EndpointSlice(before))) => Arc::ptr_eq(now, before),
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            match object {
+                Object::Service(service) => changes.service(key(reference), Some(service.clone())),
+                Object::EndpointSlice(slice) => {
+                    changes.slice(key(reference), Some(ParsedSlice::parse(slice, &mut self.nodes)))
                 }
             }
         }
-        snapshot
+        for (reference, (_, object)) in &self.served {
+            if served.contains_key(reference) {
+                continue;
+            }
+            match object {
+                Object::Service(_) => changes.service(key(reference), None),
+                Object::EndpointSlice(_) => changes.slice(key(reference), None),
+            }
+        }
+        self.served = served;
+        changes
+    }
+
+    /// The file an object is served from.
+    pub fn origin(&self, object: &ObjectRef) -> Option<&Path> {
+        self.served.get(object).map(|(path, _)| path.as_path())
+    }
+
+    /// Objects defined in more than one file: (object, ignored file, kept file).
+    pub fn duplicates(&self) -> &[(ObjectRef, PathBuf, PathBuf)] {
+        &self.duplicates
+    }
+
+    /// The names of the Services served, in order.
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.served.iter().filter(|(r, _)| r.kind == "Service").map(|(r, _)| r.name.as_str())
     }
 }
 
@@ -155,8 +215,13 @@ mod tests {
         )
     }
 
-    fn names(source: &DirSource) -> Vec<String> {
-        source.snapshot().services.iter().map(|s| s.metadata.name.clone().unwrap()).collect()
+    fn names(source: &DirSource) -> Vec<&str> {
+        source.service_names().collect()
+    }
+
+    /// How many objects a rescan says changed.
+    fn changed(source: &mut DirSource) -> usize {
+        source.rescan().unwrap().changes.len()
     }
 
     #[test]
@@ -164,28 +229,29 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lb-dirsource-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let mut source = DirSource::new(&dir);
-        assert!(!source.rescan().unwrap().changed);
+        assert_eq!(changed(&mut source), 0);
 
         fs::write(dir.join("a.yaml"), service("a", "10.96.0.1")).unwrap();
         fs::write(dir.join(".a.yaml.swp"), "not: yaml: at all: [").unwrap();
         fs::write(dir.join("notes.txt"), "ignored").unwrap();
-        assert!(source.rescan().unwrap().changed);
+        assert_eq!(changed(&mut source), 1);
         assert_eq!(names(&source), ["a"]);
-        assert!(!source.rescan().unwrap().changed, "nothing changed since");
+        assert_eq!(changed(&mut source), 0, "nothing changed since");
 
         fs::write(dir.join("b.yml"), service("b", "10.96.0.2") + "---\n" + &service("a", "10.96.0.9")).unwrap();
-        assert!(source.rescan().unwrap().changed);
+        assert_eq!(changed(&mut source), 1, "only b is new: a.yaml's a is still served");
         assert_eq!(names(&source), ["a", "b"]);
-        let snapshot = source.snapshot();
-        assert_eq!(snapshot.duplicates.len(), 1, "a is defined in a.yaml first");
-        assert_eq!(snapshot.duplicates[0].1, dir.join("b.yml"));
+        assert_eq!(source.duplicates().len(), 1, "a is defined in a.yaml first");
+        assert_eq!(source.duplicates()[0].1, dir.join("b.yml"));
 
         fs::write(dir.join("a.yaml"), service("c", "10.96.0.3")).unwrap();
-        assert!(source.rescan().unwrap().changed);
-        assert_eq!(names(&source), ["c", "b", "a"], "b.yml's copy of a now counts");
+        assert_eq!(changed(&mut source), 2, "c is new, and b.yml's copy of a now counts");
+        assert_eq!(names(&source), ["a", "b", "c"]);
+        let origin = |name: &str| source.origin(&ObjectRef { kind: "Service".into(), namespace: "default".into(), name: name.into() });
+        assert_eq!(origin("a"), Some(dir.join("b.yml").as_path()));
 
         fs::remove_file(dir.join("b.yml")).unwrap();
-        assert!(source.rescan().unwrap().changed);
+        assert_eq!(changed(&mut source), 2, "a and b are gone");
         assert_eq!(names(&source), ["c"]);
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,11 +1,20 @@
-//! The Kubernetes source: reflectors (list, then watch, with backoff) on
-//! Services and EndpointSlices of every namespace.
+//! The Kubernetes source: watchers (list, then watch, with backoff) on
+//! Services and EndpointSlices of every namespace, and a reflector on this
+//! Node.
 //!
-//! The stores keep the last listed state while the API server is away, so
-//! the datapath keeps serving it; after a reconnect or a 410 Gone the
-//! watcher lists again and the store is swapped whole when the list is
-//! complete, so a sync never sees half a relist.
-use std::{path::PathBuf, sync::Arc};
+//! The watchers report changes, not snapshots: each event becomes a
+//! `Changes` entry for the model, which keeps what it needs of each object
+//! (a Service trimmed of what no one reads, a slice parsed), so no copy of
+//! the objects is held here. While the API server is away nothing changes
+//! and the datapath keeps serving the last known state; after a reconnect
+//! or a 410 Gone the watcher lists again, and objects that the new list
+//! lacks are reported deleted once it is complete, so a sync never sees
+//! half a relist as deletions.
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -13,6 +22,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
+    Resource,
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
@@ -23,6 +33,8 @@ use kube::{
 };
 use tokio::sync::Notify;
 use tracing::{info, warn};
+
+use crate::model::{Changes, Key, NodeNames, ParsedSlice, key_of};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -76,10 +88,30 @@ fn parse_url(url: &str) -> Result<http::Uri, KubeSourceError> {
 }
 
 pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    shared: Arc<Shared>,
     node: Store<Node>,
-    changed: Arc<Notify>,
+}
+
+/// What the watcher tasks hand the agent.
+#[derive(Default)]
+struct Shared {
+    changes: Mutex<Changes>,
+    /// Kinds listed completely at least once (Service, EndpointSlice).
+    listed: Mutex<HashSet<&'static str>>,
+    /// This Node changed (its eligibility is read at the next sync).
+    node_changed: std::sync::atomic::AtomicBool,
+    changed: Notify,
+}
+
+impl Shared {
+    fn changes(&self) -> std::sync::MutexGuard<'_, Changes> {
+        // A panic elsewhere while holding the lock leaves Changes whole.
+        self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_listed(&self) -> bool {
+        self.listed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() == 2
+    }
 }
 
 /// The cluster autoscaler's taint on a node it is about to remove.
@@ -97,18 +129,18 @@ pub fn node_eligible(node: &Node) -> bool {
 }
 
 impl KubeSource {
-    /// Starts the reflectors; they run until the process ends.
+    /// Starts the watchers; they run until the process ends.
     pub async fn start(connection: &Connection, node_name: &str) -> Result<Self, KubeSourceError> {
         let config = client_config(connection).await?;
         info!(api_server = %config.cluster_url, node = node_name, "watching Services, EndpointSlices and this Node");
         let client = Client::try_from(config)?;
-        let changed = Arc::new(Notify::new());
+        let shared = Arc::new(Shared::default());
         let all = watcher::Config::default();
-        let services = spawn_reflector(Api::<Service>::all(client.clone()), all.clone(), "Service", changed.clone());
-        let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), all, "EndpointSlice", changed.clone());
+        spawn_watcher(Api::<Service>::all(client.clone()), all.clone(), shared.clone(), ServiceEvents);
+        spawn_watcher(Api::<EndpointSlice>::all(client.clone()), all, shared.clone(), SliceEvents::default());
         let this_node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-        let node = spawn_reflector(Api::<Node>::all(client), this_node, "Node", changed.clone());
-        Ok(Self { services, slices, node, changed })
+        let node = spawn_reflector(Api::<Node>::all(client), this_node, shared.clone());
+        Ok(Self { shared, node })
     }
 
     /// This node's eligibility for load-balancer traffic; eligible while
@@ -118,25 +150,140 @@ impl KubeSource {
     }
 
     /// Returns when both kinds have been listed once and something changed
-    /// since the last call. Cancel-safe.
+    /// since the last `take_changes`. Cancel-safe.
     pub async fn changed(&self) {
-        // Readiness first: a sync from half-listed stores would delete
-        // services that are merely not listed yet.
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.slices.wait_until_ready().await;
-        self.changed.notified().await;
+        // Listed first: a sync before both lists are whole would delete
+        // the Services merely not listed yet from adopted maps.
+        loop {
+            if self.shared.is_listed()
+                && (!self.shared.changes().is_empty()
+                    || self.shared.node_changed.swap(false, std::sync::atomic::Ordering::Relaxed))
+            {
+                return;
+            }
+            self.shared.changed.notified().await;
+        }
     }
 
-    pub fn services(&self) -> Vec<Arc<Service>> {
-        self.services.state()
-    }
-
-    pub fn slices(&self) -> Vec<Arc<EndpointSlice>> {
-        self.slices.state()
+    /// The changes since the last call.
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(&mut *self.shared.changes())
     }
 }
 
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, kind: &'static str, changed: Arc<Notify>) -> Store<K>
+/// How one kind's objects become changes.
+trait Events: Send + 'static {
+    type Object: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static;
+    const KIND: &'static str;
+    fn report(&mut self, changes: &mut Changes, key: Key, now: Option<Self::Object>);
+}
+
+struct ServiceEvents;
+
+/// Annotations no one reads that can be large: kubectl's copy of the
+/// whole object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+impl Events for ServiceEvents {
+    type Object = Service;
+    const KIND: &'static str = "Service";
+    fn report(&mut self, changes: &mut Changes, key: Key, now: Option<Service>) {
+        let now = now.map(|mut service| {
+            // The model keeps Services: not what it never reads.
+            service.metadata.managed_fields = None;
+            if let Some(annotations) = &mut service.metadata.annotations {
+                annotations.remove(LAST_APPLIED);
+            }
+            Arc::new(service)
+        });
+        changes.service(key, now);
+    }
+}
+
+#[derive(Default)]
+struct SliceEvents {
+    nodes: NodeNames,
+}
+
+impl Events for SliceEvents {
+    type Object = EndpointSlice;
+    const KIND: &'static str = "EndpointSlice";
+    fn report(&mut self, changes: &mut Changes, key: Key, now: Option<EndpointSlice>) {
+        // Parsed here, as it arrives: the object is dropped at once.
+        changes.slice(key, now.map(|slice| ParsedSlice::parse(&slice, &mut self.nodes)));
+    }
+}
+
+fn spawn_watcher<E: Events>(api: Api<E::Object>, config: watcher::Config, shared: Arc<Shared>, mut events: E) {
+    let kind = E::KIND;
+    let stream = watcher(api, config).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        // The objects reported present, with their resource versions, and
+        // during a (re)list those listed so far: at its end, the others are
+        // gone. A relist reports only objects whose version moved.
+        let mut known: HashMap<Key, Option<String>> = HashMap::new();
+        let mut listing: Option<HashSet<Key>> = None;
+        while let Some(event) = stream.next().await {
+            let event = match event {
+                Ok(event) => event,
+                // The backoff retries; the model keeps the last known state.
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(kind, "watch failed, serving the last known state and retrying: {e}");
+                    }
+                    continue;
+                }
+            };
+            if std::mem::take(&mut failing) {
+                info!(kind, "watch resumed");
+            }
+            match event {
+                watcher::Event::Init => listing = Some(HashSet::new()),
+                watcher::Event::InitApply(object) | watcher::Event::Apply(object) => {
+                    let key = key_of(object.meta());
+                    if let Some(listed) = &mut listing {
+                        listed.insert(key.clone());
+                    }
+                    let version = object.meta().resource_version.clone();
+                    if version.is_some() && known.get(&key) == Some(&version) {
+                        continue;
+                    }
+                    known.insert(key.clone(), version);
+                    events.report(&mut shared.changes(), key, Some(object));
+                }
+                watcher::Event::Delete(object) => {
+                    let key = key_of(object.meta());
+                    known.remove(&key);
+                    events.report(&mut shared.changes(), key, None);
+                }
+                watcher::Event::InitDone => {
+                    let listed = listing.take().unwrap_or_default();
+                    let mut changes = shared.changes();
+                    known.retain(|key, _| {
+                        let present = listed.contains(key);
+                        if !present {
+                            events.report(&mut changes, key.clone(), None);
+                        }
+                        present
+                    });
+                    drop(changes);
+                    shared.listed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(kind);
+                }
+            }
+            shared.changed.notify_one();
+        }
+    });
+}
+
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, shared: Arc<Shared>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
@@ -144,22 +291,10 @@ where
     let stream = watcher(api, config).default_backoff().reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        let mut failing = false;
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(_) => {
-                    if std::mem::take(&mut failing) {
-                        info!(kind, "watch resumed");
-                    }
-                    changed.notify_one();
-                }
-                // The backoff retries; the store keeps the last known state.
-                Err(e) => {
-                    if !std::mem::replace(&mut failing, true) {
-                        warn!(kind, "watch failed, serving the last known state and retrying: {e}");
-                    }
-                }
+            if event.is_ok() {
+                shared.node_changed.store(true, std::sync::atomic::Ordering::Relaxed);
+                shared.changed.notify_one();
             }
         }
     });

@@ -9,7 +9,6 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
     sync::Arc,
 };
 
@@ -208,17 +207,6 @@ pub struct ObjectError {
     pub message: String,
 }
 
-/// The objects a source holds now. `origins` and `duplicates` are filled by
-/// sources that read files, to point errors at the file.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
-    pub origins: BTreeMap<ObjectRef, PathBuf>,
-    /// Objects defined in more than one file: (object, ignored file, kept file).
-    pub duplicates: Vec<(ObjectRef, PathBuf, PathBuf)>,
-}
-
 /// What a Service's healthCheckNodePort answers (kube-proxy's health server
 /// for externalTrafficPolicy Local).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,7 +263,155 @@ struct SlicePort {
     name: String,
     protocol: Protocol,
     port: u16,
-    endpoints: Vec<EndpointState>,
+    endpoints: Arc<[EndpointState]>,
+}
+
+/// An endpoint as its slice says it, before this node is known.
+#[derive(Clone, Debug)]
+struct SliceEndpoint {
+    addr: Ipv4Addr,
+    ready: bool,
+    serving_terminating: bool,
+    /// `nodeName`, shared by every endpoint on that node (`NodeNames`).
+    node: Option<Arc<str>>,
+}
+
+/// Node names, each held once however many endpoints name it.
+#[derive(Default)]
+pub struct NodeNames(std::collections::HashSet<Arc<str>>);
+
+impl NodeNames {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.0.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = Arc::from(name);
+        self.0.insert(name.clone());
+        name
+    }
+}
+
+/// What the model keeps of an EndpointSlice: read once when it arrives,
+/// so the object itself need not be kept. Independent of the options, so
+/// new node addresses recompute every Service without the objects.
+#[derive(Clone, Debug)]
+pub struct ParsedSlice {
+    /// The Service it belongs to (namespace, service-name label); None is
+    /// an error of the slice.
+    owner: Option<Key>,
+    /// Labelled headless or for a proxy: `is_ours` decides, given ours.
+    headless: bool,
+    proxy_label: Option<String>,
+    /// (name, protocol, port) of each usable port.
+    ports: Vec<(String, Protocol, u16)>,
+    endpoints: Vec<SliceEndpoint>,
+    errors: Vec<ObjectError>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, for the
+    /// programming-latency metric.
+    trigger: Option<std::time::SystemTime>,
+}
+
+impl ParsedSlice {
+    /// Reads a slice; bad endpoints and ports are errors of the slice and
+    /// left out. IPv6 and FQDN slices are not served yet: kept without
+    /// ports.
+    pub fn parse(slice: &EndpointSlice, nodes: &mut NodeNames) -> Self {
+        let object = object_ref("EndpointSlice", &slice.metadata);
+        let mut errors = Vec::new();
+        let mut fail =
+            |field: String, message: String| errors.push(ObjectError { object: object.clone(), field, message });
+        let labels = slice.metadata.labels.as_ref();
+        let mut parsed = ParsedSlice {
+            owner: None,
+            headless: labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
+            proxy_label: labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)).cloned(),
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+            errors: Vec::new(),
+            trigger: trigger_time(slice),
+        };
+        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            fail(format!("metadata.labels[{SERVICE_NAME_LABEL}]"), "missing: the slice belongs to no Service".into());
+            parsed.errors = errors;
+            return parsed;
+        };
+        parsed.owner = Some((object.namespace.clone(), service.clone()));
+        if slice.address_type != "IPv4" {
+            return parsed;
+        }
+        for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
+            let Some(first) = endpoint.addresses.first() else {
+                fail(format!("endpoints[{i}].addresses"), "empty".into());
+                continue;
+            };
+            let Ok(addr) = first.parse::<Ipv4Addr>() else {
+                fail(format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address"));
+                continue;
+            };
+            // As kube-proxy reads them: absent ready and serving mean true,
+            // absent terminating means false.
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let node = endpoint.node_name.as_deref().map(|n| nodes.get(n));
+            parsed.endpoints.push(SliceEndpoint { addr, ready, serving_terminating: serving && terminating, node });
+        }
+        for (i, port) in slice.ports.iter().flatten().enumerate() {
+            let protocol = match Protocol::from_field(port.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(message) => {
+                    fail(format!("ports[{i}].protocol"), message);
+                    continue;
+                }
+            };
+            let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+                fail(format!("ports[{i}].port"), "missing or not a port (1-65535)".into());
+                continue;
+            };
+            parsed.ports.push((port.name.clone().unwrap_or_default(), protocol, number));
+        }
+        parsed.errors = errors;
+        parsed
+    }
+
+    /// Whether kube-proxy would use this slice (see `is_ours`).
+    fn is_ours(&self, proxy_name: Option<&str>) -> bool {
+        !self.headless && self.proxy_label.as_deref().is_none_or(|name| Some(name) == proxy_name)
+    }
+
+    /// The errors to report: a slice for another proxy is not read, beyond
+    /// the label that ties it to a Service.
+    fn errors(&self, proxy_name: Option<&str>) -> &[ObjectError] {
+        if self.owner.is_none() || self.is_ours(proxy_name) { &self.errors } else { &[] }
+    }
+
+    /// Its ports with their endpoints, `local` as seen from `node_name`.
+    fn slice_ports(&self, node_name: &str) -> impl Iterator<Item = SlicePort> + '_ {
+        let endpoints: Arc<[EndpointState]> = self
+            .endpoints
+            .iter()
+            .map(|e| EndpointState {
+                addr: e.addr,
+                ready: e.ready,
+                serving_terminating: e.serving_terminating,
+                local: !node_name.is_empty() && e.node.as_deref() == Some(node_name),
+            })
+            .collect();
+        self.ports.iter().map(move |(name, protocol, port)| SlicePort {
+            name: name.clone(),
+            protocol: *protocol,
+            port: *port,
+            endpoints: endpoints.clone(),
+        })
+    }
+}
+
+/// Unix time of an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`.
+pub fn trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
+    let value = slice.metadata.annotations.as_ref()?.get("endpoints.kubernetes.io/last-change-trigger-time")?;
+    let stamp: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    Some(std::time::SystemTime::from(stamp))
 }
 
 /// The backends of one service port, as kube-proxy picks them: ready
@@ -355,71 +491,45 @@ pub fn desired_state<'a>(
 }
 
 /// A Service (or slice) by namespace and name.
-type Key = (String, String);
+pub type Key = (String, String);
 
-/// The identity of a shared object: where it lives. Sound while the
-/// tracker holds the object: the address cannot be reused meanwhile.
-fn identity<T>(object: &Arc<T>) -> usize {
-    Arc::as_ptr(object) as usize
-}
-
-/// Which objects of a source changed since the last look, by identity:
-/// sources hand out the same `Arc` for an object that did not change
-/// (kube-rs reflector stores, the directory source's parsed files), so
-/// finding the changes costs a hash lookup per object, never a read of it.
-struct Tracker<T> {
-    /// Identity → key, the object (held, see `identity`) and the round it
-    /// was last seen in.
-    by_identity: HashMap<usize, (Key, Arc<T>, u64)>,
-    by_key: HashMap<Key, usize>,
-    round: u64,
-}
-
-impl<T> Default for Tracker<T> {
-    fn default() -> Self {
-        Self { by_identity: HashMap::new(), by_key: HashMap::new(), round: 0 }
-    }
-}
-
-impl<T> Tracker<T> {
-    /// The object at `key` as last seen.
-    fn get(&self, key: &Key) -> Option<&Arc<T>> {
-        self.by_identity.get(self.by_key.get(key)?).map(|(_, object, _)| object)
-    }
-
-    /// The keys whose object is new, replaced or gone since the last call,
-    /// with the object now (None: gone).
-    fn changes(&mut self, objects: &[Arc<T>], key_of: impl Fn(&T) -> Key) -> Vec<(Key, Option<Arc<T>>)> {
-        self.round += 1;
-        let mut changes = Vec::new();
-        for object in objects {
-            let id = identity(object);
-            if let Some(seen) = self.by_identity.get_mut(&id) {
-                seen.2 = self.round;
-                continue;
-            }
-            let key = key_of(object);
-            if let Some(replaced) = self.by_key.insert(key.clone(), id) {
-                self.by_identity.remove(&replaced);
-            }
-            self.by_identity.insert(id, (key.clone(), object.clone(), self.round));
-            changes.push((key, Some(object.clone())));
-        }
-        let round = self.round;
-        let gone: Vec<usize> = self.by_identity.iter().filter(|(_, seen)| seen.2 != round).map(|(id, _)| *id).collect();
-        for id in gone {
-            let Some((key, _, _)) = self.by_identity.remove(&id) else { continue };
-            if self.by_key.get(&key) == Some(&id) {
-                self.by_key.remove(&key);
-                changes.push((key, None));
-            }
-        }
-        changes
-    }
-}
-
-fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+/// An object's key: namespace (absent is "default") and name.
+pub fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
     (meta.namespace.clone().unwrap_or_else(|| "default".to_owned()), meta.name.clone().unwrap_or_default())
+}
+
+/// The objects that changed since the last sync, as the sources report
+/// them (kube-proxy's change trackers): the newest state of each, or None
+/// for one deleted. A burst of events between syncs becomes one sync, and
+/// an object changed many times is computed once.
+#[derive(Default)]
+pub struct Changes {
+    services: HashMap<Key, Option<Arc<Service>>>,
+    slices: HashMap<Key, Option<ParsedSlice>>,
+}
+
+impl Changes {
+    pub fn service(&mut self, key: Key, now: Option<Arc<Service>>) {
+        self.services.insert(key, now);
+    }
+
+    pub fn slice(&mut self, key: Key, now: Option<ParsedSlice>) {
+        self.slices.insert(key, now);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len() + self.slices.len()
+    }
+
+    /// Folds later changes in: theirs win.
+    pub fn extend(&mut self, later: Changes) {
+        self.services.extend(later.services);
+        self.slices.extend(later.slices);
+    }
 }
 
 /// A map kept as a sorted vector: the model's inner maps mostly hold one
@@ -468,9 +578,6 @@ impl<K: Ord, V> SmallMap<K, V> {
         self.0.iter().map(|(k, v)| (k, v))
     }
 
-    fn values(&self) -> impl Iterator<Item = &V> {
-        self.0.iter().map(|(_, v)| v)
-    }
 }
 
 /// What changed in the desired state at one `Model::update`.
@@ -480,34 +587,39 @@ pub struct Changed {
     pub frontends: BTreeSet<Frontend>,
     /// Everything may have changed (first update, or new options).
     pub all: bool,
-    /// The EndpointSlices that are new or replaced (for the programming
-    /// latency of their changes).
-    pub slices: Vec<Arc<EndpointSlice>>,
+    /// Trigger times of the EndpointSlices that are new or replaced (for
+    /// the programming latency of their changes).
+    pub slice_triggers: Vec<std::time::SystemTime>,
+}
+
+/// What the model keeps of one Service between updates: its errors, the
+/// frontends it claims (its ports are in `Model::claims`) and its
+/// health-check node port.
+#[derive(Default)]
+struct ServiceEntry {
+    errors: Vec<ObjectError>,
+    claimed: Vec<Frontend>,
+    health_check: Option<u16>,
 }
 
 /// The model kept between syncs: `desired_state`'s result, updated from
-/// the objects that changed since the last update only. A Service is
-/// computed again when it or one of its slices changed; the frontends it
-/// claims are re-decided among their claimants (the first Service by
-/// namespace and name owns a frontend, as in `merge`). One changed
-/// EndpointSlice among 30,000 Services costs its Service, not a pass
-/// over every object.
+/// the objects the sources say changed. A Service is computed again when
+/// it or one of its slices changed; the frontends it claims are re-decided
+/// among their claimants (the first Service by namespace and name owns a
+/// frontend, as in `merge`). One changed EndpointSlice among 100,000
+/// Services costs its Service, and an update without changes nothing.
 #[derive(Default)]
 pub struct Model {
     options: Option<ModelOptions>,
-    services: Tracker<Service>,
-    slices: Tracker<EndpointSlice>,
+    /// Every Service, as last reported.
+    services: HashMap<Key, Arc<Service>>,
+    /// Every EndpointSlice, as parsed when it arrived.
+    slices: HashMap<Key, ParsedSlice>,
     /// Slices by the Service they name (namespace, service-name label).
-    slices_of: HashMap<Key, SmallMap<Key, Arc<EndpointSlice>>>,
-    /// Each slice's Service (as `slices_of` files it).
-    slice_owner: HashMap<Key, Key>,
-    /// Each Service's slices, parsed, with their errors.
-    slice_ports: HashMap<Key, (Vec<SlicePort>, Vec<ObjectError>)>,
-    /// Errors of slices that name no Service (no service-name label).
-    stray_slices: HashMap<Key, Vec<ObjectError>>,
-    /// Each Service's model (its claims moved to `claims`), with its
-    /// reference and the frontends it claimed.
-    models: HashMap<Key, (ObjectRef, ServiceModel, Vec<Frontend>)>,
+    slices_of: HashMap<Key, SmallMap<Key, ()>>,
+    slices_with_errors: BTreeSet<Key>,
+    /// What each Service asks for, as last computed.
+    models: HashMap<Key, ServiceEntry>,
     /// Claims on each frontend by Service, in order: the first owns it.
     claims: BTreeMap<Frontend, SmallMap<Key, (Arc<ServicePort>, String)>>,
     /// A Service's claims on a frontend it already claimed (two ports
@@ -515,125 +627,116 @@ pub struct Model {
     repeated_claims: HashMap<Key, Vec<(Arc<ServicePort>, String)>>,
     /// Health-check node ports by Service, in order: the last has it.
     checks: BTreeMap<u16, SmallMap<Key, HealthCheck>>,
-    /// Keys of the `slice_ports` and `models` entries that hold errors,
-    /// and frontends with more than one claimant: `errors` reads these
-    /// alone, not every Service.
-    slice_groups_with_errors: BTreeSet<Key>,
+    /// Keys of the `models` entries that hold errors, and frontends with
+    /// more than one claimant: `errors` reads these alone, not every
+    /// Service.
     services_with_errors: BTreeSet<Key>,
     shared_frontends: BTreeSet<Frontend>,
     /// The port of the Service owning each frontend (shared with `claims`).
     desired: BTreeMap<Frontend, Arc<ServicePort>>,
 }
 
+fn service_ref(key: &Key) -> ObjectRef {
+    ObjectRef { kind: "Service".to_owned(), namespace: key.0.clone(), name: key.1.clone() }
+}
+
 impl Model {
-    /// Brings the model to these objects (the source's whole state) and
-    /// says which frontends changed.
-    pub fn update(
-        &mut self,
-        services: &[Arc<Service>],
-        slices: &[Arc<EndpointSlice>],
-        options: &ModelOptions,
-    ) -> Changed {
+    /// Applies the sources' changes (and new options, if they differ) and
+    /// says which frontends changed. New options recompute every Service
+    /// from what the model keeps.
+    pub fn update(&mut self, changes: Changes, options: &ModelOptions) -> Changed {
         let all = self.options.as_ref() != Some(options);
-        if all {
-            *self = Self { options: Some(options.clone()), ..Self::default() };
-        }
         let mut dirty: BTreeSet<Key> = BTreeSet::new();
-        let mut new_slices = Vec::new();
-        for (key, slice) in self.slices.changes(slices, |s| key_of(&s.metadata)) {
-            if let Some(owner) = self.slice_owner.remove(&key) {
+        if all {
+            self.options = Some(options.clone());
+            self.models.clear();
+            self.claims.clear();
+            self.repeated_claims.clear();
+            self.checks.clear();
+            self.services_with_errors.clear();
+            self.shared_frontends.clear();
+            self.desired.clear();
+            dirty.extend(self.services.keys().cloned());
+        }
+        let mut slice_triggers = Vec::new();
+        for (key, now) in changes.slices {
+            if let Some(owner) = self.slices.remove(&key).and_then(|old| old.owner) {
                 if let Some(group) = self.slices_of.get_mut(&owner) {
                     group.remove(&key);
+                    if group.is_empty() {
+                        self.slices_of.remove(&owner);
+                    }
                 }
                 dirty.insert(owner);
             }
-            self.stray_slices.remove(&key);
-            let Some(slice) = slice else { continue };
-            new_slices.push(slice.clone());
-            let label = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
-            match label {
-                Some(service) => {
-                    let owner = (key.0.clone(), service.clone());
-                    self.slices_of.entry(owner.clone()).or_default().insert(key.clone(), slice.clone());
-                    self.slice_owner.insert(key, owner.clone());
-                    dirty.insert(owner);
-                }
-                None => {
-                    let mut errors = Vec::new();
-                    endpoints_by_service([slice.as_ref()], None, "", &mut errors);
-                    self.stray_slices.insert(key, errors);
-                }
+            self.slices_with_errors.remove(&key);
+            let Some(parsed) = now else { continue };
+            slice_triggers.extend(parsed.trigger);
+            if !parsed.errors.is_empty() {
+                self.slices_with_errors.insert(key.clone());
             }
-        }
-        for owner in &dirty {
-            match self.slices_of.get(owner).filter(|group| !group.is_empty()) {
-                Some(group) => {
-                    let mut errors = Vec::new();
-                    let mut parsed = endpoints_by_service(
-                        group.values().map(AsRef::as_ref),
-                        options.proxy_name.as_deref(),
-                        &options.node_name,
-                        &mut errors,
-                    );
-                    if errors.is_empty() {
-                        self.slice_groups_with_errors.remove(owner);
-                    } else {
-                        self.slice_groups_with_errors.insert(owner.clone());
-                    }
-                    self.slice_ports.insert(owner.clone(), (parsed.remove(owner).unwrap_or_default(), errors));
-                }
-                None => {
-                    self.slices_of.remove(owner);
-                    self.slice_ports.remove(owner);
-                    self.slice_groups_with_errors.remove(owner);
-                }
+            if let Some(owner) = &parsed.owner {
+                self.slices_of.entry(owner.clone()).or_default().insert(key.clone(), ());
+                dirty.insert(owner.clone());
             }
+            self.slices.insert(key, parsed);
         }
-        for (key, _) in self.services.changes(services, |s| key_of(&s.metadata)) {
+        for (key, now) in changes.services {
+            match now {
+                Some(service) => self.services.insert(key.clone(), service),
+                None => self.services.remove(&key),
+            };
             dirty.insert(key);
         }
+        let proxy_name = options.proxy_name.as_deref();
         let mut contested = BTreeSet::new();
         for key in dirty {
             self.repeated_claims.remove(&key);
             self.services_with_errors.remove(&key);
-            if let Some((_, old, claimed)) = self.models.remove(&key) {
-                for frontend in claimed {
+            if let Some(old) = self.models.remove(&key) {
+                for frontend in old.claimed {
                     if let Some(claimants) = self.claims.get_mut(&frontend) {
                         claimants.remove(&key);
                     }
                     contested.insert(frontend);
                 }
-                if let Some((port, _)) = &old.health_check
-                    && let Some(claimants) = self.checks.get_mut(port)
+                if let Some(port) = old.health_check
+                    && let Some(claimants) = self.checks.get_mut(&port)
                 {
                     claimants.remove(&key);
                 }
             }
             let Some(service) = self.services.get(&key) else { continue };
-            let ports = self.slice_ports.get(&key).map(|(ports, _)| ports.as_slice()).unwrap_or_default();
-            let mut model = model_service(service, ports, options);
+            let group = self.slices_of.get(&key).into_iter().flat_map(|group| group.iter().map(|(k, ())| k));
+            let ports: Vec<SlicePort> = group
+                .filter_map(|slice| self.slices.get(slice))
+                .filter(|slice| slice.is_ours(proxy_name))
+                .flat_map(|slice| slice.slice_ports(&options.node_name))
+                .collect();
+            let model = model_service(service, &ports, options);
             // The ports move to the claims (one copy of each is kept); a
             // Service claiming one frontend twice: its first claim counts.
-            let mut claimed = Vec::new();
-            for (port, field) in std::mem::take(&mut model.claims) {
+            let mut entry = ServiceEntry { errors: model.errors, ..ServiceEntry::default() };
+            for (port, field) in model.claims {
                 let frontend = port.frontend;
                 contested.insert(frontend);
-                if claimed.contains(&frontend) {
+                if entry.claimed.contains(&frontend) {
                     self.repeated_claims.entry(key.clone()).or_default().push((Arc::new(port), field));
                 } else {
-                    claimed.push(frontend);
+                    entry.claimed.push(frontend);
                     self.claims.entry(frontend).or_default().insert(key.clone(), (Arc::new(port), field));
                 }
             }
-            if let Some((port, check)) = &model.health_check {
-                self.checks.entry(*port).or_default().insert(key.clone(), check.clone());
+            if let Some((port, check)) = model.health_check {
+                self.checks.entry(port).or_default().insert(key.clone(), check);
+                entry.health_check = Some(port);
             }
-            if !model.errors.is_empty() {
+            if !entry.errors.is_empty() {
                 self.services_with_errors.insert(key.clone());
             }
-            self.models.insert(key, (object_ref("Service", &service.metadata), model, claimed));
+            self.models.insert(key, entry);
         }
-        let mut changed = Changed { all, slices: new_slices, ..Changed::default() };
+        let mut changed = Changed { all, slice_triggers, ..Changed::default() };
         for frontend in contested {
             let owner = self.claims.get(&frontend).and_then(SmallMap::first).map(|(port, _)| port);
             let now = match owner {
@@ -673,19 +776,19 @@ impl Model {
     /// Every object error: slices', Services', and claims on frontends
     /// another Service owns.
     pub fn errors(&self) -> Vec<ObjectError> {
-        let mut errors: Vec<ObjectError> = self.stray_slices.values().flatten().cloned().collect();
-        let groups = self.slice_groups_with_errors.iter().filter_map(|key| self.slice_ports.get(key));
-        errors.extend(groups.flat_map(|(_, e)| e).cloned());
+        let proxy_name = self.options.as_ref().and_then(|o| o.proxy_name.as_deref());
+        let slices = self.slices_with_errors.iter().filter_map(|key| self.slices.get(key));
+        let mut errors: Vec<ObjectError> = slices.flat_map(|s| s.errors(proxy_name)).cloned().collect();
         let services = self.services_with_errors.iter().filter_map(|key| self.models.get(key));
-        errors.extend(services.flat_map(|(_, model, _)| &model.errors).cloned());
+        errors.extend(services.flat_map(|entry| &entry.errors).cloned());
         let owner = |frontend: &Frontend| self.claims.get(frontend)?.first().map(|(port, _)| port.name.clone());
         let shared = self.shared_frontends.iter().filter_map(|f| self.claims.get(f));
         let losing = shared.flat_map(|c| c.iter().skip(1));
         let repeated = self.repeated_claims.iter().flat_map(|(key, claims)| claims.iter().map(move |c| (key, c)));
         for (key, (port, field)) in losing.chain(repeated) {
-            let (Some((object, _, _)), Some(owner)) = (self.models.get(key), owner(&port.frontend)) else { continue };
+            let Some(owner) = owner(&port.frontend) else { continue };
             errors.push(ObjectError {
-                object: object.clone(),
+                object: service_ref(key),
                 field: field.clone(),
                 message: format!("{} is already served for {owner}", port.frontend),
             });
@@ -1015,59 +1118,14 @@ fn endpoints_by_service<'a>(
     proxy_name: Option<&str>,
     node_name: &str,
     errors: &mut Vec<ObjectError>,
-) -> BTreeMap<(String, String), Vec<SlicePort>> {
-    let mut by_service: BTreeMap<(String, String), Vec<SlicePort>> = BTreeMap::new();
+) -> BTreeMap<Key, Vec<SlicePort>> {
+    let mut nodes = NodeNames::default();
+    let mut by_service: BTreeMap<Key, Vec<SlicePort>> = BTreeMap::new();
     for slice in slices {
-        let object = object_ref("EndpointSlice", &slice.metadata);
-        let mut fail =
-            |field: String, message: String| errors.push(ObjectError { object: object.clone(), field, message });
-        let labels = slice.metadata.labels.as_ref();
-        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            fail(format!("metadata.labels[{SERVICE_NAME_LABEL}]"), "missing: the slice belongs to no Service".into());
-            continue;
-        };
-        // IPv6 and FQDN slices are not served yet.
-        if slice.address_type != "IPv4" || !is_ours(labels, proxy_name) {
-            continue;
-        }
-        let mut endpoints = Vec::new();
-        for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
-            let Some(first) = endpoint.addresses.first() else {
-                fail(format!("endpoints[{i}].addresses"), "empty".into());
-                continue;
-            };
-            let Ok(addr) = first.parse::<Ipv4Addr>() else {
-                fail(format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address"));
-                continue;
-            };
-            // As kube-proxy reads them: absent ready and serving mean true,
-            // absent terminating means false.
-            let conditions = endpoint.conditions.as_ref();
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let local = !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name);
-            endpoints.push(EndpointState { addr, ready, serving_terminating: serving && terminating, local });
-        }
-        let entry = by_service.entry((object.namespace.clone(), service.clone())).or_default();
-        for (i, port) in slice.ports.iter().flatten().enumerate() {
-            let protocol = match Protocol::from_field(port.protocol.as_deref()) {
-                Ok(p) => p,
-                Err(message) => {
-                    fail(format!("ports[{i}].protocol"), message);
-                    continue;
-                }
-            };
-            let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
-                fail(format!("ports[{i}].port"), "missing or not a port (1-65535)".into());
-                continue;
-            };
-            entry.push(SlicePort {
-                name: port.name.clone().unwrap_or_default(),
-                protocol,
-                port: number,
-                endpoints: endpoints.clone(),
-            });
+        let parsed = ParsedSlice::parse(slice, &mut nodes);
+        errors.extend(parsed.errors(proxy_name).iter().cloned());
+        if let Some(owner) = parsed.owner.as_ref().filter(|_| parsed.is_ours(proxy_name)) {
+            by_service.entry(owner.clone()).or_default().extend(parsed.slice_ports(node_name));
         }
     }
     by_service
@@ -1562,9 +1620,11 @@ endpoints:
         let mut services: BTreeMap<Key, Arc<Service>> = BTreeMap::new();
         let mut slices: BTreeMap<Key, Arc<EndpointSlice>> = BTreeMap::new();
         let mut model = Model::default();
+        let mut nodes = NodeNames::default();
         let mut previous: BTreeMap<Frontend, Arc<ServicePort>> = BTreeMap::new();
         let (mut conflicts, mut checks, mut repeated, mut stray) = (0, 0, 0, 0);
         for round in 0..300 {
+            let mut changes = Changes::default();
             for _ in 0..1 + rng.below(3) {
                 let namespace = ["a", "b"][rng.below(2) as usize].to_owned();
                 let (kind, index) = (rng.below(2), rng.below(5));
@@ -1573,21 +1633,25 @@ endpoints:
                     let key = (namespace.clone(), format!("s{index}"));
                     if gone {
                         services.remove(&key);
+                        changes.service(key, None);
                     } else {
-                        services.insert(key.clone(), Arc::new(random_service(&mut rng, &key.1, &namespace)));
+                        let service = Arc::new(random_service(&mut rng, &key.1, &namespace));
+                        services.insert(key.clone(), service.clone());
+                        changes.service(key, Some(service));
                     }
                 } else {
                     let key = (namespace.clone(), format!("e{index}"));
                     if gone {
                         slices.remove(&key);
+                        changes.slice(key, None);
                     } else {
-                        slices.insert(key.clone(), Arc::new(random_slice(&mut rng, &key.1, &namespace)));
+                        let slice = random_slice(&mut rng, &key.1, &namespace);
+                        changes.slice(key.clone(), Some(ParsedSlice::parse(&slice, &mut nodes)));
+                        slices.insert(key, Arc::new(slice));
                     }
                 }
             }
-            let (now_services, now_slices): (Vec<_>, Vec<_>) =
-                (services.values().cloned().collect(), slices.values().cloned().collect());
-            let changed = model.update(&now_services, &now_slices, &options);
+            let changed = model.update(changes, &options);
             let whole =
                 desired_state(services.values().map(AsRef::as_ref), slices.values().map(AsRef::as_ref), &options);
             let kept: Vec<ServicePort> = model.desired().values().map(|p| (**p).clone()).collect();
@@ -1616,12 +1680,13 @@ endpoints:
                 assert_eq!(changed.frontends, differ, "round {round}: the changes said are the changes made");
             }
             previous = model.desired().clone();
+            let nothing = model.update(Changes::default(), &options);
+            assert!(nothing.frontends.is_empty() && !nothing.all, "round {round}: no change, no work");
         }
         assert!(conflicts > 50 && repeated > 0 && stray > 0 && checks > 50, "{conflicts} {repeated} {stray} {checks}");
         // New options (the node's addresses moved): everything again.
         let moved = ModelOptions { node_addresses: vec![Ipv4Addr::new(192, 0, 2, 9)], ..options };
-        let now: (Vec<_>, Vec<_>) = (services.values().cloned().collect(), slices.values().cloned().collect());
-        assert!(model.update(&now.0, &now.1, &moved).all);
+        assert!(model.update(Changes::default(), &moved).all, "recomputed from what the model kept");
         let whole = desired_state(services.values().map(AsRef::as_ref), slices.values().map(AsRef::as_ref), &moved);
         assert_eq!(model.desired().values().map(|p| (**p).clone()).collect::<Vec<_>>(), whole.services);
     }

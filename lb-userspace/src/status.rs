@@ -357,13 +357,6 @@ pub fn bind_on(handle: &tokio::runtime::Handle, flag: &str, addr: SocketAddr) ->
     Ok(TcpListener::from_std(listener)?)
 }
 
-/// Unix time of an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`.
-pub fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<SystemTime> {
-    let value = slice.metadata.annotations.as_ref()?.get("endpoints.kubernetes.io/last-change-trigger-time")?;
-    let stamp: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
-    Some(SystemTime::from(stamp))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
