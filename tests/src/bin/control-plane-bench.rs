@@ -130,6 +130,7 @@ fn main() -> anyhow::Result<()> {
         latencies.push(t0.elapsed());
     }
     latencies.sort();
+    let rss_after = agent.rss_kib()?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut answers = poller.join().unwrap_or_default();
     answers.sort();
@@ -140,6 +141,7 @@ fn main() -> anyhow::Result<()> {
     println!("services: {services} (4 endpoints each), changes: {changes}");
     println!("cold start to programmed maps: {:.0} ms", cold_start.as_secs_f64() * 1e3);
     println!("agent resident memory: {:.1} MiB", rss as f64 / 1024.0);
+    println!("agent resident memory after the changes: {:.1} MiB", rss_after as f64 / 1024.0);
     println!("kernel map memory: {:.1} MiB (no sizing flags)", map_kib as f64 / 1024.0);
     let sizes: Vec<String> = maps_now.iter().map(|(map, capacity)| format!("{map} {capacity}")).collect();
     println!("map sizes: {}", sizes.join(", "));
