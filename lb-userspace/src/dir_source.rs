@@ -16,6 +16,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use crate::{
     manifest::{ManifestError, Object, ParsedFile, parse_manifests},
     model::{Changes, NodeNames, ObjectRef, ParsedSlice},
@@ -46,6 +48,12 @@ pub struct DirSource {
     served: BTreeMap<ObjectRef, (PathBuf, Object)>,
     /// Objects defined in more than one file: (object, ignored file, kept file).
     duplicates: Vec<(ObjectRef, PathBuf, PathBuf)>,
+    /// When each served Service was first served: its age, when its
+    /// manifest has no creationTimestamp, so that of two Services claiming
+    /// one address the one served first keeps it, as the older would in a
+    /// cluster. A Service first seen is as old as its file's last change,
+    /// so after a restart too the file added later is the newer.
+    first_served: BTreeMap<ObjectRef, Time>,
     nodes: NodeNames,
 }
 
@@ -74,6 +82,7 @@ impl DirSource {
             files: BTreeMap::new(),
             served: BTreeMap::new(),
             duplicates: Vec::new(),
+            first_served: BTreeMap::new(),
             nodes: NodeNames::default(),
         }
     }
@@ -160,7 +169,13 @@ impl DirSource {
         }
         let mut changes = Changes::default();
         let key = |reference: &ObjectRef| (reference.namespace.clone(), reference.name.clone());
-        for (reference, (_, object)) in &served {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        // File times come from a coarse clock: a Service first seen now is
+        // newer than every one seen before, whatever its file's time says.
+        let floor = self.first_served.values().map(|t| t.0).max();
+        let floor = floor.map(|newest| newest + k8s_openapi::jiff::SignedDuration::from_nanos(1));
+        self.first_served.retain(|reference, _| served.contains_key(reference));
+        for (reference, (path, object)) in &served {
             let same = match (object, self.served.get(reference).map(|(_, o)| o)) {
                 (Object::Service(now), Some(Object::Service(before))) => Arc::ptr_eq(now, before),
                 (Object::EndpointSlice(now), Some(Object::EndpointSlice(before))) => Arc::ptr_eq(now, before),
@@ -170,7 +185,22 @@ impl DirSource {
                 continue;
             }
             match object {
-                Object::Service(service) => changes.service(key(reference), Some(service.clone())),
+                Object::Service(service) => {
+                    let changed = self.files.get(path).and_then(|known| known.print.modified);
+                    let changed = changed.and_then(|t| k8s_openapi::jiff::Timestamp::try_from(t).ok());
+                    let file_age = changed.map_or(now, |changed| changed.min(now));
+                    let age = floor.map_or(file_age, |floor| file_age.max(floor));
+                    let first_served = self.first_served.entry(reference.clone()).or_insert(Time(age)).clone();
+                    let service = match service.metadata.creation_timestamp {
+                        Some(_) => service.clone(),
+                        None => {
+                            let mut aged = (**service).clone();
+                            aged.metadata.creation_timestamp = Some(first_served);
+                            Arc::new(aged)
+                        }
+                    };
+                    changes.service(key(reference), Some(service))
+                }
                 Object::EndpointSlice(slice) => {
                     changes.slice(key(reference), Some(ParsedSlice::parse(slice, &mut self.nodes)))
                 }
@@ -253,6 +283,28 @@ mod tests {
         fs::remove_file(dir.join("b.yml")).unwrap();
         assert_eq!(changed(&mut source), 2, "a and b are gone");
         assert_eq!(names(&source), ["c"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn of_two_services_claiming_one_address_the_one_served_first_keeps_it() {
+        let dir = std::env::temp_dir().join(format!("lb-dirsource-age-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let mut source = DirSource::new(&dir);
+        let (mut model, options) = (crate::model::Model::default(), crate::model::ModelOptions::default());
+        fs::write(dir.join("z.yaml"), service("zz-live", "10.96.0.1")).unwrap();
+        model.update(source.rescan().unwrap().changes, &options);
+        // A newcomer whose name sorts first, in a file that sorts first.
+        fs::write(dir.join("a.yaml"), service("aa-new", "10.96.0.1")).unwrap();
+        let changed = model.update(source.rescan().unwrap().changes, &options);
+        assert!(changed.frontends.is_empty(), "the live Service keeps its frontend");
+        assert_eq!(model.desired().values().next().unwrap().name, "default/zz-live:");
+        let errors: Vec<String> = model.errors().iter().map(ToString::to_string).collect();
+        assert_eq!(errors, ["Service default/aa-new: spec.clusterIP: 10.96.0.1:80/TCP is already served for default/zz-live:"]);
+        // Editing the live one keeps its age.
+        fs::write(dir.join("z.yaml"), service("zz-live", "10.96.0.1").replace("port: 80", "port: 80, name: web")).unwrap();
+        model.update(source.rescan().unwrap().changes, &options);
+        assert_eq!(model.desired().values().next().unwrap().name, "default/zz-live:web");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

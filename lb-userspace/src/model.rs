@@ -477,7 +477,7 @@ pub fn desired_state<'a>(
     let mut errors = Vec::new();
     let endpoints = endpoints_by_service(slices, options.proxy_name.as_deref(), &options.node_name, &mut errors);
     let mut sorted: Vec<&Service> = services.into_iter().collect();
-    sorted.sort_by_cached_key(|s| object_ref("Service", &s.metadata));
+    sorted.sort_by_cached_key(|s| claimant(s));
     let models: Vec<(ObjectRef, ServiceModel)> = sorted
         .into_iter()
         .map(|service| {
@@ -492,6 +492,24 @@ pub fn desired_state<'a>(
 
 /// A Service (or slice) by namespace and name.
 pub type Key = (String, String);
+
+/// How old a Service is, for conflicts: the older one keeps a frontend
+/// both claim, so a newcomer never takes traffic from a Service that
+/// serves it. Unknown (no creationTimestamp) counts as newest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Age {
+    Created(k8s_openapi::jiff::Timestamp),
+    Unknown,
+}
+
+/// A Service in the order it claims frontends: oldest first, then by
+/// namespace and name.
+type Claimant = (Age, Key);
+
+fn claimant(service: &Service) -> Claimant {
+    let age = service.metadata.creation_timestamp.as_ref().map_or(Age::Unknown, |t| Age::Created(t.0));
+    (age, key_of(&service.metadata))
+}
 
 /// An object's key: namespace (absent is "default") and name.
 pub fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
@@ -570,10 +588,6 @@ impl<K: Ord, V> SmallMap<K, V> {
         self.0.first().map(|(_, v)| v)
     }
 
-    fn last(&self) -> Option<&V> {
-        self.0.last().map(|(_, v)| v)
-    }
-
     fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
@@ -597,6 +611,8 @@ pub struct Changed {
 /// health-check node port.
 #[derive(Default)]
 struct ServiceEntry {
+    /// Where its claims are filed in `Model::claims`.
+    age: Option<Age>,
     errors: Vec<ObjectError>,
     claimed: Vec<Frontend>,
     health_check: Option<u16>,
@@ -605,8 +621,8 @@ struct ServiceEntry {
 /// The model kept between syncs: `desired_state`'s result, updated from
 /// the objects the sources say changed. A Service is computed again when
 /// it or one of its slices changed; the frontends it claims are re-decided
-/// among their claimants (the first Service by namespace and name owns a
-/// frontend, as in `merge`). One changed EndpointSlice among 100,000
+/// among their claimants (the oldest Service owns a frontend, as in
+/// `merge`). One changed EndpointSlice among 100,000
 /// Services costs its Service, and an update without changes nothing.
 #[derive(Default)]
 pub struct Model {
@@ -620,13 +636,13 @@ pub struct Model {
     slices_with_errors: BTreeSet<Key>,
     /// What each Service asks for, as last computed.
     models: HashMap<Key, ServiceEntry>,
-    /// Claims on each frontend by Service, in order: the first owns it.
-    claims: BTreeMap<Frontend, SmallMap<Key, (Arc<ServicePort>, String)>>,
+    /// Claims on each frontend by Service, oldest first: the first owns it.
+    claims: BTreeMap<Frontend, SmallMap<Claimant, (Arc<ServicePort>, String)>>,
     /// A Service's claims on a frontend it already claimed (two ports
     /// alike): errors, like any claim on a frontend someone else has.
     repeated_claims: HashMap<Key, Vec<(Arc<ServicePort>, String)>>,
-    /// Health-check node ports by Service, in order: the last has it.
-    checks: BTreeMap<u16, SmallMap<Key, HealthCheck>>,
+    /// Health-check node ports by Service, oldest first: the first has it.
+    checks: BTreeMap<u16, SmallMap<Claimant, HealthCheck>>,
     /// Keys of the `models` entries that hold errors, and frontends with
     /// more than one claimant: `errors` reads these alone, not every
     /// Service.
@@ -694,16 +710,17 @@ impl Model {
             self.repeated_claims.remove(&key);
             self.services_with_errors.remove(&key);
             if let Some(old) = self.models.remove(&key) {
+                let claimant = (old.age.unwrap_or(Age::Unknown), key.clone());
                 for frontend in old.claimed {
                     if let Some(claimants) = self.claims.get_mut(&frontend) {
-                        claimants.remove(&key);
+                        claimants.remove(&claimant);
                     }
                     contested.insert(frontend);
                 }
                 if let Some(port) = old.health_check
                     && let Some(claimants) = self.checks.get_mut(&port)
                 {
-                    claimants.remove(&key);
+                    claimants.remove(&claimant);
                 }
             }
             let Some(service) = self.services.get(&key) else { continue };
@@ -716,7 +733,8 @@ impl Model {
             let model = model_service(service, &ports, options);
             // The ports move to the claims (one copy of each is kept); a
             // Service claiming one frontend twice: its first claim counts.
-            let mut entry = ServiceEntry { errors: model.errors, ..ServiceEntry::default() };
+            let claimant = claimant(service);
+            let mut entry = ServiceEntry { age: Some(claimant.0), errors: model.errors, ..ServiceEntry::default() };
             for (port, field) in model.claims {
                 let frontend = port.frontend;
                 contested.insert(frontend);
@@ -724,11 +742,11 @@ impl Model {
                     self.repeated_claims.entry(key.clone()).or_default().push((Arc::new(port), field));
                 } else {
                     entry.claimed.push(frontend);
-                    self.claims.entry(frontend).or_default().insert(key.clone(), (Arc::new(port), field));
+                    self.claims.entry(frontend).or_default().insert(claimant.clone(), (Arc::new(port), field));
                 }
             }
             if let Some((port, check)) = model.health_check {
-                self.checks.entry(port).or_default().insert(key.clone(), check);
+                self.checks.entry(port).or_default().insert(claimant.clone(), check);
                 entry.health_check = Some(port);
             }
             if !entry.errors.is_empty() {
@@ -770,7 +788,7 @@ impl Model {
 
     /// Health-check node ports to serve.
     pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
-        self.checks.iter().filter_map(|(port, c)| Some((*port, c.last()?.clone()))).collect()
+        self.checks.iter().filter_map(|(port, c)| Some((*port, c.first()?.clone()))).collect()
     }
 
     /// Every object error: slices', Services', and claims on frontends
@@ -785,6 +803,7 @@ impl Model {
         let shared = self.shared_frontends.iter().filter_map(|f| self.claims.get(f));
         let losing = shared.flat_map(|c| c.iter().skip(1));
         let repeated = self.repeated_claims.iter().flat_map(|(key, claims)| claims.iter().map(move |c| (key, c)));
+        let losing = losing.map(|((_, key), claim)| (key, claim));
         for (key, (port, field)) in losing.chain(repeated) {
             let Some(owner) = owner(&port.frontend) else { continue };
             errors.push(ObjectError {
@@ -797,8 +816,8 @@ impl Model {
     }
 }
 
-/// Puts the Services' models together, in order: the first Service (by
-/// namespace and name) to claim a frontend has it, and a later one's
+/// Puts the Services' models together, in order: the first Service (the
+/// oldest, see `Claimant`) to claim a frontend has it, and a later one's
 /// claim is an error of that one, naming the field.
 fn merge<'a>(
     models: impl Iterator<Item = (&'a ObjectRef, &'a ServiceModel)>,
@@ -821,7 +840,7 @@ fn merge<'a>(
             }
         }
         if let Some((port, check)) = &model.health_check {
-            health_checks.insert(*port, check.clone());
+            health_checks.entry(*port).or_insert_with(|| check.clone());
         }
     }
     DesiredState { services: by_frontend.into_values().collect(), health_checks, errors }
@@ -1274,23 +1293,65 @@ spec: {clusterIPs: [10.96.0.3, "fd00::3"], ports: [{port: 70000}, {port: 443}]}
     }
 
     #[test]
-    fn a_frontend_claimed_twice_goes_to_the_first_service_by_name() {
-        let state = desired(
-            r#"
-apiVersion: v1
-kind: Service
-metadata: {name: zz}
-spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: aa}
-spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
-"#,
-        );
+    fn a_frontend_claimed_twice_goes_to_the_older_service_then_the_first_by_name() {
+        let service = |name: &str, created: Option<&str>| {
+            let created = created.map(|t| format!(", creationTimestamp: \"{t}\"")).unwrap_or_default();
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}{created}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        // Alike in age: the first by name.
+        let state = desired(&format!("{}---\n{}", service("zz", None), service("aa", None)));
         assert_eq!(state.services.len(), 1);
         assert_eq!(state.services[0].name, "default/aa:");
         assert_eq!(state.errors[0].object.name, "zz");
+        // The older keeps it, whatever the names; the newer is the error.
+        let state = desired(&format!(
+            "{}---\n{}",
+            service("zz", Some("2026-01-01T00:00:00Z")),
+            service("aa", Some("2026-06-01T00:00:00Z"))
+        ));
+        assert_eq!(state.services[0].name, "default/zz:");
+        assert_eq!(state.errors.len(), 1);
+        assert_eq!(state.errors[0].object.name, "aa");
+        assert_eq!(state.errors[0].field, "spec.clusterIP");
+        assert_eq!(state.errors[0].message, "10.96.0.1:80/TCP is already served for default/zz:");
+        // No creation time counts as newest.
+        let state = desired(&format!("{}---\n{}", service("zz", Some("2026-01-01T00:00:00Z")), service("aa", None)));
+        assert_eq!(state.services[0].name, "default/zz:");
+    }
+
+    #[test]
+    fn a_newer_service_claiming_a_frontend_changes_nothing_of_it() {
+        let options = ModelOptions::default();
+        let service = |name: &str, created: &str, ip: &str| -> Arc<Service> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "default", "creationTimestamp": created},
+                    "spec": {"clusterIP": ip, "ports": [{"port": 80}]},
+                }))
+                .unwrap(),
+            )
+        };
+        let mut model = Model::default();
+        let mut changes = Changes::default();
+        changes.service(("default".into(), "live".into()), Some(service("live", "2026-01-01T00:00:00Z", "10.96.0.1")));
+        model.update(changes, &options);
+        let mut changes = Changes::default();
+        changes.service(("default".into(), "a-new".into()), Some(service("a-new", "2026-02-01T00:00:00Z", "10.96.0.1")));
+        let changed = model.update(changes, &options);
+        assert!(changed.frontends.is_empty(), "the live Service's frontend is untouched: {changed:?}");
+        assert_eq!(model.desired().values().next().unwrap().name, "default/live:");
+        let errors = model.errors();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].to_string(), "Service default/a-new: spec.clusterIP: 10.96.0.1:80/TCP is already served for default/live:");
+        // The owner goes: the newer one has it now.
+        let mut changes = Changes::default();
+        changes.service(("default".into(), "live".into()), None);
+        let changed = model.update(changes, &options);
+        assert_eq!(changed.frontends.len(), 1);
+        assert_eq!(model.desired().values().next().unwrap().name, "default/a-new:");
+        assert!(model.errors().is_empty());
     }
 
     #[test]
@@ -1571,8 +1632,13 @@ endpoints:
         if rng.below(6) == 0 {
             ports.push(serde_json::json!({"name": "again", "port": 80}));
         }
+        // Few distinct ages, some unknown: both orders of conflicts.
+        let mut metadata = serde_json::json!({"name": name, "namespace": namespace});
+        if rng.below(3) != 0 {
+            metadata["creationTimestamp"] = format!("2026-0{}-01T00:00:00Z", 1 + rng.below(3)).into();
+        }
         serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "namespace": namespace},
+            "metadata": metadata,
             "spec": {
                 "type": type_,
                 "clusterIP": format!("10.96.0.{}", 1 + rng.below(4)),

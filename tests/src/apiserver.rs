@@ -168,6 +168,13 @@ impl ApiServer {
             object["metadata"]["namespace"] = json!("default");
         }
         let key = key_of(kind, &object);
+        // As a real API server: set at creation (to the second), kept by
+        // updates. Conflicts between Services go to the older.
+        let created = state.objects.get(&key).map(|old| old["metadata"]["creationTimestamp"].clone());
+        object["metadata"]["creationTimestamp"] = created.unwrap_or_else(|| {
+            let now = k8s_openapi::jiff::Timestamp::now();
+            json!(k8s_openapi::jiff::Timestamp::from_second(now.as_second()).unwrap_or(now).to_string())
+        });
         let kind_of_event = if state.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
         state.events.push(WatchEvent { resource_version: rv, kind, kind_of_event, object });
         cvar.notify_all();

@@ -361,3 +361,30 @@ fn session_affinity_expires_after_its_timeout_without_traffic() {
     }
     assert!(chosen.len() > 1, "affinity never expired: {chosen:?}");
 }
+
+#[test]
+fn a_newer_service_claiming_a_live_services_address_never_takes_its_traffic() {
+    let (cluster, _servers) = three_backends_and_a_client();
+    let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
+    let client = &cluster.pod("client").netns;
+    let manifests = TempDir::new("lb-conflict").unwrap();
+    write_yaml(&manifests.0, "z-live.yaml", &sticky_service(json!({})));
+    write_yaml(&manifests.0, "z-live-slice.yaml", &sticky_slice(&pods));
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    agent.wait_for_maps("the live service", |c| c.frontends().any(|(_, backends)| backends.len() == 3)).unwrap();
+    agent.wait_for_attachments(4).unwrap();
+    assert!(!reached(client, 5).is_empty());
+
+    // A newcomer with no endpoints, whose name and file sort first, claims
+    // the same cluster IP and port: it is reported by name and field, and
+    // the live Service keeps answering, before and after an agent restart.
+    write_yaml(&manifests.0, "a-new.yaml", &service("default", "a-new", *VIP.ip(), &HTTP, json!({})));
+    agent
+        .wait_for_log("Service default/a-new: spec.clusterIP: 10.96.0.20:80/TCP is already served for default/sticky:http")
+        .unwrap();
+    client.enter(|| (0..20).try_for_each(|_| tcp_ask(VIP).map(drop))).unwrap();
+    drop(agent);
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    agent.wait_for_log("already served for default/sticky:http").unwrap();
+    client.enter(|| (0..20).try_for_each(|_| tcp_ask(VIP).map(drop))).unwrap();
+}
