@@ -825,8 +825,11 @@ fn main() -> anyhow::Result<()> {
             );
         }
         let (control_sizes, changes): (Vec<u32>, u32) =
-            if args.quick { (vec![1_000], 100) } else { (vec![10_000, 30_000], 300) };
+            if args.quick { (vec![1_000], 100) } else { (vec![1_000, 10_000, 30_000, 100_000], 300) };
         md.push_str("\nThrough the Kubernetes test API server (`control-plane-bench SERVICES CHANGES`):\n\n```\n");
+        // One change, ours (p50 and p99) beside the anchors' at the sizes
+        // both were run at.
+        let mut one_change: Vec<(u32, String)> = Vec::new();
         for n in control_sizes {
             eprintln!("bench: control plane, {n} Services");
             for line in control_plane(n, changes)? {
@@ -834,9 +837,17 @@ fn main() -> anyhow::Result<()> {
                 if line.starts_with("EndpointSlice change") || line.starts_with("cold start") {
                     summary.push(format!("{n} Services: {line}"));
                 }
+                if let Some(times) = line.strip_prefix("EndpointSlice change -> maps: ") {
+                    one_change.push((n, times.to_owned()));
+                }
             }
         }
-        md.push_str("```\n\n");
+        md.push_str("```\n\n| Services | ours one change | iptables one change ms | nft one change ms |\n|---:|---|---:|---:|\n");
+        for (n, ours) in one_change {
+            let change = |s: System| crr.get(&(s, n)).and_then(|(_, setup)| setup.change).map_or("-".into(), ms);
+            let _ = writeln!(md, "| {n} | {ours} | {} | {} |", change(System::Iptables), change(System::Nftables));
+        }
+        md.push('\n');
     }
 
     if wants("memory") {
