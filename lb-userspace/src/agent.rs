@@ -82,7 +82,11 @@ pub struct AgentConfig {
 /// Where Services and EndpointSlices come from.
 enum Source {
     /// The directory, polled; what changed since the last sync.
-    Dir { dir: DirSource, tick: tokio::time::Interval, pending: Changes },
+    Dir {
+        dir: Box<DirSource>,
+        tick: tokio::time::Interval,
+        pending: Changes,
+    },
     Kube(KubeSource),
 }
 
@@ -125,7 +129,7 @@ impl Source {
     /// The directory, for errors to name the file of an object.
     fn files(&self) -> Option<&DirSource> {
         match self {
-            Source::Dir { dir, .. } => Some(dir),
+            Source::Dir { dir, .. } => Some(dir.as_ref()),
             Source::Kube(_) => None,
         }
     }
@@ -222,7 +226,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut source = match config.source {
         SourceConfig::Dir(path) => {
             anyhow::ensure!(path.is_dir(), "source directory {} does not exist", path.display());
-            Source::Dir { dir: DirSource::new(path), tick: tokio::time::interval(DIR_POLL), pending: Changes::default() }
+            Source::Dir {
+                dir: Box::new(DirSource::new(path)),
+                tick: tokio::time::interval(DIR_POLL),
+                pending: Changes::default(),
+            }
         }
         SourceConfig::Kube(connection, node_name) => Source::Kube(KubeSource::start(&connection, &node_name).await?),
     };
@@ -345,7 +353,8 @@ impl Agent {
         });
         let errors = self.kept_model.errors();
         let object_errors = errors.iter().map(|e| {
-            let file = files.and_then(|f| f.origin(&e.object)).map(|p| format!("{}: ", p.display())).unwrap_or_default();
+            let file =
+                files.and_then(|f| f.origin(&e.object)).map(|p| format!("{}: ", p.display())).unwrap_or_default();
             format!("{file}{e}")
         });
         let mut reported = BTreeSet::new();

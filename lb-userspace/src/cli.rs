@@ -211,7 +211,7 @@ pub struct RunArgs {
     pub memory_limit: Option<u64>,
     /// Backend selection for Services without the service.lb.io/lb-algorithm annotation.
     #[arg(long, value_enum, default_value = "random")]
-    pub lb_algorithm: crate::model::Algorithm,
+    pub lb_algorithm: LbAlgorithm,
     /// Entries per Maglev table: a prime, such as 16381 or 65521.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE)]
     pub maglev_table_size: u32,
@@ -252,4 +252,23 @@ pub struct InspectArgs {
     pub pin_path: PathBuf,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
+}
+
+/// `--lb-algorithm`: `model::Algorithm` as the command line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LbAlgorithm {
+    /// Uniformly at random.
+    Random,
+    /// Maglev consistent hashing of the flow: the same flow picks the same
+    /// backend on every node and after backend changes, mostly.
+    Maglev,
+}
+
+impl From<LbAlgorithm> for crate::model::Algorithm {
+    fn from(algorithm: LbAlgorithm) -> Self {
+        match algorithm {
+            LbAlgorithm::Random => Self::Random,
+            LbAlgorithm::Maglev => Self::Maglev,
+        }
+    }
 }

@@ -277,7 +277,9 @@ mod tests {
         fs::write(dir.join("a.yaml"), service("c", "10.96.0.3")).unwrap();
         assert_eq!(changed(&mut source), 2, "c is new, and b.yml's copy of a now counts");
         assert_eq!(names(&source), ["a", "b", "c"]);
-        let origin = |name: &str| source.origin(&ObjectRef { kind: "Service".into(), namespace: "default".into(), name: name.into() });
+        let origin = |name: &str| {
+            source.origin(&ObjectRef { kind: "Service".into(), namespace: "default".into(), name: name.into() })
+        };
         assert_eq!(origin("a"), Some(dir.join("b.yml").as_path()));
 
         fs::remove_file(dir.join("b.yml")).unwrap();
@@ -300,9 +302,13 @@ mod tests {
         assert!(changed.frontends.is_empty(), "the live Service keeps its frontend");
         assert_eq!(model.desired().values().next().unwrap().name, "default/zz-live:");
         let errors: Vec<String> = model.errors().iter().map(ToString::to_string).collect();
-        assert_eq!(errors, ["Service default/aa-new: spec.clusterIP: 10.96.0.1:80/TCP is already served for default/zz-live:"]);
+        assert_eq!(
+            errors,
+            ["Service default/aa-new: spec.clusterIP: 10.96.0.1:80/TCP is already served for default/zz-live:"]
+        );
         // Editing the live one keeps its age.
-        fs::write(dir.join("z.yaml"), service("zz-live", "10.96.0.1").replace("port: 80", "port: 80, name: web")).unwrap();
+        fs::write(dir.join("z.yaml"), service("zz-live", "10.96.0.1").replace("port: 80", "port: 80, name: web"))
+            .unwrap();
         model.update(source.rescan().unwrap().changes, &options);
         assert_eq!(model.desired().values().next().unwrap().name, "default/zz-live:web");
         fs::remove_dir_all(&dir).unwrap();

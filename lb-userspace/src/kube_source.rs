@@ -22,8 +22,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Resource,
-    Api, Client, Config,
+    Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,

@@ -1,7 +1,6 @@
 //! The agent: computes what the datapath maps should hold from Kubernetes
 //! objects and keeps the maps, and the program's attachments, in step.
 pub mod agent;
-pub mod cidr;
 pub mod cli;
 pub mod datapath;
 pub mod dir_source;
@@ -9,14 +8,10 @@ pub mod health_check;
 pub mod inspect;
 pub mod interfaces;
 pub mod kube_source;
-pub mod maglev;
-pub mod manifest;
-pub mod model;
 pub mod mounts;
-pub mod plan;
-pub mod reconcile;
-pub mod sizing;
 pub mod sock_destroy;
 pub mod status;
-#[cfg(test)]
-mod test_rng;
+
+// The pure part, a crate of its own (lb-userspace/model), under the paths
+// the rest of the agent and the tests use.
+pub use lb_model::{cidr, maglev, manifest, model, plan, reconcile, sizing};

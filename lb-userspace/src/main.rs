@@ -84,7 +84,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         source,
         model: ModelOptions {
             proxy_name: args.proxy_name,
-            algorithm: args.lb_algorithm,
+            algorithm: args.lb_algorithm.into(),
             node_name: args.node_name,
             node_addresses: Vec::new(),
             external_ip_cidrs: args.external_ip_cidrs,

@@ -278,7 +278,7 @@ securityContext: {privileged: true}
     let cidrs = |c: &[lb_userspace::cidr::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>();
     assert_eq!(cidrs(&run.nodeport_addresses), ["192.0.2.0/24"]);
     assert_eq!(cidrs(&run.external_ip_cidrs), ["203.0.113.0/24", "198.51.100.7/32"]);
-    assert_eq!(run.lb_algorithm, lb_userspace::model::Algorithm::Maglev);
+    assert_eq!(run.lb_algorithm, lb_userspace::cli::LbAlgorithm::Maglev);
     assert_eq!((run.maglev_table_size, run.maglev_tables), (65521, 4));
     assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10266".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));

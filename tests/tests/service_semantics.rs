@@ -380,7 +380,9 @@ fn a_newer_service_claiming_a_live_services_address_never_takes_its_traffic() {
     // the live Service keeps answering, before and after an agent restart.
     write_yaml(&manifests.0, "a-new.yaml", &service("default", "a-new", *VIP.ip(), &HTTP, json!({})));
     agent
-        .wait_for_log("Service default/a-new: spec.clusterIP: 10.96.0.20:80/TCP is already served for default/sticky:http")
+        .wait_for_log(
+            "Service default/a-new: spec.clusterIP: 10.96.0.20:80/TCP is already served for default/sticky:http",
+        )
         .unwrap();
     client.enter(|| (0..20).try_for_each(|_| tcp_ask(VIP).map(drop))).unwrap();
     drop(agent);

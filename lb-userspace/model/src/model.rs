@@ -151,7 +151,7 @@ pub struct ServicePort {
 }
 
 /// How a frontend picks a backend for a new flow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Algorithm {
     /// Uniformly at random.
     #[default]
@@ -411,7 +411,9 @@ impl ParsedSlice {
 pub fn trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
     let value = slice.metadata.annotations.as_ref()?.get("endpoints.kubernetes.io/last-change-trigger-time")?;
     let stamp: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
-    Some(std::time::SystemTime::from(stamp))
+    // Before 1970 or past 2554: not a time this agent will see.
+    let nanos = u64::try_from(stamp.as_nanosecond()).ok()?;
+    Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos))
 }
 
 /// The backends of one service port, as kube-proxy picks them: ready
@@ -591,7 +593,6 @@ impl<K: Ord, V> SmallMap<K, V> {
     fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
-
 }
 
 /// What changed in the desired state at one `Model::update`.
@@ -1338,13 +1339,17 @@ spec: {clusterIPs: [10.96.0.3, "fd00::3"], ports: [{port: 70000}, {port: 443}]}
         changes.service(("default".into(), "live".into()), Some(service("live", "2026-01-01T00:00:00Z", "10.96.0.1")));
         model.update(changes, &options);
         let mut changes = Changes::default();
-        changes.service(("default".into(), "a-new".into()), Some(service("a-new", "2026-02-01T00:00:00Z", "10.96.0.1")));
+        changes
+            .service(("default".into(), "a-new".into()), Some(service("a-new", "2026-02-01T00:00:00Z", "10.96.0.1")));
         let changed = model.update(changes, &options);
         assert!(changed.frontends.is_empty(), "the live Service's frontend is untouched: {changed:?}");
         assert_eq!(model.desired().values().next().unwrap().name, "default/live:");
         let errors = model.errors();
         assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].to_string(), "Service default/a-new: spec.clusterIP: 10.96.0.1:80/TCP is already served for default/live:");
+        assert_eq!(
+            errors[0].to_string(),
+            "Service default/a-new: spec.clusterIP: 10.96.0.1:80/TCP is already served for default/live:"
+        );
         // The owner goes: the newer one has it now.
         let mut changes = Changes::default();
         changes.service(("default".into(), "live".into()), None);
