@@ -151,6 +151,13 @@ pub const FRONTEND_DROP_WHEN_EMPTY: u8 = 4;
 /// and the node reaching the same address get the whole Service, as
 /// kube-proxy short-circuits them.
 pub const FRONTEND_TWO_SCOPES: u8 = 8;
+/// `ServiceValue::flags`, for people (`lb services`), never read by the
+/// datapath: why the frontend has fewer backends than its Service has
+/// ready endpoints. A traffic policy of Local; topology hints naming this
+/// node; topology hints naming this node's zone.
+pub const FRONTEND_NARROWED_POLICY_LOCAL: u8 = 16;
+pub const FRONTEND_NARROWED_NODE_HINTS: u8 = 32;
+pub const FRONTEND_NARROWED_ZONE_HINTS: u8 = 64;
 
 /// Slot 0: `backend_count`, `flags`, `affinity_timeout_s` and
 /// `maglev_table` are set, `backend_id` is 0. Slot n > 0: `backend_id` is

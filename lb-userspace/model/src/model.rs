@@ -148,6 +148,8 @@ pub struct ServicePort {
     /// they need no source address kept and should not depend on a local
     /// endpoint.
     pub internal_backends: Option<BTreeSet<SocketAddrV4>>,
+    /// Why `backends` are fewer than the Service's ready endpoints.
+    pub narrowed: Narrowed,
 }
 
 /// How a frontend picks a backend for a new flow.
@@ -173,6 +175,8 @@ pub struct ModelOptions {
     pub algorithm: Algorithm,
     /// `--node-name`: endpoints whose `nodeName` is this are local.
     pub node_name: String,
+    /// This node's `topology.kubernetes.io/zone` label, for zone hints.
+    pub zone: Option<String>,
     /// The node addresses NodePorts are served on (`--nodeport-addresses`).
     pub node_addresses: Vec<Ipv4Addr>,
     /// `--external-ip-cidrs`: ExternalIPs are honoured only inside these.
@@ -255,6 +259,84 @@ struct EndpointState {
     serving_terminating: bool,
     /// On this node (`nodeName` is ours).
     local: bool,
+    /// Its topology hints (`hints.forNodes`, `hints.forZones`), as seen
+    /// from this node.
+    node_hint: Hint,
+    zone_hint: Hint,
+}
+
+/// Whether an endpoint's topology hints name this node (or its zone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hint {
+    Absent,
+    Elsewhere,
+    Here,
+}
+
+impl Hint {
+    fn of(hints: &[Arc<str>], here: Option<&str>) -> Self {
+        match here {
+            _ if hints.is_empty() => Hint::Absent,
+            Some(here) if !here.is_empty() && hints.iter().any(|h| **h == *here) => Hint::Here,
+            _ => Hint::Elsewhere,
+        }
+    }
+}
+
+/// Which endpoints a Service's ready endpoints are narrowed to by their
+/// topology hints (kube-proxy's topology mode, `pkg/proxy/topology.go`):
+/// this node's when every ready endpoint has node hints and one names this
+/// node (PreferSameNode), else this zone's when every ready endpoint has
+/// zone hints and one names this node's zone (PreferSameZone, PreferClose,
+/// topology-mode Auto), else all. The EndpointSlice controller writes the
+/// hints from the Service's trafficDistribution or annotation, so the
+/// hints alone decide, as in kube-proxy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Topology {
+    #[default]
+    All,
+    SameNode,
+    SameZone,
+}
+
+impl Topology {
+    fn of<'a>(endpoints: impl Iterator<Item = &'a EndpointState>) -> Self {
+        let (mut any_ready, mut all_node, mut node_here, mut all_zone, mut zone_here) = (false, true, false, true, false);
+        for endpoint in endpoints.filter(|e| e.ready) {
+            any_ready = true;
+            all_node &= endpoint.node_hint != Hint::Absent;
+            node_here |= endpoint.node_hint == Hint::Here;
+            all_zone &= endpoint.zone_hint != Hint::Absent;
+            zone_here |= endpoint.zone_hint == Hint::Here;
+        }
+        match () {
+            _ if !any_ready => Topology::All,
+            _ if all_node && node_here => Topology::SameNode,
+            _ if all_zone && zone_here => Topology::SameZone,
+            _ => Topology::All,
+        }
+    }
+
+    fn admits(self, endpoint: &EndpointState) -> bool {
+        match self {
+            Topology::All => true,
+            Topology::SameNode => endpoint.node_hint == Hint::Here,
+            Topology::SameZone => endpoint.zone_hint == Hint::Here,
+        }
+    }
+}
+
+/// Why a frontend has fewer backends than its Service has ready
+/// endpoints, for `lb services`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Narrowed {
+    #[default]
+    No,
+    /// A traffic policy of Local: this node's endpoints.
+    PolicyLocal,
+    /// Topology hints (`Topology`).
+    NodeHints,
+    ZoneHints,
 }
 
 /// A port of an EndpointSlice, with the endpoints behind it.
@@ -274,6 +356,16 @@ struct SliceEndpoint {
     serving_terminating: bool,
     /// `nodeName`, shared by every endpoint on that node (`NodeNames`).
     node: Option<Arc<str>>,
+    /// Topology hints; None for most endpoints, which have none.
+    hints: Option<Box<Hints>>,
+}
+
+/// `hints.forNodes` and `hints.forZones` of an endpoint (names shared
+/// through `NodeNames`).
+#[derive(Clone, Debug, Default)]
+struct Hints {
+    nodes: Vec<Arc<str>>,
+    zones: Vec<Arc<str>>,
 }
 
 /// Node names, each held once however many endpoints name it.
@@ -355,7 +447,18 @@ impl ParsedSlice {
             let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let node = endpoint.node_name.as_deref().map(|n| nodes.get(n));
-            parsed.endpoints.push(SliceEndpoint { addr, ready, serving_terminating: serving && terminating, node });
+            let hints = endpoint.hints.as_ref().map(|h| Hints {
+                nodes: h.for_nodes.iter().flatten().map(|n| nodes.get(&n.name)).collect(),
+                zones: h.for_zones.iter().flatten().map(|z| nodes.get(&z.name)).collect(),
+            });
+            let hints = hints.filter(|h| !h.nodes.is_empty() || !h.zones.is_empty()).map(Box::new);
+            parsed.endpoints.push(SliceEndpoint {
+                addr,
+                ready,
+                serving_terminating: serving && terminating,
+                node,
+                hints,
+            });
         }
         for (i, port) in slice.ports.iter().flatten().enumerate() {
             let protocol = match Protocol::from_field(port.protocol.as_deref()) {
@@ -387,15 +490,21 @@ impl ParsedSlice {
     }
 
     /// Its ports with their endpoints, `local` as seen from `node_name`.
-    fn slice_ports(&self, node_name: &str) -> impl Iterator<Item = SlicePort> + '_ {
+    fn slice_ports(&self, node_name: &str, zone: Option<&str>) -> impl Iterator<Item = SlicePort> + '_ {
+        let no_hints = Hints::default();
         let endpoints: Arc<[EndpointState]> = self
             .endpoints
             .iter()
-            .map(|e| EndpointState {
-                addr: e.addr,
-                ready: e.ready,
-                serving_terminating: e.serving_terminating,
-                local: !node_name.is_empty() && e.node.as_deref() == Some(node_name),
+            .map(|e| {
+                let hints = e.hints.as_deref().unwrap_or(&no_hints);
+                EndpointState {
+                    addr: e.addr,
+                    ready: e.ready,
+                    serving_terminating: e.serving_terminating,
+                    local: !node_name.is_empty() && e.node.as_deref() == Some(node_name),
+                    node_hint: Hint::of(&hints.nodes, Some(node_name)),
+                    zone_hint: Hint::of(&hints.zones, zone),
+                }
             })
             .collect();
         self.ports.iter().map(move |(name, protocol, port)| SlicePort {
@@ -416,33 +525,34 @@ pub fn trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
     Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos))
 }
 
-/// The backends of one service port, as kube-proxy picks them: ready
-/// endpoints; when none is ready, those still serving while terminating,
-/// so that a rolling update never leaves a Service without backends. With
-/// `local_only` (a traffic policy of Local), only this node's endpoints.
-/// Returns all the picked backends and the local ones among them.
-fn backends_of(
-    slice_ports: &[SlicePort],
-    port: &PortSpec,
-    local_only: bool,
-) -> (BTreeSet<SocketAddrV4>, BTreeSet<SocketAddrV4>) {
-    let matching: Vec<&SlicePort> =
-        slice_ports.iter().filter(|sp| sp.name == port.name && sp.protocol == port.protocol).collect();
+/// The backends of one service port, as kube-proxy picks them
+/// (`CategorizeEndpoints`): ready endpoints, narrowed by their topology
+/// hints (`Topology`); when none is ready, those still serving while
+/// terminating, whatever their hints, so that a rolling update never
+/// leaves a Service without backends. With `local_only` (a traffic policy
+/// of Local), only this node's endpoints, and hints do not apply.
+struct Picked {
+    backends: BTreeSet<SocketAddrV4>,
+    /// The ones on this node (a subset of `backends`).
+    local: BTreeSet<SocketAddrV4>,
+    topology: Topology,
+}
+
+fn backends_of(slice_ports: &[SlicePort], port: &PortSpec, local_only: bool) -> Picked {
+    let endpoints: Vec<(SocketAddrV4, &EndpointState)> = slice_ports
+        .iter()
+        .filter(|sp| sp.name == port.name && sp.protocol == port.protocol)
+        .flat_map(|sp| sp.endpoints.iter().map(|e| (SocketAddrV4::new(e.addr, sp.port), e)))
+        .collect();
+    let topology = if local_only { Topology::All } else { Topology::of(endpoints.iter().map(|(_, e)| *e)) };
     let pick = |wanted: &dyn Fn(&EndpointState) -> bool| -> BTreeSet<(SocketAddrV4, bool)> {
-        matching
-            .iter()
-            .flat_map(|sp| {
-                sp.endpoints
-                    .iter()
-                    .filter(|e| (e.local || !local_only) && wanted(e))
-                    .map(|e| (SocketAddrV4::new(e.addr, sp.port), e.local))
-            })
-            .collect()
+        endpoints.iter().filter(|(_, e)| (e.local || !local_only) && wanted(e)).map(|(a, e)| (*a, e.local)).collect()
     };
-    let ready = pick(&|e| e.ready);
-    let picked = if ready.is_empty() { pick(&|e| e.serving_terminating) } else { ready };
+    let ready = pick(&|e| e.ready && topology.admits(e));
+    let (picked, topology) =
+        if ready.is_empty() { (pick(&|e| e.serving_terminating), Topology::All) } else { (ready, topology) };
     let local = picked.iter().filter(|(_, local)| *local).map(|(b, _)| *b).collect();
-    (picked.into_iter().map(|(b, _)| b).collect(), local)
+    Picked { backends: picked.into_iter().map(|(b, _)| b).collect(), local, topology }
 }
 
 /// Whether `spec.<field>` (externalTrafficPolicy, internalTrafficPolicy)
@@ -477,7 +587,13 @@ pub fn desired_state<'a>(
     options: &ModelOptions,
 ) -> DesiredState {
     let mut errors = Vec::new();
-    let endpoints = endpoints_by_service(slices, options.proxy_name.as_deref(), &options.node_name, &mut errors);
+    let endpoints = endpoints_by_service(
+        slices,
+        options.proxy_name.as_deref(),
+        &options.node_name,
+        options.zone.as_deref(),
+        &mut errors,
+    );
     let mut sorted: Vec<&Service> = services.into_iter().collect();
     sorted.sort_by_cached_key(|s| claimant(s));
     let models: Vec<(ObjectRef, ServiceModel)> = sorted
@@ -729,7 +845,7 @@ impl Model {
             let ports: Vec<SlicePort> = group
                 .filter_map(|slice| self.slices.get(slice))
                 .filter(|slice| slice.is_ours(proxy_name))
-                .flat_map(|slice| slice.slice_ports(&options.node_name))
+                .flat_map(|slice| slice.slice_ports(&options.node_name, options.zone.as_deref()))
                 .collect();
             let model = model_service(service, &ports, options);
             // The ports move to the claims (one copy of each is kept); a
@@ -903,10 +1019,17 @@ fn model_service(service: &Service, slice_ports: &[SlicePort], options: &ModelOp
     let mut claims = Vec::new();
     let mut add = |port: &PortSpec, kind: FrontendKind, addr: Ipv4Addr, number: u16| {
         let local_only = if kind.is_external() { external_local } else { internal_local };
-        let (backends, local_backends) = backends_of(slice_ports, port, local_only);
-        let drop_when_empty = local_only && backends.is_empty() && !backends_of(slice_ports, port, false).0.is_empty();
+        let Picked { backends, local: local_backends, topology } = backends_of(slice_ports, port, local_only);
+        let drop_when_empty =
+            local_only && backends.is_empty() && !backends_of(slice_ports, port, false).backends.is_empty();
         let internal_backends =
-            (kind.is_external() && external_local).then(|| backends_of(slice_ports, port, internal_local).0);
+            (kind.is_external() && external_local).then(|| backends_of(slice_ports, port, internal_local).backends);
+        let narrowed = match (local_only, topology) {
+            (true, _) => Narrowed::PolicyLocal,
+            (false, Topology::SameNode) => Narrowed::NodeHints,
+            (false, Topology::SameZone) => Narrowed::ZoneHints,
+            (false, Topology::All) => Narrowed::No,
+        };
         let frontend = Frontend { addr, port: number, protocol: port.protocol };
         // Named in the error of whoever else claims this frontend.
         let field = match kind {
@@ -927,11 +1050,12 @@ fn model_service(service: &Service, slice_ports: &[SlicePort], options: &ModelOp
             source_ranges,
             drop_when_empty,
             internal_backends,
+            narrowed,
         };
         claims.push((service_port, field));
     };
     for port in &ports {
-        let all = backends_of(slice_ports, port, false).0.len();
+        let all = backends_of(slice_ports, port, false).backends.len();
         if all > MAX_BACKENDS {
             fail(
                 &mut errors,
@@ -1137,6 +1261,7 @@ fn endpoints_by_service<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     proxy_name: Option<&str>,
     node_name: &str,
+    zone: Option<&str>,
     errors: &mut Vec<ObjectError>,
 ) -> BTreeMap<Key, Vec<SlicePort>> {
     let mut nodes = NodeNames::default();
@@ -1145,7 +1270,7 @@ fn endpoints_by_service<'a>(
         let parsed = ParsedSlice::parse(slice, &mut nodes);
         errors.extend(parsed.errors(proxy_name).iter().cloned());
         if let Some(owner) = parsed.owner.as_ref().filter(|_| parsed.is_ours(proxy_name)) {
-            by_service.entry(owner.clone()).or_default().extend(parsed.slice_ports(node_name));
+            by_service.entry(owner.clone()).or_default().extend(parsed.slice_ports(node_name, zone));
         }
     }
     by_service
@@ -1553,6 +1678,98 @@ endpoints:
 - {addresses: [10.1.1.2], nodeName: node-1, conditions: {ready: false}}
 "#;
 
+    /// A Service of three endpoints, 10.2.0.1 on node-1 (ours, in zone-a),
+    /// 10.2.0.2 on node-2 (zone-a), 10.2.0.3 on node-3 (zone-b), each
+    /// endpoint's hints as given ("" for none).
+    fn hinted(hints: [(&str, &str); 3], extra: &str) -> String {
+        let endpoints: String = hints
+            .iter()
+            .enumerate()
+            .map(|(i, (node, zone))| {
+                let mut hints = Vec::new();
+                if !node.is_empty() {
+                    hints.push(format!("forNodes: [{{name: {node}}}]"));
+                }
+                if !zone.is_empty() {
+                    hints.push(format!("forZones: [{{name: {zone}}}]"));
+                }
+                format!(
+                    "- {{addresses: [10.2.0.{}], nodeName: node-{}, hints: {{{}}}}}\n",
+                    i + 1,
+                    i + 1,
+                    hints.join(", ")
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: near}}\nspec: {{clusterIP: 10.96.0.7, ports: [{{name: http, port: 80}}]{extra}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: near-1, labels: {{kubernetes.io/service-name: near}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}"
+        )
+    }
+
+    fn near(yaml: &str, zone: Option<&str>) -> (Vec<String>, Narrowed) {
+        let parsed = parse_manifests(std::path::Path::new("test.yaml"), yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let (mut services, mut slices) = (Vec::new(), Vec::new());
+        for object in parsed.objects {
+            match object {
+                Object::Service(s) => services.push((*s).clone()),
+                Object::EndpointSlice(s) => slices.push((*s).clone()),
+            }
+        }
+        let options = ModelOptions { node_name: "node-1".into(), zone: zone.map(str::to_owned), ..Default::default() };
+        let state = desired_state(&services, &slices, &options);
+        let port = &state.services[0];
+        (port.backends.iter().map(|b| b.ip().to_string()).collect(), port.narrowed)
+    }
+
+    #[test]
+    fn node_hints_keep_traffic_on_this_node_when_every_endpoint_has_them() {
+        let (backends, narrowed) = near(&hinted([("node-1", ""), ("node-2", ""), ("node-3", "")], ""), None);
+        assert_eq!((backends, narrowed), (vec!["10.2.0.1".to_owned()], Narrowed::NodeHints));
+        // One endpoint without a node hint: node hints are ignored.
+        let (backends, narrowed) = near(&hinted([("node-1", ""), ("node-2", ""), ("", "")], ""), None);
+        assert_eq!((backends.len(), narrowed), (3, Narrowed::No));
+        // All hinted, none for this node: all endpoints.
+        let (backends, _) = near(&hinted([("node-2", ""), ("node-2", ""), ("node-3", "")], ""), None);
+        assert_eq!(backends.len(), 3);
+    }
+
+    #[test]
+    fn zone_hints_keep_traffic_in_this_zone_and_node_hints_come_first() {
+        let zones = [("", "zone-a"), ("", "zone-a"), ("", "zone-b")];
+        let (backends, narrowed) = near(&hinted(zones, ""), Some("zone-a"));
+        assert_eq!((backends, narrowed), (vec!["10.2.0.1".to_owned(), "10.2.0.2".to_owned()], Narrowed::ZoneHints));
+        // This node without a zone label, or in a zone no endpoint names: all.
+        assert_eq!(near(&hinted(zones, ""), None).0.len(), 3);
+        assert_eq!(near(&hinted(zones, ""), Some("zone-c")).0.len(), 3);
+        // One endpoint without a zone hint: all.
+        assert_eq!(near(&hinted([("", "zone-a"), ("", "zone-a"), ("", "")], ""), Some("zone-a")).0.len(), 3);
+        // Node and zone hints on all (PreferSameNode): the node's first.
+        let both = [("node-1", "zone-a"), ("node-2", "zone-a"), ("node-3", "zone-b")];
+        assert_eq!(near(&hinted(both, ""), Some("zone-a")), (vec!["10.2.0.1".to_owned()], Narrowed::NodeHints));
+        // Node hints for other nodes only: the zone's.
+        let elsewhere = [("node-2", "zone-a"), ("node-2", "zone-a"), ("node-3", "zone-b")];
+        assert_eq!(near(&hinted(elsewhere, ""), Some("zone-a")).1, Narrowed::ZoneHints);
+    }
+
+    #[test]
+    fn hints_count_ready_endpoints_and_yield_to_policy_local_and_terminating_fallback() {
+        // The unhinted endpoint is not ready: every ready one is hinted.
+        let yaml = hinted([("node-1", ""), ("node-2", ""), ("", "")], "")
+            .replace("nodeName: node-3", "nodeName: node-3, conditions: {ready: false}");
+        assert_eq!(near(&yaml, None), (vec!["10.2.0.1".to_owned()], Narrowed::NodeHints));
+        // internalTrafficPolicy Local: this node's endpoints, hints aside.
+        let hints = [("node-2", ""), ("node-2", ""), ("node-2", "")];
+        let (backends, narrowed) = near(&hinted(hints, ", internalTrafficPolicy: Local"), None);
+        assert_eq!((backends, narrowed), (vec!["10.2.0.1".to_owned()], Narrowed::PolicyLocal));
+        // Nothing ready: serving-terminating endpoints, whatever their hints.
+        let yaml = hinted([("node-1", ""), ("node-2", ""), ("node-3", "")], "").replace(
+            "hints:",
+            "conditions: {ready: false, serving: true, terminating: true}, hints:",
+        );
+        assert_eq!(near(&yaml, None), (vec!["10.2.0.1".to_owned(), "10.2.0.2".to_owned(), "10.2.0.3".to_owned()], Narrowed::No));
+    }
+
     #[test]
     fn node_ports_load_balancer_and_external_ips_get_frontends_of_their_kind() {
         let state = desired(EXPOSED);
@@ -1660,11 +1877,19 @@ endpoints:
     fn random_slice(rng: &mut Rng, name: &str, namespace: &str) -> EndpointSlice {
         let endpoints: Vec<serde_json::Value> = (0..rng.below(4))
             .map(|_| {
-                serde_json::json!({
+                let mut endpoint = serde_json::json!({
                     "addresses": [format!("10.1.0.{}", 1 + rng.below(6))],
                     "nodeName": format!("node-{}", 1 + rng.below(2)),
                     "conditions": {"ready": rng.below(4) != 0, "serving": true, "terminating": rng.below(4) == 0},
-                })
+                });
+                // Hints on most endpoints, so that all-hinted slices occur.
+                if rng.below(4) != 0 {
+                    endpoint["hints"]["forNodes"] = serde_json::json!([{"name": format!("node-{}", 1 + rng.below(2))}]);
+                }
+                if rng.below(4) != 0 {
+                    endpoint["hints"]["forZones"] = serde_json::json!([{"name": format!("zone-{}", 1 + rng.below(2))}]);
+                }
+                endpoint
             })
             .collect();
         let mut labels = serde_json::json!({});
@@ -1684,6 +1909,7 @@ endpoints:
     fn the_kept_model_follows_changes_as_the_whole_computation_does() {
         let options = ModelOptions {
             node_name: "node-1".into(),
+            zone: Some("zone-1".into()),
             node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
             ..Default::default()
         };

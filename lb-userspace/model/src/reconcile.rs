@@ -594,7 +594,7 @@ mod tests {
     /// their backends, algorithm, kind, scopes and source ranges, on a few
     /// shared addresses and backends.
     fn mutate(rng: &mut Rng, desired: &mut BTreeMap<crate::model::Frontend, ServicePort>) {
-        use crate::model::{Frontend, FrontendKind, Protocol};
+        use crate::model::{Frontend, FrontendKind, Narrowed, Protocol};
         for _ in 0..1 + rng.below(3) {
             let protocol = if rng.below(4) == 0 { Protocol::Udp } else { Protocol::Tcp };
             let frontend =
@@ -616,6 +616,7 @@ mod tests {
                 source_ranges: if external && rng.below(2) == 0 { vec!["10.0.0.0/8".parse().unwrap()] } else { vec![] },
                 drop_when_empty: false,
                 internal_backends: (external && rng.below(2) == 0).then(|| random_backends(rng)),
+                narrowed: [Narrowed::No, Narrowed::PolicyLocal, Narrowed::NodeHints][rng.below(3) as usize],
             };
             desired.insert(frontend, service);
         }
