@@ -23,7 +23,7 @@ use crate::{
     health_check::HealthCheckServers,
     interfaces::{self, ExternalDatapath, ExternalInterfaces, PodInterfaces, WireChoice},
     kube_source::{Connection, KubeSource},
-    model::{Changes, Model, ModelOptions},
+    model::{Changes, Model, ModelOptions, NodeView},
     plan::MaglevConfig,
     reconcile::{Reconciler, Step},
     sizing::{self, Entries},
@@ -103,10 +103,10 @@ impl Source {
                         }
                         for skipped in &rescan.skipped {
                             warn!(
-                                "skipped (only Service v1 and EndpointSlice discovery.k8s.io/v1 are read): {skipped}"
+                                "skipped (only Service v1, EndpointSlice discovery.k8s.io/v1 and Node v1 are read): {skipped}"
                             );
                         }
-                        if !rescan.changes.is_empty() {
+                        if !rescan.changes.is_empty() || rescan.nodes_changed {
                             pending.extend(rescan.changes);
                             return;
                         }
@@ -123,6 +123,14 @@ impl Source {
         match self {
             Source::Dir { pending, .. } => std::mem::take(pending),
             Source::Kube(kube) => kube.take_changes(),
+        }
+    }
+
+    /// This node's Node object, as the source has it.
+    fn node(&self, name: &str) -> NodeView {
+        match self {
+            Source::Dir { dir, .. } => NodeView::of(dir.node(name)),
+            Source::Kube(kube) => kube.node(),
         }
     }
 
@@ -273,8 +281,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             () = source.changed() => {
                 agent.health.queued();
-                if let Source::Kube(kube) = &source {
-                    agent.health.set_node_eligible(kube.node_eligible());
+                let node = source.node(&agent.model.node_name);
+                agent.health.set_node_eligible(node.eligible);
+                if node.zone != agent.model.zone {
+                    info!(zone = ?node.zone, "this node's zone, for topology hints");
+                    agent.model.zone = node.zone;
                 }
                 // Changes that arrive while waiting are folded into this sync.
                 tokio::time::sleep_until(next_sync).await;

@@ -37,6 +37,8 @@ struct Fingerprint {
 #[derive(Default)]
 pub struct Rescan {
     pub changes: Changes,
+    /// A Node was added, changed or removed (read with `DirSource::node`).
+    pub nodes_changed: bool,
     pub errors: Vec<ManifestError>,
     pub skipped: Vec<String>,
 }
@@ -145,7 +147,7 @@ impl DirSource {
             changed = true;
         }
         if changed {
-            rescan.changes = self.serve();
+            (rescan.changes, rescan.nodes_changed) = self.serve();
         }
         Ok(rescan)
     }
@@ -154,7 +156,7 @@ impl DirSource {
     /// first file by name wins a duplicate) and returns the objects whose
     /// served copy is new, replaced or gone. Files not reparsed keep their
     /// objects, so comparing identities finds the changes.
-    fn serve(&mut self) -> Changes {
+    fn serve(&mut self) -> (Changes, bool) {
         let mut served: BTreeMap<ObjectRef, (PathBuf, Object)> = BTreeMap::new();
         self.duplicates.clear();
         for (path, known) in &self.files {
@@ -168,6 +170,7 @@ impl DirSource {
             }
         }
         let mut changes = Changes::default();
+        let mut nodes_changed = false;
         let key = |reference: &ObjectRef| (reference.namespace.clone(), reference.name.clone());
         let now = k8s_openapi::jiff::Timestamp::now();
         // File times come from a coarse clock: a Service first seen now is
@@ -179,6 +182,7 @@ impl DirSource {
             let same = match (object, self.served.get(reference).map(|(_, o)| o)) {
                 (Object::Service(now), Some(Object::Service(before))) => Arc::ptr_eq(now, before),
                 (Object::EndpointSlice(now), Some(Object::EndpointSlice(before))) => Arc::ptr_eq(now, before),
+                (Object::Node(now), Some(Object::Node(before))) => Arc::ptr_eq(now, before),
                 _ => false,
             };
             if same {
@@ -204,6 +208,7 @@ impl DirSource {
                 Object::EndpointSlice(slice) => {
                     changes.slice(key(reference), Some(ParsedSlice::parse(slice, &mut self.nodes)))
                 }
+                Object::Node(_) => nodes_changed = true,
             }
         }
         for (reference, (_, object)) in &self.served {
@@ -213,10 +218,19 @@ impl DirSource {
             match object {
                 Object::Service(_) => changes.service(key(reference), None),
                 Object::EndpointSlice(_) => changes.slice(key(reference), None),
+                Object::Node(_) => nodes_changed = true,
             }
         }
         self.served = served;
-        changes
+        (changes, nodes_changed)
+    }
+
+    /// The Node named `name`, if a file defines it.
+    pub fn node(&self, name: &str) -> Option<&k8s_openapi::api::core::v1::Node> {
+        match self.served.get(&crate::manifest::node_ref(name)) {
+            Some((_, Object::Node(node))) => Some(node),
+            _ => None,
+        }
     }
 
     /// The file an object is served from.

@@ -22,7 +22,21 @@ pub struct ServiceRow {
     pub affinity_timeout_seconds: u32,
     /// "random", or "maglev" (with its table number).
     pub algorithm: String,
+    /// Why the frontend has fewer backends than its Service has ready
+    /// endpoints: "policy Local", "node hints" or "zone hints".
+    pub narrowed_by: Option<&'static str>,
     pub backends: Vec<BackendRow>,
+}
+
+/// The reason kept in a frontend's `FRONTEND_NARROWED_*` flags.
+fn narrowed_by(flags: u8) -> Option<&'static str> {
+    [
+        (lb_common::FRONTEND_NARROWED_POLICY_LOCAL, "policy Local"),
+        (lb_common::FRONTEND_NARROWED_NODE_HINTS, "node hints"),
+        (lb_common::FRONTEND_NARROWED_ZONE_HINTS, "zone hints"),
+    ]
+    .into_iter()
+    .find_map(|(flag, reason)| (flags & flag != 0).then_some(reason))
 }
 
 pub fn service_rows(contents: &MapContents) -> Vec<ServiceRow> {
@@ -39,6 +53,7 @@ pub fn service_rows(contents: &MapContents) -> Vec<ServiceRow> {
                 0 => "random".to_owned(),
                 table => format!("maglev #{table}"),
             },
+            narrowed_by: narrowed_by(value.flags),
             backends: contents
                 .slots_of(key)
                 .into_iter()
@@ -122,8 +137,10 @@ pub fn stats_table(stats: &Stats) -> String {
 }
 
 pub fn services_table(rows: &[ServiceRow]) -> String {
-    let mut out =
-        format!("{:<26} {:>8}  {:<10} {:<16} {}\n", "FRONTEND", "BACKENDS", "ALGORITHM", "AFFINITY", "ADDRESSES");
+    let mut out = format!(
+        "{:<26} {:>8}  {:<10} {:<16} {:<13} {}\n",
+        "FRONTEND", "BACKENDS", "ALGORITHM", "AFFINITY", "NARROWED BY", "ADDRESSES"
+    );
     for row in rows {
         let frontend = format!("{}:{}/{}", row.address, row.port, row.protocol);
         let affinity = match row.affinity_timeout_seconds {
@@ -132,11 +149,12 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         };
         let addrs: Vec<String> = row.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect();
         out += &format!(
-            "{:<26} {:>8}  {:<10} {:<16} {}\n",
+            "{:<26} {:>8}  {:<10} {:<16} {:<13} {}\n",
             frontend,
             row.backends.len(),
             row.algorithm,
             affinity,
+            row.narrowed_by.unwrap_or("-"),
             addrs.join(", ")
         );
     }

@@ -33,7 +33,7 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::model::{Changes, Key, NodeNames, ParsedSlice, key_of};
+use crate::model::{Changes, Key, NodeNames, NodeView, ParsedSlice, key_of};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -113,20 +113,6 @@ impl Shared {
     }
 }
 
-/// The cluster autoscaler's taint on a node it is about to remove.
-const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
-
-/// Whether load balancers should keep sending to this node (kube-proxy's
-/// `nodeEligible`): not when it is being deleted or drained for deletion.
-pub fn node_eligible(node: &Node) -> bool {
-    let tainted = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
-    node.metadata.deletion_timestamp.is_none() && !tainted
-}
-
 impl KubeSource {
     /// Starts the watchers; they run until the process ends.
     pub async fn start(connection: &Connection, node_name: &str) -> Result<Self, KubeSourceError> {
@@ -142,10 +128,9 @@ impl KubeSource {
         Ok(Self { shared, node })
     }
 
-    /// This node's eligibility for load-balancer traffic; eligible while
-    /// its Node object is unknown.
-    pub fn node_eligible(&self) -> bool {
-        self.node.state().first().is_none_or(|n| node_eligible(n))
+    /// What the agent needs of this node's Node object.
+    pub fn node(&self) -> NodeView {
+        NodeView::of(self.node.state().first().map(AsRef::as_ref))
     }
 
     /// Returns when both kinds have been listed once and something changed

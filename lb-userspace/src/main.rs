@@ -86,6 +86,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             proxy_name: args.proxy_name,
             algorithm: args.lb_algorithm.into(),
             node_name: args.node_name,
+            // Both from the Node object, once the source has it.
+            zone: None,
             node_addresses: Vec::new(),
             external_ip_cidrs: args.external_ip_cidrs,
         },

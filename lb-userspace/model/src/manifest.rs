@@ -9,7 +9,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -19,6 +22,8 @@ use crate::model::{ObjectRef, object_ref};
 pub enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
+    /// Read for this node's labels (its zone) and deletion.
+    Node(Arc<Node>),
 }
 
 impl Object {
@@ -26,8 +31,14 @@ impl Object {
         match self {
             Object::Service(s) => object_ref("Service", &s.metadata),
             Object::EndpointSlice(s) => object_ref("EndpointSlice", &s.metadata),
+            Object::Node(n) => node_ref(n.metadata.name.as_deref().unwrap_or_default()),
         }
     }
+}
+
+/// Names a Node (cluster-scoped: no namespace).
+pub fn node_ref(name: &str) -> ObjectRef {
+    ObjectRef { kind: "Node".to_owned(), namespace: String::new(), name: name.to_owned() }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -70,14 +81,19 @@ pub fn parse_manifests(file: &Path, text: &str) -> ParsedFile {
             parsed.errors.push(doc_error("not a Kubernetes object: apiVersion and kind are required".into()));
             continue;
         };
-        let object = ObjectRef {
-            kind: kind.to_owned(),
-            namespace: str_at(&value, &["metadata", "namespace"]).unwrap_or("default").to_owned(),
-            name: str_at(&value, &["metadata", "name"]).unwrap_or_default().to_owned(),
+        let name = str_at(&value, &["metadata", "name"]).unwrap_or_default();
+        let object = match kind {
+            "Node" => node_ref(name),
+            _ => ObjectRef {
+                kind: kind.to_owned(),
+                namespace: str_at(&value, &["metadata", "namespace"]).unwrap_or("default").to_owned(),
+                name: name.to_owned(),
+            },
         };
         let result = match (api_version, kind) {
             ("v1", "Service") => deserialize(&value).map(|s| Object::Service(Arc::new(s))),
             ("discovery.k8s.io/v1", "EndpointSlice") => deserialize(&value).map(|s| Object::EndpointSlice(Arc::new(s))),
+            ("v1", "Node") => deserialize(&value).map(|n| Object::Node(Arc::new(n))),
             _ => {
                 parsed.skipped.push(format!("{api_version} {object}"));
                 continue;

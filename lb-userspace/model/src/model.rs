@@ -197,7 +197,41 @@ pub struct ObjectRef {
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        match self.namespace.as_str() {
+            // Cluster-scoped (a Node).
+            "" => write!(f, "{} {}", self.kind, self.name),
+            namespace => write!(f, "{} {namespace}/{}", self.kind, self.name),
+        }
+    }
+}
+
+/// The label naming a Node's zone, for zone hints.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The cluster autoscaler's taint on a node it is about to remove.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// What the model and /healthz need of this node's Node object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    /// Whether load balancers should keep sending to this node
+    /// (kube-proxy's `nodeEligible`): not when it is being deleted or
+    /// drained for deletion.
+    pub eligible: bool,
+    /// Its `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+impl NodeView {
+    /// From the Node object; while it is unknown, eligible and in no zone.
+    pub fn of(node: Option<&k8s_openapi::api::core::v1::Node>) -> Self {
+        let Some(node) = node else { return Self { eligible: true, zone: None } };
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+        let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).filter(|z| !z.is_empty()).cloned();
+        Self { eligible: node.metadata.deletion_timestamp.is_none() && !tainted, zone }
     }
 }
 
@@ -301,7 +335,8 @@ pub enum Topology {
 
 impl Topology {
     fn of<'a>(endpoints: impl Iterator<Item = &'a EndpointState>) -> Self {
-        let (mut any_ready, mut all_node, mut node_here, mut all_zone, mut zone_here) = (false, true, false, true, false);
+        let (mut any_ready, mut all_node, mut node_here, mut all_zone, mut zone_here) =
+            (false, true, false, true, false);
         for endpoint in endpoints.filter(|e| e.ready) {
             any_ready = true;
             all_node &= endpoint.node_hint != Hint::Absent;
@@ -1289,6 +1324,7 @@ mod tests {
             match object {
                 Object::Service(s) => services.push((*s).clone()),
                 Object::EndpointSlice(s) => slices.push((*s).clone()),
+                Object::Node(_) => {}
             }
         }
         let options = ModelOptions {
@@ -1627,6 +1663,7 @@ endpoints: [{addresses: [10.0.0.1]}]
             match object {
                 Object::Service(s) => services.push((*s).clone()),
                 Object::EndpointSlice(s) => slices.push((*s).clone()),
+                Object::Node(_) => {}
             }
         }
         // A second slice with one endpoint too many for port http only.
@@ -1714,6 +1751,7 @@ endpoints:
             match object {
                 Object::Service(s) => services.push((*s).clone()),
                 Object::EndpointSlice(s) => slices.push((*s).clone()),
+                Object::Node(_) => {}
             }
         }
         let options = ModelOptions { node_name: "node-1".into(), zone: zone.map(str::to_owned), ..Default::default() };
@@ -1763,11 +1801,12 @@ endpoints:
         let (backends, narrowed) = near(&hinted(hints, ", internalTrafficPolicy: Local"), None);
         assert_eq!((backends, narrowed), (vec!["10.2.0.1".to_owned()], Narrowed::PolicyLocal));
         // Nothing ready: serving-terminating endpoints, whatever their hints.
-        let yaml = hinted([("node-1", ""), ("node-2", ""), ("node-3", "")], "").replace(
-            "hints:",
-            "conditions: {ready: false, serving: true, terminating: true}, hints:",
+        let yaml = hinted([("node-1", ""), ("node-2", ""), ("node-3", "")], "")
+            .replace("hints:", "conditions: {ready: false, serving: true, terminating: true}, hints:");
+        assert_eq!(
+            near(&yaml, None),
+            (vec!["10.2.0.1".to_owned(), "10.2.0.2".to_owned(), "10.2.0.3".to_owned()], Narrowed::No)
         );
-        assert_eq!(near(&yaml, None), (vec!["10.2.0.1".to_owned(), "10.2.0.2".to_owned(), "10.2.0.3".to_owned()], Narrowed::No));
     }
 
     #[test]

@@ -161,12 +161,13 @@ fn frontend_flags(service: &ServicePort) -> u8 {
     if service.drop_when_empty {
         flags |= FRONTEND_DROP_WHEN_EMPTY;
     }
-    flags | match service.narrowed {
-        Narrowed::No => 0,
-        Narrowed::PolicyLocal => lb_common::FRONTEND_NARROWED_POLICY_LOCAL,
-        Narrowed::NodeHints => lb_common::FRONTEND_NARROWED_NODE_HINTS,
-        Narrowed::ZoneHints => lb_common::FRONTEND_NARROWED_ZONE_HINTS,
-    }
+    flags
+        | match service.narrowed {
+            Narrowed::No => 0,
+            Narrowed::PolicyLocal => lb_common::FRONTEND_NARROWED_POLICY_LOCAL,
+            Narrowed::NodeHints => lb_common::FRONTEND_NARROWED_NODE_HINTS,
+            Narrowed::ZoneHints => lb_common::FRONTEND_NARROWED_ZONE_HINTS,
+        }
 }
 
 /// What the maps should hold for `desired`, given what they hold now.
