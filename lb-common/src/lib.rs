@@ -79,6 +79,24 @@ pub const PROGS_SOCK: [&str; 8] = [
 /// later agent and program generation of the boot uses the same one.
 pub const MAP_FLOW_SEED: &str = "FLOW_SEED";
 
+/// The cgroup programs that refuse a host process's bind to a port a
+/// NodePort serves on this node (the bind fails with EADDRINUSE instead of
+/// the process silently never getting its traffic), for AF_INET and
+/// AF_INET6 sockets.
+pub const PROGS_SOCK_BIND: [&str; 2] = ["sock_post_bind4", "sock_post_bind6"];
+
+/// NODE_PORTS: an array indexed by port of `NODE_PORT_*` bits, written by
+/// the agent after each sync from the NodePort frontends: which ports a
+/// NodePort serves, for the bind hooks' wildcard binds.
+pub const MAP_NODE_PORTS: &str = "NODE_PORTS";
+pub const NODE_PORTS_ENTRIES: u32 = 65_536;
+pub const NODE_PORT_TCP: u8 = 1;
+pub const NODE_PORT_UDP: u8 = 2;
+
+/// The host network namespace (cookie) whose binds the bind hooks check,
+/// a load-time global; 0 checks none.
+pub const GLOBAL_HOST_NETNS: &str = "HOST_NETNS";
+
 /// The network namespace (cookie) whose sockets the socket programs
 /// translate, a load-time global; 0 translates every namespace's
 /// (`--socket-lb all`).

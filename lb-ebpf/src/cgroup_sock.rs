@@ -12,18 +12,18 @@
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use lb_common::{
-    AFFINITY_CLIENT_NETNS, AFFINITY_CLIENT_SOCKET, Backend, CtKey, SockRevNatKey, SockRevNatValue, ct_timeout,
-    flow_hash,
+    AFFINITY_CLIENT_NETNS, AFFINITY_CLIENT_SOCKET, Backend, CtKey, FRONTEND_EXTERNAL, NODE_PORT_TCP, NODE_PORT_UDP,
+    PROTO_TCP, PROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, ct_timeout, flow_hash,
 };
 
 use crate::{
     conntrack,
     lb::{self, Lookup, Selector},
-    maps::SOCK_REVNAT,
+    maps::{NODE_PORTS, SERVICES, SOCK_REVNAT},
 };
 
 /// The syscall goes on (with whatever address we left in the context).
@@ -31,11 +31,74 @@ const ALLOW: i32 = 1;
 /// The syscall fails, with the error `bpf_set_retval` set.
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const EADDRINUSE: i32 = 98;
 
 /// The network namespace whose sockets are translated (its cookie); 0 for
 /// all. The agent sets it at load time.
 #[unsafe(no_mangle)]
 static SOCKET_LB_NETNS: u64 = 0;
+
+/// The host's network namespace (the agent's, its cookie), whose binds the
+/// bind hooks check; 0 checks none. The agent sets it at load time.
+#[unsafe(no_mangle)]
+static HOST_NETNS: u64 = 0;
+
+/// A host process binding a port that a NodePort serves on this node's
+/// addresses would never see its traffic (the datapath takes it first):
+/// its bind fails with EADDRINUSE instead, as with Cilium's post_bind.
+/// Loopback and addresses no NodePort serves stay free.
+#[cgroup_sock(post_bind4)]
+pub fn sock_post_bind4(ctx: SockContext) -> i32 {
+    // SAFETY: the context's own socket, readable in this hook.
+    let sock = unsafe { &*ctx.sock };
+    bind_check(&ctx, sock.src_ip4.to_ne_bytes(), sock.src_port, sock.protocol)
+}
+
+/// As `sock_post_bind4`, for AF_INET6 sockets: the wildcard (which takes
+/// IPv4 connections too) and v4-mapped addresses.
+#[cgroup_sock(post_bind6)]
+pub fn sock_post_bind6(ctx: SockContext) -> i32 {
+    // SAFETY: the context's own socket, readable in this hook.
+    let sock = unsafe { &*ctx.sock };
+    let words = sock.src_ip6;
+    let addr = match words {
+        [0, 0, 0, 0] => [0; 4],
+        [0, 0, mapped, v4] if mapped == u32::from_be(0xffff) => v4.to_ne_bytes(),
+        _ => return ALLOW,
+    };
+    bind_check(&ctx, addr, sock.src_port, sock.protocol)
+}
+
+/// Refuses a bind of the host namespace to `addr`:`port` (port in host
+/// order, as `bpf_sock` has it) that a NodePort frontend takes.
+#[inline(always)]
+fn bind_check(ctx: &SockContext, addr: [u8; 4], port: u32, protocol: u32) -> i32 {
+    // SAFETY: a global the loader may have rewritten; read it as such.
+    let host = unsafe { core::ptr::read_volatile(&HOST_NETNS) };
+    // SAFETY: the context's own pointer, as the helper expects.
+    if host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock.cast()) } != host {
+        return ALLOW;
+    }
+    let (protocol, bit) = match protocol {
+        p if p == PROTO_TCP as u32 => (PROTO_TCP, NODE_PORT_TCP),
+        p if p == PROTO_UDP as u32 => (PROTO_UDP, NODE_PORT_UDP),
+        _ => return ALLOW,
+    };
+    let port = port as u16;
+    let taken = if addr == [0; 4] {
+        NODE_PORTS.get(port as u32).is_some_and(|bits| bits & bit != 0)
+    } else {
+        let key = ServiceKey::new(addr, port.to_be_bytes(), protocol, 0);
+        // SAFETY: the value is only read, while the map entry lives.
+        unsafe { SERVICES.get(&key) }.is_some_and(|frontend| frontend.flags & FRONTEND_EXTERNAL != 0)
+    };
+    if !taken {
+        return ALLOW;
+    }
+    // SAFETY: sets the errno of the refused syscall.
+    unsafe { bpf_set_retval(-EADDRINUSE) };
+    REJECT
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {

@@ -46,6 +46,10 @@ pub fn maglev_table_size() -> u32 {
 #[btf_map]
 pub static FLOW_SEED: Array<u32, 1> = Array::new();
 
+/// `lb_common::MAP_NODE_PORTS`: `NODE_PORT_*` bits by port.
+#[btf_map]
+pub static NODE_PORTS: Array<u8, { lb_common::NODE_PORTS_ENTRIES as usize }> = Array::new();
+
 /// The seed of random selection (`lb_common::MAP_FLOW_SEED`).
 #[inline(always)]
 pub fn flow_seed() -> u32 {

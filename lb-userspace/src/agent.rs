@@ -169,6 +169,8 @@ struct Agent {
     /// Maps last reported at or above 90 % full, so each crossing is
     /// logged once.
     nearly_full: BTreeSet<&'static str>,
+    /// What NODE_PORTS holds (None: not read yet, or a write failed).
+    node_ports: Option<BTreeMap<u16, u8>>,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -268,6 +270,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         map_floors: config.map_sizes,
         fixed_map_sizes: config.fixed_map_sizes,
         nearly_full: BTreeSet::new(),
+        node_ports: None,
     };
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -392,6 +395,13 @@ impl Agent {
                 self.metrics.set_agent_map_entries(&Entries::held(self.reconciler.current()));
                 self.observe_programming_latency(&changed.slice_triggers);
                 self.health_checks.update(&self.kept_model.health_checks());
+                let node_addresses = &self.model.node_addresses;
+                if self.node_ports.is_none()
+                    || changed.all
+                    || changed.frontends.iter().any(|f| node_addresses.contains(&f.addr))
+                {
+                    self.sync_node_ports();
+                }
                 if !outcome.lost_udp_backends.is_empty() {
                     let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
                     debug!(flows, "forgot UDP flows of removed backends");
@@ -441,6 +451,19 @@ impl Agent {
                 }
                 false
             }
+        }
+    }
+
+    /// Brings NODE_PORTS to the NodePorts served, for the bind hooks.
+    fn sync_node_ports(&mut self) {
+        let wanted = crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref));
+        let before = match self.node_ports.take() {
+            Some(before) => Ok(before),
+            None => self.datapath.maps.node_ports(),
+        };
+        match before.and_then(|before| self.datapath.maps.write_node_ports(&before, &wanted)) {
+            Ok(()) => self.node_ports = Some(wanted),
+            Err(e) => warn!("updating the NodePorts that binds may not take: {e}"),
         }
     }
 

@@ -4,7 +4,7 @@
 //! Pin layout under the pin path (default /sys/fs/bpf/lb):
 //!   SERVICES, BACKENDS, SERVICE_ADDRS,
 //!   CONNTRACK, AFFINITY, MAGLEV, COUNTERS     the maps
-//!   SOCK_REVNAT, FLOW_SEED                    the maps
+//!   SOCK_REVNAT, FLOW_SEED, NODE_PORTS        the maps
 //!   SOURCE_RANGES                             the maps
 //!   tc_from_pod, tc_from_wire, xdp_from_wire  the programs
 //!   links/if_<ifindex>                        one TCX link per pod interface
@@ -22,18 +22,19 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
-    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FLOW_SEED, MAP_MAGLEV, MAP_SERVICE_ADDRS,
-    MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD, PROG_TC_BASELINE, PROG_TC_FROM_WIRE,
-    PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE,
+    GLOBAL_SOCKET_LB_NETNS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FLOW_SEED, MAP_MAGLEV,
+    MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD,
+    PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND,
+    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
 };
 
 use crate::sizing::Entries;
@@ -98,6 +99,9 @@ pub struct Maps {
     pub counters: PerCpuArray<MapData, TrafficCounter>,
     /// The seed of random selection (`lb_common::MAP_FLOW_SEED`).
     flow_seed: Array<MapData, u32>,
+    /// Ports NodePorts serve, for the bind hooks (`lb_common::MAP_NODE_PORTS`);
+    /// None in pins of an agent that had none.
+    node_ports: Option<Array<MapData, u8>>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -122,6 +126,7 @@ impl Maps {
             maglev_table_size: Some(maglev_table_size),
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
             flow_seed: Array::try_from(take(MAP_FLOW_SEED)?).map_err(map_err(MAP_FLOW_SEED))?,
+            node_ports: Some(Array::try_from(take(MAP_NODE_PORTS)?).map_err(map_err(MAP_NODE_PORTS))?),
         })
     }
 
@@ -152,7 +157,38 @@ impl Maps {
             maglev_table_size: None,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(map_err(MAP_COUNTERS))?,
             flow_seed: Array::try_from(Map::Array(open(MAP_FLOW_SEED)?)).map_err(map_err(MAP_FLOW_SEED))?,
+            node_ports: open(MAP_NODE_PORTS).ok().and_then(|map| Array::try_from(Map::Array(map)).ok()),
         })
+    }
+
+    /// The `NODE_PORT_*` bits of every port that has some.
+    pub fn node_ports(&self) -> Result<BTreeMap<u16, u8>, DatapathError> {
+        let Some(map) = &self.node_ports else { return Ok(BTreeMap::new()) };
+        let mut ports = BTreeMap::new();
+        for port in 0..=u16::MAX {
+            let bits = map.get(&u32::from(port), 0).map_err(map_err(MAP_NODE_PORTS))?;
+            if bits != 0 {
+                ports.insert(port, bits);
+            }
+        }
+        Ok(ports)
+    }
+
+    /// Brings NODE_PORTS from `before` (what it holds) to `after`.
+    pub fn write_node_ports(
+        &mut self,
+        before: &BTreeMap<u16, u8>,
+        after: &BTreeMap<u16, u8>,
+    ) -> Result<(), DatapathError> {
+        let Some(map) = &mut self.node_ports else { return Ok(()) };
+        let ports = before.keys().chain(after.keys()).collect::<std::collections::BTreeSet<_>>();
+        for port in ports {
+            let bits = after.get(port).copied().unwrap_or(0);
+            if before.get(port).copied().unwrap_or(0) != bits {
+                map.set(u32::from(*port), bits, 0).map_err(map_err(MAP_NODE_PORTS))?;
+            }
+        }
+        Ok(())
     }
 
     /// What SERVICES and BACKENDS hold now.
@@ -499,6 +535,8 @@ pub struct Datapath {
     /// What the object was loaded with, for loading it again (`grow`).
     sizes: MapSizes,
     socket_netns: u64,
+    /// The agent's network namespace (cookie): the bind hooks check its binds.
+    host_netns: u64,
     /// Where the socket programs are attached, if they are.
     cgroup: Option<PathBuf>,
 }
@@ -544,7 +582,8 @@ fn retry_interrupted(mut load: impl FnMut() -> Result<(), DatapathError>) -> Res
 /// the programs, counters, and MAGLEV, whose size is a flag) are shared by
 /// every program generation.
 const GROWABLE_MAPS: [&str; 4] = [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES];
-const SHARED_MAPS: [&str; 6] = [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS, MAP_FLOW_SEED];
+const SHARED_MAPS: [&str; 7] =
+    [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS, MAP_FLOW_SEED, MAP_NODE_PORTS];
 
 /// The pin of a grown map until it replaces the live one (bpffs refuses
 /// names with a dot).
@@ -572,7 +611,9 @@ impl Datapath {
         let pins = pin_path.map(|dir| -> Vec<(&str, PathBuf)> {
             GROWABLE_MAPS.into_iter().chain(SHARED_MAPS).map(|name| (name, dir.join(name))).collect()
         });
-        let mut ebpf = Self::load_object(sizes, socket_netns, pins.unwrap_or_default())?;
+        // Without it (no SO_NETNS_COOKIE) binds go unchecked.
+        let host_netns = netns_cookie().unwrap_or(0);
+        let mut ebpf = Self::load_object(sizes, socket_netns, host_netns, pins.unwrap_or_default())?;
         if let Some(dir) = pin_path {
             Self::pin_programs(&mut ebpf, dir)?;
         }
@@ -585,13 +626,19 @@ impl Datapath {
             attached: BTreeMap::new(),
             sizes,
             socket_netns,
+            host_netns,
             cgroup: None,
         })
     }
 
     /// The object with its maps sized and pinned (adopted where a pin
     /// exists) as given, and its programs loaded, not attached.
-    fn load_object(sizes: MapSizes, socket_netns: u64, pins: Vec<(&str, PathBuf)>) -> Result<Ebpf, DatapathError> {
+    fn load_object(
+        sizes: MapSizes,
+        socket_netns: u64,
+        host_netns: u64,
+        pins: Vec<(&str, PathBuf)>,
+    ) -> Result<Ebpf, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
@@ -605,13 +652,17 @@ impl Datapath {
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .map_max_entries(MAP_MAGLEV, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
-            .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true);
+            .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
+            .override_global(GLOBAL_HOST_NETNS, &host_netns, true);
         for (name, path) in pins {
             loader.map_pin_path(name, path);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in PROGS_SOCK {
             retry_interrupted(|| Self::sock_program(&mut ebpf, name)?.load().map_err(Into::into))?;
+        }
+        for name in PROGS_SOCK_BIND {
+            retry_interrupted(|| Self::bind_program(&mut ebpf, name)?.load().map_err(Into::into))?;
         }
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD)?.load().map_err(Into::into))?;
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load().map_err(Into::into))?;
@@ -673,7 +724,7 @@ impl Datapath {
             .map(|name| (name, next_pin(&dir, name)))
             .chain(SHARED_MAPS.into_iter().map(|name| (name, dir.join(name))))
             .collect();
-        let mut ebpf = Self::load_object(sizes, self.socket_netns, pins)?;
+        let mut ebpf = Self::load_object(sizes, self.socket_netns, self.host_netns, pins)?;
         let mut maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
         maps.copy_agent_maps_from(&self.maps)?;
         // Up to here nothing live has changed (a failure leaves `_next`
@@ -731,6 +782,11 @@ impl Datapath {
         Ok(program.try_into()?)
     }
 
+    fn bind_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSock, DatapathError> {
+        let program = ebpf.program_mut(name).ok_or(ProgramError::NotLoaded)?;
+        Ok(program.try_into()?)
+    }
+
     /// Attaches the socket programs to the cgroup at `path`: host sockets of
     /// processes in it (and below) connect straight to backends. A link a
     /// previous agent pinned is dropped only once the new one is attached;
@@ -742,17 +798,27 @@ impl Datapath {
             source,
         };
         let cgroup = fs::File::open(path).map_err(|e| err(Box::new(e)))?;
+        // Attaches one program; with a pin path, its link is pinned, so it
+        // outlives this agent. A cgroup BPF link is always one of many: its
+        // flags must be 0.
+        macro_rules! attach {
+            ($program:expr, $name:expr) => {{
+                let program = $program;
+                let id = program.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| err(Box::new(e)))?;
+                if let Some(pin) = self.pin_path.as_ref().map(|dir| dir.join("links").join(format!("cgroup_{}", $name)))
+                {
+                    let link = program.take_link(id).map_err(|e| err(Box::new(e)))?;
+                    let fd_link = FdLink::try_from(link).map_err(|e| err(Box::new(e)))?;
+                    let _ = fs::remove_file(&pin);
+                    fd_link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
+                }
+            }};
+        }
         for name in PROGS_SOCK {
-            let pin = self.pin_path.as_ref().map(|dir| dir.join("links").join(format!("cgroup_{name}")));
-            let program = Self::sock_program(&mut self.ebpf, name)?;
-            // A cgroup BPF link is always one of many; its flags must be 0.
-            let id = program.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| err(Box::new(e)))?;
-            if let Some(pin) = pin {
-                let link = program.take_link(id).map_err(|e| err(Box::new(e)))?;
-                let fd_link = FdLink::try_from(link).map_err(|e| err(Box::new(e)))?;
-                let _ = fs::remove_file(&pin);
-                fd_link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
-            }
+            attach!(Self::sock_program(&mut self.ebpf, name)?, name);
+        }
+        for name in PROGS_SOCK_BIND {
+            attach!(Self::bind_program(&mut self.ebpf, name)?, name);
         }
         self.cgroup = Some(path.to_owned());
         Ok(())

@@ -143,11 +143,72 @@ fn socket_lb_off_detaches_the_programs_an_earlier_agent_left() {
             .filter(|e| e.file_name().to_string_lossy().starts_with("cgroup_"))
             .count()
     };
-    assert_eq!(links(&agent), lb_common::PROGS_SOCK.len());
+    assert_eq!(links(&agent), lb_common::PROGS_SOCK.len() + lb_common::PROGS_SOCK_BIND.len());
     let mut client = Client::start(ClientPath::Host, &cluster.node, None);
     assert_shows_service(ClientPath::Host, &client.ask("tcp", HTTP), HTTP);
     agent.restart_with(&["--socket-lb", "off"]).unwrap();
     agent.wait_for_log("socket-level balancing off").unwrap();
     assert_eq!(links(&agent), 0);
     assert!(matches!(client.ask("tcp", HTTP), Answer::Error { .. }), "still translated after --socket-lb off");
+}
+
+#[test]
+fn a_host_process_cannot_bind_a_port_a_node_port_serves() {
+    let (cluster, _servers) = two_backends();
+    let manifests = TempDir::new("lb-bind").unwrap();
+    let endpoints: Vec<Endpoint> = cluster.pods.iter().map(|p| Endpoint::ready(&p.name, p.ip)).collect();
+    let node_port = |type_: &str| {
+        let spec = json!({"type": type_, "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP", "nodePort": 30080}]});
+        service("default", "web", VIP, &[("http", 80, "TCP")], spec)
+    };
+    write_yaml(&manifests.0, "service.yaml", &node_port("NodePort"));
+    write_yaml(&manifests.0, "slice.yaml", &endpoint_slice("default", "web", &[("http", TCP_PORT, "TCP")], &endpoints));
+    let source = format!("dir:{}", manifests.0.display());
+    let mut agent = Agent::start(&cluster.node, &["--source", &source]).unwrap();
+    agent.wait_for_log("sockets balanced at connect").unwrap();
+    let node_address = std::cell::Cell::new(None);
+    agent
+        .wait_for_maps("the NodePort", |c| {
+            let frontend = c.frontends().find(|(k, _)| u16::from_be_bytes(k.port) == 30080);
+            node_address.set(frontend.map(|(k, _)| Ipv4Addr::from(k.vip)));
+            node_address.get().is_some()
+        })
+        .unwrap();
+    let node_address = node_address.get().unwrap();
+    let tcp = |addr: std::net::SocketAddr| std::net::TcpListener::bind(addr).map(drop).map_err(|e| e.kind());
+    let udp = |addr: std::net::SocketAddr| std::net::UdpSocket::bind(addr).map(drop).map_err(|e| e.kind());
+    let in_use = Err(std::io::ErrorKind::AddrInUse);
+    // Waits for the agent's NODE_PORTS write, which follows the maps'.
+    let refused = |addr: &str| {
+        let addr = addr.parse().unwrap();
+        (0..50).any(|_| {
+            let refused = cluster.node.enter(|| tcp(addr)) == in_use;
+            if !refused {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            refused
+        })
+    };
+    assert!(refused("0.0.0.0:30080"), "the wildcard takes the NodePort's port on every node address");
+    assert!(refused("[::]:30080"), "so does the IPv6 wildcard, which takes IPv4 too");
+    assert!(refused(&format!("{node_address}:30080")), "and the node address itself");
+    cluster.node.enter(|| {
+        assert_eq!(tcp("127.0.0.1:30080".parse().unwrap()), Ok(()), "NodePorts are never served on loopback");
+        assert_eq!(tcp("0.0.0.0:30081".parse().unwrap()), Ok(()), "another port");
+        assert_eq!(udp("0.0.0.0:30080".parse().unwrap()), Ok(()), "the NodePort is TCP only");
+    });
+    // A pod's namespace has no NodePorts: its binds are its own.
+    assert_eq!(cluster.pods[0].netns.enter(|| tcp("0.0.0.0:30080".parse().unwrap())), Ok(()));
+
+    // No longer a NodePort: the port is free again.
+    write_yaml(&manifests.0, "service.yaml", &node_port("ClusterIP"));
+    agent.wait_for_maps("no NodePort", |c| c.frontends().all(|(k, _)| u16::from_be_bytes(k.port) != 30080)).unwrap();
+    let free = (0..50).any(|_| {
+        let free = cluster.node.enter(|| tcp("0.0.0.0:30080".parse().unwrap())).is_ok();
+        if !free {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        free
+    });
+    assert!(free, "the port is free once no NodePort serves it");
 }

@@ -170,6 +170,20 @@ fn frontend_flags(service: &ServicePort) -> u8 {
         }
 }
 
+/// NODE_PORTS' contents for `desired`: the `NODE_PORT_*` bits of each
+/// port a NodePort frontend serves, for the bind hooks.
+pub fn node_ports<'a>(desired: impl IntoIterator<Item = &'a ServicePort>) -> BTreeMap<u16, u8> {
+    let mut ports = BTreeMap::new();
+    for service in desired.into_iter().filter(|s| s.kind == FrontendKind::NodePort) {
+        let bit = match service.frontend.protocol {
+            crate::model::Protocol::Tcp => lb_common::NODE_PORT_TCP,
+            crate::model::Protocol::Udp => lb_common::NODE_PORT_UDP,
+        };
+        *ports.entry(service.frontend.port).or_insert(0) |= bit;
+    }
+    ports
+}
+
 /// What the maps should hold for `desired`, given what they hold now.
 ///
 /// Backend ids, slot positions and Maglev tables already in use are kept,
