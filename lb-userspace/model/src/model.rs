@@ -1761,6 +1761,31 @@ endpoints:
     }
 
     #[test]
+    fn the_node_view_follows_kube_proxy_eligibility_and_the_zone_label() {
+        let node = |extra: serde_json::Value| -> k8s_openapi::api::core::v1::Node {
+            let mut node = serde_json::json!({"metadata": {"name": "node-1", "labels": {ZONE_LABEL: "zone-a"}}});
+            if let (Some(node), Some(extra)) = (node.as_object_mut(), extra.as_object()) {
+                for (key, value) in extra {
+                    node.insert(key.clone(), value.clone());
+                }
+            }
+            serde_json::from_value(node).unwrap()
+        };
+        assert_eq!(NodeView::of(None), NodeView { eligible: true, zone: None }, "unknown: eligible");
+        assert_eq!(
+            NodeView::of(Some(&node(serde_json::json!({})))),
+            NodeView { eligible: true, zone: Some("zone-a".into()) }
+        );
+        let tainted = node(
+            serde_json::json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}}),
+        );
+        assert!(!NodeView::of(Some(&tainted)).eligible);
+        let deleting =
+            node(serde_json::json!({"metadata": {"name": "node-1", "deletionTimestamp": "2026-12-07T00:00:00Z"}}));
+        assert_eq!(NodeView::of(Some(&deleting)), NodeView { eligible: false, zone: None });
+    }
+
+    #[test]
     fn node_hints_keep_traffic_on_this_node_when_every_endpoint_has_them() {
         let (backends, narrowed) = near(&hinted([("node-1", ""), ("node-2", ""), ("node-3", "")], ""), None);
         assert_eq!((backends, narrowed), (vec!["10.2.0.1".to_owned()], Narrowed::NodeHints));
