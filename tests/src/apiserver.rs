@@ -255,19 +255,73 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Res
         let bookmarks = params.get("allowWatchBookmarks") == Some(&"true");
         watch(&mut out, shared, stop, kind, &selected, from, Duration::from_secs(timeout), bookmarks)
     } else {
+        // Paged as a real API server pages (`limit`, `continue`): a client
+        // gets 500 objects at a time (kube-rs' default), never one body of
+        // every object. The token holds the first page's resourceVersion
+        // and the last key sent; changes made meanwhile reach the client
+        // through the watch that follows, from that version.
+        let limit: usize = params.get("limit").and_then(|v| v.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let token = params.get("continue").map(|t| percent_decode(t));
+        let token = token.as_deref().and_then(|t| t.split_once('.'));
         let mut state = shared.0.lock().unwrap();
         state.lists += 1;
-        let items: Vec<&Value> =
-            state.objects.iter().filter(|((k, _, _), v)| *k == kind && selected(v)).map(|(_, v)| v).collect();
+        let version = token.and_then(|(v, _)| v.parse().ok()).unwrap_or(state.resource_version);
+        // Namespaces hold no '/': the first one ends it.
+        let after = token.and_then(|(_, key)| key.split_once('/')).map(|(ns, name)| (ns.to_owned(), name.to_owned()));
+        let mut items: Vec<&Value> = state
+            .objects
+            .iter()
+            .filter(|((k, namespace, name), v)| {
+                *k == kind
+                    && selected(v)
+                    && after.as_ref().is_none_or(|(ns, n)| (namespace.as_str(), name.as_str()) > (ns.as_str(), n.as_str()))
+            })
+            .map(|(_, v)| v)
+            .take(limit.saturating_add(1))
+            .collect();
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next = match (more, items.last()) {
+            (true, Some(last)) => {
+                let meta = &last["metadata"];
+                format!("{version}.{}/{}", meta["namespace"].as_str().unwrap_or(""), meta["name"].as_str().unwrap_or(""))
+            }
+            _ => String::new(),
+        };
         let body = json!({
             "apiVersion": kind.api_version(),
             "kind": format!("{}List", kind.name()),
-            "metadata": {"resourceVersion": state.resource_version.to_string()},
+            "metadata": {"resourceVersion": version.to_string(), "continue": next},
             "items": items,
         });
         drop(state);
         respond(&mut out, "200 OK", &body)
     }
+}
+
+/// A query parameter's value with its %XX escapes (and '+') decoded.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn respond(out: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {

@@ -140,6 +140,7 @@ fn main() -> anyhow::Result<()> {
     sync_ms.sort();
     println!("services: {services} (4 endpoints each), changes: {changes}");
     println!("cold start to programmed maps: {:.0} ms", cold_start.as_secs_f64() * 1e3);
+    println!("list requests (pages of the test API server): {}", api.lists());
     println!("agent resident memory: {:.1} MiB", rss as f64 / 1024.0);
     println!("agent resident memory after the changes: {:.1} MiB", rss_after as f64 / 1024.0);
     println!("kernel map memory: {:.1} MiB (no sizing flags)", map_kib as f64 / 1024.0);
