@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::{
     manifest::{ManifestError, Object, ParsedFile, parse_manifests},
-    model::{Changes, NodeNames, ObjectRef, ParsedSlice},
+    model::{Changes, NodeNames, ObjectRef, ParsedService, ParsedSlice},
 };
 
 const RACY_WINDOW: Duration = Duration::from_secs(2);
@@ -195,15 +195,15 @@ impl DirSource {
                     let file_age = changed.map_or(now, |changed| changed.min(now));
                     let age = floor.map_or(file_age, |floor| file_age.max(floor));
                     let first_served = self.first_served.entry(reference.clone()).or_insert(Time(age)).clone();
-                    let service = match service.metadata.creation_timestamp {
-                        Some(_) => service.clone(),
+                    let parsed = match service.metadata.creation_timestamp {
+                        Some(_) => ParsedService::parse(service),
                         None => {
                             let mut aged = (**service).clone();
                             aged.metadata.creation_timestamp = Some(first_served);
-                            Arc::new(aged)
+                            ParsedService::parse(&aged)
                         }
                     };
-                    changes.service(key(reference), Some(service))
+                    changes.service(key(reference), Some(parsed))
                 }
                 Object::EndpointSlice(slice) => {
                     changes.slice(key(reference), Some(ParsedSlice::parse(slice, &mut self.nodes)))

@@ -4,8 +4,8 @@
 //!
 //! The watchers report changes, not snapshots: each event becomes a
 //! `Changes` entry for the model, which keeps what it needs of each object
-//! (a Service trimmed of what no one reads, a slice parsed), so no copy of
-//! the objects is held here. While the API server is away nothing changes
+//! (`ParsedService`, `ParsedSlice`, read as the event arrives), so no copy
+//! of the objects is held, here or there. While the API server is away nothing changes
 //! and the datapath keeps serving the last known state; after a reconnect
 //! or a 410 Gone the watcher lists again, and objects that the new list
 //! lacks are reported deleted once it is complete, so a sync never sees
@@ -33,7 +33,7 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::model::{Changes, Key, NodeNames, NodeView, ParsedSlice, key_of};
+use crate::model::{Changes, Key, NodeNames, NodeView, ParsedService, ParsedSlice, key_of};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -170,23 +170,12 @@ trait Events: Send + 'static {
 
 struct ServiceEvents;
 
-/// Annotations no one reads that can be large: kubectl's copy of the
-/// whole object.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
 impl Events for ServiceEvents {
     type Object = Service;
     const KIND: &'static str = "Service";
     fn report(&mut self, changes: &mut Changes, key: Key, now: Option<Service>) {
-        let now = now.map(|mut service| {
-            // The model keeps Services: not what it never reads.
-            service.metadata.managed_fields = None;
-            if let Some(annotations) = &mut service.metadata.annotations {
-                annotations.remove(LAST_APPLIED);
-            }
-            Arc::new(service)
-        });
-        changes.service(key, now);
+        // Parsed here, as it arrives: the object is dropped at once.
+        changes.service(key, now.map(|service| ParsedService::parse(&service)));
     }
 }
 

@@ -274,7 +274,9 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Res
             .filter(|((k, namespace, name), v)| {
                 *k == kind
                     && selected(v)
-                    && after.as_ref().is_none_or(|(ns, n)| (namespace.as_str(), name.as_str()) > (ns.as_str(), n.as_str()))
+                    && after
+                        .as_ref()
+                        .is_none_or(|(ns, n)| (namespace.as_str(), name.as_str()) > (ns.as_str(), n.as_str()))
             })
             .map(|(_, v)| v)
             .take(limit.saturating_add(1))
@@ -284,7 +286,11 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Res
         let next = match (more, items.last()) {
             (true, Some(last)) => {
                 let meta = &last["metadata"];
-                format!("{version}.{}/{}", meta["namespace"].as_str().unwrap_or(""), meta["name"].as_str().unwrap_or(""))
+                format!(
+                    "{version}.{}/{}",
+                    meta["namespace"].as_str().unwrap_or(""),
+                    meta["name"].as_str().unwrap_or("")
+                )
             }
             _ => String::new(),
         };

@@ -24,15 +24,25 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 /// Objects with this label are headless: DNS only, nothing to proxy.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
-type Labels = std::collections::BTreeMap<String, String>;
+/// The labels of a Service or slice that say whether kube-proxy handles
+/// it: not headless, and no service-proxy-name or ours.
+#[derive(Clone, Debug, Default)]
+struct ProxyLabels {
+    headless: bool,
+    proxy_name: Option<String>,
+}
 
-/// Whether kube-proxy would handle an object with these labels.
-fn is_ours(labels: Option<&Labels>, proxy_name: Option<&str>) -> bool {
-    let Some(labels) = labels else { return true };
-    if labels.contains_key(HEADLESS_LABEL) {
-        return false;
+impl ProxyLabels {
+    fn of(labels: Option<&std::collections::BTreeMap<String, String>>) -> Self {
+        Self {
+            headless: labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
+            proxy_name: labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)).cloned(),
+        }
     }
-    labels.get(SERVICE_PROXY_NAME_LABEL).is_none_or(|name| Some(name.as_str()) == proxy_name)
+
+    fn is_ours(&self, proxy_name: Option<&str>) -> bool {
+        !self.headless && self.proxy_name.as_deref().is_none_or(|name| Some(name) == proxy_name)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -275,6 +285,7 @@ pub(crate) fn object_ref(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis
 }
 
 /// A port of a Service, before endpoints are joined.
+#[derive(Clone, Debug)]
 struct PortSpec {
     /// Index in `spec.ports`, for errors.
     index: usize,
@@ -426,9 +437,7 @@ pub struct ParsedSlice {
     /// The Service it belongs to (namespace, service-name label); None is
     /// an error of the slice.
     owner: Option<Key>,
-    /// Labelled headless or for a proxy: `is_ours` decides, given ours.
-    headless: bool,
-    proxy_label: Option<String>,
+    labels: ProxyLabels,
     /// (name, protocol, port) of each usable port.
     ports: Vec<(String, Protocol, u16)>,
     endpoints: Vec<SliceEndpoint>,
@@ -450,8 +459,7 @@ impl ParsedSlice {
         let labels = slice.metadata.labels.as_ref();
         let mut parsed = ParsedSlice {
             owner: None,
-            headless: labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
-            proxy_label: labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)).cloned(),
+            labels: ProxyLabels::of(labels),
             ports: Vec::new(),
             endpoints: Vec::new(),
             errors: Vec::new(),
@@ -513,9 +521,9 @@ impl ParsedSlice {
         parsed
     }
 
-    /// Whether kube-proxy would use this slice (see `is_ours`).
+    /// Whether kube-proxy would use this slice.
     fn is_ours(&self, proxy_name: Option<&str>) -> bool {
-        !self.headless && self.proxy_label.as_deref().is_none_or(|name| Some(name) == proxy_name)
+        self.labels.is_ours(proxy_name)
     }
 
     /// The errors to report: a slice for another proxy is not read, beyond
@@ -637,7 +645,7 @@ pub fn desired_state<'a>(
             let object = object_ref("Service", &service.metadata);
             let key = (object.namespace.clone(), object.name.clone());
             let slice_ports = endpoints.get(&key).map(Vec::as_slice).unwrap_or_default();
-            (object, model_service(service, slice_ports, options))
+            (object, model_service(&key, &ParsedService::parse(service), slice_ports, options))
         })
         .collect();
     merge(models.iter().map(|(object, model)| (object, model)), errors)
@@ -675,12 +683,12 @@ pub fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
 /// an object changed many times is computed once.
 #[derive(Default)]
 pub struct Changes {
-    services: HashMap<Key, Option<Arc<Service>>>,
+    services: HashMap<Key, Option<ParsedService>>,
     slices: HashMap<Key, Option<ParsedSlice>>,
 }
 
 impl Changes {
-    pub fn service(&mut self, key: Key, now: Option<Arc<Service>>) {
+    pub fn service(&mut self, key: Key, now: Option<ParsedService>) {
         self.services.insert(key, now);
     }
 
@@ -780,7 +788,7 @@ struct ServiceEntry {
 pub struct Model {
     options: Option<ModelOptions>,
     /// Every Service, as last reported.
-    services: HashMap<Key, Arc<Service>>,
+    services: HashMap<Key, ParsedService>,
     /// Every EndpointSlice, as parsed when it arrived.
     slices: HashMap<Key, ParsedSlice>,
     /// Slices by the Service they name (namespace, service-name label).
@@ -882,10 +890,10 @@ impl Model {
                 .filter(|slice| slice.is_ours(proxy_name))
                 .flat_map(|slice| slice.slice_ports(&options.node_name, options.zone.as_deref()))
                 .collect();
-            let model = model_service(service, &ports, options);
+            let model = model_service(&key, service, &ports, options);
             // The ports move to the claims (one copy of each is kept); a
             // Service claiming one frontend twice: its first claim counts.
-            let claimant = claimant(service);
+            let claimant = (service.age, key.clone());
             let mut entry = ServiceEntry { age: Some(claimant.0), errors: model.errors, ..ServiceEntry::default() };
             for (port, field) in model.claims {
                 let frontend = port.frontend;
@@ -998,36 +1006,143 @@ fn merge<'a>(
     DesiredState { services: by_frontend.into_values().collect(), health_checks, errors }
 }
 
+/// What the model keeps of a Service: read once when it arrives, so the
+/// object itself need not be kept (a k8s-openapi Service is over a
+/// kilobyte; this, a few hundred bytes). Independent of the options, like
+/// `ParsedSlice`. Its errors are those of fields wrong whatever the node.
+#[derive(Clone, Debug)]
+pub struct ParsedService {
+    age: Age,
+    labels: ProxyLabels,
+    /// ExternalName: nothing to serve, nothing to report.
+    external_name: bool,
+    /// No spec: an error whoever serves it.
+    spec_missing: bool,
+    errors: Vec<ObjectError>,
+    /// None when the Service gets no frontend (no usable cluster IP, bad
+    /// session affinity, no spec): only its errors count.
+    serves: Option<Box<Served>>,
+}
+
+/// The fields of a Service that has frontends.
+#[derive(Clone, Debug)]
+struct Served {
+    cluster_ips: Vec<Ipv4Addr>,
+    ports: Vec<PortSpec>,
+    affinity_timeout_s: u32,
+    /// The algorithm annotation: a valid choice, or what it wrongly said.
+    algorithm: Option<Result<Algorithm, String>>,
+    external_local: bool,
+    internal_local: bool,
+    node_ports: bool,
+    /// spec.externalIPs (IPv4) by index, before the allow-list.
+    external_ips: Vec<(usize, Ipv4Addr)>,
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<Cidr>,
+    health_check_node_port: Option<u16>,
+}
+
+impl ParsedService {
+    pub fn parse(service: &Service) -> Self {
+        let mut parsed = ParsedService {
+            age: claimant(service).0,
+            labels: ProxyLabels::of(service.metadata.labels.as_ref()),
+            external_name: false,
+            spec_missing: false,
+            errors: Vec::new(),
+            serves: None,
+        };
+        let object = object_ref("Service", &service.metadata);
+        let mut errors = Vec::new();
+        let mut fail =
+            |field: String, message: String| errors.push(ObjectError { object: object.clone(), field, message });
+        let Some(spec) = &service.spec else {
+            fail("spec".into(), "missing".into());
+            parsed.spec_missing = true;
+            parsed.errors = errors;
+            return parsed;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            parsed.external_name = true;
+            return parsed;
+        }
+        parsed.serves = (|| {
+            let cluster_ips = cluster_ips(spec, &mut fail)?;
+            let ports = service_ports(spec, &mut fail);
+            let affinity_timeout_s = session_affinity(spec, &mut fail)?;
+            let annotation = service.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION));
+            let algorithm = annotation.map(|value| match value.as_str() {
+                "random" => Ok(Algorithm::Random),
+                "maglev" => Ok(Algorithm::Maglev),
+                other => Err(other.to_owned()),
+            });
+            let external_local =
+                policy_is_local(spec.external_traffic_policy.as_deref(), "externalTrafficPolicy", &mut fail);
+            let internal_local =
+                policy_is_local(spec.internal_traffic_policy.as_deref(), "internalTrafficPolicy", &mut fail);
+            let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+            let load_balancer = type_ == "LoadBalancer";
+            let external_ips = external_ips(spec, &mut fail);
+            let (lb_ips, source_ranges) = if load_balancer {
+                (load_balancer_ips(service, &mut fail), source_ranges(spec, &mut fail))
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let health_check_node_port = match spec.health_check_node_port.filter(|_| load_balancer && external_local) {
+                None => None,
+                Some(port) => match u16::try_from(port).ok().filter(|p| *p != 0) {
+                    Some(port) => Some(port),
+                    None => {
+                        fail("spec.healthCheckNodePort".into(), format!("{port} is not a port (1-65535)"));
+                        None
+                    }
+                },
+            };
+            Some(Box::new(Served {
+                cluster_ips,
+                ports,
+                affinity_timeout_s,
+                algorithm,
+                external_local,
+                internal_local,
+                node_ports: matches!(type_, "NodePort" | "LoadBalancer"),
+                external_ips,
+                lb_ips,
+                source_ranges,
+                health_check_node_port,
+            }))
+        })();
+        parsed.errors = errors;
+        parsed
+    }
+}
+
 /// The model of one Service with the endpoints of its slices.
-fn model_service(service: &Service, slice_ports: &[SlicePort], options: &ModelOptions) -> ServiceModel {
-    let proxy_name = options.proxy_name.as_deref();
-    let mut errors = Vec::new();
-    let mut health_check = None;
-    let object = object_ref("Service", &service.metadata);
+fn model_service(
+    key: &Key,
+    service: &ParsedService,
+    slice_ports: &[SlicePort],
+    options: &ModelOptions,
+) -> ServiceModel {
+    let object = service_ref(key);
     let fail = |errors: &mut Vec<ObjectError>, field: String, message: String| {
         errors.push(ObjectError { object: object.clone(), field, message })
     };
-    let Some(spec) = &service.spec else {
-        fail(&mut errors, "spec".into(), "missing".into());
-        return ServiceModel { errors, ..Default::default() };
-    };
-    if spec.type_.as_deref() == Some("ExternalName") || !is_ours(service.metadata.labels.as_ref(), proxy_name) {
+    // A Service without a spec is an error whoever serves it; one for
+    // another proxy, or an ExternalName, is nothing of ours.
+    let ours = service.labels.is_ours(options.proxy_name.as_deref());
+    if service.external_name || (!ours && !service.spec_missing) {
         return ServiceModel::default();
     }
-    let Some(addrs) = cluster_ips(spec, &mut |field, message| fail(&mut errors, field, message)) else {
+    let mut errors = service.errors.clone();
+    let Some(served) = &service.serves else {
         return ServiceModel { errors, ..Default::default() };
     };
-    let ports = service_ports(spec, &mut |field, message| fail(&mut errors, field, message));
-    let Some(affinity_timeout_s) = session_affinity(spec, &mut |field, message| fail(&mut errors, field, message))
-    else {
-        return ServiceModel { errors, ..Default::default() };
-    };
-    let annotation = service.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION));
-    let algorithm = match annotation.map(String::as_str) {
+    let mut health_check = None;
+    let algorithm = match &served.algorithm {
         None => options.algorithm,
-        Some("random") => Algorithm::Random,
-        Some("maglev") => Algorithm::Maglev,
-        Some(other) => {
+        Some(Ok(algorithm)) => *algorithm,
+        Some(Err(other)) => {
             fail(
                 &mut errors,
                 format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
@@ -1036,21 +1151,19 @@ fn model_service(service: &Service, slice_ports: &[SlicePort], options: &ModelOp
             options.algorithm
         }
     };
-    let mut fail_field = |field: String, message: String| fail(&mut errors, field, message);
-    let external_local =
-        policy_is_local(spec.external_traffic_policy.as_deref(), "externalTrafficPolicy", &mut fail_field);
-    let internal_local =
-        policy_is_local(spec.internal_traffic_policy.as_deref(), "internalTrafficPolicy", &mut fail_field);
-    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
-    let load_balancer = type_ == "LoadBalancer";
-    let external_ips = external_ips(spec, &options.external_ip_cidrs, &mut fail_field);
-    let (lb_ips, source_ranges) = if load_balancer {
-        (load_balancer_ips(service, &mut fail_field), source_ranges(spec, &mut fail_field))
-    } else {
-        (Vec::new(), Vec::new())
-    };
-
+    let mut external_ips = Vec::new();
+    for (i, addr) in &served.external_ips {
+        if options.external_ip_cidrs.iter().any(|c| c.contains(*addr)) {
+            external_ips.push(*addr);
+        } else {
+            fail(
+                &mut errors,
+                format!("spec.externalIPs[{i}]"),
+                format!("{addr} is outside --external-ip-cidrs; not served"),
+            );
+        }
+    }
+    let (external_local, internal_local) = (served.external_local, served.internal_local);
     let mut claims = Vec::new();
     let mut add = |port: &PortSpec, kind: FrontendKind, addr: Ipv4Addr, number: u16| {
         let local_only = if kind.is_external() { external_local } else { internal_local };
@@ -1073,14 +1186,14 @@ fn model_service(service: &Service, slice_ports: &[SlicePort], options: &ModelOp
             FrontendKind::LoadBalancer => "status.loadBalancer.ingress".to_owned(),
             FrontendKind::ExternalIp => "spec.externalIPs".to_owned(),
         };
-        let source_ranges = if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() };
+        let source_ranges = if kind == FrontendKind::LoadBalancer { served.source_ranges.clone() } else { Vec::new() };
         let service_port = ServicePort {
             name: format!("{}/{}:{}", object.namespace, object.name, port.name),
             frontend,
             kind,
             backends,
             local_backends,
-            affinity_timeout_s,
+            affinity_timeout_s: served.affinity_timeout_s,
             algorithm,
             source_ranges,
             drop_when_empty,
@@ -1089,7 +1202,7 @@ fn model_service(service: &Service, slice_ports: &[SlicePort], options: &ModelOp
         };
         claims.push((service_port, field));
     };
-    for port in &ports {
+    for port in &served.ports {
         let all = backends_of(slice_ports, port, false).backends.len();
         if all > MAX_BACKENDS {
             fail(
@@ -1101,58 +1214,51 @@ fn model_service(service: &Service, slice_ports: &[SlicePort], options: &ModelOp
                 ),
             );
         }
-        for addr in &addrs {
+        for addr in &served.cluster_ips {
             add(port, FrontendKind::ClusterIp, *addr, port.port);
         }
-        if let Some(node_port) = port.node_port.filter(|_| node_ports) {
+        if let Some(node_port) = port.node_port.filter(|_| served.node_ports) {
             for addr in &options.node_addresses {
                 add(port, FrontendKind::NodePort, *addr, node_port);
             }
         }
-        for addr in &lb_ips {
+        for addr in &served.lb_ips {
             add(port, FrontendKind::LoadBalancer, *addr, port.port);
         }
         for addr in &external_ips {
             add(port, FrontendKind::ExternalIp, *addr, port.port);
         }
     }
-    if let Some(port) = spec.health_check_node_port.filter(|_| load_balancer && external_local) {
-        match u16::try_from(port).ok().filter(|p| *p != 0) {
-            Some(port) => {
-                let local_endpoints = slice_ports
-                    .iter()
-                    .flat_map(|sp| sp.endpoints.iter().filter(|e| e.local && e.ready).map(|e| e.addr))
-                    .collect::<BTreeSet<_>>()
-                    .len();
-                health_check = Some((
-                    port,
-                    HealthCheck { namespace: object.namespace.clone(), name: object.name.clone(), local_endpoints },
-                ));
-            }
-            None => fail(&mut errors, "spec.healthCheckNodePort".into(), format!("{port} is not a port (1-65535)")),
-        }
+    if let Some(port) = served.health_check_node_port {
+        let local_endpoints = slice_ports
+            .iter()
+            .flat_map(|sp| sp.endpoints.iter().filter(|e| e.local && e.ready).map(|e| e.addr))
+            .collect::<BTreeSet<_>>()
+            .len();
+        health_check = Some((
+            port,
+            HealthCheck { namespace: object.namespace.clone(), name: object.name.clone(), local_endpoints },
+        ));
     }
+    // In field order, whether found reading the Service or applying the
+    // options.
+    errors.sort_by(|a, b| a.field.cmp(&b.field));
     ServiceModel { claims, errors, health_check }
 }
 
-/// `spec.externalIPs` inside the allow-list; the others are errors, since
-/// an ExternalIP lets whoever writes a Service capture traffic to any
-/// address (CVE-2020-8554).
+/// `spec.externalIPs`' IPv4 addresses, by index; the allow-list is the
+/// model's (`model_service`), since an ExternalIP lets whoever writes a
+/// Service capture traffic to any address (CVE-2020-8554).
 fn external_ips(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    allowed: &[Cidr],
     fail: &mut impl FnMut(String, String),
-) -> Vec<Ipv4Addr> {
+) -> Vec<(usize, Ipv4Addr)> {
     let mut addrs = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        let field = format!("spec.externalIPs[{i}]");
         match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(addr)) if allowed.iter().any(|c| c.contains(addr)) => addrs.push(addr),
-            Ok(std::net::IpAddr::V4(_)) => {
-                fail(field, format!("{ip} is outside --external-ip-cidrs; not served"));
-            }
+            Ok(std::net::IpAddr::V4(addr)) => addrs.push((i, addr)),
             Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => fail(field, format!("{ip:?} is not an IP address")),
+            Err(_) => fail(format!("spec.externalIPs[{i}]"), format!("{ip:?} is not an IP address")),
         }
     }
     addrs
@@ -1486,9 +1592,9 @@ spec: {clusterIPs: [10.96.0.3, "fd00::3"], ports: [{port: 70000}, {port: 443}]}
     #[test]
     fn a_newer_service_claiming_a_frontend_changes_nothing_of_it() {
         let options = ModelOptions::default();
-        let service = |name: &str, created: &str, ip: &str| -> Arc<Service> {
-            Arc::new(
-                serde_json::from_value(serde_json::json!({
+        let service = |name: &str, created: &str, ip: &str| -> ParsedService {
+            ParsedService::parse(
+                &serde_json::from_value(serde_json::json!({
                     "metadata": {"name": name, "namespace": "default", "creationTimestamp": created},
                     "spec": {"clusterIP": ip, "ports": [{"port": 80}]},
                 }))
@@ -1998,7 +2104,7 @@ endpoints:
                     } else {
                         let service = Arc::new(random_service(&mut rng, &key.1, &namespace));
                         services.insert(key.clone(), service.clone());
-                        changes.service(key, Some(service));
+                        changes.service(key, Some(ParsedService::parse(&service)));
                     }
                 } else {
                     let key = (namespace.clone(), format!("e{index}"));
