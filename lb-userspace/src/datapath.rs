@@ -447,6 +447,26 @@ impl Maps {
                 }
                 Ok(())
             }
+            MapOp::PutMaglevEntries(table, entries) => {
+                let refuse = |message: String| {
+                    Err(aya::maps::MapError::IoError(io::Error::new(io::ErrorKind::InvalidInput, message)))
+                };
+                let Some(size) = self.maglev_table_size else {
+                    return refuse(format!("{MAP_MAGLEV}: maps opened from pins do not know the table size"));
+                };
+                let base = table.checked_sub(1).and_then(|t| t.checked_mul(size));
+                let Some(base) = base.filter(|b| b.checked_add(size).is_some_and(|end| end <= self.maglev.len()))
+                else {
+                    return refuse(format!("{MAP_MAGLEV}: no table {table}"));
+                };
+                for (i, backend_id) in entries {
+                    if *i >= size {
+                        return refuse(format!("{MAP_MAGLEV}: table {table} has no entry {i}"));
+                    }
+                    self.maglev.set(base + i, backend_id, 0)?;
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -511,12 +511,19 @@ fn maps_opened_from_pins_refuse_to_write_a_maglev_table_they_cannot_place() {
         datapath.maps.write(&bad).expect_err("there is no such table");
     }
     datapath.maps.write(&MapOp::PutMaglevTable(1, vec![7; 14])).expect_err("a table has 13 entries");
+    // A delta sets its entries of its table only.
+    datapath.maps.write(&MapOp::PutMaglevEntries(2, vec![(0, 5), (12, 6)])).unwrap();
+    let mut expected = vec![7; 13];
+    (expected[0], expected[12]) = (5, 6);
+    assert_eq!((table(&datapath.maps, 2), table(&datapath.maps, 3)), (expected, vec![8; 13]));
+    datapath.maps.write(&MapOp::PutMaglevEntries(2, vec![(13, 5)])).expect_err("entry 13 is the next table's");
 
     // Maps opened from the pins do not, and write nothing.
     let mut pinned = Maps::open_pinned(&pins.0).unwrap();
     let error = pinned.write(&MapOp::PutMaglevTable(2, vec![9; 13])).unwrap_err();
     assert!(error.to_string().contains("do not know the table size"), "{error}");
-    assert_eq!((table(&pinned, 1), table(&pinned, 2)), (vec![0; 13], vec![7; 13]));
+    assert_eq!(table(&pinned, 1), vec![0; 13]);
+    assert_eq!(table(&pinned, 2)[1..12], [7; 11], "the agent's writes are there, none of the refused one");
     drop(datapath);
 }
 

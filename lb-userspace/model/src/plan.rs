@@ -75,6 +75,10 @@ pub enum MapOp {
     DeleteSourceRange(SourceRange),
     /// Fill Maglev table `table` (1-based) with these backend ids.
     PutMaglevTable(u32, Vec<u32>),
+    /// Set these (index, backend id) entries of Maglev table `table`,
+    /// which holds a whole table already: a `PutMaglevTable` written as
+    /// the delta from what the table held (`Reconciler::sync_step`).
+    PutMaglevEntries(u32, Vec<(u32, u32)>),
 }
 
 impl MapContents {
@@ -105,7 +109,7 @@ impl MapContents {
                 self.source_ranges.remove(range);
             }
             // Tables follow from a frontend's backends; they are not kept.
-            MapOp::PutMaglevTable(..) => {}
+            MapOp::PutMaglevTable(..) | MapOp::PutMaglevEntries(..) => {}
         }
     }
 
@@ -684,7 +688,7 @@ mod tests {
                 MapOp::DeleteService(..) => "delete-slot",
                 MapOp::DeleteBackend(..) => "delete-backend",
                 MapOp::PutAddr(..) | MapOp::DeleteAddr(..) => "addr",
-                MapOp::PutMaglevTable(..) => "maglev",
+                MapOp::PutMaglevTable(..) | MapOp::PutMaglevEntries(..) => "maglev",
                 MapOp::PutSourceRange(..) | MapOp::DeleteSourceRange(..) => "range",
             })
             .collect();
