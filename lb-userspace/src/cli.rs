@@ -25,6 +25,10 @@ pub enum Command {
     Backends(InspectArgs),
     /// Print the datapath's packet counters by verdict and its conntrack entries.
     Stats(InspectArgs),
+    /// Say which frontend a flow meets, which backend it gets and why, from
+    /// the pinned maps: conntrack, session affinity, Maglev or the seeded
+    /// random draw, traffic policy, source ranges, refusal.
+    Explain(ExplainArgs),
     /// Mount bpffs and the cgroup v2 hierarchy where they are missing, from
     /// the given namespaces (the host's): the Helm chart's init container.
     Mount(MountArgs),
@@ -244,6 +248,61 @@ pub enum SocketLb {
 pub enum Output {
     Table,
     Json,
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// The client: IP, or IP:PORT to know the backend of a new flow (its
+    /// hash picks it).
+    #[arg(long, value_parser = parse_client)]
+    pub from: (std::net::Ipv4Addr, Option<u16>),
+    /// The service: IP:PORT, or IP:PORT/tcp or /udp.
+    #[arg(long, value_parser = parse_service)]
+    pub to: (std::net::SocketAddrV4, crate::model::Protocol),
+    /// Where the flow meets the datapath: a pod's packets, packets from
+    /// outside (an external interface), or a host process's socket.
+    #[arg(long, value_enum, default_value = "pod")]
+    pub hook: ExplainHook,
+    /// The agent's --maglev-table-size (the pins do not record it).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE)]
+    pub maglev_table_size: u32,
+    #[command(flatten)]
+    pub inspect: InspectArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExplainHook {
+    Pod,
+    Wire,
+    Socket,
+}
+
+impl From<ExplainHook> for crate::explain::Hook {
+    fn from(hook: ExplainHook) -> Self {
+        match hook {
+            ExplainHook::Pod => Self::Pod,
+            ExplainHook::Wire => Self::Wire,
+            ExplainHook::Socket => Self::Socket,
+        }
+    }
+}
+
+fn parse_client(value: &str) -> Result<(std::net::Ipv4Addr, Option<u16>), String> {
+    if let Ok(addr) = value.parse::<std::net::SocketAddrV4>() {
+        return Ok((*addr.ip(), Some(addr.port())));
+    }
+    value.parse().map(|ip| (ip, None)).map_err(|_| format!("{value:?}: expected IP or IP:PORT (IPv4)"))
+}
+
+fn parse_service(value: &str) -> Result<(std::net::SocketAddrV4, crate::model::Protocol), String> {
+    let (addr, protocol) = value.split_once('/').unwrap_or((value, "tcp"));
+    let protocol = match protocol.to_ascii_lowercase().as_str() {
+        "tcp" => crate::model::Protocol::Tcp,
+        "udp" => crate::model::Protocol::Udp,
+        other => return Err(format!("{other:?}: expected tcp or udp")),
+    };
+    let addr = addr.parse().map_err(|_| format!("{value:?}: expected IP:PORT[/tcp|/udp] (IPv4)"))?;
+    Ok((addr, protocol))
 }
 
 #[derive(Args, Debug)]

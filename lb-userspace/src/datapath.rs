@@ -471,6 +471,36 @@ impl Maps {
     }
 }
 
+/// The entries `lb explain` looks up one at a time, read from the maps.
+impl crate::explain::MapLookups for Maps {
+    fn conntrack(&self, key: &CtKey) -> Option<CtValue> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    fn affinity(&self, key: &AffinityKey) -> Option<AffinityValue> {
+        self.affinity.get(key, 0).ok()
+    }
+
+    fn maglev(&self, index: u32) -> Option<u32> {
+        self.maglev.get(&index, 0).ok()
+    }
+
+    fn flow_seed(&self) -> u32 {
+        Maps::flow_seed(self).unwrap_or(0)
+    }
+
+    /// The programs' clock: CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns).
+    fn now_ns(&self) -> u64 {
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `now` outlives the call, which only writes it.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        u64::try_from(now.tv_sec)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::try_from(now.tv_nsec).unwrap_or(0))
+    }
+}
+
 /// Where on an interface a program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {

@@ -168,3 +168,38 @@ pub fn backends_table(rows: &[BackendRow]) -> String {
     }
     out
 }
+
+/// `lb explain`'s answer as lines.
+pub fn explanation_table(flow: &crate::explain::Flow, answer: &crate::explain::Explanation) -> String {
+    let client = match flow.client_port {
+        Some(port) => std::net::SocketAddrV4::new(flow.client, port).to_string(),
+        None => flow.client.to_string(),
+    };
+    let hook = match answer.hook {
+        crate::explain::Hook::Pod => "a pod's packets (tc)",
+        crate::explain::Hook::Wire => "packets from outside (external interface)",
+        crate::explain::Hook::Socket => "a host process's socket (cgroup hooks)",
+    };
+    let mut out = format!("{:<11}{client} -> {}/{}, {hook}\n", "flow", flow.service, flow.protocol);
+    if let Some(frontend) = &answer.frontend {
+        let view = answer.view.map(|v| format!(" ({v} view)")).unwrap_or_default();
+        out += &format!("{:<11}{frontend}{view}\n", "frontend");
+    }
+    out += &format!(
+        "{:<11}{}\n",
+        "verdict",
+        serde_json::to_value(answer.verdict).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    );
+    if let Some(backend) = answer.backend {
+        out += &format!("{:<11}{backend}\n", "backend");
+    }
+    if !answer.candidates.is_empty() {
+        let candidates: Vec<String> = answer.candidates.iter().map(ToString::to_string).collect();
+        out += &format!("{:<11}{}\n", "candidates", candidates.join(", "));
+    }
+    out += &format!("{:<11}{}\n", "why", answer.reason);
+    if let Some(rewrite) = &answer.rewrite {
+        out += &format!("{:<11}{rewrite}\n", "rewrite");
+    }
+    out
+}

@@ -49,6 +49,20 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Explain(args) => {
+            let maps = open_pinned(&args.inspect)?;
+            let contents = maps.read_contents()?;
+            let (client, client_port) = args.from;
+            let (service, protocol) = args.to;
+            let flow = lb_userspace::explain::Flow { client, client_port, service, protocol };
+            let answer =
+                lb_userspace::explain::explain(&contents, &maps, args.maglev_table_size, flow, args.hook.into());
+            match args.inspect.output {
+                Output::Table => print!("{}", inspect::explanation_table(&flow, &answer)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+            }
+            Ok(())
+        }
         Command::Stats(args) => {
             let maps = open_pinned(&args)?;
             let attachments = lb_userspace::datapath::pinned_attachments(&args.pin_path);

@@ -163,6 +163,38 @@ impl Session {
         Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
     }
 
+    /// Connects from `local_port` of the calling thread's namespace, so the
+    /// flow's 5-tuple (and the backend its hash draws) is known in advance.
+    pub fn connect_from(addr: SocketAddrV4, local_port: u16) -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a plain socket call; the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor of ours; the stream closes it.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let local = sockaddr(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, local_port));
+        // SAFETY: the address outlives the call, which reads `len` bytes.
+        if unsafe { libc::bind(fd, (&raw const local).cast(), len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let remote = sockaddr(addr);
+        // SAFETY: as above.
+        if unsafe { libc::connect(fd, (&raw const remote).cast(), len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
+    }
+
     /// Sends one line; returns the name of the pod that answered.
     pub fn ask(&mut self, message: &str) -> io::Result<String> {
         writeln!(self.writer, "{message}")?;

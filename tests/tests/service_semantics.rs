@@ -390,3 +390,63 @@ fn a_newer_service_claiming_a_live_services_address_never_takes_its_traffic() {
     agent.wait_for_log("already served for default/sticky:http").unwrap();
     client.enter(|| (0..20).try_for_each(|_| tcp_ask(VIP).map(drop))).unwrap();
 }
+
+/// What `lb explain` says a flow from `client`:`port` gets, as JSON.
+fn explain(agent: &Agent, client: Ipv4Addr, port: Option<u16>) -> Value {
+    let from = match port {
+        Some(port) => format!("{client}:{port}"),
+        None => client.to_string(),
+    };
+    let to = format!("{VIP}/tcp");
+    serde_json::from_str(&agent.cli("explain", &["--from", &from, "--to", &to, "-o", "json"]).unwrap()).unwrap()
+}
+
+#[test]
+fn lb_explain_names_the_backend_the_datapath_then_picks() {
+    let (cluster, _servers) = three_backends_and_a_client();
+    let pods: Vec<(&str, Ipv4Addr)> = cluster.pods[..3].iter().map(|p| (p.name.as_str(), p.ip)).collect();
+    let pod_of = |backend: &Value| {
+        let ip: Ipv4Addr = backend.as_str().unwrap().split(':').next().unwrap().parse().unwrap();
+        pods.iter().find(|(_, pod_ip)| *pod_ip == ip).unwrap().0.to_owned()
+    };
+    let client = cluster.pod("client");
+    let manifests = TempDir::new("lb-explain").unwrap();
+    write_yaml(&manifests.0, "service.yaml", &sticky_service(json!({})));
+    write_yaml(&manifests.0, "slice.yaml", &sticky_slice(&pods));
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    wait_for_affinity(&mut agent, 0, 3);
+    agent.wait_for_attachments(4).unwrap();
+
+    let without_port = explain(&agent, client.ip, None);
+    assert_eq!(
+        (without_port["verdict"].as_str(), without_port["candidates"].as_array().map(Vec::len)),
+        (Some("new"), Some(3))
+    );
+    // Random selection, then Maglev: for each new flow, from a port chosen
+    // here, the backend explained beforehand is the one that answers, and
+    // afterwards the flow is explained by its conntrack entry.
+    let mut reached = BTreeSet::new();
+    for (round, algorithm) in ["random", "maglev"].into_iter().enumerate() {
+        if algorithm == "maglev" {
+            let mut service = sticky_service(json!({}));
+            service["metadata"]["annotations"] = json!({"service.lb.io/lb-algorithm": "maglev"});
+            write_yaml(&manifests.0, "service.yaml", &service);
+            agent.wait_for_maps("a Maglev table", |c| c.frontend_entries().any(|(_, v)| v.maglev_table != 0)).unwrap();
+        }
+        for i in 0..12u16 {
+            let port = 41000 + round as u16 * 100 + i * 7;
+            let before = explain(&agent, client.ip, Some(port));
+            assert_eq!(before["verdict"], "new", "{before}");
+            let predicted = pod_of(&before["backend"]);
+            let answered = client.netns.enter(|| lb_tests::pods::Session::connect_from(VIP, port)?.ask("who")).unwrap();
+            assert_eq!(answered, predicted, "{algorithm}, port {port}: {before}");
+            reached.insert(answered);
+            let after = explain(&agent, client.ip, Some(port));
+            assert_eq!(
+                (after["verdict"].as_str(), pod_of(&after["backend"])),
+                (Some("established"), predicted.clone())
+            );
+        }
+    }
+    assert!(reached.len() > 1, "24 flows all reached {reached:?}");
+}

@@ -4,6 +4,7 @@
 //! the kernel, the network or a clock of its own, so all of it is tested
 //! without root, and a simulator or `lb explain` can reuse it.
 pub mod cidr;
+pub mod explain;
 pub mod maglev;
 pub mod manifest;
 pub mod model;

@@ -1,0 +1,413 @@
+//! `lb explain`: which frontend a flow meets, which backend it gets and
+//! why, from the maps as they are. The rules are the datapath's
+//! (`lb-ebpf/src/classify.rs` and `lb.rs`, ARCHITECTURE.md's packet flow),
+//! restated here over map contents: conntrack first, then the frontend and
+//! the view this client gets, source ranges, refusal, then session
+//! affinity, Maglev or the seeded "random" slot. The hash and the slot
+//! draw are lb-common's, the very functions the programs run, so for a
+//! flow with a known source port the answer is the backend the programs
+//! will pick.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_common::{
+    ADDR_DROP_UNKNOWN_PORTS, AFFINITY_CLIENT_ADDR, AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN,
+    CT_DIRECTION_SNAT, CtKey, CtValue, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES,
+    FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, flow_hash, random_slot,
+};
+use serde::Serialize;
+
+use crate::{model::Protocol, plan::MapContents};
+
+/// The flow asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub client: Ipv4Addr,
+    /// The client's port; without it a new flow's backend depends on the
+    /// port the client will pick, and the answer lists the candidates.
+    pub client_port: Option<u16>,
+    pub service: SocketAddrV4,
+    pub protocol: Protocol,
+}
+
+/// Where the flow meets the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// A pod's packets (tc on its interface): a client inside the cluster.
+    Pod,
+    /// Packets from outside (tc or XDP on an external interface).
+    Wire,
+    /// A host process's socket (the cgroup hooks): inside the cluster; the
+    /// backend is drawn from the socket's cookie, which no one outside the
+    /// process knows.
+    Socket,
+}
+
+/// What the maps hold beyond SERVICES, BACKENDS, SERVICE_ADDRS and
+/// SOURCE_RANGES (`MapContents`): the entries looked up one at a time.
+pub trait MapLookups {
+    fn conntrack(&self, key: &CtKey) -> Option<CtValue>;
+    fn affinity(&self, key: &AffinityKey) -> Option<AffinityValue>;
+    /// Entry `index` of MAGLEV.
+    fn maglev(&self, index: u32) -> Option<u32>;
+    fn flow_seed(&self) -> u32;
+    /// The datapath's clock (CLOCK_MONOTONIC, ns), for affinity's age.
+    fn now_ns(&self) -> u64;
+}
+
+/// The answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    pub hook: Hook,
+    /// The frontend met, as `address:port/protocol`, if any.
+    pub frontend: Option<String>,
+    /// For a frontend with two views (externalTrafficPolicy Local): the
+    /// one this client gets, "internal" (from inside the cluster, the whole
+    /// Service) or "external" (this node's endpoints).
+    pub view: Option<&'static str>,
+    pub verdict: Verdict,
+    /// Why, in words.
+    pub reason: String,
+    /// The backend the flow goes to, when one is known.
+    pub backend: Option<SocketAddrV4>,
+    /// Without a client port: the backends a new flow may get.
+    pub candidates: Vec<SocketAddrV4>,
+    /// The rewrite of the flow's packets (or socket), when translated.
+    pub rewrite: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Not a service address: the datapath leaves it alone.
+    NotService,
+    /// A cluster IP's port no Service defines: dropped.
+    UnknownPort,
+    /// Not from the frontend's loadBalancerSourceRanges: dropped.
+    SourceRangeDenied,
+    /// No endpoints: refused (ICMP port unreachable, or ECONNREFUSED).
+    Refused,
+    /// Traffic policy Local and none here: dropped.
+    Dropped,
+    /// An established flow: its conntrack entry decides.
+    Established,
+    /// A new flow, sent to a backend.
+    New,
+}
+
+/// Explains `flow` at `hook` over the maps.
+pub fn explain(
+    contents: &MapContents,
+    lookups: &dyn MapLookups,
+    maglev_table_size: u32,
+    flow: Flow,
+    hook: Hook,
+) -> Explanation {
+    let vip = flow.service.ip().octets();
+    let port = flow.service.port().to_be_bytes();
+    let protocol = flow.protocol.number();
+    let mut answer = Explanation {
+        hook,
+        frontend: None,
+        view: None,
+        verdict: Verdict::NotService,
+        reason: String::new(),
+        backend: None,
+        candidates: Vec::new(),
+        rewrite: None,
+    };
+    let ct_key = flow.client_port.map(|sport| CtKey {
+        saddr: flow.client.octets(),
+        daddr: vip,
+        sport: sport.to_be_bytes(),
+        dport: port,
+        protocol,
+        _pad: [0; 3],
+    });
+    // Conntrack first, as the packet hooks do (sockets have no entries).
+    if hook != Hook::Socket
+        && let Some(entry) = ct_key.and_then(|key| lookups.conntrack(&key))
+        && matches!(entry.direction, CT_DIRECTION_DNAT | CT_DIRECTION_SNAT | CT_DIRECTION_HAIRPIN)
+    {
+        let backend = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
+        answer.verdict = Verdict::Established;
+        answer.backend = Some(backend);
+        answer.frontend = Some(format!("{}/{}", flow.service, flow.protocol));
+        answer.reason = "an established flow: its conntrack entry keeps its backend".into();
+        answer.rewrite = Some(rewrite(flow, backend, entry.direction == CT_DIRECTION_SNAT));
+        return answer;
+    }
+    let Some(addr) = contents.addrs.get(&vip) else {
+        answer.reason = format!("{} is not a service address", flow.service.ip());
+        return answer;
+    };
+    let mut key = ServiceKey::new(vip, port, protocol, 0);
+    let Some(external) = contents.services.get(&key) else {
+        let cluster_ip = addr.flags & ADDR_DROP_UNKNOWN_PORTS != 0;
+        answer.verdict = if cluster_ip { Verdict::UnknownPort } else { Verdict::NotService };
+        answer.reason = if cluster_ip {
+            format!("no Service defines port {}/{} on this cluster IP: dropped", flow.service.port(), flow.protocol)
+        } else {
+            format!("no frontend at {}/{}: left to the node", flow.service, flow.protocol)
+        };
+        return answer;
+    };
+    answer.frontend = Some(format!("{}/{}", flow.service, flow.protocol));
+    let internal_client = hook != Hook::Wire;
+    let mut value = *external;
+    if value.flags & FRONTEND_TWO_SCOPES != 0 {
+        answer.view = Some("external");
+    }
+    if internal_client && value.flags & FRONTEND_TWO_SCOPES != 0 {
+        let internal = key.with_scope(SCOPE_INTERNAL);
+        if let Some(view) = contents.services.get(&internal) {
+            (key, value) = (internal, *view);
+            answer.view = Some("internal");
+        }
+    }
+    if external.flags & FRONTEND_SOURCE_RANGES != 0 && !source_allowed(contents, &key, flow.client) {
+        answer.verdict = Verdict::SourceRangeDenied;
+        answer.reason = format!("{} is outside the Service's loadBalancerSourceRanges: dropped", flow.client);
+        return answer;
+    }
+    let slots = contents.slots_of(&key);
+    let backends: Vec<SocketAddrV4> = slots
+        .iter()
+        .filter_map(|id| contents.backends.get(id))
+        .map(|b| SocketAddrV4::new(b.addr.into(), u16::from_be_bytes(b.port)))
+        .collect();
+    if value.backend_count == 0 {
+        let drop = value.flags & FRONTEND_DROP_WHEN_EMPTY != 0;
+        answer.verdict = if drop { Verdict::Dropped } else { Verdict::Refused };
+        answer.reason = if drop {
+            "traffic policy Local and no endpoint on this node (other nodes have some): dropped".into()
+        } else {
+            "the Service has no endpoints: refused".into()
+        };
+        return answer;
+    }
+    answer.verdict = Verdict::New;
+    let snat = |backend: SocketAddrV4| {
+        let local = contents
+            .backends
+            .values()
+            .any(|b| b.addr == backend.ip().octets() && b.port == backend.port().to_be_bytes() && b.is_local());
+        hook == Hook::Wire && value.flags & FRONTEND_EXTERNAL != 0 && !local
+    };
+    // Session affinity: the backend remembered for this client, if used
+    // within the timeout and still there.
+    if value.affinity_timeout_s != 0 && hook != Hook::Socket {
+        let affinity_key = AffinityKey::new(&key, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client(flow.client.octets()));
+        let timeout_ns = u64::from(value.affinity_timeout_s) * 1_000_000_000;
+        if let Some(entry) = lookups.affinity(&affinity_key)
+            && lookups.now_ns().wrapping_sub(entry.last_used_ns) < timeout_ns
+            && let Some(b) = contents.backends.get(&entry.backend_id)
+        {
+            let backend = SocketAddrV4::new(b.addr.into(), u16::from_be_bytes(b.port));
+            let age_s = lookups.now_ns().wrapping_sub(entry.last_used_ns) / 1_000_000_000;
+            answer.backend = Some(backend);
+            answer.reason = format!(
+                "session affinity (ClientIP, {} s): this client's backend, last used {age_s} s ago",
+                value.affinity_timeout_s
+            );
+            answer.rewrite = Some(rewrite(flow, backend, snat(backend)));
+            return answer;
+        }
+    }
+    let Some(ct_key) = ct_key.filter(|_| hook != Hook::Socket) else {
+        let by = if value.maglev_table != 0 { "Maglev" } else { "random" };
+        let on = if hook == Hook::Socket { "the socket's cookie" } else { "the client's port" };
+        answer.reason = format!("a new flow: one of {} backends, by {by} selection on {on}", backends.len());
+        answer.candidates = backends;
+        return answer;
+    };
+    let hash = flow_hash(&ct_key);
+    let chosen = if value.maglev_table != 0 && maglev_table_size > 0 {
+        let entry = hash % maglev_table_size;
+        let index = (value.maglev_table - 1) * maglev_table_size + entry;
+        let id = lookups.maglev(index);
+        answer.reason = format!(
+            "a new flow: Maglev table {} entry {entry} of {maglev_table_size} (flow hash {hash:#010x})",
+            value.maglev_table
+        );
+        id.and_then(|id| contents.backends.get(&id))
+    } else {
+        let slot = random_slot(hash, lookups.flow_seed(), value.backend_count);
+        answer.reason = format!(
+            "a new flow: slot {slot} of {} drawn from the flow hash {hash:#010x} and this boot's seed (\"random\")",
+            value.backend_count
+        );
+        slots.get(usize::from(slot).wrapping_sub(1)).and_then(|id| contents.backends.get(id))
+    };
+    let Some(chosen) = chosen else {
+        answer.verdict = Verdict::Refused;
+        answer.reason += ", which names no backend: refused";
+        return answer;
+    };
+    let backend = SocketAddrV4::new(chosen.addr.into(), u16::from_be_bytes(chosen.port));
+    answer.backend = Some(backend);
+    answer.rewrite = Some(rewrite(flow, backend, snat(backend)));
+    answer
+}
+
+/// Whether `client` is inside one of the frontend's source ranges (the
+/// SOURCE_RANGES trie's longest-prefix match, over its entries).
+fn source_allowed(contents: &MapContents, frontend: &ServiceKey, client: Ipv4Addr) -> bool {
+    contents.source_ranges.iter().any(|(prefix_len, range)| {
+        let bits = prefix_len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS).min(32);
+        let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+        range.vip == frontend.vip
+            && range.port == frontend.port
+            && range.protocol == frontend.protocol
+            && u32::from_be_bytes(range.client) & mask == u32::from(client) & mask
+    })
+}
+
+fn rewrite(flow: Flow, backend: SocketAddrV4, snat: bool) -> String {
+    let client = match flow.client_port {
+        Some(port) => SocketAddrV4::new(flow.client, port).to_string(),
+        None => flow.client.to_string(),
+    };
+    let source = if snat { " (source NAT to this node's address: the backend is on another node)" } else { "" };
+    format!("{client} -> {} becomes {client} -> {backend}{source}", flow.service)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use lb_common::{Backend, ServiceAddr, ServiceValue};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Lookups {
+        conntrack: Vec<(CtKey, CtValue)>,
+        affinity: BTreeMap<AffinityKey, AffinityValue>,
+        maglev: Vec<u32>,
+        now_ns: u64,
+    }
+
+    impl MapLookups for Lookups {
+        fn conntrack(&self, key: &CtKey) -> Option<CtValue> {
+            self.conntrack.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+        }
+        fn affinity(&self, key: &AffinityKey) -> Option<AffinityValue> {
+            self.affinity.get(key).copied()
+        }
+        fn maglev(&self, index: u32) -> Option<u32> {
+            self.maglev.get(index as usize).copied()
+        }
+        fn flow_seed(&self) -> u32 {
+            0x1234_5678
+        }
+        fn now_ns(&self) -> u64 {
+            self.now_ns
+        }
+    }
+
+    const VIP: [u8; 4] = [10, 96, 0, 10];
+
+    /// A frontend 10.96.0.10:80/TCP with backends 10.0.0.1..=n:8080.
+    fn contents(n: u8, value: impl Fn(u16) -> ServiceValue) -> MapContents {
+        let mut contents = MapContents::default();
+        let key = ServiceKey::new(VIP, 80u16.to_be_bytes(), 6, 0);
+        contents.services.insert(key, value(u16::from(n)));
+        for i in 1..=n {
+            contents.backends.insert(u32::from(i), Backend::new([10, 0, 0, i], 8080u16.to_be_bytes()));
+            contents.services.insert(key.with_slot(u16::from(i)), ServiceValue::slot(u32::from(i)));
+        }
+        contents.addrs.insert(VIP, ServiceAddr { frontends: 1, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 });
+        contents
+    }
+
+    fn flow(port: Option<u16>) -> Flow {
+        Flow {
+            client: Ipv4Addr::new(10, 244, 1, 5),
+            client_port: port,
+            service: SocketAddrV4::new(VIP.into(), 80),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn a_new_flow_gets_the_slot_its_hash_draws_and_without_a_port_the_candidates() {
+        let contents = contents(3, |n| ServiceValue::frontend(n, 0, 0, 0));
+        let lookups = Lookups::default();
+        let answer = explain(&contents, &lookups, 0, flow(Some(40000)), Hook::Pod);
+        let key = CtKey {
+            saddr: [10, 244, 1, 5],
+            daddr: VIP,
+            sport: 40000u16.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            protocol: 6,
+            _pad: [0; 3],
+        };
+        let slot = random_slot(flow_hash(&key), 0x1234_5678, 3);
+        assert_eq!(answer.verdict, Verdict::New);
+        assert_eq!(answer.backend, Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, slot as u8), 8080)));
+        assert!(answer.reason.contains(&format!("slot {slot} of 3")), "{}", answer.reason);
+        let any = explain(&contents, &lookups, 0, flow(None), Hook::Pod);
+        assert_eq!((any.backend, any.candidates.len()), (None, 3));
+    }
+
+    #[test]
+    fn conntrack_then_affinity_then_maglev_decide() {
+        let mut lookups = Lookups { now_ns: 100_000_000_000, ..Default::default() };
+        let key = CtKey {
+            saddr: [10, 244, 1, 5],
+            daddr: VIP,
+            sport: 40000u16.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            protocol: 6,
+            _pad: [0; 3],
+        };
+        // Maglev table 1 of 7 entries, all naming backend 2.
+        lookups.maglev = vec![2; 7];
+        let maglev = contents(3, |n| ServiceValue::frontend(n, 0, 0, 1));
+        let answer = explain(&maglev, &lookups, 7, flow(Some(40000)), Hook::Wire);
+        assert_eq!(answer.backend, Some("10.0.0.2:8080".parse().unwrap()));
+        assert!(answer.reason.starts_with("a new flow: Maglev table 1 entry"), "{}", answer.reason);
+
+        // Affinity: remembered 30 s ago, within 60 s.
+        let sticky = contents(3, |n| ServiceValue::frontend(n, 0, 60, 0));
+        let frontend = ServiceKey::new(VIP, 80u16.to_be_bytes(), 6, 0);
+        let client = AffinityKey::addr_client([10, 244, 1, 5]);
+        lookups.affinity.insert(
+            AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, client),
+            AffinityValue { last_used_ns: 70_000_000_000, backend_id: 3, _pad: [0; 4] },
+        );
+        let answer = explain(&sticky, &lookups, 7, flow(Some(40000)), Hook::Pod);
+        assert_eq!(answer.backend, Some("10.0.0.3:8080".parse().unwrap()));
+        assert!(answer.reason.contains("last used 30 s ago"), "{}", answer.reason);
+
+        // An established flow: conntrack, whatever the rest says.
+        let entry = CtValue {
+            nat_addr: [10, 0, 0, 1],
+            nat_port: 8080u16.to_be_bytes(),
+            direction: CT_DIRECTION_DNAT,
+            state: 0,
+            last_seen_ns: 0,
+            snat_addr: [0; 4],
+            snat_port: [0; 2],
+            _pad: [0; 2],
+        };
+        lookups.conntrack.push((key, entry));
+        let answer = explain(&sticky, &lookups, 7, flow(Some(40000)), Hook::Pod);
+        assert_eq!((answer.verdict, answer.backend), (Verdict::Established, Some("10.0.0.1:8080".parse().unwrap())));
+    }
+
+    #[test]
+    fn no_frontend_unknown_ports_and_empty_services_say_why() {
+        let lookups = Lookups::default();
+        let empty = contents(0, |_| ServiceValue::frontend(0, 0, 0, 0));
+        assert_eq!(explain(&empty, &lookups, 0, flow(Some(1)), Hook::Pod).verdict, Verdict::Refused);
+        let local = contents(0, |_| ServiceValue::frontend(0, FRONTEND_DROP_WHEN_EMPTY, 0, 0));
+        assert_eq!(explain(&local, &lookups, 0, flow(Some(1)), Hook::Wire).verdict, Verdict::Dropped);
+        let other_port = Flow { service: SocketAddrV4::new(VIP.into(), 81), ..flow(Some(1)) };
+        assert_eq!(explain(&empty, &lookups, 0, other_port, Hook::Pod).verdict, Verdict::UnknownPort);
+        let elsewhere = Flow { service: "10.96.9.9:80".parse().unwrap(), ..flow(Some(1)) };
+        let answer = explain(&empty, &lookups, 0, elsewhere, Hook::Pod);
+        assert_eq!((answer.verdict, answer.frontend), (Verdict::NotService, None));
+    }
+}
