@@ -208,6 +208,16 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What the pinned maps hold now.
+    pub fn maps(&self) -> anyhow::Result<MapContents> {
+        Ok(Maps::open_pinned(&self.pin_path)?.read_contents()?)
+    }
+
+    /// Whether the agent process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|status| status.is_none())
+    }
+
     /// Polls the pinned maps until `ready` holds, for up to 10 s.
     pub fn wait_for_maps(&mut self, what: &str, ready: impl Fn(&MapContents) -> bool) -> anyhow::Result<()> {
         self.wait(what, |pin_path| {

@@ -10,3 +10,4 @@ pub mod manifests;
 pub mod netns;
 pub mod packet;
 pub mod pods;
+pub mod traffic;

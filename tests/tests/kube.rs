@@ -3,10 +3,6 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
     time::Duration,
 };
 
@@ -16,6 +12,7 @@ use lb_tests::{
     manifests::{Endpoint, Port, endpoint_slice, service},
     netns::{Cluster, Netns, Topology},
     pods::{PodServer, Session, TCP_PORT, UDP_PORT, http_get, tcp_ask},
+    traffic::Traffic,
 };
 use serde_json::{Value, json};
 
@@ -153,39 +150,7 @@ fn killing_and_restarting_the_agent_loses_no_request() {
     wait_for_backends(&mut agent, &[cluster.pods[0].ip, cluster.pods[1].ip]);
     agent.wait_for_attachments(3).unwrap();
 
-    let client = &cluster.pod("client").netns;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (answered, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
-    let mut session = client.enter(|| Session::connect(VIP)).unwrap();
-    let backend = session.ask("first").unwrap();
-    let workers: Vec<_> = (0..2)
-        .map(|worker| {
-            let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
-            let mut session =
-                (worker == 0).then(|| std::mem::replace(&mut session, client.enter(|| Session::connect(VIP)).unwrap()));
-            let backend = backend.clone();
-            client.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let result = match &mut session {
-                        // The long-lived connection, always on its backend.
-                        Some(s) => s.ask("again").and_then(|b| {
-                            if b == backend { Ok(b) } else { Err(std::io::Error::other(format!("moved to {b}"))) }
-                        }),
-                        None => tcp_ask(VIP),
-                    };
-                    match result {
-                        Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            failures.lock().unwrap().push(e.to_string());
-                            0
-                        }
-                    };
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-        })
-        .collect();
-
+    let traffic = Traffic::start(&cluster.pod("client").netns, VIP).unwrap();
     for round in 0..2 {
         std::thread::sleep(Duration::from_millis(300));
         agent.kill().unwrap();
@@ -196,20 +161,7 @@ fn killing_and_restarting_the_agent_loses_no_request() {
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
-    let answered = answered.load(Ordering::Relaxed);
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failures.len(),
-        answered,
-        &failures[..failures.len().min(5)]
-    );
-    assert!(answered > 100, "only {answered} requests");
+    traffic.stop().assert_none_failed(100);
 }
 
 #[test]
