@@ -1,4 +1,5 @@
-//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench`.
+//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench`,
+//! `cargo xtask fuzz`.
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -28,13 +29,42 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the differential test of the pod hook against the reference
+    /// model on many random frames (release build; CI runs 100,000).
+    Fuzz {
+        /// How many frames.
+        #[arg(long, default_value_t = 10_000_000)]
+        packets: u64,
+        /// The random seed (a run is repeatable with the same one).
+        #[arg(long, default_value_t = 0x5eed_1234)]
+        seed: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf { debug } => build_ebpf(debug),
         Task::Bench { args } => bench(&args),
+        Task::Fuzz { packets, seed } => fuzz(packets, seed),
     }
+}
+
+fn fuzz(packets: u64, seed: u64) -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let status = Command::new("bash").current_dir(root).args(["-c", "source scripts/setup.sh"]).status()?;
+    if !status.success() {
+        bail!("scripts/setup.sh failed");
+    }
+    let status = Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--release", "-p", "lb-tests", "--test", "differential", "--", "--nocapture"])
+        .env("LB_DIFFERENTIAL_PACKETS", packets.to_string())
+        .env("LB_DIFFERENTIAL_SEED", seed.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("the differential test found a disagreement (above)");
+    }
+    Ok(())
 }
 
 /// The same build aya-build runs from lb-userspace/build.rs: nightly,

@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod model;
 pub mod plan;
 pub mod reconcile;
+pub mod reference;
 pub mod sizing;
 #[cfg(test)]
 mod test_rng;

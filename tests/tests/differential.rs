@@ -1,0 +1,293 @@
+//! Differential test of the pod hook: random frames through `tc_from_pod`
+//! (BPF_PROG_TEST_RUN) and through the reference model
+//! (`lb_userspace::reference`), over the same maps. Any frame on which they
+//! disagree fails the test, printed in hex with both answers.
+//!
+//! The frames: first packets of TCP and UDP flows to Services (random,
+//! Maglev, affinity, hairpin, no endpoints, Local without local endpoints,
+//! source ranges), to undefined ports and to addresses that are no
+//! service; with IP options, later fragments, wrong checksums, zero UDP
+//! checksums, other protocols, other EtherTypes, bad IP versions and
+//! truncation at every offset past the IPv4 header (BPF_PROG_TEST_RUN
+//! takes no shorter skb). `LB_DIFFERENTIAL_PACKETS` sets how many
+//! (100,000 by default; `cargo xtask fuzz --packets N`). Needs root.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use lb_tests::harness::Harness;
+use lb_userspace::{
+    datapath::MapSizes,
+    model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
+    reference::{self, Expected},
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// A deterministic random source (xorshift64*), seeded per run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn port(addr: [u8; 4], port: u16, protocol: Protocol, backends: &[SocketAddrV4]) -> ServicePort {
+    ServicePort {
+        name: format!("{:?}:{port}", addr),
+        frontend: Frontend { addr: Ipv4Addr::from(addr), port, protocol },
+        backends: backends.iter().copied().collect(),
+        ..Default::default()
+    }
+}
+
+fn backend(last: u8) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, last), 8080)
+}
+
+/// The Services every run uses.
+fn services() -> Vec<ServicePort> {
+    let mut maglev = port([10, 96, 0, 2], 53, Protocol::Udp, &[backend(3), backend(4)]);
+    maglev.algorithm = Algorithm::Maglev;
+    let mut sticky = port([10, 96, 0, 4], 80, Protocol::Tcp, &[backend(2), backend(5)]);
+    sticky.affinity_timeout_s = 3600;
+    let mut local = port([10, 96, 0, 6], 80, Protocol::Tcp, &[]);
+    local.drop_when_empty = true;
+    let mut ranged = port([198, 51, 100, 1], 443, Protocol::Tcp, &[backend(2), backend(3)]);
+    ranged.kind = FrontendKind::LoadBalancer;
+    ranged.source_ranges = vec!["10.244.0.0/24".parse().unwrap()];
+    vec![
+        port([10, 96, 0, 1], 80, Protocol::Tcp, &[backend(2), backend(3), backend(4)]),
+        port([10, 96, 0, 1], 53, Protocol::Udp, &[backend(4)]),
+        maglev,
+        port([10, 96, 0, 3], 80, Protocol::Tcp, &[]),
+        sticky,
+        local,
+        ranged,
+    ]
+}
+
+/// A random frame. `flow` makes its 5-tuple unique among the frames of a
+/// run, so that each is the first of its flow.
+fn random_frame(rng: &mut Rng, flow: u64) -> Vec<u8> {
+    let destinations: [([u8; 4], u16); 10] = [
+        ([10, 96, 0, 1], 80),
+        ([10, 96, 0, 1], 53),
+        ([10, 96, 0, 1], 8443),
+        ([10, 96, 0, 2], 53),
+        ([10, 96, 0, 3], 80),
+        ([10, 96, 0, 4], 80),
+        ([10, 96, 0, 6], 80),
+        ([198, 51, 100, 1], 443),
+        ([10, 96, 9, 9], 80),
+        ([10, 244, 0, 3], 8080),
+    ];
+    let (daddr, dport) = destinations[rng.below(destinations.len() as u64) as usize];
+    // Clients in and out of the source range; backend 2 reaching itself.
+    let client = [10, 244, rng.below(2) as u8, 2 + (flow % 8) as u8];
+    let sport = 1024 + (flow / 8 % 60_000) as u16;
+    let protocol = match rng.below(20) {
+        0 => 47,
+        1 => 1,
+        2..=9 => 17,
+        _ => 6,
+    };
+    let options = if rng.chance(15) { 4 * rng.below(11) as usize } else { 0 };
+    let payload: Vec<u8> = (0..rng.below(48)).map(|_| rng.next() as u8).collect();
+    let l4_len = if protocol == 6 { 20 } else { 8 };
+    let total = 20 + options + l4_len + payload.len();
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let mut ip =
+        vec![0x45 + (options / 4) as u8, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, protocol, 0, 0];
+    ip.extend_from_slice(&client);
+    ip.extend_from_slice(&daddr);
+    ip.extend((0..options).map(|i| if i + 1 == options { 0 } else { 1 }));
+    if rng.chance(5) {
+        // A later fragment (or, 1 in 2, a first one with more to come).
+        if rng.chance(50) {
+            ip[7] = 1 + rng.below(200) as u8
+        } else {
+            ip[6] = 0x20
+        };
+    }
+    let check = ones_complement_checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    if protocol == 6 {
+        l4.extend_from_slice(&(rng.next() as u32).to_be_bytes());
+        l4.extend_from_slice(&0u32.to_be_bytes());
+        let flags = if rng.chance(80) { 0x02 } else { rng.next() as u8 };
+        l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend_from_slice(&payload);
+    if protocol == 6 || protocol == 17 {
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&client);
+        pseudo.extend_from_slice(&daddr);
+        pseudo.extend_from_slice(&[0, protocol]);
+        pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        let at = if protocol == 6 { 16 } else { 6 };
+        let check = match ones_complement_checksum(&l4, ones_complement_sum(&pseudo)) {
+            0 if protocol == 17 => 0xffff,
+            check => check,
+        };
+        l4[at..at + 2].copy_from_slice(&check.to_be_bytes());
+        if protocol == 17 && rng.chance(20) {
+            l4[6..8].copy_from_slice(&[0, 0]);
+        } else if rng.chance(15) {
+            l4[at] ^= 1 + rng.next() as u8 % 255;
+        }
+    }
+    frame.extend_from_slice(&l4);
+    match rng.below(100) {
+        0..=2 => frame[12] = 0x86,  // IPv6's EtherType
+        3..=4 => frame[14] = 0x65,  // IP version 6 in an IPv4 frame
+        5..=6 => frame[14] = 0x43,  // a header length below 20
+        7..=8 => frame[24] ^= 0x5a, // a wrong IPv4 checksum
+        // BPF_PROG_TEST_RUN takes no skb shorter than an Ethernet and an
+        // IPv4 header (EINVAL).
+        9..=18 => frame.truncate(34 + rng.below(frame.len() as u64 - 34) as usize),
+        _ => {}
+    }
+    frame
+}
+
+fn ones_complement_sum(bytes: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+fn ones_complement_checksum(bytes: &[u8], start: u32) -> u16 {
+    let mut sum = start + ones_complement_sum(bytes);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether the program's answer (`rc`, `out`) is what the model expects.
+fn agrees(expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) -> Result<(), String> {
+    match expected {
+        Expected::Unchanged if rc == TC_ACT_OK && out == frame => Ok(()),
+        Expected::Dropped if rc == TC_ACT_SHOT => Ok(()),
+        // An ICMP port unreachable (type 3, code 3) sent back.
+        Expected::Rejected
+            if rc == TC_ACT_REDIRECT && out.get(14 + 9) == Some(&1) && out.get(34..36) == Some(&[3, 3]) =>
+        {
+            Ok(())
+        }
+        Expected::Translated { source, destination, .. } if rc == TC_ACT_OK && out.len() == frame.len() => {
+            let before = reference::parse(frame).map_err(str::to_owned)?;
+            let after = reference::parse(out).map_err(|e| format!("the output does not parse: {e}"))?;
+            if (after.source, after.destination) != (*source, *destination) {
+                return Err(format!("rewritten to {} -> {}", after.source, after.destination));
+            }
+            // Nothing else changed but the checksums, and those by exactly
+            // the rewrite (a right one stays right, a wrong one as wrong).
+            let ip_check = 24..26;
+            let l4_check = if before.protocol == 6 { before.l4_offset + 16 } else { before.l4_offset + 6 };
+            let masked = |bytes: &[u8]| -> Vec<u8> {
+                let mut bytes = bytes.to_vec();
+                bytes[26..34].fill(0);
+                bytes[ip_check.clone()].fill(0);
+                bytes[before.l4_offset..before.l4_offset + 4].fill(0);
+                bytes[l4_check..l4_check + 2].fill(0);
+                bytes
+            };
+            if masked(frame) != masked(out) {
+                return Err("bytes other than addresses, ports and checksums changed".into());
+            }
+            let zero_udp = before.protocol == 17 && frame[l4_check..l4_check + 2] == [0, 0];
+            if zero_udp && out[l4_check..l4_check + 2] != [0, 0] {
+                return Err("a zero UDP checksum did not stay zero".into());
+            }
+            let (ip_in, l4_in) = reference::checksum_residuals(frame, &before);
+            let (ip_out, l4_out) = reference::checksum_residuals(out, &after);
+            if ip_in != ip_out || (!zero_udp && l4_in != l4_out) {
+                return Err(format!("checksum residuals {ip_in:#06x}/{l4_in:#06x} became {ip_out:#06x}/{l4_out:#06x}"));
+            }
+            Ok(())
+        }
+        _ => Err(format!("the program answered {rc} with {}", hex(out))),
+    }
+}
+
+#[test]
+fn the_pod_hook_does_what_the_reference_model_says_on_random_frames() {
+    let packets: u64 = std::env::var("LB_DIFFERENTIAL_PACKETS").ok().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let seed: u64 = std::env::var("LB_DIFFERENTIAL_SEED").ok().and_then(|n| n.parse().ok()).unwrap_or(0x5eed_1234);
+    let sizes = MapSizes { conntrack: 1 << 21, ..MapSizes::default() };
+    let mut harness = Harness::with_sizes(&services(), sizes);
+    let contents = harness.datapath.maps.read_contents().unwrap();
+    let maglev_table_size = sizes.maglev.table_size;
+    let mut rng = Rng(seed);
+    let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+    for flow in 0..packets {
+        let frame = random_frame(&mut rng, flow);
+        let expected = reference::pod_hook(&frame, &contents, &harness.datapath.maps, maglev_table_size);
+        let (rc, out) = harness.run(&frame);
+        let kind = match &expected {
+            Expected::Translated { source, backend, .. } if source.ip().is_link_local() => {
+                format!("translated, hairpin to {backend}")
+            }
+            Expected::Translated { backend, .. } => format!("translated to {backend}"),
+            Expected::Unmodelled(why) => format!("unmodelled: {why}"),
+            other => format!("{other:?}").to_lowercase(),
+        };
+        *outcomes.entry(kind).or_default() += 1;
+        if matches!(expected, Expected::Unmodelled(_)) {
+            continue;
+        }
+        if let Err(why) = agrees(&expected, &frame, rc, &out) {
+            panic!(
+                "frame {flow} (seed {seed:#x}): {}\nmodel: {expected:?}\nprogram: {rc}, {}\n{why}",
+                hex(&frame),
+                hex(&out)
+            );
+        }
+        // A translated first packet leaves its flow's entry, to the backend.
+        if let Expected::Translated { backend, .. } = expected {
+            let parsed = reference::parse(&frame).unwrap();
+            let key = lb_tests::harness::ct_key(parsed.source, parsed.destination, parsed.protocol);
+            let entry = harness.ct(&key);
+            let nat = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
+            assert_eq!(nat, backend, "frame {flow}: conntrack entry of {}", hex(&frame));
+        }
+    }
+    eprintln!("{packets} frames, seed {seed:#x}:");
+    for (kind, count) in &outcomes {
+        eprintln!("  {count:>8}  {kind}");
+    }
+    // Every kind of outcome occurred, each backend of the random Service too.
+    for kind in ["unchanged", "dropped", "rejected", "translated, hairpin to 10.244.0.2:8080"] {
+        assert!(outcomes.get(kind).is_some_and(|n| *n > 0) || packets < 10_000, "no {kind}: {outcomes:?}");
+    }
+}
