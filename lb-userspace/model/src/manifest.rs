@@ -127,6 +127,62 @@ fn deserialize<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, (Stri
 mod tests {
     use super::*;
 
+    /// Mutated manifests (bytes flipped, dropped, repeated, spliced from
+    /// other documents): the parser and the model never panic, whatever
+    /// they are given, and the parse is bounded in time.
+    #[test]
+    fn no_mutated_manifest_panics_the_parser_or_the_model() {
+        let seeds = [
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, annotations: {service.lb.io/lb-algorithm: maglev}}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.10, externalIPs: [203.0.113.5], loadBalancerSourceRanges: [10.0.0.0/8], externalTrafficPolicy: Local, healthCheckNodePort: 32000, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, ports: [{name: http, port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.10}]}}\n",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- {addresses: [10.1.1.1], nodeName: node-1, conditions: {ready: true}, hints: {forZones: [{name: a}], forNodes: [{name: node-1}]}}\n",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-1, labels: {topology.kubernetes.io/zone: a}}\n",
+        ];
+        let mut rng = crate::test_rng::Rng(0x9e37_79b9_7f4a_7c15);
+        let options = crate::model::ModelOptions {
+            node_name: "node-1".into(),
+            zone: Some("a".into()),
+            node_addresses: vec![std::net::Ipv4Addr::new(192, 0, 2, 1)],
+            external_ip_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        for _ in 0..20_000 {
+            let mut text: Vec<u8> = seeds[rng.below(3) as usize].as_bytes().to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(text.len() as u64 + 1) as usize;
+                match rng.below(5) {
+                    0 if at < text.len() => text[at] = rng.below(256) as u8,
+                    1 if at < text.len() => {
+                        text.remove(at);
+                    }
+                    2 => {
+                        let end = (at + rng.below(16) as usize).min(text.len());
+                        let piece = text[at..end].to_vec();
+                        text.splice(at..at, piece);
+                    }
+                    3 => {
+                        let other = seeds[rng.below(3) as usize].as_bytes();
+                        let from = rng.below(other.len() as u64) as usize;
+                        text.splice(at..at, other[from..].iter().copied().take(40));
+                    }
+                    _ => text.splice(at..at, b"---\n".iter().copied()).for_each(drop),
+                }
+            }
+            let text = String::from_utf8_lossy(&text);
+            let parsed = parse_manifests(Path::new("fuzz.yaml"), &text);
+            let (mut services, mut slices) = (Vec::new(), Vec::new());
+            for object in parsed.objects {
+                match object {
+                    Object::Service(s) => services.push((*s).clone()),
+                    Object::EndpointSlice(s) => slices.push((*s).clone()),
+                    Object::Node(n) => drop(crate::model::NodeView::of(Some(&n))),
+                }
+            }
+            crate::model::desired_state(&services, &slices, &options);
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
+    }
+
     #[test]
     fn reads_every_document_and_names_file_object_and_field_of_a_bad_one() {
         let parsed = parse_manifests(
