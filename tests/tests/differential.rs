@@ -1,7 +1,8 @@
-//! Differential test of the pod hook: random frames through `tc_from_pod`
-//! (BPF_PROG_TEST_RUN) and through the reference model
-//! (`lb_userspace::reference`), over the same maps. Any frame on which they
-//! disagree fails the test, printed in hex with both answers.
+//! Differential test of the packet hooks: random frames through
+//! `tc_from_pod`, `tc_from_wire` and `xdp_from_wire` (BPF_PROG_TEST_RUN)
+//! and through the reference model (`lb_userspace::reference`), over the
+//! same maps. Any frame on which they disagree fails the test, printed in
+//! hex with both answers.
 //!
 //! The frames: first packets of TCP and UDP flows to Services (random,
 //! Maglev, affinity, hairpin, no endpoints, Local without local endpoints,
@@ -10,22 +11,37 @@
 //! checksums, other protocols, other EtherTypes, bad IP versions and
 //! truncation at every offset past the IPv4 header (BPF_PROG_TEST_RUN
 //! takes no shorter skb). `LB_DIFFERENTIAL_PACKETS` sets how many
-//! (100,000 by default; `cargo xtask fuzz --packets N`). Needs root.
+//! per hook (100,000 by default; `cargo xtask fuzz --packets N`). The
+//! external hooks run in a namespace of their own with an interface
+//! `ext0` (10.200.0.1/24), as if frames arrived on it. Needs root.
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use lb_tests::harness::Harness;
+use lb_tests::{
+    harness::Harness,
+    netns::{Netns, unique_tag},
+};
 use lb_userspace::{
     datapath::MapSizes,
+    explain::Hook,
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
     reference::{self, Expected},
 };
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+/// A program's return codes, by what they mean.
+#[derive(Clone, Copy)]
+struct Codes {
+    pass: u32,
+    drop: u32,
+    sent_back: u32,
+}
+
+const TC: Codes = Codes { pass: 0, drop: 2, sent_back: 7 };
+const XDP: Codes = Codes { pass: 2, drop: 1, sent_back: 3 };
+/// This node's address on its external interface.
+const NODE: [u8; 4] = [10, 200, 0, 1];
 
 /// A deterministic random source (xorshift64*), seeded per run.
 struct Rng(u64);
@@ -71,7 +87,18 @@ fn services() -> Vec<ServicePort> {
     let mut ranged = port([198, 51, 100, 1], 443, Protocol::Tcp, &[backend(2), backend(3)]);
     ranged.kind = FrontendKind::LoadBalancer;
     ranged.source_ranges = vec!["10.244.0.0/24".parse().unwrap()];
+    // A NodePort whose backends are all on this node, and one with some
+    // on other nodes (source NAT, not modelled).
+    let mut local_node_port = port(NODE, 30080, Protocol::Tcp, &[backend(2), backend(3)]);
+    local_node_port.kind = FrontendKind::NodePort;
+    local_node_port.local_backends = local_node_port.backends.clone();
+    let mut mixed_node_port =
+        port(NODE, 30053, Protocol::Udp, &[backend(4), SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 21), 53)]);
+    mixed_node_port.kind = FrontendKind::NodePort;
+    mixed_node_port.local_backends = [backend(4)].into();
     vec![
+        local_node_port,
+        mixed_node_port,
         port([10, 96, 0, 1], 80, Protocol::Tcp, &[backend(2), backend(3), backend(4)]),
         port([10, 96, 0, 1], 53, Protocol::Udp, &[backend(4)]),
         maglev,
@@ -85,7 +112,10 @@ fn services() -> Vec<ServicePort> {
 /// A random frame. `flow` makes its 5-tuple unique among the frames of a
 /// run, so that each is the first of its flow.
 fn random_frame(rng: &mut Rng, flow: u64) -> Vec<u8> {
-    let destinations: [([u8; 4], u16); 10] = [
+    let destinations: [([u8; 4], u16); 13] = [
+        (NODE, 30080),
+        (NODE, 30053),
+        (NODE, 22),
         ([10, 96, 0, 1], 80),
         ([10, 96, 0, 1], 53),
         ([10, 96, 0, 1], 8443),
@@ -98,8 +128,12 @@ fn random_frame(rng: &mut Rng, flow: u64) -> Vec<u8> {
         ([10, 244, 0, 3], 8080),
     ];
     let (daddr, dport) = destinations[rng.below(destinations.len() as u64) as usize];
-    // Clients in and out of the source range; backend 2 reaching itself.
-    let client = [10, 244, rng.below(2) as u8, 2 + (flow % 8) as u8];
+    // Clients in and out of the source range (and, from outside, of the
+    // cluster); backend 2 reaching itself.
+    let client = match rng.below(5) {
+        0 => [203, 0, 113, 2 + (flow % 8) as u8],
+        other => [10, 244, (other % 2) as u8, 2 + (flow % 8) as u8],
+    };
     let sport = 1024 + (flow / 8 % 60_000) as u16;
     let protocol = match rng.below(20) {
         0 => 47,
@@ -194,17 +228,17 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Whether the program's answer (`rc`, `out`) is what the model expects.
-fn agrees(expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) -> Result<(), String> {
+fn agrees(codes: Codes, expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) -> Result<(), String> {
     match expected {
-        Expected::Unchanged if rc == TC_ACT_OK && out == frame => Ok(()),
-        Expected::Dropped if rc == TC_ACT_SHOT => Ok(()),
+        Expected::Unchanged if rc == codes.pass && out == frame => Ok(()),
+        Expected::Dropped if rc == codes.drop => Ok(()),
         // An ICMP port unreachable (type 3, code 3) sent back.
         Expected::Rejected
-            if rc == TC_ACT_REDIRECT && out.get(14 + 9) == Some(&1) && out.get(34..36) == Some(&[3, 3]) =>
+            if rc == codes.sent_back && out.get(14 + 9) == Some(&1) && out.get(34..36) == Some(&[3, 3]) =>
         {
             Ok(())
         }
-        Expected::Translated { source, destination, .. } if rc == TC_ACT_OK && out.len() == frame.len() => {
+        Expected::Translated { source, destination, .. } if rc == codes.pass && out.len() == frame.len() => {
             let before = reference::parse(frame).map_err(str::to_owned)?;
             let after = reference::parse(out).map_err(|e| format!("the output does not parse: {e}"))?;
             if (after.source, after.destination) != (*source, *destination) {
@@ -240,8 +274,9 @@ fn agrees(expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) -> Result<(), 
     }
 }
 
-#[test]
-fn the_pod_hook_does_what_the_reference_model_says_on_random_frames() {
+/// Runs the frames through one hook and the model; panics on the first
+/// disagreement. `run` runs a frame through the hook.
+fn differential(hook: Hook, codes: Codes, run: &dyn Fn(&mut Harness, &[u8]) -> (u32, Vec<u8>)) {
     let packets: u64 = std::env::var("LB_DIFFERENTIAL_PACKETS").ok().and_then(|n| n.parse().ok()).unwrap_or(100_000);
     let seed: u64 = std::env::var("LB_DIFFERENTIAL_SEED").ok().and_then(|n| n.parse().ok()).unwrap_or(0x5eed_1234);
     let sizes = MapSizes { conntrack: 1 << 21, ..MapSizes::default() };
@@ -252,8 +287,8 @@ fn the_pod_hook_does_what_the_reference_model_says_on_random_frames() {
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     for flow in 0..packets {
         let frame = random_frame(&mut rng, flow);
-        let expected = reference::pod_hook(&frame, &contents, &harness.datapath.maps, maglev_table_size);
-        let (rc, out) = harness.run(&frame);
+        let expected = reference::expected(hook, &frame, &contents, &harness.datapath.maps, maglev_table_size);
+        let (rc, out) = run(&mut harness, &frame);
         let kind = match &expected {
             Expected::Translated { source, backend, .. } if source.ip().is_link_local() => {
                 format!("translated, hairpin to {backend}")
@@ -266,9 +301,9 @@ fn the_pod_hook_does_what_the_reference_model_says_on_random_frames() {
         if matches!(expected, Expected::Unmodelled(_)) {
             continue;
         }
-        if let Err(why) = agrees(&expected, &frame, rc, &out) {
+        if let Err(why) = agrees(codes, &expected, &frame, rc, &out) {
             panic!(
-                "frame {flow} (seed {seed:#x}): {}\nmodel: {expected:?}\nprogram: {rc}, {}\n{why}",
+                "{hook:?} hook, frame {flow} (seed {seed:#x}): {}\nmodel: {expected:?}\nprogram: {rc}, {}\n{why}",
                 hex(&frame),
                 hex(&out)
             );
@@ -279,15 +314,50 @@ fn the_pod_hook_does_what_the_reference_model_says_on_random_frames() {
             let key = lb_tests::harness::ct_key(parsed.source, parsed.destination, parsed.protocol);
             let entry = harness.ct(&key);
             let nat = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
-            assert_eq!(nat, backend, "frame {flow}: conntrack entry of {}", hex(&frame));
+            assert_eq!(nat, backend, "{hook:?} hook, frame {flow}: conntrack entry of {}", hex(&frame));
         }
     }
-    eprintln!("{packets} frames, seed {seed:#x}:");
+    eprintln!("{hook:?} hook: {packets} frames, seed {seed:#x}:");
     for (kind, count) in &outcomes {
         eprintln!("  {count:>8}  {kind}");
     }
-    // Every kind of outcome occurred, each backend of the random Service too.
-    for kind in ["unchanged", "dropped", "rejected", "translated, hairpin to 10.244.0.2:8080"] {
+    for kind in ["unchanged", "dropped", "rejected", "translated to 10.244.0.2:8080"] {
         assert!(outcomes.get(kind).is_some_and(|n| *n > 0) || packets < 10_000, "no {kind}: {outcomes:?}");
     }
+}
+
+/// A node namespace whose external interface `ext0` has this node's address.
+fn external_interface() -> (Netns, u32) {
+    let netns = Netns::new(format!("lbt{}-diff", unique_tag())).unwrap();
+    netns.ip(&["link", "add", "ext0", "type", "veth", "peer", "name", "ext1"]).unwrap();
+    netns.ip(&["addr", "add", "10.200.0.1/24", "dev", "ext0"]).unwrap();
+    for dev in ["ext0", "ext1"] {
+        netns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    let interfaces = netns.enter(|| lb_userspace::interfaces::list().unwrap());
+    let ifindex = interfaces.into_iter().find(|i| i.name == "ext0").unwrap().index;
+    (netns, ifindex)
+}
+
+#[test]
+fn the_pod_hook_does_what_the_reference_model_says_on_random_frames() {
+    differential(Hook::Pod, TC, &|harness, frame| harness.run(frame));
+}
+
+#[test]
+fn the_external_tc_hook_does_what_the_reference_model_says_on_random_frames() {
+    let (netns, ifindex) = external_interface();
+    differential(Hook::Wire, TC, &|harness, frame| {
+        let (rc, out, _) = harness.run_tc_wire(&netns, ifindex, frame, 1);
+        (rc, out)
+    });
+}
+
+#[test]
+fn the_xdp_hook_does_what_the_reference_model_says_on_random_frames() {
+    let (netns, ifindex) = external_interface();
+    differential(Hook::Wire, XDP, &|harness, frame| {
+        let (rc, out, _) = harness.run_xdp(&netns, ifindex, frame, 1);
+        (rc, out)
+    });
 }

@@ -29,8 +29,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the differential test of the pod hook against the reference
-    /// model on many random frames (release build; CI runs 100,000).
+    /// Run the differential test of the packet hooks (pod tc, external tc,
+    /// XDP) against the reference model on many random frames each
+    /// (release build; CI runs 100,000).
     Fuzz {
         /// How many frames.
         #[arg(long, default_value_t = 10_000_000)]

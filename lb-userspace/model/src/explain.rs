@@ -74,6 +74,9 @@ pub struct Explanation {
     pub candidates: Vec<SocketAddrV4>,
     /// The rewrite of the flow's packets (or socket), when translated.
     pub rewrite: Option<String>,
+    /// The source is rewritten to this node too (a client outside the
+    /// cluster, a backend on another node).
+    pub source_nat: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -115,6 +118,7 @@ pub fn explain(
         backend: None,
         candidates: Vec::new(),
         rewrite: None,
+        source_nat: false,
     };
     let ct_key = flow.client_port.map(|sport| CtKey {
         saddr: flow.client.octets(),
@@ -134,7 +138,8 @@ pub fn explain(
         answer.backend = Some(backend);
         answer.frontend = Some(format!("{}/{}", flow.service, flow.protocol));
         answer.reason = "an established flow: its conntrack entry keeps its backend".into();
-        answer.rewrite = Some(rewrite(flow, backend, entry.direction == CT_DIRECTION_SNAT));
+        answer.source_nat = entry.direction == CT_DIRECTION_SNAT;
+        answer.rewrite = Some(rewrite(flow, backend, answer.source_nat));
         return answer;
     }
     let Some(addr) = contents.addrs.get(&vip) else {
@@ -187,12 +192,11 @@ pub fn explain(
         return answer;
     }
     answer.verdict = Verdict::New;
-    let snat = |backend: SocketAddrV4| {
-        let local = contents
-            .backends
-            .values()
-            .any(|b| b.addr == backend.ip().octets() && b.port == backend.port().to_be_bytes() && b.is_local());
-        hook == Hook::Wire && value.flags & FRONTEND_EXTERNAL != 0 && !local
+    // A client outside the cluster reaching a backend on another node
+    // (the backend's own flag: one address may be a local backend of one
+    // frontend and a remote one of another).
+    let snat = |backend: &lb_common::Backend| {
+        hook == Hook::Wire && value.flags & FRONTEND_EXTERNAL != 0 && !backend.is_local()
     };
     // Session affinity: the backend remembered for this client, if used
     // within the timeout and still there.
@@ -201,16 +205,17 @@ pub fn explain(
         let timeout_ns = u64::from(value.affinity_timeout_s) * 1_000_000_000;
         if let Some(entry) = lookups.affinity(&affinity_key)
             && lookups.now_ns().wrapping_sub(entry.last_used_ns) < timeout_ns
-            && let Some(b) = contents.backends.get(&entry.backend_id)
+            && let Some(chosen) = contents.backends.get(&entry.backend_id)
         {
-            let backend = SocketAddrV4::new(b.addr.into(), u16::from_be_bytes(b.port));
+            let backend = SocketAddrV4::new(chosen.addr.into(), u16::from_be_bytes(chosen.port));
             let age_s = lookups.now_ns().wrapping_sub(entry.last_used_ns) / 1_000_000_000;
             answer.backend = Some(backend);
             answer.reason = format!(
                 "session affinity (ClientIP, {} s): this client's backend, last used {age_s} s ago",
                 value.affinity_timeout_s
             );
-            answer.rewrite = Some(rewrite(flow, backend, snat(backend)));
+            answer.source_nat = snat(chosen);
+            answer.rewrite = Some(rewrite(flow, backend, answer.source_nat));
             return answer;
         }
     }
@@ -246,7 +251,8 @@ pub fn explain(
     };
     let backend = SocketAddrV4::new(chosen.addr.into(), u16::from_be_bytes(chosen.port));
     answer.backend = Some(backend);
-    answer.rewrite = Some(rewrite(flow, backend, snat(backend)));
+    answer.source_nat = snat(chosen);
+    answer.rewrite = Some(rewrite(flow, backend, answer.source_nat));
     answer
 }
 

@@ -1,6 +1,7 @@
-//! A reference model of the pod hook (`tc_from_pod`), written from
-//! ARCHITECTURE.md's packet flow rather than from the programs: given a
-//! frame and the maps as they are, what the hook must do with it. The
+//! A reference model of the packet hooks (`tc_from_pod`, and
+//! `tc_from_wire` and `xdp_from_wire` on external interfaces), written
+//! from ARCHITECTURE.md's packet flow rather than from the programs: given
+//! a frame and the maps as they are, what the hook must do with it. The
 //! differential test (`tests/differential.rs`) runs random frames through
 //! the real program with BPF_PROG_TEST_RUN and through this, over the same
 //! maps, and reports any frame on which they disagree.
@@ -11,7 +12,9 @@
 //! affinity, Maglev, random) and the rewrite, hairpin included. A frame of
 //! a flow conntrack already knows is `Unmodelled` (the state machine of
 //! established flows is left to the hand-written datapath tests), and so
-//! are ICMP errors, which are translated only when they quote a known flow.
+//! are ICMP errors, which are translated only when they quote a known flow,
+//! and an external client's flow to a backend on another node, whose
+//! source NAT and next hop depend on the node's routes.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{CtKey, HAIRPIN_ADDR, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
@@ -94,8 +97,15 @@ pub fn parse(frame: &[u8]) -> Result<Headers, &'static str> {
     })
 }
 
-/// What `tc_from_pod` must do with `frame`, given the maps.
-pub fn pod_hook(frame: &[u8], contents: &MapContents, lookups: &dyn MapLookups, maglev_table_size: u32) -> Expected {
+/// What `tc_from_pod` (`Hook::Pod`) or an external interface's program
+/// (`Hook::Wire`) must do with `frame`, given the maps.
+pub fn expected(
+    hook: Hook,
+    frame: &[u8],
+    contents: &MapContents,
+    lookups: &dyn MapLookups,
+    maglev_table_size: u32,
+) -> Expected {
     let headers = match parse(frame) {
         Ok(headers) => headers,
         Err("ICMP") => return Expected::Unmodelled("ICMP"),
@@ -119,7 +129,7 @@ pub fn pod_hook(frame: &[u8], contents: &MapContents, lookups: &dyn MapLookups, 
         service: headers.destination,
         protocol,
     };
-    let answer = explain::explain(contents, lookups, maglev_table_size, flow, Hook::Pod);
+    let answer = explain::explain(contents, lookups, maglev_table_size, flow, hook);
     match answer.verdict {
         Verdict::NotService => Expected::Unchanged,
         Verdict::UnknownPort | Verdict::SourceRangeDenied | Verdict::Dropped => Expected::Dropped,
@@ -128,6 +138,7 @@ pub fn pod_hook(frame: &[u8], contents: &MapContents, lookups: &dyn MapLookups, 
         Verdict::Refused if headers.l4_offset != ETH_HLEN + IPV4_HLEN => Expected::Dropped,
         Verdict::Refused => Expected::Rejected,
         Verdict::Established => Expected::Unmodelled("a tracked flow"),
+        Verdict::New if answer.source_nat => Expected::Unmodelled("source NAT to a backend on another node"),
         Verdict::New => match answer.backend {
             // A pod reaching itself through its Service: the source becomes
             // the hairpin address, so the reply comes back through here.
