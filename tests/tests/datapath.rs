@@ -204,6 +204,13 @@ fn a_service_without_ready_backends_answers_icmp_port_unreachable() {
         assert_eq!(&icmp[8..], &request[14..14 + 28], "quotes the request's IP header and first 8 bytes");
     }
     assert_eq!(h.counter(counter::REJECT_NO_BACKEND), 2);
+    // With IP options the refusal, which quotes a 20-byte header, is not
+    // built: the packet is dropped (the differential test's first finding,
+    // now the model's rule too).
+    let mut with_options = Spec::tcp(addr(CLIENT, 40001), addr(VIP, 80), SYN);
+    with_options.ip_options = vec![1, 1, 1, 0];
+    let (verdict, _) = h.run(&packet::build(&with_options));
+    assert_eq!(verdict, TC_ACT_SHOT);
 }
 
 /// A backend with nothing listening on the UDP port answers port

@@ -20,7 +20,7 @@ use std::{
 };
 
 use lb_tests::{
-    harness::Harness,
+    harness::{Harness, skb_ctx, test_run, xdp_ctx},
     netns::{Netns, unique_tag},
 };
 use lb_userspace::{
@@ -276,7 +276,50 @@ fn agrees(codes: Codes, expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) 
 
 /// Runs the frames through one hook and the model; panics on the first
 /// disagreement. `run` runs a frame through the hook.
-fn differential(hook: Hook, codes: Codes, run: &dyn Fn(&mut Harness, &[u8]) -> (u32, Vec<u8>)) {
+/// Where the frames arrive.
+#[derive(Clone, Copy)]
+enum Program {
+    /// `tc_from_pod`.
+    Pod,
+    /// `tc_from_wire` or `xdp_from_wire`, on interface `ifindex` (of the
+    /// namespace the test runs in).
+    WireTc {
+        ifindex: u32,
+    },
+    WireXdp {
+        ifindex: u32,
+    },
+}
+
+impl Program {
+    /// Runs one frame: the return code and the frame as it left.
+    fn run(self, harness: &mut Harness, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (rc, out, _) = match self {
+            Program::Pod => harness.run_tc(frame, 1),
+            Program::WireTc { ifindex } => {
+                test_run(harness.datapath.tc_wire_program().unwrap(), frame, Some(&skb_ctx(ifindex)), 1)
+            }
+            Program::WireXdp { ifindex } => {
+                test_run(harness.datapath.xdp_program().unwrap(), frame, Some(&xdp_ctx(frame, ifindex)), 1)
+            }
+        };
+        (rc, out)
+    }
+
+    fn hook(self) -> Hook {
+        if matches!(self, Program::Pod) { Hook::Pod } else { Hook::Wire }
+    }
+
+    fn codes(self) -> Codes {
+        if matches!(self, Program::WireXdp { .. }) { XDP } else { TC }
+    }
+}
+
+/// Runs the frames through one program and the model; panics on the
+/// first disagreement. Runs on the calling thread, whose network namespace
+/// the external programs' FIB lookups use.
+fn differential(program: Program) {
+    let (hook, codes) = (program.hook(), program.codes());
     let packets: u64 = std::env::var("LB_DIFFERENTIAL_PACKETS").ok().and_then(|n| n.parse().ok()).unwrap_or(100_000);
     let seed: u64 = std::env::var("LB_DIFFERENTIAL_SEED").ok().and_then(|n| n.parse().ok()).unwrap_or(0x5eed_1234);
     let sizes = MapSizes { conntrack: 1 << 21, ..MapSizes::default() };
@@ -288,7 +331,7 @@ fn differential(hook: Hook, codes: Codes, run: &dyn Fn(&mut Harness, &[u8]) -> (
     for flow in 0..packets {
         let frame = random_frame(&mut rng, flow);
         let expected = reference::expected(hook, &frame, &contents, &harness.datapath.maps, maglev_table_size);
-        let (rc, out) = run(&mut harness, &frame);
+        let (rc, out) = program.run(&mut harness, &frame);
         let kind = match &expected {
             Expected::Translated { source, backend, .. } if source.ip().is_link_local() => {
                 format!("translated, hairpin to {backend}")
@@ -341,23 +384,17 @@ fn external_interface() -> (Netns, u32) {
 
 #[test]
 fn the_pod_hook_does_what_the_reference_model_says_on_random_frames() {
-    differential(Hook::Pod, TC, &|harness, frame| harness.run(frame));
+    differential(Program::Pod);
 }
 
 #[test]
 fn the_external_tc_hook_does_what_the_reference_model_says_on_random_frames() {
     let (netns, ifindex) = external_interface();
-    differential(Hook::Wire, TC, &|harness, frame| {
-        let (rc, out, _) = harness.run_tc_wire(&netns, ifindex, frame, 1);
-        (rc, out)
-    });
+    netns.enter(|| differential(Program::WireTc { ifindex }));
 }
 
 #[test]
 fn the_xdp_hook_does_what_the_reference_model_says_on_random_frames() {
     let (netns, ifindex) = external_interface();
-    differential(Hook::Wire, XDP, &|harness, frame| {
-        let (rc, out, _) = harness.run_xdp(&netns, ifindex, frame, 1);
-        (rc, out)
-    });
+    netns.enter(|| differential(Program::WireXdp { ifindex }));
 }

@@ -403,6 +403,25 @@ mod tests {
         assert_eq!((answer.verdict, answer.backend), (Verdict::Established, Some("10.0.0.1:8080".parse().unwrap())));
     }
 
+    /// Regression (found by the differential test): one address can be a
+    /// backend on this node for one frontend (Local policy) and a remote one
+    /// for another; source NAT follows the chosen backend's own flag.
+    #[test]
+    fn source_nat_follows_the_chosen_backends_own_locality() {
+        let mut contents = contents(1, |n| ServiceValue::frontend(n, FRONTEND_EXTERNAL, 0, 0));
+        let local = Backend::new([10, 0, 0, 1], 8080u16.to_be_bytes()).with_flags(lb_common::BACKEND_LOCAL);
+        contents.backends.insert(7, local);
+        let lookups = Lookups::default();
+        let remote = explain(&contents, &lookups, 0, flow(Some(40000)), Hook::Wire);
+        assert_eq!((remote.backend, remote.source_nat), (Some("10.0.0.1:8080".parse().unwrap()), true));
+        let key = ServiceKey::new(VIP, 80u16.to_be_bytes(), 6, 0);
+        contents.services.insert(key.with_slot(1), ServiceValue::slot(7));
+        let here = explain(&contents, &lookups, 0, flow(Some(40000)), Hook::Wire);
+        assert_eq!((here.backend, here.source_nat), (Some("10.0.0.1:8080".parse().unwrap()), false));
+        let from_a_pod = explain(&contents, &lookups, 0, flow(Some(40000)), Hook::Pod);
+        assert!(!from_a_pod.source_nat, "clients inside the cluster are never source-NATed");
+    }
+
     #[test]
     fn no_frontend_unknown_ports_and_empty_services_say_why() {
         let lookups = Lookups::default();
