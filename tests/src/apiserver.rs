@@ -268,16 +268,17 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Res
         let version = token.and_then(|(v, _)| v.parse().ok()).unwrap_or(state.resource_version);
         // Namespaces hold no '/': the first one ends it.
         let after = token.and_then(|(_, key)| key.split_once('/')).map(|(ns, name)| (ns.to_owned(), name.to_owned()));
+        // From the object after the token's, in key order: a page costs
+        // its own objects, not a walk from the start.
+        let from = match &after {
+            Some((ns, n)) => std::ops::Bound::Excluded((kind, ns.clone(), n.clone())),
+            None => std::ops::Bound::Included((kind, String::new(), String::new())),
+        };
         let mut items: Vec<&Value> = state
             .objects
-            .iter()
-            .filter(|((k, namespace, name), v)| {
-                *k == kind
-                    && selected(v)
-                    && after
-                        .as_ref()
-                        .is_none_or(|(ns, n)| (namespace.as_str(), name.as_str()) > (ns.as_str(), n.as_str()))
-            })
+            .range((from, std::ops::Bound::Unbounded))
+            .take_while(|((k, _, _), _)| *k == kind)
+            .filter(|(_, v)| selected(v))
             .map(|(_, v)| v)
             .take(limit.saturating_add(1))
             .collect();
