@@ -27,7 +27,7 @@ use lb_userspace::{
     datapath::MapSizes,
     explain::Hook,
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
-    reference::{self, Expected},
+    reference::{self, Expected, Tracked},
 };
 
 /// A program's return codes, by what they mean.
@@ -109,9 +109,22 @@ fn services() -> Vec<ServicePort> {
     ]
 }
 
-/// A random frame. `flow` makes its 5-tuple unique among the frames of a
-/// run, so that each is the first of its flow.
-fn random_frame(rng: &mut Rng, flow: u64) -> Vec<u8> {
+/// A flow the model saw translated: later frames of it, and replies.
+#[derive(Clone, Copy)]
+struct Known {
+    client: SocketAddrV4,
+    service: SocketAddrV4,
+    /// Where the requests went, and the source they went with.
+    backend: SocketAddrV4,
+    source: SocketAddrV4,
+    protocol: u8,
+}
+
+/// A random frame: most often the first of a new flow (`flow` makes its
+/// 5-tuple unique among the frames of a run), else a later request of a
+/// flow in `known` or a reply to it, with random TCP flags (ACK, FIN,
+/// RST, a SYN reusing the port).
+fn random_frame(rng: &mut Rng, flow: u64, known: &[Known]) -> Vec<u8> {
     let destinations: [([u8; 4], u16); 13] = [
         (NODE, 30080),
         (NODE, 30053),
@@ -127,19 +140,29 @@ fn random_frame(rng: &mut Rng, flow: u64) -> Vec<u8> {
         ([10, 96, 9, 9], 80),
         ([10, 244, 0, 3], 8080),
     ];
-    let (daddr, dport) = destinations[rng.below(destinations.len() as u64) as usize];
-    // Clients in and out of the source range (and, from outside, of the
-    // cluster); backend 2 reaching itself.
-    let client = match rng.below(5) {
-        0 => [203, 0, 113, 2 + (flow % 8) as u8],
-        other => [10, 244, (other % 2) as u8, 2 + (flow % 8) as u8],
-    };
-    let sport = 1024 + (flow / 8 % 60_000) as u16;
-    let protocol = match rng.below(20) {
-        0 => 47,
-        1 => 1,
-        2..=9 => 17,
-        _ => 6,
+    let later = (!known.is_empty() && rng.chance(35)).then(|| known[rng.below(known.len() as u64) as usize]);
+    let (client, sport, daddr, dport, protocol) = match later {
+        // A reply, from the backend to the source the request had.
+        Some(k) if rng.chance(50) => {
+            (k.backend.ip().octets(), k.backend.port(), k.source.ip().octets(), k.source.port(), k.protocol)
+        }
+        Some(k) => (k.client.ip().octets(), k.client.port(), k.service.ip().octets(), k.service.port(), k.protocol),
+        None => {
+            let (daddr, dport) = destinations[rng.below(destinations.len() as u64) as usize];
+            // Clients in and out of the source range (and, from outside,
+            // of the cluster); backend 2 reaching itself.
+            let client = match rng.below(5) {
+                0 => [203, 0, 113, 2 + (flow % 8) as u8],
+                other => [10, 244, (other % 2) as u8, 2 + (flow % 8) as u8],
+            };
+            let protocol = match rng.below(20) {
+                0 => 47,
+                1 => 1,
+                2..=9 => 17,
+                _ => 6,
+            };
+            (client, 1024 + (flow / 8 % 60_000) as u16, daddr, dport, protocol)
+        }
     };
     let options = if rng.chance(15) { 4 * rng.below(11) as usize } else { 0 };
     let payload: Vec<u8> = (0..rng.below(48)).map(|_| rng.next() as u8).collect();
@@ -168,7 +191,13 @@ fn random_frame(rng: &mut Rng, flow: u64) -> Vec<u8> {
     if protocol == 6 {
         l4.extend_from_slice(&(rng.next() as u32).to_be_bytes());
         l4.extend_from_slice(&0u32.to_be_bytes());
-        let flags = if rng.chance(80) { 0x02 } else { rng.next() as u8 };
+        let flags = match (later.is_some(), rng.below(10)) {
+            (false, 0..=7) => 0x02,
+            (true, 0..=6) => 0x10,
+            (true, 7) => 0x11,
+            (true, 8) => 0x04,
+            _ => rng.next() as u8,
+        };
         l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     } else {
         l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
@@ -328,15 +357,20 @@ fn differential(program: Program) {
     let maglev_table_size = sizes.maglev.table_size;
     let mut rng = Rng(seed);
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+    // The flows translated lately, for later frames and replies.
+    let mut known: Vec<Known> = Vec::new();
     for flow in 0..packets {
-        let frame = random_frame(&mut rng, flow);
+        let frame = random_frame(&mut rng, flow, &known);
         let expected = reference::expected(hook, &frame, &contents, &harness.datapath.maps, maglev_table_size);
         let (rc, out) = program.run(&mut harness, &frame);
         let kind = match &expected {
-            Expected::Translated { source, backend, .. } if source.ip().is_link_local() => {
-                format!("translated, hairpin to {backend}")
+            Expected::Translated { source, tracked: Tracked::New { backend }, .. } if source.ip().is_link_local() => {
+                format!("new flow, hairpin to {backend}")
             }
-            Expected::Translated { backend, .. } => format!("translated to {backend}"),
+            Expected::Translated { tracked: Tracked::New { backend }, .. } => format!("new flow to {backend}"),
+            Expected::Translated { tracked: Tracked::Known { state, .. }, .. } => {
+                format!("tracked flow, entry now in state {state}")
+            }
             Expected::Unmodelled(why) => format!("unmodelled: {why}"),
             other => format!("{other:?}").to_lowercase(),
         };
@@ -351,20 +385,46 @@ fn differential(program: Program) {
                 hex(&out)
             );
         }
-        // A translated first packet leaves its flow's entry, to the backend.
-        if let Expected::Translated { backend, .. } = expected {
-            let parsed = reference::parse(&frame).unwrap();
-            let key = lb_tests::harness::ct_key(parsed.source, parsed.destination, parsed.protocol);
-            let entry = harness.ct(&key);
-            let nat = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
-            assert_eq!(nat, backend, "{hook:?} hook, frame {flow}: conntrack entry of {}", hex(&frame));
+        // Conntrack after the frame: a new flow's entry rewrites to its
+        // backend; a known one's moved to the state the model says.
+        let Expected::Translated { source, tracked, .. } = expected else { continue };
+        let parsed = reference::parse(&frame).unwrap();
+        let key = lb_tests::harness::ct_key(parsed.source, parsed.destination, parsed.protocol);
+        let entry = harness.ct(&key);
+        let context = || format!("{hook:?} hook, frame {flow}: conntrack entry of {}", hex(&frame));
+        match tracked {
+            Tracked::New { backend } => {
+                let nat = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
+                assert_eq!(nat, backend, "{}", context());
+                let flow = Known {
+                    client: parsed.source,
+                    service: parsed.destination,
+                    backend,
+                    source,
+                    protocol: parsed.protocol,
+                };
+                if known.len() < 4096 {
+                    known.push(flow);
+                } else {
+                    known[(rng.next() % 4096) as usize] = flow;
+                }
+            }
+            Tracked::Known { state, peer_closing } => {
+                assert_eq!(entry.state, state, "{}", context());
+                if peer_closing {
+                    let peer = harness.ct(&entry.peer_key(&key));
+                    assert_eq!(peer.state, lb_common::CT_STATE_CLOSING, "{}: the other direction", context());
+                }
+            }
         }
     }
     eprintln!("{hook:?} hook: {packets} frames, seed {seed:#x}:");
     for (kind, count) in &outcomes {
         eprintln!("  {count:>8}  {kind}");
     }
-    for kind in ["unchanged", "dropped", "rejected", "translated to 10.244.0.2:8080"] {
+    for kind in
+        ["unchanged", "dropped", "rejected", "new flow to 10.244.0.2:8080", "tracked flow, entry now in state 2"]
+    {
         assert!(outcomes.get(kind).is_some_and(|n| *n > 0) || packets < 10_000, "no {kind}: {outcomes:?}");
     }
 }

@@ -7,17 +7,22 @@
 //! maps, and reports any frame on which they disagree.
 //!
 //! Covered: which frames are parsed at all (Ethernet, IPv4 with options,
-//! fragments, TCP/UDP headers, truncation), and for the first packet of a
+//! fragments, TCP/UDP headers, truncation); for the first packet of a
 //! flow the decision (`explain`: frontend, view, source ranges, refusal,
-//! affinity, Maglev, random) and the rewrite, hairpin included. A frame of
-//! a flow conntrack already knows is `Unmodelled` (the state machine of
-//! established flows is left to the hand-written datapath tests), and so
-//! are ICMP errors, which are translated only when they quote a known flow,
-//! and an external client's flow to a backend on another node, whose
-//! source NAT and next hop depend on the node's routes.
+//! affinity, Maglev, random) and the rewrite, hairpin included; for a
+//! packet of a flow conntrack knows, the rewrite its entry says (requests
+//! and replies, hairpin included) if the entry is live and the packet is
+//! no SYN restarting it, and the state the entry moves to. `Unmodelled`:
+//! ICMP errors (translated only when they quote a known flow), and an
+//! external client's flow to a backend on another node, whose source NAT
+//! and next hop depend on the node's routes.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb_common::{CtKey, HAIRPIN_ADDR, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
+    CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW, CtKey, CtValue, HAIRPIN_ADDR, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+};
 
 use crate::{
     explain::{self, Flow, Hook, MapLookups, Verdict},
@@ -38,11 +43,20 @@ pub enum Expected {
     Dropped,
     /// Refused: answered with ICMP port unreachable, sent back out.
     Rejected,
-    /// Sent on with this source and destination (checksums updated); a new
-    /// flow's conntrack entries hold the backend.
-    Translated { source: SocketAddrV4, destination: SocketAddrV4, backend: SocketAddrV4 },
+    /// Sent on with this source and destination (checksums updated).
+    Translated { source: SocketAddrV4, destination: SocketAddrV4, tracked: Tracked },
     /// Outside what the model covers; not compared.
     Unmodelled(&'static str),
+}
+
+/// What conntrack holds for a translated frame's flow afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracked {
+    /// A new flow: its entry (at the frame's key) rewrites to this backend.
+    New { backend: SocketAddrV4 },
+    /// A known flow: its entry at the frame's key now has this state, and
+    /// so does the other direction's entry when the packet ends the flow.
+    Known { state: u8, peer_closing: bool },
 }
 
 /// The fields of a parsed frame the hook acts on.
@@ -52,6 +66,10 @@ pub struct Headers {
     pub protocol: u8,
     pub source: SocketAddrV4,
     pub destination: SocketAddrV4,
+    /// A TCP SYN without ACK: a new connection.
+    pub tcp_syn: bool,
+    /// A TCP FIN or RST: the connection ends.
+    pub tcp_closing: bool,
 }
 
 /// Parses a frame as the hooks do: Ethernet, IPv4 (any header length from
@@ -89,11 +107,14 @@ pub fn parse(frame: &[u8]) -> Result<Headers, &'static str> {
     let l4 = &frame[l4_offset..];
     let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
     let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    let flags = if protocol == PROTO_TCP { l4[13] } else { 0 };
     Ok(Headers {
         l4_offset,
         protocol,
         source: SocketAddrV4::new(addr(12), port(0)),
         destination: SocketAddrV4::new(addr(16), port(2)),
+        tcp_syn: flags & 0x12 == 0x02,
+        tcp_closing: flags & 0x05 != 0,
     })
 }
 
@@ -119,8 +140,16 @@ pub fn expected(
         protocol: headers.protocol,
         _pad: [0; 3],
     };
-    if lookups.conntrack(&key).is_some() {
-        return Expected::Unmodelled("a tracked flow");
+    if let Some(entry) = lookups.conntrack(&key) {
+        let live = lookups.now_ns().wrapping_sub(entry.last_seen_ns) < entry.timeout_ns(headers.protocol);
+        // A SYN starts a connection anew: a reused port picks afresh.
+        if live && !(entry.is_forward() && headers.tcp_syn) {
+            match known_flow(&headers, &entry) {
+                Some(expected) => return expected,
+                // An entry of no known direction: as no entry.
+                None => {}
+            }
+        }
     }
     let protocol = if headers.protocol == PROTO_TCP { Protocol::Tcp } else { Protocol::Udp };
     let flow = Flow {
@@ -129,7 +158,8 @@ pub fn expected(
         service: headers.destination,
         protocol,
     };
-    let answer = explain::explain(contents, lookups, maglev_table_size, flow, hook);
+    // The decision for a new flow: whatever conntrack holds is stale here.
+    let answer = explain::explain(contents, &Untracked(lookups), maglev_table_size, flow, hook);
     match answer.verdict {
         Verdict::NotService => Expected::Unchanged,
         Verdict::UnknownPort | Verdict::SourceRangeDenied | Verdict::Dropped => Expected::Dropped,
@@ -137,7 +167,7 @@ pub fn expected(
         // is only dropped (ARCHITECTURE.md).
         Verdict::Refused if headers.l4_offset != ETH_HLEN + IPV4_HLEN => Expected::Dropped,
         Verdict::Refused => Expected::Rejected,
-        Verdict::Established => Expected::Unmodelled("a tracked flow"),
+        Verdict::Established => Expected::Unmodelled("explained as tracked"),
         Verdict::New if answer.source_nat => Expected::Unmodelled("source NAT to a backend on another node"),
         Verdict::New => match answer.backend {
             // A pod reaching itself through its Service: the source becomes
@@ -148,11 +178,60 @@ pub fn expected(
                 } else {
                     headers.source
                 };
-                Expected::Translated { source, destination: backend, backend }
+                Expected::Translated { source, destination: backend, tracked: Tracked::New { backend } }
             }
             None => Expected::Unmodelled("a new flow without a known backend"),
         },
     }
+}
+
+/// The lookups of `explain` with conntrack empty: a frame that reaches
+/// the decision is a new flow whatever stale entry its key has.
+struct Untracked<'a>(&'a dyn MapLookups);
+
+impl MapLookups for Untracked<'_> {
+    fn conntrack(&self, _: &CtKey) -> Option<CtValue> {
+        None
+    }
+    fn affinity(&self, key: &AffinityKey) -> Option<AffinityValue> {
+        self.0.affinity(key)
+    }
+    fn maglev(&self, index: u32) -> Option<u32> {
+        self.0.maglev(index)
+    }
+    fn flow_seed(&self) -> u32 {
+        self.0.flow_seed()
+    }
+    fn now_ns(&self) -> u64 {
+        self.0.now_ns()
+    }
+}
+
+/// What a live entry does to a packet of its flow (`None`: a direction it
+/// does not know, which the hooks treat as no entry).
+fn known_flow(headers: &Headers, entry: &CtValue) -> Option<Expected> {
+    let nat = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
+    let (source, destination) = match entry.direction {
+        CT_DIRECTION_DNAT => (headers.source, nat),
+        CT_DIRECTION_HAIRPIN => (SocketAddrV4::new(HAIRPIN_ADDR.into(), headers.source.port()), nat),
+        CT_DIRECTION_REVERSE_SNAT => (nat, headers.destination),
+        // The pod's reply to itself: from the service, back to its own address.
+        CT_DIRECTION_HAIRPIN_REPLY => (nat, SocketAddrV4::new(*headers.source.ip(), headers.destination.port())),
+        CT_DIRECTION_SNAT | CT_DIRECTION_SNAT_REPLY => {
+            return Some(Expected::Unmodelled("a source-NATed flow (routed by the node's FIB)"));
+        }
+        _ => return None,
+    };
+    let state = match (headers.tcp_closing, entry.state) {
+        (true, _) => CT_STATE_CLOSING,
+        (false, CT_STATE_NEW) if !headers.tcp_syn => CT_STATE_ESTABLISHED,
+        (false, state) => state,
+    };
+    Some(Expected::Translated {
+        source,
+        destination,
+        tracked: Tracked::Known { state, peer_closing: headers.tcp_closing },
+    })
 }
 
 /// The ones' complement sum of `bytes` (big-endian words, a last odd
