@@ -144,10 +144,9 @@ pub fn expected(
         let live = lookups.now_ns().wrapping_sub(entry.last_seen_ns) < entry.timeout_ns(headers.protocol);
         // A SYN starts a connection anew: a reused port picks afresh.
         if live && !(entry.is_forward() && headers.tcp_syn) {
-            match known_flow(&headers, &entry) {
-                Some(expected) => return expected,
-                // An entry of no known direction: as no entry.
-                None => {}
+            // An entry of no known direction counts as none.
+            if let Some(expected) = known_flow(&headers, &entry) {
+                return expected;
             }
         }
     }
