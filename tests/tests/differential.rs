@@ -140,6 +140,11 @@ fn random_frame(rng: &mut Rng, flow: u64, known: &[Known]) -> Vec<u8> {
         ([10, 96, 9, 9], 80),
         ([10, 244, 0, 3], 8080),
     ];
+    if !known.is_empty() && rng.chance(8) {
+        let k = known[rng.below(known.len() as u64) as usize];
+        let frame = icmp_error_frame(rng, &k);
+        return mutate(rng, frame);
+    }
     let later = (!known.is_empty() && rng.chance(35)).then(|| known[rng.below(known.len() as u64) as usize]);
     let (client, sport, daddr, dport, protocol) = match later {
         // A reply, from the backend to the source the request had.
@@ -223,6 +228,12 @@ fn random_frame(rng: &mut Rng, flow: u64, known: &[Known]) -> Vec<u8> {
         }
     }
     frame.extend_from_slice(&l4);
+    mutate(rng, frame)
+}
+
+/// Now and then spoils a frame: another EtherType, IP version or header
+/// length, a wrong IPv4 checksum, a cut.
+fn mutate(rng: &mut Rng, mut frame: Vec<u8>) -> Vec<u8> {
     match rng.below(100) {
         0..=2 => frame[12] = 0x86,  // IPv6's EtherType
         3..=4 => frame[14] = 0x65,  // IP version 6 in an IPv4 frame
@@ -233,6 +244,43 @@ fn random_frame(rng: &mut Rng, flow: u64, known: &[Known]) -> Vec<u8> {
         9..=18 => frame.truncate(34 + rng.below(frame.len() as u64 - 34) as usize),
         _ => {}
     }
+    frame
+}
+
+/// An ICMP error (port or host unreachable, fragmentation needed, time
+/// exceeded) about a packet of flow `k` as it left this node: a request
+/// (from its source to its backend), reported by the backend or a router
+/// on the way, or a reply (from the service to the client), reported by
+/// the client.
+fn icmp_error_frame(rng: &mut Rng, k: &Known) -> Vec<u8> {
+    let about_a_request = rng.chance(60);
+    let (quoted_from, quoted_to) = if about_a_request { (k.source, k.backend) } else { (k.service, k.client) };
+    let reporter = match rng.below(3) {
+        0 => Ipv4Addr::new(10, 244, 9, 9),
+        _ => *quoted_to.ip(),
+    };
+    let mut quote = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 63, k.protocol, 0, 0];
+    quote.extend_from_slice(&quoted_from.ip().octets());
+    quote.extend_from_slice(&quoted_to.ip().octets());
+    let check = ones_complement_checksum(&quote, 0);
+    quote[10..12].copy_from_slice(&check.to_be_bytes());
+    quote.extend_from_slice(&quoted_from.port().to_be_bytes());
+    quote.extend_from_slice(&quoted_to.port().to_be_bytes());
+    quote.extend((0..4 + rng.below(20)).map(|_| rng.next() as u8));
+    let (icmp_type, code) = [(3, 3), (3, 1), (3, 4), (11, 0)][rng.below(4) as usize];
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(&quote);
+    let check = ones_complement_checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let total = 20 + icmp.len();
+    let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&reporter.octets());
+    ip.extend_from_slice(&quoted_from.ip().octets());
+    let check = ones_complement_checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&icmp);
     frame
 }
 
@@ -296,6 +344,43 @@ fn agrees(codes: Codes, expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) 
             let (ip_out, l4_out) = reference::checksum_residuals(out, &after);
             if ip_in != ip_out || (!zero_udp && l4_in != l4_out) {
                 return Err(format!("checksum residuals {ip_in:#06x}/{l4_in:#06x} became {ip_out:#06x}/{l4_out:#06x}"));
+            }
+            Ok(())
+        }
+        Expected::IcmpTranslated { source, destination, quoted_source, quoted_destination }
+            if rc == codes.pass && out.len() == frame.len() =>
+        {
+            const INNER: usize = 42;
+            let addr = |f: &[u8], at: usize| Ipv4Addr::new(f[at], f[at + 1], f[at + 2], f[at + 3]);
+            let port = |f: &[u8], at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+            let outer = (addr(out, 26), addr(out, 30));
+            let quoted = (
+                SocketAddrV4::new(addr(out, INNER + 12), port(out, INNER + 20)),
+                SocketAddrV4::new(addr(out, INNER + 16), port(out, INNER + 22)),
+            );
+            if outer != (*source, *destination) || quoted != (*quoted_source, *quoted_destination) {
+                return Err(format!("now {outer:?}, quoting {quoted:?}"));
+            }
+            let masked = |bytes: &[u8]| -> Vec<u8> {
+                let mut bytes = bytes.to_vec();
+                for range in [24..34, 36..38, INNER + 10..INNER + 24] {
+                    bytes[range].fill(0);
+                }
+                bytes
+            };
+            if masked(frame) != masked(out) {
+                return Err("bytes other than addresses, ports and checksums changed".into());
+            }
+            // Each checksum changed by exactly what it covers changed.
+            let residual = |f: &[u8], range: std::ops::Range<usize>| match ones_complement_checksum(&f[range], 0) {
+                0xffff => 0,
+                r => r,
+            };
+            for (what, range) in [("outer IPv4", 14..34), ("ICMP", 34..frame.len()), ("quoted IPv4", INNER..INNER + 20)]
+            {
+                if residual(frame, range.clone()) != residual(out, range) {
+                    return Err(format!("the {what} checksum does not follow the rewrite"));
+                }
             }
             Ok(())
         }
@@ -371,6 +456,7 @@ fn differential(program: Program) {
             Expected::Translated { tracked: Tracked::Known { state, .. }, .. } => {
                 format!("tracked flow, entry now in state {state}")
             }
+            Expected::IcmpTranslated { .. } => "ICMP error about a tracked flow, translated".to_owned(),
             Expected::Unmodelled(why) => format!("unmodelled: {why}"),
             other => format!("{other:?}").to_lowercase(),
         };

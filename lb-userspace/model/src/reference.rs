@@ -12,10 +12,11 @@
 //! affinity, Maglev, random) and the rewrite, hairpin included; for a
 //! packet of a flow conntrack knows, the rewrite its entry says (requests
 //! and replies, hairpin included) if the entry is live and the packet is
-//! no SYN restarting it, and the state the entry moves to. `Unmodelled`:
-//! ICMP errors (translated only when they quote a known flow), and an
-//! external client's flow to a backend on another node, whose source NAT
-//! and next hop depend on the node's routes.
+//! no SYN restarting it, and the state the entry moves to; ICMP errors
+//! (destination unreachable, time exceeded) quoting a packet of a tracked
+//! flow, rewritten to quote what the other end sent and readdressed to
+//! it. `Unmodelled`: an external client's flow to a backend on another
+//! node, whose source NAT and next hop depend on the node's routes.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
@@ -45,6 +46,15 @@ pub enum Expected {
     Rejected,
     /// Sent on with this source and destination (checksums updated).
     Translated { source: SocketAddrV4, destination: SocketAddrV4, tracked: Tracked },
+    /// An ICMP error about a tracked flow, passed on: from `source` to
+    /// `destination` (outer addresses), quoting a packet from `quoted_source`
+    /// to `quoted_destination`; checksums updated.
+    IcmpTranslated {
+        source: Ipv4Addr,
+        destination: Ipv4Addr,
+        quoted_source: SocketAddrV4,
+        quoted_destination: SocketAddrV4,
+    },
     /// Outside what the model covers; not compared.
     Unmodelled(&'static str),
 }
@@ -129,7 +139,7 @@ pub fn expected(
 ) -> Expected {
     let headers = match parse(frame) {
         Ok(headers) => headers,
-        Err("ICMP") => return Expected::Unmodelled("ICMP"),
+        Err("ICMP") => return icmp_error(frame, lookups),
         Err(_) => return Expected::Unchanged,
     };
     let key = CtKey {
@@ -206,20 +216,83 @@ impl MapLookups for Untracked<'_> {
     }
 }
 
+/// Where an entry sends a packet of its flow from `source` to
+/// `destination`: the new source and destination. `Err(())` for the
+/// source-NATed directions, routed by the node's FIB (not modelled);
+/// `Ok(None)` for a direction the hooks do not know.
+fn rewrite(
+    entry: &CtValue,
+    source: SocketAddrV4,
+    destination: SocketAddrV4,
+) -> Result<Option<(SocketAddrV4, SocketAddrV4)>, ()> {
+    let nat = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
+    Ok(Some(match entry.direction {
+        CT_DIRECTION_DNAT => (source, nat),
+        CT_DIRECTION_HAIRPIN => (SocketAddrV4::new(HAIRPIN_ADDR.into(), source.port()), nat),
+        CT_DIRECTION_REVERSE_SNAT => (nat, destination),
+        // The pod's reply to itself: from the service, back to its own address.
+        CT_DIRECTION_HAIRPIN_REPLY => (nat, SocketAddrV4::new(*source.ip(), destination.port())),
+        CT_DIRECTION_SNAT | CT_DIRECTION_SNAT_REPLY => return Err(()),
+        _ => return Ok(None),
+    }))
+}
+
+/// What the hooks do with an ICMP frame: an error (destination
+/// unreachable or time exceeded, outer and quoted headers without options)
+/// quoting a TCP or UDP packet of a live tracked flow is translated; any
+/// other ICMP passes as it came.
+fn icmp_error(frame: &[u8], lookups: &dyn MapLookups) -> Expected {
+    const ICMP: usize = ETH_HLEN + IPV4_HLEN;
+    const INNER: usize = ICMP + 8;
+    if frame.len() < INNER + IPV4_HLEN + 4 || frame[ETH_HLEN] != 0x45 || !matches!(frame[ICMP], 3 | 11) {
+        return Expected::Unchanged;
+    }
+    let protocol = frame[INNER + 9];
+    if frame[INNER] != 0x45 || (protocol != PROTO_TCP && protocol != PROTO_UDP) {
+        return Expected::Unchanged;
+    }
+    let addr = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+    let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    let ports = INNER + IPV4_HLEN;
+    // The quoted packet went out translated: its flow's entry for packets
+    // the other way is at the reverse of the quote.
+    let (from, to) =
+        (SocketAddrV4::new(addr(INNER + 16), port(ports + 2)), SocketAddrV4::new(addr(INNER + 12), port(ports)));
+    let key = CtKey {
+        saddr: from.ip().octets(),
+        daddr: to.ip().octets(),
+        sport: from.port().to_be_bytes(),
+        dport: to.port().to_be_bytes(),
+        protocol,
+        _pad: [0; 3],
+    };
+    let Some(entry) = lookups.conntrack(&key) else { return Expected::Unchanged };
+    if lookups.now_ns().wrapping_sub(entry.last_seen_ns) >= entry.timeout_ns(protocol) {
+        return Expected::Unchanged;
+    }
+    let (source, destination) = match rewrite(&entry, from, to) {
+        Ok(Some(rewritten)) => rewritten,
+        Ok(None) => return Expected::Unchanged,
+        Err(()) => return Expected::Unmodelled("an ICMP error about a source-NATed flow"),
+    };
+    // The error now quotes what the other end sent, and goes to it; when
+    // the other end sent it, it comes from the address that end had.
+    let (outer_source, outer_destination) = (addr(ETH_HLEN + 12), addr(ETH_HLEN + 16));
+    Expected::IcmpTranslated {
+        source: if outer_source == *from.ip() { *source.ip() } else { outer_source },
+        destination: if outer_destination == *to.ip() { *destination.ip() } else { outer_destination },
+        quoted_source: destination,
+        quoted_destination: source,
+    }
+}
+
 /// What a live entry does to a packet of its flow (`None`: a direction it
 /// does not know, which the hooks treat as no entry).
 fn known_flow(headers: &Headers, entry: &CtValue) -> Option<Expected> {
-    let nat = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
-    let (source, destination) = match entry.direction {
-        CT_DIRECTION_DNAT => (headers.source, nat),
-        CT_DIRECTION_HAIRPIN => (SocketAddrV4::new(HAIRPIN_ADDR.into(), headers.source.port()), nat),
-        CT_DIRECTION_REVERSE_SNAT => (nat, headers.destination),
-        // The pod's reply to itself: from the service, back to its own address.
-        CT_DIRECTION_HAIRPIN_REPLY => (nat, SocketAddrV4::new(*headers.source.ip(), headers.destination.port())),
-        CT_DIRECTION_SNAT | CT_DIRECTION_SNAT_REPLY => {
-            return Some(Expected::Unmodelled("a source-NATed flow (routed by the node's FIB)"));
-        }
-        _ => return None,
+    let (source, destination) = match rewrite(entry, headers.source, headers.destination) {
+        Ok(Some(rewritten)) => rewritten,
+        Ok(None) => return None,
+        Err(()) => return Some(Expected::Unmodelled("a source-NATed flow (routed by the node's FIB)")),
     };
     let state = match (headers.tcp_closing, entry.state) {
         (true, _) => CT_STATE_CLOSING,
