@@ -27,7 +27,7 @@ use lb_userspace::{
     datapath::MapSizes,
     explain::Hook,
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
-    reference::{self, Expected, Tracked},
+    reference::{self, Expected, NextHop, Tracked},
 };
 
 /// A program's return codes, by what they mean.
@@ -36,10 +36,59 @@ struct Codes {
     pass: u32,
     drop: u32,
     sent_back: u32,
+    /// Forwarded out of the interface it came in on (TX, a redirect), or
+    /// toward a neighbour still to resolve (tc's redirect_neigh; XDP
+    /// passes those to the stack).
+    out: u32,
+    unresolved: u32,
 }
 
-const TC: Codes = Codes { pass: 0, drop: 2, sent_back: 7 };
-const XDP: Codes = Codes { pass: 2, drop: 1, sent_back: 3 };
+const TC: Codes = Codes { pass: 0, drop: 2, sent_back: 7, out: 7, unresolved: 7 };
+const XDP: Codes = Codes { pass: 2, drop: 1, sent_back: 3, out: 3, unresolved: 2 };
+
+/// The node's routes in the external hooks' namespace (`external_interface`):
+/// ext0 on 10.200.0.0/24 with neighbours 10.200.0.2 (the other node) and
+/// 10.200.0.100, and 10.1.2.0/24 (the other node's pods) via 10.200.0.2.
+struct NodeRoutes {
+    ifindex: u32,
+    mac: [u8; 6],
+}
+
+const OTHER_NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x22];
+const NEIGHBOUR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x64];
+
+impl reference::Routes for NodeRoutes {
+    fn source_toward(&self, to: Ipv4Addr) -> Option<Ipv4Addr> {
+        let o = to.octets();
+        (o[..3] == [10, 200, 0] || o[..3] == [10, 1, 2]).then_some(Ipv4Addr::from(NODE))
+    }
+
+    fn next_hop(&self, to: Ipv4Addr) -> NextHop {
+        match to.octets() {
+            [10, 1, 2, _] | [10, 200, 0, 2] => {
+                NextHop::Out { ifindex: self.ifindex, smac: self.mac, dmac: OTHER_NODE_MAC }
+            }
+            [10, 200, 0, 100] => NextHop::Out { ifindex: self.ifindex, smac: self.mac, dmac: NEIGHBOUR_MAC },
+            // The node's own address is no next hop.
+            [10, 200, 0, 1] => NextHop::Stack,
+            [10, 200, 0, _] => NextHop::Unresolved { ifindex: self.ifindex },
+            _ => NextHop::Stack,
+        }
+    }
+}
+
+/// The pod hook never routes: what it translates, the stack routes.
+struct NoRoutes;
+
+impl reference::Routes for NoRoutes {
+    fn source_toward(&self, _: Ipv4Addr) -> Option<Ipv4Addr> {
+        None
+    }
+
+    fn next_hop(&self, _: Ipv4Addr) -> NextHop {
+        NextHop::Stack
+    }
+}
 /// This node's address on its external interface.
 const NODE: [u8; 4] = [10, 200, 0, 1];
 
@@ -156,8 +205,9 @@ fn random_frame(rng: &mut Rng, flow: u64, known: &[Known]) -> Vec<u8> {
             let (daddr, dport) = destinations[rng.below(destinations.len() as u64) as usize];
             // Clients in and out of the source range (and, from outside,
             // of the cluster); backend 2 reaching itself.
-            let client = match rng.below(5) {
+            let client = match rng.below(6) {
                 0 => [203, 0, 113, 2 + (flow % 8) as u8],
+                1 => [10, 200, 0, 100 + (flow % 3) as u8],
                 other => [10, 244, (other % 2) as u8, 2 + (flow % 8) as u8],
             };
             let protocol = match rng.below(20) {
@@ -174,8 +224,9 @@ fn random_frame(rng: &mut Rng, flow: u64, known: &[Known]) -> Vec<u8> {
     let l4_len = if protocol == 6 { 20 } else { 8 };
     let total = 20 + options + l4_len + payload.len();
     let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let ttl = if rng.chance(3) { rng.below(2) as u8 } else { 64 };
     let mut ip =
-        vec![0x45 + (options / 4) as u8, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, protocol, 0, 0];
+        vec![0x45 + (options / 4) as u8, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, ttl, protocol, 0, 0];
     ip.extend_from_slice(&client);
     ip.extend_from_slice(&daddr);
     ip.extend((0..options).map(|i| if i + 1 == options { 0 } else { 1 }));
@@ -305,6 +356,15 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Whether the program's answer (`rc`, `out`) is what the model expects.
+/// The return code of a translated frame with this next hop.
+fn forwarded_code(codes: Codes, forward: Option<NextHop>) -> u32 {
+    match forward {
+        Some(NextHop::Out { .. }) => codes.out,
+        Some(NextHop::Unresolved { .. }) => codes.unresolved,
+        _ => codes.pass,
+    }
+}
+
 fn agrees(codes: Codes, expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) -> Result<(), String> {
     match expected {
         Expected::Unchanged if rc == codes.pass && out == frame => Ok(()),
@@ -315,7 +375,9 @@ fn agrees(codes: Codes, expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) 
         {
             Ok(())
         }
-        Expected::Translated { source, destination, .. } if rc == codes.pass && out.len() == frame.len() => {
+        Expected::Translated { source, destination, forward, .. }
+            if rc == forwarded_code(codes, *forward) && out.len() == frame.len() =>
+        {
             let before = reference::parse(frame).map_err(str::to_owned)?;
             let after = reference::parse(out).map_err(|e| format!("the output does not parse: {e}"))?;
             if (after.source, after.destination) != (*source, *destination) {
@@ -325,8 +387,27 @@ fn agrees(codes: Codes, expected: &Expected, frame: &[u8], rc: u32, out: &[u8]) 
             // the rewrite (a right one stays right, a wrong one as wrong).
             let ip_check = 24..26;
             let l4_check = if before.protocol == 6 { before.l4_offset + 16 } else { before.l4_offset + 6 };
+            // Routed on: the neighbour's MACs, and the TTL down by one.
+            let (macs, ttl_down) = match forward {
+                Some(NextHop::Out { smac, dmac, .. }) => (Some([*dmac, *smac].concat()), true),
+                Some(NextHop::Unresolved { .. }) => (None, codes.unresolved != codes.pass),
+                _ => (None, false),
+            };
+            if let Some(macs) = &macs
+                && out[..12] != macs[..]
+            {
+                return Err(format!("MACs {} for {}", hex(&out[..12]), hex(macs)));
+            }
+            let ttl = if ttl_down { frame[22].wrapping_sub(1) } else { frame[22] };
+            if out[22] != ttl {
+                return Err(format!("TTL {} for {ttl}", out[22]));
+            }
             let masked = |bytes: &[u8]| -> Vec<u8> {
                 let mut bytes = bytes.to_vec();
+                if macs.is_some() {
+                    bytes[..12].fill(0);
+                }
+                bytes[22] = 0;
                 bytes[26..34].fill(0);
                 bytes[ip_check.clone()].fill(0);
                 bytes[before.l4_offset..before.l4_offset + 4].fill(0);
@@ -396,12 +477,14 @@ enum Program {
     /// `tc_from_pod`.
     Pod,
     /// `tc_from_wire` or `xdp_from_wire`, on interface `ifindex` (of the
-    /// namespace the test runs in).
+    /// namespace the test runs in), whose MAC is `mac`.
     WireTc {
         ifindex: u32,
+        mac: [u8; 6],
     },
     WireXdp {
         ifindex: u32,
+        mac: [u8; 6],
     },
 }
 
@@ -410,10 +493,10 @@ impl Program {
     fn run(self, harness: &mut Harness, frame: &[u8]) -> (u32, Vec<u8>) {
         let (rc, out, _) = match self {
             Program::Pod => harness.run_tc(frame, 1),
-            Program::WireTc { ifindex } => {
+            Program::WireTc { ifindex, .. } => {
                 test_run(harness.datapath.tc_wire_program().unwrap(), frame, Some(&skb_ctx(ifindex)), 1)
             }
-            Program::WireXdp { ifindex } => {
+            Program::WireXdp { ifindex, .. } => {
                 test_run(harness.datapath.xdp_program().unwrap(), frame, Some(&xdp_ctx(frame, ifindex)), 1)
             }
         };
@@ -422,6 +505,15 @@ impl Program {
 
     fn hook(self) -> Hook {
         if matches!(self, Program::Pod) { Hook::Pod } else { Hook::Wire }
+    }
+
+    fn routes(self) -> Box<dyn reference::Routes> {
+        match self {
+            Program::Pod => Box::new(NoRoutes),
+            Program::WireTc { ifindex, mac } | Program::WireXdp { ifindex, mac } => {
+                Box::new(NodeRoutes { ifindex, mac })
+            }
+        }
     }
 
     fn codes(self) -> Codes {
@@ -433,7 +525,7 @@ impl Program {
 /// first disagreement. Runs on the calling thread, whose network namespace
 /// the external programs' FIB lookups use.
 fn differential(program: Program) {
-    let (hook, codes) = (program.hook(), program.codes());
+    let (hook, codes, routes) = (program.hook(), program.codes(), program.routes());
     let packets: u64 = std::env::var("LB_DIFFERENTIAL_PACKETS").ok().and_then(|n| n.parse().ok()).unwrap_or(100_000);
     let seed: u64 = std::env::var("LB_DIFFERENTIAL_SEED").ok().and_then(|n| n.parse().ok()).unwrap_or(0x5eed_1234);
     let sizes = MapSizes { conntrack: 1 << 21, ..MapSizes::default() };
@@ -446,11 +538,16 @@ fn differential(program: Program) {
     let mut known: Vec<Known> = Vec::new();
     for flow in 0..packets {
         let frame = random_frame(&mut rng, flow, &known);
-        let expected = reference::expected(hook, &frame, &contents, &harness.datapath.maps, maglev_table_size);
+        let expected =
+            reference::expected(hook, &frame, &contents, &harness.datapath.maps, routes.as_ref(), maglev_table_size);
         let (rc, out) = program.run(&mut harness, &frame);
         let kind = match &expected {
             Expected::Translated { source, tracked: Tracked::New { backend }, .. } if source.ip().is_link_local() => {
                 format!("new flow, hairpin to {backend}")
+            }
+            Expected::Translated { tracked: Tracked::New { backend }, forward: Some(hop), .. } => {
+                let hop = format!("{hop:?}");
+                format!("new flow to {backend}, source-NATed, {}", hop.split(' ').next().unwrap_or(""))
             }
             Expected::Translated { tracked: Tracked::New { backend }, .. } => format!("new flow to {backend}"),
             Expected::Translated { tracked: Tracked::Known { state, .. }, .. } => {
@@ -515,17 +612,27 @@ fn differential(program: Program) {
     }
 }
 
-/// A node namespace whose external interface `ext0` has this node's address.
-fn external_interface() -> (Netns, u32) {
+/// A node namespace whose external interface `ext0` has this node's
+/// address, with the routes `NodeRoutes` describes; and ext0's index and MAC.
+fn external_interface() -> (Netns, u32, [u8; 6]) {
     let netns = Netns::new(format!("lbt{}-diff", unique_tag())).unwrap();
     netns.ip(&["link", "add", "ext0", "type", "veth", "peer", "name", "ext1"]).unwrap();
     netns.ip(&["addr", "add", "10.200.0.1/24", "dev", "ext0"]).unwrap();
     for dev in ["ext0", "ext1"] {
         netns.ip(&["link", "set", dev, "up"]).unwrap();
     }
+    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    for (ip, m) in [("10.200.0.2", OTHER_NODE_MAC), ("10.200.0.100", NEIGHBOUR_MAC)] {
+        netns.ip(&["neigh", "add", ip, "lladdr", &mac(m), "dev", "ext0", "nud", "permanent"]).unwrap();
+    }
+    netns.ip(&["route", "add", "10.1.2.0/24", "via", "10.200.0.2"]).unwrap();
+    netns.sysctl("net.ipv4.ip_forward", "1").unwrap();
     let interfaces = netns.enter(|| lb_userspace::interfaces::list().unwrap());
     let ifindex = interfaces.into_iter().find(|i| i.name == "ext0").unwrap().index;
-    (netns, ifindex)
+    let link = netns.ip(&["-o", "link", "show", "ext0"]).unwrap();
+    let text = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).unwrap().to_owned();
+    let bytes: Vec<u8> = text.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    (netns, ifindex, bytes.try_into().unwrap())
 }
 
 #[test]
@@ -535,12 +642,12 @@ fn the_pod_hook_does_what_the_reference_model_says_on_random_frames() {
 
 #[test]
 fn the_external_tc_hook_does_what_the_reference_model_says_on_random_frames() {
-    let (netns, ifindex) = external_interface();
-    netns.enter(|| differential(Program::WireTc { ifindex }));
+    let (netns, ifindex, mac) = external_interface();
+    netns.enter(|| differential(Program::WireTc { ifindex, mac }));
 }
 
 #[test]
 fn the_xdp_hook_does_what_the_reference_model_says_on_random_frames() {
-    let (netns, ifindex) = external_interface();
-    netns.enter(|| differential(Program::WireXdp { ifindex }));
+    let (netns, ifindex, mac) = external_interface();
+    netns.enter(|| differential(Program::WireXdp { ifindex, mac }));
 }

@@ -15,8 +15,10 @@
 //! no SYN restarting it, and the state the entry moves to; ICMP errors
 //! (destination unreachable, time exceeded) quoting a packet of a tracked
 //! flow, rewritten to quote what the other end sent and readdressed to
-//! it. `Unmodelled`: an external client's flow to a backend on another
-//! node, whose source NAT and next hop depend on the node's routes.
+//! it. At the external hooks, a client's flow to a backend on another
+//! node is source-NATed and forwarded, as the node's routes (`Routes`)
+//! say. `Unmodelled`: a source port already taken toward that backend (a
+//! random one is drawn), and ICMP errors about source-NATed flows.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
@@ -44,8 +46,10 @@ pub enum Expected {
     Dropped,
     /// Refused: answered with ICMP port unreachable, sent back out.
     Rejected,
-    /// Sent on with this source and destination (checksums updated).
-    Translated { source: SocketAddrV4, destination: SocketAddrV4, tracked: Tracked },
+    /// Sent on with this source and destination (checksums updated);
+    /// `forward`: routed on from the hook (a source-NATed flow), with this
+    /// next hop, rather than handed to the stack.
+    Translated { source: SocketAddrV4, destination: SocketAddrV4, tracked: Tracked, forward: Option<NextHop> },
     /// An ICMP error about a tracked flow, passed on: from `source` to
     /// `destination` (outer addresses), quoting a packet from `quoted_source`
     /// to `quoted_destination`; checksums updated.
@@ -57,6 +61,27 @@ pub enum Expected {
     },
     /// Outside what the model covers; not compared.
     Unmodelled(&'static str),
+}
+
+/// What the node's routes say, as the external hooks' FIB lookups see them.
+pub trait Routes {
+    /// The address the node sends from toward `to`; None without a route.
+    fn source_toward(&self, to: Ipv4Addr) -> Option<Ipv4Addr>;
+    /// Where a packet to `to` goes next.
+    fn next_hop(&self, to: Ipv4Addr) -> NextHop;
+}
+
+/// The next hop of a forwarded frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextHop {
+    /// No route for the hook to use (or a TTL about to run out): the stack
+    /// routes the translated frame, unchanged otherwise.
+    Stack,
+    /// Out of `ifindex` to the neighbour `dmac`, from `smac`; TTL down by one.
+    Out { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    /// Out of `ifindex`, the neighbour's MAC still to be resolved (tc
+    /// only; XDP leaves it to the stack); TTL down by one.
+    Unresolved { ifindex: u32 },
 }
 
 /// What conntrack holds for a translated frame's flow afterwards.
@@ -76,6 +101,7 @@ pub struct Headers {
     pub protocol: u8,
     pub source: SocketAddrV4,
     pub destination: SocketAddrV4,
+    pub ttl: u8,
     /// A TCP SYN without ACK: a new connection.
     pub tcp_syn: bool,
     /// A TCP FIN or RST: the connection ends.
@@ -123,18 +149,21 @@ pub fn parse(frame: &[u8]) -> Result<Headers, &'static str> {
         protocol,
         source: SocketAddrV4::new(addr(12), port(0)),
         destination: SocketAddrV4::new(addr(16), port(2)),
+        ttl: ip[8],
         tcp_syn: flags & 0x12 == 0x02,
         tcp_closing: flags & 0x05 != 0,
     })
 }
 
 /// What `tc_from_pod` (`Hook::Pod`) or an external interface's program
-/// (`Hook::Wire`) must do with `frame`, given the maps.
+/// (`Hook::Wire`, with the node's `routes`) must do with `frame`, given
+/// the maps.
 pub fn expected(
     hook: Hook,
     frame: &[u8],
     contents: &MapContents,
     lookups: &dyn MapLookups,
+    routes: &dyn Routes,
     maglev_table_size: u32,
 ) -> Expected {
     let headers = match parse(frame) {
@@ -155,7 +184,7 @@ pub fn expected(
         // A SYN starts a connection anew: a reused port picks afresh.
         if live && !(entry.is_forward() && headers.tcp_syn) {
             // An entry of no known direction counts as none.
-            if let Some(expected) = known_flow(&headers, &entry) {
+            if let Some(expected) = known_flow(&headers, &entry, routes) {
                 return expected;
             }
         }
@@ -177,7 +206,34 @@ pub fn expected(
         Verdict::Refused if headers.l4_offset != ETH_HLEN + IPV4_HLEN => Expected::Dropped,
         Verdict::Refused => Expected::Rejected,
         Verdict::Established => Expected::Unmodelled("explained as tracked"),
-        Verdict::New if answer.source_nat => Expected::Unmodelled("source NAT to a backend on another node"),
+        Verdict::New if answer.source_nat => {
+            let Some(backend) = answer.backend else {
+                return Expected::Unmodelled("a new flow without a known backend");
+            };
+            // From the address the node has toward the backend; no route
+            // there, no source NAT: dropped.
+            let Some(node) = routes.source_toward(*backend.ip()) else { return Expected::Dropped };
+            // The client's port, unless another flow already has it toward
+            // that backend (then a random one: not modelled).
+            let reply = CtKey {
+                saddr: backend.ip().octets(),
+                daddr: node.octets(),
+                sport: backend.port().to_be_bytes(),
+                dport: headers.source.port().to_be_bytes(),
+                protocol: headers.protocol,
+                _pad: [0; 3],
+            };
+            let client = (headers.source.ip().octets(), headers.source.port().to_be_bytes());
+            if lookups.conntrack(&reply).is_some_and(|e| (e.snat_addr, e.snat_port) != client) {
+                return Expected::Unmodelled("a source port taken toward the backend");
+            }
+            Expected::Translated {
+                source: SocketAddrV4::new(node, headers.source.port()),
+                destination: backend,
+                tracked: Tracked::New { backend },
+                forward: Some(next_hop(routes, *backend.ip(), headers.ttl)),
+            }
+        }
         Verdict::New => match answer.backend {
             // A pod reaching itself through its Service: the source becomes
             // the hairpin address, so the reply comes back through here.
@@ -187,7 +243,7 @@ pub fn expected(
                 } else {
                     headers.source
                 };
-                Expected::Translated { source, destination: backend, tracked: Tracked::New { backend } }
+                Expected::Translated { source, destination: backend, tracked: Tracked::New { backend }, forward: None }
             }
             None => Expected::Unmodelled("a new flow without a known backend"),
         },
@@ -216,25 +272,39 @@ impl MapLookups for Untracked<'_> {
     }
 }
 
+/// Where a frame to `to` goes, as `next_hop` in the hooks: the FIB's
+/// answer, or the stack when the TTL would run out.
+fn next_hop(routes: &dyn Routes, to: Ipv4Addr, ttl: u8) -> NextHop {
+    match routes.next_hop(to) {
+        NextHop::Stack => NextHop::Stack,
+        _ if ttl <= 1 => NextHop::Stack,
+        hop => hop,
+    }
+}
+
 /// Where an entry sends a packet of its flow from `source` to
-/// `destination`: the new source and destination. `Err(())` for the
-/// source-NATed directions, routed by the node's FIB (not modelled);
-/// `Ok(None)` for a direction the hooks do not know.
+/// `destination`: the new source and destination, and whether the hook
+/// routes it on (source-NATed flows). `None` for a direction the hooks do
+/// not know.
 fn rewrite(
     entry: &CtValue,
     source: SocketAddrV4,
     destination: SocketAddrV4,
-) -> Result<Option<(SocketAddrV4, SocketAddrV4)>, ()> {
+) -> Option<(SocketAddrV4, SocketAddrV4, bool)> {
     let nat = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
-    Ok(Some(match entry.direction {
-        CT_DIRECTION_DNAT => (source, nat),
-        CT_DIRECTION_HAIRPIN => (SocketAddrV4::new(HAIRPIN_ADDR.into(), source.port()), nat),
-        CT_DIRECTION_REVERSE_SNAT => (nat, destination),
+    let snat = SocketAddrV4::new(entry.snat_addr.into(), u16::from_be_bytes(entry.snat_port));
+    Some(match entry.direction {
+        CT_DIRECTION_DNAT => (source, nat, false),
+        CT_DIRECTION_HAIRPIN => (SocketAddrV4::new(HAIRPIN_ADDR.into(), source.port()), nat, false),
+        CT_DIRECTION_REVERSE_SNAT => (nat, destination, false),
         // The pod's reply to itself: from the service, back to its own address.
-        CT_DIRECTION_HAIRPIN_REPLY => (nat, SocketAddrV4::new(*source.ip(), destination.port())),
-        CT_DIRECTION_SNAT | CT_DIRECTION_SNAT_REPLY => return Err(()),
-        _ => return Ok(None),
-    }))
+        CT_DIRECTION_HAIRPIN_REPLY => (nat, SocketAddrV4::new(*source.ip(), destination.port()), false),
+        // The client's request: from this node to the backend.
+        CT_DIRECTION_SNAT => (snat, nat, true),
+        // The backend's reply: from the service to the client.
+        CT_DIRECTION_SNAT_REPLY => (nat, snat, true),
+        _ => return None,
+    })
 }
 
 /// What the hooks do with an ICMP frame: an error (destination
@@ -271,9 +341,9 @@ fn icmp_error(frame: &[u8], lookups: &dyn MapLookups) -> Expected {
         return Expected::Unchanged;
     }
     let (source, destination) = match rewrite(&entry, from, to) {
-        Ok(Some(rewritten)) => rewritten,
-        Ok(None) => return Expected::Unchanged,
-        Err(()) => return Expected::Unmodelled("an ICMP error about a source-NATed flow"),
+        Some((_, _, true)) => return Expected::Unmodelled("an ICMP error about a source-NATed flow"),
+        Some((source, destination, false)) => (source, destination),
+        None => return Expected::Unchanged,
     };
     // The error now quotes what the other end sent, and goes to it; when
     // the other end sent it, it comes from the address that end had.
@@ -288,12 +358,9 @@ fn icmp_error(frame: &[u8], lookups: &dyn MapLookups) -> Expected {
 
 /// What a live entry does to a packet of its flow (`None`: a direction it
 /// does not know, which the hooks treat as no entry).
-fn known_flow(headers: &Headers, entry: &CtValue) -> Option<Expected> {
-    let (source, destination) = match rewrite(entry, headers.source, headers.destination) {
-        Ok(Some(rewritten)) => rewritten,
-        Ok(None) => return None,
-        Err(()) => return Some(Expected::Unmodelled("a source-NATed flow (routed by the node's FIB)")),
-    };
+fn known_flow(headers: &Headers, entry: &CtValue, routes: &dyn Routes) -> Option<Expected> {
+    let (source, destination, forward) = rewrite(entry, headers.source, headers.destination)?;
+    let forward = forward.then(|| next_hop(routes, *destination.ip(), headers.ttl));
     let state = match (headers.tcp_closing, entry.state) {
         (true, _) => CT_STATE_CLOSING,
         (false, CT_STATE_NEW) if !headers.tcp_syn => CT_STATE_ESTABLISHED,
@@ -303,6 +370,7 @@ fn known_flow(headers: &Headers, entry: &CtValue) -> Option<Expected> {
         source,
         destination,
         tracked: Tracked::Known { state, peer_closing: headers.tcp_closing },
+        forward,
     })
 }
 
