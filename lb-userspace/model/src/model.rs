@@ -787,15 +787,13 @@ struct ServiceEntry {
 #[derive(Default)]
 pub struct Model {
     options: Option<ModelOptions>,
-    /// Every Service, as last reported.
-    services: HashMap<Key, ParsedService>,
-    /// Every EndpointSlice, as parsed when it arrived.
-    slices: HashMap<Key, ParsedSlice>,
-    /// Slices by the Service they name (namespace, service-name label).
-    slices_of: HashMap<Key, SmallMap<Key, ()>>,
+    /// What the model keeps for each Service key (one map, one copy of
+    /// each key: at 30,000 Services each map costs megabytes).
+    services: HashMap<Key, ServiceState>,
+    /// Every EndpointSlice, as parsed when it arrived (boxed: most of a
+    /// table's buckets are empty).
+    slices: HashMap<Key, Box<ParsedSlice>>,
     slices_with_errors: BTreeSet<Key>,
-    /// What each Service asks for, as last computed.
-    models: HashMap<Key, ServiceEntry>,
     /// Claims on each frontend by Service, oldest first: the first owns it.
     claims: BTreeMap<Frontend, SmallMap<Claimant, (Arc<ServicePort>, String)>>,
     /// A Service's claims on a frontend it already claimed (two ports
@@ -803,13 +801,30 @@ pub struct Model {
     repeated_claims: HashMap<Key, Vec<(Arc<ServicePort>, String)>>,
     /// Health-check node ports by Service, oldest first: the first has it.
     checks: BTreeMap<u16, SmallMap<Claimant, HealthCheck>>,
-    /// Keys of the `models` entries that hold errors, and frontends with
+    /// Keys of the Services whose entries hold errors, and frontends with
     /// more than one claimant: `errors` reads these alone, not every
     /// Service.
     services_with_errors: BTreeSet<Key>,
     shared_frontends: BTreeSet<Frontend>,
     /// The port of the Service owning each frontend (shared with `claims`).
     desired: BTreeMap<Frontend, Arc<ServicePort>>,
+}
+
+/// What the model keeps for one Service key.
+#[derive(Default)]
+struct ServiceState {
+    /// The Service, while it exists.
+    parsed: Option<ParsedService>,
+    /// The slices naming it (they may come before the Service does).
+    slices: SmallMap<Key, ()>,
+    /// What it asks for, as last computed.
+    entry: Option<ServiceEntry>,
+}
+
+impl ServiceState {
+    fn is_empty(&self) -> bool {
+        self.parsed.is_none() && self.slices.is_empty() && self.entry.is_none()
+    }
 }
 
 fn service_ref(key: &Key) -> ObjectRef {
@@ -825,23 +840,22 @@ impl Model {
         let mut dirty: BTreeSet<Key> = BTreeSet::new();
         if all {
             self.options = Some(options.clone());
-            self.models.clear();
+            for state in self.services.values_mut() {
+                state.entry = None;
+            }
             self.claims.clear();
             self.repeated_claims.clear();
             self.checks.clear();
             self.services_with_errors.clear();
             self.shared_frontends.clear();
             self.desired.clear();
-            dirty.extend(self.services.keys().cloned());
+            dirty.extend(self.services.iter().filter(|(_, state)| state.parsed.is_some()).map(|(key, _)| key.clone()));
         }
         let mut slice_triggers = Vec::new();
         for (key, now) in changes.slices {
             if let Some(owner) = self.slices.remove(&key).and_then(|old| old.owner) {
-                if let Some(group) = self.slices_of.get_mut(&owner) {
-                    group.remove(&key);
-                    if group.is_empty() {
-                        self.slices_of.remove(&owner);
-                    }
+                if let Some(state) = self.services.get_mut(&owner) {
+                    state.slices.remove(&key);
                 }
                 dirty.insert(owner);
             }
@@ -852,16 +866,13 @@ impl Model {
                 self.slices_with_errors.insert(key.clone());
             }
             if let Some(owner) = &parsed.owner {
-                self.slices_of.entry(owner.clone()).or_default().insert(key.clone(), ());
+                self.services.entry(owner.clone()).or_default().slices.insert(key.clone(), ());
                 dirty.insert(owner.clone());
             }
-            self.slices.insert(key, parsed);
+            self.slices.insert(key, Box::new(parsed));
         }
         for (key, now) in changes.services {
-            match now {
-                Some(service) => self.services.insert(key.clone(), service),
-                None => self.services.remove(&key),
-            };
+            self.services.entry(key.clone()).or_default().parsed = now;
             dirty.insert(key);
         }
         let proxy_name = options.proxy_name.as_deref();
@@ -869,7 +880,8 @@ impl Model {
         for key in dirty {
             self.repeated_claims.remove(&key);
             self.services_with_errors.remove(&key);
-            if let Some(old) = self.models.remove(&key) {
+            let Some(state) = self.services.get_mut(&key) else { continue };
+            if let Some(old) = state.entry.take() {
                 let claimant = (old.age.unwrap_or(Age::Unknown), key.clone());
                 for frontend in old.claimed {
                     if let Some(claimants) = self.claims.get_mut(&frontend) {
@@ -883,10 +895,16 @@ impl Model {
                     claimants.remove(&claimant);
                 }
             }
-            let Some(service) = self.services.get(&key) else { continue };
-            let group = self.slices_of.get(&key).into_iter().flat_map(|group| group.iter().map(|(k, ())| k));
-            let ports: Vec<SlicePort> = group
-                .filter_map(|slice| self.slices.get(slice))
+            let Some(service) = &state.parsed else {
+                if state.is_empty() {
+                    self.services.remove(&key);
+                }
+                continue;
+            };
+            let ports: Vec<SlicePort> = state
+                .slices
+                .iter()
+                .filter_map(|(slice, ())| self.slices.get(slice))
                 .filter(|slice| slice.is_ours(proxy_name))
                 .flat_map(|slice| slice.slice_ports(&options.node_name, options.zone.as_deref()))
                 .collect();
@@ -912,7 +930,7 @@ impl Model {
             if !entry.errors.is_empty() {
                 self.services_with_errors.insert(key.clone());
             }
-            self.models.insert(key, entry);
+            state.entry = Some(entry);
         }
         let mut changed = Changed { all, slice_triggers, ..Changed::default() };
         for frontend in contested {
@@ -957,7 +975,7 @@ impl Model {
         let proxy_name = self.options.as_ref().and_then(|o| o.proxy_name.as_deref());
         let slices = self.slices_with_errors.iter().filter_map(|key| self.slices.get(key));
         let mut errors: Vec<ObjectError> = slices.flat_map(|s| s.errors(proxy_name)).cloned().collect();
-        let services = self.services_with_errors.iter().filter_map(|key| self.models.get(key));
+        let services = self.services_with_errors.iter().filter_map(|key| self.services.get(key)?.entry.as_ref());
         errors.extend(services.flat_map(|entry| &entry.errors).cloned());
         let owner = |frontend: &Frontend| self.claims.get(frontend)?.first().map(|(port, _)| port.name.clone());
         let shared = self.shared_frontends.iter().filter_map(|f| self.claims.get(f));
