@@ -106,7 +106,10 @@ impl Source {
                                 "skipped (only Service v1, EndpointSlice discovery.k8s.io/v1 and Node v1 are read): {skipped}"
                             );
                         }
-                        if !rescan.changes.is_empty() || rescan.nodes_changed {
+                        // The first scan syncs even without objects: maps
+                        // adopted from an earlier agent must be brought
+                        // to what the directory holds now.
+                        if !rescan.changes.is_empty() || rescan.nodes_changed || rescan.first {
                             pending.extend(rescan.changes);
                             return;
                         }
@@ -449,6 +452,9 @@ impl Agent {
                 if let Ok(actual) = self.datapath.maps.read_contents() {
                     self.reconciler = Reconciler::new(actual, self.maglev);
                 }
+                // The model has taken this sync's changes: the retry, which
+                // may see none, reads NODE_PORTS afresh and rewrites it.
+                self.node_ports = None;
                 false
             }
         }

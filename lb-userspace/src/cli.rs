@@ -263,7 +263,8 @@ pub struct ExplainArgs {
     /// outside (an external interface), or a host process's socket.
     #[arg(long, value_enum, default_value = "pod")]
     pub hook: ExplainHook,
-    /// The agent's --maglev-table-size (the pins do not record it).
+    /// The agent's --maglev-table-size (the pins do not record it): a
+    /// Maglev answer is only right with the size the agent runs with.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE)]
     pub maglev_table_size: u32,
     #[command(flatten)]

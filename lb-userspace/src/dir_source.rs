@@ -39,6 +39,8 @@ pub struct Rescan {
     pub changes: Changes,
     /// A Node was added, changed or removed (read with `DirSource::node`).
     pub nodes_changed: bool,
+    /// The first scan that read the directory.
+    pub first: bool,
     pub errors: Vec<ManifestError>,
     pub skipped: Vec<String>,
 }
@@ -53,10 +55,14 @@ pub struct DirSource {
     /// When each served Service was first served: its age, when its
     /// manifest has no creationTimestamp, so that of two Services claiming
     /// one address the one served first keeps it, as the older would in a
-    /// cluster. A Service first seen is as old as its file's last change,
-    /// so after a restart too the file added later is the newer.
+    /// cluster. A Service first seen is as old as its file's last change:
+    /// after a restart, the file changed least recently is the older, so a
+    /// Service whose file was edited after a newcomer's was added loses a
+    /// shared address to it then (these ages live only in memory).
     first_served: BTreeMap<ObjectRef, Time>,
     nodes: NodeNames,
+    /// A scan read the directory.
+    scanned: bool,
 }
 
 struct Known {
@@ -86,6 +92,7 @@ impl DirSource {
             duplicates: Vec::new(),
             first_served: BTreeMap::new(),
             nodes: NodeNames::default(),
+            scanned: false,
         }
     }
 
@@ -111,7 +118,7 @@ impl DirSource {
             let print = Fingerprint { modified: meta.modified().ok(), len: meta.len(), inode: meta.ino() };
             seen.insert(path, print);
         }
-        let mut rescan = Rescan::default();
+        let mut rescan = Rescan { first: !std::mem::replace(&mut self.scanned, true), ..Rescan::default() };
         let before = self.files.len();
         self.files.retain(|path, _| seen.contains_key(path));
         let mut changed = self.files.len() != before;
@@ -273,7 +280,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lb-dirsource-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let mut source = DirSource::new(&dir);
-        assert_eq!(changed(&mut source), 0);
+        let first = source.rescan().unwrap();
+        assert!(first.first && first.changes.is_empty(), "the first scan counts, though it finds nothing");
+        assert!(!source.rescan().unwrap().first);
 
         fs::write(dir.join("a.yaml"), service("a", "10.96.0.1")).unwrap();
         fs::write(dir.join(".a.yaml.swp"), "not: yaml: at all: [").unwrap();

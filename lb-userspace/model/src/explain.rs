@@ -129,8 +129,11 @@ pub fn explain(
         _pad: [0; 3],
     });
     // Conntrack first, as the packet hooks do (sockets have no entries).
+    // An entry idle past its timeout is gone, though the LRU map still
+    // holds it until evicted.
     if hook != Hook::Socket
         && let Some(entry) = ct_key.and_then(|key| lookups.conntrack(&key))
+        && lookups.now_ns().wrapping_sub(entry.last_seen_ns) < entry.timeout_ns(protocol)
         && matches!(entry.direction, CT_DIRECTION_DNAT | CT_DIRECTION_SNAT | CT_DIRECTION_HAIRPIN)
     {
         let backend = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
@@ -149,9 +152,15 @@ pub fn explain(
     let mut key = ServiceKey::new(vip, port, protocol, 0);
     let Some(external) = contents.services.get(&key) else {
         let cluster_ip = addr.flags & ADDR_DROP_UNKNOWN_PORTS != 0;
-        answer.verdict = if cluster_ip { Verdict::UnknownPort } else { Verdict::NotService };
+        answer.verdict = match (cluster_ip, hook) {
+            // A socket cannot be dropped: its connect is refused at once.
+            (true, Hook::Socket) => Verdict::Refused,
+            (true, _) => Verdict::UnknownPort,
+            (false, _) => Verdict::NotService,
+        };
         answer.reason = if cluster_ip {
-            format!("no Service defines port {}/{} on this cluster IP: dropped", flow.service.port(), flow.protocol)
+            let fate = if hook == Hook::Socket { "refused" } else { "dropped" };
+            format!("no Service defines port {}/{} on this cluster IP: {fate}", flow.service.port(), flow.protocol)
         } else {
             format!("no frontend at {}/{}: left to the node", flow.service, flow.protocol)
         };
@@ -170,7 +179,12 @@ pub fn explain(
             answer.view = Some("internal");
         }
     }
-    if external.flags & FRONTEND_SOURCE_RANGES != 0 && !source_allowed(contents, &key, flow.client) {
+    // The socket hooks do not check source ranges (their clients are the
+    // node's own processes).
+    if hook != Hook::Socket
+        && external.flags & FRONTEND_SOURCE_RANGES != 0
+        && !source_allowed(contents, &key, flow.client)
+    {
         answer.verdict = Verdict::SourceRangeDenied;
         answer.reason = format!("{} is outside the Service's loadBalancerSourceRanges: dropped", flow.client);
         return answer;
@@ -182,7 +196,8 @@ pub fn explain(
         .map(|b| SocketAddrV4::new(b.addr.into(), u16::from_be_bytes(b.port)))
         .collect();
     if value.backend_count == 0 {
-        let drop = value.flags & FRONTEND_DROP_WHEN_EMPTY != 0;
+        // A socket is refused either way: it has no other node to try.
+        let drop = value.flags & FRONTEND_DROP_WHEN_EMPTY != 0 && hook != Hook::Socket;
         answer.verdict = if drop { Verdict::Dropped } else { Verdict::Refused };
         answer.reason = if drop {
             "traffic policy Local and no endpoint on this node (other nodes have some): dropped".into()
@@ -393,7 +408,7 @@ mod tests {
             nat_port: 8080u16.to_be_bytes(),
             direction: CT_DIRECTION_DNAT,
             state: 0,
-            last_seen_ns: 0,
+            last_seen_ns: 90_000_000_000,
             snat_addr: [0; 4],
             snat_port: [0; 2],
             _pad: [0; 2],
@@ -401,6 +416,9 @@ mod tests {
         lookups.conntrack.push((key, entry));
         let answer = explain(&sticky, &lookups, 7, flow(Some(40000)), Hook::Pod);
         assert_eq!((answer.verdict, answer.backend), (Verdict::Established, Some("10.0.0.1:8080".parse().unwrap())));
+        // Idle past its timeout (NEW: 60 s), the entry no longer counts.
+        lookups.now_ns = 151_000_000_000;
+        assert_eq!(explain(&sticky, &lookups, 7, flow(Some(40000)), Hook::Pod).verdict, Verdict::New);
     }
 
     /// Regression (found by the differential test): one address can be a
@@ -429,8 +447,14 @@ mod tests {
         assert_eq!(explain(&empty, &lookups, 0, flow(Some(1)), Hook::Pod).verdict, Verdict::Refused);
         let local = contents(0, |_| ServiceValue::frontend(0, FRONTEND_DROP_WHEN_EMPTY, 0, 0));
         assert_eq!(explain(&local, &lookups, 0, flow(Some(1)), Hook::Wire).verdict, Verdict::Dropped);
+        assert_eq!(
+            explain(&local, &lookups, 0, flow(None), Hook::Socket).verdict,
+            Verdict::Refused,
+            "sockets are refused"
+        );
         let other_port = Flow { service: SocketAddrV4::new(VIP.into(), 81), ..flow(Some(1)) };
         assert_eq!(explain(&empty, &lookups, 0, other_port, Hook::Pod).verdict, Verdict::UnknownPort);
+        assert_eq!(explain(&empty, &lookups, 0, other_port, Hook::Socket).verdict, Verdict::Refused);
         let elsewhere = Flow { service: "10.96.9.9:80".parse().unwrap(), ..flow(Some(1)) };
         let answer = explain(&empty, &lookups, 0, elsewhere, Hook::Pod);
         assert_eq!((answer.verdict, answer.frontend), (Verdict::NotService, None));
