@@ -342,6 +342,18 @@ mod tests {
         contents
     }
 
+    /// The 5-tuple of `flow(Some(40000))`.
+    fn flow_key() -> CtKey {
+        CtKey {
+            saddr: [10, 244, 1, 5],
+            daddr: VIP,
+            sport: 40000u16.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            protocol: 6,
+            _pad: [0; 3],
+        }
+    }
+
     fn flow(port: Option<u16>) -> Flow {
         Flow {
             client: Ipv4Addr::new(10, 244, 1, 5),
@@ -356,14 +368,7 @@ mod tests {
         let contents = contents(3, |n| ServiceValue::frontend(n, 0, 0, 0));
         let lookups = Lookups::default();
         let answer = explain(&contents, &lookups, 0, flow(Some(40000)), Hook::Pod);
-        let key = CtKey {
-            saddr: [10, 244, 1, 5],
-            daddr: VIP,
-            sport: 40000u16.to_be_bytes(),
-            dport: 80u16.to_be_bytes(),
-            protocol: 6,
-            _pad: [0; 3],
-        };
+        let key = flow_key();
         let slot = random_slot(flow_hash(&key), 0x1234_5678, 3);
         assert_eq!(answer.verdict, Verdict::New);
         assert_eq!(answer.backend, Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, slot as u8), 8080)));
@@ -375,14 +380,7 @@ mod tests {
     #[test]
     fn conntrack_then_affinity_then_maglev_decide() {
         let mut lookups = Lookups { now_ns: 100_000_000_000, ..Default::default() };
-        let key = CtKey {
-            saddr: [10, 244, 1, 5],
-            daddr: VIP,
-            sport: 40000u16.to_be_bytes(),
-            dport: 80u16.to_be_bytes(),
-            protocol: 6,
-            _pad: [0; 3],
-        };
+        let key = flow_key();
         // Maglev table 1 of 7 entries, all naming backend 2.
         lookups.maglev = vec![2; 7];
         let maglev = contents(3, |n| ServiceValue::frontend(n, 0, 0, 1));

@@ -36,6 +36,29 @@ impl Object {
     }
 }
 
+/// Parsed objects sorted by kind, as owned copies: what the whole
+/// computation (`model::desired_state`), tests and fuzz targets take.
+#[derive(Debug, Default)]
+pub struct ByKind {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+}
+
+impl ByKind {
+    pub fn of(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut by_kind = Self::default();
+        for object in objects {
+            match object {
+                Object::Service(s) => by_kind.services.push((*s).clone()),
+                Object::EndpointSlice(s) => by_kind.slices.push((*s).clone()),
+                Object::Node(n) => by_kind.nodes.push((*n).clone()),
+            }
+        }
+        by_kind
+    }
+}
+
 /// Names a Node (cluster-scoped: no namespace).
 pub fn node_ref(name: &str) -> ObjectRef {
     ObjectRef { kind: "Node".to_owned(), namespace: String::new(), name: name.to_owned() }
@@ -169,16 +192,9 @@ mod tests {
                 }
             }
             let text = String::from_utf8_lossy(&text);
-            let parsed = parse_manifests(Path::new("fuzz.yaml"), &text);
-            let (mut services, mut slices) = (Vec::new(), Vec::new());
-            for object in parsed.objects {
-                match object {
-                    Object::Service(s) => services.push((*s).clone()),
-                    Object::EndpointSlice(s) => slices.push((*s).clone()),
-                    Object::Node(n) => drop(crate::model::NodeView::of(Some(&n))),
-                }
-            }
-            crate::model::desired_state(&services, &slices, &options);
+            let objects = ByKind::of(parse_manifests(Path::new("fuzz.yaml"), &text).objects);
+            objects.nodes.iter().for_each(|n| drop(crate::model::NodeView::of(Some(n))));
+            crate::model::desired_state(&objects.services, &objects.slices, &options);
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
     }

@@ -1438,19 +1438,12 @@ fn endpoints_by_service<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Object, parse_manifests};
+    use crate::manifest::{ByKind, parse_manifests};
 
     fn desired(yaml: &str) -> DesiredState {
         let parsed = parse_manifests(std::path::Path::new("test.yaml"), yaml);
         assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
-        let (mut services, mut slices) = (Vec::new(), Vec::new());
-        for object in parsed.objects {
-            match object {
-                Object::Service(s) => services.push((*s).clone()),
-                Object::EndpointSlice(s) => slices.push((*s).clone()),
-                Object::Node(_) => {}
-            }
-        }
+        let ByKind { services, slices, .. } = ByKind::of(parsed.objects);
         let options = ModelOptions {
             proxy_name: Some("lb".into()),
             node_name: "node-1".into(),
@@ -1782,14 +1775,7 @@ endpoints: [{addresses: [10.0.0.1]}]
 "#
             ),
         );
-        let (mut services, mut slices) = (Vec::new(), Vec::new());
-        for object in parsed.objects {
-            match object {
-                Object::Service(s) => services.push((*s).clone()),
-                Object::EndpointSlice(s) => slices.push((*s).clone()),
-                Object::Node(_) => {}
-            }
-        }
+        let ByKind { services, mut slices, .. } = ByKind::of(parsed.objects);
         // A second slice with one endpoint too many for port http only.
         let mut big = slices[0].clone();
         big.metadata.name = Some("web-2".into());
@@ -1870,14 +1856,7 @@ endpoints:
     fn near(yaml: &str, zone: Option<&str>) -> (Vec<String>, Narrowed) {
         let parsed = parse_manifests(std::path::Path::new("test.yaml"), yaml);
         assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
-        let (mut services, mut slices) = (Vec::new(), Vec::new());
-        for object in parsed.objects {
-            match object {
-                Object::Service(s) => services.push((*s).clone()),
-                Object::EndpointSlice(s) => slices.push((*s).clone()),
-                Object::Node(_) => {}
-            }
-        }
+        let ByKind { services, slices, .. } = ByKind::of(parsed.objects);
         let options = ModelOptions { node_name: "node-1".into(), zone: zone.map(str::to_owned), ..Default::default() };
         let state = desired_state(&services, &slices, &options);
         let port = &state.services[0];

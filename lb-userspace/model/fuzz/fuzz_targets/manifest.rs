@@ -5,22 +5,15 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use lb_model::{
-    manifest::{Object, parse_manifests},
+    manifest::{ByKind, parse_manifests},
     model::{ModelOptions, NodeView, desired_state},
 };
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let parsed = parse_manifests(Path::new("fuzz.yaml"), &text);
-    let (mut services, mut slices) = (Vec::new(), Vec::new());
-    for object in parsed.objects {
-        match object {
-            Object::Service(s) => services.push((*s).clone()),
-            Object::EndpointSlice(s) => slices.push((*s).clone()),
-            Object::Node(n) => drop(NodeView::of(Some(&n))),
-        }
-    }
+    let objects = ByKind::of(parse_manifests(Path::new("fuzz.yaml"), &text).objects);
+    objects.nodes.iter().for_each(|n| drop(NodeView::of(Some(n))));
     let options = ModelOptions {
         node_name: "node-1".into(),
         zone: Some("a".into()),
@@ -28,5 +21,5 @@ fuzz_target!(|data: &[u8]| {
         external_ip_cidrs: vec!["203.0.113.0/24".parse().expect("a CIDR")],
         ..Default::default()
     };
-    desired_state(&services, &slices, &options);
+    desired_state(&objects.services, &objects.slices, &options);
 });
