@@ -1,4 +1,5 @@
-//! The packet pipeline of the tc and XDP hooks: conntrack first, then the
+//! The packet pipeline of the tc and XDP hooks: the endpoint filter, which
+//! lets most packets that are no service's pass at once; conntrack, then the
 //! Service's lookup and selection (`lb`), then source NAT where the client
 //! is outside the cluster (`snat`), then new conntrack entries. Returns a
 //! `Verdict`; knows nothing of the hook.
@@ -10,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, filter,
     lb::{self, Empty, Lookup, Selector},
     maps::SOURCE_RANGES,
     parse::Packet,
@@ -21,6 +22,9 @@ use crate::{
 /// Decides what to do with `packet`, creating conntrack entries for new flows.
 #[inline(always)]
 pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
+    if !filter::may_be_service_traffic(packet) {
+        return Verdict::Pass;
+    }
     let key = conntrack::flow_key(packet);
     if let Some(verdict) = conntrack::established(&key, packet) {
         return verdict;

@@ -9,8 +9,9 @@ mod nat;
 mod parse;
 mod verdict;
 // Then state and semantics: conntrack, the Service's lookup and selection,
-// route lookups, and source NAT.
+// route lookups, and source NAT; and the filter in front of them.
 mod conntrack;
+mod filter;
 mod lb;
 mod route;
 mod snat;

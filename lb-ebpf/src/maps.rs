@@ -7,7 +7,7 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES, DEFAULT_BACKENDS_MAX_ENTRIES,
     DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES,
-    DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, ServiceAddr, ServiceKey, ServiceValue,
+    DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, ENDPOINT_FILTER_LINES, FilterLine, ServiceAddr, ServiceKey, ServiceValue,
     SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
 };
 
@@ -22,6 +22,10 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_MAX_ENTRIES
 
 #[btf_map]
 pub static SERVICE_ADDRS: HashMap<[u8; 4], ServiceAddr, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// `lb_common::MAP_ENDPOINT_FILTER`; read through `filter::may_be_service_traffic`.
+#[btf_map]
+pub static ENDPOINT_FILTER: Array<FilterLine, { ENDPOINT_FILTER_LINES as usize }> = Array::new();
 
 #[btf_map]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MAX_ENTRIES as usize }> = LpmTrie::new();

@@ -36,6 +36,10 @@ const DIR_POLL: Duration = Duration::from_millis(200);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_LAST: Duration = Duration::from_secs(30);
 const INTERFACE_POLL: Duration = Duration::from_millis(500);
+/// How often ENDPOINT_FILTER loses the bits nothing needs any more (a bit
+/// goes at the second sweep that finds it unneeded: see `lb_model::filter`).
+/// Until then a stale bit only costs its packets the full path.
+const FILTER_SWEEP: Duration = Duration::from_secs(60);
 /// The degraded-feature names (`Health::set_degraded`) of socket-level
 /// balancing and of the interfaces a program failed to attach to.
 const FEATURE_SOCKET_LB: &str = "socket_lb";
@@ -213,6 +217,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     }
     let adopted = datapath.maps.read_contents()?;
+    // Before any interface gets these programs: the filter must let every
+    // adopted frontend's and live flow's packets through.
+    datapath.maps.fill_endpoint_filter(&adopted)?;
     info!(
         pin_path = %config.pin_path.display(),
         frontends = adopted.frontends().count(),
@@ -279,6 +286,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut interface_tick = tokio::time::interval(INTERFACE_POLL);
+    let mut filter_tick = tokio::time::interval(FILTER_SWEEP);
     let mut next_sync = tokio::time::Instant::now();
     // After a failed sync: when to try again, and the delay after that.
     let mut retry: Option<(tokio::time::Instant, Duration)> = None;
@@ -327,6 +335,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
+            _ = filter_tick.tick() => agent.sweep_endpoint_filter(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -457,6 +466,21 @@ impl Agent {
                 self.node_ports = None;
                 false
             }
+        }
+    }
+
+    /// Clears the ENDPOINT_FILTER bits no map entry and no live flow needs.
+    fn sweep_endpoint_filter(&mut self) {
+        let started = Instant::now();
+        match self.datapath.maps.sweep_endpoint_filter(self.reconciler.current()) {
+            Ok(sweep) if sweep.lines_written > 0 || sweep.flows_scanned > 0 => debug!(
+                flows_scanned = sweep.flows_scanned,
+                lines_written = sweep.lines_written,
+                took_ms = started.elapsed().as_millis() as u64,
+                "swept the endpoint filter"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("sweeping the endpoint filter: {e}"),
         }
     }
 

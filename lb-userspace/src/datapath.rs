@@ -31,7 +31,8 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE,
-    GLOBAL_SOCKET_LB_NETNS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FLOW_SEED, MAP_MAGLEV,
+    ENDPOINT_FILTER_LINES, FilterLine, GLOBAL_SOCKET_LB_NETNS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
+    MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV,
     MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD,
     PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND,
     ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
@@ -40,6 +41,7 @@ use lb_common::{
 use crate::sizing::Entries;
 pub use crate::sizing::MapSizes;
 use crate::{
+    filter::{self, FilterCopy},
     interfaces::Interface,
     plan::{MaglevConfig, MapContents, MapOp, stale_affinity},
     reconcile::MapWriter,
@@ -102,6 +104,20 @@ pub struct Maps {
     /// Ports NodePorts serve, for the bind hooks (`lb_common::MAP_NODE_PORTS`);
     /// None in pins of an agent that had none.
     node_ports: Option<Array<MapData, u8>>,
+    /// ENDPOINT_FILTER (`lb_common::MAP_ENDPOINT_FILTER`), and the agent's
+    /// copy of it once read; None in pins of an agent that had none.
+    endpoint_filter: Option<(FilterMap, Option<FilterCopy>)>,
+}
+
+type FilterMap = Array<MapData, FilterLine>;
+
+/// What a sweep of ENDPOINT_FILTER did.
+#[derive(Debug, Default)]
+pub struct FilterSweep {
+    /// Conntrack entries read (0: no bit was unneeded, none were read).
+    pub flows_scanned: usize,
+    /// Lines written: bits cleared, or wanted bits set again.
+    pub lines_written: usize,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -127,6 +143,10 @@ impl Maps {
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
             flow_seed: Array::try_from(take(MAP_FLOW_SEED)?).map_err(map_err(MAP_FLOW_SEED))?,
             node_ports: Some(Array::try_from(take(MAP_NODE_PORTS)?).map_err(map_err(MAP_NODE_PORTS))?),
+            endpoint_filter: Some((
+                Array::try_from(take(MAP_ENDPOINT_FILTER)?).map_err(map_err(MAP_ENDPOINT_FILTER))?,
+                None,
+            )),
         })
     }
 
@@ -158,6 +178,10 @@ impl Maps {
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(map_err(MAP_COUNTERS))?,
             flow_seed: Array::try_from(Map::Array(open(MAP_FLOW_SEED)?)).map_err(map_err(MAP_FLOW_SEED))?,
             node_ports: open(MAP_NODE_PORTS).ok().and_then(|map| Array::try_from(Map::Array(map)).ok()),
+            endpoint_filter: open(MAP_ENDPOINT_FILTER)
+                .ok()
+                .and_then(|map| Array::try_from(Map::Array(map)).ok())
+                .map(|map| (map, None)),
         })
     }
 
@@ -189,6 +213,80 @@ impl Maps {
             }
         }
         Ok(())
+    }
+
+    /// The agent's copy of ENDPOINT_FILTER, read from the map the first
+    /// time it is needed; None without the map.
+    fn filter_copy(&mut self) -> Result<Option<(&mut FilterMap, &mut FilterCopy)>, aya::maps::MapError> {
+        let Some((map, copy)) = &mut self.endpoint_filter else { return Ok(None) };
+        if copy.is_none() {
+            let lines = (0..map.len().min(ENDPOINT_FILTER_LINES)).map(|i| map.get(&i, 0)).collect::<Result<_, _>>()?;
+            *copy = Some(FilterCopy::new(lines));
+        }
+        Ok(copy.as_mut().map(|copy| (map, copy)))
+    }
+
+    /// Sets `bits` in ENDPOINT_FILTER (those not set already).
+    fn set_filter_bits(&mut self, bits: impl IntoIterator<Item = u32>) -> Result<(), aya::maps::MapError> {
+        let Some((map, copy)) = self.filter_copy()? else { return Ok(()) };
+        for (line, value) in copy.set_all(bits) {
+            map.set(line, value, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Fills ENDPOINT_FILTER for `contents` (the maps' entries) and every
+    /// live conntrack entry, at start: the map may be new (an upgrade from
+    /// an agent without it), and traffic must not skip flows it lacks.
+    pub fn fill_endpoint_filter(&mut self, contents: &MapContents) -> Result<(), DatapathError> {
+        let (live, _) = self.live_flow_bits();
+        self.set_filter_bits(filter::wanted(contents).into_iter().chain(live))
+            .map_err(map_err(MAP_ENDPOINT_FILTER))
+    }
+
+    /// Clears the ENDPOINT_FILTER bits that neither `contents` (the maps'
+    /// entries) nor any live conntrack entry has needed for two sweeps
+    /// (`FilterCopy::sweep`). Conntrack is read only when some set bit is
+    /// not one `contents` needs.
+    pub fn sweep_endpoint_filter(&mut self, contents: &MapContents) -> Result<FilterSweep, DatapathError> {
+        let wanted = filter::wanted(contents);
+        let unneeded = match self.filter_copy().map_err(map_err(MAP_ENDPOINT_FILTER))? {
+            None => return Ok(FilterSweep::default()),
+            Some((_, copy)) => copy.has_unneeded(&wanted),
+        };
+        let (live, flows_scanned) = if unneeded { self.live_flow_bits() } else { Default::default() };
+        let Some((map, copy)) = self.filter_copy().map_err(map_err(MAP_ENDPOINT_FILTER))? else {
+            return Ok(FilterSweep::default());
+        };
+        let lines = copy.sweep(&wanted, &live);
+        for (line, value) in &lines {
+            map.set(*line, *value, 0).map_err(map_err(MAP_ENDPOINT_FILTER))?;
+        }
+        Ok(FilterSweep { flows_scanned, lines_written: lines.len() })
+    }
+
+    /// Writes line `line` of ENDPOINT_FILTER as given, behind the agent's
+    /// back: for tests of what the programs do with a bit missing. The
+    /// copy is read afresh when next needed.
+    pub fn overwrite_filter_line(&mut self, line: u32, value: FilterLine) -> Result<(), DatapathError> {
+        let Some((map, copy)) = &mut self.endpoint_filter else { return Ok(()) };
+        *copy = None;
+        map.set(line, value, 0).map_err(map_err(MAP_ENDPOINT_FILTER))
+    }
+
+    /// The ENDPOINT_FILTER bits the live conntrack entries need, and how
+    /// many entries were read.
+    fn live_flow_bits(&self) -> (std::collections::HashSet<u32>, usize) {
+        let now = crate::explain::MapLookups::now_ns(self);
+        let mut bits = std::collections::HashSet::new();
+        let mut scanned = 0;
+        for (key, value) in self.conntrack.iter().filter_map(Result::ok) {
+            scanned += 1;
+            if now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(key.protocol) {
+                bits.extend(filter::flow_bits(&key));
+            }
+        }
+        (bits, scanned)
     }
 
     /// What SERVICES and BACKENDS hold now.
@@ -410,6 +508,11 @@ impl MapWriter for Maps {
 
 impl Maps {
     fn write_unexplained(&mut self, op: &MapOp) -> Result<(), aya::maps::MapError> {
+        // The endpoint's bit first: from the entry's first packet on, its
+        // flows' packets must not skip the full path.
+        if let Some(bit) = filter::bit_of_op(op) {
+            self.set_filter_bits([bit])?;
+        }
         match op {
             MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),
@@ -490,6 +593,10 @@ impl crate::explain::MapLookups for Maps {
     }
 
     /// The programs' clock: CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns).
+    fn endpoint_filter(&self, line: u32) -> Option<FilterLine> {
+        self.endpoint_filter.as_ref().and_then(|(map, _)| map.get(&line, 0).ok())
+    }
+
     fn now_ns(&self) -> u64 {
         let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: `now` outlives the call, which only writes it.
@@ -632,8 +739,16 @@ fn retry_interrupted(mut load: impl FnMut() -> Result<(), DatapathError>) -> Res
 /// the programs, counters, and MAGLEV, whose size is a flag) are shared by
 /// every program generation.
 const GROWABLE_MAPS: [&str; 4] = [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES];
-const SHARED_MAPS: [&str; 7] =
-    [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS, MAP_FLOW_SEED, MAP_NODE_PORTS];
+const SHARED_MAPS: [&str; 8] = [
+    MAP_CONNTRACK,
+    MAP_AFFINITY,
+    MAP_MAGLEV,
+    MAP_SOCK_REVNAT,
+    MAP_COUNTERS,
+    MAP_FLOW_SEED,
+    MAP_NODE_PORTS,
+    MAP_ENDPOINT_FILTER,
+];
 
 /// The pin of a grown map until it replaces the live one (bpffs refuses
 /// names with a dot).

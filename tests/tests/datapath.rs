@@ -600,3 +600,56 @@ fn tc_cost_per_packet() {
     assert_eq!(h.counter(counter::DNAT_NEW), u64::from(repeat), "every SYN run is a new flow");
     assert_eq!(h.counter(counter::DNAT_ESTABLISHED), u64::from(repeat), "every ACK run is an established flow");
 }
+
+/// ENDPOINT_FILTER keeps a deleted Service's live flows on the full path:
+/// their packets are still translated, through sweeps, until the flows end;
+/// then two sweeps later its bits are gone and its packets pass without a
+/// lookup. A new frontend's bits are set before its entries are written.
+#[test]
+fn a_deleted_services_live_flows_keep_their_filter_bits_until_they_end() {
+    let backend = [10, 244, 0, 11];
+    let port = service(80, Protocol::Tcp, &[backend]);
+    let mut h = Harness::new(std::slice::from_ref(&port));
+    let request = Spec::tcp(addr(CLIENT, 40100), addr(VIP, 80), SYN);
+    let reply = Spec::tcp(addr(backend, 8080), addr(CLIENT, 40100), SYN | ACK);
+    let (_, seen) = h.run_spec(&request);
+    assert_eq!(seen.dst, addr(backend, 8080));
+    let lets_through = |h: &Harness, spec: &Spec| {
+        let key = ct_key(spec.src, spec.dst, spec.protocol);
+        lb_userspace::filter::lets_through(&key, &h.datapath.maps)
+    };
+    assert!(lets_through(&h, &request) && lets_through(&h, &reply));
+
+    // The Service goes; the flow lives on through two sweeps.
+    let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap(), MapSizes::default().maglev);
+    reconciler.sync(&[], &mut h.datapath.maps).unwrap();
+    for _ in 0..2 {
+        let sweep = h.datapath.maps.sweep_endpoint_filter(reconciler.current()).unwrap();
+        assert_eq!(sweep.flows_scanned, 2, "unneeded bits: conntrack is read");
+    }
+    let (_, seen) = h.run_spec(&Spec::tcp(addr(CLIENT, 40100), addr(VIP, 80), ACK));
+    assert_eq!(seen.dst, addr(backend, 8080), "the deleted Service's open flow is still translated");
+    let (_, seen) = h.run_spec(&Spec::tcp(addr(backend, 8080), addr(CLIENT, 40100), ACK));
+    assert_eq!(seen.src, addr(VIP, 80), "and so are its replies");
+
+    // The flow ends (idle past its timeout): two sweeps later the bits are
+    // gone, and its packets pass untouched, counted as no service's.
+    for key in [ct_key(request.src, request.dst, request.protocol), ct_key(reply.src, reply.dst, reply.protocol)] {
+        h.age(&key, 25 * 3600 * 1_000_000_000);
+    }
+    h.datapath.maps.sweep_endpoint_filter(reconciler.current()).unwrap();
+    assert!(lets_through(&h, &request), "one sweep is not enough");
+    h.datapath.maps.sweep_endpoint_filter(reconciler.current()).unwrap();
+    assert!(!lets_through(&h, &request) && !lets_through(&h, &reply));
+    let passed = h.counter(counter::PASS);
+    let frame = packet::build(&Spec::tcp(addr(CLIENT, 40100), addr(VIP, 80), ACK));
+    assert_eq!(h.run(&frame), (TC_ACT_OK, frame.clone()));
+    assert_eq!(h.counter(counter::PASS), passed + 1);
+    let sweep = h.datapath.maps.sweep_endpoint_filter(reconciler.current()).unwrap();
+    assert_eq!((sweep.flows_scanned, sweep.lines_written), (0, 0), "nothing unneeded: conntrack is not read");
+
+    // The Service comes back: translated again from its first packet.
+    reconciler.sync(std::slice::from_ref(&port), &mut h.datapath.maps).unwrap();
+    let (_, seen) = h.run_spec(&Spec::tcp(addr(CLIENT, 40101), addr(VIP, 80), SYN));
+    assert_eq!(seen.dst, addr(backend, 8080));
+}

@@ -538,9 +538,26 @@ fn differential(program: Program) {
     let mut known: Vec<Known> = Vec::new();
     for flow in 0..packets {
         let frame = random_frame(&mut rng, flow, &known);
+        // Now and then a line holding one of the frame's endpoint filter
+        // bits is cleared for this frame (as if the agent had swept it):
+        // the program and the model must agree on what then gets through.
+        let cleared = match reference::parse(&frame) {
+            Ok(parsed) if rng.next() % 16 == 0 => {
+                let key = lb_tests::harness::ct_key(parsed.source, parsed.destination, parsed.protocol);
+                let bits = lb_userspace::filter::flow_bits(&key);
+                let (line, _, _) = lb_common::filter_position(bits[(rng.next() % 2) as usize]);
+                let old = lb_userspace::explain::MapLookups::endpoint_filter(&harness.datapath.maps, line).unwrap();
+                harness.datapath.maps.overwrite_filter_line(line, [0; 8]).unwrap();
+                Some((line, old))
+            }
+            _ => None,
+        };
         let expected =
             reference::expected(hook, &frame, &contents, &harness.datapath.maps, routes.as_ref(), maglev_table_size);
         let (rc, out) = program.run(&mut harness, &frame);
+        if let Some((line, old)) = cleared {
+            harness.datapath.maps.overwrite_filter_line(line, old).unwrap();
+        }
         let kind = match &expected {
             Expected::Translated { source, tracked: Tracked::New { backend }, .. } if source.ip().is_link_local() => {
                 format!("new flow, hairpin to {backend}")

@@ -51,6 +51,9 @@ pub trait MapLookups {
     /// Entry `index` of MAGLEV.
     fn maglev(&self, index: u32) -> Option<u32>;
     fn flow_seed(&self) -> u32;
+    /// Line `line` of ENDPOINT_FILTER; None when it cannot be read (the
+    /// programs then take the full path, as if the bit were set).
+    fn endpoint_filter(&self, line: u32) -> Option<lb_common::FilterLine>;
     /// The datapath's clock (CLOCK_MONOTONIC, ns), for affinity's age.
     fn now_ns(&self) -> u64;
 }
@@ -128,7 +131,22 @@ pub fn explain(
         protocol,
         _pad: [0; 3],
     });
-    // Conntrack first, as the packet hooks do (sockets have no entries).
+    // The endpoint filter first, as the packet hooks have it: only a map
+    // out of step with the others would rule out a service's flow.
+    if hook != Hook::Socket
+        && let Some(key) = ct_key
+        && !crate::filter::lets_through(&key, lookups)
+    {
+        answer.reason = format!(
+            "ENDPOINT_FILTER has no bit of {}:{} or {}:{}: passed without a lookup",
+            flow.service.ip(),
+            flow.service.port(),
+            flow.client,
+            u16::from_be_bytes(key.sport)
+        );
+        return answer;
+    }
+    // Then conntrack, as the packet hooks do (sockets have no entries).
     // An entry idle past its timeout is gone, though the LRU map still
     // holds it until evicted.
     if hook != Hook::Socket
@@ -321,6 +339,10 @@ mod tests {
         }
         fn flow_seed(&self) -> u32 {
             0x1234_5678
+        }
+        /// Every bit set: these tests are about what comes after the filter.
+        fn endpoint_filter(&self, _: u32) -> Option<lb_common::FilterLine> {
+            Some([u64::MAX; 8])
         }
         fn now_ns(&self) -> u64 {
             self.now_ns

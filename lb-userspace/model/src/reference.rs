@@ -179,6 +179,10 @@ pub fn expected(
         protocol: headers.protocol,
         _pad: [0; 3],
     };
+    // Neither to a frontend nor from a backend, by the endpoint filter.
+    if !crate::filter::lets_through(&key, lookups) {
+        return Expected::Unchanged;
+    }
     if let Some(entry) = lookups.conntrack(&key) {
         let live = lookups.now_ns().wrapping_sub(entry.last_seen_ns) < entry.timeout_ns(headers.protocol);
         // A SYN starts a connection anew: a reused port picks afresh.
@@ -266,6 +270,9 @@ impl MapLookups for Untracked<'_> {
     }
     fn flow_seed(&self) -> u32 {
         self.0.flow_seed()
+    }
+    fn endpoint_filter(&self, line: u32) -> Option<lb_common::FilterLine> {
+        self.0.endpoint_filter(line)
     }
     fn now_ns(&self) -> u64 {
         self.0.now_ns()

@@ -1,0 +1,239 @@
+//! ENDPOINT_FILTER's bits (the map is described in lb-common): which bits
+//! the map entries need, which a conntrack entry needs, and the agent's
+//! copy of the map, which sets a bit before the entry that needs it is
+//! written and clears one only when nothing has needed it for two sweeps.
+//!
+//! Why two sweeps: a program run that read an entry just before the agent
+//! deleted it may still create a conntrack entry that needs the entry's
+//! bit. Such a run ends within microseconds; a bit unneeded at one sweep
+//! and still at the next (a minute later) has no such run left.
+use std::collections::HashSet;
+
+use lb_common::{
+    ADDR_DROP_UNKNOWN_PORTS, CtKey, ENDPOINT_FILTER_LINES, FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, FilterLine,
+    filter_bit, filter_position,
+};
+
+use crate::{
+    explain::MapLookups,
+    plan::{MapContents, MapOp},
+};
+
+/// The bit a map write needs set before it is made: a frontend's, a
+/// cluster IP's (any port), a backend's (its replies). None for writes
+/// that add no endpoint.
+pub fn bit_of_op(op: &MapOp) -> Option<u32> {
+    match op {
+        MapOp::PutService(key, _) if key.slot == 0 => Some(filter_bit(FILTER_TO, key.vip, key.port)),
+        MapOp::PutAddr(addr, value) if value.flags & ADDR_DROP_UNKNOWN_PORTS != 0 => {
+            Some(filter_bit(FILTER_TO, *addr, FILTER_ANY_PORT))
+        }
+        MapOp::PutBackend(_, backend) => Some(filter_bit(FILTER_FROM, backend.addr, backend.port)),
+        _ => None,
+    }
+}
+
+/// The bits the entries of `contents` need.
+pub fn wanted(contents: &MapContents) -> HashSet<u32> {
+    let frontends = contents.frontend_entries().map(|(key, _)| filter_bit(FILTER_TO, key.vip, key.port));
+    let cluster_ips = contents
+        .addrs
+        .iter()
+        .filter(|(_, value)| value.flags & ADDR_DROP_UNKNOWN_PORTS != 0)
+        .map(|(addr, _)| filter_bit(FILTER_TO, *addr, FILTER_ANY_PORT));
+    let backends = contents.backends.values().map(|b| filter_bit(FILTER_FROM, b.addr, b.port));
+    frontends.chain(cluster_ips).chain(backends).collect()
+}
+
+/// The bits that keep a conntrack entry's packets on the full path: its
+/// destination's (a forward entry's frontend) and its source's (a reply
+/// entry's backend). Either would do; both are kept.
+pub fn flow_bits(key: &CtKey) -> [u32; 2] {
+    [filter_bit(FILTER_TO, key.daddr, key.dport), filter_bit(FILTER_FROM, key.saddr, key.sport)]
+}
+
+/// Whether the packet hooks' filter lets a packet of flow `key` (as the
+/// packet has it) on to conntrack and the Service maps, as
+/// `may_be_service_traffic` in lb-ebpf decides: a bit of its destination
+/// (on its port or, for a cluster IP, any port) or of its source is set.
+/// A line that cannot be read counts as all set, as in the programs.
+pub fn lets_through(key: &CtKey, lookups: &dyn MapLookups) -> bool {
+    let is_set = |bit: u32| {
+        let (line, word, mask) = filter_position(bit);
+        lookups.endpoint_filter(line).is_none_or(|line| line[word] & mask != 0)
+    };
+    is_set(filter_bit(FILTER_TO, key.daddr, key.dport))
+        || is_set(filter_bit(FILTER_FROM, key.saddr, key.sport))
+        || is_set(filter_bit(FILTER_TO, key.daddr, FILTER_ANY_PORT))
+}
+
+/// The agent's copy of ENDPOINT_FILTER, and the bits it found unneeded at
+/// the last sweep.
+#[derive(Clone, Debug)]
+pub struct FilterCopy {
+    lines: Vec<FilterLine>,
+    unneeded: HashSet<u32>,
+}
+
+impl FilterCopy {
+    /// A copy of a map holding `lines` (shorter: the rest are zero).
+    pub fn new(mut lines: Vec<FilterLine>) -> Self {
+        lines.resize(ENDPOINT_FILTER_LINES as usize, [0; 8]);
+        Self { lines, unneeded: HashSet::new() }
+    }
+
+    pub fn is_set(&self, bit: u32) -> bool {
+        let (line, word, mask) = filter_position(bit);
+        self.lines.get(line as usize).is_some_and(|l| l[word] & mask != 0)
+    }
+
+    /// Sets `bit`; the line to write (index and value) when it was not set.
+    pub fn set(&mut self, bit: u32) -> Option<(u32, FilterLine)> {
+        // Needed now: a later sweep counts afresh from when it is not.
+        self.unneeded.remove(&bit);
+        let (line, word, mask) = filter_position(bit);
+        let value = self.lines.get_mut(line as usize)?;
+        if value[word] & mask != 0 {
+            return None;
+        }
+        value[word] |= mask;
+        Some((line, *value))
+    }
+
+    /// Sets every bit of `bits`; the lines to write, each once.
+    pub fn set_all(&mut self, bits: impl IntoIterator<Item = u32>) -> Vec<(u32, FilterLine)> {
+        let mut changed = std::collections::BTreeSet::new();
+        for bit in bits {
+            if let Some((line, _)) = self.set(bit) {
+                changed.insert(line);
+            }
+        }
+        changed.into_iter().map(|line| (line, self.lines[line as usize])).collect()
+    }
+
+    /// Bits set in the copy.
+    pub fn set_bits(&self) -> impl Iterator<Item = u32> + '_ {
+        (0u32..).zip(&self.lines).flat_map(|(line, words)| {
+            (0u32..).zip(words).filter(|(_, w)| **w != 0).flat_map(move |(word, w)| {
+                (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| line * 512 + word * 64 + b)
+            })
+        })
+    }
+
+    /// Bits set that `wanted` (the map entries') lacks: what a sweep would
+    /// need the conntrack entries for. Cheap: no conntrack scan is needed
+    /// when there are none.
+    pub fn has_unneeded(&self, wanted: &HashSet<u32>) -> bool {
+        self.set_bits().any(|bit| !wanted.contains(&bit))
+    }
+
+    /// One sweep: clears the bits neither `wanted` nor `live` (the live
+    /// conntrack entries' `flow_bits`) needs that were unneeded at the
+    /// last sweep too, sets any wanted bit missing, and remembers the
+    /// rest of the unneeded for the next sweep. Returns the lines to write.
+    pub fn sweep(&mut self, wanted: &HashSet<u32>, live: &HashSet<u32>) -> Vec<(u32, FilterLine)> {
+        let unneeded: HashSet<u32> =
+            self.set_bits().filter(|bit| !wanted.contains(bit) && !live.contains(bit)).collect();
+        let (clear, keep): (Vec<u32>, Vec<u32>) = unneeded.into_iter().partition(|bit| self.unneeded.contains(bit));
+        let mut changed = std::collections::BTreeSet::new();
+        for bit in clear {
+            let (line, word, mask) = filter_position(bit);
+            self.lines[line as usize][word] &= !mask;
+            changed.insert(line);
+        }
+        for bit in wanted.iter().copied() {
+            if let Some((line, _)) = self.set(bit) {
+                changed.insert(line);
+            }
+        }
+        self.unneeded = keep.into_iter().collect();
+        changed.into_iter().map(|line| (line, self.lines[line as usize])).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{Backend, ServiceAddr, ServiceKey, ServiceValue};
+
+    use super::*;
+
+    fn contents() -> MapContents {
+        let frontend = ServiceKey::new([10, 96, 0, 10], [0, 80], 6, 0);
+        let mut contents = MapContents::default();
+        contents.apply(&MapOp::PutBackend(1, Backend::new([10, 244, 1, 5], [0x1f, 0x90])));
+        contents.apply(&MapOp::PutService(frontend.with_slot(1), ServiceValue::slot(1)));
+        contents.apply(&MapOp::PutService(frontend, ServiceValue::frontend(1, 0, 0, 0)));
+        let cluster_ip = ServiceAddr { frontends: 1, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 };
+        contents.apply(&MapOp::PutAddr([10, 96, 0, 10], cluster_ip));
+        contents
+    }
+
+    #[test]
+    fn entries_need_their_frontends_cluster_ips_and_backends_bits() {
+        let wanted = wanted(&contents());
+        let expected = [
+            filter_bit(FILTER_TO, [10, 96, 0, 10], [0, 80]),
+            filter_bit(FILTER_TO, [10, 96, 0, 10], FILTER_ANY_PORT),
+            filter_bit(FILTER_FROM, [10, 244, 1, 5], [0x1f, 0x90]),
+        ];
+        assert_eq!(wanted, expected.into_iter().collect());
+        // Each write that adds one of them names its bit; slots name none.
+        let key = ServiceKey::new([10, 96, 0, 10], [0, 80], 6, 0);
+        assert_eq!(bit_of_op(&MapOp::PutService(key, ServiceValue::frontend(1, 0, 0, 0))), Some(expected[0]));
+        assert_eq!(bit_of_op(&MapOp::PutService(key.with_slot(1), ServiceValue::slot(1))), None);
+        let node_addr = ServiceAddr { frontends: 1, flags: 0, _pad: 0 };
+        assert_eq!(bit_of_op(&MapOp::PutAddr([192, 168, 0, 2], node_addr)), None, "other ports are not ours");
+    }
+
+    #[test]
+    fn a_bit_is_cleared_only_when_unneeded_at_two_sweeps_in_a_row() {
+        let mut copy = FilterCopy::new(Vec::new());
+        let all = wanted(&contents());
+        let lines = copy.set_all(all.iter().copied());
+        assert!(!lines.is_empty() && all.iter().all(|bit| copy.is_set(*bit)));
+        assert!(copy.set_all(all.iter().copied()).is_empty(), "set bits are not written again");
+        assert!(!copy.has_unneeded(&all));
+
+        // The Service goes; one flow to it lives on, one reply of another ends.
+        let flow = CtKey {
+            saddr: [10, 244, 2, 7],
+            daddr: [10, 96, 0, 10],
+            sport: [0x9c, 0x40],
+            dport: [0, 80],
+            protocol: 6,
+            _pad: [0; 3],
+        };
+        let live: HashSet<u32> = flow_bits(&flow).into_iter().collect();
+        let none = HashSet::new();
+        assert!(copy.has_unneeded(&none));
+        assert!(copy.sweep(&none, &live).is_empty(), "the first sweep only notes the unneeded");
+        let frontend = filter_bit(FILTER_TO, [10, 96, 0, 10], [0, 80]);
+        let backend = filter_bit(FILTER_FROM, [10, 244, 1, 5], [0x1f, 0x90]);
+        let any_port = filter_bit(FILTER_TO, [10, 96, 0, 10], FILTER_ANY_PORT);
+        assert!(!copy.sweep(&none, &live).is_empty());
+        assert!(copy.is_set(frontend), "a live flow keeps its frontend's bit");
+        assert!(!copy.is_set(backend) && !copy.is_set(any_port));
+
+        // Needed again between two sweeps: kept, and the count restarts.
+        let mut copy = FilterCopy::new(Vec::new());
+        copy.set_all([backend]);
+        copy.sweep(&none, &none);
+        let wanted_again = [backend].into_iter().collect();
+        copy.sweep(&wanted_again, &none);
+        copy.sweep(&none, &none);
+        assert!(copy.is_set(backend), "unneeded at one sweep only");
+        copy.sweep(&none, &none);
+        assert!(!copy.is_set(backend));
+        assert_eq!(copy.set_bits().count(), 0);
+    }
+
+    #[test]
+    fn a_sweep_repairs_a_wanted_bit_the_map_lacks() {
+        let mut copy = FilterCopy::new(Vec::new());
+        let all = wanted(&contents());
+        let lines = copy.sweep(&all, &HashSet::new());
+        assert!(!lines.is_empty());
+        assert!(all.iter().all(|bit| copy.is_set(*bit)));
+        assert_eq!(copy.set_bits().collect::<HashSet<_>>(), all);
+    }
+}
