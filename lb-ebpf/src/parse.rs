@@ -21,7 +21,14 @@ struct EthHdr {
     ether_type: [u8; 2],
 }
 
-#[repr(C)]
+/// Declared 4-byte aligned, though behind a 14-byte Ethernet header it
+/// is at best 2-aligned: the compiler then reads each address in one load
+/// instead of four byte loads and the shifts that join them (about a
+/// fifth of the instructions of a packet that is no service's). Every
+/// architecture this runs on has efficient unaligned access, so the
+/// verifier checks no alignment of packet reads (it would with
+/// BPF_F_STRICT_ALIGNMENT, which the agent does not set).
+#[repr(C, align(4))]
 struct Ipv4Hdr {
     version_ihl: u8,
     tos: u8,
@@ -33,6 +40,14 @@ struct Ipv4Hdr {
     check: [u8; 2],
     saddr: [u8; 4],
     daddr: [u8; 4],
+}
+
+/// The ports of a TCP or UDP header, one word (declared aligned as
+/// `Ipv4Hdr` is, for the same reason).
+#[repr(C, align(4))]
+struct Ports {
+    source: [u8; 2],
+    destination: [u8; 2],
 }
 
 const TCP_HLEN: usize = 20;
@@ -136,18 +151,17 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Unparsed> {
     let l4_offset = l3_offset + ihl * 4;
     // Every L4 field is read through the one pointer whose bounds were
     // checked: the verifier loses track of a pointer rebuilt from an offset.
-    let (sport, dport, tcp_flags) = if protocol == PROTO_TCP {
+    let (ports, tcp_flags) = if protocol == PROTO_TCP {
         // The whole fixed TCP header must be there: its checksum gets rewritten.
         let tcp = at::<[u8; TCP_HLEN]>(data, data_end, l4_offset)?;
-        // SAFETY: `at` checked the bounds.
-        let tcp = unsafe { &*tcp };
-        ([tcp[0], tcp[1]], [tcp[2], tcp[3]], tcp[TCP_FLAGS_OFFSET])
+        // SAFETY: `at` checked the bounds, which cover the ports.
+        unsafe { (core::ptr::read(tcp as *const Ports), (*tcp)[TCP_FLAGS_OFFSET]) }
     } else {
         let udp = at::<[u8; UDP_HLEN]>(data, data_end, l4_offset)?;
-        // SAFETY: `at` checked the bounds.
-        let udp = unsafe { &*udp };
-        ([udp[0], udp[1]], [udp[2], udp[3]], 0)
+        // SAFETY: as above.
+        unsafe { (core::ptr::read(udp as *const Ports), 0) }
     };
+    let (sport, dport) = (ports.source, ports.destination);
     let tcp_syn = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let tcp_closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
     Ok(Packet { l3_offset, l4_offset, protocol, saddr, daddr, sport, dport, tcp_syn, tcp_closing })
