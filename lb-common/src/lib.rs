@@ -5,6 +5,10 @@
 //! as byte arrays in network order, exactly as they sit in a packet, so the
 //! byte order is visible in the type and `bpftool map dump` prints them
 //! readably (`"vip": [10,96,0,10]`, `"port": [0,80]`).
+//!
+//! Keys and values made of byte arrays are declared 4-byte aligned (their
+//! sizes are multiples of 4, so the layout is the same): the eBPF programs
+//! then build and copy them a word at a time instead of a byte at a time.
 #![no_std]
 
 /// SERVICES: `ServiceKey` → `ServiceValue`. Written by the agent, read by tc.
@@ -162,7 +166,7 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
 /// One frontend slot: (VIP, port, protocol, slot).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub vip: [u8; 4],
@@ -223,7 +227,7 @@ pub const FRONTEND_NARROWED_ZONE_HINTS: u8 = 64;
 /// Slot 0: `backend_count`, `flags`, `affinity_timeout_s` and
 /// `maglev_table` are set, `backend_id` is 0. Slot n > 0: `backend_id` is
 /// set, the rest is 0.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
     pub backend_id: u32,
@@ -294,7 +298,7 @@ pub const fn random_slot(hash: u32, seed: u32, count: u16) -> u16 {
 }
 
 /// A host socket (by cookie) sent to a backend in place of a service.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockRevNatKey {
     pub cookie: u64,
@@ -314,7 +318,7 @@ pub struct SockRevNatValue {
 
 /// A client of a frontend, for session affinity, or a socket that keeps its
 /// backend (unconnected UDP): what the AFFINITY map is keyed by.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
     pub vip: [u8; 4],
@@ -384,7 +388,7 @@ pub struct AffinityValue {
 pub const BACKEND_LOCAL: u8 = 1;
 
 /// A backend's address and target port.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     pub addr: [u8; 4],
@@ -426,7 +430,7 @@ pub struct ServiceAddr {
 
 /// A frontend and a client prefix, the data of a SOURCE_RANGES key; the
 /// LPM prefix length covers the frontend's 64 bits plus the client prefix.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRangeKey {
     pub vip: [u8; 4],
@@ -440,7 +444,7 @@ pub struct SourceRangeKey {
 pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
 
 /// A flow's 5-tuple as seen in the packet, before any rewrite.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
     pub saddr: [u8; 4],

@@ -20,16 +20,21 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// The conntrack key of `packet`'s flow, built a word at a time: field by
+/// field, the compiler stores the addresses byte by byte and zeroes the
+/// padding with a call to memset, on every packet.
 #[inline(always)]
 pub fn flow_key(packet: &Packet) -> CtKey {
-    CtKey {
-        saddr: packet.saddr,
-        daddr: packet.daddr,
-        sport: packet.sport,
-        dport: packet.dport,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    }
+    let ports = [packet.sport[0], packet.sport[1], packet.dport[0], packet.dport[1]];
+    let words = [
+        u32::from_ne_bytes(packet.saddr),
+        u32::from_ne_bytes(packet.daddr),
+        u32::from_ne_bytes(ports),
+        u32::from_ne_bytes([packet.protocol, 0, 0, 0]),
+    ];
+    // SAFETY: CtKey is repr(C), 16 bytes of plain integers without
+    // implicit padding, laid out as these four words are in memory.
+    unsafe { core::mem::transmute::<[u32; 4], CtKey>(words) }
 }
 
 /// Moves a live entry's state on with this packet and refreshes its time.
