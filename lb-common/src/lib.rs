@@ -49,8 +49,7 @@ pub const DEFAULT_MAGLEV_TABLES: u32 = 16;
 /// entries whose backend left the service.
 pub const MAP_AFFINITY: &str = "AFFINITY";
 
-/// ENDPOINT_FILTER: a bitmap (`ENDPOINT_FILTER_LINES` lines of
-/// `FilterLine`) of the endpoints service traffic goes to (frontends, and a
+/// ENDPOINT_FILTER: a bitmap (`filter_lines` lines of `FilterLine`) of the endpoints service traffic goes to (frontends, and a
 /// cluster IP on any port) and comes from (backends, which reply). A packet
 /// whose destination and source both miss it can be neither a new flow to
 /// a Service nor a packet of a translated flow, and passes after three
@@ -58,16 +57,38 @@ pub const MAP_AFFINITY: &str = "AFFINITY";
 /// A Bloom filter with one hash function: a false positive only costs the
 /// full path. The agent sets an endpoint's bit before writing the entry
 /// that makes it one, and clears a bit only when no map entry and no live
-/// conntrack entry needs it any more (`lb_model::filter`). Its size is
-/// fixed: programs of every generation compute the same bits.
+/// conntrack entry needs it any more (`lb_model::filter`). Its size goes
+/// with the agent's maps: `Datapath::grow` gives a new generation a new
+/// filter, filled before its programs take traffic.
 pub const MAP_ENDPOINT_FILTER: &str = "ENDPOINT_FILTER";
 /// One entry of ENDPOINT_FILTER: 512 bits, a cache line.
 pub type FilterLine = [u64; 8];
 pub const FILTER_LINE_BITS: u32 = 512;
-/// log2 of ENDPOINT_FILTER's bits: 2^24 bits (2 MiB). At 500,000
-/// endpoints (100,000 Services of 4 backends) 3 % of bits are set.
-pub const ENDPOINT_FILTER_BITS_LOG2: u32 = 24;
-pub const ENDPOINT_FILTER_LINES: u32 = (1 << ENDPOINT_FILTER_BITS_LOG2) / FILTER_LINE_BITS;
+/// log2 of ENDPOINT_FILTER's bits, a load-time global the agent sets from
+/// the sizes of SERVICES and BACKENDS (`sizing::endpoint_filter_bits_log2`:
+/// 32 bits per entry they hold, so about 3 % of bits are set when full).
+pub const GLOBAL_ENDPOINT_FILTER_BITS_LOG2: &str = "ENDPOINT_FILTER_BITS_LOG2";
+/// The object's own size: 2^22 bits (512 KiB), for SERVICES and BACKENDS
+/// of their default sizes.
+pub const DEFAULT_ENDPOINT_FILTER_BITS_LOG2: u32 = 22;
+pub const MIN_ENDPOINT_FILTER_BITS_LOG2: u32 = 20;
+/// 2^28 bits: 32 MiB.
+pub const MAX_ENDPOINT_FILTER_BITS_LOG2: u32 = 28;
+
+/// ENDPOINT_FILTER's lines for 2^`bits_log2` bits.
+pub const fn filter_lines(bits_log2: u32) -> u32 {
+    (1 << clamp_filter_bits(bits_log2)) / FILTER_LINE_BITS
+}
+
+const fn clamp_filter_bits(bits_log2: u32) -> u32 {
+    if bits_log2 < MIN_ENDPOINT_FILTER_BITS_LOG2 {
+        MIN_ENDPOINT_FILTER_BITS_LOG2
+    } else if bits_log2 > MAX_ENDPOINT_FILTER_BITS_LOG2 {
+        MAX_ENDPOINT_FILTER_BITS_LOG2
+    } else {
+        bits_log2
+    }
+}
 /// `filter_bit`'s side: where the endpoint is the packet's destination.
 pub const FILTER_TO: u8 = 1;
 /// `filter_bit`'s side: where the endpoint is the packet's source.
@@ -76,13 +97,13 @@ pub const FILTER_FROM: u8 = 2;
 /// (packets to ports no Service defines are dropped).
 pub const FILTER_ANY_PORT: [u8; 2] = [0, 0];
 
-/// The ENDPOINT_FILTER bit of `addr`:`port` on `side`: the same function
-/// in the kernel and in the agent. Fibonacci hashing: one multiply, and
-/// the top bits are well mixed.
+/// The bit of `addr`:`port` on `side` in an ENDPOINT_FILTER of
+/// 2^`bits_log2` bits: the same function in the kernel and in the agent.
+/// Fibonacci hashing: one multiply, and the top bits are well mixed.
 #[inline(always)]
-pub const fn filter_bit(side: u8, addr: [u8; 4], port: [u8; 2]) -> u32 {
+pub const fn filter_bit(side: u8, addr: [u8; 4], port: [u8; 2], bits_log2: u32) -> u32 {
     let key = u32::from_ne_bytes(addr) as u64 | (u16::from_ne_bytes(port) as u64) << 32 | (side as u64) << 48;
-    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ENDPOINT_FILTER_BITS_LOG2)) as u32
+    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - clamp_filter_bits(bits_log2))) as u32
 }
 
 /// Where bit `bit` of ENDPOINT_FILTER lies: line, word of the line, and
@@ -651,7 +672,10 @@ mod user {
 
 #[cfg(test)]
 mod tests {
-    use super::{CtKey, ENDPOINT_FILTER_LINES, FILTER_FROM, FILTER_TO, filter_bit, filter_position, flow_hash, random_slot};
+    use super::{
+        CtKey, DEFAULT_ENDPOINT_FILTER_BITS_LOG2, FILTER_FROM, FILTER_TO, filter_bit, filter_lines, filter_position,
+        flow_hash, random_slot,
+    };
 
     #[test]
     fn filter_bits_spread_and_differ_by_side_and_port() {
@@ -659,16 +683,20 @@ mod tests {
         let mut seen = 0;
         for host in 0..4096u32 {
             let addr = (0x0af4_0000 + host).to_be_bytes();
-            let (line, word, mask) = filter_position(filter_bit(FILTER_FROM, addr, 8080u16.to_be_bytes()));
-            assert!(line < ENDPOINT_FILTER_LINES && word < 8 && mask.count_ones() == 1);
+            let bits = DEFAULT_ENDPOINT_FILTER_BITS_LOG2;
+            let (line, word, mask) = filter_position(filter_bit(FILTER_FROM, addr, 8080u16.to_be_bytes(), bits));
+            assert!(line < filter_lines(bits) && word < 8 && mask.count_ones() == 1);
             lines[(line % 64) as usize] += 1;
             seen += 1;
         }
         // Neighbouring pod addresses land all over the bitmap.
         assert!(lines.iter().all(|n| n.abs_diff(seen / 64) < seen / 64 / 2), "{lines:?}");
-        let addr = [10, 96, 0, 10];
-        assert_ne!(filter_bit(FILTER_TO, addr, [0, 80]), filter_bit(FILTER_FROM, addr, [0, 80]));
-        assert_ne!(filter_bit(FILTER_TO, addr, [0, 80]), filter_bit(FILTER_TO, addr, [0, 81]));
+        let (addr, bits) = ([10, 96, 0, 10], DEFAULT_ENDPOINT_FILTER_BITS_LOG2);
+        assert_ne!(filter_bit(FILTER_TO, addr, [0, 80], bits), filter_bit(FILTER_FROM, addr, [0, 80], bits));
+        assert_ne!(filter_bit(FILTER_TO, addr, [0, 80], bits), filter_bit(FILTER_TO, addr, [0, 81], bits));
+        // Out-of-range sizes are clamped, never a shift past 63.
+        assert!(filter_bit(FILTER_TO, addr, [0, 80], 0) < 1 << 20);
+        assert!(filter_bit(FILTER_TO, addr, [0, 80], 99) < 1 << 28);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! conntrack and the Service maps.
 use lb_common::{FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, filter_bit, filter_position};
 
-use crate::{maps::ENDPOINT_FILTER, parse::Packet};
+use crate::{
+    maps::{ENDPOINT_FILTER, endpoint_filter_bits_log2},
+    parse::Packet,
+};
 
 /// False when `packet` is certainly neither to a frontend (or a cluster
 /// IP, on any port) nor from a backend: then no Service and no conntrack
@@ -12,9 +15,10 @@ use crate::{maps::ENDPOINT_FILTER, parse::Packet};
 /// be read (the full path decides then, as without the filter).
 #[inline(always)]
 pub fn may_be_service_traffic(packet: &Packet) -> bool {
-    is_set(filter_bit(FILTER_TO, packet.daddr, packet.dport))
-        || is_set(filter_bit(FILTER_FROM, packet.saddr, packet.sport))
-        || is_set(filter_bit(FILTER_TO, packet.daddr, FILTER_ANY_PORT))
+    let bits = endpoint_filter_bits_log2();
+    is_set(filter_bit(FILTER_TO, packet.daddr, packet.dport, bits))
+        || is_set(filter_bit(FILTER_FROM, packet.saddr, packet.sport, bits))
+        || is_set(filter_bit(FILTER_TO, packet.daddr, FILTER_ANY_PORT, bits))
 }
 
 #[inline(always)]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES, DEFAULT_BACKENDS_MAX_ENTRIES,
     DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES,
-    DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, ENDPOINT_FILTER_LINES, FilterLine, ServiceAddr, ServiceKey, ServiceValue,
+    DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, DEFAULT_ENDPOINT_FILTER_BITS_LOG2, FilterLine, filter_lines, ServiceAddr, ServiceKey, ServiceValue,
     SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
 };
 
@@ -25,7 +25,18 @@ pub static SERVICE_ADDRS: HashMap<[u8; 4], ServiceAddr, { DEFAULT_SERVICES_MAX_E
 
 /// `lb_common::MAP_ENDPOINT_FILTER`; read through `filter::may_be_service_traffic`.
 #[btf_map]
-pub static ENDPOINT_FILTER: Array<FilterLine, { ENDPOINT_FILTER_LINES as usize }> = Array::new();
+pub static ENDPOINT_FILTER: Array<FilterLine, { filter_lines(DEFAULT_ENDPOINT_FILTER_BITS_LOG2) as usize }> =
+    Array::new();
+
+/// log2 of ENDPOINT_FILTER's bits; the agent sets it at load time.
+#[unsafe(no_mangle)]
+static ENDPOINT_FILTER_BITS_LOG2: u32 = DEFAULT_ENDPOINT_FILTER_BITS_LOG2;
+
+#[inline(always)]
+pub fn endpoint_filter_bits_log2() -> u32 {
+    // SAFETY: a global the loader may have rewritten; read it as such.
+    unsafe { core::ptr::read_volatile(&ENDPOINT_FILTER_BITS_LOG2) }
+}
 
 #[btf_map]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MAX_ENTRIES as usize }> = LpmTrie::new();

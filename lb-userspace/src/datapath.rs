@@ -31,7 +31,7 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE,
-    ENDPOINT_FILTER_LINES, FilterLine, GLOBAL_SOCKET_LB_NETNS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
+    FILTER_LINE_BITS, FilterLine, GLOBAL_ENDPOINT_FILTER_BITS_LOG2, GLOBAL_SOCKET_LB_NETNS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
     MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV,
     MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD,
     PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND,
@@ -110,6 +110,11 @@ pub struct Maps {
 }
 
 type FilterMap = Array<MapData, FilterLine>;
+
+/// log2 of the bits of ENDPOINT_FILTER `map` (lines of 512 bits, a power of two).
+fn filter_bits_log2(map: &FilterMap) -> u32 {
+    map.len().saturating_mul(FILTER_LINE_BITS).trailing_zeros()
+}
 
 /// What a sweep of ENDPOINT_FILTER did.
 #[derive(Debug, Default)]
@@ -220,8 +225,8 @@ impl Maps {
     fn filter_copy(&mut self) -> Result<Option<(&mut FilterMap, &mut FilterCopy)>, aya::maps::MapError> {
         let Some((map, copy)) = &mut self.endpoint_filter else { return Ok(None) };
         if copy.is_none() {
-            let lines = (0..map.len().min(ENDPOINT_FILTER_LINES)).map(|i| map.get(&i, 0)).collect::<Result<_, _>>()?;
-            *copy = Some(FilterCopy::new(lines));
+            let lines = (0..map.len()).map(|i| map.get(&i, 0)).collect::<Result<_, _>>()?;
+            *copy = Some(FilterCopy::new(lines, filter_bits_log2(map)));
         }
         Ok(copy.as_mut().map(|copy| (map, copy)))
     }
@@ -239,8 +244,9 @@ impl Maps {
     /// live conntrack entry, at start: the map may be new (an upgrade from
     /// an agent without it), and traffic must not skip flows it lacks.
     pub fn fill_endpoint_filter(&mut self, contents: &MapContents) -> Result<(), DatapathError> {
-        let (live, _) = self.live_flow_bits();
-        self.set_filter_bits(filter::wanted(contents).into_iter().chain(live))
+        let Some(bits) = self.endpoint_filter.as_ref().map(|(map, _)| filter_bits_log2(map)) else { return Ok(()) };
+        let (live, _) = self.live_flow_bits(bits);
+        self.set_filter_bits(filter::wanted(contents, bits).into_iter().chain(live))
             .map_err(map_err(MAP_ENDPOINT_FILTER))
     }
 
@@ -249,12 +255,15 @@ impl Maps {
     /// (`FilterCopy::sweep`). Conntrack is read only when some set bit is
     /// not one `contents` needs.
     pub fn sweep_endpoint_filter(&mut self, contents: &MapContents) -> Result<FilterSweep, DatapathError> {
-        let wanted = filter::wanted(contents);
-        let unneeded = match self.filter_copy().map_err(map_err(MAP_ENDPOINT_FILTER))? {
+        let (wanted, unneeded, bits) = match self.filter_copy().map_err(map_err(MAP_ENDPOINT_FILTER))? {
             None => return Ok(FilterSweep::default()),
-            Some((_, copy)) => copy.has_unneeded(&wanted),
+            Some((_, copy)) => {
+                let wanted = filter::wanted(contents, copy.bits_log2());
+                let unneeded = copy.has_unneeded(&wanted);
+                (wanted, unneeded, copy.bits_log2())
+            }
         };
-        let (live, flows_scanned) = if unneeded { self.live_flow_bits() } else { Default::default() };
+        let (live, flows_scanned) = if unneeded { self.live_flow_bits(bits) } else { Default::default() };
         let Some((map, copy)) = self.filter_copy().map_err(map_err(MAP_ENDPOINT_FILTER))? else {
             return Ok(FilterSweep::default());
         };
@@ -276,14 +285,14 @@ impl Maps {
 
     /// The ENDPOINT_FILTER bits the live conntrack entries need, and how
     /// many entries were read.
-    fn live_flow_bits(&self) -> (std::collections::HashSet<u32>, usize) {
+    fn live_flow_bits(&self, bits_log2: u32) -> (std::collections::HashSet<u32>, usize) {
         let now = crate::explain::MapLookups::now_ns(self);
         let mut bits = std::collections::HashSet::new();
         let mut scanned = 0;
         for (key, value) in self.conntrack.iter().filter_map(Result::ok) {
             scanned += 1;
             if now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(key.protocol) {
-                bits.extend(filter::flow_bits(&key));
+                bits.extend(filter::flow_bits(&key, bits_log2));
             }
         }
         (bits, scanned)
@@ -510,7 +519,8 @@ impl Maps {
     fn write_unexplained(&mut self, op: &MapOp) -> Result<(), aya::maps::MapError> {
         // The endpoint's bit first: from the entry's first packet on, its
         // flows' packets must not skip the full path.
-        if let Some(bit) = filter::bit_of_op(op) {
+        let bits = self.endpoint_filter.as_ref().map(|(map, _)| filter_bits_log2(map));
+        if let Some(bit) = bits.and_then(|bits| filter::bit_of_op(op, bits)) {
             self.set_filter_bits([bit])?;
         }
         match op {
@@ -595,6 +605,10 @@ impl crate::explain::MapLookups for Maps {
     /// The programs' clock: CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns).
     fn endpoint_filter(&self, line: u32) -> Option<FilterLine> {
         self.endpoint_filter.as_ref().and_then(|(map, _)| map.get(&line, 0).ok())
+    }
+
+    fn endpoint_filter_bits_log2(&self) -> u32 {
+        self.endpoint_filter.as_ref().map_or(lb_common::DEFAULT_ENDPOINT_FILTER_BITS_LOG2, |(map, _)| filter_bits_log2(map))
     }
 
     fn now_ns(&self) -> u64 {
@@ -738,17 +752,11 @@ fn retry_interrupted(mut load: impl FnMut() -> Result<(), DatapathError>) -> Res
 /// replaces them with bigger ones. The others (traffic state written by
 /// the programs, counters, and MAGLEV, whose size is a flag) are shared by
 /// every program generation.
-const GROWABLE_MAPS: [&str; 4] = [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES];
-const SHARED_MAPS: [&str; 8] = [
-    MAP_CONNTRACK,
-    MAP_AFFINITY,
-    MAP_MAGLEV,
-    MAP_SOCK_REVNAT,
-    MAP_COUNTERS,
-    MAP_FLOW_SEED,
-    MAP_NODE_PORTS,
-    MAP_ENDPOINT_FILTER,
-];
+/// ENDPOINT_FILTER is sized with them, and filled afresh rather than copied.
+const GROWABLE_MAPS: [&str; 5] =
+    [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES, MAP_ENDPOINT_FILTER];
+const SHARED_MAPS: [&str; 7] =
+    [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS, MAP_FLOW_SEED, MAP_NODE_PORTS];
 
 /// The pin of a grown map until it replaces the live one (bpffs refuses
 /// names with a dot).
@@ -804,6 +812,14 @@ impl Datapath {
         host_netns: u64,
         pins: Vec<(&str, PathBuf)>,
     ) -> Result<Ebpf, DatapathError> {
+        // The filter's size is a global of the programs: an adopted pin's,
+        // else the one that suits these sizes.
+        let filter_pin = pins.iter().find(|(name, _)| *name == MAP_ENDPOINT_FILTER).map(|(_, path)| path);
+        let filter_bits_log2 = filter_pin
+            .and_then(|path| MapData::from_pin(path).ok())
+            .and_then(|map| map.info().ok())
+            .map(|info| info.max_entries().saturating_mul(FILTER_LINE_BITS).trailing_zeros())
+            .unwrap_or_else(|| crate::sizing::endpoint_filter_bits_log2(&sizes));
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
@@ -816,6 +832,8 @@ impl Datapath {
             .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .map_max_entries(MAP_MAGLEV, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
+            .map_max_entries(MAP_ENDPOINT_FILTER, lb_common::filter_lines(filter_bits_log2))
+            .override_global(GLOBAL_ENDPOINT_FILTER_BITS_LOG2, &filter_bits_log2, true)
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
             .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
             .override_global(GLOBAL_HOST_NETNS, &host_netns, true);
@@ -892,6 +910,10 @@ impl Datapath {
         let mut ebpf = Self::load_object(sizes, self.socket_netns, self.host_netns, pins)?;
         let mut maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
         maps.copy_agent_maps_from(&self.maps)?;
+        // The new filter, of the new size, gets the bits of the copied
+        // entries and of every live flow before any packet meets it.
+        let copied = maps.read_contents()?;
+        maps.fill_endpoint_filter(&copied)?;
         // Up to here nothing live has changed (a failure leaves `_next`
         // pins, removed by the next attempt or start). The renames are
         // the last step that can fail before the agent moves to the new

@@ -542,9 +542,13 @@ fn differential(program: Program) {
         // bits is cleared for this frame (as if the agent had swept it):
         // the program and the model must agree on what then gets through.
         let cleared = match reference::parse(&frame) {
-            Ok(parsed) if rng.next() % 16 == 0 => {
+            Ok(parsed) if rng.next().is_multiple_of(16) => {
                 let key = lb_tests::harness::ct_key(parsed.source, parsed.destination, parsed.protocol);
-                let bits = lb_userspace::filter::flow_bits(&key);
+                let maps = &harness.datapath.maps;
+                let bits = lb_userspace::filter::flow_bits(
+                    &key,
+                    lb_userspace::explain::MapLookups::endpoint_filter_bits_log2(maps),
+                );
                 let (line, _, _) = lb_common::filter_position(bits[(rng.next() % 2) as usize]);
                 let old = lb_userspace::explain::MapLookups::endpoint_filter(&harness.datapath.maps, line).unwrap();
                 harness.datapath.maps.overwrite_filter_line(line, [0; 8]).unwrap();

@@ -54,6 +54,8 @@ pub trait MapLookups {
     /// Line `line` of ENDPOINT_FILTER; None when it cannot be read (the
     /// programs then take the full path, as if the bit were set).
     fn endpoint_filter(&self, line: u32) -> Option<lb_common::FilterLine>;
+    /// log2 of ENDPOINT_FILTER's bits.
+    fn endpoint_filter_bits_log2(&self) -> u32;
     /// The datapath's clock (CLOCK_MONOTONIC, ns), for affinity's age.
     fn now_ns(&self) -> u64;
 }
@@ -343,6 +345,9 @@ mod tests {
         /// Every bit set: these tests are about what comes after the filter.
         fn endpoint_filter(&self, _: u32) -> Option<lb_common::FilterLine> {
             Some([u64::MAX; 8])
+        }
+        fn endpoint_filter_bits_log2(&self) -> u32 {
+            lb_common::DEFAULT_ENDPOINT_FILTER_BITS_LOG2
         }
         fn now_ns(&self) -> u64 {
             self.now_ns

@@ -10,8 +10,8 @@
 use std::collections::HashSet;
 
 use lb_common::{
-    ADDR_DROP_UNKNOWN_PORTS, CtKey, ENDPOINT_FILTER_LINES, FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, FilterLine,
-    filter_bit, filter_position,
+    ADDR_DROP_UNKNOWN_PORTS, CtKey, FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, FilterLine, filter_bit, filter_lines,
+    filter_position,
 };
 
 use crate::{
@@ -19,37 +19,37 @@ use crate::{
     plan::{MapContents, MapOp},
 };
 
-/// The bit a map write needs set before it is made: a frontend's, a
-/// cluster IP's (any port), a backend's (its replies). None for writes
-/// that add no endpoint.
-pub fn bit_of_op(op: &MapOp) -> Option<u32> {
+/// The bit a map write needs set before it is made, in a filter of
+/// 2^`bits_log2` bits: a frontend's, a cluster IP's (any port), a
+/// backend's (its replies). None for writes that add no endpoint.
+pub fn bit_of_op(op: &MapOp, bits_log2: u32) -> Option<u32> {
     match op {
-        MapOp::PutService(key, _) if key.slot == 0 => Some(filter_bit(FILTER_TO, key.vip, key.port)),
+        MapOp::PutService(key, _) if key.slot == 0 => Some(filter_bit(FILTER_TO, key.vip, key.port, bits_log2)),
         MapOp::PutAddr(addr, value) if value.flags & ADDR_DROP_UNKNOWN_PORTS != 0 => {
-            Some(filter_bit(FILTER_TO, *addr, FILTER_ANY_PORT))
+            Some(filter_bit(FILTER_TO, *addr, FILTER_ANY_PORT, bits_log2))
         }
-        MapOp::PutBackend(_, backend) => Some(filter_bit(FILTER_FROM, backend.addr, backend.port)),
+        MapOp::PutBackend(_, backend) => Some(filter_bit(FILTER_FROM, backend.addr, backend.port, bits_log2)),
         _ => None,
     }
 }
 
 /// The bits the entries of `contents` need.
-pub fn wanted(contents: &MapContents) -> HashSet<u32> {
-    let frontends = contents.frontend_entries().map(|(key, _)| filter_bit(FILTER_TO, key.vip, key.port));
+pub fn wanted(contents: &MapContents, bits_log2: u32) -> HashSet<u32> {
+    let frontends = contents.frontend_entries().map(|(key, _)| filter_bit(FILTER_TO, key.vip, key.port, bits_log2));
     let cluster_ips = contents
         .addrs
         .iter()
         .filter(|(_, value)| value.flags & ADDR_DROP_UNKNOWN_PORTS != 0)
-        .map(|(addr, _)| filter_bit(FILTER_TO, *addr, FILTER_ANY_PORT));
-    let backends = contents.backends.values().map(|b| filter_bit(FILTER_FROM, b.addr, b.port));
+        .map(|(addr, _)| filter_bit(FILTER_TO, *addr, FILTER_ANY_PORT, bits_log2));
+    let backends = contents.backends.values().map(|b| filter_bit(FILTER_FROM, b.addr, b.port, bits_log2));
     frontends.chain(cluster_ips).chain(backends).collect()
 }
 
 /// The bits that keep a conntrack entry's packets on the full path: its
 /// destination's (a forward entry's frontend) and its source's (a reply
 /// entry's backend). Either would do; both are kept.
-pub fn flow_bits(key: &CtKey) -> [u32; 2] {
-    [filter_bit(FILTER_TO, key.daddr, key.dport), filter_bit(FILTER_FROM, key.saddr, key.sport)]
+pub fn flow_bits(key: &CtKey, bits_log2: u32) -> [u32; 2] {
+    [filter_bit(FILTER_TO, key.daddr, key.dport, bits_log2), filter_bit(FILTER_FROM, key.saddr, key.sport, bits_log2)]
 }
 
 /// Whether the packet hooks' filter lets a packet of flow `key` (as the
@@ -58,13 +58,14 @@ pub fn flow_bits(key: &CtKey) -> [u32; 2] {
 /// (on its port or, for a cluster IP, any port) or of its source is set.
 /// A line that cannot be read counts as all set, as in the programs.
 pub fn lets_through(key: &CtKey, lookups: &dyn MapLookups) -> bool {
+    let bits = lookups.endpoint_filter_bits_log2();
     let is_set = |bit: u32| {
         let (line, word, mask) = filter_position(bit);
         lookups.endpoint_filter(line).is_none_or(|line| line[word] & mask != 0)
     };
-    is_set(filter_bit(FILTER_TO, key.daddr, key.dport))
-        || is_set(filter_bit(FILTER_FROM, key.saddr, key.sport))
-        || is_set(filter_bit(FILTER_TO, key.daddr, FILTER_ANY_PORT))
+    is_set(filter_bit(FILTER_TO, key.daddr, key.dport, bits))
+        || is_set(filter_bit(FILTER_FROM, key.saddr, key.sport, bits))
+        || is_set(filter_bit(FILTER_TO, key.daddr, FILTER_ANY_PORT, bits))
 }
 
 /// The agent's copy of ENDPOINT_FILTER, and the bits it found unneeded at
@@ -72,14 +73,21 @@ pub fn lets_through(key: &CtKey, lookups: &dyn MapLookups) -> bool {
 #[derive(Clone, Debug)]
 pub struct FilterCopy {
     lines: Vec<FilterLine>,
+    bits_log2: u32,
     unneeded: HashSet<u32>,
 }
 
 impl FilterCopy {
-    /// A copy of a map holding `lines` (shorter: the rest are zero).
-    pub fn new(mut lines: Vec<FilterLine>) -> Self {
-        lines.resize(ENDPOINT_FILTER_LINES as usize, [0; 8]);
-        Self { lines, unneeded: HashSet::new() }
+    /// A copy of a map of 2^`bits_log2` bits holding `lines` (shorter: the
+    /// rest are zero).
+    pub fn new(mut lines: Vec<FilterLine>, bits_log2: u32) -> Self {
+        lines.resize(filter_lines(bits_log2) as usize, [0; 8]);
+        Self { lines, bits_log2, unneeded: HashSet::new() }
+    }
+
+    /// log2 of the map's bits, which every bit of it is computed for.
+    pub fn bits_log2(&self) -> u32 {
+        self.bits_log2
     }
 
     pub fn is_set(&self, bit: u32) -> bool {
@@ -157,6 +165,8 @@ mod tests {
 
     use super::*;
 
+    const BITS: u32 = lb_common::DEFAULT_ENDPOINT_FILTER_BITS_LOG2;
+
     fn contents() -> MapContents {
         let frontend = ServiceKey::new([10, 96, 0, 10], [0, 80], 6, 0);
         let mut contents = MapContents::default();
@@ -170,25 +180,25 @@ mod tests {
 
     #[test]
     fn entries_need_their_frontends_cluster_ips_and_backends_bits() {
-        let wanted = wanted(&contents());
+        let wanted = wanted(&contents(), BITS);
         let expected = [
-            filter_bit(FILTER_TO, [10, 96, 0, 10], [0, 80]),
-            filter_bit(FILTER_TO, [10, 96, 0, 10], FILTER_ANY_PORT),
-            filter_bit(FILTER_FROM, [10, 244, 1, 5], [0x1f, 0x90]),
+            filter_bit(FILTER_TO, [10, 96, 0, 10], [0, 80], BITS),
+            filter_bit(FILTER_TO, [10, 96, 0, 10], FILTER_ANY_PORT, BITS),
+            filter_bit(FILTER_FROM, [10, 244, 1, 5], [0x1f, 0x90], BITS),
         ];
         assert_eq!(wanted, expected.into_iter().collect());
         // Each write that adds one of them names its bit; slots name none.
         let key = ServiceKey::new([10, 96, 0, 10], [0, 80], 6, 0);
-        assert_eq!(bit_of_op(&MapOp::PutService(key, ServiceValue::frontend(1, 0, 0, 0))), Some(expected[0]));
-        assert_eq!(bit_of_op(&MapOp::PutService(key.with_slot(1), ServiceValue::slot(1))), None);
+        assert_eq!(bit_of_op(&MapOp::PutService(key, ServiceValue::frontend(1, 0, 0, 0)), BITS), Some(expected[0]));
+        assert_eq!(bit_of_op(&MapOp::PutService(key.with_slot(1), ServiceValue::slot(1)), BITS), None);
         let node_addr = ServiceAddr { frontends: 1, flags: 0, _pad: 0 };
-        assert_eq!(bit_of_op(&MapOp::PutAddr([192, 168, 0, 2], node_addr)), None, "other ports are not ours");
+        assert_eq!(bit_of_op(&MapOp::PutAddr([192, 168, 0, 2], node_addr), BITS), None, "other ports are not ours");
     }
 
     #[test]
     fn a_bit_is_cleared_only_when_unneeded_at_two_sweeps_in_a_row() {
-        let mut copy = FilterCopy::new(Vec::new());
-        let all = wanted(&contents());
+        let mut copy = FilterCopy::new(Vec::new(), BITS);
+        let all = wanted(&contents(), BITS);
         let lines = copy.set_all(all.iter().copied());
         assert!(!lines.is_empty() && all.iter().all(|bit| copy.is_set(*bit)));
         assert!(copy.set_all(all.iter().copied()).is_empty(), "set bits are not written again");
@@ -203,19 +213,19 @@ mod tests {
             protocol: 6,
             _pad: [0; 3],
         };
-        let live: HashSet<u32> = flow_bits(&flow).into_iter().collect();
+        let live: HashSet<u32> = flow_bits(&flow, BITS).into_iter().collect();
         let none = HashSet::new();
         assert!(copy.has_unneeded(&none));
         assert!(copy.sweep(&none, &live).is_empty(), "the first sweep only notes the unneeded");
-        let frontend = filter_bit(FILTER_TO, [10, 96, 0, 10], [0, 80]);
-        let backend = filter_bit(FILTER_FROM, [10, 244, 1, 5], [0x1f, 0x90]);
-        let any_port = filter_bit(FILTER_TO, [10, 96, 0, 10], FILTER_ANY_PORT);
+        let frontend = filter_bit(FILTER_TO, [10, 96, 0, 10], [0, 80], BITS);
+        let backend = filter_bit(FILTER_FROM, [10, 244, 1, 5], [0x1f, 0x90], BITS);
+        let any_port = filter_bit(FILTER_TO, [10, 96, 0, 10], FILTER_ANY_PORT, BITS);
         assert!(!copy.sweep(&none, &live).is_empty());
         assert!(copy.is_set(frontend), "a live flow keeps its frontend's bit");
         assert!(!copy.is_set(backend) && !copy.is_set(any_port));
 
         // Needed again between two sweeps: kept, and the count restarts.
-        let mut copy = FilterCopy::new(Vec::new());
+        let mut copy = FilterCopy::new(Vec::new(), BITS);
         copy.set_all([backend]);
         copy.sweep(&none, &none);
         let wanted_again = [backend].into_iter().collect();
@@ -229,8 +239,8 @@ mod tests {
 
     #[test]
     fn a_sweep_repairs_a_wanted_bit_the_map_lacks() {
-        let mut copy = FilterCopy::new(Vec::new());
-        let all = wanted(&contents());
+        let mut copy = FilterCopy::new(Vec::new(), BITS);
+        let all = wanted(&contents(), BITS);
         let lines = copy.sweep(&all, &HashSet::new());
         assert!(!lines.is_empty());
         assert!(all.iter().all(|bit| copy.is_set(*bit)));

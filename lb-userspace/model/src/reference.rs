@@ -274,6 +274,9 @@ impl MapLookups for Untracked<'_> {
     fn endpoint_filter(&self, line: u32) -> Option<lb_common::FilterLine> {
         self.0.endpoint_filter(line)
     }
+    fn endpoint_filter_bits_log2(&self) -> u32 {
+        self.0.endpoint_filter_bits_log2()
+    }
     fn now_ns(&self) -> u64 {
         self.0.now_ns()
     }

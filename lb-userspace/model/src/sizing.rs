@@ -40,6 +40,16 @@ impl Default for MapSizes {
     }
 }
 
+/// log2 of ENDPOINT_FILTER's bits for maps of `sizes`: 32 bits per entry
+/// SERVICES and BACKENDS can hold (a Bloom filter with one hash function
+/// then has at most about 3 % of its bits set, counting a frontend, its
+/// cluster IP and its backends; slots add entries but no bits), within
+/// `lb_common::{MIN,MAX}_ENDPOINT_FILTER_BITS_LOG2`.
+pub fn endpoint_filter_bits_log2(sizes: &MapSizes) -> u32 {
+    let bits = (u64::from(sizes.services) + u64::from(sizes.backends)).saturating_mul(32).next_power_of_two();
+    bits.trailing_zeros().clamp(lb_common::MIN_ENDPOINT_FILTER_BITS_LOG2, lb_common::MAX_ENDPOINT_FILTER_BITS_LOG2)
+}
+
 /// Entries of the agent-owned maps: what a sync needs, or what the maps
 /// hold room for (`Maps::capacity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -186,6 +196,19 @@ mod tests {
     use lb_common::{ServiceKey, ServiceValue};
 
     use super::*;
+
+    #[test]
+    fn the_endpoint_filter_grows_with_the_maps_it_covers() {
+        let bits = |services, backends| {
+            endpoint_filter_bits_log2(&MapSizes { services, backends, ..MapSizes::default() })
+        };
+        // The defaults: 131,072 entries, 4 Mi bits (512 KiB).
+        assert_eq!(endpoint_filter_bits_log2(&MapSizes::default()), lb_common::DEFAULT_ENDPOINT_FILTER_BITS_LOG2);
+        // 100,000 Services of 4 backends: 32 Mi bits (4 MiB).
+        assert_eq!(bits(501_024, 401_024), 25);
+        assert_eq!(bits(1, 1), lb_common::MIN_ENDPOINT_FILTER_BITS_LOG2);
+        assert_eq!(bits(u32::MAX, u32::MAX), lb_common::MAX_ENDPOINT_FILTER_BITS_LOG2);
+    }
 
     fn contents(frontends: u8, slots: u16) -> MapContents {
         let mut c = MapContents::default();
