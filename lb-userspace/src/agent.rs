@@ -287,6 +287,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut interface_tick = tokio::time::interval(INTERFACE_POLL);
     let mut filter_tick = tokio::time::interval(FILTER_SWEEP);
+    // Never two sweeps in a row after a long stall: the second of two
+    // sweeps must come well after the first (see `lb_model::filter`).
+    filter_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_sync = tokio::time::Instant::now();
     // After a failed sync: when to try again, and the delay after that.
     let mut retry: Option<(tokio::time::Instant, Duration)> = None;

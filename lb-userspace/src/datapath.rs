@@ -233,9 +233,21 @@ impl Maps {
 
     /// Sets `bits` in ENDPOINT_FILTER (those not set already).
     fn set_filter_bits(&mut self, bits: impl IntoIterator<Item = u32>) -> Result<(), aya::maps::MapError> {
-        let Some((map, copy)) = self.filter_copy()? else { return Ok(()) };
-        for (line, value) in copy.set_all(bits) {
-            map.set(line, value, 0)?;
+        let Some((_, copy)) = self.filter_copy()? else { return Ok(()) };
+        let lines = copy.set_all(bits);
+        self.write_filter_lines(&lines)
+    }
+
+    /// Writes `lines` the copy now holds to ENDPOINT_FILTER. After a
+    /// failed write the copy is dropped, to be read afresh from the map:
+    /// otherwise it would hold bits the map lacks, and never write them.
+    fn write_filter_lines(&mut self, lines: &[(u32, FilterLine)]) -> Result<(), aya::maps::MapError> {
+        let Some((map, copy)) = &mut self.endpoint_filter else { return Ok(()) };
+        for (line, value) in lines {
+            if let Err(e) = map.set(*line, *value, 0) {
+                *copy = None;
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -245,7 +257,7 @@ impl Maps {
     /// an agent without it), and traffic must not skip flows it lacks.
     pub fn fill_endpoint_filter(&mut self, contents: &MapContents) -> Result<(), DatapathError> {
         let Some(bits) = self.endpoint_filter.as_ref().map(|(map, _)| filter_bits_log2(map)) else { return Ok(()) };
-        let (live, _) = self.live_flow_bits(bits);
+        let (live, _) = self.live_flow_bits(bits)?;
         self.set_filter_bits(filter::wanted(contents, bits).into_iter().chain(live))
             .map_err(map_err(MAP_ENDPOINT_FILTER))
     }
@@ -263,14 +275,12 @@ impl Maps {
                 (wanted, unneeded, copy.bits_log2())
             }
         };
-        let (live, flows_scanned) = if unneeded { self.live_flow_bits(bits) } else { Default::default() };
-        let Some((map, copy)) = self.filter_copy().map_err(map_err(MAP_ENDPOINT_FILTER))? else {
+        let (live, flows_scanned) = if unneeded { self.live_flow_bits(bits)? } else { Default::default() };
+        let Some((_, copy)) = self.filter_copy().map_err(map_err(MAP_ENDPOINT_FILTER))? else {
             return Ok(FilterSweep::default());
         };
         let lines = copy.sweep(&wanted, &live);
-        for (line, value) in &lines {
-            map.set(*line, *value, 0).map_err(map_err(MAP_ENDPOINT_FILTER))?;
-        }
+        self.write_filter_lines(&lines).map_err(map_err(MAP_ENDPOINT_FILTER))?;
         Ok(FilterSweep { flows_scanned, lines_written: lines.len() })
     }
 
@@ -284,18 +294,22 @@ impl Maps {
     }
 
     /// The ENDPOINT_FILTER bits the live conntrack entries need, and how
-    /// many entries were read.
-    fn live_flow_bits(&self, bits_log2: u32) -> (std::collections::HashSet<u32>, usize) {
+    /// many entries were read. An error if the whole table could not be
+    /// read: a partial answer would clear bits live flows need.
+    fn live_flow_bits(&self, bits_log2: u32) -> Result<(std::collections::HashSet<u32>, usize), DatapathError> {
+        let entries = self.conntrack.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(MAP_CONNTRACK))?;
+        // The clock is read after the scan, so that an entry refreshed
+        // while it ran is stamped before `now` (the programs' coarse clock
+        // never runs ahead of this one): read before, its age would wrap
+        // to 2^64 and a busy flow would look dead. Ages wrap as in the
+        // programs (`conntrack::now`).
         let now = crate::explain::MapLookups::now_ns(self);
-        let mut bits = std::collections::HashSet::new();
-        let mut scanned = 0;
-        for (key, value) in self.conntrack.iter().filter_map(Result::ok) {
-            scanned += 1;
-            if now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(key.protocol) {
-                bits.extend(filter::flow_bits(&key, bits_log2));
-            }
-        }
-        (bits, scanned)
+        let bits = entries
+            .iter()
+            .filter(|(key, value)| now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(key.protocol))
+            .filter_map(|(key, value)| filter::flow_bit(key, value, bits_log2))
+            .collect();
+        Ok((bits, entries.len()))
     }
 
     /// What SERVICES and BACKENDS hold now.

@@ -545,7 +545,7 @@ fn differential(program: Program) {
             Ok(parsed) if rng.next().is_multiple_of(16) => {
                 let key = lb_tests::harness::ct_key(parsed.source, parsed.destination, parsed.protocol);
                 let maps = &harness.datapath.maps;
-                let bits = lb_userspace::filter::flow_bits(
+                let bits = lb_userspace::filter::packet_bits(
                     &key,
                     lb_userspace::explain::MapLookups::endpoint_filter_bits_log2(maps),
                 );

@@ -10,7 +10,8 @@
 use std::collections::HashSet;
 
 use lb_common::{
-    ADDR_DROP_UNKNOWN_PORTS, CtKey, FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, FilterLine, filter_bit, filter_lines,
+    ADDR_DROP_UNKNOWN_PORTS, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
+    CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CtKey, CtValue, FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, FilterLine, filter_bit, filter_lines,
     filter_position,
 };
 
@@ -45,10 +46,26 @@ pub fn wanted(contents: &MapContents, bits_log2: u32) -> HashSet<u32> {
     frontends.chain(cluster_ips).chain(backends).collect()
 }
 
-/// The bits that keep a conntrack entry's packets on the full path: its
-/// destination's (a forward entry's frontend) and its source's (a reply
-/// entry's backend). Either would do; both are kept.
-pub fn flow_bits(key: &CtKey, bits_log2: u32) -> [u32; 2] {
+/// The bit that keeps the packets of conntrack entry `key` → `value` on
+/// the full path: a forward entry's destination (its frontend), a reply
+/// entry's source (its backend). None for an entry of no known direction,
+/// which translates nothing.
+pub fn flow_bit(key: &CtKey, value: &CtValue, bits_log2: u32) -> Option<u32> {
+    match value.direction {
+        CT_DIRECTION_DNAT | CT_DIRECTION_HAIRPIN | CT_DIRECTION_SNAT => {
+            Some(filter_bit(FILTER_TO, key.daddr, key.dport, bits_log2))
+        }
+        CT_DIRECTION_REVERSE_SNAT | CT_DIRECTION_HAIRPIN_REPLY | CT_DIRECTION_SNAT_REPLY => {
+            Some(filter_bit(FILTER_FROM, key.saddr, key.sport, bits_log2))
+        }
+        _ => None,
+    }
+}
+
+/// The bits a packet of flow `key` (as the packet has it) may pass the
+/// filter by: its destination's and its source's (and, not here, its
+/// destination address's "any port" bit).
+pub fn packet_bits(key: &CtKey, bits_log2: u32) -> [u32; 2] {
     [filter_bit(FILTER_TO, key.daddr, key.dport, bits_log2), filter_bit(FILTER_FROM, key.saddr, key.sport, bits_log2)]
 }
 
@@ -136,7 +153,7 @@ impl FilterCopy {
     }
 
     /// One sweep: clears the bits neither `wanted` nor `live` (the live
-    /// conntrack entries' `flow_bits`) needs that were unneeded at the
+    /// conntrack entries' `flow_bit`s) needs that were unneeded at the
     /// last sweep too, sets any wanted bit missing, and remembers the
     /// rest of the unneeded for the next sweep. Returns the lines to write.
     pub fn sweep(&mut self, wanted: &HashSet<u32>, live: &HashSet<u32>) -> Vec<(u32, FilterLine)> {
@@ -213,7 +230,18 @@ mod tests {
             protocol: 6,
             _pad: [0; 3],
         };
-        let live: HashSet<u32> = flow_bits(&flow, BITS).into_iter().collect();
+        let forward = CtValue {
+            nat_addr: [10, 244, 1, 5],
+            nat_port: [0x1f, 0x90],
+            direction: CT_DIRECTION_DNAT,
+            state: 0,
+            last_seen_ns: 0,
+            snat_addr: [0; 4],
+            snat_port: [0; 2],
+            _pad: [0; 2],
+        };
+        let live: HashSet<u32> = flow_bit(&flow, &forward, BITS).into_iter().collect();
+        assert_eq!(packet_bits(&flow, BITS)[0], flow_bit(&flow, &forward, BITS).unwrap());
         let none = HashSet::new();
         assert!(copy.has_unneeded(&none));
         assert!(copy.sweep(&none, &live).is_empty(), "the first sweep only notes the unneeded");
