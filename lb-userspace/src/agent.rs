@@ -38,8 +38,13 @@ const RETRY_LAST: Duration = Duration::from_secs(30);
 const INTERFACE_POLL: Duration = Duration::from_millis(500);
 /// How often ENDPOINT_FILTER loses the bits nothing needs any more (a bit
 /// goes at the second sweep that finds it unneeded: see `lb_model::filter`).
-/// Until then a stale bit only costs its packets the full path.
+/// Until then a stale bit only costs its packets the full path. A sweep
+/// that reads conntrack (some bit is not one the maps need) and clears
+/// nothing doubles the wait, up to `FILTER_SWEEP_MAX`: a deleted Service's
+/// connection may live for a day, and each sweep reads the whole table
+/// on the agent's loop (about 1 µs an entry here).
 const FILTER_SWEEP: Duration = Duration::from_secs(60);
+const FILTER_SWEEP_MAX: Duration = Duration::from_secs(16 * 60);
 /// The degraded-feature names (`Health::set_degraded`) of socket-level
 /// balancing and of the interfaces a program failed to attach to.
 const FEATURE_SOCKET_LB: &str = "socket_lb";
@@ -286,10 +291,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut interface_tick = tokio::time::interval(INTERFACE_POLL);
-    let mut filter_tick = tokio::time::interval(FILTER_SWEEP);
-    // Never two sweeps in a row after a long stall: the second of two
-    // sweeps must come well after the first (see `lb_model::filter`).
-    filter_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A sleep from the end of the last sweep, never a burst of missed
+    // ticks: the second of two sweeps must come well after the first.
+    let mut sweep_wait = FILTER_SWEEP;
+    let mut next_sweep = tokio::time::Instant::now() + sweep_wait;
     let mut next_sync = tokio::time::Instant::now();
     // After a failed sync: when to try again, and the delay after that.
     let mut retry: Option<(tokio::time::Instant, Duration)> = None;
@@ -338,7 +343,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = filter_tick.tick() => agent.sweep_endpoint_filter(),
+            () = tokio::time::sleep_until(next_sweep) => {
+                sweep_wait = match agent.sweep_endpoint_filter() {
+                    Some(sweep) if sweep.flows_scanned > 0 && sweep.lines_written == 0 => {
+                        (sweep_wait * 2).min(FILTER_SWEEP_MAX)
+                    }
+                    _ => FILTER_SWEEP,
+                };
+                next_sweep = tokio::time::Instant::now() + sweep_wait;
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -473,17 +486,24 @@ impl Agent {
     }
 
     /// Clears the ENDPOINT_FILTER bits no map entry and no live flow needs.
-    fn sweep_endpoint_filter(&mut self) {
+    fn sweep_endpoint_filter(&mut self) -> Option<crate::datapath::FilterSweep> {
         let started = Instant::now();
         match self.datapath.maps.sweep_endpoint_filter(self.reconciler.current()) {
-            Ok(sweep) if sweep.lines_written > 0 || sweep.flows_scanned > 0 => debug!(
-                flows_scanned = sweep.flows_scanned,
-                lines_written = sweep.lines_written,
-                took_ms = started.elapsed().as_millis() as u64,
-                "swept the endpoint filter"
-            ),
-            Ok(_) => {}
-            Err(e) => warn!("sweeping the endpoint filter: {e}"),
+            Ok(sweep) => {
+                if sweep.lines_written > 0 || sweep.flows_scanned > 0 {
+                    debug!(
+                        flows_scanned = sweep.flows_scanned,
+                        lines_written = sweep.lines_written,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "swept the endpoint filter"
+                    );
+                }
+                Some(sweep)
+            }
+            Err(e) => {
+                warn!("sweeping the endpoint filter: {e}");
+                None
+            }
         }
     }
 
