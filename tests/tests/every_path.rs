@@ -206,7 +206,13 @@ fn a_udp_socket_leaves_a_removed_backend(path: ClientPath) {
         let rest: Vec<&str> = BACKENDS[..2].iter().copied().filter(|n| *n != first).collect();
         setup.publish(&rest);
         let what = format!("{mode}: the socket still reaches the removed backend");
-        let after = kept_until(&mut setup, &what, |a| a.pod().is_none_or(|pod| pod != first));
+        // A datagram in flight while the agent forgets the flow is lost (its
+        // reply no longer has an entry to be translated by), as under
+        // kube-proxy's conntrack cleanup: a timeout is no answer yet.
+        let after = kept_until(&mut setup, &what, |a| match a {
+            Answer::Error { kind, .. } if kind == "WouldBlock" || kind == "TimedOut" => false,
+            a => a.pod().is_none_or(|pod| pod != first),
+        });
         match after {
             // Its flow moved to the live backend (tc: the agent forgot the
             // conntrack entry; socket hooks: the socket's entry).
