@@ -421,6 +421,7 @@ impl Agent {
                 self.metrics.frontends.set(frontends as i64);
                 self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
                 self.metrics.set_agent_map_entries(&Entries::held(self.reconciler.current()));
+                self.record_endpoint_filter_fill();
                 self.observe_programming_latency(&changed.slice_triggers);
                 self.health_checks.update(&self.kept_model.health_checks());
                 let node_addresses = &self.model.node_addresses;
@@ -488,7 +489,9 @@ impl Agent {
     /// Clears the ENDPOINT_FILTER bits no map entry and no live flow needs.
     fn sweep_endpoint_filter(&mut self) -> Option<crate::datapath::FilterSweep> {
         let started = Instant::now();
-        match self.datapath.maps.sweep_endpoint_filter(self.reconciler.current()) {
+        let swept = self.datapath.maps.sweep_endpoint_filter(self.reconciler.current());
+        self.record_endpoint_filter_fill();
+        match swept {
             Ok(sweep) => {
                 if sweep.lines_written > 0 || sweep.flows_scanned > 0 {
                     debug!(
@@ -504,6 +507,13 @@ impl Agent {
                 warn!("sweeping the endpoint filter: {e}");
                 None
             }
+        }
+    }
+
+    /// How full ENDPOINT_FILTER is, for `lb_map_entries`/`lb_map_capacity`.
+    fn record_endpoint_filter_fill(&mut self) {
+        if let Some((set, bits)) = self.datapath.maps.endpoint_filter_fill() {
+            self.metrics.set_endpoint_filter_fill(set, bits);
         }
     }
 

@@ -284,6 +284,11 @@ impl Maps {
         Ok(FilterSweep { flows_scanned, lines_written: lines.len() })
     }
 
+    /// ENDPOINT_FILTER's bits set and bits in all, from the agent's copy.
+    pub fn endpoint_filter_fill(&mut self) -> Option<(u64, u64)> {
+        self.filter_copy().ok().flatten().map(|(_, copy)| copy.fill())
+    }
+
     /// Writes line `line` of ENDPOINT_FILTER as given, behind the agent's
     /// back: for tests of what the programs do with a bit missing. The
     /// copy is read afresh when next needed.
@@ -460,14 +465,23 @@ impl Maps {
             (MAP_SOURCE_RANGES, self.source_ranges.keys().filter(Result::is_ok).count()),
         ];
         let capacities = self.capacities()?;
-        Ok(entries
+        let mut fill: Vec<_> = entries
             .into_iter()
             .chain(self.traffic_entries())
             .map(|(map, entries)| {
                 let capacity = capacities.iter().find(|(name, _)| *name == map).map_or(0, |(_, c)| *c);
                 crate::inspect::MapFill { map, entries, capacity }
             })
-            .collect())
+            .collect();
+        // The filter's entries are its bits set, out of all its bits.
+        if let Some((map, _)) = &self.endpoint_filter {
+            let lines = (0..map.len()).map(|i| map.get(&i, 0)).collect::<Result<Vec<_>, _>>();
+            let lines = lines.map_err(map_err(MAP_ENDPOINT_FILTER))?;
+            let (set, bits) = FilterCopy::new(lines, filter_bits_log2(map)).fill();
+            let capacity = u32::try_from(bits).unwrap_or(u32::MAX);
+            fill.push(crate::inspect::MapFill { map: MAP_ENDPOINT_FILTER, entries: set as usize, capacity });
+        }
+        Ok(fill)
     }
 
     /// Entries of the maps the datapath writes (CONNTRACK, AFFINITY,

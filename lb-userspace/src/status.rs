@@ -243,6 +243,15 @@ impl Metrics {
         }
     }
 
+    /// ENDPOINT_FILTER's bits set and bits in all, as map entries and
+    /// capacity (from the agent's copy: counting at scrape would read the
+    /// whole map).
+    pub fn set_endpoint_filter_fill(&self, set: u64, bits: u64) {
+        let map = lb_common::MAP_ENDPOINT_FILTER;
+        self.map_entries.get_or_create(&MapLabel { map }).set(i64::try_from(set).unwrap_or(i64::MAX));
+        self.map_capacity.get_or_create(&MapLabel { map }).set(i64::try_from(bits).unwrap_or(i64::MAX));
+    }
+
     /// Reads the datapath's counters from the pinned maps and the degraded
     /// features from `health`, then encodes all.
     fn render(&self, health: &Health) -> String {

@@ -137,6 +137,9 @@ fn follows_the_cluster_through_scaling_an_api_outage_and_deletion() {
     assert_eq!(metric(node, "lb_map_capacity{map=\"SERVICES\"}"), 65_536.0);
     assert!(metric(node, "lb_map_entries{map=\"CONNTRACK\"}") >= 2.0);
     assert!(metric(node, "lb_map_capacity{map=\"CONNTRACK\"}") >= 262_144.0, "never below kube-proxy's floor");
+    // The endpoint filter: its bits, 32 per SERVICES and BACKENDS entry.
+    assert_eq!(metric(node, "lb_map_capacity{map=\"ENDPOINT_FILTER\"}"), f64::from(1u32 << 22));
+    assert!(metric(node, "lb_map_entries{map=\"ENDPOINT_FILTER\"}") < f64::from(1u32 << 22) * 0.01);
 }
 
 #[test]

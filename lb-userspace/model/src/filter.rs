@@ -91,6 +91,8 @@ pub fn lets_through(key: &CtKey, lookups: &dyn MapLookups) -> bool {
 pub struct FilterCopy {
     lines: Vec<FilterLine>,
     bits_log2: u32,
+    /// How many bits are set, kept as bits are set and cleared.
+    set: u64,
     unneeded: HashSet<u32>,
 }
 
@@ -99,7 +101,14 @@ impl FilterCopy {
     /// rest are zero).
     pub fn new(mut lines: Vec<FilterLine>, bits_log2: u32) -> Self {
         lines.resize(filter_lines(bits_log2) as usize, [0; 8]);
-        Self { lines, bits_log2, unneeded: HashSet::new() }
+        let set = lines.iter().flatten().map(|word| u64::from(word.count_ones())).sum();
+        Self { lines, bits_log2, set, unneeded: HashSet::new() }
+    }
+
+    /// Bits set, and bits in all: how full the filter is (its false
+    /// positive rate, with one hash function, is the ratio).
+    pub fn fill(&self) -> (u64, u64) {
+        (self.set, 1 << self.bits_log2)
     }
 
     /// log2 of the map's bits, which every bit of it is computed for.
@@ -122,6 +131,7 @@ impl FilterCopy {
             return None;
         }
         value[word] |= mask;
+        self.set += 1;
         Some((line, *value))
     }
 
@@ -164,6 +174,7 @@ impl FilterCopy {
         for bit in clear {
             let (line, word, mask) = filter_position(bit);
             self.lines[line as usize][word] &= !mask;
+            self.set -= 1;
             changed.insert(line);
         }
         for bit in wanted.iter().copied() {
@@ -260,9 +271,13 @@ mod tests {
         copy.sweep(&wanted_again, &none);
         copy.sweep(&none, &none);
         assert!(copy.is_set(backend), "unneeded at one sweep only");
+        assert_eq!(copy.fill(), (1, 1 << BITS));
         copy.sweep(&none, &none);
         assert!(!copy.is_set(backend));
         assert_eq!(copy.set_bits().count(), 0);
+        assert_eq!(copy.fill(), (0, 1 << BITS));
+        let read_back = FilterCopy::new(vec![[0b101, 0, 0, 0, 0, 0, 0, 1 << 63]], BITS);
+        assert_eq!(read_back.fill().0, 3, "a copy read from the map counts its bits");
     }
 
     #[test]
