@@ -415,6 +415,11 @@ impl Agent {
         let fitted = started.elapsed();
         match self.reconciler.sync_step(&step, &mut self.datapath.maps) {
             Ok(outcome) => {
+                // The maps hold every change seen so far: /healthz says so
+                // now, not after the follow-ups below (NODE_PORTS, UDP flow
+                // cleanup, affinity pruning), which take tens of ms on a
+                // first sync and longer on a busy node.
+                self.health.updated();
                 let writes = outcome.writes;
                 let took = started.elapsed();
                 self.metrics.record_sync(took);
@@ -443,7 +448,6 @@ impl Agent {
                         Err(e) => warn!("pruning session affinity: {e}"),
                     }
                 }
-                self.health.updated();
                 // The next sync computes only what changed from this.
                 self.reconciler.remember();
                 // A large sync (the first, say) leaves freed memory that
