@@ -526,7 +526,7 @@ pub mod ct_timeout {
 /// the VIP and port itself, so replies of open flows keep being translated
 /// even after their Service is deleted.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
     pub nat_addr: [u8; 4],
     pub nat_port: [u8; 2],

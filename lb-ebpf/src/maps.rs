@@ -6,9 +6,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES, DEFAULT_BACKENDS_MAX_ENTRIES,
-    DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES,
-    DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, DEFAULT_ENDPOINT_FILTER_BITS_LOG2, FilterLine, filter_lines, ServiceAddr, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
+    DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_ENDPOINT_FILTER_BITS_LOG2, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES,
+    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, FilterLine,
+    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
+    filter_lines,
 };
 
 #[btf_map]

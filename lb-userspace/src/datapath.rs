@@ -30,9 +30,9 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE,
-    FILTER_LINE_BITS, FilterLine, GLOBAL_ENDPOINT_FILTER_BITS_LOG2, GLOBAL_SOCKET_LB_NETNS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FILTER_LINE_BITS, FilterLine,
+    GLOBAL_ENDPOINT_FILTER_BITS_LOG2, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV,
     MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD,
     PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND,
     ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
@@ -110,6 +110,11 @@ pub struct Maps {
 }
 
 type FilterMap = Array<MapData, FilterLine>;
+
+/// Every line of ENDPOINT_FILTER `map`.
+fn read_filter_lines(map: &FilterMap) -> Result<Vec<FilterLine>, aya::maps::MapError> {
+    (0..map.len()).map(|i| map.get(&i, 0)).collect()
+}
 
 /// log2 of the bits of ENDPOINT_FILTER `map` (lines of 512 bits, a power of two).
 fn filter_bits_log2(map: &FilterMap) -> u32 {
@@ -225,8 +230,7 @@ impl Maps {
     fn filter_copy(&mut self) -> Result<Option<(&mut FilterMap, &mut FilterCopy)>, aya::maps::MapError> {
         let Some((map, copy)) = &mut self.endpoint_filter else { return Ok(None) };
         if copy.is_none() {
-            let lines = (0..map.len()).map(|i| map.get(&i, 0)).collect::<Result<_, _>>()?;
-            *copy = Some(FilterCopy::new(lines, filter_bits_log2(map)));
+            *copy = Some(FilterCopy::new(read_filter_lines(map)?, filter_bits_log2(map)));
         }
         Ok(copy.as_mut().map(|copy| (map, copy)))
     }
@@ -475,8 +479,7 @@ impl Maps {
             .collect();
         // The filter's entries are its bits set, out of all its bits.
         if let Some((map, _)) = &self.endpoint_filter {
-            let lines = (0..map.len()).map(|i| map.get(&i, 0)).collect::<Result<Vec<_>, _>>();
-            let lines = lines.map_err(map_err(MAP_ENDPOINT_FILTER))?;
+            let lines = read_filter_lines(map).map_err(map_err(MAP_ENDPOINT_FILTER))?;
             let (set, bits) = FilterCopy::new(lines, filter_bits_log2(map)).fill();
             let capacity = u32::try_from(bits).unwrap_or(u32::MAX);
             fill.push(crate::inspect::MapFill { map: MAP_ENDPOINT_FILTER, entries: set as usize, capacity });
@@ -636,7 +639,9 @@ impl crate::explain::MapLookups for Maps {
     }
 
     fn endpoint_filter_bits_log2(&self) -> u32 {
-        self.endpoint_filter.as_ref().map_or(lb_common::DEFAULT_ENDPOINT_FILTER_BITS_LOG2, |(map, _)| filter_bits_log2(map))
+        self.endpoint_filter
+            .as_ref()
+            .map_or(lb_common::DEFAULT_ENDPOINT_FILTER_BITS_LOG2, |(map, _)| filter_bits_log2(map))
     }
 
     fn now_ns(&self) -> u64 {

@@ -11,8 +11,8 @@ use std::collections::HashSet;
 
 use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
-    CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CtKey, CtValue, FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, FilterLine, filter_bit, filter_lines,
-    filter_position,
+    CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CtKey, CtValue, FILTER_ANY_PORT,
+    FILTER_FROM, FILTER_TO, FilterLine, filter_bit, filter_lines, filter_position,
 };
 
 use crate::{
@@ -177,11 +177,7 @@ impl FilterCopy {
             self.set -= 1;
             changed.insert(line);
         }
-        for bit in wanted.iter().copied() {
-            if let Some((line, _)) = self.set(bit) {
-                changed.insert(line);
-            }
-        }
+        changed.extend(self.set_all(wanted.iter().copied()).into_iter().map(|(line, _)| line));
         self.unneeded = keep.into_iter().collect();
         changed.into_iter().map(|line| (line, self.lines[line as usize])).collect()
     }
@@ -241,16 +237,7 @@ mod tests {
             protocol: 6,
             _pad: [0; 3],
         };
-        let forward = CtValue {
-            nat_addr: [10, 244, 1, 5],
-            nat_port: [0x1f, 0x90],
-            direction: CT_DIRECTION_DNAT,
-            state: 0,
-            last_seen_ns: 0,
-            snat_addr: [0; 4],
-            snat_port: [0; 2],
-            _pad: [0; 2],
-        };
+        let forward = CtValue { direction: CT_DIRECTION_DNAT, ..Default::default() };
         let live: HashSet<u32> = flow_bit(&flow, &forward, BITS).into_iter().collect();
         assert_eq!(packet_bits(&flow, BITS)[0], flow_bit(&flow, &forward, BITS).unwrap());
         let none = HashSet::new();

@@ -199,9 +199,8 @@ mod tests {
 
     #[test]
     fn the_endpoint_filter_grows_with_the_maps_it_covers() {
-        let bits = |services, backends| {
-            endpoint_filter_bits_log2(&MapSizes { services, backends, ..MapSizes::default() })
-        };
+        let bits =
+            |services, backends| endpoint_filter_bits_log2(&MapSizes { services, backends, ..MapSizes::default() });
         // The defaults: 131,072 entries, 4 Mi bits (512 KiB).
         assert_eq!(endpoint_filter_bits_log2(&MapSizes::default()), lb_common::DEFAULT_ENDPOINT_FILTER_BITS_LOG2);
         // 100,000 Services of 4 backends: 32 Mi bits (4 MiB).
