@@ -104,8 +104,13 @@ fn the_api_server_away_for_a_minute_fails_no_request_and_the_agent_converges_aft
     assert_eq!(agent.maps().unwrap().frontends().count(), 1, "nothing changes while the API server is away");
     api.restart().unwrap();
     // The watch retries with a backoff of up to 30 s.
+    // The Service and its EndpointSlice come back on separate watches: the
+    // new frontend may be served for a moment with no endpoints (refused,
+    // as kube-proxy refuses it) before its slice arrives, so wait for both.
     converge(&mut agent, "the changes made during the outage", Duration::from_secs(45), |c| {
-        backends_of_stable(c) == 3 && c.frontends().count() == 2
+        let other_backends =
+            c.frontends().find(|(k, _)| k.vip == other.ip().octets()).map_or(0, |(_, b)| b.len());
+        backends_of_stable(c) == 3 && c.frontends().count() == 2 && other_backends == 1
     });
     assert_eq!(cluster.pod("client").netns.enter(|| tcp_ask(other)).unwrap(), "backend-2");
     traffic.stop().assert_none_failed(1000);
