@@ -100,9 +100,10 @@ pub const FILTER_ANY_PORT: [u8; 2] = [0, 0];
 /// The bit of `addr`:`port` on `side` in an ENDPOINT_FILTER of
 /// 2^`bits_log2` bits: the same function in the kernel and in the agent.
 /// Fibonacci hashing: one multiply, and the top bits are well mixed.
+/// An IPv6 address is folded to a word first (`Address::fold_ne`).
 #[inline(always)]
-pub const fn filter_bit(side: u8, addr: [u8; 4], port: [u8; 2], bits_log2: u32) -> u32 {
-    let key = u32::from_ne_bytes(addr) as u64 | (u16::from_ne_bytes(port) as u64) << 32 | (side as u64) << 48;
+pub fn filter_bit<A: Address>(side: u8, addr: A, port: [u8; 2], bits_log2: u32) -> u32 {
+    let key = addr.fold_ne() as u64 | (u16::from_ne_bytes(port) as u64) << 32 | (side as u64) << 48;
     (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - clamp_filter_bits(bits_log2))) as u32
 }
 
@@ -186,11 +187,156 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// An IPv4 address, network order: the address type of the IPv4 maps.
+pub type Ipv4 = [u8; 4];
+/// An IPv6 address: its 16 bytes in network order, held as four words
+/// (each `u32::from_ne_bytes` of a quarter), the address type of the `*6`
+/// maps. As words, the programs move an address in four loads and keep it
+/// in four stack slots, not sixteen: byte arrays of this size spilled a
+/// byte per slot and overflowed the verifier's 512-byte stack.
+pub type Ipv6 = [u32; 4];
+
+/// An IPv6 address's bytes as an `Ipv6`.
+pub const fn ipv6(bytes: [u8; 16]) -> Ipv6 {
+    let b = bytes;
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// An `Ipv6`'s bytes, network order.
+pub const fn ipv6_octets(addr: Ipv6) -> [u8; 16] {
+    let w = [addr[0].to_ne_bytes(), addr[1].to_ne_bytes(), addr[2].to_ne_bytes(), addr[3].to_ne_bytes()];
+    [
+        w[0][0], w[0][1], w[0][2], w[0][3], w[1][0], w[1][1], w[1][2], w[1][3], w[2][0], w[2][1], w[2][2], w[2][3],
+        w[3][0], w[3][1], w[3][2], w[3][3],
+    ]
+}
+
+/// What differs between the families in the keys and values the maps
+/// share the layout of. Every map with an address in its key or value
+/// comes in two: the IPv4 one (`SERVICES`, keyed by `ServiceKey`, which
+/// is `ServiceKey<Ipv4>`) and the IPv6 one (`SERVICES6`, keyed by
+/// `ServiceKey6`). The IPv4 layouts are the ones they always were, so
+/// IPv4 pays nothing for IPv6 (ARCHITECTURE.md, "Two families").
+pub trait Address: Copy + Eq + Ord + core::hash::Hash + core::fmt::Debug + Default {
+    /// What `AffinityKey::client` holds: an address of this family or a
+    /// cookie.
+    type Client: Copy + Eq + Ord + core::hash::Hash + core::fmt::Debug + Default;
+    /// The source a pod sees on a connection it made to itself through a
+    /// Service (`HAIRPIN_ADDR`, `HAIRPIN_ADDR6`).
+    const HAIRPIN: Self;
+    /// The address as an affinity client.
+    fn client(self) -> Self::Client;
+    /// A cookie (network namespace, socket) as an affinity client.
+    fn cookie_client(cookie: u64) -> Self::Client;
+    /// The address folded to one word (big-endian words XORed), the input
+    /// of `flow_hash`: an IPv4 address is its own word.
+    fn fold_be(&self) -> u32;
+    /// The address folded to one word of its bytes as they lie in memory,
+    /// the input of `filter_bit`.
+    fn fold_ne(&self) -> u32;
+    /// The sum of the address's 16-bit words as they lie in memory, not
+    /// folded, and the sum of their complements: what replacing it adds
+    /// to an Internet checksum is `old.sum16_complement() + new.sum16()`
+    /// (RFC 1624, eqn. 3; byte order does not matter, RFC 1071).
+    fn sum16(&self) -> u32;
+    fn sum16_complement(&self) -> u32;
+}
+
+impl Address for Ipv4 {
+    type Client = [u8; 8];
+    const HAIRPIN: Self = HAIRPIN_ADDR;
+
+    #[inline(always)]
+    fn client(self) -> [u8; 8] {
+        [self[0], self[1], self[2], self[3], 0, 0, 0, 0]
+    }
+
+    #[inline(always)]
+    fn cookie_client(cookie: u64) -> [u8; 8] {
+        cookie.to_ne_bytes()
+    }
+
+    #[inline(always)]
+    fn fold_be(&self) -> u32 {
+        u32::from_be_bytes(*self)
+    }
+
+    #[inline(always)]
+    fn fold_ne(&self) -> u32 {
+        u32::from_ne_bytes(*self)
+    }
+
+    #[inline(always)]
+    fn sum16(&self) -> u32 {
+        u16::from_ne_bytes([self[0], self[1]]) as u32 + u16::from_ne_bytes([self[2], self[3]]) as u32
+    }
+
+    #[inline(always)]
+    fn sum16_complement(&self) -> u32 {
+        !u16::from_ne_bytes([self[0], self[1]]) as u32 + !u16::from_ne_bytes([self[2], self[3]]) as u32
+    }
+}
+
+impl Address for Ipv6 {
+    type Client = Ipv6;
+    const HAIRPIN: Self = HAIRPIN_ADDR6;
+
+    #[inline(always)]
+    fn client(self) -> Ipv6 {
+        self
+    }
+
+    #[inline(always)]
+    fn cookie_client(cookie: u64) -> Ipv6 {
+        [cookie as u32, (cookie >> 32) as u32, 0, 0]
+    }
+
+    #[inline(always)]
+    fn fold_be(&self) -> u32 {
+        u32::from_be(self[0])
+            ^ u32::from_be(self[1]).rotate_left(8)
+            ^ u32::from_be(self[2]).rotate_left(16)
+            ^ u32::from_be(self[3])
+    }
+
+    #[inline(always)]
+    fn fold_ne(&self) -> u32 {
+        self[0] ^ self[1].rotate_left(8) ^ self[2].rotate_left(16) ^ self[3]
+    }
+
+    #[inline(always)]
+    fn sum16(&self) -> u32 {
+        let mut sum = 0;
+        let mut i = 0;
+        while i < 4 {
+            sum += (self[i] & 0xffff) + (self[i] >> 16);
+            i += 1;
+        }
+        sum
+    }
+
+    #[inline(always)]
+    fn sum16_complement(&self) -> u32 {
+        let mut sum = 0;
+        let mut i = 0;
+        while i < 4 {
+            sum += (!self[i] & 0xffff) + (!self[i] >> 16);
+            i += 1;
+        }
+        sum
+    }
+}
+
 /// One frontend slot: (VIP, port, protocol, slot).
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub vip: [u8; 4],
+pub struct ServiceKey<A = Ipv4> {
+    pub vip: A,
     pub port: [u8; 2],
     /// 0 for the frontend's own entry, 1..=backend_count for its backends.
     pub slot: u16,
@@ -207,8 +353,11 @@ pub const SCOPE_EXTERNAL: u8 = 0;
 /// the node itself) see it, when its `FRONTEND_TWO_SCOPES` flag says so.
 pub const SCOPE_INTERNAL: u8 = 1;
 
-impl ServiceKey {
-    pub const fn new(vip: [u8; 4], port: [u8; 2], protocol: u8, slot: u16) -> Self {
+/// SERVICES6's key.
+pub type ServiceKey6 = ServiceKey<Ipv6>;
+
+impl<A: Copy> ServiceKey<A> {
+    pub const fn new(vip: A, port: [u8; 2], protocol: u8, slot: u16) -> Self {
         Self { vip, port, slot, protocol, scope: SCOPE_EXTERNAL, _pad: [0; 2] }
     }
 
@@ -275,10 +424,12 @@ impl ServiceValue {
 /// The hash of a flow that picks its Maglev entry: the same function in
 /// the kernel and in userspace, so the agent (and tests) can tell which
 /// backend a flow will hit. Changing it reshuffles flows on upgrade.
-pub const fn flow_hash(key: &CtKey) -> u32 {
+/// An IPv6 flow's addresses are folded to a word each first.
+#[inline(always)]
+pub fn flow_hash<A: Address>(key: &CtKey<A>) -> u32 {
     let words = [
-        u32::from_be_bytes(key.saddr),
-        u32::from_be_bytes(key.daddr),
+        key.saddr.fold_be(),
+        key.daddr.fold_be(),
         (u16::from_be_bytes(key.sport) as u32) << 16 | u16::from_be_bytes(key.dport) as u32,
         key.protocol as u32,
     ];
@@ -341,8 +492,8 @@ pub struct SockRevNatValue {
 /// backend (unconnected UDP): what the AFFINITY map is keyed by.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AffinityKey {
-    pub vip: [u8; 4],
+pub struct AffinityKey<A: Address = Ipv4> {
+    pub vip: A,
     pub port: [u8; 2],
     pub protocol: u8,
     /// The `SCOPE_*` view of the frontend the backend was chosen from: an
@@ -351,9 +502,13 @@ pub struct AffinityKey {
     /// `AFFINITY_CLIENT_*`: what `client` holds.
     pub client_kind: u8,
     pub _pad: [u8; 7],
-    /// An IPv4 address (then 4 zero bytes), or a cookie in native order.
-    pub client: [u8; 8],
+    /// An address (`Address::client`: an IPv4 one then 4 zero bytes), or
+    /// a cookie in native order (then zero bytes).
+    pub client: A::Client,
 }
+
+/// AFFINITY6's key.
+pub type AffinityKey6 = AffinityKey<Ipv6>;
 
 /// `AffinityKey::client_kind`: a client address, seen by the packet hooks
 /// (kube-proxy's ClientIP).
@@ -366,8 +521,8 @@ pub const AFFINITY_CLIENT_NETNS: u8 = 1;
 /// its conntrack entry; held for the UDP conntrack timeout.
 pub const AFFINITY_CLIENT_SOCKET: u8 = 2;
 
-impl AffinityKey {
-    pub const fn new(frontend: &ServiceKey, client_kind: u8, client: [u8; 8]) -> Self {
+impl<A: Address> AffinityKey<A> {
+    pub const fn new(frontend: &ServiceKey<A>, client_kind: u8, client: A::Client) -> Self {
         Self {
             vip: frontend.vip,
             port: frontend.port,
@@ -380,12 +535,13 @@ impl AffinityKey {
     }
 
     /// The client address of an `AFFINITY_CLIENT_ADDR` key.
-    pub const fn addr_client(addr: [u8; 4]) -> [u8; 8] {
-        [addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0]
+    #[inline(always)]
+    pub fn addr_client(addr: A) -> A::Client {
+        addr.client()
     }
 
     /// The frontend view (slot 0) this client entry belongs to.
-    pub const fn frontend(&self) -> ServiceKey {
+    pub const fn frontend(&self) -> ServiceKey<A> {
         ServiceKey::new(self.vip, self.port, self.protocol, 0).with_scope(self.scope)
     }
 
@@ -411,16 +567,19 @@ pub const BACKEND_LOCAL: u8 = 1;
 /// A backend's address and target port.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
-    pub addr: [u8; 4],
+pub struct Backend<A = Ipv4> {
+    pub addr: A,
     pub port: [u8; 2],
     /// `BACKEND_*` bits.
     pub flags: u8,
     pub _pad: u8,
 }
 
-impl Backend {
-    pub const fn new(addr: [u8; 4], port: [u8; 2]) -> Self {
+/// BACKENDS6's value.
+pub type Backend6 = Backend<Ipv6>;
+
+impl<A: Copy> Backend<A> {
+    pub const fn new(addr: A, port: [u8; 2]) -> Self {
         Self { addr, port, flags: 0, _pad: 0 }
     }
 
@@ -453,23 +612,28 @@ pub struct ServiceAddr {
 /// LPM prefix length covers the frontend's 64 bits plus the client prefix.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRangeKey {
-    pub vip: [u8; 4],
+pub struct SourceRangeKey<A = Ipv4> {
+    pub vip: A,
     pub port: [u8; 2],
     pub protocol: u8,
     pub _pad: u8,
-    pub client: [u8; 4],
+    pub client: A,
 }
 
-/// Bits of a `SourceRangeKey` before the client address.
+/// Bits of a `SourceRangeKey` (IPv4) before the client address.
 pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+
+impl<A> SourceRangeKey<A> {
+    /// Bits of the key before the client address: the frontend's.
+    pub const FRONTEND_BITS: u32 = (core::mem::size_of::<A>() as u32 + 4) * 8;
+}
 
 /// A flow's 5-tuple as seen in the packet, before any rewrite.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtKey {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+pub struct CtKey<A = Ipv4> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub protocol: u8,
@@ -502,6 +666,14 @@ pub const CT_DIRECTION_SNAT_REPLY: u8 = 6;
 /// address would be dropped as martian; one from here makes the pod reply
 /// through its gateway, where the datapath turns it back.
 pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+/// The IPv6 hairpin source: a unique local address (RFC 4193) of our own,
+/// `fd6c:6200:4242::1`. Not link-local, so the pod routes its reply through
+/// its gateway (where the datapath turns it back), as it does for
+/// `HAIRPIN_ADDR`, rather than looking for it on its own link.
+pub const HAIRPIN_ADDR6: Ipv6 = ipv6([0xfd, 0x6c, 0x62, 0, 0x42, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01]);
+
+/// CONNTRACK6's key.
+pub type CtKey6 = CtKey<Ipv6>;
 
 /// `CtValue::state`: created, no packet but the first seen yet.
 pub const CT_STATE_NEW: u8 = 0;
@@ -525,31 +697,40 @@ pub mod ct_timeout {
 /// The address and port a conntrack hit rewrites to. The reply entry holds
 /// the VIP and port itself, so replies of open flows keep being translated
 /// even after their Service is deleted.
+/// `P` pads `last_seen_ns` and the end to their alignment: nothing for
+/// IPv4 (whose layout is the one CONNTRACK always had), 4 bytes each for
+/// IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CtValue {
-    pub nat_addr: [u8; 4],
+pub struct CtValue<A = Ipv4, P = [u8; 0]> {
+    pub nat_addr: A,
     pub nat_port: [u8; 2],
     /// One of `CT_DIRECTION_*`; anything else is ignored.
     pub direction: u8,
     /// `CT_STATE_*`; an unknown value is treated as NEW.
     pub state: u8,
+    pub _pad_to_u64: P,
     /// bpf_ktime_get_ns of the last packet (within `ct_timeout::REFRESH_NS`).
     pub last_seen_ns: u64,
     /// The second rewrite of SNAT flows (see `CT_DIRECTION_SNAT*`); zero
     /// for the other directions.
-    pub snat_addr: [u8; 4],
+    pub snat_addr: A,
     pub snat_port: [u8; 2],
     pub _pad: [u8; 2],
+    pub _pad_tail: P,
 }
 
-impl CtValue {
+/// CONNTRACK6's value.
+pub type CtValue6 = CtValue<Ipv6, [u8; 4]>;
+
+impl<A: Address, P> CtValue<A, P> {
     /// The key of the flow's other direction, for the entry `self` at `key`.
-    pub const fn peer_key(&self, key: &CtKey) -> CtKey {
+    #[inline(always)]
+    pub fn peer_key(&self, key: &CtKey<A>) -> CtKey<A> {
         let (saddr, sport, daddr, dport) = match self.direction {
             // client → VIP: the reply comes from the backend (the NAT target).
             CT_DIRECTION_DNAT => (self.nat_addr, self.nat_port, key.saddr, key.sport),
-            CT_DIRECTION_HAIRPIN => (self.nat_addr, self.nat_port, HAIRPIN_ADDR, key.sport),
+            CT_DIRECTION_HAIRPIN => (self.nat_addr, self.nat_port, A::HAIRPIN, key.sport),
             // backend → client: the request went from the client to the VIP.
             CT_DIRECTION_HAIRPIN_REPLY => (key.saddr, key.dport, self.nat_addr, self.nat_port),
             // client → frontend: the reply comes from the backend to this node.
@@ -649,6 +830,13 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceAddr>() == 4);
     assert!(core::mem::size_of::<SourceRangeKey>() == 12);
     assert!(core::mem::size_of::<TrafficCounter>() == 16);
+    assert!(core::mem::size_of::<ServiceKey6>() == 24);
+    assert!(core::mem::size_of::<Backend6>() == 20);
+    assert!(core::mem::size_of::<CtKey6>() == 40);
+    assert!(core::mem::size_of::<CtValue6>() == 56);
+    assert!(core::mem::size_of::<AffinityKey6>() == 44);
+    assert!(core::mem::size_of::<SourceRangeKey<Ipv6>>() == 36);
+    assert!(SourceRangeKey::<Ipv4>::FRONTEND_BITS == SOURCE_RANGE_FRONTEND_BITS);
 };
 
 #[cfg(feature = "user")]
@@ -668,6 +856,12 @@ mod user {
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for ServiceAddr {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
+    unsafe impl aya::Pod for AffinityKey6 {}
+    unsafe impl aya::Pod for SourceRangeKey<Ipv6> {}
 }
 
 #[cfg(test)]
@@ -691,7 +885,7 @@ mod tests {
         }
         // Neighbouring pod addresses land all over the bitmap.
         assert!(lines.iter().all(|n| n.abs_diff(seen / 64) < seen / 64 / 2), "{lines:?}");
-        let (addr, bits) = ([10, 96, 0, 10], DEFAULT_ENDPOINT_FILTER_BITS_LOG2);
+        let (addr, bits) = ([10u8, 96, 0, 10], DEFAULT_ENDPOINT_FILTER_BITS_LOG2);
         assert_ne!(filter_bit(FILTER_TO, addr, [0, 80], bits), filter_bit(FILTER_FROM, addr, [0, 80], bits));
         assert_ne!(filter_bit(FILTER_TO, addr, [0, 80], bits), filter_bit(FILTER_TO, addr, [0, 81], bits));
         // Out-of-range sizes are clamped, never a shift past 63.
@@ -707,7 +901,7 @@ mod tests {
             let flows = 20_000u32;
             for port in 0..flows {
                 let key = CtKey {
-                    saddr: [10, 244, 0, 20],
+                    saddr: [10u8, 244, 0, 20],
                     daddr: [10, 96, 0, 10],
                     sport: ((port % 60_000) as u16 + 1024).to_be_bytes(),
                     dport: 80u16.to_be_bytes(),

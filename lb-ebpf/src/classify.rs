@@ -5,23 +5,22 @@
 //! `Verdict`; knows nothing of the hook.
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    AFFINITY_CLIENT_ADDR, AffinityKey, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
-    CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, FRONTEND_EXTERNAL,
-    SOURCE_RANGE_FRONTEND_BITS, SourceRangeKey, flow_hash,
+    AFFINITY_CLIENT_ADDR, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
+    CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CtKey, FRONTEND_EXTERNAL, SourceRangeKey,
+    flow_hash,
 };
 
 use crate::{
     conntrack, filter,
     lb::{self, Empty, Lookup, Selector},
-    maps::SOURCE_RANGES,
     parse::Packet,
-    snat,
+    snat::SnatSource,
     verdict::{Origin, Verdict},
 };
 
 /// Decides what to do with `packet`, creating conntrack entries for new flows.
 #[inline(always)]
-pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
+pub fn classify<A: SnatSource>(packet: &Packet<A>, origin: Origin) -> Verdict<A> {
     if !filter::may_be_service_traffic(packet) {
         return Verdict::Pass;
     }
@@ -29,6 +28,13 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
     if let Some(verdict) = conntrack::established(&key, packet) {
         return verdict;
     }
+    new_flow(&key, packet, origin)
+}
+
+/// The first packet of a flow (or one whose entry is gone): the Service's
+/// lookup and selection, then the flow's conntrack entries.
+#[inline(always)]
+fn new_flow<A: SnatSource>(key: &CtKey<A>, packet: &Packet<A>, origin: Origin) -> Verdict<A> {
     let internal_client = matches!(origin, Origin::Pod);
     let frontend = match lb::lookup(packet.daddr, packet.dport, packet.protocol, internal_client) {
         Lookup::NotService => return Verdict::Pass,
@@ -55,8 +61,8 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
     let now = conntrack::now();
     let selector = Selector {
         client_kind: AFFINITY_CLIENT_ADDR,
-        client: AffinityKey::addr_client(packet.saddr),
-        hash: flow_hash(&key),
+        client: packet.saddr.client(),
+        hash: flow_hash(key),
         sticky: None,
     };
     let Some((_, backend)) = lb::select(&frontend, &selector, now) else {
@@ -67,7 +73,7 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
     // another node directly: that node would reply from the pod's address.
     let snat = match origin {
         Origin::Wire { ctx, ifindex } if frontend.flags & FRONTEND_EXTERNAL != 0 && !backend.is_local() => {
-            let Some(source) = snat::source(ctx, ifindex, packet, &backend) else {
+            let Some(source) = A::snat_source(ctx, ifindex, packet, &backend) else {
                 return Verdict::SnatFailed;
             };
             Some(source)
@@ -84,14 +90,14 @@ pub fn classify(packet: &Packet, origin: Origin) -> Verdict {
     // An SNAT flow's reply entry also restores the client.
     let client = if snat.is_some() { (packet.saddr, packet.sport) } else { Default::default() };
     let reply = conntrack::entry((packet.daddr, packet.dport), reply_direction, client, now);
-    conntrack::create(&key, &forward, &reply);
+    conntrack::create(key, &forward, &reply);
     Verdict::Dnat { backend, new: true, hairpin, snat }
 }
 
 /// Whether the client of `packet` is inside one of its frontend's
 /// loadBalancerSourceRanges.
 #[inline(always)]
-fn source_allowed(packet: &Packet) -> bool {
+fn source_allowed<A: SnatSource>(packet: &Packet<A>) -> bool {
     let data = SourceRangeKey {
         vip: packet.daddr,
         port: packet.dport,
@@ -99,5 +105,6 @@ fn source_allowed(packet: &Packet) -> bool {
         _pad: 0,
         client: packet.saddr,
     };
-    SOURCE_RANGES.get(&Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, data)).is_some()
+    let client_bits = 8 * core::mem::size_of::<A>() as u32;
+    A::source_ranges().get(&Key::new(SourceRangeKey::<A>::FRONTEND_BITS + client_bits, data)).is_some()
 }

@@ -7,7 +7,11 @@ use lb_common::{
     ct_timeout,
 };
 
-use crate::{maps::CONNTRACK, parse::Packet, verdict::Verdict};
+use crate::{
+    family::{Ct, Family},
+    parse::Packet,
+    verdict::Verdict,
+};
 
 /// The time conntrack and affinity entries are stamped with:
 /// CLOCK_MONOTONIC_COARSE. Timeouts are seconds long, so a clock that
@@ -20,26 +24,15 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The conntrack key of `packet`'s flow, built a word at a time: field by
-/// field, the compiler stores the addresses byte by byte and zeroes the
-/// padding with a call to memset, on every packet.
+/// The conntrack key of `packet`'s flow (`Family::flow_key`).
 #[inline(always)]
-pub fn flow_key(packet: &Packet) -> CtKey {
-    let ports = [packet.sport[0], packet.sport[1], packet.dport[0], packet.dport[1]];
-    let words = [
-        u32::from_ne_bytes(packet.saddr),
-        u32::from_ne_bytes(packet.daddr),
-        u32::from_ne_bytes(ports),
-        u32::from_ne_bytes([packet.protocol, 0, 0, 0]),
-    ];
-    // SAFETY: CtKey is repr(C), 16 bytes of plain integers without
-    // implicit padding, laid out as these four words are in memory.
-    unsafe { core::mem::transmute::<[u32; 4], CtKey>(words) }
+pub fn flow_key<A: Family>(packet: &Packet<A>) -> CtKey<A> {
+    A::flow_key(packet.saddr, packet.daddr, packet.sport, packet.dport, packet.protocol)
 }
 
 /// Moves a live entry's state on with this packet and refreshes its time.
 #[inline(always)]
-fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
+fn track<A: Family>(key: &CtKey<A>, ct: *mut Ct<A>, packet: &Packet<A>, now: u64) {
     // SAFETY: a pointer to a map value, valid for this program run; racing
     // writers on other CPUs store the same kind of values.
     let ct = unsafe { &mut *ct };
@@ -50,7 +43,7 @@ fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
         // enough to pay for the second lookup.
         // Its clock restarts too: a direction idle for longer than the
         // closing timeout must still carry the other side's FIN or RST.
-        if let Some(peer) = CONNTRACK.get_ptr_mut(ct.peer_key(key)) {
+        if let Some(peer) = A::conntrack().get_ptr_mut(ct.peer_key(key)) {
             // SAFETY: as above.
             unsafe {
                 (*peer).state = CT_STATE_CLOSING;
@@ -69,7 +62,7 @@ fn track(key: &CtKey, ct: *mut CtValue, packet: &Packet, now: u64) {
 
 /// What conntrack entry `value` (at `key`) does to the packets of its flow.
 #[inline(always)]
-fn tracked_verdict(key: &CtKey, value: &CtValue) -> Verdict {
+fn tracked_verdict<A: Family>(key: &CtKey<A>, value: &Ct<A>) -> Verdict<A> {
     let nat = Backend::new(value.nat_addr, value.nat_port);
     match value.direction {
         CT_DIRECTION_REVERSE_SNAT => Verdict::ReverseNat(value.nat_addr, value.nat_port),
@@ -91,9 +84,9 @@ fn tracked_verdict(key: &CtKey, value: &CtValue) -> Verdict {
 /// The verdict of the live conntrack entry at `key`, if any, without
 /// refreshing it: for ICMP errors about a flow, which are not its traffic.
 #[inline(always)]
-pub fn tracked(key: &CtKey) -> Option<Verdict> {
+pub fn tracked<A: Family>(key: &CtKey<A>) -> Option<Verdict<A>> {
     // SAFETY: plain data; a torn read gives a mix of valid entries at worst.
-    let value = unsafe { CONNTRACK.get(key) }?;
+    let value = unsafe { A::conntrack().get(key) }?;
     let now = now();
     (now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(key.protocol)).then(|| tracked_verdict(key, value))
 }
@@ -101,8 +94,8 @@ pub fn tracked(key: &CtKey) -> Option<Verdict> {
 /// The verdict of `packet`'s live entry, refreshed with it; `None` when the
 /// flow has none (or a TCP SYN starts it anew).
 #[inline(always)]
-pub fn established(key: &CtKey, packet: &Packet) -> Option<Verdict> {
-    let ct = CONNTRACK.get_ptr_mut(*key)?;
+pub fn established<A: Family>(key: &CtKey<A>, packet: &Packet<A>) -> Option<Verdict<A>> {
+    let ct = A::conntrack().get_ptr_mut(*key)?;
     // The clock is read only on paths that need it: traffic that is not
     // for a service never pays for it.
     let now = now();
@@ -125,27 +118,29 @@ pub fn established(key: &CtKey, packet: &Packet) -> Option<Verdict> {
 /// Records a new flow: the entry of its first packet (at `key`) and of its
 /// replies.
 #[inline(always)]
-pub fn create(key: &CtKey, forward: &CtValue, reply: &CtValue) {
+pub fn create<A: Family>(key: &CtKey<A>, forward: &Ct<A>, reply: &Ct<A>) {
     // The reply entry goes in first: once the forward entry exists, a reply
     // may already be on its way. An LRU map evicts rather than fails when
     // full, so the results only matter if the kernel is out of memory, and
     // then the packet is still translated and the next one retries.
-    let _ = CONNTRACK.insert(&forward.peer_key(key), reply, 0);
-    let _ = CONNTRACK.insert(key, forward, 0);
+    let _ = A::conntrack().insert(&forward.peer_key(key), reply, 0);
+    let _ = A::conntrack().insert(key, forward, 0);
 }
 
 /// A new entry of `direction` rewriting to `nat`, with `snat` as its
 /// second rewrite (zero when none).
 #[inline(always)]
-pub fn entry(nat: ([u8; 4], [u8; 2]), direction: u8, snat: ([u8; 4], [u8; 2]), now: u64) -> CtValue {
+pub fn entry<A: Family>(nat: (A, [u8; 2]), direction: u8, snat: (A, [u8; 2]), now: u64) -> Ct<A> {
     CtValue {
         nat_addr: nat.0,
         nat_port: nat.1,
         direction,
         state: CT_STATE_NEW,
+        _pad_to_u64: Default::default(),
         last_seen_ns: now,
         snat_addr: snat.0,
         snat_port: snat.1,
         _pad: [0; 2],
+        _pad_tail: Default::default(),
     }
 }

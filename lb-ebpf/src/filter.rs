@@ -5,6 +5,7 @@
 use lb_common::{FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, filter_bit, filter_position};
 
 use crate::{
+    family::Family,
     maps::{ENDPOINT_FILTER, endpoint_filter_bits_log2},
     parse::Packet,
 };
@@ -14,7 +15,7 @@ use crate::{
 /// entry concerns it. True on a false positive, and when the map cannot
 /// be read (the full path decides then, as without the filter).
 #[inline(always)]
-pub fn may_be_service_traffic(packet: &Packet) -> bool {
+pub fn may_be_service_traffic<A: Family>(packet: &Packet<A>) -> bool {
     let bits = endpoint_filter_bits_log2();
     is_set(filter_bit(FILTER_TO, packet.daddr, packet.dport, bits))
         || is_set(filter_bit(FILTER_FROM, packet.saddr, packet.sport, bits))

@@ -4,18 +4,21 @@
 //! sockets (the cgroup hooks) alike. The hooks only adapt a packet or a
 //! socket to `lookup` and `select`.
 use lb_common::{
-    ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, Backend, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_SOURCE_RANGES,
-    FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, ServiceKey, ct_timeout, random_slot,
+    ADDR_DROP_UNKNOWN_PORTS, Address, AffinityKey, AffinityValue, Backend, FRONTEND_DROP_WHEN_EMPTY,
+    FRONTEND_SOURCE_RANGES, FRONTEND_TWO_SCOPES, Ipv4, SCOPE_INTERNAL, ServiceKey, ct_timeout, random_slot,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICE_ADDRS, SERVICES, flow_seed, maglev_table_size};
+use crate::{
+    family::Family,
+    maps::{flow_seed, maglev_table_size},
+};
 
 /// A frontend as one client sees it.
 #[derive(Clone, Copy)]
-pub struct Frontend {
+pub struct Frontend<A = Ipv4> {
     /// Slot 0 of the view the client gets: for clients inside the cluster,
     /// the internal one when the frontend has two.
-    pub key: ServiceKey,
+    pub key: ServiceKey<A>,
     pub backend_count: u16,
     /// `FRONTEND_*` bits of that view.
     pub flags: u8,
@@ -26,7 +29,7 @@ pub struct Frontend {
 }
 
 /// What a service address and port are.
-pub enum Lookup {
+pub enum Lookup<A = Ipv4> {
     /// Not a service address: none of our business.
     NotService,
     /// A service address on a port (and protocol) no Service defines.
@@ -35,7 +38,7 @@ pub enum Lookup {
     UnknownPort {
         cluster_ip: bool,
     },
-    Frontend(Frontend),
+    Frontend(Frontend<A>),
 }
 
 /// What a client gets from a frontend without backends.
@@ -47,7 +50,7 @@ pub enum Empty {
     Drop,
 }
 
-impl Frontend {
+impl<A> Frontend<A> {
     /// `Some` when the frontend has no backend for this client.
     #[inline(always)]
     pub fn empty(&self) -> Option<Empty> {
@@ -62,17 +65,17 @@ impl Frontend {
 /// The frontend at `addr`:`port`/`protocol` for a client inside the
 /// cluster (`internal_client`: pods, the node) or outside it.
 #[inline(always)]
-pub fn lookup(addr: [u8; 4], port: [u8; 2], protocol: u8, internal_client: bool) -> Lookup {
+pub fn lookup<A: Family>(addr: A, port: [u8; 2], protocol: u8, internal_client: bool) -> Lookup<A> {
     // Most traffic is not to a service address: one lookup tells.
     // SAFETY: map values are plain data; a concurrent update can at worst
     // give a torn mix of two valid entries, which is harmless here.
-    let Some(service_addr) = (unsafe { SERVICE_ADDRS.get(&addr) }) else {
+    let Some(service_addr) = (unsafe { A::service_addrs().get(&addr) }) else {
         return Lookup::NotService;
     };
     let cluster_ip = service_addr.flags & ADDR_DROP_UNKNOWN_PORTS != 0;
     let mut key = ServiceKey::new(addr, port, protocol, 0);
     // SAFETY: as above.
-    let Some(external) = (unsafe { SERVICES.get(&key) }) else {
+    let Some(external) = (unsafe { A::services().get(&key) }) else {
         return Lookup::UnknownPort { cluster_ip };
     };
     let mut value = *external;
@@ -80,7 +83,7 @@ pub fn lookup(addr: [u8; 4], port: [u8; 2], protocol: u8, internal_client: bool)
         let internal = key.with_scope(SCOPE_INTERNAL);
         // SAFETY: as above. A missing internal view (the agent writes it
         // after the external one) falls back to the external view.
-        if let Some(view) = unsafe { SERVICES.get(&internal) } {
+        if let Some(view) = unsafe { A::services().get(&internal) } {
             key = internal;
             value = *view;
         }
@@ -96,18 +99,18 @@ pub fn lookup(addr: [u8; 4], port: [u8; 2], protocol: u8, internal_client: bool)
 }
 
 /// Who is choosing, besides the frontend.
-pub struct Selector {
+pub struct Selector<A: Address = Ipv4> {
     /// The client as session affinity knows it (`AFFINITY_CLIENT_*` and
     /// its value): a client address at the packet hooks, a network
     /// namespace at the socket hooks.
     pub client_kind: u8,
-    pub client: [u8; 8],
+    pub client: A::Client,
     /// The hash of the flow (or socket) that Maglev and random selection
     /// map to a backend.
     pub hash: u32,
     /// Without session affinity, keep one backend for this key for this
     /// long (ns): an unconnected UDP socket, which is one flow.
-    pub sticky: Option<(u8, [u8; 8], u64)>,
+    pub sticky: Option<(u8, A::Client, u64)>,
 }
 
 /// Picks `frontend`'s backend for `selector` (which must have backends):
@@ -120,7 +123,7 @@ pub struct Selector {
 /// The choice is remembered for affinity (each new connection restarts
 /// the timer, as kube-proxy's `recent` match does).
 #[inline(always)]
-pub fn select(frontend: &Frontend, selector: &Selector, now: u64) -> Option<(u32, Backend)> {
+pub fn select<A: Family>(frontend: &Frontend<A>, selector: &Selector<A>, now: u64) -> Option<(u32, Backend<A>)> {
     let memory = if frontend.affinity_timeout_s != 0 {
         let timeout_ns = u64::from(frontend.affinity_timeout_s) * 1_000_000_000;
         Some((AffinityKey::new(&frontend.key, selector.client_kind, selector.client), timeout_ns))
@@ -144,7 +147,7 @@ pub fn select(frontend: &Frontend, selector: &Selector, now: u64) -> Option<(u32
     })?;
     if let Some((key, _)) = memory {
         let value = AffinityValue { last_used_ns: now, backend_id: picked.0, _pad: [0; 4] };
-        let _ = AFFINITY.insert(&key, &value, 0);
+        let _ = A::affinity().insert(&key, &value, 0);
     }
     Some(picked)
 }
@@ -153,9 +156,13 @@ pub fn select(frontend: &Frontend, selector: &Selector, now: u64) -> Option<(u32
 /// there, with when it was last used. The agent deletes entries whose
 /// backend left the frontend.
 #[inline(always)]
-fn remembered_backend(key: &AffinityKey, now: u64, timeout_ns: u64) -> Option<(u64, (u32, Backend))> {
+fn remembered_backend<A: Family>(
+    key: &AffinityKey<A>,
+    now: u64,
+    timeout_ns: u64,
+) -> Option<(u64, (u32, Backend<A>))> {
     // SAFETY: plain data, as in `lookup`.
-    let entry = unsafe { AFFINITY.get(key) }?;
+    let entry = unsafe { A::affinity().get(key) }?;
     let (last_used, backend_id) = (entry.last_used_ns, entry.backend_id);
     if now.wrapping_sub(last_used) >= timeout_ns {
         return None;
@@ -164,32 +171,32 @@ fn remembered_backend(key: &AffinityKey, now: u64, timeout_ns: u64) -> Option<(u
 }
 
 #[inline(always)]
-fn backend(backend_id: u32) -> Option<(u32, Backend)> {
+fn backend<A: Family>(backend_id: u32) -> Option<(u32, Backend<A>)> {
     // SAFETY: plain data, as in `lookup`.
-    let backend = unsafe { BACKENDS.get(&backend_id) }?;
+    let backend = unsafe { A::backends().get(&backend_id) }?;
     Some((backend_id, *backend))
 }
 
 /// The backend Maglev table `table` (1-based) gives `hash`.
 #[inline(always)]
-fn maglev_backend(table: u32, hash: u32) -> Option<(u32, Backend)> {
+fn maglev_backend<A: Family>(table: u32, hash: u32) -> Option<(u32, Backend<A>)> {
     let size = maglev_table_size();
     if size == 0 {
         return None;
     }
     let index = (table - 1) * size + hash % size;
-    backend(*MAGLEV.get(index)?)
+    backend(*A::maglev().get(index)?)
 }
 
 /// The backend in the slot of `frontend` (which has `count` slots) that
 /// `hash` draws under this boot's seed.
 #[inline(always)]
-fn hashed_backend(frontend: &ServiceKey, count: u16, hash: u32) -> Option<(u32, Backend)> {
+fn hashed_backend<A: Family>(frontend: &ServiceKey<A>, count: u16, hash: u32) -> Option<(u32, Backend<A>)> {
     if count == 0 {
         return None;
     }
     let slot = random_slot(hash, flow_seed(), count);
     // SAFETY: plain data, as in `lookup`.
-    let backend_id = unsafe { SERVICES.get(&frontend.with_slot(slot)) }?.backend_id;
+    let backend_id = unsafe { A::services().get(&frontend.with_slot(slot)) }?.backend_id;
     backend(backend_id)
 }

@@ -4,6 +4,7 @@
 #![no_main]
 
 // Leaves: packet layout, map statics, rewrites and checksums, verdicts.
+mod family;
 mod maps;
 mod nat;
 mod parse;

@@ -14,18 +14,18 @@ use aya_ebpf::{
 };
 use core::ptr::{read_unaligned, read_volatile, write_unaligned};
 
-use lb_common::PROTO_UDP;
+use lb_common::{Ipv4, PROTO_UDP};
 
-use crate::parse::Packet;
+use crate::{family::Family, parse::Packet};
 
 /// An address and port, network order.
-pub type Endpoint = ([u8; 4], [u8; 2]);
+pub type Endpoint<A = Ipv4> = (A, [u8; 2]);
 
 /// The source and destination a packet leaves with.
 #[derive(Clone, Copy, Default)]
-pub struct Rewrite {
-    pub source: Endpoint,
-    pub destination: Endpoint,
+pub struct Rewrite<A = Ipv4> {
+    pub source: Endpoint<A>,
+    pub destination: Endpoint<A>,
     /// Routed on from here (an SNAT flow), not handed to the stack.
     pub forward: bool,
 }
@@ -37,7 +37,7 @@ pub trait Frame {
     fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], i64>;
     fn store<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64>;
     /// Gives `packet` the source and destination of `rewrite`, checksums included.
-    fn rewrite(&self, packet: &Packet, rewrite: &Rewrite) -> Result<(), i64>;
+    fn rewrite<A: Family>(&self, packet: &Packet<A>, rewrite: &Rewrite<A>) -> Result<(), i64>;
 }
 
 impl Frame for TcContext {
@@ -63,44 +63,59 @@ impl Frame for TcContext {
     /// updated: the addresses one by one, the two ports as one word. A
     /// function of its own, as for XDP: inlined, its stack would add to
     /// the pipeline's and break the verifier's limit on the external hook.
+    /// An IPv6 address is four words: its change goes in as one sum
+    /// (the helper's "by diff" form), not four calls.
     #[inline(never)]
-    fn rewrite(&self, packet: &Packet, rewrite: &Rewrite) -> Result<(), i64> {
+    fn rewrite<A: Family>(&self, packet: &Packet<A>, rewrite: &Rewrite<A>) -> Result<(), i64> {
         let (source, destination) = (rewrite.source, rewrite.destination);
         // A UDP checksum of 0 means "none" and must stay 0.
         let mangled_0 = if packet.protocol == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         let l4_check = packet.l4_check_offset();
-        let addr_flags = BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4;
         let old_addrs = [packet.saddr, packet.daddr];
         let new_addrs = [source.0, destination.0];
+        let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled_0;
         for (old, new) in old_addrs.iter().zip(&new_addrs) {
             if old != new {
-                self.l4_csum_replace(l4_check, word(*old), word(*new), addr_flags)?;
+                match (old.word(), new.word()) {
+                    (Some(old), Some(new)) => self.l4_csum_replace(l4_check, old, new, pseudo | 4)?,
+                    _ => {
+                        let diff = addr_diff(old, new);
+                        self.l4_csum_replace(l4_check, 0, u64::from(diff), pseudo)?
+                    }
+                }
             }
         }
         let old_ports = [packet.sport[0], packet.sport[1], packet.dport[0], packet.dport[1]];
         let new_ports = [source.1[0], source.1[1], destination.1[0], destination.1[1]];
         if old_ports != new_ports {
-            self.l4_csum_replace(l4_check, word(old_ports), word(new_ports), mangled_0 | 4)?;
+            let (old, new) = (u32::from_ne_bytes(old_ports), u32::from_ne_bytes(new_ports));
+            self.l4_csum_replace(l4_check, u64::from(old), u64::from(new), mangled_0 | 4)?;
         }
         // The helpers may have moved the data: only now take pointers.
         // SAFETY: the context's own __sk_buff, valid for the program run.
         let (data, data_end) =
             unsafe { (read_volatile(&(*self.skb.skb).data), read_volatile(&(*self.skb.skb).data_end)) };
         if old_addrs != new_addrs {
-            let diff = csum_diff(&packet.saddr, &source.0) + csum_diff(&packet.daddr, &destination.0);
-            let ip_check = load_at::<2>(data, data_end, packet.ip_check_offset())?;
-            store_at(data, data_end, packet.ip_check_offset(), &csum_apply(ip_check, diff))?;
-            store_at(data, data_end, packet.saddr_offset(), &source.0)?;
-            store_at(data, data_end, packet.daddr_offset(), &destination.0)?;
+            if let Some(ip_check_offset) = A::IP_CHECK_OFFSET {
+                let diff = addr_diff(&packet.saddr, &source.0) + addr_diff(&packet.daddr, &destination.0);
+                let at = packet.l3_offset + ip_check_offset;
+                let ip_check = load_at::<2>(data, data_end, at)?;
+                store_at(data, data_end, at, &csum_apply(ip_check, diff))?;
+            }
+            store_addr(data, data_end, packet.saddr_offset(), &source.0)?;
+            store_addr(data, data_end, packet.daddr_offset(), &destination.0)?;
         }
         store_at(data, data_end, packet.sport_offset(), &new_ports)
     }
 }
 
-/// The u64 the checksum helpers take for these bytes, as they lie in the packet.
+/// Writes the address `addr` at `offset` of the packet, in place.
 #[inline(always)]
-fn word(bytes: [u8; 4]) -> u64 {
-    u64::from(u32::from_ne_bytes(bytes))
+fn store_addr<A: Family>(data: u32, data_end: u32, offset: usize, addr: &A) -> Result<(), i64> {
+    let at = bytes_at_len(data, data_end, offset, core::mem::size_of::<A>())?;
+    // SAFETY: `bytes_at_len` checked that the address fits in the packet.
+    unsafe { write_unaligned(at as *mut A, *addr) };
+    Ok(())
 }
 
 /// Every field a hook rewrites lies within this many bytes of the frame's start.
@@ -131,16 +146,21 @@ fn store_at<const N: usize>(data: u32, data_end: u32, offset: usize, bytes: &[u8
 
 #[inline(always)]
 fn bytes_at<const N: usize>(data: u32, data_end: u32, offset: usize) -> Result<*mut [u8; N], i64> {
+    Ok(bytes_at_len(data, data_end, offset, N)? as *mut [u8; N])
+}
+
+#[inline(always)]
+fn bytes_at_len(data: u32, data_end: u32, offset: usize, len: usize) -> Result<*mut u8, i64> {
     // The verifier only accepts a variable offset into the packet with a
     // known upper bound.
     if offset > MAX_HEADER_OFFSET {
         return Err(OUTSIDE_FRAME);
     }
     let start = data as usize + offset;
-    if start + N > data_end as usize {
+    if start + len > data_end as usize {
         return Err(OUTSIDE_FRAME);
     }
-    Ok(start as *mut [u8; N])
+    Ok(start as *mut u8)
 }
 
 /// What replacing the bytes `old` by `new` adds to a one's complement sum
@@ -148,15 +168,21 @@ fn bytes_at<const N: usize>(data: u32, data_end: u32, offset: usize) -> Result<*
 /// as they lie in the packet, since the sum does not depend on byte order
 /// (RFC 1071) as long as the checksum is read and written the same way.
 #[inline(always)]
-fn csum_diff<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
+fn csum_diff(old: &[u8], new: &[u8]) -> u32 {
     let mut diff = 0;
     let mut i = 0;
-    while i + 1 < N {
+    while i + 1 < old.len() && i + 1 < new.len() {
         diff += u32::from(!u16::from_ne_bytes([old[i], old[i + 1]]));
         diff += u32::from(u16::from_ne_bytes([new[i], new[i + 1]]));
         i += 2;
     }
     diff
+}
+
+/// `csum_diff` of two addresses of a family.
+#[inline(always)]
+fn addr_diff<A: Family>(old: &A, new: &A) -> u32 {
+    old.sum16_complement() + new.sum16()
 }
 
 /// The Internet checksum `check` with `diff`, a sum of `csum_diff`s, applied.
@@ -171,7 +197,7 @@ fn csum_apply(check: [u8; 2], diff: u32) -> [u8; 2] {
 /// The Internet checksum `check` after the bytes `old` become `new`.
 #[inline(always)]
 pub fn csum_replace<const N: usize>(check: [u8; 2], old: &[u8; N], new: &[u8; N]) -> [u8; 2] {
-    csum_apply(check, csum_diff(old, new))
+    csum_apply(check, csum_diff(old.as_slice(), new.as_slice()))
 }
 
 impl Frame for XdpContext {
@@ -195,9 +221,9 @@ impl Frame for XdpContext {
     /// Both ends at once: one update of each checksum. A function of its
     /// own, so that its registers do not crowd the hook's stack.
     #[inline(never)]
-    fn rewrite(&self, packet: &Packet, rewrite: &Rewrite) -> Result<(), i64> {
+    fn rewrite<A: Family>(&self, packet: &Packet<A>, rewrite: &Rewrite<A>) -> Result<(), i64> {
         let (source, destination) = (rewrite.source, rewrite.destination);
-        let addrs = csum_diff(&packet.saddr, &source.0) + csum_diff(&packet.daddr, &destination.0);
+        let addrs = addr_diff(&packet.saddr, &source.0) + addr_diff(&packet.daddr, &destination.0);
         let ports = csum_diff(&packet.sport, &source.1) + csum_diff(&packet.dport, &destination.1);
         let l4_check_offset = packet.l4_check_offset();
         let l4_check = Frame::load::<2>(self, l4_check_offset)?;
@@ -207,10 +233,14 @@ impl Frame for XdpContext {
             let check = if packet.protocol == PROTO_UDP && check == [0, 0] { [0xff, 0xff] } else { check };
             Frame::store(self, l4_check_offset, &check)?;
         }
-        let ip_check = Frame::load::<2>(self, packet.ip_check_offset())?;
-        Frame::store(self, packet.ip_check_offset(), &csum_apply(ip_check, addrs))?;
-        Frame::store(self, packet.saddr_offset(), &source.0)?;
-        Frame::store(self, packet.daddr_offset(), &destination.0)?;
+        let (data, data_end) = xdp_data(self);
+        if let Some(ip_check_offset) = A::IP_CHECK_OFFSET {
+            let at = packet.l3_offset + ip_check_offset;
+            let ip_check = load_at::<2>(data, data_end, at)?;
+            store_at(data, data_end, at, &csum_apply(ip_check, addrs))?;
+        }
+        store_addr(data, data_end, packet.saddr_offset(), &source.0)?;
+        store_addr(data, data_end, packet.daddr_offset(), &destination.0)?;
         Frame::store(self, packet.sport_offset(), &source.1)?;
         Frame::store(self, packet.dport_offset(), &destination.1)
     }

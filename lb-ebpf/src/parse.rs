@@ -1,7 +1,9 @@
 //! Header parsing by direct packet access, shared by every hook.
 use core::mem::size_of;
 
-use lb_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use lb_common::{Ipv4, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
+use crate::family::Family;
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
@@ -10,6 +12,7 @@ pub const ICMP_HLEN: usize = 8;
 /// header and the first 8 bytes of its payload, after its own headers.
 pub const ICMP_REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + 8;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+
 /// Ethernet, the longest IPv4 header and a TCP header without options: what
 /// a hook must be able to read to translate a packet.
 pub const MAX_HEADERS_LEN: usize = ETH_HLEN + 60 + 20;
@@ -59,16 +62,14 @@ const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_CHECK_OFFSET: usize = 16;
 const UDP_CHECK_OFFSET: usize = 6;
-const IP_SADDR_OFFSET: usize = 12;
-const IP_DADDR_OFFSET: usize = 16;
 
-/// An IPv4 TCP or UDP packet, reduced to what NAT needs.
-pub struct Packet {
+/// A TCP or UDP packet of a family, reduced to what NAT needs.
+pub struct Packet<A = Ipv4> {
     pub l3_offset: usize,
     pub l4_offset: usize,
     pub protocol: u8,
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: A,
+    pub daddr: A,
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     /// A TCP SYN without ACK: the first packet of a new connection.
@@ -77,17 +78,19 @@ pub struct Packet {
     pub tcp_closing: bool,
 }
 
-impl Packet {
+impl Packet<Ipv4> {
+    pub fn ip_check_offset(&self) -> usize {
+        self.l3_offset + 10
+    }
+}
+
+impl<A: Family> Packet<A> {
     pub fn saddr_offset(&self) -> usize {
-        self.l3_offset + IP_SADDR_OFFSET
+        self.l3_offset + A::SADDR_OFFSET
     }
 
     pub fn daddr_offset(&self) -> usize {
-        self.l3_offset + IP_DADDR_OFFSET
-    }
-
-    pub fn ip_check_offset(&self) -> usize {
-        self.l3_offset + 10
+        self.l3_offset + A::DADDR_OFFSET
     }
 
     pub fn sport_offset(&self) -> usize {
@@ -149,6 +152,19 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Unparsed> {
         return Err(Unparsed::NotTranslatable);
     }
     let l4_offset = l3_offset + ihl * 4;
+    let (sport, dport, tcp_syn, tcp_closing) = parse_l4(data, data_end, l4_offset, protocol)?;
+    Ok(Packet { l3_offset, l4_offset, protocol, saddr, daddr, sport, dport, tcp_syn, tcp_closing })
+}
+
+/// The ports and TCP flags (SYN without ACK, FIN or RST) of the TCP or UDP
+/// header at `l4_offset`.
+#[inline(always)]
+fn parse_l4(
+    data: usize,
+    data_end: usize,
+    l4_offset: usize,
+    protocol: u8,
+) -> Result<([u8; 2], [u8; 2], bool, bool), Unparsed> {
     // Every L4 field is read through the one pointer whose bounds were
     // checked: the verifier loses track of a pointer rebuilt from an offset.
     let (ports, tcp_flags) = if protocol == PROTO_TCP {
@@ -164,5 +180,5 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Unparsed> {
     let (sport, dport) = (ports.source, ports.destination);
     let tcp_syn = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let tcp_closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
-    Ok(Packet { l3_offset, l4_offset, protocol, saddr, daddr, sport, dport, tcp_syn, tcp_closing })
+    Ok((sport, dport, tcp_syn, tcp_closing))
 }

@@ -5,13 +5,28 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC},
     helpers::bpf_get_prandom_u32,
 };
-use lb_common::{Backend, CtKey};
+use lb_common::{Backend, CtKey, Ipv4};
 
 use crate::{
+    family::Family,
     maps::CONNTRACK,
     parse::Packet,
     route::{fib_lookup, fib_params},
 };
+
+/// How a family's external clients are source-NATed toward a backend on
+/// another node.
+pub trait SnatSource: Family {
+    fn snat_source(ctx: *mut c_void, ifindex: u32, packet: &Packet<Self>, backend: &Backend<Self>)
+    -> Option<(Self, [u8; 2])>;
+}
+
+impl SnatSource for Ipv4 {
+    #[inline(always)]
+    fn snat_source(ctx: *mut c_void, ifindex: u32, packet: &Packet, backend: &Backend) -> Option<([u8; 4], [u8; 2])> {
+        source(ctx, ifindex, packet, backend)
+    }
+}
 
 /// Ports tried when the client's own port is taken toward that backend.
 const PORT_FIRST: u32 = 32_768;

@@ -1,9 +1,10 @@
 //! Applying a verdict to a packet: the rewrites every hook shares. What
 //! happens to the packet afterwards (pass, forward, drop, refuse) is the
 //! hook's business.
-use lb_common::{HAIRPIN_ADDR, counter};
+use lb_common::counter;
 
 use crate::{
+    family::Family,
     nat::{Endpoint, Frame, Rewrite},
     parse::Packet,
     verdict::Verdict,
@@ -14,12 +15,16 @@ use crate::{
 /// what each conntrack direction rewrites, for packets and for the packets
 /// quoted in ICMP errors alike.
 #[inline(always)]
-pub fn rewrite_of(verdict: &Verdict, source: Endpoint, destination: Endpoint) -> Option<Rewrite> {
+pub fn rewrite_of<A: Family>(
+    verdict: &Verdict<A>,
+    source: Endpoint<A>,
+    destination: Endpoint<A>,
+) -> Option<Rewrite<A>> {
     Some(match *verdict {
         Verdict::Dnat { backend, snat, hairpin, .. } => Rewrite {
             source: match snat {
                 Some(snat) => snat,
-                None if hairpin => (HAIRPIN_ADDR, source.1),
+                None if hairpin => (A::HAIRPIN, source.1),
                 None => source,
             },
             destination: (backend.addr, backend.port),
@@ -48,7 +53,11 @@ pub enum Action {
 /// Rewrites `packet` as `verdict` says; returns the counter to bump and
 /// the action to take.
 #[inline(always)]
-pub fn translate<F: Frame>(frame: &F, packet: &Packet, verdict: Verdict) -> Result<(u32, Action), i64> {
+pub fn translate<F: Frame, A: Family>(
+    frame: &F,
+    packet: &Packet<A>,
+    verdict: Verdict<A>,
+) -> Result<(u32, Action), i64> {
     if let Some(rewrite) = rewrite_of(&verdict, (packet.saddr, packet.sport), (packet.daddr, packet.dport)) {
         frame.rewrite(packet, &rewrite)?;
         let index = match verdict {

@@ -1,6 +1,6 @@
 //! What the packet pipeline decides: the type every packet hook, conntrack
 //! and the rewrites share.
-use lb_common::Backend;
+use lb_common::{Backend, Ipv4};
 
 /// Where a packet entered the node.
 #[derive(Clone, Copy)]
@@ -13,16 +13,16 @@ pub enum Origin {
 }
 
 /// What a hook does with a packet.
-pub enum Verdict {
+pub enum Verdict<A = Ipv4> {
     /// Rewrite the destination to this backend; `new` for the first packet
     /// of a flow; `hairpin` when the backend is the client itself, and the
     /// source must become `HAIRPIN_ADDR`; `snat` when the backend is on
     /// another node and the source must become this node's address and
     /// port, after which the packet is sent on.
-    Dnat { backend: Backend, new: bool, hairpin: bool, snat: Option<([u8; 4], [u8; 2])> },
+    Dnat { backend: Backend<A>, new: bool, hairpin: bool, snat: Option<(A, [u8; 2])> },
     /// The reply of an SNAT flow: rewrite the source to the service and the
     /// destination to the client, and send it back to the client.
-    SnatReply { service: ([u8; 4], [u8; 2]), client: ([u8; 4], [u8; 2]) },
+    SnatReply { service: (A, [u8; 2]), client: (A, [u8; 2]) },
     /// New flow from a client outside the frontend's source ranges.
     SourceRangeDenied,
     /// For a traffic-policy-Local frontend without a local backend.
@@ -31,10 +31,10 @@ pub enum Verdict {
     /// source-NATed (no route to it, or no free port).
     SnatFailed,
     /// Rewrite the source back to the service address and port.
-    ReverseNat([u8; 4], [u8; 2]),
+    ReverseNat(A, [u8; 2]),
     /// Rewrite the source back to the service address and port, and the
     /// destination back to the client's own address.
-    HairpinReply { service: ([u8; 4], [u8; 2]), client: [u8; 4] },
+    HairpinReply { service: (A, [u8; 2]), client: A },
     /// Not for a service.
     Pass,
     /// For a service without a ready backend: refuse the connection.

@@ -270,7 +270,7 @@ fn session_affinity_keeps_each_client_on_one_backend() {
         }
     }
     let frontend = ServiceKey::new(VIP, 80u16.to_be_bytes(), packet::TCP, 0);
-    let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10, 244, 1, 1]));
+    let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10u8, 244, 1, 1]));
     let entry = h.datapath.maps.affinity.get(&key, 0).expect("affinity entry");
     assert!(monotonic_ns().wrapping_sub(entry.last_used_ns) < 5_000_000_000, "timestamp is kernel monotonic time");
 }
@@ -284,7 +284,7 @@ fn fresh_affinity_is_followed_and_expired_affinity_is_not() {
     let first = id_of(&h, BACKENDS3[0]);
     let seed = |h: &mut Harness, client: u8, last_used_ns: u64| {
         let frontend = ServiceKey::new(VIP, 80u16.to_be_bytes(), packet::TCP, 0);
-        let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10, 244, 2, client]));
+        let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10u8, 244, 2, client]));
         h.datapath
             .maps
             .affinity

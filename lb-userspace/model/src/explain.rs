@@ -418,7 +418,7 @@ mod tests {
         // Affinity: remembered 30 s ago, within 60 s.
         let sticky = contents(3, |n| ServiceValue::frontend(n, 0, 60, 0));
         let frontend = ServiceKey::new(VIP, 80u16.to_be_bytes(), 6, 0);
-        let client = AffinityKey::addr_client([10, 244, 1, 5]);
+        let client = AffinityKey::addr_client([10u8, 244, 1, 5]);
         lookups.affinity.insert(
             AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, client),
             AffinityValue { last_used_ns: 70_000_000_000, backend_id: 3, _pad: [0; 4] },
@@ -437,6 +437,7 @@ mod tests {
             snat_addr: [0; 4],
             snat_port: [0; 2],
             _pad: [0; 2],
+            ..Default::default()
         };
         lookups.conntrack.push((key, entry));
         let answer = explain(&sticky, &lookups, 7, flow(Some(40000)), Hook::Pod);

@@ -206,9 +206,9 @@ mod tests {
     fn entries_need_their_frontends_cluster_ips_and_backends_bits() {
         let wanted = wanted(&contents(), BITS);
         let expected = [
-            filter_bit(FILTER_TO, [10, 96, 0, 10], [0, 80], BITS),
-            filter_bit(FILTER_TO, [10, 96, 0, 10], FILTER_ANY_PORT, BITS),
-            filter_bit(FILTER_FROM, [10, 244, 1, 5], [0x1f, 0x90], BITS),
+            filter_bit(FILTER_TO, [10u8, 96, 0, 10], [0, 80], BITS),
+            filter_bit(FILTER_TO, [10u8, 96, 0, 10], FILTER_ANY_PORT, BITS),
+            filter_bit(FILTER_FROM, [10u8, 244, 1, 5], [0x1f, 0x90], BITS),
         ];
         assert_eq!(wanted, expected.into_iter().collect());
         // Each write that adds one of them names its bit; slots name none.
@@ -243,9 +243,9 @@ mod tests {
         let none = HashSet::new();
         assert!(copy.has_unneeded(&none));
         assert!(copy.sweep(&none, &live).is_empty(), "the first sweep only notes the unneeded");
-        let frontend = filter_bit(FILTER_TO, [10, 96, 0, 10], [0, 80], BITS);
-        let backend = filter_bit(FILTER_FROM, [10, 244, 1, 5], [0x1f, 0x90], BITS);
-        let any_port = filter_bit(FILTER_TO, [10, 96, 0, 10], FILTER_ANY_PORT, BITS);
+        let frontend = filter_bit(FILTER_TO, [10u8, 96, 0, 10], [0, 80], BITS);
+        let backend = filter_bit(FILTER_FROM, [10u8, 244, 1, 5], [0x1f, 0x90], BITS);
+        let any_port = filter_bit(FILTER_TO, [10u8, 96, 0, 10], FILTER_ANY_PORT, BITS);
         assert!(!copy.sweep(&none, &live).is_empty());
         assert!(copy.is_set(frontend), "a live flow keeps its frontend's bit");
         assert!(!copy.is_set(backend) && !copy.is_set(any_port));

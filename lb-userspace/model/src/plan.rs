@@ -717,7 +717,7 @@ mod tests {
         let id_of = |octet: u8| *maps.backends.iter().find(|(_, b)| b.addr[3] == octet).unwrap().0;
         let entry = |vip: u8, client: u8, backend: u8| {
             let frontend = ServiceKey::new([10, 96, 0, vip], 80u16.to_be_bytes(), 6, 0);
-            let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10, 1, 0, client]));
+            let key = AffinityKey::new(&frontend, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10u8, 1, 0, client]));
             (key, AffinityValue { last_used_ns: 1, backend_id: id_of(backend), _pad: [0; 4] })
         };
         let (keep, gone_backend, no_affinity) = (entry(1, 1, 1), entry(1, 2, 2), entry(2, 3, 1));
@@ -768,7 +768,7 @@ mod tests {
         contents.services.insert(internal.with_slot(1), ServiceValue::slot(1));
         contents.services.insert(internal.with_slot(2), ServiceValue::slot(2));
         let entry = |view: &ServiceKey, backend_id| {
-            let key = AffinityKey::new(view, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10, 1, 0, 9]));
+            let key = AffinityKey::new(view, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client([10u8, 1, 0, 9]));
             (key, AffinityValue { last_used_ns: 1, backend_id, _pad: [0; 4] })
         };
         let (pod_remote, outside_remote) = (entry(&internal, 2), entry(&external, 2));

@@ -1,0 +1,110 @@
+//! Address families: what the generic layers (filter, conntrack, `lb`,
+//! classify, translate, the rewrite) need to know of each. A family is its
+//! address type; it names its maps and its header layout, and everything
+//! above is written once and compiled once per family, so each family's
+//! path is the code it would be alone. IPv4 is the only one yet: IPv6
+//! (lb-common's `Ipv6` and `*6` layouts) needs frames of its own first,
+//! see ARCHITECTURE.md, "Two families".
+use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap};
+use lb_common::{
+    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
+    DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES,
+    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, Ipv4, ServiceAddr, ServiceKey,
+    ServiceValue, SourceRangeKey,
+};
+
+use crate::maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, SERVICE_ADDRS, SERVICES, SOURCE_RANGES};
+
+pub const SERVICES_N: usize = DEFAULT_SERVICES_MAX_ENTRIES as usize;
+pub const BACKENDS_N: usize = DEFAULT_BACKENDS_MAX_ENTRIES as usize;
+pub const CONNTRACK_N: usize = DEFAULT_CONNTRACK_MAX_ENTRIES as usize;
+pub const AFFINITY_N: usize = DEFAULT_AFFINITY_MAX_ENTRIES as usize;
+pub const SOURCE_RANGES_N: usize = DEFAULT_SOURCE_RANGES_MAX_ENTRIES as usize;
+pub const MAGLEV_N: usize = (DEFAULT_MAGLEV_TABLES * DEFAULT_MAGLEV_TABLE_SIZE) as usize;
+/// LpmTrie's default flags (BPF_F_NO_PREALLOC, which the kernel requires).
+pub const LPM_FLAGS: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
+
+/// A family's conntrack value.
+pub type Ct<A> = CtValue<A, <A as Family>::CtPad>;
+
+pub trait Family: Address + 'static {
+    /// `CtValue`'s padding for this family.
+    type CtPad: Copy + Default;
+    /// Offsets of the addresses from the start of the IP header.
+    const SADDR_OFFSET: usize;
+    const DADDR_OFFSET: usize;
+    /// Offset of the header checksum from the start of the IP header; IPv6
+    /// has none.
+    const IP_CHECK_OFFSET: Option<usize>;
+
+    fn conntrack() -> &'static LruHashMap<CtKey<Self>, Ct<Self>, CONNTRACK_N>;
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue, SERVICES_N>;
+    fn service_addrs() -> &'static HashMap<Self, ServiceAddr, SERVICES_N>;
+    fn backends() -> &'static HashMap<u32, Backend<Self>, BACKENDS_N>;
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue, AFFINITY_N>;
+    fn maglev() -> &'static Array<u32, MAGLEV_N>;
+    fn source_ranges() -> &'static LpmTrie<SourceRangeKey<Self>, u8, SOURCE_RANGES_N, LPM_FLAGS>;
+    /// The address as the u64 the checksum helpers take for a 4-byte
+    /// field; `None` for a longer one, whose change goes in as a sum.
+    fn word(&self) -> Option<u64>;
+    /// The conntrack key of a flow, built as cheaply as the family allows.
+    fn flow_key(saddr: Self, daddr: Self, sport: [u8; 2], dport: [u8; 2], protocol: u8) -> CtKey<Self>;
+}
+
+impl Family for Ipv4 {
+    type CtPad = [u8; 0];
+    const SADDR_OFFSET: usize = 12;
+    const DADDR_OFFSET: usize = 16;
+    const IP_CHECK_OFFSET: Option<usize> = Some(10);
+
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey<Self>, Ct<Self>, CONNTRACK_N> {
+        &CONNTRACK
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue, SERVICES_N> {
+        &SERVICES
+    }
+    #[inline(always)]
+    fn service_addrs() -> &'static HashMap<Self, ServiceAddr, SERVICES_N> {
+        &SERVICE_ADDRS
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, Backend<Self>, BACKENDS_N> {
+        &BACKENDS
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue, AFFINITY_N> {
+        &AFFINITY
+    }
+    #[inline(always)]
+    fn maglev() -> &'static Array<u32, MAGLEV_N> {
+        &MAGLEV
+    }
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRangeKey<Self>, u8, SOURCE_RANGES_N, LPM_FLAGS> {
+        &SOURCE_RANGES
+    }
+
+    #[inline(always)]
+    fn word(&self) -> Option<u64> {
+        Some(u64::from(u32::from_ne_bytes(*self)))
+    }
+
+    /// A word at a time: field by field, the compiler stores the addresses
+    /// byte by byte and zeroes the padding with a call to memset, on every
+    /// packet.
+    #[inline(always)]
+    fn flow_key(saddr: Self, daddr: Self, sport: [u8; 2], dport: [u8; 2], protocol: u8) -> CtKey<Self> {
+        let ports = [sport[0], sport[1], dport[0], dport[1]];
+        let words = [
+            u32::from_ne_bytes(saddr),
+            u32::from_ne_bytes(daddr),
+            u32::from_ne_bytes(ports),
+            u32::from_ne_bytes([protocol, 0, 0, 0]),
+        ];
+        // SAFETY: CtKey<Ipv4> is repr(C), 16 bytes of plain integers without
+        // implicit padding, laid out as these four words are in memory.
+        unsafe { core::mem::transmute::<[u32; 4], CtKey<Self>>(words) }
+    }
+}
