@@ -2,6 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 use lb_userspace::{
     agent::{self, AgentConfig, SocketBalancing, SourceConfig},
+    cidr::FlagCidr,
     cli::{Cli, Command, InspectArgs, OptionalPath, Output, RunArgs, SocketLb, Source},
     datapath::{MapSizes, Maps},
     inspect,
@@ -94,6 +95,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "--maglev-table-size {} is not a prime (try 16381 or 65521)",
         args.maglev_table_size
     );
+    for (flag, cidrs) in
+        [("--nodeport-addresses", &args.nodeport_addresses), ("--external-ip-cidrs", &args.external_ip_cidrs)]
+    {
+        if FlagCidr::any_ipv6(cidrs) {
+            tracing::warn!(flag, "its IPv6 CIDRs wait for IPv6 frontends, which this agent does not serve yet");
+        }
+    }
     let config = AgentConfig {
         source,
         model: ModelOptions {
@@ -103,9 +111,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             // Both from the Node object, once the source has it.
             zone: None,
             node_addresses: Vec::new(),
-            external_ip_cidrs: args.external_ip_cidrs,
+            external_ip_cidrs: FlagCidr::ipv4(&args.external_ip_cidrs),
         },
-        nodeport_addresses: args.nodeport_addresses,
+        nodeport_addresses: FlagCidr::ipv4(&args.nodeport_addresses),
         external_interfaces: ExternalInterfaces::new(&args.external_interfaces).context("--external-interfaces")?,
         external_datapath: args.external_datapath,
         min_sync_period: args.min_sync_period,

@@ -217,7 +217,7 @@ agent:
   podInterfaces: ["cali*", "veth*"]
   externalInterfaces: ["eth*", "bond0"]
   externalDatapath: xdp
-  nodeportAddresses: [192.0.2.0/24]
+  nodeportAddresses: [192.0.2.0/24, "fd00:1::/64"]
   externalIPCidrs: [203.0.113.0/24, 198.51.100.7]
   minSyncPeriod: 1s
   proxyName: lb
@@ -275,8 +275,10 @@ securityContext: {privileged: true}
     assert_eq!(run.source_ranges_max_entries, 512);
     assert_eq!(run.external_interfaces, ["eth*", "bond0"]);
     assert_eq!(run.external_datapath, lb_userspace::interfaces::ExternalDatapath::Xdp);
-    let cidrs = |c: &[lb_userspace::cidr::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>();
-    assert_eq!(cidrs(&run.nodeport_addresses), ["192.0.2.0/24"]);
+    let cidrs = |c: &[lb_userspace::cidr::FlagCidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    // A dual-stack cluster's list: the agent starts, and serves IPv4
+    // NodePorts on the IPv4 prefix.
+    assert_eq!(cidrs(&run.nodeport_addresses), ["192.0.2.0/24", "fd00:1::/64"]);
     assert_eq!(cidrs(&run.external_ip_cidrs), ["203.0.113.0/24", "198.51.100.7/32"]);
     assert_eq!(run.lb_algorithm, lb_userspace::cli::LbAlgorithm::Maglev);
     assert_eq!((run.maglev_table_size, run.maglev_tables), (65521, 4));

@@ -108,8 +108,7 @@ fn the_api_server_away_for_a_minute_fails_no_request_and_the_agent_converges_aft
     // new frontend may be served for a moment with no endpoints (refused,
     // as kube-proxy refuses it) before its slice arrives, so wait for both.
     converge(&mut agent, "the changes made during the outage", Duration::from_secs(45), |c| {
-        let other_backends =
-            c.frontends().find(|(k, _)| k.vip == other.ip().octets()).map_or(0, |(_, b)| b.len());
+        let other_backends = c.frontends().find(|(k, _)| k.vip == other.ip().octets()).map_or(0, |(_, b)| b.len());
         backends_of_stable(c) == 3 && c.frontends().count() == 2 && other_backends == 1
     });
     assert_eq!(cluster.pod("client").netns.enter(|| tcp_ask(other)).unwrap(), "backend-2");

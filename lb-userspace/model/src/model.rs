@@ -471,8 +471,17 @@ impl ParsedSlice {
             return parsed;
         };
         parsed.owner = Some((object.namespace.clone(), service.clone()));
-        if slice.address_type != "IPv4" {
-            return parsed;
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            // FQDN slices are for no proxy (kube-proxy ignores them too);
+            // IPv6 ones belong to IPv6 frontends, which the Service's own
+            // errors say are not served yet.
+            "IPv6" | "FQDN" => return parsed,
+            other => {
+                fail("addressType".into(), format!("{other:?} is not IPv4, IPv6 or FQDN"));
+                parsed.errors = errors;
+                return parsed;
+            }
         }
         for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             let Some(first) = endpoint.addresses.first() else {
@@ -1275,7 +1284,7 @@ fn external_ips(
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         match ip.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(addr)) => addrs.push((i, addr)),
-            Ok(std::net::IpAddr::V6(_)) => {}
+            Ok(std::net::IpAddr::V6(_)) => fail(format!("spec.externalIPs[{i}]"), unserved_ipv6(ip)),
             Err(_) => fail(format!("spec.externalIPs[{i}]"), format!("{ip:?} is not an IP address")),
         }
     }
@@ -1295,7 +1304,7 @@ fn load_balancer_ips(service: &Service, fail: &mut impl FnMut(String, String)) -
         let Some(ip) = &entry.ip else { continue };
         match ip.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(addr)) => addrs.push(addr),
-            Ok(std::net::IpAddr::V6(_)) => {}
+            Ok(std::net::IpAddr::V6(_)) => fail(format!("status.loadBalancer.ingress[{i}].ip"), unserved_ipv6(ip)),
             Err(_) => fail(format!("status.loadBalancer.ingress[{i}].ip"), format!("{ip:?} is not an IP address")),
         }
     }
@@ -1334,17 +1343,98 @@ fn cluster_ips(
         fail(field.into(), "no cluster IP is assigned".into());
         return None;
     }
+    let families = ip_families(spec, fail);
     let mut addrs = Vec::new();
+    let mut seen = Vec::new();
     for (i, ip) in listed.iter().enumerate() {
         let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.into() };
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(addr)) => addrs.push(addr),
-            // IPv6 frontends of dual-stack Services are not served yet.
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => fail(field, format!("{ip:?} is not an IP address")),
+        let Ok(parsed) = ip.parse::<std::net::IpAddr>() else {
+            fail(field, format!("{ip:?} is not an IP address"));
+            continue;
+        };
+        let family = IpFamily::of(&parsed);
+        if let Some(Some(listed)) = families.get(i).filter(|f| f.is_some_and(|f| f != family)) {
+            fail(field, format!("{ip} is {family}, but spec.ipFamilies[{i}] is {listed}"));
+            continue;
+        }
+        if seen.contains(&family) {
+            fail(field, format!("{ip} is a second {family} cluster IP: a Service has one per family"));
+            continue;
+        }
+        seen.push(family);
+        match parsed {
+            std::net::IpAddr::V4(addr) => addrs.push(addr),
+            std::net::IpAddr::V6(_) => fail(field, unserved_ipv6(ip)),
         }
     }
+    if spec.ip_family_policy.as_deref() == Some("RequireDualStack") && seen.len() < 2 {
+        fail(
+            "spec.ipFamilyPolicy".into(),
+            format!("RequireDualStack, but {field} holds {} family; the Service is served as it is", seen.len()),
+        );
+    }
     (!addrs.is_empty()).then_some(addrs)
+}
+
+/// What the model says of an IPv6 address it was given (issue 17: the
+/// datapath serves IPv4 frontends only), instead of dropping it silently.
+fn unserved_ipv6(ip: &str) -> String {
+    format!("{ip} is IPv6, which this agent does not serve yet (IPv4 frontends only); its IPv4 side, if any, is served")
+}
+
+/// An IP family, as `spec.ipFamilies` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    fn of(addr: &std::net::IpAddr) -> Self {
+        if addr.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
+}
+
+/// `spec.ipFamilies`, by index (`None` for a bad entry), and a check of
+/// `spec.ipFamilyPolicy`: values the API server would refuse are errors
+/// naming the field.
+fn ip_families(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    fail: &mut impl FnMut(String, String),
+) -> Vec<Option<IpFamily>> {
+    let mut families = Vec::new();
+    for (i, name) in spec.ip_families.iter().flatten().enumerate() {
+        let family = match name.as_str() {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            other => {
+                fail(format!("spec.ipFamilies[{i}]"), format!("{other:?} is not IPv4 or IPv6"));
+                None
+            }
+        };
+        if family.is_some() && families.contains(&family) {
+            fail(format!("spec.ipFamilies[{i}]"), format!("{name} is listed twice"));
+        }
+        families.push(family);
+    }
+    if let Some(policy) = spec.ip_family_policy.as_deref()
+        && !matches!(policy, "SingleStack" | "PreferDualStack" | "RequireDualStack")
+    {
+        fail(
+            "spec.ipFamilyPolicy".into(),
+            format!("{policy:?} is not SingleStack, PreferDualStack or RequireDualStack"),
+        );
+    }
+    families
 }
 
 /// The ClientIP affinity timeout in seconds (0 for none); `None` when the
@@ -1564,11 +1654,93 @@ spec: {clusterIPs: [10.96.0.3, "fd00::3"], ports: [{port: 70000}, {port: 443}]}
             [
                 "Service default/a: spec.ports[0].protocol: SCTP is not supported yet",
                 "Service default/b: spec.clusterIP: \"not-an-ip\" is not an IP address",
+                "Service default/c: spec.clusterIPs[1]: fd00::3 is IPv6, which this agent does not serve yet (IPv4 \
+                 frontends only); its IPv4 side, if any, is served",
                 "Service default/c: spec.ports[0].port: 70000 is not a port (1-65535)",
             ]
         );
         let frontends: Vec<String> = state.services.iter().map(|s| s.frontend.to_string()).collect();
         assert_eq!(frontends, ["10.96.0.1:81/TCP", "10.96.0.3:443/TCP"]);
+    }
+
+    #[test]
+    fn dual_stack_fields_are_checked_and_ipv6_addresses_reported_unserved() {
+        let state = desired(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual}
+spec:
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  clusterIPs: [10.96.0.4, "fd00::4"]
+  externalIPs: ["2001:db8::4"]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: six}
+spec: {ipFamilies: [IPv6], clusterIPs: ["fd00::5"], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: odd}
+spec: {ipFamilies: [IPv5, IPv4, IPv4], ipFamilyPolicy: Sometimes, clusterIPs: [10.96.0.6], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: swapped}
+spec: {ipFamilies: [IPv6, IPv4], clusterIPs: [10.96.0.7, "fd00::7"], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: half}
+spec: {ipFamilyPolicy: RequireDualStack, clusterIPs: [10.96.0.8, 10.96.0.9], ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-6, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00:10::1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-x, labels: {kubernetes.io/service-name: dual}}
+addressType: IPX
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+"#,
+        );
+        let errors: Vec<String> = state.errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+        let unserved = |ip: &str| {
+            format!(
+                "{ip} is IPv6, which this agent does not serve yet (IPv4 frontends only); its IPv4 side, if any, is served"
+            )
+        };
+        assert_eq!(
+            errors,
+            [
+                "addressType: \"IPX\" is not IPv4, IPv6 or FQDN".to_string(),
+                format!("spec.clusterIPs[1]: {}", unserved("fd00::4")),
+                format!("spec.externalIPs[0]: {}", unserved("2001:db8::4")),
+                "spec.clusterIPs[1]: 10.96.0.9 is a second IPv4 cluster IP: a Service has one per family".into(),
+                "spec.ipFamilyPolicy: RequireDualStack, but spec.clusterIPs holds 1 family; the Service is served as \
+                 it is"
+                    .into(),
+                "spec.ipFamilies[0]: \"IPv5\" is not IPv4 or IPv6".into(),
+                "spec.ipFamilies[2]: IPv4 is listed twice".into(),
+                "spec.ipFamilyPolicy: \"Sometimes\" is not SingleStack, PreferDualStack or RequireDualStack".into(),
+                format!("spec.clusterIPs[0]: {}", unserved("fd00::5")),
+                "spec.clusterIPs[0]: 10.96.0.7 is IPv4, but spec.ipFamilies[0] is IPv6".into(),
+                "spec.clusterIPs[1]: fd00::7 is IPv6, but spec.ipFamilies[1] is IPv4".into(),
+            ]
+        );
+        // The IPv4 side of each Service that has one is served; the IPv6
+        // slice adds nothing to it.
+        let frontends: Vec<String> =
+            state.services.iter().map(|s| format!("{} {}", s.frontend, s.backends.len())).collect();
+        assert_eq!(frontends, ["10.96.0.4:80/TCP 0", "10.96.0.6:80/TCP 0", "10.96.0.8:80/TCP 0"]);
     }
 
     #[test]
