@@ -9,8 +9,8 @@ use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap};
 use lb_common::{
     Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
     DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, Ipv4, ServiceAddr, ServiceKey,
-    ServiceValue, SourceRangeKey,
+    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, Ipv4, ServiceAddr, ServiceKey, ServiceValue,
+    SourceRangeKey,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, SERVICE_ADDRS, SERVICES, SOURCE_RANGES};

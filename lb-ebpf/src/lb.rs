@@ -156,11 +156,7 @@ pub fn select<A: Family>(frontend: &Frontend<A>, selector: &Selector<A>, now: u6
 /// there, with when it was last used. The agent deletes entries whose
 /// backend left the frontend.
 #[inline(always)]
-fn remembered_backend<A: Family>(
-    key: &AffinityKey<A>,
-    now: u64,
-    timeout_ns: u64,
-) -> Option<(u64, (u32, Backend<A>))> {
+fn remembered_backend<A: Family>(key: &AffinityKey<A>, now: u64, timeout_ns: u64) -> Option<(u64, (u32, Backend<A>))> {
     // SAFETY: plain data, as in `lookup`.
     let entry = unsafe { A::affinity().get(key) }?;
     let (last_used, backend_id) = (entry.last_used_ns, entry.backend_id);

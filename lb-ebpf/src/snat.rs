@@ -17,8 +17,12 @@ use crate::{
 /// How a family's external clients are source-NATed toward a backend on
 /// another node.
 pub trait SnatSource: Family {
-    fn snat_source(ctx: *mut c_void, ifindex: u32, packet: &Packet<Self>, backend: &Backend<Self>)
-    -> Option<(Self, [u8; 2])>;
+    fn snat_source(
+        ctx: *mut c_void,
+        ifindex: u32,
+        packet: &Packet<Self>,
+        backend: &Backend<Self>,
+    ) -> Option<(Self, [u8; 2])>;
 }
 
 impl SnatSource for Ipv4 {
