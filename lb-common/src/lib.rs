@@ -116,6 +116,30 @@ pub const fn filter_position(bit: u32) -> (u32, usize, u64) {
 
 /// The tc program attached to the host side of every pod interface.
 pub const PROG_FROM_POD: &str = "tc_from_pod";
+/// Its IPv6 half, which it tail-calls (`TAIL_CALL_POD6`): loaded, never
+/// attached.
+pub const PROG_FROM_POD6: &str = "tc_from_pod6";
+/// TAIL_CALLS: a program array, index → program, filled by the agent at
+/// load and pinned (an unpinned program array is emptied by the kernel
+/// when its last holder in userspace goes, which would stop IPv6 while
+/// the agent restarts).
+pub const MAP_TAIL_CALLS: &str = "TAIL_CALLS";
+pub const TAIL_CALLS_ENTRIES: u32 = 1;
+/// TAIL_CALLS' entry of `tc_from_pod6`.
+pub const TAIL_CALL_POD6: u32 = 0;
+/// The IPv6 maps: the layouts of their IPv4 namesakes with IPv6 addresses
+/// (`ServiceKey6`, `Backend6`, `CtKey6`/`CtValue6`, `AffinityKey6`,
+/// `SourceRangeKey<Ipv6>`, and `Ipv6` for SERVICE_ADDRS6), the same roles.
+pub const MAP_SERVICES6: &str = "SERVICES6";
+pub const MAP_BACKENDS6: &str = "BACKENDS6";
+pub const MAP_SERVICE_ADDRS6: &str = "SERVICE_ADDRS6";
+pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
+pub const MAP_AFFINITY6: &str = "AFFINITY6";
+pub const MAP_MAGLEV6: &str = "MAGLEV6";
+pub const MAP_SOURCE_RANGES6: &str = "SOURCE_RANGES6";
+/// The IPv6 maps' size (MAGLEV6's: two tables) while the agent programs no
+/// IPv6 frontends (issue 17): only the datapath tests write them.
+pub const IPV6_MAP_ENTRIES: u32 = 1024;
 /// The programs of the node's external interfaces: NodePort, LoadBalancer
 /// and ExternalIP traffic, and replies coming back to the node. One of the
 /// two per interface (`--external-datapath`): at tc ingress (any
@@ -566,7 +590,7 @@ pub const BACKEND_LOCAL: u8 = 1;
 
 /// A backend's address and target port.
 #[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Backend<A = Ipv4> {
     pub addr: A,
     pub port: [u8; 2],

@@ -24,11 +24,36 @@ pub fn classify<A: SnatSource>(packet: &Packet<A>, origin: Origin) -> Verdict<A>
     if !filter::may_be_service_traffic(packet) {
         return Verdict::Pass;
     }
-    let key = conntrack::flow_key(packet);
-    if let Some(verdict) = conntrack::established(&key, packet) {
-        return verdict;
+    match tracked(packet) {
+        Some(verdict) => verdict,
+        None => untracked(packet, origin),
     }
-    new_flow(&key, packet, origin)
+}
+
+/// The first half of `classify`, for a packet the endpoint filter let
+/// through: the verdict of its flow's live conntrack entry, or `None`
+/// when the flow has none (then `untracked` decides).
+#[inline(always)]
+pub fn tracked<A: SnatSource>(packet: &Packet<A>) -> Option<Verdict<A>> {
+    if A::KEY_IN_SCRATCH {
+        return match conntrack::scratch_key(packet) {
+            Some(key) => conntrack::established(key, packet),
+            None => Some(Verdict::Pass),
+        };
+    }
+    conntrack::established(&conntrack::flow_key(packet), packet)
+}
+
+/// The second half of `classify`: a packet whose flow has no live entry.
+#[inline(always)]
+pub fn untracked<A: SnatSource>(packet: &Packet<A>, origin: Origin) -> Verdict<A> {
+    if A::KEY_IN_SCRATCH {
+        return match conntrack::scratch_key(packet) {
+            Some(key) => new_flow(key, packet, origin),
+            None => Verdict::Pass,
+        };
+    }
+    new_flow(&conntrack::flow_key(packet), packet, origin)
 }
 
 /// The first packet of a flow (or one whose entry is gone): the Service's
@@ -86,11 +111,14 @@ fn new_flow<A: SnatSource>(key: &CtKey<A>, packet: &Packet<A>, origin: Origin) -
         (false, Some(_)) => (CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY),
         (false, None) => (CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT),
     };
-    let forward = conntrack::entry((backend.addr, backend.port), direction, snat.unwrap_or_default(), now);
     // An SNAT flow's reply entry also restores the client.
     let client = if snat.is_some() { (packet.saddr, packet.sport) } else { Default::default() };
-    let reply = conntrack::entry((packet.daddr, packet.dport), reply_direction, client, now);
-    conntrack::create(key, &forward, &reply);
+    conntrack::record(
+        key,
+        ((backend.addr, backend.port), direction, snat.unwrap_or_default()),
+        ((packet.daddr, packet.dport), reply_direction, client),
+        now,
+    );
     Verdict::Dnat { backend, new: true, hairpin, snat }
 }
 

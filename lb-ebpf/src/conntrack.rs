@@ -30,6 +30,18 @@ pub fn flow_key<A: Family>(packet: &Packet<A>) -> CtKey<A> {
     A::flow_key(packet.saddr, packet.daddr, packet.sport, packet.dport, packet.protocol)
 }
 
+/// The conntrack key of `packet`'s flow, written to this CPU's slot of
+/// the family's key scratch (`Family::key_scratch`); `None` if the slot
+/// cannot be had (it always can).
+#[inline(always)]
+pub fn scratch_key<A: Family>(packet: &Packet<A>) -> Option<&'static CtKey<A>> {
+    let slot = A::key_scratch()?;
+    // SAFETY: this CPU's slot, used by one program run at a time.
+    let slot = unsafe { &mut *slot };
+    *slot = flow_key(packet);
+    Some(slot)
+}
+
 /// Moves a live entry's state on with this packet and refreshes its time.
 #[inline(always)]
 fn track<A: Family>(key: &CtKey<A>, ct: *mut Ct<A>, packet: &Packet<A>, now: u64) {
@@ -95,24 +107,46 @@ pub fn tracked<A: Family>(key: &CtKey<A>) -> Option<Verdict<A>> {
 /// flow has none (or a TCP SYN starts it anew).
 #[inline(always)]
 pub fn established<A: Family>(key: &CtKey<A>, packet: &Packet<A>) -> Option<Verdict<A>> {
-    let ct = A::conntrack().get_ptr_mut(*key)?;
+    let ct = A::conntrack().get_ptr_mut(key)?;
     // The clock is read only on paths that need it: traffic that is not
     // for a service never pays for it.
     let now = now();
+    // Read in place, not copied: a copy of an IPv6 entry is 56 bytes of
+    // a 512-byte stack. The verdict is taken before `track` writes.
     // SAFETY: a pointer to a map value, valid for this program run.
-    let value = unsafe { *ct };
+    let value = unsafe { &*ct };
     // An entry idle past its state's timeout is gone.
     let live = now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(packet.protocol);
     // A SYN starts a new connection: pick a backend afresh, so a reused
     // source port never follows a stale entry to a backend that has since
     // left the service.
     let reusable = live && !(value.is_forward() && packet.tcp_syn);
-    let verdict = tracked_verdict(key, &value);
+    let verdict = tracked_verdict(key, value);
     if reusable && !matches!(verdict, Verdict::Pass) {
         track(key, ct, packet, now);
         return Some(verdict);
     }
     None
+}
+
+/// What a new conntrack entry rewrites to, its direction, and its second
+/// rewrite (`entry`).
+pub type EntrySpec<A> = ((A, [u8; 2]), u8, (A, [u8; 2]));
+
+/// Records a new flow, its entries built where the family keeps them
+/// (`Family::entry_scratch`: on the stack, or for IPv6 in a per-CPU slot).
+#[inline(always)]
+pub fn record<A: Family>(key: &CtKey<A>, forward: EntrySpec<A>, reply: EntrySpec<A>, now: u64) {
+    match A::entry_scratch() {
+        Some(slots) => {
+            // SAFETY: this CPU's slots, used by one program run at a time.
+            let slots = unsafe { &mut *slots };
+            slots[0] = entry(forward.0, forward.1, forward.2, now);
+            slots[1] = entry(reply.0, reply.1, reply.2, now);
+            create(key, &slots[0], &slots[1]);
+        }
+        None => create(key, &entry(forward.0, forward.1, forward.2, now), &entry(reply.0, reply.1, reply.2, now)),
+    }
 }
 
 /// Records a new flow: the entry of its first packet (at `key`) and of its

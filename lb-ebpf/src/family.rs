@@ -1,19 +1,21 @@
 //! Address families: what the generic layers (filter, conntrack, `lb`,
 //! classify, translate, the rewrite) need to know of each. A family is its
-//! address type; it names its maps and its header layout, and everything
-//! above is written once and compiled once per family, so each family's
-//! path is the code it would be alone. IPv4 is the only one yet: IPv6
-//! (lb-common's `Ipv6` and `*6` layouts) needs frames of its own first,
-//! see ARCHITECTURE.md, "Two families".
+//! address type (`Ipv4`, `Ipv6`); it names its maps, its header layout and
+//! where its bigger values are kept, and everything above is written once
+//! and compiled once per family, so each family's path is the code it
+//! would be alone (ARCHITECTURE.md, "Two families").
 use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap};
 use lb_common::{
     Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
     DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, Ipv4, ServiceAddr, ServiceKey, ServiceValue,
+    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, Ipv4, Ipv6, ServiceAddr, ServiceKey, ServiceValue,
     SourceRangeKey,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, SERVICE_ADDRS, SERVICES, SOURCE_RANGES};
+use crate::maps::{
+    AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, ENTRY_SCRATCH6, KEY_SCRATCH6, MAGLEV, MAGLEV6,
+    SERVICE_ADDRS, SERVICE_ADDRS6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
+};
 
 pub const SERVICES_N: usize = DEFAULT_SERVICES_MAX_ENTRIES as usize;
 pub const BACKENDS_N: usize = DEFAULT_BACKENDS_MAX_ENTRIES as usize;
@@ -47,12 +49,21 @@ pub trait Family: Address + 'static {
     /// The address as the u64 the checksum helpers take for a 4-byte
     /// field; `None` for a longer one, whose change goes in as a sum.
     fn word(&self) -> Option<u64>;
+    /// Whether a flow's conntrack key is kept in a per-CPU slot
+    /// (`key_scratch`) while a packet is classified, rather than on the
+    /// stack: IPv6's 40 bytes would crowd it.
+    const KEY_IN_SCRATCH: bool;
+    fn key_scratch() -> Option<*mut CtKey<Self>>;
+    /// Where a new flow's two conntrack entries are built: `None` for the
+    /// stack, or a per-CPU slot (IPv6's are 56 bytes each).
+    fn entry_scratch() -> Option<*mut [Ct<Self>; 2]>;
     /// The conntrack key of a flow, built as cheaply as the family allows.
     fn flow_key(saddr: Self, daddr: Self, sport: [u8; 2], dport: [u8; 2], protocol: u8) -> CtKey<Self>;
 }
 
 impl Family for Ipv4 {
     type CtPad = [u8; 0];
+    const KEY_IN_SCRATCH: bool = false;
     const SADDR_OFFSET: usize = 12;
     const DADDR_OFFSET: usize = 16;
     const IP_CHECK_OFFSET: Option<usize> = Some(10);
@@ -91,6 +102,16 @@ impl Family for Ipv4 {
         Some(u64::from(u32::from_ne_bytes(*self)))
     }
 
+    #[inline(always)]
+    fn key_scratch() -> Option<*mut CtKey<Self>> {
+        None
+    }
+
+    #[inline(always)]
+    fn entry_scratch() -> Option<*mut [Ct<Self>; 2]> {
+        None
+    }
+
     /// A word at a time: field by field, the compiler stores the addresses
     /// byte by byte and zeroes the padding with a call to memset, on every
     /// packet.
@@ -106,5 +127,60 @@ impl Family for Ipv4 {
         // SAFETY: CtKey<Ipv4> is repr(C), 16 bytes of plain integers without
         // implicit padding, laid out as these four words are in memory.
         unsafe { core::mem::transmute::<[u32; 4], CtKey<Self>>(words) }
+    }
+}
+
+impl Family for Ipv6 {
+    type CtPad = [u8; 4];
+    const KEY_IN_SCRATCH: bool = true;
+    const SADDR_OFFSET: usize = 8;
+    const DADDR_OFFSET: usize = 24;
+    const IP_CHECK_OFFSET: Option<usize> = None;
+
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey<Self>, Ct<Self>, CONNTRACK_N> {
+        &CONNTRACK6
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue, SERVICES_N> {
+        &SERVICES6
+    }
+    #[inline(always)]
+    fn service_addrs() -> &'static HashMap<Self, ServiceAddr, SERVICES_N> {
+        &SERVICE_ADDRS6
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, Backend<Self>, BACKENDS_N> {
+        &BACKENDS6
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue, AFFINITY_N> {
+        &AFFINITY6
+    }
+    #[inline(always)]
+    fn maglev() -> &'static Array<u32, MAGLEV_N> {
+        &MAGLEV6
+    }
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRangeKey<Self>, u8, SOURCE_RANGES_N, LPM_FLAGS> {
+        &SOURCE_RANGES6
+    }
+    #[inline(always)]
+    fn word(&self) -> Option<u64> {
+        None
+    }
+    #[inline(always)]
+    fn key_scratch() -> Option<*mut CtKey<Self>> {
+        KEY_SCRATCH6.get_ptr_mut(0)
+    }
+
+    #[inline(always)]
+    fn entry_scratch() -> Option<*mut [Ct<Self>; 2]> {
+        ENTRY_SCRATCH6.get_ptr_mut(0)
+    }
+
+    #[inline(always)]
+    fn flow_key(saddr: Self, daddr: Self, sport: [u8; 2], dport: [u8; 2], protocol: u8) -> CtKey<Self> {
+        CtKey { saddr, daddr, sport, dport, protocol, _pad: [0; 3] }
     }
 }

@@ -3,13 +3,14 @@
 //! translating ICMP errors about translated flows, so that the sender of
 //! the offending packet gets them and recognises its own packet in them
 //! (path-MTU discovery through a NodePort needs this).
-use lb_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::programs::TcContext;
+use lb_common::{CtKey, Ipv6, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     conntrack,
-    maps::ICMP_REPLY,
+    maps::{ICMP_REPLY, ICMP6_REPLY},
     nat::{Frame, Rewrite, csum_replace},
-    parse::{ETH_HLEN, ICMP_HLEN, IPV4_HLEN, Packet},
+    parse::{ETH_HLEN, ETH_P_IPV6, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN, Packet},
     translate::rewrite_of,
 };
 
@@ -29,15 +30,37 @@ const IP_PROTOCOL: usize = 9;
 const IP_ADDRS: usize = 12;
 const IP_CHECK: usize = 10;
 
+pub use crate::parse::ICMP6_REPLY_LEN as REPLY6_LEN;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+/// RFC 4443 asks for as much of the offending packet as fits in 1280
+/// bytes; the IPv6 header and the ports are what the sender's stack needs
+/// to find the socket, and a fixed size keeps the reply in a small buffer.
+const QUOTED6_LEN: usize = IPV6_HLEN + 8;
+const _: () = assert!(REPLY6_LEN == ETH_HLEN + IPV6_HLEN + ICMP_HLEN + QUOTED6_LEN);
+
 /// Internet checksum of `bytes` (an even number, as big-endian 16-bit words).
 #[inline(always)]
 fn checksum(bytes: &[u8]) -> [u8; 2] {
+    fold(sum_words(bytes))
+}
+
+/// The sum of `bytes` as big-endian 16-bit words, not folded.
+#[inline(always)]
+fn sum_words(bytes: &[u8]) -> u32 {
     let mut sum = 0u32;
     let mut i = 0;
     while i + 1 < bytes.len() {
         sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
         i += 2;
     }
+    sum
+}
+
+/// A sum of 16-bit words folded into the Internet checksum.
+#[inline(always)]
+fn fold(mut sum: u32) -> [u8; 2] {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     (!(sum as u16)).to_be_bytes()
@@ -84,6 +107,68 @@ pub fn port_unreachable<F: Frame>(frame: &F, packet: &Packet) -> Result<Option<&
     let icmp_check = checksum(&reply[icmp..]);
     reply[icmp + 2..icmp + 4].copy_from_slice(&icmp_check);
     Ok(Some(reply))
+}
+
+/// The ICMPv6 port unreachable (RFC 4443) that refuses `packet`, as
+/// `port_unreachable` does for IPv4: from the address the client tried,
+/// quoting its IPv6 header and ports. `None` when extension headers come
+/// before the ports (the packet is then only dropped).
+#[inline(always)]
+pub fn port_unreachable6(ctx: &TcContext, packet: &Packet<Ipv6>) -> Result<Option<&'static [u8; REPLY6_LEN]>, i64> {
+    if packet.l4_offset != ETH_HLEN + IPV6_HLEN {
+        return Ok(None);
+    }
+    let Some(reply) = ICMP6_REPLY.get_ptr_mut(0) else {
+        return Ok(None);
+    };
+    // SAFETY: this CPU's slot, used by one program run at a time.
+    let reply = unsafe { &mut *reply };
+    reply.fill(0);
+    let ip = ETH_HLEN;
+    let icmp = ip + IPV6_HLEN;
+    // Read straight into the reply (the stack has no room for copies):
+    // the quote, and the MACs, swapped in place.
+    load_into(ctx, ETH_HLEN, &mut reply[icmp + ICMP_HLEN..])?;
+    load_into(ctx, 0, &mut reply[..12])?;
+    for i in 0..6 {
+        reply.swap(i, i + 6);
+    }
+    reply[12..14].copy_from_slice(&ETH_P_IPV6);
+    // IPv6: from the service address, to the client.
+    let payload_len = (REPLY6_LEN - icmp) as u16;
+    reply[ip] = 0x60;
+    reply[ip + 4..ip + 6].copy_from_slice(&payload_len.to_be_bytes());
+    reply[ip + 6] = IPPROTO_ICMPV6;
+    reply[ip + 7] = 64;
+    for w in 0..4 {
+        reply[ip + 8 + 4 * w..ip + 12 + 4 * w].copy_from_slice(&packet.daddr[w].to_ne_bytes());
+        reply[ip + 24 + 4 * w..ip + 28 + 4 * w].copy_from_slice(&packet.saddr[w].to_ne_bytes());
+    }
+    reply[icmp] = ICMPV6_DEST_UNREACH;
+    reply[icmp + 1] = ICMPV6_PORT_UNREACH;
+    // The checksum covers the pseudo-header: both addresses, the length
+    // and the next header.
+    let pseudo = sum_words(&reply[ip + 8..icmp]) + u32::from(payload_len) + u32::from(IPPROTO_ICMPV6);
+    let check = fold(pseudo + sum_words(&reply[icmp..]));
+    reply[icmp + 2..icmp + 4].copy_from_slice(&check);
+    Ok(Some(reply))
+}
+
+/// Reads `dst.len()` bytes of the skb at `offset` into `dst`, a length
+/// known when this is compiled (the verifier refuses one that may be 0,
+/// which aya's `load_bytes`, clamping to the packet, passes).
+#[inline(always)]
+fn load_into(ctx: &TcContext, offset: usize, dst: &mut [u8]) -> Result<(), i64> {
+    // SAFETY: `dst` is writable for its length.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            offset as u32,
+            dst.as_mut_ptr() as *mut _,
+            dst.len() as u32,
+        )
+    };
+    if rc < 0 { Err(rc) } else { Ok(()) }
 }
 
 /// How a translated ICMP error goes on.

@@ -26,6 +26,7 @@ mod translate;
 mod baseline;
 mod cgroup_sock;
 mod tc_pod;
+mod tc_pod6;
 mod tc_wire;
 mod xdp_wire;
 

@@ -5,11 +5,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES, DEFAULT_BACKENDS_MAX_ENTRIES,
-    DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_ENDPOINT_FILTER_BITS_LOG2, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, FilterLine,
-    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
-    filter_lines,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6,
+    DEFAULT_AFFINITY_MAX_ENTRIES, DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES,
+    DEFAULT_ENDPOINT_FILTER_BITS_LOG2, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES,
+    DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, FilterLine, Ipv6, ServiceAddr, ServiceKey,
+    ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter, filter_lines,
 };
 
 #[btf_map]
@@ -20,6 +20,31 @@ pub static BACKENDS: HashMap<u32, Backend, { DEFAULT_BACKENDS_MAX_ENTRIES as usi
 
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+// The IPv6 maps: the same layouts with 16-byte addresses (lb-common's
+// `*6` types), the same sizes, read through `family::Family`.
+#[btf_map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static BACKENDS6: HashMap<u32, Backend6, { DEFAULT_BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static CONNTRACK6: LruHashMap<CtKey6, CtValue6, { DEFAULT_CONNTRACK_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static SERVICE_ADDRS6: HashMap<Ipv6, ServiceAddr, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue, { DEFAULT_AFFINITY_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static MAGLEV6: Array<u32, { (DEFAULT_MAGLEV_TABLES * DEFAULT_MAGLEV_TABLE_SIZE) as usize }> = Array::new();
+
+#[btf_map]
+pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey<Ipv6>, u8, { DEFAULT_SOURCE_RANGES_MAX_ENTRIES as usize }> =
+    LpmTrie::new();
 
 #[btf_map]
 pub static SERVICE_ADDRS: HashMap<[u8; 4], ServiceAddr, { DEFAULT_SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
@@ -93,3 +118,32 @@ pub fn count(index: u32, bytes: u32) {
 /// Scratch space for building an ICMP reply, one per CPU.
 #[btf_map]
 pub static ICMP_REPLY: PerCpuArray<[u8; crate::parse::ICMP_REPLY_LEN], 1> = PerCpuArray::new();
+
+/// `lb_common::MAP_TAIL_CALLS`: the programs `tc_from_pod` tail-calls.
+#[btf_map]
+pub static TAIL_CALLS: aya_ebpf::btf_maps::ProgramArray<{ lb_common::TAIL_CALLS_ENTRIES as usize }> =
+    aya_ebpf::btf_maps::ProgramArray::new();
+
+/// The conntrack key of the IPv6 packet being classified, one per CPU
+/// (`Family::key_scratch`).
+#[btf_map]
+pub static KEY_SCRATCH6: PerCpuArray<CtKey6, 1> = PerCpuArray::new();
+
+/// A new IPv6 flow's two conntrack entries while they are built, one pair
+/// per CPU (`Family::entry_scratch`).
+#[btf_map]
+pub static ENTRY_SCRATCH6: PerCpuArray<[CtValue6; 2], 1> = PerCpuArray::new();
+
+/// An IPv6 packet being translated by `tc_from_pod6`, and its rewrite,
+/// one per CPU: what would not fit on the stack beside the pipeline.
+pub struct State6 {
+    pub packet: crate::parse::Packet<lb_common::Ipv6>,
+    pub rewrite: crate::nat::Rewrite<lb_common::Ipv6>,
+}
+
+#[btf_map]
+pub static STATE6: PerCpuArray<State6, 1> = PerCpuArray::new();
+
+/// Scratch space for building an ICMPv6 reply, one per CPU.
+#[btf_map]
+pub static ICMP6_REPLY: PerCpuArray<[u8; crate::parse::ICMP6_REPLY_LEN], 1> = PerCpuArray::new();

@@ -1,7 +1,7 @@
 //! Header parsing by direct packet access, shared by every hook.
 use core::mem::size_of;
 
-use lb_common::{Ipv4, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use lb_common::{Ipv4, Ipv6, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use crate::family::Family;
 
@@ -11,8 +11,24 @@ pub const ICMP_HLEN: usize = 8;
 /// An ICMP error the datapath sends: RFC 792's quote of the offending IP
 /// header and the first 8 bytes of its payload, after its own headers.
 pub const ICMP_REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + 8;
+/// An ICMPv6 error the datapath sends: its headers, then the offending
+/// IPv6 header and the first 8 bytes of its payload.
+pub const ICMP6_REPLY_LEN: usize = ETH_HLEN + IPV6_HLEN + ICMP_HLEN + IPV6_HLEN + 8;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-
+pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+pub const IPV6_HLEN: usize = 40;
+/// Extension headers walked before giving up on a packet (which then
+/// passes untranslated, as Cilium does after its 4).
+const IPV6_MAX_EXTENSIONS: usize = 4;
+/// Ethernet, an IPv6 header, extension headers of up to 64 bytes in all and
+/// a TCP header without options: what the tc hook pulls into the linear
+/// part of an skb for an IPv6 packet.
+pub const MAX_HEADERS_LEN6: usize = ETH_HLEN + IPV6_HLEN + 64 + 20;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
 /// Ethernet, the longest IPv4 header and a TCP header without options: what
 /// a hook must be able to read to translate a packet.
 pub const MAX_HEADERS_LEN: usize = ETH_HLEN + 60 + 20;
@@ -45,6 +61,17 @@ struct Ipv4Hdr {
     daddr: [u8; 4],
 }
 
+/// The fixed IPv6 header (RFC 8200), read whole.
+#[repr(C, align(4))]
+struct Ipv6Hdr {
+    version_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    hop_limit: u8,
+    saddr: Ipv6,
+    daddr: Ipv6,
+}
+
 /// The ports of a TCP or UDP header, one word (declared aligned as
 /// `Ipv4Hdr` is, for the same reason).
 #[repr(C, align(4))]
@@ -63,7 +90,7 @@ const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_CHECK_OFFSET: usize = 16;
 const UDP_CHECK_OFFSET: usize = 6;
 
-/// A TCP or UDP packet of a family, reduced to what NAT needs.
+/// A TCP or UDP packet of either family, reduced to what NAT needs.
 pub struct Packet<A = Ipv4> {
     pub l3_offset: usize,
     pub l4_offset: usize,
@@ -108,8 +135,10 @@ impl<A: Family> Packet<A> {
 
 /// Why a packet was not parsed.
 pub enum Unparsed {
-    /// Not IPv4 TCP/UDP, or a non-first fragment: nothing to translate.
+    /// Not TCP/UDP, or a non-first fragment: nothing to translate.
     NotTranslatable,
+    /// An IPv6 frame: for `parse6`.
+    Ipv6,
     /// The headers run past the readable data.
     Short,
     /// ICMP: maybe an error about a translated flow (see `icmp::translate_error`).
@@ -129,8 +158,9 @@ fn at<T>(data: usize, data_end: usize, offset: usize) -> Result<*const T, Unpars
 pub fn parse(data: usize, data_end: usize) -> Result<Packet, Unparsed> {
     let eth = at::<EthHdr>(data, data_end, 0)?;
     // SAFETY: `at` checked the bounds.
-    if unsafe { (*eth).ether_type } != ETH_P_IP {
-        return Err(Unparsed::NotTranslatable);
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type != ETH_P_IP {
+        return Err(if ether_type == ETH_P_IPV6 { Unparsed::Ipv6 } else { Unparsed::NotTranslatable });
     }
     let l3_offset = ETH_HLEN;
     let ip = at::<Ipv4Hdr>(data, data_end, l3_offset)?;
@@ -181,4 +211,78 @@ fn parse_l4(
     let tcp_syn = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let tcp_closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
     Ok((sport, dport, tcp_syn, tcp_closing))
+}
+
+/// Parses Ethernet, IPv6, up to `IPV6_MAX_EXTENSIONS` extension headers
+/// (hop-by-hop, routing, destination options, fragment, authentication)
+/// and the TCP or UDP header. ICMPv6 (NDP among it) and anything past the
+/// extensions walked are not translatable: they pass untouched.
+#[inline(always)]
+pub fn parse6(data: usize, data_end: usize) -> Result<Packet<Ipv6>, Unparsed> {
+    let eth = at::<EthHdr>(data, data_end, 0)?;
+    // SAFETY: `at` checked the bounds.
+    if unsafe { (*eth).ether_type } != ETH_P_IPV6 {
+        return Err(Unparsed::NotTranslatable);
+    }
+    let l3_offset = ETH_HLEN;
+    let ip = at::<Ipv6Hdr>(data, data_end, l3_offset)?;
+    // SAFETY: `at` checked the bounds.
+    let (version, mut next, saddr, daddr) =
+        unsafe { ((*ip).version_class_flow[0] >> 4, (*ip).next_header, (*ip).saddr, (*ip).daddr) };
+    if version != 6 {
+        return Err(Unparsed::NotTranslatable);
+    }
+    let mut offset = l3_offset + IPV6_HLEN;
+    for _ in 0..IPV6_MAX_EXTENSIONS {
+        if next == PROTO_TCP || next == PROTO_UDP {
+            break;
+        }
+        let ext = at::<[u8; 8]>(data, data_end, offset)?;
+        // SAFETY: `at` checked the bounds.
+        let ext = unsafe { *ext };
+        let len = match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => (ext[1] as usize + 1) * 8,
+            NEXTHDR_AUTH => (ext[1] as usize + 2) * 4,
+            NEXTHDR_FRAGMENT => {
+                // A non-zero fragment offset means no L4 header here.
+                if ext[2] != 0 || ext[3] & 0xf8 != 0 {
+                    return Err(Unparsed::NotTranslatable);
+                }
+                8
+            }
+            // ICMPv6, ESP, no next header, or anything else.
+            _ => return Err(Unparsed::NotTranslatable),
+        };
+        next = ext[0];
+        offset += len;
+    }
+    if next != PROTO_TCP && next != PROTO_UDP {
+        return Err(Unparsed::NotTranslatable);
+    }
+    let (sport, dport, tcp_syn, tcp_closing) = parse_l4(data, data_end, offset, next)?;
+    Ok(Packet { l3_offset, l4_offset: offset, protocol: next, saddr, daddr, sport, dport, tcp_syn, tcp_closing })
+}
+
+/// A family's parser and how much of an skb it reads (`skb::parse`).
+pub trait Parse: Family {
+    const MAX_HEADERS_LEN: usize;
+    fn parse(data: usize, data_end: usize) -> Result<Packet<Self>, Unparsed>;
+}
+
+impl Parse for Ipv4 {
+    const MAX_HEADERS_LEN: usize = MAX_HEADERS_LEN;
+
+    #[inline(always)]
+    fn parse(data: usize, data_end: usize) -> Result<Packet<Self>, Unparsed> {
+        parse(data, data_end)
+    }
+}
+
+impl Parse for Ipv6 {
+    const MAX_HEADERS_LEN: usize = MAX_HEADERS_LEN6;
+
+    #[inline(always)]
+    fn parse(data: usize, data_end: usize) -> Result<Packet<Self>, Unparsed> {
+        parse6(data, data_end)
+    }
 }

@@ -6,22 +6,35 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
+use lb_common::Ipv6;
+
 use crate::{
     icmp,
     nat::Frame,
-    parse::{self, MAX_HEADERS_LEN, Packet, Unparsed},
+    parse::{Packet, Parse, Unparsed},
 };
 
 /// Parses the skb's headers, pulling them into the linear part first
 /// when they are not all there.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, Unparsed> {
-    match parse::parse(ctx.data(), ctx.data_end()) {
+    parse_pulled(ctx)
+}
+
+/// `parse` for an IPv6 skb.
+#[inline(always)]
+pub fn parse6(ctx: &TcContext) -> Result<Packet<Ipv6>, Unparsed> {
+    parse_pulled(ctx)
+}
+
+#[inline(always)]
+fn parse_pulled<A: Parse>(ctx: &TcContext) -> Result<Packet<A>, Unparsed> {
+    match A::parse(ctx.data(), ctx.data_end()) {
         Err(Unparsed::Short) if ctx.data_end() - ctx.data() < ctx.len() as usize => {
             // Headers not in the linear part of the skb: pull them in, once.
-            let want = (ctx.len() as usize).min(MAX_HEADERS_LEN);
+            let want = (ctx.len() as usize).min(A::MAX_HEADERS_LEN);
             ctx.pull_data(want as u32).map_err(|_| Unparsed::Short)?;
-            parse::parse(ctx.data(), ctx.data_end())
+            A::parse(ctx.data(), ctx.data_end())
         }
         parsed => parsed,
     }
@@ -39,11 +52,26 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
 /// stack the main path does not.)
 #[inline(never)]
 pub fn reject(ctx: &TcContext, packet: &Packet) -> Result<i32, i64> {
-    let Some(reply) = icmp::port_unreachable(ctx, packet)? else {
-        return Ok(TC_ACT_SHOT as i32);
-    };
+    match icmp::port_unreachable(ctx, packet)? {
+        Some(reply) => send_back(ctx, reply),
+        None => Ok(TC_ACT_SHOT as i32),
+    }
+}
+
+/// `reject` for IPv6: an ICMPv6 port unreachable.
+#[inline(never)]
+pub fn reject6(ctx: &TcContext, packet: &Packet<Ipv6>) -> Result<i32, i64> {
+    match icmp::port_unreachable6(ctx, packet)? {
+        Some(reply) => send_back(ctx, reply),
+        None => Ok(TC_ACT_SHOT as i32),
+    }
+}
+
+/// Makes the skb `reply` and sends it back out the interface it came in on.
+#[inline(always)]
+fn send_back<const N: usize>(ctx: &TcContext, reply: &[u8; N]) -> Result<i32, i64> {
     // SAFETY: the context's own skb pointer.
-    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::REPLY_LEN as u32, 0) };
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, N as u32, 0) };
     if rc != 0 {
         return Err(rc);
     }

@@ -6,11 +6,11 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::counter;
+use lb_common::{TAIL_CALL_POD6, counter};
 
 use crate::{
     classify, icmp,
-    maps::count,
+    maps::{TAIL_CALLS, count},
     parse::Unparsed,
     skb,
     translate::{Action, translate},
@@ -32,11 +32,21 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// Returns the counter to bump and the tc action.
+/// Returns the counter to bump and the tc action. (Inlined: the tail
+/// call must be made from the program's own frame.)
+#[inline(always)]
 fn try_tc_from_pod(ctx: &TcContext) -> Result<(u32, i32), i64> {
     let packet = match skb::parse(ctx) {
         Ok(packet) => packet,
         Err(Unparsed::Icmp) => return icmp_error(ctx),
+        Err(Unparsed::Ipv6) => {
+            // IPv6 goes on in `tc_from_pod6`, a program of its own so that
+            // its stack is its own (see tc_pod6.rs). Without the tail call
+            // (an agent that did not set it), the packet passes untouched.
+            // SAFETY: a tail call to a program the agent put there, or none.
+            unsafe { TAIL_CALLS.tail_call(ctx, TAIL_CALL_POD6) };
+            return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32));
+        }
         Err(_) => return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32)),
     };
     let (index, action) = translate(ctx, &packet, classify::classify(&packet, Origin::Pod))?;

@@ -58,21 +58,32 @@ pub fn translate<F: Frame, A: Family>(
     packet: &Packet<A>,
     verdict: Verdict<A>,
 ) -> Result<(u32, Action), i64> {
-    if let Some(rewrite) = rewrite_of(&verdict, (packet.saddr, packet.sport), (packet.daddr, packet.dport)) {
+    let (index, action, rewrite) = decide(packet, verdict);
+    if let Some(rewrite) = rewrite {
         frame.rewrite(packet, &rewrite)?;
+    }
+    Ok((index, action))
+}
+
+/// What `translate` does with `packet` under `verdict`: the counter, the
+/// action, and the rewrite to apply first, if any.
+#[inline(always)]
+pub fn decide<A: Family>(packet: &Packet<A>, verdict: Verdict<A>) -> (u32, Action, Option<Rewrite<A>>) {
+    if let Some(rewrite) = rewrite_of(&verdict, (packet.saddr, packet.sport), (packet.daddr, packet.dport)) {
         let index = match verdict {
             Verdict::Dnat { new: true, .. } => counter::DNAT_NEW,
             Verdict::Dnat { .. } => counter::DNAT_ESTABLISHED,
             _ => counter::REVERSE_NAT,
         };
-        return Ok((index, if rewrite.forward { Action::Forward } else { Action::Pass }));
+        return (index, if rewrite.forward { Action::Forward } else { Action::Pass }, Some(rewrite));
     }
-    Ok(match verdict {
+    let (index, action) = match verdict {
         Verdict::NoBackend => (counter::REJECT_NO_BACKEND, Action::Reject),
         Verdict::UnknownPort => (counter::DROP_UNKNOWN_PORT, Action::Drop),
         Verdict::SourceRangeDenied => (counter::DROP_SOURCE_RANGE, Action::Drop),
         Verdict::NoLocalBackend => (counter::DROP_NO_LOCAL_BACKEND, Action::Drop),
         Verdict::SnatFailed => (counter::DROP_SNAT_FAILED, Action::Drop),
         _ => (counter::PASS, Action::Pass),
-    })
+    };
+    (index, action, None)
 }

@@ -30,12 +30,14 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FILTER_LINE_BITS, FilterLine,
-    GLOBAL_ENDPOINT_FILTER_BITS_LOG2, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
-    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV,
-    MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, PROG_FROM_POD,
-    PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND,
-    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6, FILTER_LINE_BITS,
+    FilterLine, GLOBAL_ENDPOINT_FILTER_BITS_LOG2, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
+    IPV6_MAP_ENTRIES, Ipv6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6,
+    MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV, MAP_MAGLEV6, MAP_NODE_PORTS, MAP_SERVICE_ADDRS,
+    MAP_SERVICE_ADDRS6, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6,
+    MAP_TAIL_CALLS, PROG_FROM_POD, PROG_FROM_POD6, PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE,
+    PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey,
+    SockRevNatValue, SourceRangeKey, TAIL_CALL_POD6, TrafficCounter, counter,
 };
 
 use crate::sizing::Entries;
@@ -107,6 +109,24 @@ pub struct Maps {
     /// ENDPOINT_FILTER (`lb_common::MAP_ENDPOINT_FILTER`), and the agent's
     /// copy of it once read; None in pins of an agent that had none.
     endpoint_filter: Option<(FilterMap, Option<FilterCopy>)>,
+    /// The IPv6 maps, as loaded; None when opened from pins (they are not
+    /// pinned yet: see `Maps6`).
+    pub ipv6: Option<Maps6>,
+}
+
+/// The IPv6 maps (`lb_common::MAP_*6`), which `tc_from_pod6` reads and
+/// writes. The agent does not program IPv6 frontends yet (issue 17), so
+/// they are created small (`IPV6_MAP_ENTRIES`) and unpinned, and only the
+/// datapath tests write them; when it does, they join their IPv4
+/// namesakes in `GROWABLE_MAPS` and `SHARED_MAPS`.
+pub struct Maps6 {
+    pub services: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend6>,
+    pub service_addrs: HashMap<MapData, Ipv6, ServiceAddr>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey<Ipv6>, u8>,
+    pub conntrack: HashMap<MapData, CtKey6, CtValue6>,
+    pub affinity: HashMap<MapData, AffinityKey6, AffinityValue>,
+    pub maglev: Array<MapData, u32>,
 }
 
 type FilterMap = Array<MapData, FilterLine>;
@@ -157,6 +177,15 @@ impl Maps {
                 Array::try_from(take(MAP_ENDPOINT_FILTER)?).map_err(map_err(MAP_ENDPOINT_FILTER))?,
                 None,
             )),
+            ipv6: Some(Maps6 {
+                services: HashMap::try_from(take(MAP_SERVICES6)?).map_err(map_err(MAP_SERVICES6))?,
+                backends: HashMap::try_from(take(MAP_BACKENDS6)?).map_err(map_err(MAP_BACKENDS6))?,
+                service_addrs: HashMap::try_from(take(MAP_SERVICE_ADDRS6)?).map_err(map_err(MAP_SERVICE_ADDRS6))?,
+                source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES6)?).map_err(map_err(MAP_SOURCE_RANGES6))?,
+                conntrack: HashMap::try_from(take(MAP_CONNTRACK6)?).map_err(map_err(MAP_CONNTRACK6))?,
+                affinity: HashMap::try_from(take(MAP_AFFINITY6)?).map_err(map_err(MAP_AFFINITY6))?,
+                maglev: Array::try_from(take(MAP_MAGLEV6)?).map_err(map_err(MAP_MAGLEV6))?,
+            }),
         })
     }
 
@@ -192,6 +221,7 @@ impl Maps {
                 .ok()
                 .and_then(|map| Array::try_from(Map::Array(map)).ok())
                 .map(|map| (map, None)),
+            ipv6: None,
         })
     }
 
@@ -233,6 +263,23 @@ impl Maps {
             *copy = Some(FilterCopy::new(read_filter_lines(map)?, filter_bits_log2(map)));
         }
         Ok(copy.as_mut().map(|copy| (map, copy)))
+    }
+
+    /// Sets the ENDPOINT_FILTER bits of these endpoints (side, address,
+    /// port: `lb_common::filter_bit`'s arguments), of either family: for
+    /// writers of maps other than the agent's own (the datapath tests'
+    /// IPv6 entries).
+    pub fn set_endpoint_filter<A: lb_common::Address>(
+        &mut self,
+        endpoints: impl IntoIterator<Item = (u8, A, [u8; 2])>,
+    ) -> Result<(), DatapathError> {
+        let Some((map, _)) = &self.endpoint_filter else { return Ok(()) };
+        let bits_log2 = filter_bits_log2(map);
+        let bits: Vec<u32> = endpoints
+            .into_iter()
+            .map(|(side, addr, port)| lb_common::filter_bit(side, addr, port, bits_log2))
+            .collect();
+        self.set_filter_bits(bits).map_err(map_err(MAP_ENDPOINT_FILTER))
     }
 
     /// Sets `bits` in ENDPOINT_FILTER (those not set already).
@@ -788,8 +835,20 @@ fn retry_interrupted(mut load: impl FnMut() -> Result<(), DatapathError>) -> Res
 /// ENDPOINT_FILTER is sized with them, and filled afresh rather than copied.
 const GROWABLE_MAPS: [&str; 5] =
     [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES, MAP_ENDPOINT_FILTER];
-const SHARED_MAPS: [&str; 7] =
-    [MAP_CONNTRACK, MAP_AFFINITY, MAP_MAGLEV, MAP_SOCK_REVNAT, MAP_COUNTERS, MAP_FLOW_SEED, MAP_NODE_PORTS];
+/// TAIL_CALLS among them: an unpinned program array is emptied when its
+/// last holder in userspace goes, which would stop IPv6 at the pods'
+/// hook while the agent restarts; each generation points it at its own
+/// `tc_from_pod6` as it loads.
+const SHARED_MAPS: [&str; 8] = [
+    MAP_CONNTRACK,
+    MAP_AFFINITY,
+    MAP_MAGLEV,
+    MAP_SOCK_REVNAT,
+    MAP_COUNTERS,
+    MAP_FLOW_SEED,
+    MAP_NODE_PORTS,
+    MAP_TAIL_CALLS,
+];
 
 /// The pin of a grown map until it replaces the live one (bpffs refuses
 /// names with a dot).
@@ -866,6 +925,13 @@ impl Datapath {
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .map_max_entries(MAP_MAGLEV, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
             .map_max_entries(MAP_ENDPOINT_FILTER, lb_common::filter_lines(filter_bits_log2))
+            .map_max_entries(MAP_SERVICES6, IPV6_MAP_ENTRIES)
+            .map_max_entries(MAP_SERVICE_ADDRS6, IPV6_MAP_ENTRIES)
+            .map_max_entries(MAP_BACKENDS6, IPV6_MAP_ENTRIES)
+            .map_max_entries(MAP_SOURCE_RANGES6, IPV6_MAP_ENTRIES)
+            .map_max_entries(MAP_CONNTRACK6, IPV6_MAP_ENTRIES)
+            .map_max_entries(MAP_AFFINITY6, IPV6_MAP_ENTRIES)
+            .map_max_entries(MAP_MAGLEV6, sizes.maglev.table_size.saturating_mul(2))
             .override_global(GLOBAL_ENDPOINT_FILTER_BITS_LOG2, &filter_bits_log2, true)
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
             .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
@@ -881,6 +947,16 @@ impl Datapath {
             retry_interrupted(|| Self::bind_program(&mut ebpf, name)?.load().map_err(Into::into))?;
         }
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD)?.load().map_err(Into::into))?;
+        retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD6)?.load().map_err(Into::into))?;
+        // `tc_from_pod` hands IPv6 frames to `tc_from_pod6` by tail call.
+        let pod6 = Self::tc_program_of(&mut ebpf, PROG_FROM_POD6)?.fd()?.try_clone().map_err(ProgramError::from)?;
+        let tail_calls = ebpf.map_mut(MAP_TAIL_CALLS).ok_or(DatapathError::Map {
+            name: MAP_TAIL_CALLS,
+            source: aya::maps::MapError::InvalidName { name: MAP_TAIL_CALLS.to_owned() },
+        })?;
+        aya::maps::ProgramArray::try_from(tail_calls)
+            .and_then(|mut array| array.set(TAIL_CALL_POD6, &pod6, 0))
+            .map_err(map_err(MAP_TAIL_CALLS))?;
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load().map_err(Into::into))?;
         retry_interrupted(|| Self::xdp_program_of(&mut ebpf)?.load().map_err(Into::into))?;
         Ok(ebpf)

@@ -9,5 +9,6 @@ pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
+pub mod packet6;
 pub mod pods;
 pub mod traffic;

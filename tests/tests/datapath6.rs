@@ -1,0 +1,236 @@
+//! IPv6 at the pods' hook through BPF_PROG_TEST_RUN: `tc_from_pod` hands
+//! every IPv6 frame to `tc_from_pod6` (a tail call), which runs the
+//! pipeline every hook shares, compiled for IPv6, over the IPv6 maps. The
+//! agent does not program IPv6 frontends yet (issue 17), so these tests
+//! write the maps themselves, in the layouts lb-common defines and the
+//! order the agent writes IPv4's (backends, slots, frontend, address).
+//! Needs root.
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+use lb_common::{
+    ADDR_DROP_UNKNOWN_PORTS, BACKEND_LOCAL, Backend6, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey6,
+    FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP, ServiceAddr, ServiceKey6,
+    ServiceValue, counter, ipv6, ipv6_octets,
+};
+use lb_tests::{
+    harness::Harness,
+    packet::{ACK, SYN},
+    packet6::{
+        self, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, Seen6, Spec6, build6, neighbor_solicitation, read_icmp6, read6,
+    },
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+fn at(addr: &str, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(addr.parse().unwrap(), port, 0, 0)
+}
+
+const VIP: &str = "fd00:96::10";
+const CLIENT: &str = "fd00:244::5";
+
+/// An IPv6 frontend and its backends, all local.
+struct Service6 {
+    frontend: SocketAddrV6,
+    protocol: u8,
+    backends: Vec<SocketAddrV6>,
+}
+
+/// Writes `services` into the IPv6 maps, and the endpoint filter's bits
+/// for them, as the agent writes IPv4's.
+fn seed(h: &mut Harness, services: &[Service6]) {
+    let maps = h.datapath.maps.ipv6.as_mut().expect("the IPv6 maps");
+    let mut next_id = 1u32;
+    let mut filter = Vec::new();
+    for service in services {
+        let vip = ipv6(service.frontend.ip().octets());
+        let port = service.frontend.port().to_be_bytes();
+        let frontend = ServiceKey6::new(vip, port, service.protocol, 0);
+        for (slot, backend) in service.backends.iter().enumerate() {
+            let addr = ipv6(backend.ip().octets());
+            let value = Backend6::new(addr, backend.port().to_be_bytes()).with_flags(BACKEND_LOCAL);
+            maps.backends.insert(next_id, value, 0).unwrap();
+            maps.services.insert(frontend.with_slot(slot as u16 + 1), ServiceValue::slot(next_id), 0).unwrap();
+            filter.push((FILTER_FROM, addr, backend.port().to_be_bytes()));
+            next_id += 1;
+        }
+        let count = service.backends.len() as u16;
+        maps.services.insert(frontend, ServiceValue::frontend(count, 0, 0, 0), 0).unwrap();
+        let frontends = services.iter().filter(|s| s.frontend.ip() == service.frontend.ip()).count() as u16;
+        let addr = ServiceAddr { frontends, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 };
+        maps.service_addrs.insert(vip, addr, 0).unwrap();
+        filter.push((FILTER_TO, vip, port));
+        filter.push((FILTER_TO, vip, FILTER_ANY_PORT));
+    }
+    h.datapath.maps.set_endpoint_filter(filter).unwrap();
+}
+
+fn harness(services: &[Service6]) -> Harness {
+    let mut h = Harness::new(&[]);
+    seed(&mut h, services);
+    h
+}
+
+fn web(backends: &[SocketAddrV6]) -> Service6 {
+    Service6 { frontend: at(VIP, 80), protocol: PROTO_TCP, backends: backends.to_vec() }
+}
+
+fn run(h: &mut Harness, spec: &Spec6) -> (u32, Seen6) {
+    let (verdict, out) = h.run(&build6(spec));
+    (verdict, read6(&out))
+}
+
+fn ct_key(s: SocketAddrV6, d: SocketAddrV6, protocol: u8) -> CtKey6 {
+    CtKey6 {
+        saddr: ipv6(s.ip().octets()),
+        daddr: ipv6(d.ip().octets()),
+        sport: s.port().to_be_bytes(),
+        dport: d.port().to_be_bytes(),
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn a_tcp_flow_to_an_ipv6_cluster_ip_is_dnated_tracked_and_its_replies_translated_back() {
+    let backend = at("fd00:244::20", 8080);
+    let mut h = harness(&[web(&[backend])]);
+    let (client, vip) = (at(CLIENT, 40000), at(VIP, 80));
+
+    let (verdict, seen) = run(&mut h, &Spec6::tcp(client, vip, SYN));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((seen.src, seen.dst), (client, backend));
+    assert!(seen.l4_checksum_ok, "TCP checksum over the new pseudo-header: {seen:?}");
+    assert_eq!(seen.payload, b"hello");
+    assert_eq!(h.counter(counter::DNAT_NEW), 1);
+
+    // Both directions are tracked, as for IPv4.
+    let maps = h.datapath.maps.ipv6.as_ref().unwrap();
+    let forward = maps.conntrack.get(&ct_key(client, vip, PROTO_TCP), 0).expect("forward entry");
+    assert_eq!(forward.direction, CT_DIRECTION_DNAT);
+    assert_eq!(forward.nat_addr, ipv6(backend.ip().octets()));
+    let reply = maps.conntrack.get(&ct_key(backend, client, PROTO_TCP), 0).expect("reply entry");
+    assert_eq!((reply.direction, reply.nat_addr), (CT_DIRECTION_REVERSE_SNAT, ipv6(vip.ip().octets())));
+
+    // The backend's reply leaves from the service address.
+    let (verdict, seen) = run(&mut h, &Spec6::tcp(backend, client, SYN | ACK));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((seen.src, seen.dst), (vip, client));
+    assert!(seen.l4_checksum_ok, "{seen:?}");
+    assert_eq!(h.counter(counter::REVERSE_NAT), 1);
+
+    // Later packets follow the entry.
+    let (_, seen) = run(&mut h, &Spec6::tcp(client, vip, ACK));
+    assert_eq!(seen.dst, backend);
+    assert!(seen.l4_checksum_ok);
+    assert_eq!(h.counter(counter::DNAT_ESTABLISHED), 1);
+}
+
+#[test]
+fn udp_to_an_ipv6_frontend_is_translated_with_its_mandatory_checksum() {
+    let backend = at("fd00:244::21", 5353);
+    let service = Service6 { frontend: at(VIP, 53), protocol: PROTO_UDP, backends: vec![backend] };
+    let mut h = harness(&[service]);
+    let (client, vip) = (at(CLIENT, 41000), at(VIP, 53));
+    let (verdict, seen) = run(&mut h, &Spec6::udp(client, vip));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((seen.src, seen.dst), (client, backend));
+    assert!(seen.l4_checksum_ok, "{seen:?}");
+    let (_, seen) = run(&mut h, &Spec6::udp(backend, client));
+    assert_eq!((seen.src, seen.dst), (vip, client));
+    assert!(seen.l4_checksum_ok, "{seen:?}");
+}
+
+#[test]
+fn new_flows_spread_over_every_backend_and_each_flow_keeps_its_own() {
+    let backends: Vec<SocketAddrV6> = (1..=3).map(|i| at(&format!("fd00:244::{i:x}"), 8080)).collect();
+    let mut h = harness(&[web(&backends)]);
+    let mut seen_backends = std::collections::BTreeSet::new();
+    for port in 40000..40060 {
+        let (_, first) = run(&mut h, &Spec6::tcp(at(CLIENT, port), at(VIP, 80), SYN));
+        let (_, later) = run(&mut h, &Spec6::tcp(at(CLIENT, port), at(VIP, 80), ACK));
+        assert_eq!(first.dst, later.dst, "a flow keeps its backend");
+        seen_backends.insert(first.dst);
+    }
+    assert_eq!(seen_backends.into_iter().collect::<Vec<_>>(), backends);
+}
+
+#[test]
+fn an_ipv6_service_without_endpoints_refuses_with_an_icmpv6_port_unreachable() {
+    let mut h = harness(&[web(&[])]);
+    let (client, vip) = (at(CLIENT, 40000), at(VIP, 80));
+    let (verdict, out) = h.run(&build6(&Spec6::tcp(client, vip, SYN)));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out the pod's interface");
+    let error = read_icmp6(&out);
+    assert_eq!((error.kind, error.code), (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH));
+    assert_eq!((error.src, error.dst), (*vip.ip(), *client.ip()), "from the address the client tried");
+    assert!(error.checksum_ok, "ICMPv6 checksum over the pseudo-header: {error:?}");
+    assert_eq!(error.quoted, (client, vip), "the client's own packet, quoted");
+    assert_eq!(error.macs, ([0x02, 0, 0, 0, 0, 2], [0x02, 0, 0, 0, 0, 1]), "back to the sender's MAC");
+    assert_eq!(h.counter(counter::REJECT_NO_BACKEND), 1);
+}
+
+#[test]
+fn an_undefined_port_of_an_ipv6_cluster_ip_is_dropped() {
+    let mut h = harness(&[web(&[at("fd00:244::20", 8080)])]);
+    let (verdict, _) = h.run(&build6(&Spec6::tcp(at(CLIENT, 40000), at(VIP, 81), SYN)));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(counter::DROP_UNKNOWN_PORT), 1);
+}
+
+#[test]
+fn other_ipv6_traffic_ndp_and_later_fragments_pass_untouched() {
+    let mut h = harness(&[web(&[at("fd00:244::20", 8080)])]);
+    let frames = [
+        build6(&Spec6::tcp(at(CLIENT, 40000), at("fd00:244::99", 80), SYN)),
+        neighbor_solicitation(&CLIENT.parse().unwrap(), &VIP.parse().unwrap()),
+        build6(&Spec6::udp(at(CLIENT, 40000), at(VIP, 80)).fragment(100)),
+    ];
+    for frame in frames {
+        let (verdict, out) = h.run(&frame);
+        assert_eq!((verdict, &out), (TC_ACT_OK, &frame));
+    }
+    assert_eq!(h.counter(counter::DNAT_NEW), 0);
+}
+
+#[test]
+fn extension_headers_before_the_ports_are_walked() {
+    let backend = at("fd00:244::20", 8080);
+    let mut h = harness(&[web(&[backend])]);
+    let spec = Spec6::tcp(at(CLIENT, 40000), at(VIP, 80), SYN).with_destination_options();
+    let (verdict, seen) = run(&mut h, &spec);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(seen.dst, backend);
+    assert!(seen.l4_checksum_ok, "{seen:?}");
+    // A first fragment carries the ports: translated too.
+    let spec = Spec6::udp(at(CLIENT, 40001), at(VIP, 80)).fragment(0);
+    let mut h = harness(&[Service6 { frontend: at(VIP, 80), protocol: PROTO_UDP, backends: vec![backend] }]);
+    let (_, out) = h.run(&build6(&spec));
+    assert_eq!(read6(&out).dst, backend);
+}
+
+#[test]
+fn a_pod_reaching_itself_through_an_ipv6_service_sees_the_hairpin_address() {
+    let pod = at("fd00:244::20", 8080);
+    let mut h = harness(&[web(&[pod])]);
+    let (client, vip) = (SocketAddrV6::new(*pod.ip(), 40000, 0, 0), at(VIP, 80));
+    let hairpin = Ipv6Addr::from(ipv6_octets(HAIRPIN_ADDR6));
+    let (_, seen) = run(&mut h, &Spec6::tcp(client, vip, SYN));
+    assert_eq!((seen.src, seen.dst), (SocketAddrV6::new(hairpin, 40000, 0, 0), pod));
+    assert!(seen.l4_checksum_ok);
+    // Its reply, to the hairpin address, comes back from the service.
+    let (_, seen) = run(&mut h, &Spec6::tcp(pod, SocketAddrV6::new(hairpin, 40000, 0, 0), SYN | ACK));
+    assert_eq!((seen.src, seen.dst), (vip, client));
+    assert!(seen.l4_checksum_ok);
+}
+
+#[test]
+fn ipv6_frames_do_not_disturb_ipv4_counters_of_other_verdicts() {
+    // A frame that is not IPv4 used to count as unparsed; IPv6 frames now
+    // get IPv6 verdicts and IPv4 ones are as before.
+    let mut h = harness(&[web(&[at("fd00:244::20", 8080)])]);
+    let _ = h.run(&packet6::build6(&Spec6::tcp(at(CLIENT, 40000), at(VIP, 80), SYN)));
+    assert_eq!(h.counter(counter::PASS_UNPARSED), 0);
+}
