@@ -18,14 +18,18 @@ pub fn xdp_baseline(ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// IPv6 frames are parsed as `tc_from_pod6` parses them: the IPv6 floor.
 #[classifier]
 pub fn tc_baseline(ctx: TcContext) -> i32 {
-    keep(parse::parse(ctx.data(), ctx.data_end()));
+    match parse::parse(ctx.data(), ctx.data_end()) {
+        Err(Unparsed::Ipv6) => keep(parse::parse6(ctx.data(), ctx.data_end())),
+        parsed => keep(parsed),
+    }
     TC_ACT_OK as i32
 }
 
 /// Keeps the parse from being optimised away: its result is used.
 #[inline(always)]
-fn keep(parsed: Result<Packet, Unparsed>) {
+fn keep<A>(parsed: Result<Packet<A>, Unparsed>) {
     black_box(parsed.map_or(0, |p| u32::from_ne_bytes([p.dport[0], p.dport[1], p.protocol, 0])));
 }

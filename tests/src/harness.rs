@@ -1,9 +1,12 @@
 //! The datapath's programs loaded (unpinned, unattached) with maps seeded
 //! from Service ports, run on crafted packets through BPF_PROG_TEST_RUN.
-use std::net::SocketAddrV4;
+use std::net::{SocketAddrV4, SocketAddrV6};
 
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
-use lb_common::{CtKey, CtValue};
+use lb_common::{
+    ADDR_DROP_UNKNOWN_PORTS, BACKEND_LOCAL, Backend6, CtKey, CtValue, FILTER_ANY_PORT, FILTER_FROM, FILTER_TO,
+    ServiceAddr, ServiceKey6, ServiceValue, ipv6,
+};
 use lb_userspace::{
     datapath::{Datapath, MapSizes},
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
@@ -68,6 +71,14 @@ pub struct Harness {
     pub datapath: Datapath,
 }
 
+/// An IPv6 frontend and its backends (all local), as `Harness::seed_ipv6`
+/// writes them.
+pub struct Service6 {
+    pub frontend: SocketAddrV6,
+    pub protocol: u8,
+    pub backends: Vec<SocketAddrV6>,
+}
+
 impl Harness {
     pub fn new(services: &[ServicePort]) -> Self {
         Self::with_sizes(services, MapSizes::default())
@@ -77,6 +88,38 @@ impl Harness {
         let mut datapath = Datapath::load(None, sizes, 0).expect("load datapath (needs root)");
         Reconciler::new(Default::default(), sizes.maglev).sync(services, &mut datapath.maps).expect("seed maps");
         Self { datapath }
+    }
+
+    /// Writes `services` into the IPv6 maps, and the endpoint filter's bits
+    /// for them, in the layouts lb-common defines and the order the agent
+    /// writes IPv4's (backends, slots, frontend, address); random
+    /// selection, no affinity. The agent does not program IPv6 frontends
+    /// yet (issue 17).
+    pub fn seed_ipv6(&mut self, services: &[Service6]) {
+        let maps = self.datapath.maps.ipv6.as_mut().expect("the IPv6 maps");
+        let mut next_id = 1u32;
+        let mut filter = Vec::new();
+        for service in services {
+            let vip = ipv6(service.frontend.ip().octets());
+            let port = service.frontend.port().to_be_bytes();
+            let frontend = ServiceKey6::new(vip, port, service.protocol, 0);
+            for (slot, backend) in service.backends.iter().enumerate() {
+                let addr = ipv6(backend.ip().octets());
+                let value = Backend6::new(addr, backend.port().to_be_bytes()).with_flags(BACKEND_LOCAL);
+                maps.backends.insert(next_id, value, 0).unwrap();
+                maps.services.insert(frontend.with_slot(slot as u16 + 1), ServiceValue::slot(next_id), 0).unwrap();
+                filter.push((FILTER_FROM, addr, backend.port().to_be_bytes()));
+                next_id += 1;
+            }
+            let count = service.backends.len() as u16;
+            maps.services.insert(frontend, ServiceValue::frontend(count, 0, 0, 0), 0).unwrap();
+            let frontends = services.iter().filter(|s| s.frontend.ip() == service.frontend.ip()).count() as u16;
+            let addr = ServiceAddr { frontends, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 };
+            maps.service_addrs.insert(vip, addr, 0).unwrap();
+            filter.push((FILTER_TO, vip, port));
+            filter.push((FILTER_TO, vip, FILTER_ANY_PORT));
+        }
+        self.datapath.maps.set_endpoint_filter(filter).unwrap();
     }
 
     /// Runs one packet through the tc program; returns the verdict and the

@@ -2,18 +2,16 @@
 //! every IPv6 frame to `tc_from_pod6` (a tail call), which runs the
 //! pipeline every hook shares, compiled for IPv6, over the IPv6 maps. The
 //! agent does not program IPv6 frontends yet (issue 17), so these tests
-//! write the maps themselves, in the layouts lb-common defines and the
-//! order the agent writes IPv4's (backends, slots, frontend, address).
+//! write the maps themselves (`Harness::seed_ipv6`).
 //! Needs root.
 use std::net::{Ipv6Addr, SocketAddrV6};
 
 use lb_common::{
-    ADDR_DROP_UNKNOWN_PORTS, BACKEND_LOCAL, Backend6, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey6,
-    FILTER_ANY_PORT, FILTER_FROM, FILTER_TO, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP, ServiceAddr, ServiceKey6,
-    ServiceValue, counter, ipv6, ipv6_octets,
+    CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey6, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP, counter, ipv6,
+    ipv6_octets,
 };
 use lb_tests::{
-    harness::Harness,
+    harness::{Harness, Service6},
     packet::{ACK, SYN},
     packet6::{
         self, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, Seen6, Spec6, build6, neighbor_solicitation, read_icmp6, read6,
@@ -31,45 +29,9 @@ fn at(addr: &str, port: u16) -> SocketAddrV6 {
 const VIP: &str = "fd00:96::10";
 const CLIENT: &str = "fd00:244::5";
 
-/// An IPv6 frontend and its backends, all local.
-struct Service6 {
-    frontend: SocketAddrV6,
-    protocol: u8,
-    backends: Vec<SocketAddrV6>,
-}
-
-/// Writes `services` into the IPv6 maps, and the endpoint filter's bits
-/// for them, as the agent writes IPv4's.
-fn seed(h: &mut Harness, services: &[Service6]) {
-    let maps = h.datapath.maps.ipv6.as_mut().expect("the IPv6 maps");
-    let mut next_id = 1u32;
-    let mut filter = Vec::new();
-    for service in services {
-        let vip = ipv6(service.frontend.ip().octets());
-        let port = service.frontend.port().to_be_bytes();
-        let frontend = ServiceKey6::new(vip, port, service.protocol, 0);
-        for (slot, backend) in service.backends.iter().enumerate() {
-            let addr = ipv6(backend.ip().octets());
-            let value = Backend6::new(addr, backend.port().to_be_bytes()).with_flags(BACKEND_LOCAL);
-            maps.backends.insert(next_id, value, 0).unwrap();
-            maps.services.insert(frontend.with_slot(slot as u16 + 1), ServiceValue::slot(next_id), 0).unwrap();
-            filter.push((FILTER_FROM, addr, backend.port().to_be_bytes()));
-            next_id += 1;
-        }
-        let count = service.backends.len() as u16;
-        maps.services.insert(frontend, ServiceValue::frontend(count, 0, 0, 0), 0).unwrap();
-        let frontends = services.iter().filter(|s| s.frontend.ip() == service.frontend.ip()).count() as u16;
-        let addr = ServiceAddr { frontends, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 };
-        maps.service_addrs.insert(vip, addr, 0).unwrap();
-        filter.push((FILTER_TO, vip, port));
-        filter.push((FILTER_TO, vip, FILTER_ANY_PORT));
-    }
-    h.datapath.maps.set_endpoint_filter(filter).unwrap();
-}
-
 fn harness(services: &[Service6]) -> Harness {
     let mut h = Harness::new(&[]);
-    seed(&mut h, services);
+    h.seed_ipv6(services);
     h
 }
 
