@@ -77,6 +77,26 @@ pub struct Service6 {
     pub frontend: SocketAddrV6,
     pub protocol: u8,
     pub backends: Vec<SocketAddrV6>,
+    /// ClientIP session affinity, in seconds (0: none).
+    pub affinity_timeout_s: u32,
+    /// Select by a Maglev table (the frontend gets one of its own, filled
+    /// with its backends in turn) rather than at random.
+    pub maglev: bool,
+    /// loadBalancerSourceRanges: client prefixes allowed new flows.
+    pub source_ranges: Vec<(std::net::Ipv6Addr, u8)>,
+}
+
+impl Service6 {
+    pub fn new(frontend: SocketAddrV6, protocol: u8, backends: &[SocketAddrV6]) -> Self {
+        Self {
+            frontend,
+            protocol,
+            backends: backends.to_vec(),
+            affinity_timeout_s: 0,
+            maglev: false,
+            source_ranges: Vec::new(),
+        }
+    }
 }
 
 impl Harness {
@@ -98,6 +118,7 @@ impl Harness {
     pub fn seed_ipv6(&mut self, services: &[Service6]) {
         let maps = self.datapath.maps.ipv6.as_mut().expect("the IPv6 maps");
         let mut next_id = 1u32;
+        let mut next_table = 1u32;
         let mut filter = Vec::new();
         for service in services {
             let vip = ipv6(service.frontend.ip().octets());
@@ -112,7 +133,35 @@ impl Harness {
                 next_id += 1;
             }
             let count = service.backends.len() as u16;
-            maps.services.insert(frontend, ServiceValue::frontend(count, 0, 0, 0), 0).unwrap();
+            let first_id = next_id - u32::from(count);
+            let maglev_table = if service.maglev && count > 0 {
+                // The harness's maps have MAGLEV6's two tables of the
+                // default size.
+                let size = lb_common::DEFAULT_MAGLEV_TABLE_SIZE;
+                for entry in 0..size {
+                    let index = (next_table - 1) * size + entry;
+                    maps.maglev.set(index, first_id + entry % u32::from(count), 0).unwrap();
+                }
+                next_table += 1;
+                next_table - 1
+            } else {
+                0
+            };
+            let mut flags = 0;
+            for (prefix, len) in &service.source_ranges {
+                flags |= lb_common::FRONTEND_SOURCE_RANGES;
+                let data = lb_common::SourceRangeKey {
+                    vip,
+                    port,
+                    protocol: service.protocol,
+                    _pad: 0,
+                    client: ipv6(prefix.octets()),
+                };
+                let bits = lb_common::SourceRangeKey::<lb_common::Ipv6>::FRONTEND_BITS + u32::from(*len);
+                maps.source_ranges.insert(&aya::maps::lpm_trie::Key::new(bits, data), 1, 0).unwrap();
+            }
+            let value = ServiceValue::frontend(count, flags, service.affinity_timeout_s, maglev_table);
+            maps.services.insert(frontend, value, 0).unwrap();
             let frontends = services.iter().filter(|s| s.frontend.ip() == service.frontend.ip()).count() as u16;
             let addr = ServiceAddr { frontends, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 };
             maps.service_addrs.insert(vip, addr, 0).unwrap();

@@ -36,7 +36,7 @@ fn harness(services: &[Service6]) -> Harness {
 }
 
 fn web(backends: &[SocketAddrV6]) -> Service6 {
-    Service6 { frontend: at(VIP, 80), protocol: PROTO_TCP, backends: backends.to_vec() }
+    Service6::new(at(VIP, 80), PROTO_TCP, backends)
 }
 
 fn run(h: &mut Harness, spec: &Spec6) -> (u32, Seen6) {
@@ -93,7 +93,7 @@ fn a_tcp_flow_to_an_ipv6_cluster_ip_is_dnated_tracked_and_its_replies_translated
 #[test]
 fn udp_to_an_ipv6_frontend_is_translated_with_its_mandatory_checksum() {
     let backend = at("fd00:244::21", 5353);
-    let service = Service6 { frontend: at(VIP, 53), protocol: PROTO_UDP, backends: vec![backend] };
+    let service = Service6::new(at(VIP, 53), PROTO_UDP, &[backend]);
     let mut h = harness(&[service]);
     let (client, vip) = (at(CLIENT, 41000), at(VIP, 53));
     let (verdict, seen) = run(&mut h, &Spec6::udp(client, vip));
@@ -168,7 +168,7 @@ fn extension_headers_before_the_ports_are_walked() {
     assert!(seen.l4_checksum_ok, "{seen:?}");
     // A first fragment carries the ports: translated too.
     let spec = Spec6::udp(at(CLIENT, 40001), at(VIP, 80)).fragment(0);
-    let mut h = harness(&[Service6 { frontend: at(VIP, 80), protocol: PROTO_UDP, backends: vec![backend] }]);
+    let mut h = harness(&[Service6::new(at(VIP, 80), PROTO_UDP, &[backend])]);
     let (_, out) = h.run(&build6(&spec));
     assert_eq!(read6(&out).dst, backend);
 }
@@ -195,4 +195,65 @@ fn ipv6_frames_do_not_disturb_ipv4_counters_of_other_verdicts() {
     let mut h = harness(&[web(&[at("fd00:244::20", 8080)])]);
     let _ = h.run(&packet6::build6(&Spec6::tcp(at(CLIENT, 40000), at(VIP, 80), SYN)));
     assert_eq!(h.counter(counter::PASS_UNPARSED), 0);
+}
+
+#[test]
+fn client_ip_affinity_keeps_an_ipv6_client_on_one_backend_across_connections() {
+    let backends: Vec<SocketAddrV6> = (1..=3).map(|i| at(&format!("fd00:244::{i:x}"), 8080)).collect();
+    let mut service = web(&backends);
+    service.affinity_timeout_s = 60;
+    let mut h = harness(&[service]);
+    let (_, first) = run(&mut h, &Spec6::tcp(at(CLIENT, 40000), at(VIP, 80), SYN));
+    for port in 40001..40020 {
+        let (_, seen) = run(&mut h, &Spec6::tcp(at(CLIENT, port), at(VIP, 80), SYN));
+        assert_eq!(seen.dst, first.dst, "the client's backend, remembered in AFFINITY6");
+    }
+    // Another client is free to get another backend.
+    let others: std::collections::BTreeSet<_> = (1..40u16)
+        .map(|i| run(&mut h, &Spec6::tcp(at(&format!("fd00:244:1::{i:x}"), 40000), at(VIP, 80), SYN)).1.dst)
+        .collect();
+    assert!(others.len() > 1, "{others:?}");
+}
+
+#[test]
+fn a_maglev_frontend_takes_its_table_entry_for_each_new_flow() {
+    let backends: Vec<SocketAddrV6> = (1..=3).map(|i| at(&format!("fd00:244::{i:x}"), 8080)).collect();
+    let mut service = web(&backends);
+    service.maglev = true;
+    let mut h = harness(&[service]);
+    // The table is filled with the backends in turn, so flows land on each.
+    let landed: std::collections::BTreeSet<_> =
+        (40000..40060).map(|port| run(&mut h, &Spec6::tcp(at(CLIENT, port), at(VIP, 80), SYN)).1.dst).collect();
+    assert_eq!(landed.into_iter().collect::<Vec<_>>(), backends);
+    // A flow's SYN sent again (its entry replaced) hashes to the same entry.
+    let (_, once) = run(&mut h, &Spec6::tcp(at(CLIENT, 41000), at(VIP, 80), SYN));
+    let (_, again) = run(&mut h, &Spec6::tcp(at(CLIENT, 41000), at(VIP, 80), SYN));
+    assert_eq!(once.dst, again.dst);
+}
+
+#[test]
+fn source_ranges_admit_ipv6_clients_inside_them_only() {
+    let backend = at("fd00:244::20", 8080);
+    let mut service = web(&[backend]);
+    service.source_ranges = vec![("fd00:244::".parse().unwrap(), 64)];
+    let mut h = harness(&[service]);
+    let (verdict, seen) = run(&mut h, &Spec6::tcp(at(CLIENT, 40000), at(VIP, 80), SYN));
+    assert_eq!((verdict, seen.dst), (TC_ACT_OK, backend));
+    let (verdict, _) = h.run(&build6(&Spec6::tcp(at("fd00:999::5", 40000), at(VIP, 80), SYN)));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(counter::DROP_SOURCE_RANGE), 1);
+}
+
+#[test]
+fn a_fin_closes_both_directions_of_an_ipv6_flow() {
+    let backend = at("fd00:244::20", 8080);
+    let mut h = harness(&[web(&[backend])]);
+    let (client, vip) = (at(CLIENT, 40000), at(VIP, 80));
+    let _ = run(&mut h, &Spec6::tcp(client, vip, SYN));
+    let _ = run(&mut h, &Spec6::tcp(client, vip, ACK));
+    let state = |h: &Harness, key: CtKey6| h.datapath.maps.ipv6.as_ref().unwrap().conntrack.get(&key, 0).unwrap().state;
+    assert_eq!(state(&h, ct_key(client, vip, PROTO_TCP)), lb_common::CT_STATE_ESTABLISHED);
+    let _ = run(&mut h, &Spec6::tcp(client, vip, ACK | 0x01));
+    assert_eq!(state(&h, ct_key(client, vip, PROTO_TCP)), lb_common::CT_STATE_CLOSING);
+    assert_eq!(state(&h, ct_key(backend, client, PROTO_TCP)), lb_common::CT_STATE_CLOSING);
 }

@@ -538,8 +538,8 @@ fn ipv6_pod_cost(baseline: &mut Baseline, repeat: u32) -> anyhow::Result<Cost> {
     let timed = at("fd00:200::1", 8080);
     let client = at("fd00:200::100", 40000);
     let way_back: Vec<SocketAddrV6> = (1..=4).map(|b| at(&format!("fd00:99::{b}"), 8080)).collect();
-    let mut services = vec![Service6 { frontend: timed, protocol: packet::TCP, backends: way_back.clone() }];
-    services.extend(way_back.iter().map(|b| Service6 { frontend: *b, protocol: packet::TCP, backends: vec![timed] }));
+    let mut services = vec![Service6::new(timed, packet::TCP, &way_back)];
+    services.extend(way_back.iter().map(|b| Service6::new(*b, packet::TCP, &[timed])));
     let mut harness = Harness::new(&[]);
     harness.seed_ipv6(&services);
     let frames = [
