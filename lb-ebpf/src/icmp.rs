@@ -4,12 +4,12 @@
 //! the offending packet gets them and recognises its own packet in them
 //! (path-MTU discovery through a NodePort needs this).
 use aya_ebpf::programs::TcContext;
-use lb_common::{CtKey, Ipv6, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use lb_common::{Address, CtKey, Ipv6, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     conntrack,
     maps::{ICMP_REPLY, ICMP6_REPLY},
-    nat::{Frame, Rewrite, csum_replace},
+    nat::{Frame, Rewrite, csum_apply, csum_replace},
     parse::{ETH_HLEN, ETH_P_IPV6, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN, Packet},
     translate::rewrite_of,
 };
@@ -31,8 +31,18 @@ const IP_ADDRS: usize = 12;
 const IP_CHECK: usize = 10;
 
 pub use crate::parse::ICMP6_REPLY_LEN as REPLY6_LEN;
-const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_ICMPV6: u8 = crate::parse::PROTO_ICMPV6;
 const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// Offsets in an ICMPv6 error without extension headers: the outer IPv6
+/// header, the ICMPv6 header, the quoted IPv6 header and its ports.
+const OUTER6: usize = ETH_HLEN;
+const ICMP6: usize = OUTER6 + IPV6_HLEN;
+const INNER6: usize = ICMP6 + ICMP_HLEN;
+const INNER6_PORTS: usize = INNER6 + IPV6_HLEN;
+const IPV6_NEXT_HEADER: usize = 6;
+const IPV6_ADDRS: usize = 8;
 const ICMPV6_PORT_UNREACH: u8 = 4;
 /// RFC 4443 asks for as much of the offending packet as fits in 1280
 /// bytes; the IPv6 header and the ports are what the sender's stack needs
@@ -310,4 +320,105 @@ pub fn error_header() -> Packet {
         tcp_syn: false,
         tcp_closing: false,
     }
+}
+
+/// `translate_error` for IPv6 (RFC 4443's destination unreachable, packet
+/// too big, time exceeded), on an skb: the ICMPv6 checksum covers the
+/// pseudo-header, so the outer addresses count in it too. Packet Too Big
+/// must reach the flow's original sender, translated, or path-MTU
+/// discovery through a Service fails. Each step is a function of its own,
+/// as for IPv4; the key and the rewrite live in the caller's per-CPU slot.
+#[inline(always)]
+pub fn translate_error6(ctx: &TcContext, key: &mut CtKey<Ipv6>, rewrite: &mut Rewrite<Ipv6>) -> Result<bool, i64> {
+    if !quoted_flow6(ctx, key)? || !rewrite_at6(key, rewrite) {
+        return Ok(false);
+    }
+    rewrite_quote6(ctx, key, rewrite)?;
+    readdress6(ctx, key, rewrite)?;
+    Ok(true)
+}
+
+/// `quoted_flow` for IPv6: the reverse of the quoted packet (no
+/// extension headers in either), into `key`.
+#[inline(never)]
+fn quoted_flow6(ctx: &TcContext, key: &mut CtKey<Ipv6>) -> Result<bool, i64> {
+    if Frame::len(ctx) < INNER6_PORTS + 4 {
+        return Ok(false);
+    }
+    let [icmp_type]: [u8; 1] = ctx.load(ICMP6)?;
+    if !matches!(icmp_type, ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) {
+        return Ok(false);
+    }
+    let [inner_version]: [u8; 1] = ctx.load(INNER6)?;
+    let [protocol]: [u8; 1] = ctx.load(INNER6 + IPV6_NEXT_HEADER)?;
+    if inner_version >> 4 != 6 || (protocol != PROTO_TCP && protocol != PROTO_UDP) {
+        return Ok(false);
+    }
+    let saddr: Ipv6 = ctx.load(INNER6 + IPV6_ADDRS)?;
+    let daddr: Ipv6 = ctx.load(INNER6 + IPV6_ADDRS + 16)?;
+    let ports: [u8; 4] = ctx.load(INNER6_PORTS)?;
+    key.saddr = daddr;
+    key.daddr = saddr;
+    key.sport = [ports[2], ports[3]];
+    key.dport = [ports[0], ports[1]];
+    key.protocol = protocol;
+    key._pad = [0; 3];
+    Ok(true)
+}
+
+/// `rewrite_at` for IPv6.
+#[inline(never)]
+fn rewrite_at6(key: &CtKey<Ipv6>, rewrite: &mut Rewrite<Ipv6>) -> bool {
+    let Some(verdict) = conntrack::tracked(key) else {
+        return false;
+    };
+    match rewrite_of(&verdict, (key.saddr, key.sport), (key.daddr, key.dport)) {
+        Some(found) => {
+            rewrite.source = found.source;
+            rewrite.destination = found.destination;
+            rewrite.forward = found.forward;
+            true
+        }
+        None => false,
+    }
+}
+
+/// `rewrite_quote` for IPv6: the quoted addresses and ports become those
+/// of the packet the sender sent; the ICMPv6 checksum follows.
+#[inline(never)]
+fn rewrite_quote6(ctx: &TcContext, key: &CtKey<Ipv6>, rewrite: &Rewrite<Ipv6>) -> Result<(), i64> {
+    // SAFETY: reads of the caller's values (see `readdress6`).
+    let (key, rewrite) = unsafe { (core::ptr::read_volatile(key), core::ptr::read_volatile(rewrite)) };
+    let (new_src, new_dst) = (rewrite.destination, rewrite.source);
+    let old_ports = [key.dport[0], key.dport[1], key.sport[0], key.sport[1]];
+    let new_ports = [new_src.1[0], new_src.1[1], new_dst.1[0], new_dst.1[1]];
+    let diff = new_src.0.sum16() + new_dst.0.sum16() + key.daddr.sum16_complement() + key.saddr.sum16_complement();
+    let check: [u8; 2] = ctx.load(ICMP6 + 2)?;
+    let check = csum_replace(csum_apply(check, diff), &old_ports, &new_ports);
+    TcContext::store(ctx, ICMP6 + 2, &check, 0)?;
+    TcContext::store(ctx, INNER6 + IPV6_ADDRS, &new_src.0, 0)?;
+    TcContext::store(ctx, INNER6 + IPV6_ADDRS + 16, &new_dst.0, 0)?;
+    TcContext::store(ctx, INNER6_PORTS, &new_ports, 0)
+}
+
+/// `readdress` for IPv6: the error goes to the quoted packet's original
+/// sender, and comes from the address the other end had; the ICMPv6
+/// checksum's pseudo-header follows.
+#[inline(never)]
+fn readdress6(ctx: &TcContext, key: &CtKey<Ipv6>, rewrite: &Rewrite<Ipv6>) -> Result<(), i64> {
+    // Read volatile, so that LLVM keeps passing pointers: promoted to
+    // values, the addresses make more arguments than BPF has registers.
+    // SAFETY: reads of the caller's values.
+    let (key, rewrite) = unsafe { (core::ptr::read_volatile(key), core::ptr::read_volatile(rewrite)) };
+    let source: Ipv6 = ctx.load(OUTER6 + IPV6_ADDRS)?;
+    let destination: Ipv6 = ctx.load(OUTER6 + IPV6_ADDRS + 16)?;
+    // The quoted packet went from key.daddr to key.saddr.
+    let new_source = if source == key.saddr { rewrite.source.0 } else { source };
+    let new_destination = if destination == key.daddr { rewrite.destination.0 } else { destination };
+    let diff =
+        new_source.sum16() + new_destination.sum16() + source.sum16_complement() + destination.sum16_complement();
+    let check: [u8; 2] = ctx.load(ICMP6 + 2)?;
+    TcContext::store(ctx, ICMP6 + 2, &csum_apply(check, diff), 0)?;
+    TcContext::store(ctx, OUTER6 + IPV6_ADDRS, &new_source, 0)?;
+    TcContext::store(ctx, OUTER6 + IPV6_ADDRS + 16, &new_destination, 0)
 }

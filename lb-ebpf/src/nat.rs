@@ -193,7 +193,7 @@ fn addr_diff<A: Family>(old: &A, new: &A) -> u32 {
 
 /// The Internet checksum `check` with `diff`, a sum of `csum_diff`s, applied.
 #[inline(always)]
-fn csum_apply(check: [u8; 2], diff: u32) -> [u8; 2] {
+pub fn csum_apply(check: [u8; 2], diff: u32) -> [u8; 2] {
     let mut sum = u32::from(!u16::from_ne_bytes(check)) + diff;
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);

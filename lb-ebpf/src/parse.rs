@@ -29,6 +29,7 @@ const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
+pub const PROTO_ICMPV6: u8 = 58;
 /// Ethernet, the longest IPv4 header and a TCP header without options: what
 /// a hook must be able to read to translate a packet.
 pub const MAX_HEADERS_LEN: usize = ETH_HLEN + 60 + 20;
@@ -231,6 +232,11 @@ pub fn parse6(data: usize, data_end: usize) -> Result<Packet<Ipv6>, Unparsed> {
         unsafe { ((*ip).version_class_flow[0] >> 4, (*ip).next_header, (*ip).saddr, (*ip).daddr) };
     if version != 6 {
         return Err(Unparsed::NotTranslatable);
+    }
+    // ICMPv6 right after the header: maybe an error about a translated
+    // flow (`icmp::translate_error6`); NDP and the rest pass untouched.
+    if next == PROTO_ICMPV6 {
+        return Err(Unparsed::Icmp);
     }
     let mut offset = l3_offset + IPV6_HLEN;
     for _ in 0..IPV6_MAX_EXTENSIONS {

@@ -18,10 +18,12 @@ use aya_ebpf::{
 use lb_common::{Ipv6, counter};
 
 use crate::{
-    classify, filter,
+    classify,
+    family::Family,
+    filter, icmp,
     maps::{STATE6, count},
     nat::{Frame, Rewrite},
-    parse::Packet,
+    parse::{Packet, Unparsed},
     skb,
     translate::{Action, decide},
     verdict::Origin,
@@ -51,8 +53,10 @@ fn try_tc_from_pod6(ctx: &TcContext) -> Result<(u32, i32), i64> {
     };
     // SAFETY: this CPU's slot, used by one program run at a time.
     let state = unsafe { &mut *state };
-    if !parse6(ctx, &mut state.packet) {
-        return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32));
+    match parse6(ctx, &mut state.packet) {
+        PARSED => {}
+        ICMP => return Ok((icmp_error6(ctx, &mut state.rewrite), TC_ACT_OK as i32)),
+        _ => return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32)),
     }
     let packet = &state.packet;
     if !filter::may_be_service_traffic(packet) {
@@ -76,17 +80,39 @@ fn try_tc_from_pod6(ctx: &TcContext) -> Result<(u32, i32), i64> {
     Ok((index, action))
 }
 
+/// `parse6`'s answers: a TCP or UDP packet (in `packet`), ICMPv6, other.
+const PARSED: u32 = 0;
+const ICMP: u32 = 1;
+const OTHER: u32 = 2;
+
 /// Parses the skb into `packet`, in a frame of its own (its temporaries
-/// would add to the pipeline's); false when it is no TCP or UDP packet to
-/// translate.
+/// would add to the pipeline's).
 #[inline(never)]
-fn parse6(ctx: &TcContext, packet: &mut Packet<Ipv6>) -> bool {
+fn parse6(ctx: &TcContext, packet: &mut Packet<Ipv6>) -> u32 {
     match skb::parse6(ctx) {
         Ok(parsed) => {
             *packet = parsed;
-            true
+            PARSED
         }
-        Err(_) => false,
+        Err(Unparsed::Icmp) => ICMP,
+        Err(_) => OTHER,
+    }
+}
+
+/// Translates a pod's ICMPv6 error about a translated flow (a backend's
+/// port unreachable, a Packet Too Big); the stack routes it on. Returns
+/// the counter to bump. The flow's key goes in IPv6's key slot.
+#[inline(never)]
+fn icmp_error6(ctx: &TcContext, rewrite: &mut Rewrite<Ipv6>) -> u32 {
+    let Some(key) = <Ipv6 as Family>::key_scratch() else {
+        return counter::PASS_UNPARSED;
+    };
+    // SAFETY: this CPU's slot, used by one program run at a time.
+    let key = unsafe { &mut *key };
+    match icmp::translate_error6(ctx, key, rewrite) {
+        Ok(true) => counter::ICMP_ERROR_TRANSLATED,
+        Ok(false) => counter::PASS_UNPARSED,
+        Err(_) => counter::DROP_REWRITE_FAILED,
     }
 }
 

@@ -10,6 +10,7 @@ pub const DESTINATION_OPTIONS: u8 = 60;
 pub const FRAGMENT: u8 = 44;
 pub const ICMPV6: u8 = 58;
 pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMPV6_PORT_UNREACH: u8 = 4;
 pub const NEIGHBOR_SOLICITATION: u8 = 135;
 
@@ -126,6 +127,17 @@ pub fn neighbor_solicitation(src: &Ipv6Addr, target: &Ipv6Addr) -> Vec<u8> {
     ipv6_frame(ICMPV6, src, target, &icmp)
 }
 
+/// An ICMPv6 error (`kind`, `code`, and `mtu` for Packet Too Big) from
+/// `from` to `to`, quoting `quoted` (an IPv6 packet, without Ethernet).
+pub fn icmp6_error(from: &Ipv6Addr, to: &Ipv6Addr, kind: u8, code: u8, mtu: u32, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend(mtu.to_be_bytes());
+    icmp.extend(quoted);
+    let c = checksum6(from, to, ICMPV6, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv6_frame(ICMPV6, from, to, &icmp)
+}
+
 /// An IPv6 TCP or UDP frame as read back, its checksum verified.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Seen6 {
@@ -170,6 +182,8 @@ pub struct SeenIcmp6 {
     pub quoted: (SocketAddrV6, SocketAddrV6),
     /// The destination MAC, then the source.
     pub macs: ([u8; 6], [u8; 6]),
+    /// The 4 bytes after the checksum (Packet Too Big's MTU).
+    pub rest: u32,
 }
 
 pub fn read_icmp6(frame: &[u8]) -> SeenIcmp6 {
@@ -194,5 +208,6 @@ pub fn read_icmp6(frame: &[u8]) -> SeenIcmp6 {
             SocketAddrV6::new(quoted_addr(24), quoted_port(2), 0, 0),
         ),
         macs: (frame[..6].try_into().unwrap(), frame[6..12].try_into().unwrap()),
+        rest: u32::from_be_bytes(icmp[4..8].try_into().unwrap()),
     }
 }

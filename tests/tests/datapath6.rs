@@ -14,7 +14,8 @@ use lb_tests::{
     harness::{Harness, Service6},
     packet::{ACK, SYN},
     packet6::{
-        self, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, Seen6, Spec6, build6, neighbor_solicitation, read_icmp6, read6,
+        self, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_PORT_UNREACH, Seen6, Spec6, build6, icmp6_error,
+        neighbor_solicitation, read_icmp6, read6,
     },
 };
 
@@ -256,4 +257,35 @@ fn a_fin_closes_both_directions_of_an_ipv6_flow() {
     let _ = run(&mut h, &Spec6::tcp(client, vip, ACK | 0x01));
     assert_eq!(state(&h, ct_key(client, vip, PROTO_TCP)), lb_common::CT_STATE_CLOSING);
     assert_eq!(state(&h, ct_key(backend, client, PROTO_TCP)), lb_common::CT_STATE_CLOSING);
+}
+
+#[test]
+fn a_backends_icmpv6_errors_about_a_flow_reach_the_client_as_from_the_service() {
+    let backend = at("fd00:244::21", 5353);
+    let mut h = harness(&[Service6::new(at(VIP, 53), PROTO_UDP, &[backend])]);
+    let (client, vip) = (at(CLIENT, 41000), at(VIP, 53));
+    let _ = run(&mut h, &Spec6::udp(client, vip));
+    // The backend refuses the datagram it got (client → backend).
+    let got = build6(&Spec6::udp(client, backend));
+    for (kind, code, mtu) in [(ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0), (ICMPV6_PACKET_TOO_BIG, 0, 1280)] {
+        let error = icmp6_error(backend.ip(), client.ip(), kind, code, mtu, &got[14..]);
+        let (verdict, out) = h.run(&error);
+        assert_eq!(verdict, TC_ACT_OK, "the stack routes it on");
+        let seen = read_icmp6(&out);
+        assert_eq!((seen.src, seen.dst), (*vip.ip(), *client.ip()), "from the service, to the client");
+        assert_eq!(seen.quoted, (client, vip), "quoting the packet the client sent");
+        assert_eq!((seen.kind, seen.code, seen.rest), (kind, code, mtu));
+        assert!(seen.checksum_ok, "ICMPv6 checksum, pseudo-header included: {seen:?}");
+    }
+    assert_eq!(h.counter(counter::ICMP_ERROR_TRANSLATED), 2);
+    // An error about no tracked flow passes as it came.
+    let stray = icmp6_error(
+        backend.ip(),
+        client.ip(),
+        ICMPV6_DEST_UNREACH,
+        4,
+        0,
+        &build6(&Spec6::udp(client, at("fd00:244::77", 9)))[14..],
+    );
+    assert_eq!(h.run(&stray), (TC_ACT_OK, stray.clone()));
 }
