@@ -125,6 +125,14 @@ impl Agent {
         Ok(total / 1024)
     }
 
+    /// The indexes set in the pinned TAIL_CALLS program array (index
+    /// `lb_common::TAIL_CALL_POD6` is the pods' IPv6 half).
+    pub fn tail_calls(&self) -> anyhow::Result<Vec<u32>> {
+        let map = aya::maps::MapData::from_pin(self.pin_path.join(lb_common::MAP_TAIL_CALLS))?;
+        let array = aya::maps::ProgramArray::try_from(aya::maps::Map::ProgramArray(map))?;
+        Ok(array.indices().collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Resident memory of the agent process, in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;

@@ -110,6 +110,10 @@ fn clusterip_end_to_end(topology: Topology) {
     // SIGTERM: a clean exit that leaves the datapath serving, new
     // connections and the open one alike.
     assert!(agent.stop().unwrap().success(), "{}", agent.log());
+    // The IPv6 half of the pods' program stays reachable while no agent
+    // runs: its program array is pinned (unpinned, the kernel would have
+    // emptied it as the agent exited).
+    assert_eq!(agent.tail_calls().unwrap(), [lb_common::TAIL_CALL_POD6]);
     let client = &cluster.pod("client").netns;
     assert!(client.enter(|| tcp_ask(vip_tcp)).unwrap().starts_with("backend-"));
     assert_eq!(session.ask("agent stopped").unwrap(), pinned);
@@ -135,6 +139,7 @@ fn clusterip_end_to_end(topology: Topology) {
         assert_eq!(*program, new_program);
     }
     assert_eq!(session.ask("agent restarted").unwrap(), pinned);
+    assert_eq!(agent.tail_calls().unwrap(), [lb_common::TAIL_CALL_POD6], "the new agent's IPv6 half");
     let answers: Vec<String> = client.enter(|| (0..10).map(|_| tcp_ask(vip_tcp)).collect::<Result<_, _>>()).unwrap();
     assert!(!answers.contains(&pinned), "{answers:?}");
 }
