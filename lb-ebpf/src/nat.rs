@@ -80,7 +80,16 @@ impl Frame for TcContext {
                     (Some(old), Some(new)) => self.l4_csum_replace(l4_check, old, new, pseudo | 4)?,
                     _ => {
                         let diff = addr_diff(old, new);
-                        self.l4_csum_replace(l4_check, 0, u64::from(diff), pseudo)?
+                        self.l4_csum_replace(l4_check, 0, u64::from(diff), pseudo)?;
+                        // On a CHECKSUM_COMPLETE skb the helper also takes
+                        // `diff` off skb->csum, right for IPv4 (whose header
+                        // checksum absorbs the address change) but not for
+                        // IPv6, where the new addresses and the new L4
+                        // checksum cancel out in the packet's sum. Give it
+                        // back (a no-op on other skbs); BPF_F_IPV6, which
+                        // says so to the helper, needs Linux 6.16.
+                        // SAFETY: the context's own skb.
+                        unsafe { aya_ebpf::helpers::bpf_csum_update(self.skb.skb, diff) };
                     }
                 }
             }

@@ -20,10 +20,12 @@ pub const IPV6_HLEN: usize = 40;
 /// Extension headers walked before giving up on a packet (which then
 /// passes untranslated, as Cilium does after its 4).
 const IPV6_MAX_EXTENSIONS: usize = 4;
-/// Ethernet, an IPv6 header, extension headers of up to 64 bytes in all and
-/// a TCP header without options: what the tc hook pulls into the linear
-/// part of an skb for an IPv6 packet.
-pub const MAX_HEADERS_LEN6: usize = ETH_HLEN + IPV6_HLEN + 64 + 20;
+/// How far into the frame an IPv6 packet's TCP or UDP header may end: the
+/// rewrite reaches fields within 256 bytes of the frame's start
+/// (`nat::MAX_HEADER_OFFSET`). A packet whose extension headers push its
+/// ports further passes untranslated. Also what the tc hook pulls into
+/// the linear part of an skb for an IPv6 packet.
+pub const MAX_HEADERS_LEN6: usize = 256;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
@@ -262,7 +264,7 @@ pub fn parse6(data: usize, data_end: usize) -> Result<Packet<Ipv6>, Unparsed> {
         next = ext[0];
         offset += len;
     }
-    if next != PROTO_TCP && next != PROTO_UDP {
+    if next != PROTO_TCP && next != PROTO_UDP || offset + 20 > MAX_HEADERS_LEN6 {
         return Err(Unparsed::NotTranslatable);
     }
     let (sport, dport, tcp_syn, tcp_closing) = parse_l4(data, data_end, offset, next)?;

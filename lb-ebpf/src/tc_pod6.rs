@@ -55,7 +55,13 @@ fn try_tc_from_pod6(ctx: &TcContext) -> Result<(u32, i32), i64> {
     let state = unsafe { &mut *state };
     match parse6(ctx, &mut state.packet) {
         PARSED => {}
-        ICMP => return Ok((icmp_error6(ctx, &mut state.rewrite), TC_ACT_OK as i32)),
+        ICMP => {
+            // A failed rewrite may have left the error half translated:
+            // dropped, as IPv4's is.
+            let index = icmp_error6(ctx, &mut state.rewrite);
+            let action = if index == counter::DROP_REWRITE_FAILED { TC_ACT_SHOT } else { TC_ACT_OK };
+            return Ok((index, action as i32));
+        }
         _ => return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32)),
     }
     let packet = &state.packet;

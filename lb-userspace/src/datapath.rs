@@ -879,6 +879,7 @@ impl Datapath {
         // Without it (no SO_NETNS_COOKIE) binds go unchecked.
         let host_netns = netns_cookie().unwrap_or(0);
         let mut ebpf = Self::load_object(sizes, socket_netns, host_netns, pins.unwrap_or_default())?;
+        Self::point_tail_calls(&mut ebpf)?;
         if let Some(dir) = pin_path {
             Self::pin_programs(&mut ebpf, dir)?;
         }
@@ -948,18 +949,25 @@ impl Datapath {
         }
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD)?.load().map_err(Into::into))?;
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD6)?.load().map_err(Into::into))?;
-        // `tc_from_pod` hands IPv6 frames to `tc_from_pod6` by tail call.
-        let pod6 = Self::tc_program_of(&mut ebpf, PROG_FROM_POD6)?.fd()?.try_clone().map_err(ProgramError::from)?;
+        retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load().map_err(Into::into))?;
+        retry_interrupted(|| Self::xdp_program_of(&mut ebpf)?.load().map_err(Into::into))?;
+        Ok(ebpf)
+    }
+
+    /// Points TAIL_CALLS (pinned, shared by every generation) at this
+    /// object's `tc_from_pod6`: `tc_from_pod` hands IPv6 frames to it by
+    /// tail call. Done once the object is the one the agent serves with
+    /// (at load; in `grow`, after the commit), so that a generation that
+    /// fails half-way never takes IPv6 from the live one.
+    fn point_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+        let pod6 = Self::tc_program_of(ebpf, PROG_FROM_POD6)?.fd()?.try_clone().map_err(ProgramError::from)?;
         let tail_calls = ebpf.map_mut(MAP_TAIL_CALLS).ok_or(DatapathError::Map {
             name: MAP_TAIL_CALLS,
             source: aya::maps::MapError::InvalidName { name: MAP_TAIL_CALLS.to_owned() },
         })?;
         aya::maps::ProgramArray::try_from(tail_calls)
             .and_then(|mut array| array.set(TAIL_CALL_POD6, &pod6, 0))
-            .map_err(map_err(MAP_TAIL_CALLS))?;
-        retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load().map_err(Into::into))?;
-        retry_interrupted(|| Self::xdp_program_of(&mut ebpf)?.load().map_err(Into::into))?;
-        Ok(ebpf)
+            .map_err(map_err(MAP_TAIL_CALLS))
     }
 
     /// Pins the interface programs under `dir`, replacing the pins of an
@@ -1037,6 +1045,9 @@ impl Datapath {
         self.maps = maps;
         self.sizes = sizes;
         let mut unmoved = Vec::new();
+        if let Err(e) = Self::point_tail_calls(&mut self.ebpf) {
+            unmoved.push(format!("pointing the IPv6 tail call: {e}"));
+        }
         if let Err(e) = Self::pin_programs(&mut self.ebpf, &dir) {
             unmoved.push(format!("pinning the programs: {e}"));
         }

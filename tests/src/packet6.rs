@@ -43,6 +43,15 @@ impl Spec6 {
         self
     }
 
+    /// With a hop-by-hop options header of `8 * (1 + len)` bytes (PadN).
+    pub fn with_hop_by_hop(mut self, len: u8) -> Self {
+        let pad = 8 * (usize::from(len) + 1) - 4;
+        let mut body = vec![len, 1, pad as u8];
+        body.extend(vec![0; pad]);
+        self.extensions.push((HOP_BY_HOP, body));
+        self
+    }
+
     /// As a fragment at `offset` (in 8-byte units) of a larger datagram.
     pub fn fragment(mut self, offset: u16) -> Self {
         let field = (offset << 3) | 1; // more fragments

@@ -7,7 +7,7 @@
 use std::net::{Ipv6Addr, SocketAddrV6};
 
 use lb_common::{
-    CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey6, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP, counter, ipv6,
+    Backend6, CT_DIRECTION_DNAT, CT_DIRECTION_REVERSE_SNAT, CtKey6, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP, counter, ipv6,
     ipv6_octets,
 };
 use lb_tests::{
@@ -84,7 +84,10 @@ fn a_tcp_flow_to_an_ipv6_cluster_ip_is_dnated_tracked_and_its_replies_translated
     assert!(seen.l4_checksum_ok, "{seen:?}");
     assert_eq!(h.counter(counter::REVERSE_NAT), 1);
 
-    // Later packets follow the entry.
+    // Later packets follow the entry, even once the backend's id names
+    // another address (a new flow would go there).
+    let elsewhere = Backend6::new(ipv6(at("fd00:244::99", 1).ip().octets()), 1u16.to_be_bytes());
+    h.datapath.maps.ipv6.as_mut().unwrap().backends.insert(1, elsewhere, 0).unwrap();
     let (_, seen) = run(&mut h, &Spec6::tcp(client, vip, ACK));
     assert_eq!(seen.dst, backend);
     assert!(seen.l4_checksum_ok);
@@ -162,11 +165,20 @@ fn other_ipv6_traffic_ndp_and_later_fragments_pass_untouched() {
 fn extension_headers_before_the_ports_are_walked() {
     let backend = at("fd00:244::20", 8080);
     let mut h = harness(&[web(&[backend])]);
-    let spec = Spec6::tcp(at(CLIENT, 40000), at(VIP, 80), SYN).with_destination_options();
-    let (verdict, seen) = run(&mut h, &spec);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(seen.dst, backend);
-    assert!(seen.l4_checksum_ok, "{seen:?}");
+    for spec in [
+        Spec6::tcp(at(CLIENT, 40000), at(VIP, 80), SYN).with_destination_options(),
+        Spec6::tcp(at(CLIENT, 40002), at(VIP, 80), SYN).with_hop_by_hop(1).with_destination_options(),
+    ] {
+        let (verdict, seen) = run(&mut h, &spec);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(seen.dst, backend, "{spec:?}");
+        assert!(seen.l4_checksum_ok, "{seen:?}");
+    }
+    // Ports further than the rewrite reaches (extension headers of 192
+    // bytes) pass untranslated, never dropped half-way.
+    let far = Spec6::tcp(at(CLIENT, 40003), at(VIP, 80), SYN).with_hop_by_hop(23);
+    let frame = build6(&far);
+    assert_eq!(h.run(&frame), (TC_ACT_OK, frame.clone()));
     // A first fragment carries the ports: translated too.
     let spec = Spec6::udp(at(CLIENT, 40001), at(VIP, 80)).fragment(0);
     let mut h = harness(&[Service6::new(at(VIP, 80), PROTO_UDP, &[backend])]);
@@ -190,9 +202,9 @@ fn a_pod_reaching_itself_through_an_ipv6_service_sees_the_hairpin_address() {
 }
 
 #[test]
-fn ipv6_frames_do_not_disturb_ipv4_counters_of_other_verdicts() {
-    // A frame that is not IPv4 used to count as unparsed; IPv6 frames now
-    // get IPv6 verdicts and IPv4 ones are as before.
+fn ipv6_frames_take_the_tail_call_rather_than_passing_unparsed() {
+    // A frame that is not IPv4 used to count as unparsed; an IPv6 one now
+    // gets an IPv6 verdict from tc_from_pod6.
     let mut h = harness(&[web(&[at("fd00:244::20", 8080)])]);
     let _ = h.run(&packet6::build6(&Spec6::tcp(at(CLIENT, 40000), at(VIP, 80), SYN)));
     assert_eq!(h.counter(counter::PASS_UNPARSED), 0);
@@ -226,6 +238,15 @@ fn a_maglev_frontend_takes_its_table_entry_for_each_new_flow() {
     let landed: std::collections::BTreeSet<_> =
         (40000..40060).map(|port| run(&mut h, &Spec6::tcp(at(CLIENT, port), at(VIP, 80), SYN)).1.dst).collect();
     assert_eq!(landed.into_iter().collect::<Vec<_>>(), backends);
+    // A table naming only the second backend (id 2): every new flow goes
+    // there, which no random draw over three slots would do.
+    let maps = h.datapath.maps.ipv6.as_mut().unwrap();
+    for entry in 0..lb_common::DEFAULT_MAGLEV_TABLE_SIZE {
+        maps.maglev.set(entry, 2, 0).unwrap();
+    }
+    for port in 42000..42030 {
+        assert_eq!(run(&mut h, &Spec6::tcp(at(CLIENT, port), at(VIP, 80), SYN)).1.dst, backends[1]);
+    }
     // A flow's SYN sent again (its entry replaced) hashes to the same entry.
     let (_, once) = run(&mut h, &Spec6::tcp(at(CLIENT, 41000), at(VIP, 80), SYN));
     let (_, again) = run(&mut h, &Spec6::tcp(at(CLIENT, 41000), at(VIP, 80), SYN));

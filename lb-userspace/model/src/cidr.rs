@@ -34,7 +34,7 @@ impl FromStr for Cidr {
         let bad = || format!("{value:?} is not an IPv4 CIDR such as 10.0.0.0/8");
         let (addr, len) = value.trim().split_once('/').unwrap_or((value.trim(), "32"));
         let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix_len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(bad)?;
+        let prefix_len = prefix_len(len, 32).ok_or_else(bad)?;
         Ok(Self { addr: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix_len)), prefix_len })
     }
 }
@@ -43,6 +43,12 @@ impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
+}
+
+/// A prefix length of at most `max`: digits only (`u8`'s parser takes
+/// "+8" too).
+fn prefix_len(text: &str, max: u8) -> Option<u8> {
+    text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse().ok()).flatten().filter(|l| *l <= max)
 }
 
 /// A prefix of either family, as a flag takes it.
@@ -82,7 +88,7 @@ impl FromStr for FlagCidr {
         let bad = || format!("{value:?} is not an IPv6 CIDR such as fd00::/64");
         let (addr, len) = trimmed.split_once('/').unwrap_or((trimmed, "128"));
         let addr: Ipv6Addr = addr.parse().map_err(|_| bad())?;
-        let prefix_len: u8 = len.parse().ok().filter(|l| *l <= 128).ok_or_else(bad)?;
+        let prefix_len = prefix_len(len, 128).ok_or_else(bad)?;
         let mask = if prefix_len == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix_len)) };
         Ok(Self::V6(Ipv6Addr::from(u128::from(addr) & mask), prefix_len))
     }
@@ -124,7 +130,7 @@ mod tests {
         let ipv4: Vec<String> = FlagCidr::ipv4(&flags).iter().map(|c| c.to_string()).collect();
         assert_eq!(ipv4, ["10.1.0.0/16", "192.0.2.7/32"]);
         assert!(FlagCidr::any_ipv6(&flags) && !FlagCidr::any_ipv6(&flags[..1]));
-        for bad in ["fd00::/129", "fd00:::/8", "10.0.0.0/33", "x"] {
+        for bad in ["fd00::/129", "fd00:::/8", "10.0.0.0/33", "x", "fd00::/+64", "10.0.0.0/+8", "10.0.0.0/"] {
             assert!(bad.parse::<FlagCidr>().is_err(), "{bad}");
         }
         assert!("::/0".parse::<FlagCidr>().is_ok());

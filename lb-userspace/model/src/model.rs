@@ -1353,9 +1353,9 @@ fn cluster_ips(
             continue;
         };
         let family = IpFamily::of(&parsed);
+        // The address is what clients use: served all the same.
         if let Some(Some(listed)) = families.get(i).filter(|f| f.is_some_and(|f| f != family)) {
-            fail(field, format!("{ip} is {family}, but spec.ipFamilies[{i}] is {listed}"));
-            continue;
+            fail(field.clone(), format!("{ip} is {family}, but spec.ipFamilies[{i}] is {listed}"));
         }
         if seen.contains(&family) {
             fail(field, format!("{ip} is a second {family} cluster IP: a Service has one per family"));
@@ -1734,13 +1734,14 @@ endpoints: [{addresses: [10.0.0.1]}]
                 format!("spec.clusterIPs[0]: {}", unserved("fd00::5")),
                 "spec.clusterIPs[0]: 10.96.0.7 is IPv4, but spec.ipFamilies[0] is IPv6".into(),
                 "spec.clusterIPs[1]: fd00::7 is IPv6, but spec.ipFamilies[1] is IPv4".into(),
+                format!("spec.clusterIPs[1]: {}", unserved("fd00::7")),
             ]
         );
         // The IPv4 side of each Service that has one is served; the IPv6
         // slice adds nothing to it.
         let frontends: Vec<String> =
             state.services.iter().map(|s| format!("{} {}", s.frontend, s.backends.len())).collect();
-        assert_eq!(frontends, ["10.96.0.4:80/TCP 0", "10.96.0.6:80/TCP 0", "10.96.0.8:80/TCP 0"]);
+        assert_eq!(frontends, ["10.96.0.4:80/TCP 0", "10.96.0.6:80/TCP 0", "10.96.0.7:80/TCP 0", "10.96.0.8:80/TCP 0"]);
     }
 
     #[test]
