@@ -8,8 +8,9 @@
 //! of the pipeline (a flow with a live conntrack entry; a new flow) in a
 //! frame of its own that hands back plain data: the counter, the action,
 //! and the rewrite, which this frame applies. Measured frames (bytes):
-//! this one 40, parse 56, tracked 344, untracked 392, the tc rewrite 168,
-//! refusal 144: 432 on the deepest chain, of the verifier's 512.
+//! this one 48, parse 72, tracked 200, untracked 392, the tc rewrite 168,
+//! refusal 144, ICMPv6 error steps up to 240: 440 on the deepest chain,
+//! of the verifier's 512.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
