@@ -24,36 +24,33 @@ pub fn classify<A: SnatSource>(packet: &Packet<A>, origin: Origin) -> Verdict<A>
     if !filter::may_be_service_traffic(packet) {
         return Verdict::Pass;
     }
-    match tracked(packet) {
-        Some(verdict) => verdict,
-        None => untracked(packet, origin),
+    let key = conntrack::flow_key(packet);
+    if let Some(verdict) = conntrack::established(&key, packet) {
+        return verdict;
     }
+    new_flow(&key, packet, origin)
 }
 
-/// The first half of `classify`, for a packet the endpoint filter let
-/// through: the verdict of its flow's live conntrack entry, or `None`
-/// when the flow has none (then `untracked` decides).
+/// `classify`'s two halves, for a hook that runs each in a frame of its
+/// own (tc_from_pod6), after the endpoint filter: the verdict of the
+/// flow's live conntrack entry, or `None` when it has none. The flow's key
+/// is kept in the family's per-CPU slot (`Family::key_scratch`), where
+/// `untracked` finds it again.
 #[inline(always)]
 pub fn tracked<A: SnatSource>(packet: &Packet<A>) -> Option<Verdict<A>> {
-    if A::KEY_IN_SCRATCH {
-        return match conntrack::scratch_key(packet) {
-            Some(key) => conntrack::established(key, packet),
-            None => Some(Verdict::Pass),
-        };
+    match conntrack::scratch_key(packet) {
+        Some(key) => conntrack::established(key, packet),
+        None => Some(Verdict::Pass),
     }
-    conntrack::established(&conntrack::flow_key(packet), packet)
 }
 
-/// The second half of `classify`: a packet whose flow has no live entry.
+/// The second half: a packet whose flow `tracked` found no live entry for.
 #[inline(always)]
 pub fn untracked<A: SnatSource>(packet: &Packet<A>, origin: Origin) -> Verdict<A> {
-    if A::KEY_IN_SCRATCH {
-        return match conntrack::scratch_key(packet) {
-            Some(key) => new_flow(key, packet, origin),
-            None => Verdict::Pass,
-        };
+    match conntrack::scratch_key(packet) {
+        Some(key) => new_flow(key, packet, origin),
+        None => Verdict::Pass,
     }
-    new_flow(&conntrack::flow_key(packet), packet, origin)
 }
 
 /// The first packet of a flow (or one whose entry is gone): the Service's

@@ -49,10 +49,9 @@ pub trait Family: Address + 'static {
     /// The address as the u64 the checksum helpers take for a 4-byte
     /// field; `None` for a longer one, whose change goes in as a sum.
     fn word(&self) -> Option<u64>;
-    /// Whether a flow's conntrack key is kept in a per-CPU slot
-    /// (`key_scratch`) while a packet is classified, rather than on the
-    /// stack: IPv6's 40 bytes would crowd it.
-    const KEY_IN_SCRATCH: bool;
+    /// A per-CPU slot for a flow's conntrack key, for hooks that split
+    /// the pipeline into frames (`classify::tracked`): IPv6's 40 bytes
+    /// would crowd their stacks. `None` for IPv4, which needs none.
     fn key_scratch() -> Option<*mut CtKey<Self>>;
     /// Where a new flow's two conntrack entries are built: `None` for the
     /// stack, or a per-CPU slot (IPv6's are 56 bytes each).
@@ -63,7 +62,6 @@ pub trait Family: Address + 'static {
 
 impl Family for Ipv4 {
     type CtPad = [u8; 0];
-    const KEY_IN_SCRATCH: bool = false;
     const SADDR_OFFSET: usize = 12;
     const DADDR_OFFSET: usize = 16;
     const IP_CHECK_OFFSET: Option<usize> = Some(10);
@@ -132,7 +130,6 @@ impl Family for Ipv4 {
 
 impl Family for Ipv6 {
     type CtPad = [u8; 4];
-    const KEY_IN_SCRATCH: bool = true;
     const SADDR_OFFSET: usize = 8;
     const DADDR_OFFSET: usize = 24;
     const IP_CHECK_OFFSET: Option<usize> = None;

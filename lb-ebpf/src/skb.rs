@@ -6,10 +6,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use lb_common::Ipv6;
+use lb_common::{Ipv6, counter};
 
 use crate::{
     icmp,
+    maps::count,
     nat::Frame,
     parse::{Packet, Parse, Unparsed},
 };
@@ -37,6 +38,22 @@ fn parse_pulled<A: Parse>(ctx: &TcContext) -> Result<Packet<A>, Unparsed> {
             A::parse(ctx.data(), ctx.data_end())
         }
         parsed => parsed,
+    }
+}
+
+/// A tc hook's answer from its counter and action: the counter bumped
+/// for `len` bytes; a rewrite that failed drops the packet, counted so.
+#[inline(always)]
+pub fn counted(len: u32, result: Result<(u32, i32), i64>) -> i32 {
+    match result {
+        Ok((index, action)) => {
+            count(index, len);
+            action
+        }
+        Err(_) => {
+            count(counter::DROP_REWRITE_FAILED, len);
+            TC_ACT_SHOT as i32
+        }
     }
 }
 

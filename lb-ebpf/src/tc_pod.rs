@@ -10,7 +10,7 @@ use lb_common::{TAIL_CALL_POD6, counter};
 
 use crate::{
     classify, icmp,
-    maps::{TAIL_CALLS, count},
+    maps::TAIL_CALLS,
     parse::Unparsed,
     skb,
     translate::{Action, translate},
@@ -20,16 +20,7 @@ use crate::{
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    match try_tc_from_pod(&ctx) {
-        Ok((index, action)) => {
-            count(index, len);
-            action
-        }
-        Err(_) => {
-            count(counter::DROP_REWRITE_FAILED, len);
-            TC_ACT_SHOT as i32
-        }
-    }
+    skb::counted(len, try_tc_from_pod(&ctx))
 }
 
 /// Returns the counter to bump and the tc action. (Inlined: the tail

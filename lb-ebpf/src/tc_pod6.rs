@@ -22,7 +22,7 @@ use crate::{
     classify,
     family::Family,
     filter, icmp,
-    maps::{STATE6, count},
+    maps::STATE6,
     nat::{Frame, Rewrite},
     parse::{Packet, Unparsed},
     skb,
@@ -33,16 +33,7 @@ use crate::{
 #[classifier]
 pub fn tc_from_pod6(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    match try_tc_from_pod6(&ctx) {
-        Ok((index, action)) => {
-            count(index, len);
-            action
-        }
-        Err(_) => {
-            count(counter::DROP_REWRITE_FAILED, len);
-            TC_ACT_SHOT as i32
-        }
-    }
+    skb::counted(len, try_tc_from_pod6(&ctx))
 }
 
 #[inline(always)]

@@ -23,7 +23,6 @@ use lb_common::counter;
 use crate::{
     classify,
     icmp::{self, ErrorRoute},
-    maps::count,
     parse::{Packet, Unparsed},
     route::{Route, Sender, next_hop},
     skb,
@@ -36,16 +35,7 @@ const AF_INET: u32 = 2;
 #[classifier]
 pub fn tc_from_wire(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    match try_tc_from_wire(&ctx) {
-        Ok((index, action)) => {
-            count(index, len);
-            action
-        }
-        Err(_) => {
-            count(counter::DROP_REWRITE_FAILED, len);
-            TC_ACT_SHOT as i32
-        }
-    }
+    skb::counted(len, try_tc_from_wire(&ctx))
 }
 
 /// Returns the counter to bump and the tc action. TCP and UDP, and ICMP

@@ -58,28 +58,47 @@ fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -> u1
     fold(sum_words(&pseudo) + sum_words(segment))
 }
 
-pub fn build(spec: &Spec) -> Vec<u8> {
+/// A TCP (with `tcp_flags`) or UDP header and `payload`, its checksum
+/// from `checksum` (given the segment with a zero checksum field) unless
+/// `no_udp_checksum`: for either family.
+pub fn l4_segment(
+    ports: (u16, u16),
+    protocol: u8,
+    tcp_flags: u8,
+    payload: &[u8],
+    no_udp_checksum: bool,
+    checksum: impl Fn(&[u8]) -> u16,
+) -> Vec<u8> {
     let mut l4 = Vec::new();
-    l4.extend(spec.src.port().to_be_bytes());
-    l4.extend(spec.dst.port().to_be_bytes());
-    if spec.protocol == TCP {
+    l4.extend(ports.0.to_be_bytes());
+    l4.extend(ports.1.to_be_bytes());
+    if protocol == TCP {
         l4.extend(1000u32.to_be_bytes()); // seq
         l4.extend(0u32.to_be_bytes()); // ack
-        l4.extend([5 << 4, spec.tcp_flags]);
+        l4.extend([5 << 4, tcp_flags]);
         l4.extend(65535u16.to_be_bytes()); // window
         l4.extend([0, 0, 0, 0]); // checksum, urgent
-        l4.extend(&spec.payload);
-        let c = l4_checksum(*spec.src.ip(), *spec.dst.ip(), TCP, &l4);
+        l4.extend(payload);
+        let c = checksum(&l4);
         l4[16..18].copy_from_slice(&c.to_be_bytes());
     } else {
-        l4.extend(((8 + spec.payload.len()) as u16).to_be_bytes());
+        l4.extend(((8 + payload.len()) as u16).to_be_bytes());
         l4.extend([0, 0]);
-        l4.extend(&spec.payload);
-        if !spec.udp_no_checksum {
-            let c = l4_checksum(*spec.src.ip(), *spec.dst.ip(), UDP, &l4);
+        l4.extend(payload);
+        if !no_udp_checksum {
+            let c = checksum(&l4);
             l4[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
         }
     }
+    l4
+}
+
+pub fn build(spec: &Spec) -> Vec<u8> {
+    let (src, dst) = (*spec.src.ip(), *spec.dst.ip());
+    let ports = (spec.src.port(), spec.dst.port());
+    let l4 = l4_segment(ports, spec.protocol, spec.tcp_flags, &spec.payload, spec.udp_no_checksum, |segment| {
+        l4_checksum(src, dst, spec.protocol, segment)
+    });
     ipv4_frame(0, 0x40, spec.protocol, *spec.src.ip(), *spec.dst.ip(), &spec.ip_options, &l4)
 }
 

@@ -3,7 +3,7 @@
 //! them: `packet`'s counterpart for IPv6.
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use crate::packet::{TCP, UDP};
+use crate::packet::{TCP, UDP, l4_segment};
 
 pub const HOP_BY_HOP: u8 = 0;
 pub const DESTINATION_OPTIONS: u8 = 60;
@@ -84,25 +84,10 @@ pub fn checksum6(src: &Ipv6Addr, dst: &Ipv6Addr, next_header: u8, segment: &[u8]
 }
 
 pub fn build6(spec: &Spec6) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend(spec.src.port().to_be_bytes());
-    l4.extend(spec.dst.port().to_be_bytes());
-    if spec.protocol == TCP {
-        l4.extend(1000u32.to_be_bytes()); // seq
-        l4.extend(0u32.to_be_bytes()); // ack
-        l4.extend([5 << 4, spec.tcp_flags]);
-        l4.extend(65535u16.to_be_bytes()); // window
-        l4.extend([0, 0, 0, 0]); // checksum, urgent
-        l4.extend(&spec.payload);
-        let c = checksum6(spec.src.ip(), spec.dst.ip(), TCP, &l4);
-        l4[16..18].copy_from_slice(&c.to_be_bytes());
-    } else {
-        l4.extend(((8 + spec.payload.len()) as u16).to_be_bytes());
-        l4.extend([0, 0]);
-        l4.extend(&spec.payload);
-        let c = checksum6(spec.src.ip(), spec.dst.ip(), UDP, &l4);
-        l4[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
-    }
+    let ports = (spec.src.port(), spec.dst.port());
+    let l4 = l4_segment(ports, spec.protocol, spec.tcp_flags, &spec.payload, false, |segment| {
+        checksum6(spec.src.ip(), spec.dst.ip(), spec.protocol, segment)
+    });
     // Extension headers, each naming the next.
     let mut extensions = Vec::new();
     let kinds: Vec<u8> = spec.extensions.iter().map(|(kind, _)| *kind).chain([spec.protocol]).collect();
