@@ -14,7 +14,7 @@
 use std::{
     ffi::CString,
     io::{BufRead, BufReader, Write},
-    net::SocketAddrV4,
+    net::SocketAddr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
@@ -168,14 +168,16 @@ impl Client {
     }
 
     /// One exchange on a new socket: `mode` is tcp, udp or udp-connected,
-    /// made AF_INET6 on the `Host6` path.
-    pub fn ask(&mut self, mode: &str, addr: SocketAddrV4) -> Answer {
+    /// made AF_INET6 on the `Host6` path. An IPv6 `addr` is used as it is
+    /// on every path (on an AF_INET6 socket, of course).
+    pub fn ask(&mut self, mode: &str, addr: impl Into<SocketAddr>) -> Answer {
         let mode = self.path.mode(mode);
-        self.command(&format!("{mode} {addr}"))
+        self.command(&format!("{mode} {}", addr.into()))
     }
 
     /// The pods that answered `count` TCP connections (every one must).
-    pub fn tcp_pods(&mut self, addr: SocketAddrV4, count: usize) -> Vec<String> {
+    pub fn tcp_pods(&mut self, addr: impl Into<SocketAddr>, count: usize) -> Vec<String> {
+        let addr = addr.into();
         (0..count)
             .map(|_| match self.ask("tcp", addr) {
                 Answer::From { pod, .. } => pod,
@@ -186,9 +188,9 @@ impl Client {
 
     /// Opens a socket (`tcp`: a connection; `udp`, `udp-connected`) and
     /// keeps it for `kept`.
-    pub fn keep(&mut self, mode: &str, addr: SocketAddrV4) -> Answer {
+    pub fn keep(&mut self, mode: &str, addr: impl Into<SocketAddr>) -> Answer {
         let mode = self.path.mode(mode);
-        self.command(&format!("keep {mode} {addr}"))
+        self.command(&format!("keep {mode} {}", addr.into()))
     }
 
     /// One exchange on the kept socket.

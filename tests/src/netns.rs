@@ -3,7 +3,7 @@
 //! on failure too, and names are unique per process and sandbox.
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
@@ -120,17 +120,21 @@ impl Drop for Netns {
 /// How pod interfaces reach the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Topology {
-    /// Calico-style: each pod a /32 on a point-to-point veth, default route
-    /// via 169.254.1.1, the node routing to each pod by its veth.
+    /// Calico-style: each pod a /32 (and an IPv6 /128) on a point-to-point
+    /// veth, default routes via 169.254.1.1 (and a link-local gateway), the
+    /// node routing to each pod by its veth.
     Routed,
     /// Flannel/bridge-style: pod veths are ports of a Linux bridge holding
-    /// the pods' gateway address; pods share a /24.
+    /// the pods' gateway addresses; pods share a /24 (and an IPv6 /64).
     Bridged,
 }
 
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Every pod is dual-stack, as pods of a dual-stack cluster are; tests
+    /// of IPv4 alone simply never use it.
+    pub ip6: Ipv6Addr,
     /// The node side of the pod's veth, where the tc program attaches.
     pub host_veth: String,
     pub netns: Netns,
@@ -146,19 +150,30 @@ pub struct Cluster {
 
 /// The node's own address (kube-proxy's node IP), on its loopback.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 255, 1);
+/// The node's own IPv6 address, on its loopback next to `NODE_IP`.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, 1);
 const ROUTED_GATEWAY: &str = "169.254.1.1";
+/// The routed pods' IPv6 gateway: Calico's, a link-local address no
+/// interface holds, reached through a permanent neighbour entry as
+/// `ROUTED_GATEWAY` is.
+const ROUTED_GATEWAY6: &str = "fe80::ecee:eeff:feee:eeee";
 const BRIDGE_GATEWAY: &str = "10.244.1.1";
+const BRIDGE_GATEWAY6: &str = "fd00:10:244:1::1";
 
 impl Cluster {
     pub fn new(topology: Topology, pod_names: &[&str]) -> anyhow::Result<Self> {
         let tag = unique_tag();
         let node = Netns::new(format!("lbt{tag}-node"))?;
+        enable_ipv6(&node)?;
         node.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        node.ip(&["addr", "add", &format!("{NODE_IP6}/128"), "dev", "lo"])?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         let bridge = format!("b{tag}");
         if topology == Topology::Bridged {
             node.ip(&["link", "add", &bridge, "type", "bridge"])?;
             node.ip(&["addr", "add", &format!("{BRIDGE_GATEWAY}/24"), "dev", &bridge])?;
+            node.ip(&["addr", "add", &format!("{BRIDGE_GATEWAY6}/64"), "dev", &bridge, "nodad"])?;
             node.ip(&["link", "set", &bridge, "up"])?;
         }
         let mut cluster = Self { topology, tag, pods: Vec::new(), node };
@@ -172,12 +187,17 @@ impl Cluster {
     pub fn add_pod(&mut self, name: &str) -> anyhow::Result<&Pod> {
         let (tag, i) = (&self.tag, self.pods.len());
         let netns = Netns::new(format!("lbt{tag}-{name}"))?;
+        enable_ipv6(&netns)?;
         let host_veth = format!("h{tag}{i}");
-        let ip = match self.topology {
-            Topology::Routed => Ipv4Addr::new(10, 244, 0, 10 + i as u8),
-            Topology::Bridged => Ipv4Addr::new(10, 244, 1, 10 + i as u8),
+        let (ip, ip6) = match self.topology {
+            Topology::Routed => {
+                (Ipv4Addr::new(10, 244, 0, 10 + i as u8), Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 10 + i as u16))
+            }
+            Topology::Bridged => {
+                (Ipv4Addr::new(10, 244, 1, 10 + i as u8), Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 10 + i as u16))
+            }
         };
-        let pod = Pod { name: name.to_string(), ip, host_veth, netns };
+        let pod = Pod { name: name.to_string(), ip, ip6, host_veth, netns };
         self.wire(&pod)?;
         self.pods.push(pod);
         Ok(self.pods.last().expect("just pushed"))
@@ -197,6 +217,8 @@ impl Cluster {
                 node.ip(&["link", "set", veth, "master", &self.bridge(), "up"])?;
                 pod.netns.ip(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
                 pod.netns.ip(&["route", "add", "default", "via", BRIDGE_GATEWAY, "dev", "eth0"])?;
+                pod.netns.ip(&["addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
+                pod.netns.ip(&["-6", "route", "add", "default", "via", BRIDGE_GATEWAY6, "dev", "eth0"])?;
             }
         }
         Ok(())
@@ -217,7 +239,7 @@ pub fn mac_of(netns: &Netns, interface: &str) -> anyhow::Result<String> {
 
 /// Calico-style wiring of a pod whose veth pair exists: the pod a /32 with
 /// a default route via 169.254.1.1 (the host veth's MAC), the node a /32
-/// route to the pod.
+/// route to the pod; for IPv6 likewise a /128 and a link-local gateway.
 fn wire_routed(node: &Netns, pod: &Pod) -> anyhow::Result<()> {
     let veth = pod.host_veth.as_str();
     node.ip(&["link", "set", veth, "up"])?;
@@ -227,6 +249,29 @@ fn wire_routed(node: &Netns, pod: &Pod) -> anyhow::Result<()> {
     pod.netns.ip(&["route", "add", "default", "via", ROUTED_GATEWAY, "dev", "eth0"])?;
     let mac = mac_of(node, veth)?;
     pod.netns.ip(&["neigh", "add", ROUTED_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+    node.ip(&["-6", "route", "add", &format!("{}/128", pod.ip6), "dev", veth])?;
+    pod.netns.ip(&["addr", "add", &format!("{}/128", pod.ip6), "dev", "eth0", "nodad"])?;
+    // A link-local gateway needs no on-link route: the kernel takes it on
+    // the named device as it is.
+    pod.netns.ip(&["-6", "route", "add", "default", "via", ROUTED_GATEWAY6, "dev", "eth0"])?;
+    pod.netns.ip(&["-6", "neigh", "add", ROUTED_GATEWAY6, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+    Ok(())
+}
+
+/// Makes sure `netns` has IPv6 on (whatever the host's defaults are), and
+/// no duplicate address detection on the interfaces made from now on: to
+/// be called before any are made. Without the latter, a veth's link-local
+/// address stays tentative for about two seconds after it comes up, and
+/// the kernel sends no neighbour solicitation from a tentative address: a
+/// node forwarding to a routed pod over IPv6 (which it resolves from its
+/// host veth's link-local address) stalled the first exchange for 2 s.
+/// The addresses the harness adds also carry `nodad`, so that they are
+/// usable at once whatever the namespace's defaults.
+fn enable_ipv6(netns: &Netns) -> anyhow::Result<()> {
+    for scope in ["all", "default"] {
+        netns.sysctl(&format!("net.ipv6.conf.{scope}.disable_ipv6"), "0")?;
+    }
+    netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
     Ok(())
 }
 
@@ -234,6 +279,10 @@ fn wire_routed(node: &Netns, pod: &Pod) -> anyhow::Result<()> {
 pub const LAN_PREFIX: [u8; 3] = [10, 200, 0];
 /// The external client's address on the LAN.
 pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+/// The LAN's IPv6 prefix, fd00:10:200::/64: node N is fd00:10:200::N.
+const LAN_PREFIX6: [u16; 3] = [0xfd00, 0x10, 0x200];
+/// The external client's IPv6 address on the LAN.
+pub const EXTERNAL_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 0x100);
 
 /// What the nodes' LAN is made of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,7 +304,9 @@ pub enum Lan {
 /// route to every other node's pod range, as a CNI without overlay sets up.
 /// Node N (from 1) is 10.200.0.N and named node-N. The client routes the
 /// given extra prefixes (load-balancer and external IPs) to node 1, as an
-/// upstream router announcing them would.
+/// upstream router announcing them would. Everything is dual-stack: the
+/// LAN is also fd00:10:200::/64 (node N fd00:10:200::N), pods are also in
+/// fd00:10:1:N::/64, and extra prefixes may be IPv6.
 pub struct MultiNode {
     tag: String,
     lan: Netns,
@@ -275,39 +326,46 @@ impl MultiNode {
         lan.ip(&["link", "add", "br0", "type", "bridge"])?;
         lan.ip(&["link", "set", "br0", "up"])?;
         let client = Netns::new(format!("lbt{tag}-ext"))?;
+        enable_ipv6(&client)?;
         let mut nodes = Vec::new();
         for n in 1..=node_count {
             let node = Netns::new(format!("lbt{tag}-n{n}"))?;
+            enable_ipv6(&node)?;
             node.sysctl("net.ipv4.ip_forward", "1")?;
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             nodes.push(node);
         }
         let switch = if kind == Lan::XdpCapable { Some(Baseline::load()?) } else { None };
         let mut topology = Self { tag, lan, kind, switch, nodes, client, pods: Vec::new() };
         for (n, node) in topology.nodes.iter().enumerate() {
-            let ip = Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], n as u8 + 1);
-            topology.plug(node, n, ip)?;
+            topology.plug(node, n, Self::node_ip(n + 1), Self::node_ip6(n + 1))?;
             for (m, _) in topology.nodes.iter().enumerate().filter(|(m, _)| *m != n) {
                 let via = format!("10.200.0.{}", m + 1);
                 node.ip(&["route", "add", &format!("10.1.{}.0/24", m + 1), "via", &via])?;
+                let pods6 = format!("{}/64", Self::pod_ip6(m + 1, 0));
+                node.ip(&["-6", "route", "add", &pods6, "via", &Self::node_ip6(m + 1).to_string()])?;
             }
         }
-        topology.plug(&topology.client, 99, EXTERNAL_CLIENT_IP)?;
+        topology.plug(&topology.client, 99, EXTERNAL_CLIENT_IP, EXTERNAL_CLIENT_IP6)?;
         topology.run_xdp_on_ports()?;
         for prefix in routed_to_first_node {
-            topology.client.ip(&["route", "add", prefix, "via", "10.200.0.1"])?;
+            let via = if prefix.contains(':') { Self::node_ip6(1).to_string() } else { Self::node_ip(1).to_string() };
+            topology.client.ip(&["route", "add", prefix, "via", &via])?;
         }
         Ok(topology)
     }
 
-    /// Connects `netns` to the LAN with address `ip` on its eth0. On an
-    /// `XdpCapable` LAN transmit checksum offload is off, so frames carry
-    /// full checksums as on a physical wire, which is what XDP expects to
-    /// see; on a plain bridge they keep the veth default (partial).
-    fn plug(&self, netns: &Netns, n: usize, ip: Ipv4Addr) -> anyhow::Result<()> {
+    /// Connects `netns` to the LAN with addresses `ip` and `ip6` on its
+    /// eth0. On an `XdpCapable` LAN transmit checksum offload is off, so
+    /// frames carry full checksums as on a physical wire, which is what XDP
+    /// expects to see; on a plain bridge they keep the veth default
+    /// (partial).
+    fn plug(&self, netns: &Netns, n: usize, ip: Ipv4Addr, ip6: Ipv6Addr) -> anyhow::Result<()> {
         let port = self.port(n);
         self.lan.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns.name])?;
         self.lan.ip(&["link", "set", &port, "master", "br0", "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         if self.kind == Lan::XdpCapable {
             run("nsenter", &[&format!("--net={}", netns.path().display()), "ethtool", "-K", "eth0", "tx", "off"])?;
@@ -332,13 +390,16 @@ impl MultiNode {
         Ok(())
     }
 
-    /// Adds a routed pod to node `n` (from 1), at 10.1.N.(10 + its index on the node).
+    /// Adds a routed pod to node `n` (from 1), at 10.1.N.(10 + its index on
+    /// the node) and fd00:10:1:N::(10 + the same).
     pub fn add_pod(&mut self, n: usize, name: &str) -> anyhow::Result<&Pod> {
         let on_node = self.pods.iter().filter(|(m, _)| *m == n).count();
         let netns = Netns::new(format!("lbt{}-{name}", self.tag))?;
+        enable_ipv6(&netns)?;
         let host_veth = format!("h{}{n}{on_node}", self.tag);
         let ip = Ipv4Addr::new(10, 1, n as u8, 10 + on_node as u8);
-        let pod = Pod { name: name.to_owned(), ip, host_veth, netns };
+        let ip6 = Self::pod_ip6(n, 10 + on_node as u16);
+        let pod = Pod { name: name.to_owned(), ip, ip6, host_veth, netns };
         let node = &self.nodes[n - 1];
         node.ip(&["link", "add", &pod.host_veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns.name])?;
         pod.netns.ip(&["link", "set", "eth0", "up"])?;
@@ -353,5 +414,15 @@ impl MultiNode {
 
     pub fn node_ip(n: usize) -> Ipv4Addr {
         Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], n as u8)
+    }
+
+    /// Node `n`'s (from 1) IPv6 address on the LAN.
+    pub fn node_ip6(n: usize) -> Ipv6Addr {
+        Ipv6Addr::new(LAN_PREFIX6[0], LAN_PREFIX6[1], LAN_PREFIX6[2], 0, 0, 0, 0, n as u16)
+    }
+
+    /// Address `host` in node `n`'s IPv6 pod range, fd00:10:1:N::/64.
+    fn pod_ip6(n: usize, host: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0x1, n as u16, 0, 0, 0, host)
     }
 }
