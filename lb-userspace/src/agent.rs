@@ -6,13 +6,14 @@
 //! traffic keeps flowing until the next agent adopts it.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context;
+use lb_common::Ipv6;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
@@ -161,6 +162,8 @@ struct Agent {
     /// (`--socket-lb all`): their sockets are destroyed there as well.
     sockets_of_all_netns: bool,
     reconciler: Reconciler,
+    /// The IPv6 frontends' (`Maps6`), as `reconciler` the IPv4 ones'.
+    reconciler6: Reconciler<Ipv6>,
     model: ModelOptions,
     /// The Services' frontends, kept between syncs and updated from the
     /// objects that changed.
@@ -221,14 +224,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             info!(detached, "socket-level balancing off");
         }
     }
-    let adopted = datapath.maps.read_contents()?;
+    let (adopted, adopted6) = (datapath.maps.read_contents()?, datapath.maps.read_contents6()?);
     // Before any interface gets these programs: the filter must let every
     // adopted frontend's and live flow's packets through.
-    datapath.maps.fill_endpoint_filter(&adopted)?;
+    datapath.maps.fill_endpoint_filter(&adopted, &adopted6)?;
     info!(
         pin_path = %config.pin_path.display(),
-        frontends = adopted.frontends().count(),
-        backends = adopted.backends.len(),
+        frontends = adopted.frontends().count() + adopted6.frontends().count(),
+        backends = adopted.backends.len() + adopted6.backends.len(),
         "datapath loaded"
     );
     let maglev = datapath.maps.maglev_capacity().unwrap_or(config.map_sizes.maglev);
@@ -273,6 +276,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         datapath,
         sockets_of_all_netns: matches!(config.socket_lb, Some(SocketBalancing { own_netns_only: false, .. })),
         reconciler: Reconciler::new(adopted, maglev),
+        reconciler6: Reconciler::new(adopted6, maglev),
         model,
         kept_model: Model::default(),
         maglev,
@@ -409,91 +413,121 @@ impl Agent {
         self.reported = reported;
 
         let frontends = self.kept_model.desired().len();
-        let step = self.reconciler.prepare(self.kept_model.desired(), (!changed.all).then_some(&changed.frontends));
+        // One reconciler per family, each over its own maps: the IPv6 one
+        // plans the IPv6 frontends, the IPv4 one the rest.
+        let touched = (!changed.all).then_some(&changed.frontends);
+        let step = self.reconciler.prepare(self.kept_model.desired(), touched);
+        let step6 = self.reconciler6.prepare(self.kept_model.desired(), touched);
         let targeted = started.elapsed();
-        self.fit_maps(&step);
+        self.fit_maps(&step, &step6);
         let fitted = started.elapsed();
-        match self.reconciler.sync_step(&step, &mut self.datapath.maps) {
-            Ok(outcome) => {
-                // The maps hold every change seen so far: /healthz says so
-                // now, not after the follow-ups below (NODE_PORTS, UDP flow
-                // cleanup, affinity pruning), which take tens of ms on a
-                // first sync and longer on a busy node.
-                self.health.updated();
-                let writes = outcome.writes;
-                let took = started.elapsed();
-                self.metrics.record_sync(took);
-                self.metrics.frontends.set(frontends as i64);
-                self.metrics.backends.set(self.reconciler.current().backends.len() as i64);
-                self.metrics.set_agent_map_entries(&Entries::held(self.reconciler.current()));
-                self.record_endpoint_filter_fill();
-                self.observe_programming_latency(&changed.slice_triggers);
-                self.health_checks.update(&self.kept_model.health_checks());
-                let node_addresses = &self.model.node_addresses;
-                if self.node_ports.is_none()
-                    || changed.all
-                    || changed.frontends.iter().any(|f| node_addresses.contains(&f.addr))
-                {
-                    self.sync_node_ports();
-                }
-                if !outcome.lost_udp_backends.is_empty() {
-                    let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
-                    debug!(flows, "forgot UDP flows of removed backends");
-                    self.destroy_udp_sockets(&outcome.lost_udp_backends);
-                }
-                if writes > 0 {
-                    match self.datapath.maps.prune_affinity(self.reconciler.current()) {
-                        Ok(0) => {}
-                        Ok(n) => debug!(entries = n, "pruned session affinity"),
-                        Err(e) => warn!("pruning session affinity: {e}"),
-                    }
-                }
-                // The next sync computes only what changed from this.
-                self.reconciler.remember();
-                // A large sync (the first, say) leaves freed memory that
-                // the allocator keeps for reuse; give it back.
-                if took > Duration::from_millis(100) {
-                    release_free_memory();
-                }
-                // The first sync says whether adopted maps were already right.
-                if writes > 0 || !std::mem::replace(&mut self.synced_once, true) || took > Duration::from_millis(100) {
-                    // Where the time went: the model of every object, the
-                    // target contents, sizing, then plan and writes.
-                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-                    info!(
-                        frontends,
-                        writes,
-                        took_ms = took.as_millis() as u64,
-                        model_ms = ms(modelled),
-                        target_ms = ms(targeted - modelled),
-                        sizing_ms = ms(fitted - targeted),
-                        write_ms = ms(took - fitted),
-                        "synced"
-                    );
-                } else {
-                    debug!(frontends, "synced, nothing to write");
-                }
-                true
-            }
-            // Re-read the maps: the retry carries on from what is really there.
-            Err(e) => {
-                error!("sync failed: {e}");
+        let synced = self.reconciler.sync_step(&step, &mut self.datapath.maps);
+        let synced6 = self.reconciler6.sync_step(&step6, &mut self.datapath.maps);
+        let (outcome, outcome6) = match (synced, synced6) {
+            (Ok(outcome), Ok(outcome6)) => (outcome, outcome6),
+            (synced, synced6) => {
                 self.metrics.sync_failures.inc();
-                if let Ok(actual) = self.datapath.maps.read_contents() {
-                    self.reconciler = Reconciler::new(actual, self.maglev);
+                // Re-read the maps of a family that failed: the retry
+                // carries on from what is really there. A family that
+                // succeeded holds every change: the retry needs only newer
+                // ones.
+                match synced {
+                    Err(e) => {
+                        error!("sync failed: {e}");
+                        if let Ok(actual) = self.datapath.maps.read_contents() {
+                            self.reconciler = Reconciler::new(actual, self.maglev);
+                        }
+                    }
+                    Ok(_) => self.reconciler.remember(),
+                }
+                match synced6 {
+                    Err(e) => {
+                        error!("sync failed (IPv6): {e}");
+                        if let Ok(actual) = self.datapath.maps.read_contents6() {
+                            self.reconciler6 = Reconciler::new(actual, self.maglev);
+                        }
+                    }
+                    Ok(_) => self.reconciler6.remember(),
                 }
                 // The model has taken this sync's changes: the retry, which
                 // may see none, reads NODE_PORTS afresh and rewrites it.
                 self.node_ports = None;
-                false
+                return false;
+            }
+        };
+        // The maps hold every change seen so far: /healthz says so now, not
+        // after the follow-ups below (NODE_PORTS, UDP flow cleanup,
+        // affinity pruning), which take tens of ms on a first sync and
+        // longer on a busy node.
+        self.health.updated();
+        let writes = outcome.writes + outcome6.writes;
+        let took = started.elapsed();
+        self.metrics.record_sync(took);
+        self.metrics.frontends.set(frontends as i64);
+        let backends = self.reconciler.current().backends.len() + self.reconciler6.current().backends.len();
+        self.metrics.backends.set(backends as i64);
+        let held = Entries::held(self.reconciler.current()).most(&Entries::held(self.reconciler6.current()));
+        self.metrics.set_agent_map_entries(&held);
+        self.record_endpoint_filter_fill();
+        self.observe_programming_latency(&changed.slice_triggers);
+        self.health_checks.update(&self.kept_model.health_checks());
+        let node_addresses = &self.model.node_addresses;
+        if self.node_ports.is_none()
+            || changed.all
+            || changed.frontends.iter().any(|f| node_addresses.contains(&f.addr))
+        {
+            self.sync_node_ports();
+        }
+        if !outcome.lost_udp_backends.is_empty() {
+            let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
+            debug!(flows, "forgot UDP flows of removed backends");
+            self.destroy_udp_sockets(&outcome.lost_udp_backends);
+        }
+        if !outcome6.lost_udp_backends.is_empty() {
+            // The socket hooks translate no native IPv6 socket: no socket
+            // is connected to an IPv6 backend by them.
+            let flows = self.datapath.maps.forget_udp_flows6(&outcome6.lost_udp_backends);
+            debug!(flows, "forgot IPv6 UDP flows of removed backends");
+        }
+        if writes > 0 {
+            match self.datapath.maps.prune_affinity(self.reconciler.current(), self.reconciler6.current()) {
+                0 => {}
+                n => debug!(entries = n, "pruned session affinity"),
             }
         }
+        // The next sync computes only what changed from this.
+        self.reconciler.remember();
+        self.reconciler6.remember();
+        // A large sync (the first, say) leaves freed memory that the
+        // allocator keeps for reuse; give it back.
+        if took > Duration::from_millis(100) {
+            release_free_memory();
+        }
+        // The first sync says whether adopted maps were already right.
+        if writes > 0 || !std::mem::replace(&mut self.synced_once, true) || took > Duration::from_millis(100) {
+            // Where the time went: the model of every object, the target
+            // contents, sizing, then plan and writes.
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            info!(
+                frontends,
+                writes,
+                took_ms = took.as_millis() as u64,
+                model_ms = ms(modelled),
+                target_ms = ms(targeted - modelled),
+                sizing_ms = ms(fitted - targeted),
+                write_ms = ms(took - fitted),
+                "synced"
+            );
+        } else {
+            debug!(frontends, "synced, nothing to write");
+        }
+        true
     }
 
     /// Clears the ENDPOINT_FILTER bits no map entry and no live flow needs.
     fn sweep_endpoint_filter(&mut self) -> Option<crate::datapath::FilterSweep> {
         let started = Instant::now();
-        let swept = self.datapath.maps.sweep_endpoint_filter(self.reconciler.current());
+        let swept = self.datapath.maps.sweep_endpoint_filter(self.reconciler.current(), self.reconciler6.current());
         self.record_endpoint_filter_fill();
         match swept {
             Ok(sweep) => {
@@ -538,8 +572,9 @@ impl Agent {
     /// that cannot hold it (old and new entries side by side, as mid-sync)
     /// unless sizes are fixed, and warns once when a map passes 90 %. A
     /// sync that still does not fit fails on the full map, naming it.
-    fn fit_maps(&mut self, step: &Step) {
-        let needed = self.reconciler.needed(step);
+    fn fit_maps(&mut self, step: &Step, step6: &Step<Ipv6>) {
+        // Both families' maps have one size: room for the larger need.
+        let needed = self.reconciler.needed(step).most(&self.reconciler6.needed(step6));
         let mut capacity = match self.datapath.maps.capacity() {
             Ok(capacity) => capacity,
             Err(e) => return warn!("reading the maps' sizes: {e}"),
@@ -625,12 +660,7 @@ impl Interfaces {
     /// interfaces no longer external; returns the node addresses now
     /// (`known` when they cannot be read). An interface holding a node
     /// address is external, never a pod interface.
-    fn refresh(
-        &mut self,
-        datapath: &mut Datapath,
-        known: &[std::net::Ipv4Addr],
-        health: &Health,
-    ) -> Vec<std::net::Ipv4Addr> {
+    fn refresh(&mut self, datapath: &mut Datapath, known: &[IpAddr], health: &Health) -> Vec<IpAddr> {
         let (present, addresses) = match (interfaces::list(), interfaces::addresses()) {
             (Ok(list), Ok(addresses)) => (list, addresses),
             (Err(e), _) | (_, Err(e)) => {
@@ -696,7 +726,7 @@ impl Interfaces {
             (format!("{FEATURE_INTERFACE}{name} ({hook})"), error.clone())
         });
         health.set_degraded_group(FEATURE_INTERFACE, failures.collect());
-        node_addresses
+        node_addresses.into_iter().map(IpAddr::V4).collect()
     }
 }
 

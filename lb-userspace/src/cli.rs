@@ -167,15 +167,15 @@ pub struct RunArgs {
     /// Node addresses NodePorts are served on, as CIDRs (kube-proxy's flag);
     /// default: every node address. Loopback addresses never are. As with
     /// kube-proxy, each family reads its own CIDRs and takes every address
-    /// when the flag has none of it; IPv6 ones wait for IPv6 (not served
-    /// yet).
+    /// when the flag has none of it; IPv6 ones wait for NodePorts on IPv6
+    /// node addresses (not served yet).
     #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<crate::cidr::FlagCidr>,
-    /// Service externalIPs are served only inside these CIDRs; none by
-    /// default, since an ExternalIP can capture any address's traffic
-    /// (CVE-2020-8554). IPv6 CIDRs are accepted and wait for IPv6.
+    pub nodeport_addresses: Vec<crate::cidr::Cidr>,
+    /// Service externalIPs are served only inside these CIDRs (either
+    /// family); none by default, since an ExternalIP can capture any
+    /// address's traffic (CVE-2020-8554).
     #[arg(long, value_delimiter = ',')]
-    pub external_ip_cidrs: Vec<crate::cidr::FlagCidr>,
+    pub external_ip_cidrs: Vec<crate::cidr::Cidr>,
     /// Socket-level balancing (cgroup connect/sendmsg hooks): `host`
     /// translates the sockets of the agent's own network namespace (the
     /// node's, for a hostNetwork agent), so pods take the per-packet path;

@@ -6,6 +6,7 @@
 //!   CONNTRACK, AFFINITY, MAGLEV, COUNTERS     the maps
 //!   SOCK_REVNAT, FLOW_SEED, NODE_PORTS        the maps
 //!   SOURCE_RANGES                             the maps
+//!   SERVICES6 ... MAGLEV6                     the IPv6 maps, one per IPv4 one
 //!   tc_from_pod, tc_from_wire, xdp_from_wire  the programs
 //!   links/if_<ifindex>                        one TCX link per pod interface
 //!   links/wire_<ifindex>, links/xdp_<ifindex> one TCX or XDP link per external interface
@@ -30,19 +31,20 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6, FILTER_LINE_BITS,
-    FilterLine, GLOBAL_ENDPOINT_FILTER_BITS_LOG2, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE, GLOBAL_SOCKET_LB_NETNS,
-    IPV6_MAP_ENTRIES, Ipv6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6,
-    MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV, MAP_MAGLEV6, MAP_NODE_PORTS, MAP_SERVICE_ADDRS,
-    MAP_SERVICE_ADDRS6, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6,
-    MAP_TAIL_CALLS, PROG_FROM_POD, PROG_FROM_POD6, PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE,
-    PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey,
-    SockRevNatValue, SourceRangeKey, TAIL_CALL_POD6, TrafficCounter, counter,
+    Address, AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6,
+    FILTER_LINE_BITS, FilterLine, GLOBAL_ENDPOINT_FILTER_BITS_LOG2, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE,
+    GLOBAL_SOCKET_LB_NETNS, Ipv4, Ipv6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK,
+    MAP_CONNTRACK6, MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV, MAP_MAGLEV6, MAP_NODE_PORTS,
+    MAP_SERVICE_ADDRS, MAP_SERVICE_ADDRS6, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
+    MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, PROG_FROM_POD, PROG_FROM_POD6, PROG_TC_BASELINE, PROG_TC_FROM_WIRE,
+    PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey, ServiceKey6,
+    ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TAIL_CALL_POD6, TrafficCounter, counter,
 };
 
 use crate::sizing::Entries;
 pub use crate::sizing::MapSizes;
 use crate::{
+    family::Family,
     filter::{self, FilterCopy},
     interfaces::Interface,
     plan::{MaglevConfig, MapContents, MapOp, stale_affinity},
@@ -83,15 +85,51 @@ pub enum DatapathError {
     AttachCgroup { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
+/// One family's Service maps, which the agent writes (`MapOp<A>`) and
+/// the programs read: SERVICES, BACKENDS, SERVICE_ADDRS, SOURCE_RANGES
+/// and MAGLEV, or their `*6` namesakes.
+pub struct ServiceMaps<A: Address> {
+    pub services: HashMap<MapData, ServiceKey<A>, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend<A>>,
+    pub service_addrs: HashMap<MapData, A, ServiceAddr>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey<A>, u8>,
+    pub maglev: Array<MapData, u32>,
+    /// The maps' names, for errors: SERVICES or SERVICES6, and so on.
+    names: ServiceMapNames,
+}
+
+/// The names of one family's Service maps.
+#[derive(Clone, Copy)]
+struct ServiceMapNames {
+    services: &'static str,
+    backends: &'static str,
+    service_addrs: &'static str,
+    source_ranges: &'static str,
+    maglev: &'static str,
+}
+
+const IPV4_MAPS: ServiceMapNames = ServiceMapNames {
+    services: MAP_SERVICES,
+    backends: MAP_BACKENDS,
+    service_addrs: MAP_SERVICE_ADDRS,
+    source_ranges: MAP_SOURCE_RANGES,
+    maglev: MAP_MAGLEV,
+};
+
+const IPV6_MAPS: ServiceMapNames = ServiceMapNames {
+    services: MAP_SERVICES6,
+    backends: MAP_BACKENDS6,
+    service_addrs: MAP_SERVICE_ADDRS6,
+    source_ranges: MAP_SOURCE_RANGES6,
+    maglev: MAP_MAGLEV6,
+};
+
 /// Handles on the maps.
 pub struct Maps {
-    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    pub backends: HashMap<MapData, u32, Backend>,
-    pub service_addrs: HashMap<MapData, [u8; 4], ServiceAddr>,
-    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    /// The IPv4 Service maps.
+    pub svc: ServiceMaps<Ipv4>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
-    pub maglev: Array<MapData, u32>,
     /// Sockets the socket hooks sent to a backend (read to find the
     /// connected UDP sockets of a backend that left).
     pub sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
@@ -109,24 +147,17 @@ pub struct Maps {
     /// ENDPOINT_FILTER (`lb_common::MAP_ENDPOINT_FILTER`), and the agent's
     /// copy of it once read; None in pins of an agent that had none.
     endpoint_filter: Option<(FilterMap, Option<FilterCopy>)>,
-    /// The IPv6 maps, as loaded; None when opened from pins (they are not
-    /// pinned yet: see `Maps6`).
+    /// The IPv6 maps; None when opened from the pins of an agent that
+    /// had none.
     pub ipv6: Option<Maps6>,
 }
 
 /// The IPv6 maps (`lb_common::MAP_*6`), which `tc_from_pod6` reads and
-/// writes. The agent does not program IPv6 frontends yet (issue 17), so
-/// they are created small (`IPV6_MAP_ENTRIES`) and unpinned, and only the
-/// datapath tests write them; when it does, they join their IPv4
-/// namesakes in `GROWABLE_MAPS` and `SHARED_MAPS`.
+/// writes, sized, pinned and grown with their IPv4 namesakes.
 pub struct Maps6 {
-    pub services: HashMap<MapData, ServiceKey6, ServiceValue>,
-    pub backends: HashMap<MapData, u32, Backend6>,
-    pub service_addrs: HashMap<MapData, Ipv6, ServiceAddr>,
-    pub source_ranges: LpmTrie<MapData, SourceRangeKey<Ipv6>, u8>,
+    pub svc: ServiceMaps<Ipv6>,
     pub conntrack: HashMap<MapData, CtKey6, CtValue6>,
     pub affinity: HashMap<MapData, AffinityKey6, AffinityValue>,
-    pub maglev: Array<MapData, u32>,
 }
 
 type FilterMap = Array<MapData, FilterLine>;
@@ -156,18 +187,15 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError 
 
 impl Maps {
     fn take(ebpf: &mut Ebpf, maglev_table_size: u32) -> Result<Self, DatapathError> {
+        let (svc, svc6) = (ServiceMaps::take(ebpf, IPV4_MAPS)?, ServiceMaps::take(ebpf, IPV6_MAPS)?);
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_owned() } })
         };
         Ok(Self {
-            services: HashMap::try_from(take(MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
-            backends: HashMap::try_from(take(MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
-            service_addrs: HashMap::try_from(take(MAP_SERVICE_ADDRS)?).map_err(map_err(MAP_SERVICE_ADDRS))?,
-            source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
+            svc,
             conntrack: HashMap::try_from(take(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
-            maglev: Array::try_from(take(MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
             sock_revnat: HashMap::try_from(take(MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             maglev_table_size: Some(maglev_table_size),
             counters: PerCpuArray::try_from(take(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
@@ -178,13 +206,9 @@ impl Maps {
                 None,
             )),
             ipv6: Some(Maps6 {
-                services: HashMap::try_from(take(MAP_SERVICES6)?).map_err(map_err(MAP_SERVICES6))?,
-                backends: HashMap::try_from(take(MAP_BACKENDS6)?).map_err(map_err(MAP_BACKENDS6))?,
-                service_addrs: HashMap::try_from(take(MAP_SERVICE_ADDRS6)?).map_err(map_err(MAP_SERVICE_ADDRS6))?,
-                source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES6)?).map_err(map_err(MAP_SOURCE_RANGES6))?,
                 conntrack: HashMap::try_from(take(MAP_CONNTRACK6)?).map_err(map_err(MAP_CONNTRACK6))?,
                 affinity: HashMap::try_from(take(MAP_AFFINITY6)?).map_err(map_err(MAP_AFFINITY6))?,
-                maglev: Array::try_from(take(MAP_MAGLEV6)?).map_err(map_err(MAP_MAGLEV6))?,
+                svc: svc6,
             }),
         })
     }
@@ -194,23 +218,25 @@ impl Maps {
     /// pins keep the size they were made with, whatever the flags say now.
     pub fn maglev_capacity(&self) -> Option<MaglevConfig> {
         let table_size = self.maglev_table_size.filter(|size| *size > 0)?;
-        Some(MaglevConfig { table_size, tables: (self.maglev.len() / table_size).saturating_sub(1) })
+        Some(MaglevConfig { table_size, tables: (self.svc.maglev.len() / table_size).saturating_sub(1) })
     }
 
     /// Opens the maps an agent pinned under `pin_path`, for inspection.
     /// They cannot write Maglev tables (see `maglev_table_size`).
     pub fn open_pinned(pin_path: &Path) -> Result<Self, DatapathError> {
         let open = |name: &'static str| MapData::from_pin(pin_path.join(name)).map_err(map_err(name));
+        let open6 = || -> Result<Maps6, DatapathError> {
+            Ok(Maps6 {
+                svc: ServiceMaps::open_pinned(pin_path, IPV6_MAPS)?,
+                conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK6)?))
+                    .map_err(map_err(MAP_CONNTRACK6))?,
+                affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY6)?)).map_err(map_err(MAP_AFFINITY6))?,
+            })
+        };
         Ok(Self {
-            services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?)).map_err(map_err(MAP_SERVICES))?,
-            backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?)).map_err(map_err(MAP_BACKENDS))?,
-            service_addrs: HashMap::try_from(Map::HashMap(open(MAP_SERVICE_ADDRS)?))
-                .map_err(map_err(MAP_SERVICE_ADDRS))?,
-            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))
-                .map_err(map_err(MAP_SOURCE_RANGES))?,
+            svc: ServiceMaps::open_pinned(pin_path, IPV4_MAPS)?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?)).map_err(map_err(MAP_CONNTRACK))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?)).map_err(map_err(MAP_AFFINITY))?,
-            maglev: Array::try_from(Map::Array(open(MAP_MAGLEV)?)).map_err(map_err(MAP_MAGLEV))?,
             sock_revnat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REVNAT)?))
                 .map_err(map_err(MAP_SOCK_REVNAT))?,
             maglev_table_size: None,
@@ -221,7 +247,7 @@ impl Maps {
                 .ok()
                 .and_then(|map| Array::try_from(Map::Array(map)).ok())
                 .map(|map| (map, None)),
-            ipv6: None,
+            ipv6: open6().ok(),
         })
     }
 
@@ -303,25 +329,35 @@ impl Maps {
         Ok(())
     }
 
-    /// Fills ENDPOINT_FILTER for `contents` (the maps' entries) and every
-    /// live conntrack entry, at start: the map may be new (an upgrade from
-    /// an agent without it), and traffic must not skip flows it lacks.
-    pub fn fill_endpoint_filter(&mut self, contents: &MapContents) -> Result<(), DatapathError> {
+    /// Fills ENDPOINT_FILTER for `contents` (the maps' entries, of both
+    /// families) and every live conntrack entry, at start: the map may be
+    /// new (an upgrade from an agent without it), and traffic must not skip
+    /// flows it lacks.
+    pub fn fill_endpoint_filter(
+        &mut self,
+        contents: &MapContents,
+        contents6: &MapContents<Ipv6>,
+    ) -> Result<(), DatapathError> {
         let Some(bits) = self.endpoint_filter.as_ref().map(|(map, _)| filter_bits_log2(map)) else { return Ok(()) };
         let (live, _) = self.live_flow_bits(bits)?;
-        self.set_filter_bits(filter::wanted(contents, bits).into_iter().chain(live))
-            .map_err(map_err(MAP_ENDPOINT_FILTER))
+        let wanted = filter::wanted(contents, bits).into_iter().chain(filter::wanted(contents6, bits));
+        self.set_filter_bits(wanted.chain(live)).map_err(map_err(MAP_ENDPOINT_FILTER))
     }
 
     /// Clears the ENDPOINT_FILTER bits that neither `contents` (the maps'
-    /// entries) nor any live conntrack entry has needed for two sweeps
-    /// (`FilterCopy::sweep`). Conntrack is read only when some set bit is
-    /// not one `contents` needs.
-    pub fn sweep_endpoint_filter(&mut self, contents: &MapContents) -> Result<FilterSweep, DatapathError> {
+    /// entries, of both families) nor any live conntrack entry has needed
+    /// for two sweeps (`FilterCopy::sweep`). Conntrack is read only when
+    /// some set bit is not one the contents need.
+    pub fn sweep_endpoint_filter(
+        &mut self,
+        contents: &MapContents,
+        contents6: &MapContents<Ipv6>,
+    ) -> Result<FilterSweep, DatapathError> {
         let (wanted, unneeded, bits) = match self.filter_copy().map_err(map_err(MAP_ENDPOINT_FILTER))? {
             None => return Ok(FilterSweep::default()),
             Some((_, copy)) => {
-                let wanted = filter::wanted(contents, copy.bits_log2());
+                let mut wanted = filter::wanted(contents, copy.bits_log2());
+                wanted.extend(filter::wanted(contents6, copy.bits_log2()));
                 let unneeded = copy.has_unneeded(&wanted);
                 (wanted, unneeded, copy.bits_log2())
             }
@@ -349,45 +385,42 @@ impl Maps {
         map.set(line, value, 0).map_err(map_err(MAP_ENDPOINT_FILTER))
     }
 
-    /// The ENDPOINT_FILTER bits the live conntrack entries need, and how
-    /// many entries were read. An error if the whole table could not be
-    /// read: a partial answer would clear bits live flows need.
+    /// The ENDPOINT_FILTER bits the live conntrack entries (CONNTRACK and
+    /// CONNTRACK6) need, and how many entries were read. An error if a
+    /// whole table could not be read: a partial answer would clear bits
+    /// live flows need.
     fn live_flow_bits(&self, bits_log2: u32) -> Result<(std::collections::HashSet<u32>, usize), DatapathError> {
         let entries = self.conntrack.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(MAP_CONNTRACK))?;
+        let entries6 = match &self.ipv6 {
+            Some(ipv6) => ipv6.conntrack.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(MAP_CONNTRACK6))?,
+            None => Vec::new(),
+        };
         // The clock is read after the scan, so that an entry refreshed
         // while it ran is stamped before `now` (the programs' coarse clock
         // never runs ahead of this one): read before, its age would wrap
         // to 2^64 and a busy flow would look dead. Ages wrap as in the
         // programs (`conntrack::now`).
         let now = crate::explain::MapLookups::now_ns(self);
-        let bits = entries
+        let live = |last_seen_ns: u64, timeout_ns: u64| now.wrapping_sub(last_seen_ns) < timeout_ns;
+        let bits4 = entries
             .iter()
-            .filter(|(key, value)| now.wrapping_sub(value.last_seen_ns) < value.timeout_ns(key.protocol))
-            .filter_map(|(key, value)| filter::flow_bit(key, value, bits_log2))
-            .collect();
-        Ok((bits, entries.len()))
+            .filter(|(key, value)| live(value.last_seen_ns, value.timeout_ns(key.protocol)))
+            .filter_map(|(key, value)| filter::flow_bit(key, value, bits_log2));
+        let bits6 = entries6
+            .iter()
+            .filter(|(key, value)| live(value.last_seen_ns, value.timeout_ns(key.protocol)))
+            .filter_map(|(key, value)| filter::flow_bit(key, value, bits_log2));
+        Ok((bits4.chain(bits6).collect(), entries.len() + entries6.len()))
     }
 
-    /// What SERVICES and BACKENDS hold now.
+    /// What the IPv4 Service maps hold now.
     pub fn read_contents(&self) -> Result<MapContents, DatapathError> {
-        let mut contents = MapContents::default();
-        for entry in self.services.iter() {
-            let (k, v) = entry.map_err(map_err(MAP_SERVICES))?;
-            contents.services.insert(k, v);
-        }
-        for entry in self.backends.iter() {
-            let (k, v) = entry.map_err(map_err(MAP_BACKENDS))?;
-            contents.backends.insert(k, v);
-        }
-        for entry in self.service_addrs.iter() {
-            let (k, v) = entry.map_err(map_err(MAP_SERVICE_ADDRS))?;
-            contents.addrs.insert(k, v);
-        }
-        for entry in self.source_ranges.iter() {
-            let (k, _) = entry.map_err(map_err(MAP_SOURCE_RANGES))?;
-            contents.source_ranges.insert((k.prefix_len(), k.data()));
-        }
-        Ok(contents)
+        self.svc.read_contents()
+    }
+
+    /// What the IPv6 Service maps hold now (nothing without them).
+    pub fn read_contents6(&self) -> Result<MapContents<Ipv6>, DatapathError> {
+        self.ipv6.as_ref().map_or(Ok(MapContents::default()), |ipv6| ipv6.svc.read_contents())
     }
 
     /// Packets and bytes per verdict, summed over CPUs, indexed as `counter`.
@@ -403,41 +436,27 @@ impl Maps {
         Ok(totals)
     }
 
-    /// Deletes affinity entries that no longer fit `contents` (see
-    /// `plan::stale_affinity`); returns how many.
-    pub fn prune_affinity(&mut self, contents: &MapContents) -> Result<usize, DatapathError> {
-        let entries: Vec<_> = self.affinity.iter().filter_map(Result::ok).collect();
-        let stale = stale_affinity(entries, contents);
-        for key in &stale {
-            // Gone already (LRU eviction) is as good as deleted.
-            let _ = self.affinity.remove(key);
+    /// Deletes affinity entries (AFFINITY and AFFINITY6) that no longer
+    /// fit the contents of their family (see `plan::stale_affinity`);
+    /// returns how many.
+    pub fn prune_affinity(&mut self, contents: &MapContents, contents6: &MapContents<Ipv6>) -> usize {
+        let mut pruned = prune_stale_affinity(&mut self.affinity, contents);
+        if let Some(ipv6) = &mut self.ipv6 {
+            pruned += prune_stale_affinity(&mut ipv6.affinity, contents6);
         }
-        Ok(stale.len())
+        pruned
     }
 
     /// Deletes the conntrack entries (both directions) of UDP flows to
     /// `lost` (frontend, backend) pairs, so their next packet picks a live
     /// backend; returns how many flows.
     pub fn forget_udp_flows(&mut self, lost: &std::collections::BTreeSet<(ServiceKey, Backend)>) -> usize {
-        let flows: Vec<(CtKey, CtValue)> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| {
-                key.protocol == lb_common::PROTO_UDP
-                    && value.is_forward()
-                    && lost.contains(&(
-                        ServiceKey::new(key.daddr, key.dport, key.protocol, 0),
-                        Backend::new(value.nat_addr, value.nat_port),
-                    ))
-            })
-            .collect();
-        for (key, value) in &flows {
-            // Already gone (LRU eviction) is as good as deleted.
-            let _ = self.conntrack.remove(key);
-            let _ = self.conntrack.remove(&value.peer_key(key));
-        }
-        flows.len()
+        forget_udp_flows_in(&mut self.conntrack, lost)
+    }
+
+    /// `forget_udp_flows` for IPv6 flows (CONNTRACK6).
+    pub fn forget_udp_flows6(&mut self, lost: &std::collections::BTreeSet<(ServiceKey6, Backend6)>) -> usize {
+        self.ipv6.as_mut().map_or(0, |ipv6| forget_udp_flows_in(&mut ipv6.conntrack, lost))
     }
 
     /// The seed of random selection the programs use.
@@ -459,66 +478,58 @@ impl Maps {
         self.flow_seed.set(0, seed, 0).map_err(map_err(MAP_FLOW_SEED))
     }
 
-    /// Copies every entry of `old`'s agent-written maps (SERVICES,
-    /// SERVICE_ADDRS, BACKENDS, SOURCE_RANGES) into these, unchanged.
+    /// Copies every entry of `old`'s Service maps (both families; MAGLEV
+    /// is shared) into these, unchanged.
     fn copy_agent_maps_from(&mut self, old: &Maps) -> Result<(), DatapathError> {
-        for entry in old.services.iter() {
-            let (k, v) = entry.map_err(map_err(MAP_SERVICES))?;
-            self.services.insert(k, v, 0).map_err(map_err(MAP_SERVICES))?;
-        }
-        for entry in old.backends.iter() {
-            let (k, v) = entry.map_err(map_err(MAP_BACKENDS))?;
-            self.backends.insert(k, v, 0).map_err(map_err(MAP_BACKENDS))?;
-        }
-        for entry in old.service_addrs.iter() {
-            let (k, v) = entry.map_err(map_err(MAP_SERVICE_ADDRS))?;
-            self.service_addrs.insert(k, v, 0).map_err(map_err(MAP_SERVICE_ADDRS))?;
-        }
-        for entry in old.source_ranges.iter() {
-            let (k, v) = entry.map_err(map_err(MAP_SOURCE_RANGES))?;
-            self.source_ranges.insert(&k, v, 0).map_err(map_err(MAP_SOURCE_RANGES))?;
+        self.svc.copy_from(&old.svc)?;
+        if let (Some(new), Some(old)) = (&mut self.ipv6, &old.ipv6) {
+            new.svc.copy_from(&old.svc)?;
         }
         Ok(())
     }
 
-    /// Room in the agent-written maps, as the kernel made them (a pinned
-    /// map keeps the size it was created with, whatever was asked since).
+    /// Room in the Service maps of both families, as the kernel made them
+    /// (a pinned map keeps the size it was created with, whatever was
+    /// asked since): each family's, the least of the two.
     pub fn capacity(&self) -> Result<Entries, DatapathError> {
-        Ok(Entries {
-            services: max_entries(&self.services, MAP_SERVICES)? as usize,
-            service_addrs: max_entries(&self.service_addrs, MAP_SERVICE_ADDRS)? as usize,
-            backends: max_entries(&self.backends, MAP_BACKENDS)? as usize,
-            source_ranges: max_entries(&self.source_ranges, MAP_SOURCE_RANGES)? as usize,
+        let capacity = self.svc.capacity()?;
+        Ok(match &self.ipv6 {
+            Some(ipv6) => capacity.least(&ipv6.svc.capacity()?),
+            None => capacity,
         })
     }
 
     /// Every map's name and size as the kernel has it.
     pub fn capacities(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
-        Ok(vec![
-            (MAP_SERVICES, max_entries(&self.services, MAP_SERVICES)?),
-            (MAP_SERVICE_ADDRS, max_entries(&self.service_addrs, MAP_SERVICE_ADDRS)?),
-            (MAP_BACKENDS, max_entries(&self.backends, MAP_BACKENDS)?),
-            (MAP_SOURCE_RANGES, max_entries(&self.source_ranges, MAP_SOURCE_RANGES)?),
+        let mut capacities = self.svc.capacities()?.to_vec();
+        capacities.extend([
             (MAP_CONNTRACK, max_entries(&self.conntrack, MAP_CONNTRACK)?),
             (MAP_AFFINITY, max_entries(&self.affinity, MAP_AFFINITY)?),
-            (MAP_MAGLEV, max_entries(&self.maglev, MAP_MAGLEV)?),
             (MAP_SOCK_REVNAT, max_entries(&self.sock_revnat, MAP_SOCK_REVNAT)?),
-        ])
+        ]);
+        if let Some(ipv6) = &self.ipv6 {
+            capacities.extend(ipv6.svc.capacities()?);
+            capacities.extend([
+                (MAP_CONNTRACK6, max_entries(&ipv6.conntrack, MAP_CONNTRACK6)?),
+                (MAP_AFFINITY6, max_entries(&ipv6.affinity, MAP_AFFINITY6)?),
+            ]);
+        }
+        Ok(capacities)
     }
 
     /// Entries and capacity of every map but MAGLEV (an array, always
     /// full), counted by walking each: for `lb stats`, not a hot path.
     pub fn fill(&self) -> Result<Vec<crate::inspect::MapFill>, DatapathError> {
-        let entries = [
-            (MAP_SERVICES, self.services.keys().filter(Result::is_ok).count()),
-            (MAP_SERVICE_ADDRS, self.service_addrs.keys().filter(Result::is_ok).count()),
-            (MAP_BACKENDS, self.backends.keys().filter(Result::is_ok).count()),
-            (MAP_SOURCE_RANGES, self.source_ranges.keys().filter(Result::is_ok).count()),
-        ];
+        let mut entries = self.svc.entries().to_vec();
+        entries.extend(self.traffic_entries());
+        if let Some(ipv6) = &self.ipv6 {
+            entries.extend(ipv6.svc.entries());
+            entries.push((MAP_CONNTRACK6, ipv6.conntrack.keys().filter(Result::is_ok).count()));
+            entries.push((MAP_AFFINITY6, ipv6.affinity.keys().filter(Result::is_ok).count()));
+        }
         let capacities = self.capacities()?;
         let mut fill: Vec<_> = entries
             .into_iter()
-            .chain(self.traffic_entries())
             .map(|(map, entries)| {
                 let capacity = capacities.iter().find(|(name, _)| *name == map).map_or(0, |(_, c)| *c);
                 crate::inspect::MapFill { map, entries, capacity }
@@ -549,6 +560,54 @@ impl Maps {
     }
 }
 
+/// Deletes the entries of `affinity` that no longer fit `contents` (see
+/// `plan::stale_affinity`); returns how many.
+fn prune_stale_affinity<A: Family + aya::Pod>(
+    affinity: &mut HashMap<MapData, AffinityKey<A>, AffinityValue>,
+    contents: &MapContents<A>,
+) -> usize
+where
+    AffinityKey<A>: aya::Pod,
+{
+    let entries: Vec<_> = affinity.iter().filter_map(Result::ok).collect();
+    let stale = stale_affinity(entries, contents);
+    for key in &stale {
+        // Gone already (LRU eviction) is as good as deleted.
+        let _ = affinity.remove(key);
+    }
+    stale.len()
+}
+
+/// Deletes the entries (both directions) of UDP flows to `lost`
+/// (frontend, backend) pairs from `conntrack`; returns how many flows.
+fn forget_udp_flows_in<A: Family + aya::Pod, P: Copy + 'static>(
+    conntrack: &mut HashMap<MapData, CtKey<A>, CtValue<A, P>>,
+    lost: &std::collections::BTreeSet<(ServiceKey<A>, Backend<A>)>,
+) -> usize
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A, P>: aya::Pod,
+{
+    let flows: Vec<(CtKey<A>, CtValue<A, P>)> = conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, value)| {
+            key.protocol == lb_common::PROTO_UDP
+                && value.is_forward()
+                && lost.contains(&(
+                    ServiceKey::new(key.daddr, key.dport, key.protocol, 0),
+                    Backend::new(value.nat_addr, value.nat_port),
+                ))
+        })
+        .collect();
+    for (key, value) in &flows {
+        // Already gone (LRU eviction) is as good as deleted.
+        let _ = conntrack.remove(key);
+        let _ = conntrack.remove(&value.peer_key(key));
+    }
+    flows.len()
+}
+
 /// The kernel's max_entries of a map.
 fn max_entries<K: aya::Pod, V: aya::Pod>(
     map: &impl IterableMap<K, V>,
@@ -560,17 +619,21 @@ fn max_entries<K: aya::Pod, V: aya::Pod>(
 /// A write the kernel refused because the map is full, said as what it is:
 /// which map, what fills it, and which flag sizes it. Other errors keep
 /// their errno in the message (aya's syscall error shows only the call).
-fn explain_write_error(op: &MapOp, error: aya::maps::MapError) -> aya::maps::MapError {
+fn explain_write_error<A: Address>(
+    op: &MapOp<A>,
+    names: ServiceMapNames,
+    error: aya::maps::MapError,
+) -> aya::maps::MapError {
     let aya::maps::MapError::SyscallError(syscall) = &error else { return error };
     let errno = syscall.io_error.raw_os_error();
     let sizing = match op {
         MapOp::PutService(..) => {
-            Some((MAP_SERVICES, "a frontend plus one entry per backend of each", "services", "services"))
+            Some((names.services, "a frontend plus one entry per backend of each", "services", "services"))
         }
-        MapOp::PutAddr(..) => Some((MAP_SERVICE_ADDRS, "one entry per service address", "services", "services")),
-        MapOp::PutBackend(..) => Some((MAP_BACKENDS, "one entry per distinct backend", "backends", "backends")),
+        MapOp::PutAddr(..) => Some((names.service_addrs, "one entry per service address", "services", "services")),
+        MapOp::PutBackend(..) => Some((names.backends, "one entry per distinct backend", "backends", "backends")),
         MapOp::PutSourceRange(..) => {
-            Some((MAP_SOURCE_RANGES, "one entry per source range", "source-ranges", "sourceRanges"))
+            Some((names.source_ranges, "one entry per source range", "source-ranges", "sourceRanges"))
         }
         _ => None,
     };
@@ -589,18 +652,160 @@ impl MapWriter for Maps {
     type Error = aya::maps::MapError;
 
     fn write(&mut self, op: &MapOp) -> Result<(), aya::maps::MapError> {
-        self.write_unexplained(op).map_err(|e| explain_write_error(op, e))
+        self.set_op_bit(op)?;
+        self.svc.write(op, self.maglev_table_size).map_err(|e| explain_write_error(op, IPV4_MAPS, e))
+    }
+}
+
+impl MapWriter<Ipv6> for Maps {
+    type Error = aya::maps::MapError;
+
+    fn write(&mut self, op: &MapOp<Ipv6>) -> Result<(), aya::maps::MapError> {
+        self.set_op_bit(op)?;
+        let table_size = self.maglev_table_size;
+        let Some(ipv6) = &mut self.ipv6 else {
+            let message = "the IPv6 maps are not open (pins of an agent that had none)";
+            return Err(aya::maps::MapError::IoError(io::Error::new(io::ErrorKind::NotFound, message)));
+        };
+        ipv6.svc.write(op, table_size).map_err(|e| explain_write_error(op, IPV6_MAPS, e))
     }
 }
 
 impl Maps {
-    fn write_unexplained(&mut self, op: &MapOp) -> Result<(), aya::maps::MapError> {
-        // The endpoint's bit first: from the entry's first packet on, its
-        // flows' packets must not skip the full path.
+    /// Sets the ENDPOINT_FILTER bit `op` needs (of either family) before
+    /// it is written: from the entry's first packet on, its flows' packets
+    /// must not skip the full path.
+    fn set_op_bit<A: Address>(&mut self, op: &MapOp<A>) -> Result<(), aya::maps::MapError> {
         let bits = self.endpoint_filter.as_ref().map(|(map, _)| filter_bits_log2(map));
-        if let Some(bit) = bits.and_then(|bits| filter::bit_of_op(op, bits)) {
-            self.set_filter_bits([bit])?;
+        match bits.and_then(|bits| filter::bit_of_op(op, bits)) {
+            Some(bit) => self.set_filter_bits([bit]),
+            None => Ok(()),
         }
+    }
+}
+
+impl<A: Family + aya::Pod> ServiceMaps<A>
+where
+    ServiceKey<A>: aya::Pod,
+    Backend<A>: aya::Pod,
+    SourceRangeKey<A>: aya::Pod,
+{
+    /// The maps named `names`, taken from a loaded object.
+    fn take(ebpf: &mut Ebpf, names: ServiceMapNames) -> Result<Self, DatapathError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_owned() } })
+        };
+        Ok(Self {
+            services: HashMap::try_from(take(names.services)?).map_err(map_err(names.services))?,
+            backends: HashMap::try_from(take(names.backends)?).map_err(map_err(names.backends))?,
+            service_addrs: HashMap::try_from(take(names.service_addrs)?).map_err(map_err(names.service_addrs))?,
+            source_ranges: LpmTrie::try_from(take(names.source_ranges)?).map_err(map_err(names.source_ranges))?,
+            maglev: Array::try_from(take(names.maglev)?).map_err(map_err(names.maglev))?,
+            names,
+        })
+    }
+
+    /// The maps named `names`, opened from their pins under `pin_path`.
+    fn open_pinned(pin_path: &Path, names: ServiceMapNames) -> Result<Self, DatapathError> {
+        let open = |name: &'static str| MapData::from_pin(pin_path.join(name)).map_err(map_err(name));
+        Ok(Self {
+            services: HashMap::try_from(Map::HashMap(open(names.services)?)).map_err(map_err(names.services))?,
+            backends: HashMap::try_from(Map::HashMap(open(names.backends)?)).map_err(map_err(names.backends))?,
+            service_addrs: HashMap::try_from(Map::HashMap(open(names.service_addrs)?))
+                .map_err(map_err(names.service_addrs))?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(names.source_ranges)?))
+                .map_err(map_err(names.source_ranges))?,
+            maglev: Array::try_from(Map::Array(open(names.maglev)?)).map_err(map_err(names.maglev))?,
+            names,
+        })
+    }
+
+    /// What the maps hold now (MAGLEV aside: tables follow from the
+    /// frontends' backends).
+    pub fn read_contents(&self) -> Result<MapContents<A>, DatapathError> {
+        let names = self.names;
+        let mut contents = MapContents::default();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(map_err(names.services))?;
+            contents.services.insert(k, v);
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry.map_err(map_err(names.backends))?;
+            contents.backends.insert(k, v);
+        }
+        for entry in self.service_addrs.iter() {
+            let (k, v) = entry.map_err(map_err(names.service_addrs))?;
+            contents.addrs.insert(k, v);
+        }
+        for entry in self.source_ranges.iter() {
+            let (k, _) = entry.map_err(map_err(names.source_ranges))?;
+            contents.source_ranges.insert((k.prefix_len(), k.data()));
+        }
+        Ok(contents)
+    }
+
+    /// Copies every entry of `old` (but MAGLEV, which is shared) into
+    /// these, unchanged.
+    fn copy_from(&mut self, old: &Self) -> Result<(), DatapathError> {
+        let names = self.names;
+        for entry in old.services.iter() {
+            let (k, v) = entry.map_err(map_err(names.services))?;
+            self.services.insert(k, v, 0).map_err(map_err(names.services))?;
+        }
+        for entry in old.backends.iter() {
+            let (k, v) = entry.map_err(map_err(names.backends))?;
+            self.backends.insert(k, v, 0).map_err(map_err(names.backends))?;
+        }
+        for entry in old.service_addrs.iter() {
+            let (k, v) = entry.map_err(map_err(names.service_addrs))?;
+            self.service_addrs.insert(k, v, 0).map_err(map_err(names.service_addrs))?;
+        }
+        for entry in old.source_ranges.iter() {
+            let (k, v) = entry.map_err(map_err(names.source_ranges))?;
+            self.source_ranges.insert(&k, v, 0).map_err(map_err(names.source_ranges))?;
+        }
+        Ok(())
+    }
+
+    /// Room in the maps, as the kernel made them (a pinned map keeps the
+    /// size it was created with, whatever was asked since).
+    pub fn capacity(&self) -> Result<Entries, DatapathError> {
+        let names = self.names;
+        Ok(Entries {
+            services: max_entries(&self.services, names.services)? as usize,
+            service_addrs: max_entries(&self.service_addrs, names.service_addrs)? as usize,
+            backends: max_entries(&self.backends, names.backends)? as usize,
+            source_ranges: max_entries(&self.source_ranges, names.source_ranges)? as usize,
+        })
+    }
+
+    /// Entries of each map but MAGLEV, counted by walking each.
+    fn entries(&self) -> [(&'static str, usize); 4] {
+        let names = self.names;
+        [
+            (names.services, self.services.keys().filter(Result::is_ok).count()),
+            (names.service_addrs, self.service_addrs.keys().filter(Result::is_ok).count()),
+            (names.backends, self.backends.keys().filter(Result::is_ok).count()),
+            (names.source_ranges, self.source_ranges.keys().filter(Result::is_ok).count()),
+        ]
+    }
+
+    /// Each map's name and size as the kernel has it.
+    fn capacities(&self) -> Result<[(&'static str, u32); 5], DatapathError> {
+        let names = self.names;
+        Ok([
+            (names.services, max_entries(&self.services, names.services)?),
+            (names.service_addrs, max_entries(&self.service_addrs, names.service_addrs)?),
+            (names.backends, max_entries(&self.backends, names.backends)?),
+            (names.source_ranges, max_entries(&self.source_ranges, names.source_ranges)?),
+            (names.maglev, max_entries(&self.maglev, names.maglev)?),
+        ])
+    }
+
+    /// Writes `op`. Maglev tables need their size (`Maps::maglev_table_size`).
+    fn write(&mut self, op: &MapOp<A>, maglev_table_size: Option<u32>) -> Result<(), aya::maps::MapError> {
+        let maglev_name = self.names.maglev;
         match op {
             MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),
@@ -612,11 +817,11 @@ impl Maps {
             MapOp::DeleteSourceRange((prefix_len, data)) => self.source_ranges.remove(&Key::new(*prefix_len, *data)),
             MapOp::PutMaglevTable(table, entries) => {
                 let refuse = |kind, message: String| Err(aya::maps::MapError::IoError(io::Error::new(kind, message)));
-                let Some(size) = self.maglev_table_size else {
+                let Some(size) = maglev_table_size else {
                     return refuse(
                         io::ErrorKind::Unsupported,
                         format!(
-                            "{MAP_MAGLEV}: maps opened from pins do not know the table size (a load-time global); \
+                            "{maglev_name}: maps opened from pins do not know the table size (a load-time global); \
                              table {table} not written"
                         ),
                     );
@@ -624,14 +829,14 @@ impl Maps {
                 if entries.len() != size as usize {
                     return refuse(
                         io::ErrorKind::InvalidInput,
-                        format!("{MAP_MAGLEV}: table {table} has {} entries, not {size}", entries.len()),
+                        format!("{maglev_name}: table {table} has {} entries, not {size}", entries.len()),
                     );
                 }
                 // Tables are 1-based, and a table is written whole or not at all.
                 let base = table.checked_sub(1).and_then(|t| t.checked_mul(size));
                 let Some(base) = base.filter(|b| b.checked_add(size).is_some_and(|end| end <= self.maglev.len()))
                 else {
-                    return refuse(io::ErrorKind::InvalidInput, format!("{MAP_MAGLEV}: no table {table}"));
+                    return refuse(io::ErrorKind::InvalidInput, format!("{maglev_name}: no table {table}"));
                 };
                 for (backend_id, i) in entries.iter().zip(base..) {
                     self.maglev.set(i, backend_id, 0)?;
@@ -642,17 +847,17 @@ impl Maps {
                 let refuse = |message: String| {
                     Err(aya::maps::MapError::IoError(io::Error::new(io::ErrorKind::InvalidInput, message)))
                 };
-                let Some(size) = self.maglev_table_size else {
-                    return refuse(format!("{MAP_MAGLEV}: maps opened from pins do not know the table size"));
+                let Some(size) = maglev_table_size else {
+                    return refuse(format!("{maglev_name}: maps opened from pins do not know the table size"));
                 };
                 let base = table.checked_sub(1).and_then(|t| t.checked_mul(size));
                 let Some(base) = base.filter(|b| b.checked_add(size).is_some_and(|end| end <= self.maglev.len()))
                 else {
-                    return refuse(format!("{MAP_MAGLEV}: no table {table}"));
+                    return refuse(format!("{maglev_name}: no table {table}"));
                 };
                 for (i, backend_id) in entries {
                     if *i >= size {
-                        return refuse(format!("{MAP_MAGLEV}: table {table} has no entry {i}"));
+                        return refuse(format!("{maglev_name}: table {table} has no entry {i}"));
                     }
                     self.maglev.set(base + i, backend_id, 0)?;
                 }
@@ -673,7 +878,7 @@ impl crate::explain::MapLookups for Maps {
     }
 
     fn maglev(&self, index: u32) -> Option<u32> {
-        self.maglev.get(&index, 0).ok()
+        self.svc.maglev.get(&index, 0).ok()
     }
 
     fn flow_seed(&self) -> u32 {
@@ -833,16 +1038,29 @@ fn retry_interrupted(mut load: impl FnMut() -> Result<(), DatapathError>) -> Res
 /// the programs, counters, and MAGLEV, whose size is a flag) are shared by
 /// every program generation.
 /// ENDPOINT_FILTER is sized with them, and filled afresh rather than copied.
-const GROWABLE_MAPS: [&str; 5] =
-    [MAP_SERVICES, MAP_SERVICE_ADDRS, MAP_BACKENDS, MAP_SOURCE_RANGES, MAP_ENDPOINT_FILTER];
+/// Each family's maps are here: they are sized and grown together.
+const GROWABLE_MAPS: [&str; 9] = [
+    MAP_SERVICES,
+    MAP_SERVICE_ADDRS,
+    MAP_BACKENDS,
+    MAP_SOURCE_RANGES,
+    MAP_SERVICES6,
+    MAP_SERVICE_ADDRS6,
+    MAP_BACKENDS6,
+    MAP_SOURCE_RANGES6,
+    MAP_ENDPOINT_FILTER,
+];
 /// TAIL_CALLS among them: an unpinned program array is emptied when its
 /// last holder in userspace goes, which would stop IPv6 at the pods'
 /// hook while the agent restarts; each generation points it at its own
 /// `tc_from_pod6` as it loads.
-const SHARED_MAPS: [&str; 8] = [
+const SHARED_MAPS: [&str; 11] = [
     MAP_CONNTRACK,
     MAP_AFFINITY,
     MAP_MAGLEV,
+    MAP_CONNTRACK6,
+    MAP_AFFINITY6,
+    MAP_MAGLEV6,
     MAP_SOCK_REVNAT,
     MAP_COUNTERS,
     MAP_FLOW_SEED,
@@ -926,13 +1144,15 @@ impl Datapath {
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .map_max_entries(MAP_MAGLEV, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
             .map_max_entries(MAP_ENDPOINT_FILTER, lb_common::filter_lines(filter_bits_log2))
-            .map_max_entries(MAP_SERVICES6, IPV6_MAP_ENTRIES)
-            .map_max_entries(MAP_SERVICE_ADDRS6, IPV6_MAP_ENTRIES)
-            .map_max_entries(MAP_BACKENDS6, IPV6_MAP_ENTRIES)
-            .map_max_entries(MAP_SOURCE_RANGES6, IPV6_MAP_ENTRIES)
-            .map_max_entries(MAP_CONNTRACK6, IPV6_MAP_ENTRIES)
-            .map_max_entries(MAP_AFFINITY6, IPV6_MAP_ENTRIES)
-            .map_max_entries(MAP_MAGLEV6, sizes.maglev.table_size.saturating_mul(2))
+            // Each IPv6 map as big as its IPv4 namesake: one set of
+            // sizes, grown together (`Maps::capacity` is the least of both).
+            .map_max_entries(MAP_SERVICES6, sizes.services)
+            .map_max_entries(MAP_SERVICE_ADDRS6, sizes.services)
+            .map_max_entries(MAP_SOURCE_RANGES6, sizes.source_ranges)
+            .map_max_entries(MAP_BACKENDS6, sizes.backends)
+            .map_max_entries(MAP_CONNTRACK6, sizes.conntrack)
+            .map_max_entries(MAP_AFFINITY6, sizes.affinity)
+            .map_max_entries(MAP_MAGLEV6, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
             .override_global(GLOBAL_ENDPOINT_FILTER_BITS_LOG2, &filter_bits_log2, true)
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
             .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
@@ -1029,8 +1249,8 @@ impl Datapath {
         maps.copy_agent_maps_from(&self.maps)?;
         // The new filter, of the new size, gets the bits of the copied
         // entries and of every live flow before any packet meets it.
-        let copied = maps.read_contents()?;
-        maps.fill_endpoint_filter(&copied)?;
+        let (copied, copied6) = (maps.read_contents()?, maps.read_contents6()?);
+        maps.fill_endpoint_filter(&copied, &copied6)?;
         // Up to here nothing live has changed (a failure leaves `_next`
         // pins, removed by the next attempt or start). The renames are
         // the last step that can fail before the agent moves to the new

@@ -82,11 +82,14 @@ pub fn addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
 /// NodePort on 127.0.0.1 would let any local process or a neighbour with
 /// route_localnet reach services it should not: CVE-2020-8558).
 pub fn node_addresses(all: &[(String, Ipv4Addr)], nodeport_addresses: &[Cidr]) -> Vec<Ipv4Addr> {
+    // As kube-proxy: a family without CIDRs in the flag takes all its
+    // addresses.
+    let ipv4_cidrs: Vec<&Cidr> = nodeport_addresses.iter().filter(|c| !c.is_ipv6()).collect();
     let mut addrs: Vec<Ipv4Addr> = all
         .iter()
         .map(|(_, a)| *a)
         .filter(|a| !a.is_loopback() && !a.is_unspecified())
-        .filter(|a| nodeport_addresses.is_empty() || nodeport_addresses.iter().any(|c| c.contains(*a)))
+        .filter(|a| ipv4_cidrs.is_empty() || ipv4_cidrs.iter().any(|c| c.contains((*a).into())))
         .collect();
     addrs.sort();
     addrs.dedup();

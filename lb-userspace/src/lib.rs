@@ -14,4 +14,4 @@ pub mod status;
 
 // The pure part, a crate of its own (lb-userspace/model), under the paths
 // the rest of the agent and the tests use.
-pub use lb_model::{cidr, explain, filter, maglev, manifest, model, plan, reconcile, reference, sizing};
+pub use lb_model::{cidr, explain, family, filter, maglev, manifest, model, plan, reconcile, reference, sizing};

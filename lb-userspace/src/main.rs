@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 use lb_userspace::{
     agent::{self, AgentConfig, SocketBalancing, SourceConfig},
-    cidr::FlagCidr,
+    cidr::Cidr,
     cli::{Cli, Command, InspectArgs, OptionalPath, Output, RunArgs, SocketLb, Source},
     datapath::{MapSizes, Maps},
     inspect,
@@ -98,8 +98,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for (flag, cidrs) in
         [("--nodeport-addresses", &args.nodeport_addresses), ("--external-ip-cidrs", &args.external_ip_cidrs)]
     {
-        if FlagCidr::any_ipv6(cidrs) {
-            tracing::warn!(flag, "its IPv6 CIDRs wait for IPv6 frontends, which this agent does not serve yet");
+        if flag == "--nodeport-addresses" && Cidr::any_ipv6(cidrs) {
+            tracing::warn!(flag, "its IPv6 CIDRs wait for NodePorts on IPv6 node addresses, not served yet");
         }
     }
     let config = AgentConfig {
@@ -111,9 +111,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             // Both from the Node object, once the source has it.
             zone: None,
             node_addresses: Vec::new(),
-            external_ip_cidrs: FlagCidr::ipv4(&args.external_ip_cidrs),
+            external_ip_cidrs: args.external_ip_cidrs,
         },
-        nodeport_addresses: FlagCidr::ipv4(&args.nodeport_addresses),
+        nodeport_addresses: args.nodeport_addresses,
         external_interfaces: ExternalInterfaces::new(&args.external_interfaces).context("--external-interfaces")?,
         external_datapath: args.external_datapath,
         min_sync_period: args.min_sync_period,

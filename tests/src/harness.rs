@@ -31,21 +31,21 @@ pub fn round_trip_services(
     others: &[SocketAddrV4],
     algorithm: Algorithm,
 ) -> Vec<ServicePort> {
-    let frontend = |a: &SocketAddrV4| Frontend { addr: *a.ip(), port: a.port(), protocol: Protocol::Tcp };
+    let frontend = |a: &SocketAddrV4| Frontend { addr: (*a.ip()).into(), port: a.port(), protocol: Protocol::Tcp };
     let mut ports = vec![ServicePort {
         name: "timed".into(),
         frontend: frontend(&timed),
         kind,
-        backends: others.iter().copied().collect(),
-        local_backends: others.iter().copied().collect(),
+        backends: others.iter().map(|a| (*a).into()).collect(),
+        local_backends: others.iter().map(|a| (*a).into()).collect(),
         algorithm,
         ..Default::default()
     }];
     ports.extend(others.iter().enumerate().map(|(i, other)| ServicePort {
         name: format!("timed-back-{i}"),
         frontend: frontend(other),
-        backends: [timed].into(),
-        local_backends: [timed].into(),
+        backends: [timed.into()].into(),
+        local_backends: [timed.into()].into(),
         ..Default::default()
     }));
     ports
@@ -106,7 +106,12 @@ impl Harness {
 
     pub fn with_sizes(services: &[ServicePort], sizes: MapSizes) -> Self {
         let mut datapath = Datapath::load(None, sizes, 0).expect("load datapath (needs root)");
-        Reconciler::new(Default::default(), sizes.maglev).sync(services, &mut datapath.maps).expect("seed maps");
+        Reconciler::<lb_common::Ipv4>::new(Default::default(), sizes.maglev)
+            .sync(services, &mut datapath.maps)
+            .expect("seed maps");
+        Reconciler::<lb_common::Ipv6>::new(Default::default(), sizes.maglev)
+            .sync(services, &mut datapath.maps)
+            .expect("seed the IPv6 maps");
         Self { datapath }
     }
 
@@ -127,8 +132,8 @@ impl Harness {
             for (slot, backend) in service.backends.iter().enumerate() {
                 let addr = ipv6(backend.ip().octets());
                 let value = Backend6::new(addr, backend.port().to_be_bytes()).with_flags(BACKEND_LOCAL);
-                maps.backends.insert(next_id, value, 0).unwrap();
-                maps.services.insert(frontend.with_slot(slot as u16 + 1), ServiceValue::slot(next_id), 0).unwrap();
+                maps.svc.backends.insert(next_id, value, 0).unwrap();
+                maps.svc.services.insert(frontend.with_slot(slot as u16 + 1), ServiceValue::slot(next_id), 0).unwrap();
                 filter.push((FILTER_FROM, addr, backend.port().to_be_bytes()));
                 next_id += 1;
             }
@@ -140,7 +145,7 @@ impl Harness {
                 let size = lb_common::DEFAULT_MAGLEV_TABLE_SIZE;
                 for entry in 0..size {
                     let index = (next_table - 1) * size + entry;
-                    maps.maglev.set(index, first_id + entry % u32::from(count), 0).unwrap();
+                    maps.svc.maglev.set(index, first_id + entry % u32::from(count), 0).unwrap();
                 }
                 next_table += 1;
                 next_table - 1
@@ -158,13 +163,13 @@ impl Harness {
                     client: ipv6(prefix.octets()),
                 };
                 let bits = lb_common::SourceRangeKey::<lb_common::Ipv6>::FRONTEND_BITS + u32::from(*len);
-                maps.source_ranges.insert(&aya::maps::lpm_trie::Key::new(bits, data), 1, 0).unwrap();
+                maps.svc.source_ranges.insert(&aya::maps::lpm_trie::Key::new(bits, data), 1, 0).unwrap();
             }
             let value = ServiceValue::frontend(count, flags, service.affinity_timeout_s, maglev_table);
-            maps.services.insert(frontend, value, 0).unwrap();
+            maps.svc.services.insert(frontend, value, 0).unwrap();
             let frontends = services.iter().filter(|s| s.frontend.ip() == service.frontend.ip()).count() as u16;
             let addr = ServiceAddr { frontends, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 };
-            maps.service_addrs.insert(vip, addr, 0).unwrap();
+            maps.svc.service_addrs.insert(vip, addr, 0).unwrap();
             filter.push((FILTER_TO, vip, port));
             filter.push((FILTER_TO, vip, FILTER_ANY_PORT));
         }

@@ -31,8 +31,8 @@ const CLIENT: [u8; 4] = [10, 244, 0, 20];
 fn service(vip_port: u16, protocol: Protocol, backends: &[[u8; 4]]) -> ServicePort {
     ServicePort {
         name: "test".into(),
-        frontend: Frontend { addr: Ipv4Addr::from(VIP), port: vip_port, protocol },
-        backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
+        frontend: Frontend { addr: Ipv4Addr::from(VIP).into(), port: vip_port, protocol },
+        backends: backends.iter().map(|b| addr(*b, 8080).into()).collect(),
         ..Default::default()
     }
 }
@@ -279,7 +279,7 @@ fn session_affinity_keeps_each_client_on_one_backend() {
 fn fresh_affinity_is_followed_and_expired_affinity_is_not() {
     let mut h = Harness::new(&[affinity_service(1)]);
     let id_of = |h: &Harness, a: [u8; 4]| {
-        h.datapath.maps.backends.iter().filter_map(Result::ok).find(|(_, b)| b.addr == a).unwrap().0
+        h.datapath.maps.svc.backends.iter().filter_map(Result::ok).find(|(_, b)| b.addr == a).unwrap().0
     };
     let first = id_of(&h, BACKENDS3[0]);
     let seed = |h: &mut Harness, client: u8, last_used_ns: u64| {
@@ -505,29 +505,31 @@ fn maps_opened_from_pins_refuse_to_write_a_maglev_table_they_cannot_place() {
     let sizes = MapSizes { maglev: MaglevConfig { table_size: 13, tables: 2 }, ..MapSizes::default() };
     let mut datapath = Datapath::load(Some(&pins.0), sizes, 0).expect("load datapath (needs root)");
     let table = |maps: &Maps, number: u32| -> Vec<u32> {
-        (0..13).map(|i| maps.maglev.get(&((number - 1) * 13 + i), 0).unwrap()).collect()
+        (0..13).map(|i| maps.svc.maglev.get(&((number - 1) * 13 + i), 0).unwrap()).collect()
     };
+    // The IPv4 maps' writes (`Maps` writes both families).
+    type Op = MapOp<lb_common::Ipv4>;
 
     // The agent's own maps know the size: table 2 is entries 13..26. Two
     // Maglev frontends fit, in three tables (one a spare).
     assert_eq!(datapath.maps.maglev_capacity(), Some(sizes.maglev));
-    datapath.maps.write(&MapOp::PutMaglevTable(2, vec![7; 13])).unwrap();
+    datapath.maps.write(&Op::PutMaglevTable(2, vec![7; 13])).unwrap();
     assert_eq!((table(&datapath.maps, 1), table(&datapath.maps, 2)), (vec![0; 13], vec![7; 13]));
-    datapath.maps.write(&MapOp::PutMaglevTable(3, vec![8; 13])).unwrap();
-    for bad in [MapOp::PutMaglevTable(0, vec![7; 13]), MapOp::PutMaglevTable(4, vec![7; 13])] {
+    datapath.maps.write(&Op::PutMaglevTable(3, vec![8; 13])).unwrap();
+    for bad in [Op::PutMaglevTable(0, vec![7; 13]), Op::PutMaglevTable(4, vec![7; 13])] {
         datapath.maps.write(&bad).expect_err("there is no such table");
     }
-    datapath.maps.write(&MapOp::PutMaglevTable(1, vec![7; 14])).expect_err("a table has 13 entries");
+    datapath.maps.write(&Op::PutMaglevTable(1, vec![7; 14])).expect_err("a table has 13 entries");
     // A delta sets its entries of its table only.
-    datapath.maps.write(&MapOp::PutMaglevEntries(2, vec![(0, 5), (12, 6)])).unwrap();
+    datapath.maps.write(&Op::PutMaglevEntries(2, vec![(0, 5), (12, 6)])).unwrap();
     let mut expected = vec![7; 13];
     (expected[0], expected[12]) = (5, 6);
     assert_eq!((table(&datapath.maps, 2), table(&datapath.maps, 3)), (expected, vec![8; 13]));
-    datapath.maps.write(&MapOp::PutMaglevEntries(2, vec![(13, 5)])).expect_err("entry 13 is the next table's");
+    datapath.maps.write(&Op::PutMaglevEntries(2, vec![(13, 5)])).expect_err("entry 13 is the next table's");
 
     // Maps opened from the pins do not, and write nothing.
     let mut pinned = Maps::open_pinned(&pins.0).unwrap();
-    let error = pinned.write(&MapOp::PutMaglevTable(2, vec![9; 13])).unwrap_err();
+    let error = pinned.write(&Op::PutMaglevTable(2, vec![9; 13])).unwrap_err();
     assert!(error.to_string().contains("do not know the table size"), "{error}");
     assert_eq!(table(&pinned, 1), vec![0; 13]);
     assert_eq!(table(&pinned, 2)[1..12], [7; 11], "the agent's writes are there, none of the refused one");
@@ -540,7 +542,7 @@ fn a_full_map_is_named_with_the_flag_that_sizes_it() {
     let sizes = MapSizes { services: 4, ..MapSizes::default() };
     let mut datapath = Datapath::load(Some(&pins.0), sizes, 0).expect("load datapath (needs root)");
     // A frontend and four slots: five entries in a map of four.
-    let mut reconciler = Reconciler::new(MapContents::default(), MaglevConfig::default());
+    let mut reconciler = Reconciler::<lb_common::Ipv4>::new(MapContents::default(), MaglevConfig::default());
     let backends = [[10, 244, 0, 11], [10, 244, 0, 12], [10, 244, 0, 13], [10, 244, 0, 14]];
     let error = reconciler.sync(&[service(80, Protocol::Tcp, &backends)], &mut datapath.maps).unwrap_err();
     let message = error.to_string();
@@ -624,7 +626,7 @@ fn a_deleted_services_live_flows_keep_their_filter_bits_until_they_end() {
     let mut reconciler = Reconciler::new(h.datapath.maps.read_contents().unwrap(), MapSizes::default().maglev);
     reconciler.sync(&[], &mut h.datapath.maps).unwrap();
     for _ in 0..2 {
-        let sweep = h.datapath.maps.sweep_endpoint_filter(reconciler.current()).unwrap();
+        let sweep = h.datapath.maps.sweep_endpoint_filter(reconciler.current(), &Default::default()).unwrap();
         assert_eq!(sweep.flows_scanned, 2, "unneeded bits: conntrack is read");
     }
     let (_, seen) = h.run_spec(&Spec::tcp(addr(CLIENT, 40100), addr(VIP, 80), ACK));
@@ -637,15 +639,15 @@ fn a_deleted_services_live_flows_keep_their_filter_bits_until_they_end() {
     for key in [ct_key(request.src, request.dst, request.protocol), ct_key(reply.src, reply.dst, reply.protocol)] {
         h.age(&key, 25 * 3600 * 1_000_000_000);
     }
-    h.datapath.maps.sweep_endpoint_filter(reconciler.current()).unwrap();
+    h.datapath.maps.sweep_endpoint_filter(reconciler.current(), &Default::default()).unwrap();
     assert!(lets_through(&h, &request), "one sweep is not enough");
-    h.datapath.maps.sweep_endpoint_filter(reconciler.current()).unwrap();
+    h.datapath.maps.sweep_endpoint_filter(reconciler.current(), &Default::default()).unwrap();
     assert!(!lets_through(&h, &request) && !lets_through(&h, &reply));
     let passed = h.counter(counter::PASS);
     let frame = packet::build(&Spec::tcp(addr(CLIENT, 40100), addr(VIP, 80), ACK));
     assert_eq!(h.run(&frame), (TC_ACT_OK, frame.clone()));
     assert_eq!(h.counter(counter::PASS), passed + 1);
-    let sweep = h.datapath.maps.sweep_endpoint_filter(reconciler.current()).unwrap();
+    let sweep = h.datapath.maps.sweep_endpoint_filter(reconciler.current(), &Default::default()).unwrap();
     assert_eq!((sweep.flows_scanned, sweep.lines_written), (0, 0), "nothing unneeded: conntrack is not read");
 
     // The Service comes back: translated again from its first packet.

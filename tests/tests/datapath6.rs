@@ -87,7 +87,7 @@ fn a_tcp_flow_to_an_ipv6_cluster_ip_is_dnated_tracked_and_its_replies_translated
     // Later packets follow the entry, even once the backend's id names
     // another address (a new flow would go there).
     let elsewhere = Backend6::new(ipv6(at("fd00:244::99", 1).ip().octets()), 1u16.to_be_bytes());
-    h.datapath.maps.ipv6.as_mut().unwrap().backends.insert(1, elsewhere, 0).unwrap();
+    h.datapath.maps.ipv6.as_mut().unwrap().svc.backends.insert(1, elsewhere, 0).unwrap();
     let (_, seen) = run(&mut h, &Spec6::tcp(client, vip, ACK));
     assert_eq!(seen.dst, backend);
     assert!(seen.l4_checksum_ok);
@@ -242,7 +242,7 @@ fn a_maglev_frontend_takes_its_table_entry_for_each_new_flow() {
     // there, which no random draw over three slots would do.
     let maps = h.datapath.maps.ipv6.as_mut().unwrap();
     for entry in 0..lb_common::DEFAULT_MAGLEV_TABLE_SIZE {
-        maps.maglev.set(entry, 2, 0).unwrap();
+        maps.svc.maglev.set(entry, 2, 0).unwrap();
     }
     for port in 42000..42030 {
         assert_eq!(run(&mut h, &Spec6::tcp(at(CLIENT, port), at(VIP, 80), SYN)).1.dst, backends[1]);

@@ -115,8 +115,8 @@ impl Rng {
 fn port(addr: [u8; 4], port: u16, protocol: Protocol, backends: &[SocketAddrV4]) -> ServicePort {
     ServicePort {
         name: format!("{:?}:{port}", addr),
-        frontend: Frontend { addr: Ipv4Addr::from(addr), port, protocol },
-        backends: backends.iter().copied().collect(),
+        frontend: Frontend { addr: Ipv4Addr::from(addr).into(), port, protocol },
+        backends: backends.iter().map(|b| (*b).into()).collect(),
         ..Default::default()
     }
 }
@@ -144,7 +144,7 @@ fn services() -> Vec<ServicePort> {
     let mut mixed_node_port =
         port(NODE, 30053, Protocol::Udp, &[backend(4), SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 21), 53)]);
     mixed_node_port.kind = FrontendKind::NodePort;
-    mixed_node_port.local_backends = [backend(4)].into();
+    mixed_node_port.local_backends = [backend(4).into()].into();
     vec![
         local_node_port,
         mixed_node_port,

@@ -275,7 +275,7 @@ securityContext: {privileged: true}
     assert_eq!(run.source_ranges_max_entries, 512);
     assert_eq!(run.external_interfaces, ["eth*", "bond0"]);
     assert_eq!(run.external_datapath, lb_userspace::interfaces::ExternalDatapath::Xdp);
-    let cidrs = |c: &[lb_userspace::cidr::FlagCidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let cidrs = |c: &[lb_userspace::cidr::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>();
     // A dual-stack cluster's list: the agent starts, and serves IPv4
     // NodePorts on the IPv4 prefix.
     assert_eq!(cidrs(&run.nodeport_addresses), ["192.0.2.0/24", "fd00:1::/64"]);

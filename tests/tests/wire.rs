@@ -123,10 +123,10 @@ fn frontend(
     protocol: Protocol,
     backends: &[([u8; 4], bool)],
 ) -> ServicePort {
-    let backend = |b: &([u8; 4], bool)| addr(b.0, 8080);
+    let backend = |b: &([u8; 4], bool)| addr(b.0, 8080).into();
     ServicePort {
         name: "test".into(),
-        frontend: Frontend { addr: Ipv4Addr::from(ip), port, protocol },
+        frontend: Frontend { addr: Ipv4Addr::from(ip).into(), port, protocol },
         kind,
         backends: backends.iter().map(backend).collect(),
         local_backends: backends.iter().filter(|b| b.1).map(backend).collect(),
@@ -309,7 +309,7 @@ fn pods_reaching_a_local_policy_address_get_the_whole_service() {
     on_both_hooks(|wire| {
         let mut lb = frontend(FrontendKind::LoadBalancer, LB_IP, 80, Protocol::Tcp, &[]);
         lb.drop_when_empty = true;
-        lb.internal_backends = Some([addr(REMOTE_POD, 8080)].into());
+        lb.internal_backends = Some([addr(REMOTE_POD, 8080).into()].into());
         let mut h = Harness::new(&[lb]);
         let (verdict, _, _) = run(&mut h, &wire, &Spec::tcp(addr(CLIENT, 40000), addr(LB_IP, 80), SYN));
         assert_eq!(verdict, DROP, "an external client: no local endpoint");

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 
 use lb_common::{
-    ADDR_DROP_UNKNOWN_PORTS, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
+    ADDR_DROP_UNKNOWN_PORTS, Address, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
     CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CtKey, CtValue, FILTER_ANY_PORT,
     FILTER_FROM, FILTER_TO, FilterLine, filter_bit, filter_lines, filter_position,
 };
@@ -22,8 +22,9 @@ use crate::{
 
 /// The bit a map write needs set before it is made, in a filter of
 /// 2^`bits_log2` bits: a frontend's, a cluster IP's (any port), a
-/// backend's (its replies). None for writes that add no endpoint.
-pub fn bit_of_op(op: &MapOp, bits_log2: u32) -> Option<u32> {
+/// backend's (its replies). None for writes that add no endpoint. The
+/// filter is shared by both families.
+pub fn bit_of_op<A: Address>(op: &MapOp<A>, bits_log2: u32) -> Option<u32> {
     match op {
         MapOp::PutService(key, _) if key.slot == 0 => Some(filter_bit(FILTER_TO, key.vip, key.port, bits_log2)),
         MapOp::PutAddr(addr, value) if value.flags & ADDR_DROP_UNKNOWN_PORTS != 0 => {
@@ -35,7 +36,7 @@ pub fn bit_of_op(op: &MapOp, bits_log2: u32) -> Option<u32> {
 }
 
 /// The bits the entries of `contents` need.
-pub fn wanted(contents: &MapContents, bits_log2: u32) -> HashSet<u32> {
+pub fn wanted<A: Address>(contents: &MapContents<A>, bits_log2: u32) -> HashSet<u32> {
     let frontends = contents.frontend_entries().map(|(key, _)| filter_bit(FILTER_TO, key.vip, key.port, bits_log2));
     let cluster_ips = contents
         .addrs
@@ -50,7 +51,7 @@ pub fn wanted(contents: &MapContents, bits_log2: u32) -> HashSet<u32> {
 /// the full path: a forward entry's destination (its frontend), a reply
 /// entry's source (its backend). None for an entry of no known direction,
 /// which translates nothing.
-pub fn flow_bit(key: &CtKey, value: &CtValue, bits_log2: u32) -> Option<u32> {
+pub fn flow_bit<A: Address, P>(key: &CtKey<A>, value: &CtValue<A, P>, bits_log2: u32) -> Option<u32> {
     match value.direction {
         CT_DIRECTION_DNAT | CT_DIRECTION_HAIRPIN | CT_DIRECTION_SNAT => {
             Some(filter_bit(FILTER_TO, key.daddr, key.dport, bits_log2))
@@ -212,11 +213,11 @@ mod tests {
         ];
         assert_eq!(wanted, expected.into_iter().collect());
         // Each write that adds one of them names its bit; slots name none.
-        let key = ServiceKey::new([10, 96, 0, 10], [0, 80], 6, 0);
+        let key = ServiceKey::new([10u8, 96, 0, 10], [0, 80], 6, 0);
         assert_eq!(bit_of_op(&MapOp::PutService(key, ServiceValue::frontend(1, 0, 0, 0)), BITS), Some(expected[0]));
         assert_eq!(bit_of_op(&MapOp::PutService(key.with_slot(1), ServiceValue::slot(1)), BITS), None);
         let node_addr = ServiceAddr { frontends: 1, flags: 0, _pad: 0 };
-        assert_eq!(bit_of_op(&MapOp::PutAddr([192, 168, 0, 2], node_addr), BITS), None, "other ports are not ours");
+        assert_eq!(bit_of_op(&MapOp::PutAddr([192u8, 168, 0, 2], node_addr), BITS), None, "other ports are not ours");
     }
 
     #[test]
@@ -237,7 +238,7 @@ mod tests {
             protocol: 6,
             _pad: [0; 3],
         };
-        let forward = CtValue { direction: CT_DIRECTION_DNAT, ..Default::default() };
+        let forward: CtValue = CtValue { direction: CT_DIRECTION_DNAT, ..Default::default() };
         let live: HashSet<u32> = flow_bit(&flow, &forward, BITS).into_iter().collect();
         assert_eq!(packet_bits(&flow, BITS)[0], flow_bit(&flow, &forward, BITS).unwrap());
         let none = HashSet::new();

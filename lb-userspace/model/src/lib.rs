@@ -5,6 +5,7 @@
 //! without root, and a simulator or `lb explain` can reuse it.
 pub mod cidr;
 pub mod explain;
+pub mod family;
 pub mod filter;
 pub mod maglev;
 pub mod manifest;

@@ -8,6 +8,8 @@
 //! agent restarts and upgrades, so no flow is reshuffled by either.
 use lb_common::Backend;
 
+use crate::family::Family;
+
 /// Whether `n` is prime; table sizes must be.
 pub fn is_prime(n: u32) -> bool {
     n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| !n.is_multiple_of(d))
@@ -18,16 +20,17 @@ fn fnv1a(basis: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(basis, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-fn identity(backend: &Backend) -> [u8; 6] {
-    let mut bytes = [0u8; 6];
-    bytes[..4].copy_from_slice(&backend.addr);
-    bytes[4..].copy_from_slice(&backend.port);
+/// What a backend's hashes are of: its address's bytes, then its port's
+/// (both in network order).
+fn identity<A: Family>(backend: &Backend<A>) -> Vec<u8> {
+    let mut bytes = backend.addr.octets();
+    bytes.extend_from_slice(&backend.port);
     bytes
 }
 
 /// The lookup table of `size` entries (a prime), each an index into
 /// `backends`. Empty when there are no backends.
-pub fn table(backends: &[Backend], size: u32) -> Vec<u32> {
+pub fn table<A: Family>(backends: &[Backend<A>], size: u32) -> Vec<u32> {
     let m = u64::from(size);
     if backends.is_empty() || m < 2 {
         return Vec::new();

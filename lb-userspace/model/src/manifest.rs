@@ -164,7 +164,7 @@ mod tests {
         let options = crate::model::ModelOptions {
             node_name: "node-1".into(),
             zone: Some("a".into()),
-            node_addresses: vec![std::net::Ipv4Addr::new(192, 0, 2, 1)],
+            node_addresses: vec![std::net::Ipv4Addr::new(192, 0, 2, 1).into()],
             external_ip_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
             ..Default::default()
         };

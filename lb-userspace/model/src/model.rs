@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
 };
 
@@ -87,23 +87,24 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// Where clients send: a service address, port and protocol.
+/// Where clients send: a service address (of either family), port and
+/// protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl Default for Frontend {
     fn default() -> Self {
-        Self { addr: Ipv4Addr::UNSPECIFIED, port: 0, protocol: Protocol::Tcp }
+        Self { addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED), port: 0, protocol: Protocol::Tcp }
     }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+        write!(f, "{}/{}", SocketAddr::new(self.addr, self.port), self.protocol)
     }
 }
 
@@ -133,16 +134,18 @@ impl FrontendKind {
     }
 }
 
-/// One frontend of one Service and the backends that get new connections.
+/// One frontend of one Service and the backends that get new connections:
+/// backends of the frontend's family (from the slices of that
+/// addressType).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
     /// `namespace/name:port-name`, for logs and inspection.
     pub name: String,
     pub frontend: Frontend,
     pub kind: FrontendKind,
-    pub backends: BTreeSet<SocketAddrV4>,
+    pub backends: BTreeSet<SocketAddr>,
     /// The backends that run on this node (a subset of `backends`).
-    pub local_backends: BTreeSet<SocketAddrV4>,
+    pub local_backends: BTreeSet<SocketAddr>,
     /// Session affinity (ClientIP) timeout in seconds; 0 is none.
     pub affinity_timeout_s: u32,
     pub algorithm: Algorithm,
@@ -157,7 +160,7 @@ pub struct ServicePort {
     /// through the cluster IP. kube-proxy short-circuits them so, since
     /// they need no source address kept and should not depend on a local
     /// endpoint.
-    pub internal_backends: Option<BTreeSet<SocketAddrV4>>,
+    pub internal_backends: Option<BTreeSet<SocketAddr>>,
     /// Why `backends` are fewer than the Service's ready endpoints.
     pub narrowed: Narrowed,
 }
@@ -187,8 +190,9 @@ pub struct ModelOptions {
     pub node_name: String,
     /// This node's `topology.kubernetes.io/zone` label, for zone hints.
     pub zone: Option<String>,
-    /// The node addresses NodePorts are served on (`--nodeport-addresses`).
-    pub node_addresses: Vec<Ipv4Addr>,
+    /// The node addresses NodePorts are served on (`--nodeport-addresses`),
+    /// of either family: a Service gets NodePorts on those of its families.
+    pub node_addresses: Vec<IpAddr>,
     /// `--external-ip-cidrs`: ExternalIPs are honoured only inside these.
     pub external_ip_cidrs: Vec<Cidr>,
 }
@@ -298,7 +302,7 @@ struct PortSpec {
 /// An endpoint address with the conditions that decide its use.
 #[derive(Clone, Copy, Debug)]
 struct EndpointState {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     ready: bool,
     /// Serving but terminating: used only when no endpoint is ready.
     serving_terminating: bool,
@@ -397,7 +401,7 @@ struct SlicePort {
 /// An endpoint as its slice says it, before this node is known.
 #[derive(Clone, Debug)]
 struct SliceEndpoint {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     ready: bool,
     serving_terminating: bool,
     /// `nodeName`, shared by every endpoint on that node (`NodeNames`).
@@ -449,8 +453,7 @@ pub struct ParsedSlice {
 
 impl ParsedSlice {
     /// Reads a slice; bad endpoints and ports are errors of the slice and
-    /// left out. IPv6 and FQDN slices are not served yet: kept without
-    /// ports.
+    /// left out. FQDN slices are for no proxy: kept without ports.
     pub fn parse(slice: &EndpointSlice, nodes: &mut NodeNames) -> Self {
         let object = object_ref("EndpointSlice", &slice.metadata);
         let mut errors = Vec::new();
@@ -471,25 +474,24 @@ impl ParsedSlice {
             return parsed;
         };
         parsed.owner = Some((object.namespace.clone(), service.clone()));
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            // FQDN slices are for no proxy (kube-proxy ignores them too);
-            // IPv6 ones belong to IPv6 frontends, which the Service's own
-            // errors say are not served yet.
-            "IPv6" | "FQDN" => return parsed,
+        let family = match slice.address_type.as_str() {
+            "IPv4" => IpFamily::V4,
+            "IPv6" => IpFamily::V6,
+            // kube-proxy ignores FQDN slices too.
+            "FQDN" => return parsed,
             other => {
                 fail("addressType".into(), format!("{other:?} is not IPv4, IPv6 or FQDN"));
                 parsed.errors = errors;
                 return parsed;
             }
-        }
+        };
         for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             let Some(first) = endpoint.addresses.first() else {
                 fail(format!("endpoints[{i}].addresses"), "empty".into());
                 continue;
             };
-            let Ok(addr) = first.parse::<Ipv4Addr>() else {
-                fail(format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address"));
+            let Some(addr) = first.parse::<IpAddr>().ok().filter(|a| IpFamily::of(a) == family) else {
+                fail(format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an {family} address"));
                 continue;
             };
             // As kube-proxy reads them: absent ready and serving mean true,
@@ -577,27 +579,28 @@ pub fn trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
     Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos))
 }
 
-/// The backends of one service port, as kube-proxy picks them
+/// The backends of one service port in one family, as kube-proxy picks them
 /// (`CategorizeEndpoints`): ready endpoints, narrowed by their topology
 /// hints (`Topology`); when none is ready, those still serving while
 /// terminating, whatever their hints, so that a rolling update never
 /// leaves a Service without backends. With `local_only` (a traffic policy
 /// of Local), only this node's endpoints, and hints do not apply.
 struct Picked {
-    backends: BTreeSet<SocketAddrV4>,
+    backends: BTreeSet<SocketAddr>,
     /// The ones on this node (a subset of `backends`).
-    local: BTreeSet<SocketAddrV4>,
+    local: BTreeSet<SocketAddr>,
     topology: Topology,
 }
 
-fn backends_of(slice_ports: &[SlicePort], port: &PortSpec, local_only: bool) -> Picked {
-    let endpoints: Vec<(SocketAddrV4, &EndpointState)> = slice_ports
+fn backends_of(slice_ports: &[SlicePort], port: &PortSpec, family: IpFamily, local_only: bool) -> Picked {
+    let endpoints: Vec<(SocketAddr, &EndpointState)> = slice_ports
         .iter()
         .filter(|sp| sp.name == port.name && sp.protocol == port.protocol)
-        .flat_map(|sp| sp.endpoints.iter().map(|e| (SocketAddrV4::new(e.addr, sp.port), e)))
+        .flat_map(|sp| sp.endpoints.iter().map(|e| (SocketAddr::new(e.addr, sp.port), e)))
+        .filter(|(a, _)| IpFamily::of(&a.ip()) == family)
         .collect();
     let topology = if local_only { Topology::All } else { Topology::of(endpoints.iter().map(|(_, e)| *e)) };
-    let pick = |wanted: &dyn Fn(&EndpointState) -> bool| -> BTreeSet<(SocketAddrV4, bool)> {
+    let pick = |wanted: &dyn Fn(&EndpointState) -> bool| -> BTreeSet<(SocketAddr, bool)> {
         endpoints.iter().filter(|(_, e)| (e.local || !local_only) && wanted(e)).map(|(a, e)| (*a, e.local)).collect()
     };
     let ready = pick(&|e| e.ready && topology.admits(e));
@@ -1054,7 +1057,8 @@ pub struct ParsedService {
 /// The fields of a Service that has frontends.
 #[derive(Clone, Debug)]
 struct Served {
-    cluster_ips: Vec<Ipv4Addr>,
+    /// One per family, in spec.ipFamilies order.
+    cluster_ips: Vec<IpAddr>,
     ports: Vec<PortSpec>,
     affinity_timeout_s: u32,
     /// The algorithm annotation: a valid choice, or what it wrongly said.
@@ -1062,9 +1066,10 @@ struct Served {
     external_local: bool,
     internal_local: bool,
     node_ports: bool,
-    /// spec.externalIPs (IPv4) by index, before the allow-list.
-    external_ips: Vec<(usize, Ipv4Addr)>,
-    lb_ips: Vec<Ipv4Addr>,
+    /// spec.externalIPs by index, before the allow-list.
+    external_ips: Vec<(usize, IpAddr)>,
+    /// status.loadBalancer.ingress IPs by index.
+    lb_ips: Vec<(usize, IpAddr)>,
     source_ranges: Vec<Cidr>,
     health_check_node_port: Option<u16>,
 }
@@ -1178,8 +1183,22 @@ fn model_service(
             options.algorithm
         }
     };
+    // The families the Service has a cluster IP of: its other addresses
+    // (node, external, load-balancer) are served in those only, each with
+    // the endpoints of its family, as kube-proxy's per-family proxiers do.
+    let families: Vec<IpFamily> = served.cluster_ips.iter().map(IpFamily::of).collect();
+    let of_own_family = |errors: &mut Vec<ObjectError>, field: String, addr: &IpAddr| {
+        let family = IpFamily::of(addr);
+        families.contains(&family) || {
+            fail(errors, field, format!("{addr} is {family}, but the Service has no {family} cluster IP; not served"));
+            false
+        }
+    };
     let mut external_ips = Vec::new();
     for (i, addr) in &served.external_ips {
+        if !of_own_family(&mut errors, format!("spec.externalIPs[{i}]"), addr) {
+            continue;
+        }
         if options.external_ip_cidrs.iter().any(|c| c.contains(*addr)) {
             external_ips.push(*addr);
         } else {
@@ -1190,15 +1209,22 @@ fn model_service(
             );
         }
     }
+    let lb_ips: Vec<IpAddr> = served
+        .lb_ips
+        .iter()
+        .filter(|(i, addr)| of_own_family(&mut errors, format!("status.loadBalancer.ingress[{i}].ip"), addr))
+        .map(|(_, addr)| *addr)
+        .collect();
     let (external_local, internal_local) = (served.external_local, served.internal_local);
     let mut claims = Vec::new();
-    let mut add = |port: &PortSpec, kind: FrontendKind, addr: Ipv4Addr, number: u16| {
+    let mut add = |port: &PortSpec, kind: FrontendKind, addr: IpAddr, number: u16| {
         let local_only = if kind.is_external() { external_local } else { internal_local };
-        let Picked { backends, local: local_backends, topology } = backends_of(slice_ports, port, local_only);
+        let family = IpFamily::of(&addr);
+        let Picked { backends, local: local_backends, topology } = backends_of(slice_ports, port, family, local_only);
         let drop_when_empty =
-            local_only && backends.is_empty() && !backends_of(slice_ports, port, false).backends.is_empty();
-        let internal_backends =
-            (kind.is_external() && external_local).then(|| backends_of(slice_ports, port, internal_local).backends);
+            local_only && backends.is_empty() && !backends_of(slice_ports, port, family, false).backends.is_empty();
+        let internal_backends = (kind.is_external() && external_local)
+            .then(|| backends_of(slice_ports, port, family, internal_local).backends);
         let narrowed = match (local_only, topology) {
             (true, _) => Narrowed::PolicyLocal,
             (false, Topology::SameNode) => Narrowed::NodeHints,
@@ -1213,7 +1239,14 @@ fn model_service(
             FrontendKind::LoadBalancer => "status.loadBalancer.ingress".to_owned(),
             FrontendKind::ExternalIp => "spec.externalIPs".to_owned(),
         };
-        let source_ranges = if kind == FrontendKind::LoadBalancer { served.source_ranges.clone() } else { Vec::new() };
+        // A range of the other family could never match this frontend's
+        // clients: only its own family's are kept.
+        let source_ranges = match kind {
+            FrontendKind::LoadBalancer => {
+                served.source_ranges.iter().filter(|r| IpFamily::of(&r.addr) == family).copied().collect()
+            }
+            _ => Vec::new(),
+        };
         let service_port = ServicePort {
             name: format!("{}/{}:{}", object.namespace, object.name, port.name),
             frontend,
@@ -1230,7 +1263,7 @@ fn model_service(
         claims.push((service_port, field));
     };
     for port in &served.ports {
-        let all = backends_of(slice_ports, port, false).backends.len();
+        let all = families.iter().map(|f| backends_of(slice_ports, port, *f, false).backends.len()).max().unwrap_or(0);
         if all > MAX_BACKENDS {
             fail(
                 &mut errors,
@@ -1245,11 +1278,11 @@ fn model_service(
             add(port, FrontendKind::ClusterIp, *addr, port.port);
         }
         if let Some(node_port) = port.node_port.filter(|_| served.node_ports) {
-            for addr in &options.node_addresses {
+            for addr in options.node_addresses.iter().filter(|a| families.contains(&IpFamily::of(a))) {
                 add(port, FrontendKind::NodePort, *addr, node_port);
             }
         }
-        for addr in &served.lb_ips {
+        for addr in &lb_ips {
             add(port, FrontendKind::LoadBalancer, *addr, port.port);
         }
         for addr in &external_ips {
@@ -1257,11 +1290,17 @@ fn model_service(
         }
     }
     if let Some(port) = served.health_check_node_port {
-        let local_endpoints = slice_ports
+        // A dual-stack pod is an endpoint in each family's slice: counted
+        // in the family that has the most.
+        let local_endpoints = families
             .iter()
-            .flat_map(|sp| sp.endpoints.iter().filter(|e| e.local && e.ready).map(|e| e.addr))
-            .collect::<BTreeSet<_>>()
-            .len();
+            .map(|family| {
+                let local_ready = |e: &&EndpointState| e.local && e.ready && IpFamily::of(&e.addr) == *family;
+                let addrs = slice_ports.iter().flat_map(|sp| sp.endpoints.iter().filter(local_ready).map(|e| e.addr));
+                addrs.collect::<BTreeSet<_>>().len()
+            })
+            .max()
+            .unwrap_or(0);
         health_check = Some((
             port,
             HealthCheck { namespace: object.namespace.clone(), name: object.name.clone(), local_endpoints },
@@ -1273,28 +1312,27 @@ fn model_service(
     ServiceModel { claims, errors, health_check }
 }
 
-/// `spec.externalIPs`' IPv4 addresses, by index; the allow-list is the
+/// `spec.externalIPs`' addresses, by index; the allow-list is the
 /// model's (`model_service`), since an ExternalIP lets whoever writes a
 /// Service capture traffic to any address (CVE-2020-8554).
 fn external_ips(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
     fail: &mut impl FnMut(String, String),
-) -> Vec<(usize, Ipv4Addr)> {
+) -> Vec<(usize, IpAddr)> {
     let mut addrs = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(addr)) => addrs.push((i, addr)),
-            Ok(std::net::IpAddr::V6(_)) => fail(format!("spec.externalIPs[{i}]"), unserved_ipv6(ip)),
+        match ip.parse::<IpAddr>() {
+            Ok(addr) => addrs.push((i, addr)),
             Err(_) => fail(format!("spec.externalIPs[{i}]"), format!("{ip:?} is not an IP address")),
         }
     }
     addrs
 }
 
-/// The IPv4 addresses of `status.loadBalancer.ingress`. An ingress whose
+/// The addresses of `status.loadBalancer.ingress`, by index. An ingress whose
 /// ipMode is Proxy is reached through the load balancer's own proxy, so
 /// it is not served here (as kube-proxy).
-fn load_balancer_ips(service: &Service, fail: &mut impl FnMut(String, String)) -> Vec<Ipv4Addr> {
+fn load_balancer_ips(service: &Service, fail: &mut impl FnMut(String, String)) -> Vec<(usize, IpAddr)> {
     let ingress = service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
     let mut addrs = Vec::new();
     for (i, entry) in ingress.into_iter().flatten().enumerate() {
@@ -1302,23 +1340,19 @@ fn load_balancer_ips(service: &Service, fail: &mut impl FnMut(String, String)) -
             continue;
         }
         let Some(ip) = &entry.ip else { continue };
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(addr)) => addrs.push(addr),
-            Ok(std::net::IpAddr::V6(_)) => fail(format!("status.loadBalancer.ingress[{i}].ip"), unserved_ipv6(ip)),
+        match ip.parse::<IpAddr>() {
+            Ok(addr) => addrs.push((i, addr)),
             Err(_) => fail(format!("status.loadBalancer.ingress[{i}].ip"), format!("{ip:?} is not an IP address")),
         }
     }
     addrs
 }
 
-/// `spec.loadBalancerSourceRanges` (IPv4 ones; IPv6 ranges cannot match
-/// an IPv4 frontend). An unparsable entry is reported and skipped.
+/// `spec.loadBalancerSourceRanges`, of both families (each frontend keeps
+/// its own family's). An unparsable entry is reported and skipped.
 fn source_ranges(spec: &k8s_openapi::api::core::v1::ServiceSpec, fail: &mut impl FnMut(String, String)) -> Vec<Cidr> {
     let mut ranges = Vec::new();
     for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
-        if range.contains(':') {
-            continue;
-        }
         match range.parse() {
             Ok(cidr) => ranges.push(cidr),
             Err(message) => fail(format!("spec.loadBalancerSourceRanges[{i}]"), message),
@@ -1327,11 +1361,12 @@ fn source_ranges(spec: &k8s_openapi::api::core::v1::ServiceSpec, fail: &mut impl
     ranges
 }
 
-/// The IPv4 cluster IPs of a Service; `None` when it gets no datapath entry.
+/// The cluster IPs of a Service, one per family; `None` when it gets no
+/// datapath entry.
 fn cluster_ips(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
     fail: &mut impl FnMut(String, String),
-) -> Option<Vec<Ipv4Addr>> {
+) -> Option<Vec<IpAddr>> {
     let (field, listed): (&str, Vec<&String>) = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ("spec.clusterIPs", ips.iter().collect()),
         _ => ("spec.clusterIP", spec.cluster_ip.iter().collect()),
@@ -1348,7 +1383,7 @@ fn cluster_ips(
     let mut seen = Vec::new();
     for (i, ip) in listed.iter().enumerate() {
         let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.into() };
-        let Ok(parsed) = ip.parse::<std::net::IpAddr>() else {
+        let Ok(parsed) = ip.parse::<IpAddr>() else {
             fail(field, format!("{ip:?} is not an IP address"));
             continue;
         };
@@ -1362,10 +1397,7 @@ fn cluster_ips(
             continue;
         }
         seen.push(family);
-        match parsed {
-            std::net::IpAddr::V4(addr) => addrs.push(addr),
-            std::net::IpAddr::V6(_) => fail(field, unserved_ipv6(ip)),
-        }
+        addrs.push(parsed);
     }
     if spec.ip_family_policy.as_deref() == Some("RequireDualStack") && seen.len() < 2 {
         fail(
@@ -1376,12 +1408,6 @@ fn cluster_ips(
     (!addrs.is_empty()).then_some(addrs)
 }
 
-/// What the model says of an IPv6 address it was given (issue 17: the
-/// datapath serves IPv4 frontends only), instead of dropping it silently.
-fn unserved_ipv6(ip: &str) -> String {
-    format!("{ip} is IPv6, which this agent does not serve yet (IPv4 frontends only); its IPv4 side, if any, is served")
-}
-
 /// An IP family, as `spec.ipFamilies` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IpFamily {
@@ -1390,7 +1416,7 @@ enum IpFamily {
 }
 
 impl IpFamily {
-    fn of(addr: &std::net::IpAddr) -> Self {
+    fn of(addr: &IpAddr) -> Self {
         if addr.is_ipv4() { Self::V4 } else { Self::V6 }
     }
 }
@@ -1537,8 +1563,12 @@ mod tests {
         let options = ModelOptions {
             proxy_name: Some("lb".into()),
             node_name: "node-1".into(),
-            node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(198, 51, 100, 1)],
-            external_ip_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
+            node_addresses: vec![
+                Ipv4Addr::new(192, 0, 2, 1).into(),
+                Ipv4Addr::new(198, 51, 100, 1).into(),
+                "2001:db8:1::1".parse().unwrap(),
+            ],
+            external_ip_cidrs: vec!["203.0.113.0/24".parse().unwrap(), "2001:db8::/64".parse().unwrap()],
             ..Default::default()
         };
         desired_state(&services, &slices, &options)
@@ -1654,34 +1684,17 @@ spec: {clusterIPs: [10.96.0.3, "fd00::3"], ports: [{port: 70000}, {port: 443}]}
             [
                 "Service default/a: spec.ports[0].protocol: SCTP is not supported yet",
                 "Service default/b: spec.clusterIP: \"not-an-ip\" is not an IP address",
-                "Service default/c: spec.clusterIPs[1]: fd00::3 is IPv6, which this agent does not serve yet (IPv4 \
-                 frontends only); its IPv4 side, if any, is served",
                 "Service default/c: spec.ports[0].port: 70000 is not a port (1-65535)",
             ]
         );
         let frontends: Vec<String> = state.services.iter().map(|s| s.frontend.to_string()).collect();
-        assert_eq!(frontends, ["10.96.0.1:81/TCP", "10.96.0.3:443/TCP"]);
+        assert_eq!(frontends, ["10.96.0.1:81/TCP", "10.96.0.3:443/TCP", "[fd00::3]:443/TCP"]);
     }
 
     #[test]
-    fn dual_stack_fields_are_checked_and_ipv6_addresses_reported_unserved() {
+    fn dual_stack_fields_are_checked() {
         let state = desired(
             r#"
-apiVersion: v1
-kind: Service
-metadata: {name: dual}
-spec:
-  ipFamilies: [IPv4, IPv6]
-  ipFamilyPolicy: RequireDualStack
-  clusterIPs: [10.96.0.4, "fd00::4"]
-  externalIPs: ["2001:db8::4"]
-  ports: [{port: 80}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: six}
-spec: {ipFamilies: [IPv6], clusterIPs: ["fd00::5"], ports: [{port: 80}]}
----
 apiVersion: v1
 kind: Service
 metadata: {name: odd}
@@ -1699,49 +1712,123 @@ spec: {ipFamilyPolicy: RequireDualStack, clusterIPs: [10.96.0.8, 10.96.0.9], por
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {name: dual-6, labels: {kubernetes.io/service-name: dual}}
-addressType: IPv6
-ports: [{port: 8080}]
-endpoints: [{addresses: ["fd00:10::1"]}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: dual-x, labels: {kubernetes.io/service-name: dual}}
+metadata: {name: half-x, labels: {kubernetes.io/service-name: half}}
 addressType: IPX
 ports: [{port: 8080}]
 endpoints: [{addresses: [10.0.0.1]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: half-mixed, labels: {kubernetes.io/service-name: half}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.2]}, {addresses: ["fd00:10::2"]}]
 "#,
         );
         let errors: Vec<String> = state.errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
-        let unserved = |ip: &str| {
-            format!(
-                "{ip} is IPv6, which this agent does not serve yet (IPv4 frontends only); its IPv4 side, if any, is served"
-            )
-        };
         assert_eq!(
             errors,
             [
-                "addressType: \"IPX\" is not IPv4, IPv6 or FQDN".to_string(),
-                format!("spec.clusterIPs[1]: {}", unserved("fd00::4")),
-                format!("spec.externalIPs[0]: {}", unserved("2001:db8::4")),
-                "spec.clusterIPs[1]: 10.96.0.9 is a second IPv4 cluster IP: a Service has one per family".into(),
+                "addressType: \"IPX\" is not IPv4, IPv6 or FQDN",
+                "endpoints[0].addresses[0]: \"10.0.0.2\" is not an IPv6 address",
+                "spec.clusterIPs[1]: 10.96.0.9 is a second IPv4 cluster IP: a Service has one per family",
                 "spec.ipFamilyPolicy: RequireDualStack, but spec.clusterIPs holds 1 family; the Service is served as \
-                 it is"
-                    .into(),
-                "spec.ipFamilies[0]: \"IPv5\" is not IPv4 or IPv6".into(),
-                "spec.ipFamilies[2]: IPv4 is listed twice".into(),
-                "spec.ipFamilyPolicy: \"Sometimes\" is not SingleStack, PreferDualStack or RequireDualStack".into(),
-                format!("spec.clusterIPs[0]: {}", unserved("fd00::5")),
-                "spec.clusterIPs[0]: 10.96.0.7 is IPv4, but spec.ipFamilies[0] is IPv6".into(),
-                "spec.clusterIPs[1]: fd00::7 is IPv6, but spec.ipFamilies[1] is IPv4".into(),
-                format!("spec.clusterIPs[1]: {}", unserved("fd00::7")),
+                 it is",
+                "spec.ipFamilies[0]: \"IPv5\" is not IPv4 or IPv6",
+                "spec.ipFamilies[2]: IPv4 is listed twice",
+                "spec.ipFamilyPolicy: \"Sometimes\" is not SingleStack, PreferDualStack or RequireDualStack",
+                "spec.clusterIPs[0]: 10.96.0.7 is IPv4, but spec.ipFamilies[0] is IPv6",
+                "spec.clusterIPs[1]: fd00::7 is IPv6, but spec.ipFamilies[1] is IPv4",
             ]
         );
-        // The IPv4 side of each Service that has one is served; the IPv6
-        // slice adds nothing to it.
-        let frontends: Vec<String> =
-            state.services.iter().map(|s| format!("{} {}", s.frontend, s.backends.len())).collect();
-        assert_eq!(frontends, ["10.96.0.4:80/TCP 0", "10.96.0.6:80/TCP 0", "10.96.0.7:80/TCP 0", "10.96.0.8:80/TCP 0"]);
+        // A cluster IP of the wrong family for its index is what clients
+        // use: served all the same.
+        let frontends: Vec<String> = state.services.iter().map(|s| s.frontend.to_string()).collect();
+        assert_eq!(frontends, ["10.96.0.6:80/TCP", "10.96.0.7:80/TCP", "10.96.0.8:80/TCP", "[fd00::7]:80/TCP"]);
+    }
+
+    #[test]
+    fn each_family_of_a_dual_stack_service_gets_its_frontends_with_the_endpoints_of_its_family() {
+        let state = desired(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: RequireDualStack
+  clusterIPs: ["fd00::4", 10.96.0.4]
+  externalIPs: ["2001:db8::4", 203.0.113.4]
+  loadBalancerSourceRanges: [192.0.2.0/24, "2001:db8:9::/48"]
+  ports: [{port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: "2001:db8::40"}, {ip: 203.0.113.40}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: six}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIPs: ["fd00::5"]
+  externalIPs: [203.0.113.5]
+  ports: [{port: 80, nodePort: 30081}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-4, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1], nodeName: node-1}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-6, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00:10::1"], nodeName: node-1}, {addresses: ["fd00:10::2"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: six, labels: {kubernetes.io/service-name: six}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00:10::5"]}]
+"#,
+        );
+        let errors: Vec<String> = state.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            ["Service default/six: spec.externalIPs[0]: 203.0.113.5 is IPv4, but the Service has no IPv4 cluster IP; \
+              not served"]
+        );
+        let frontends: Vec<String> = state
+            .services
+            .iter()
+            .map(|s| {
+                let backends: Vec<String> = s.backends.iter().map(|b| b.to_string()).collect();
+                let ranges: Vec<String> = s.source_ranges.iter().map(|r| r.to_string()).collect();
+                format!("{} {:?} -> {} {}", s.frontend, s.kind, backends.join(","), ranges.join(","))
+            })
+            .collect();
+        assert_eq!(
+            frontends,
+            [
+                "10.96.0.4:80/TCP ClusterIp -> 10.0.0.1:8080 ",
+                "192.0.2.1:30080/TCP NodePort -> 10.0.0.1:8080 ",
+                "198.51.100.1:30080/TCP NodePort -> 10.0.0.1:8080 ",
+                "203.0.113.4:80/TCP ExternalIp -> 10.0.0.1:8080 ",
+                "203.0.113.40:80/TCP LoadBalancer -> 10.0.0.1:8080 192.0.2.0/24",
+                "[2001:db8::4]:80/TCP ExternalIp -> [fd00:10::1]:8080,[fd00:10::2]:8080 ",
+                "[2001:db8::40]:80/TCP LoadBalancer -> [fd00:10::1]:8080,[fd00:10::2]:8080 2001:db8:9::/48",
+                "[2001:db8:1::1]:30080/TCP NodePort -> [fd00:10::1]:8080,[fd00:10::2]:8080 ",
+                "[2001:db8:1::1]:30081/TCP NodePort -> [fd00:10::5]:8080 ",
+                "[fd00::4]:80/TCP ClusterIp -> [fd00:10::1]:8080,[fd00:10::2]:8080 ",
+                "[fd00::5]:80/TCP ClusterIp -> [fd00:10::5]:8080 ",
+            ]
+        );
+        let local: Vec<String> = state.services.iter().flat_map(|s| &s.local_backends).map(|b| b.to_string()).collect();
+        assert!(local.iter().all(|b| b == "10.0.0.1:8080" || b == "[fd00:10::1]:8080"), "{local:?}");
     }
 
     #[test]
@@ -2250,7 +2337,7 @@ endpoints:
         let options = ModelOptions {
             node_name: "node-1".into(),
             zone: Some("zone-1".into()),
-            node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+            node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1).into()],
             ..Default::default()
         };
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -2322,7 +2409,7 @@ endpoints:
         }
         assert!(conflicts > 50 && repeated > 0 && stray > 0 && checks > 50, "{conflicts} {repeated} {stray} {checks}");
         // New options (the node's addresses moved): everything again.
-        let moved = ModelOptions { node_addresses: vec![Ipv4Addr::new(192, 0, 2, 9)], ..options };
+        let moved = ModelOptions { node_addresses: vec![Ipv4Addr::new(192, 0, 2, 9).into()], ..options };
         assert!(model.update(Changes::default(), &moved).all, "recomputed from what the model kept");
         let whole = desired_state(services.values().map(AsRef::as_ref), slices.values().map(AsRef::as_ref), &moved);
         assert_eq!(model.desired().values().map(|p| (**p).clone()).collect::<Vec<_>>(), whole.services);

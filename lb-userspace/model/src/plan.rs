@@ -9,16 +9,17 @@
 //! as unknown while its Service is being added.
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use lb_common::{
-    ADDR_DROP_UNKNOWN_PORTS, AffinityKey, AffinityValue, BACKEND_LOCAL, Backend, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS,
+    ADDR_DROP_UNKNOWN_PORTS, Address, AffinityKey, AffinityValue, BACKEND_LOCAL, Backend, FRONTEND_DROP_WHEN_EMPTY,
+    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, FRONTEND_TWO_SCOPES, Ipv4, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS,
     ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 use crate::{
+    family::Family,
     maglev,
     model::{Algorithm, FrontendKind, MAX_BACKENDS, Narrowed, ServicePort},
 };
@@ -50,29 +51,29 @@ impl Default for MaglevConfig {
 }
 
 /// A SOURCE_RANGES entry: the LPM prefix length and the key data.
-pub type SourceRange = (u32, SourceRangeKey);
+pub type SourceRange<A = Ipv4> = (u32, SourceRangeKey<A>);
 
 /// The exact contents of the SERVICES, BACKENDS, SERVICE_ADDRS and
-/// SOURCE_RANGES maps.
+/// SOURCE_RANGES maps of one family (their `*6` namesakes for IPv6).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapContents {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub backends: BTreeMap<u32, Backend>,
-    pub addrs: BTreeMap<[u8; 4], ServiceAddr>,
-    pub source_ranges: BTreeSet<SourceRange>,
+pub struct MapContents<A: Address = Ipv4> {
+    pub services: BTreeMap<ServiceKey<A>, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend<A>>,
+    pub addrs: BTreeMap<A, ServiceAddr>,
+    pub source_ranges: BTreeSet<SourceRange<A>>,
 }
 
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MapOp {
-    PutBackend(u32, Backend),
-    PutService(ServiceKey, ServiceValue),
-    DeleteService(ServiceKey),
+pub enum MapOp<A: Address = Ipv4> {
+    PutBackend(u32, Backend<A>),
+    PutService(ServiceKey<A>, ServiceValue),
+    DeleteService(ServiceKey<A>),
     DeleteBackend(u32),
-    PutAddr([u8; 4], ServiceAddr),
-    DeleteAddr([u8; 4]),
-    PutSourceRange(SourceRange),
-    DeleteSourceRange(SourceRange),
+    PutAddr(A, ServiceAddr),
+    DeleteAddr(A),
+    PutSourceRange(SourceRange<A>),
+    DeleteSourceRange(SourceRange<A>),
     /// Fill Maglev table `table` (1-based) with these backend ids.
     PutMaglevTable(u32, Vec<u32>),
     /// Set these (index, backend id) entries of Maglev table `table`,
@@ -81,8 +82,8 @@ pub enum MapOp {
     PutMaglevEntries(u32, Vec<(u32, u32)>),
 }
 
-impl MapContents {
-    pub fn apply(&mut self, op: &MapOp) {
+impl<A: Address> MapContents<A> {
+    pub fn apply(&mut self, op: &MapOp<A>) {
         match op {
             MapOp::PutBackend(id, b) => {
                 self.backends.insert(*id, *b);
@@ -114,7 +115,7 @@ impl MapContents {
     }
 
     /// Backends of `frontend` (a slot-0 key), in slot order.
-    pub fn slots_of(&self, frontend: &ServiceKey) -> Vec<u32> {
+    pub fn slots_of(&self, frontend: &ServiceKey<A>) -> Vec<u32> {
         let count = self.services.get(frontend).map_or(0, |v| v.backend_count);
         (1..=count).filter_map(|slot| self.services.get(&frontend.with_slot(slot)).map(|v| v.backend_id)).collect()
     }
@@ -125,17 +126,17 @@ impl MapContents {
     }
 
     /// Frontend entries (slot-0 keys), in key order.
-    pub fn frontend_entries(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue)> {
+    pub fn frontend_entries(&self) -> impl Iterator<Item = (&ServiceKey<A>, &ServiceValue)> {
         self.services.iter().filter(|(k, _)| k.slot == 0)
     }
 
     /// The backend ids of `frontend`, in no order (a Maglev table's).
-    fn backend_set(&self, frontend: &ServiceKey) -> BTreeSet<u32> {
+    fn backend_set(&self, frontend: &ServiceKey<A>) -> BTreeSet<u32> {
         self.slots_of(frontend).into_iter().collect()
     }
 
     /// Frontends (slot-0 keys) with their backends, in key order.
-    pub fn frontends(&self) -> impl Iterator<Item = (&ServiceKey, Vec<&Backend>)> {
+    pub fn frontends(&self) -> impl Iterator<Item = (&ServiceKey<A>, Vec<&Backend<A>>)> {
         self.services.iter().filter(|(k, _)| k.slot == 0).map(|(k, _)| {
             let backends = self.slots_of(k).iter().filter_map(|id| self.backends.get(id)).collect();
             (k, backends)
@@ -143,14 +144,15 @@ impl MapContents {
     }
 }
 
-pub fn frontend_key(service: &ServicePort) -> ServiceKey {
-    let f = &service.frontend;
-    ServiceKey::new(f.addr.octets(), f.port.to_be_bytes(), f.protocol.number(), 0)
+/// The SERVICES key of a frontend, when it is of family `A`.
+pub fn frontend_key<A: Family>(frontend: &crate::model::Frontend) -> Option<ServiceKey<A>> {
+    Some(ServiceKey::new(A::of(frontend.addr)?, frontend.port.to_be_bytes(), frontend.protocol.number(), 0))
 }
 
-pub fn backend_value(addr: &SocketAddrV4, local: bool) -> Backend {
+/// The BACKENDS value of a backend, when it is of family `A`.
+pub fn backend_value<A: Family>(addr: &SocketAddr, local: bool) -> Option<Backend<A>> {
     let flags = if local { BACKEND_LOCAL } else { 0 };
-    Backend::new(addr.ip().octets(), addr.port().to_be_bytes()).with_flags(flags)
+    Some(Backend::new(A::of(addr.ip())?, addr.port().to_be_bytes()).with_flags(flags))
 }
 
 /// The `FRONTEND_*` flags of a frontend.
@@ -188,15 +190,20 @@ pub fn node_ports<'a>(desired: impl IntoIterator<Item = &'a ServicePort>) -> BTr
     ports
 }
 
-/// What the maps should hold for `desired`, given what they hold now.
+/// What family `A`'s maps should hold for `desired` (whose frontends of
+/// the other family are left out), given what they hold now.
 ///
 /// Backend ids, slot positions and Maglev tables already in use are kept,
 /// so a sync writes only what changed. A new backend never takes an id, nor
 /// a Maglev frontend a table, that is still in the current maps: another
 /// frontend might still name it. Maglev frontends beyond `maglev.tables`
 /// fall back to random selection.
-pub fn target_contents(desired: &[ServicePort], current: &MapContents, maglev: MaglevConfig) -> MapContents {
-    let ids: BTreeMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
+pub fn target_contents<A: Family>(
+    desired: &[ServicePort],
+    current: &MapContents<A>,
+    maglev: MaglevConfig,
+) -> MapContents<A> {
+    let ids: BTreeMap<Backend<A>, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
     let tables: BTreeSet<u32> = current.services.values().map(|v| v.maglev_table).filter(|t| *t != 0).collect();
     let everything = Globals {
         ids: &ids,
@@ -223,10 +230,10 @@ pub fn count_on_address(addr: &mut ServiceAddr, service: &ServicePort) {
 /// What a target computed for some frontends only must know of the rest
 /// of the maps (`Reconciler` keeps these as indexes, so that one changed
 /// Service costs its own frontends, not a walk over all).
-pub struct Globals<'a> {
+pub struct Globals<'a, A: Address = Ipv4> {
     /// Every backend in the maps and its id: a backend another frontend
     /// already has keeps its id.
-    pub ids: &'a BTreeMap<Backend, u32>,
+    pub ids: &'a BTreeMap<Backend<A>, u32>,
     /// Whether an id is in the maps: a new backend never takes one.
     pub id_taken: &'a dyn Fn(u32) -> bool,
     /// Every id below this is taken (1 if unknown): where the search for a
@@ -243,12 +250,12 @@ pub struct Globals<'a> {
 /// backends they name); `globals` stands for the rest. SERVICE_ADDRS is
 /// counted from `desired` alone: a caller with frontends elsewhere on the
 /// same addresses corrects it.
-pub fn target_contents_within(
+pub fn target_contents_within<A: Family>(
     desired: &[ServicePort],
-    current: &MapContents,
+    current: &MapContents<A>,
     maglev: MaglevConfig,
-    globals: &Globals,
-) -> MapContents {
+    globals: &Globals<A>,
+) -> MapContents<A> {
     let mut placer = Placer {
         current,
         globals,
@@ -259,16 +266,13 @@ pub fn target_contents_within(
     };
 
     for service in desired {
-        let frontend = frontend_key(service);
+        let Some(frontend) = frontend_key::<A>(&service.frontend) else { continue };
         count_on_address(placer.target.addrs.entry(frontend.vip).or_insert(EMPTY_ADDR), service);
         for range in &service.source_ranges {
-            let data = SourceRangeKey {
-                vip: frontend.vip,
-                port: frontend.port,
-                protocol: frontend.protocol,
-                _pad: 0,
-                client: range.addr.octets(),
-            };
+            // The model keeps a frontend's own family's ranges only.
+            let Some(client) = A::of(range.addr) else { continue };
+            let data =
+                SourceRangeKey { vip: frontend.vip, port: frontend.port, protocol: frontend.protocol, _pad: 0, client };
             placer.target.source_ranges.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix_len), data));
         }
         let mut flags = frontend_flags(service);
@@ -290,15 +294,15 @@ pub fn target_contents_within(
 /// Maglev frontends (`new`, in order) then take what is left, up to
 /// `maglev.tables` in all. A table named by the current maps is never a
 /// spare: a frontend deleted in this sync frees its table for the next.
-fn assign_maglev_tables(
-    target: &mut MapContents,
-    current: &MapContents,
-    new: &[ServiceKey],
+fn assign_maglev_tables<A: Address>(
+    target: &mut MapContents<A>,
+    current: &MapContents<A>,
+    new: &[ServiceKey<A>],
     maglev: MaglevConfig,
-    globals: &Globals,
+    globals: &Globals<A>,
 ) {
     let mut spares: VecDeque<u32> = (1..=maglev.map_tables()).filter(|t| !globals.tables.contains(t)).collect();
-    let changed: Vec<ServiceKey> = target
+    let changed: Vec<ServiceKey<A>> = target
         .frontend_entries()
         .filter(|(k, v)| v.maglev_table != 0 && target.backend_set(k) != current.backend_set(k))
         .map(|(k, _)| *k)
@@ -321,29 +325,30 @@ fn assign_maglev_tables(
 
 /// Places frontends and their backends in the target maps, reusing what
 /// the current maps hold.
-struct Placer<'a> {
-    current: &'a MapContents,
-    globals: &'a Globals<'a>,
+struct Placer<'a, A: Address> {
+    current: &'a MapContents<A>,
+    globals: &'a Globals<'a, A>,
     /// Maglev frontends without a table yet, in order.
-    new_maglev: Vec<ServiceKey>,
+    new_maglev: Vec<ServiceKey<A>>,
     /// Ids given in this target to backends the maps do not hold.
-    new_ids: BTreeMap<Backend, u32>,
+    new_ids: BTreeMap<Backend<A>, u32>,
     next_id: u32,
-    target: MapContents,
+    target: MapContents<A>,
 }
 
-impl Placer<'_> {
-    /// The frontend entry `frontend` of `service`, with `backends` in slots.
-    fn place(&mut self, frontend: ServiceKey, service: &ServicePort, backends: &BTreeSet<SocketAddrV4>, flags: u8) {
+impl<A: Family> Placer<'_, A> {
+    /// The frontend entry `frontend` of `service`, with `backends` (of its
+    /// family, as the model gives them) in slots.
+    fn place(&mut self, frontend: ServiceKey<A>, service: &ServicePort, backends: &BTreeSet<SocketAddr>, flags: u8) {
         let (current, target) = (self.current, &mut self.target);
-        let mut chosen: Vec<Backend> =
-            backends.iter().map(|a| backend_value(a, service.local_backends.contains(a))).collect();
+        let mut chosen: Vec<Backend<A>> =
+            backends.iter().filter_map(|a| backend_value(a, service.local_backends.contains(a))).collect();
         if chosen.len() > MAX_BACKENDS {
             // The model reports this as an error of the Service. Keep the
             // backends already in this frontend's slots (their flows stay
             // put), then the lowest addresses: deterministic, and chosen
             // before ids are given, so a backend left out takes no id.
-            let slotted: BTreeSet<Backend> =
+            let slotted: BTreeSet<Backend<A>> =
                 current.slots_of(&frontend).iter().filter_map(|id| current.backends.get(id)).copied().collect();
             chosen.sort_by_key(|b| !slotted.contains(b));
             chosen.truncate(MAX_BACKENDS);
@@ -387,8 +392,11 @@ impl Placer<'_> {
 /// conntrack entries must go too, or the flows keep going to a backend that
 /// is no longer there (kube-proxy clears UDP conntrack for the same reason;
 /// TCP flows keep their backend until they end).
-pub fn lost_udp_backends(current: &MapContents, target: &MapContents) -> BTreeSet<(ServiceKey, Backend)> {
-    let backends_of = |contents: &MapContents, frontend: &ServiceKey| -> BTreeSet<Backend> {
+pub fn lost_udp_backends<A: Address>(
+    current: &MapContents<A>,
+    target: &MapContents<A>,
+) -> BTreeSet<(ServiceKey<A>, Backend<A>)> {
+    let backends_of = |contents: &MapContents<A>, frontend: &ServiceKey<A>| -> BTreeSet<Backend<A>> {
         contents.slots_of(frontend).iter().filter_map(|id| contents.backends.get(id)).copied().collect()
     };
     let mut lost = BTreeSet::new();
@@ -441,11 +449,11 @@ pub fn udp_sockets_to_destroy(
 /// backend still exists, but a backend of several services outlives its
 /// removal from one of them.) Entries of unconnected UDP sockets
 /// (`AFFINITY_CLIENT_SOCKET`) need no affinity on the frontend.
-pub fn stale_affinity(
-    entries: impl IntoIterator<Item = (AffinityKey, AffinityValue)>,
-    contents: &MapContents,
-) -> Vec<AffinityKey> {
-    let mut members: BTreeMap<ServiceKey, BTreeSet<u32>> = BTreeMap::new();
+pub fn stale_affinity<A: Address>(
+    entries: impl IntoIterator<Item = (AffinityKey<A>, AffinityValue)>,
+    contents: &MapContents<A>,
+) -> Vec<AffinityKey<A>> {
+    let mut members: BTreeMap<ServiceKey<A>, BTreeSet<u32>> = BTreeMap::new();
     entries
         .into_iter()
         .filter(|(key, value)| {
@@ -474,18 +482,18 @@ fn assign_slots(current: &[u32], wanted: &BTreeSet<u32>) -> Vec<u32> {
 }
 
 /// The entries of a Maglev table for these backend ids (in any order).
-pub fn maglev_entries(contents: &MapContents, backend_ids: &BTreeSet<u32>, table_size: u32) -> Vec<u32> {
+pub fn maglev_entries<A: Family>(contents: &MapContents<A>, backend_ids: &BTreeSet<u32>, table_size: u32) -> Vec<u32> {
     // Ordered by address, so the table does not depend on id assignment.
-    let mut by_address: Vec<(Backend, u32)> =
+    let mut by_address: Vec<(Backend<A>, u32)> =
         backend_ids.iter().filter_map(|id| contents.backends.get(id).map(|b| (*b, *id))).collect();
     by_address.sort();
-    let backends: Vec<Backend> = by_address.iter().map(|(b, _)| *b).collect();
+    let backends: Vec<Backend<A>> = by_address.iter().map(|(b, _)| *b).collect();
     maglev::table(&backends, table_size).into_iter().map(|i| by_address[i as usize].1).collect()
 }
 
 /// The writes that turn `current` into `target`, in an order where every
 /// prefix leaves each frontend whole.
-pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -> Vec<MapOp> {
+pub fn plan<A: Family>(current: &MapContents<A>, target: &MapContents<A>, maglev: MaglevConfig) -> Vec<MapOp<A>> {
     let mut ops = Vec::new();
     // Ranges are there before a frontend is flagged to check them, and go
     // only after it no longer is.
@@ -495,7 +503,7 @@ pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -
             ops.push(MapOp::PutBackend(*id, *backend));
         }
     }
-    let changed = |k: &ServiceKey, v: &ServiceValue| current.services.get(k) != Some(v);
+    let changed = |k: &ServiceKey<A>, v: &ServiceValue| current.services.get(k) != Some(v);
     for (k, v) in target.services.iter().filter(|(k, _)| k.slot != 0) {
         if changed(k, v) {
             ops.push(MapOp::PutService(*k, *v));
@@ -504,24 +512,24 @@ pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -
     // Frontends, each after its Maglev table is filled (when it is new to
     // the table or its backends changed). A table is written only while no
     // other frontend names it: a frontend that frees a table goes first.
-    let needs_table = |k: &ServiceKey, v: &ServiceValue| {
+    let needs_table = |k: &ServiceKey<A>, v: &ServiceValue| {
         v.maglev_table != 0
             && (current.services.get(k).is_none_or(|c| c.maglev_table != v.maglev_table)
                 || target.backend_set(k) != current.backend_set(k))
     };
-    let mut namers: BTreeMap<u32, BTreeSet<ServiceKey>> = BTreeMap::new();
+    let mut namers: BTreeMap<u32, BTreeSet<ServiceKey<A>>> = BTreeMap::new();
     for (k, v) in current.frontend_entries().filter(|(_, v)| v.maglev_table != 0) {
         namers.entry(v.maglev_table).or_default().insert(*k);
     }
     // (frontend, value, whether its table is to be filled), judged once.
-    let mut pending: VecDeque<(&ServiceKey, &ServiceValue, bool)> = target
+    let mut pending: VecDeque<(&ServiceKey<A>, &ServiceValue, bool)> = target
         .frontend_entries()
         .map(|(k, v)| (k, v, needs_table(k, v)))
         .filter(|(k, v, fill)| *fill || changed(k, v))
         .collect();
     let mut waited = 0;
     while let Some((k, v, fill)) = pending.pop_front() {
-        let free = |namers: &BTreeMap<u32, BTreeSet<ServiceKey>>| {
+        let free = |namers: &BTreeMap<u32, BTreeSet<ServiceKey<A>>>| {
             namers.get(&v.maglev_table).is_none_or(|n| n.iter().all(|other| other == k))
         };
         // A table still named elsewhere waits for its namer to move, unless
@@ -553,7 +561,7 @@ pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -
         }
     }
     ops.extend(current.addrs.keys().filter(|a| !target.addrs.contains_key(*a)).map(|a| MapOp::DeleteAddr(*a)));
-    let gone = |k: &&ServiceKey| !target.services.contains_key(k);
+    let gone = |k: &&ServiceKey<A>| !target.services.contains_key(k);
     ops.extend(current.services.keys().filter(|k| k.slot == 0).filter(gone).map(|k| MapOp::DeleteService(*k)));
     ops.extend(current.services.keys().filter(|k| k.slot != 0).filter(gone).map(|k| MapOp::DeleteService(*k)));
     ops.extend(
@@ -566,7 +574,7 @@ pub fn plan(current: &MapContents, target: &MapContents, maglev: MaglevConfig) -
 /// Helpers shared by the planner's and the reconciler's tests.
 #[cfg(test)]
 pub(crate) mod test_support {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, SocketAddr};
 
     use super::*;
     use crate::model::{Frontend, Protocol};
@@ -575,8 +583,8 @@ pub(crate) mod test_support {
     pub fn service(vip: u8, backends: &[u8]) -> ServicePort {
         ServicePort {
             name: format!("svc-{vip}"),
-            frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip), port: 80, protocol: Protocol::Tcp },
-            backends: backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, *b), 8080)).collect(),
+            frontend: Frontend { addr: Ipv4Addr::new(10, 96, 0, vip).into(), port: 80, protocol: Protocol::Tcp },
+            backends: backends.iter().map(|b| SocketAddr::from((Ipv4Addr::new(10, 0, 0, *b), 8080))).collect(),
             ..Default::default()
         }
     }
@@ -603,7 +611,7 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, SocketAddr};
 
     use super::{test_support::*, *};
     use crate::model::{Frontend, Protocol};
@@ -661,8 +669,8 @@ mod tests {
         for desired in steps {
             (maps, _) = sync(&maps, desired);
             for s in desired {
-                let vip = s.frontend.addr.octets()[3];
-                let want: Vec<u8> = s.backends.iter().map(|b| b.ip().octets()[3]).collect();
+                let vip = Ipv4::of(s.frontend.addr).unwrap()[3];
+                let want: Vec<u8> = s.backends.iter().map(|b| Ipv4::of(b.ip()).unwrap()[3]).collect();
                 assert_eq!(backends_of(&maps, vip), want);
             }
         }
@@ -840,14 +848,14 @@ mod tests {
     #[test]
     fn a_frontend_with_more_backends_than_slots_keeps_its_slotted_ones_then_the_lowest_addresses() {
         // Service 1 starts with ten backends at the top of a large range.
-        let address = |i: u32| SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 8080);
+        let address = |i: u32| SocketAddr::from((Ipv4Addr::from(0x0a00_0000 + i), 8080));
         let many = |range: std::ops::RangeInclusive<u32>| ServicePort {
             backends: range.map(address).collect(),
             ..service(1, &[])
         };
         let top = MAX_BACKENDS as u32 + 10;
         let (before, _) = sync(&MapContents::default(), &[many(top - 9..=top), service(2, &[1, 2])]);
-        let key = frontend_key(&service(1, &[]));
+        let key = frontend_key::<Ipv4>(&service(1, &[]).frontend).unwrap();
         let slotted = before.slots_of(&key);
 
         // Grown past the limit: its ten keep their slots, the lowest
@@ -892,7 +900,7 @@ mod tests {
         let mut lb = service(7, &[1, 2]);
         lb.kind = FrontendKind::LoadBalancer;
         lb.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
-        lb.local_backends = [SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 8080)].into();
+        lb.local_backends = [SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 8080))].into();
         let mut empty = service(8, &[]);
         empty.kind = FrontendKind::NodePort;
         empty.drop_when_empty = true;
@@ -925,10 +933,10 @@ mod tests {
     fn a_local_policy_frontend_has_an_internal_view_with_the_whole_service() {
         let mut lb = service(7, &[1]);
         lb.kind = FrontendKind::LoadBalancer;
-        lb.local_backends = [SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 8080)].into();
-        lb.internal_backends = Some([1, 2].map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, b), 8080)).into());
+        lb.local_backends = [SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 8080))].into();
+        lb.internal_backends = Some([1, 2].map(|b| SocketAddr::from((Ipv4Addr::new(10, 0, 0, b), 8080))).into());
         let (maps, _) = sync(&MapContents::default(), &[lb.clone()]);
-        let external = frontend_key(&lb);
+        let external = frontend_key::<Ipv4>(&lb.frontend).unwrap();
         let internal = external.with_scope(SCOPE_INTERNAL);
         assert_eq!(maps.services[&external].flags, FRONTEND_EXTERNAL | FRONTEND_TWO_SCOPES);
         assert_eq!(maps.services[&internal].flags, 0, "no policy, no SNAT, no ranges for clients inside");

@@ -9,28 +9,31 @@ use std::{
     collections::{BTreeMap, BTreeSet},
 };
 
-use lb_common::{Backend, FRONTEND_EXTERNAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceAddr, ServiceKey, ServiceValue};
+use lb_common::{
+    Address, Backend, FRONTEND_EXTERNAL, Ipv4, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceAddr, ServiceKey, ServiceValue,
+};
 
 use crate::{
+    family::Family,
     model::{Algorithm, Frontend, ServicePort},
     plan::{
-        EMPTY_ADDR, Globals, MaglevConfig, MapContents, MapOp, lost_udp_backends, plan, target_contents,
+        EMPTY_ADDR, Globals, MaglevConfig, MapContents, MapOp, frontend_key, lost_udp_backends, plan, target_contents,
         target_contents_within,
     },
     sizing::Entries,
 };
 
-/// Where map writes go: the real maps, or a fake in tests.
-pub trait MapWriter {
+/// Where map writes of family `A` go: the real maps, or a fake in tests.
+pub trait MapWriter<A: Address = Ipv4> {
     type Error: std::error::Error + Send + Sync + 'static;
-    fn write(&mut self, op: &MapOp) -> Result<(), Self::Error>;
+    fn write(&mut self, op: &MapOp<A>) -> Result<(), Self::Error>;
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("map write {op:?} failed ({failed} failed, {skipped} held back, of {total} writes): {source}")]
-pub struct SyncError<E: std::error::Error + 'static> {
+pub struct SyncError<E: std::error::Error + 'static, A: Address = Ipv4> {
     /// The first write that failed.
-    pub op: MapOp,
+    pub op: MapOp<A>,
     pub failed: usize,
     /// Writes skipped because a frontend they belong to had a failed write.
     pub skipped: usize,
@@ -41,20 +44,21 @@ pub struct SyncError<E: std::error::Error + 'static> {
 
 /// What a sync did.
 #[derive(Debug, Default)]
-pub struct SyncOutcome {
+pub struct SyncOutcome<A: Address = Ipv4> {
     pub writes: usize,
     /// UDP backends that left a frontend: their flows must be forgotten.
-    pub lost_udp_backends: BTreeSet<(ServiceKey, Backend)>,
+    pub lost_udp_backends: BTreeSet<(ServiceKey<A>, Backend<A>)>,
 }
 
 /// Keeps a copy of what the maps hold, so a sync writes only the difference,
 /// and what they were last synced to, so that a sync computes only the
 /// frontends whose desired state changed (one changed Service costs its
-/// own frontends, not a walk over all of them).
-pub struct Reconciler {
-    current: MapContents,
+/// own frontends, not a walk over all of them). One per family: it plans
+/// the frontends of its family (`A`) and leaves the others to the other.
+pub struct Reconciler<A: Family = Ipv4> {
+    current: MapContents<A>,
     maglev: MaglevConfig,
-    index: Index,
+    index: Index<A>,
     /// Whether `current` holds the desired state last remembered, so that
     /// the next sync may compute only the frontends that changed since;
     /// false at first and after a failed sync: every frontend then.
@@ -77,16 +81,16 @@ pub struct Reconciler {
 /// Indexes of `current` kept in step with every write, for what a sync of
 /// some frontends must know of all the others.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Index {
+struct Index<A: Address> {
     /// Backend → its id.
-    ids: BTreeMap<Backend, u32>,
+    ids: BTreeMap<Backend<A>, u32>,
     /// Backend id → how many slots name it.
     refs: BTreeMap<u32, u32>,
     /// Maglev table → how many frontends name it.
     tables: BTreeMap<u32, u32>,
     /// Service address → its frontends, and how many of them are not
     /// cluster IPs (the SERVICE_ADDRS entry follows from these).
-    on_address: BTreeMap<[u8; 4], (u32, u32)>,
+    on_address: BTreeMap<A, (u32, u32)>,
     /// Backend ids not in the maps below `id_top`; every id from `id_top`
     /// on is free. So the lowest free id costs a lookup, not a walk over
     /// the ids in use.
@@ -94,8 +98,8 @@ struct Index {
     id_top: u32,
 }
 
-impl Index {
-    fn of(contents: &MapContents) -> Self {
+impl<A: Address> Index<A> {
+    fn of(contents: &MapContents<A>) -> Self {
         let mut index = Self { ids: contents.backends.iter().map(|(id, b)| (*b, *id)).collect(), ..Self::default() };
         index.id_top = contents.backends.keys().next_back().map_or(1, |max| max.saturating_add(1));
         index.free_ids = (1..index.id_top).filter(|id| !contents.backends.contains_key(id)).collect();
@@ -106,7 +110,7 @@ impl Index {
     }
 
     /// Counts (or uncounts) one SERVICES entry.
-    fn count(&mut self, key: &ServiceKey, value: &ServiceValue, add: bool) {
+    fn count(&mut self, key: &ServiceKey<A>, value: &ServiceValue, add: bool) {
         if key.slot == 0 && key.scope == SCOPE_EXTERNAL {
             let (frontends, external) = self.on_address.entry(key.vip).or_default();
             let step = |n: &mut u32, counted: bool| {
@@ -140,7 +144,7 @@ impl Index {
     }
 
     /// Keeps the free ids in step with `op`, just applied.
-    fn follow_free_ids(&mut self, op: &MapOp) {
+    fn follow_free_ids(&mut self, op: &MapOp<A>) {
         match op {
             MapOp::PutBackend(id, _) if *id < self.id_top => {
                 self.free_ids.remove(id);
@@ -165,7 +169,7 @@ impl Index {
     }
 
     /// Follows `op`, about to be applied to `current`.
-    fn track(&mut self, current: &MapContents, op: &MapOp) {
+    fn track(&mut self, current: &MapContents<A>, op: &MapOp<A>) {
         match op {
             MapOp::PutService(key, value) => {
                 if let Some(old) = current.services.get(key) {
@@ -203,14 +207,18 @@ impl Index {
     }
 }
 
-/// The Maglev frontends among `ports` that `target` gives no table.
-fn waiting_for_a_table<'a>(ports: impl Iterator<Item = &'a ServicePort>, target: &MapContents) -> BTreeSet<Frontend> {
-    let without_table = |key: ServiceKey| target.services.get(&key).is_none_or(|v| v.maglev_table == 0);
+/// The Maglev frontends of family `A` among `ports` that `target` gives no
+/// table.
+fn waiting_for_a_table<'a, A: Family>(
+    ports: impl Iterator<Item = &'a ServicePort>,
+    target: &MapContents<A>,
+) -> BTreeSet<Frontend> {
+    let without_table = |key: ServiceKey<A>| target.services.get(&key).is_none_or(|v| v.maglev_table == 0);
     ports
         .filter(|s| s.algorithm == Algorithm::Maglev)
         // The internal view of a two-scope frontend has a table of its own.
         .filter(|s| {
-            let key = key_of(&s.frontend);
+            let Some(key) = frontend_key::<A>(&s.frontend) else { return false };
             without_table(key) || (s.internal_backends.is_some() && without_table(key.with_scope(SCOPE_INTERNAL)))
         })
         .map(|s| s.frontend)
@@ -218,46 +226,42 @@ fn waiting_for_a_table<'a>(ports: impl Iterator<Item = &'a ServicePort>, target:
 }
 
 /// How many Maglev tables the frontends' entries (both scopes) name.
-fn tables_named(current: &MapContents, frontends: &BTreeSet<Frontend>) -> usize {
-    let named = |key: ServiceKey| current.services.get(&key).is_some_and(|v| v.maglev_table != 0);
-    frontends.iter().map(key_of).map(|k| usize::from(named(k)) + usize::from(named(k.with_scope(SCOPE_INTERNAL)))).sum()
-}
-
-/// The SERVICES key of a frontend's own (external) entry.
-fn key_of(frontend: &Frontend) -> ServiceKey {
-    ServiceKey::new(frontend.addr.octets(), frontend.port.to_be_bytes(), frontend.protocol.number(), 0)
+fn tables_named<A: Family>(current: &MapContents<A>, frontends: &BTreeSet<Frontend>) -> usize {
+    let named = |key: ServiceKey<A>| current.services.get(&key).is_some_and(|v| v.maglev_table != 0);
+    let keys = frontends.iter().filter_map(frontend_key::<A>);
+    keys.map(|k| usize::from(named(k)) + usize::from(named(k.with_scope(SCOPE_INTERNAL)))).sum()
 }
 
 /// A sync's work: what the maps should hold for the frontends it touches,
 /// and what they hold of them now.
-pub struct Step {
+pub struct Step<A: Address = Ipv4> {
     /// The maps' entries of the touched frontends; None: all (every
     /// frontend is touched).
-    before: Option<MapContents>,
-    target: MapContents,
+    before: Option<MapContents<A>>,
+    target: MapContents<A>,
     /// `Reconciler::waiting` once the step is written.
     waiting: BTreeSet<Frontend>,
 }
 
-impl Step {
+impl<A: Address> Step<A> {
     /// The entries the sync writes toward.
-    pub fn target(&self) -> &MapContents {
+    pub fn target(&self) -> &MapContents<A> {
         &self.target
     }
 }
 
 /// Which frontends (slot-0 keys) each write belongs to, for holding back
 /// the rest of a frontend's writes when one of them fails.
-struct Dependents {
+struct Dependents<A: Address> {
     /// Backend id → frontends whose target slots name it.
-    by_backend: BTreeMap<u32, Vec<ServiceKey>>,
+    by_backend: BTreeMap<u32, Vec<ServiceKey<A>>>,
     /// Maglev table → the frontend that will use it.
-    by_table: BTreeMap<u32, ServiceKey>,
+    by_table: BTreeMap<u32, ServiceKey<A>>,
 }
 
-impl Dependents {
-    fn new(target: &MapContents) -> Self {
-        let mut by_backend: BTreeMap<u32, Vec<ServiceKey>> = BTreeMap::new();
+impl<A: Address> Dependents<A> {
+    fn new(target: &MapContents<A>) -> Self {
+        let mut by_backend: BTreeMap<u32, Vec<ServiceKey<A>>> = BTreeMap::new();
         for (key, value) in target.services.iter().filter(|(k, _)| k.slot != 0) {
             by_backend.entry(value.backend_id).or_default().push(key.with_slot(0));
         }
@@ -266,7 +270,7 @@ impl Dependents {
         Self { by_backend, by_table }
     }
 
-    fn of(&self, op: &MapOp) -> Vec<ServiceKey> {
+    fn of(&self, op: &MapOp<A>) -> Vec<ServiceKey<A>> {
         match op {
             MapOp::PutBackend(id, _) => self.by_backend.get(id).cloned().unwrap_or_default(),
             MapOp::PutService(key, _) | MapOp::DeleteService(key) => vec![key.with_slot(0)],
@@ -282,9 +286,9 @@ impl Dependents {
     }
 }
 
-impl Reconciler {
+impl<A: Family> Reconciler<A> {
     /// Starts from what the maps hold now (adopted pinned maps, or empty).
-    pub fn new(current: MapContents, maglev: MaglevConfig) -> Self {
+    pub fn new(current: MapContents<A>, maglev: MaglevConfig) -> Self {
         Self {
             index: Index::of(&current),
             current,
@@ -296,7 +300,7 @@ impl Reconciler {
         }
     }
 
-    pub fn current(&self) -> &MapContents {
+    pub fn current(&self) -> &MapContents<A> {
         &self.current
     }
 
@@ -304,11 +308,11 @@ impl Reconciler {
     /// frontend. A failed write holds back the rest of its frontends'
     /// writes (see the module); the error names the first failure, and a
     /// later sync retries.
-    pub fn sync<W: MapWriter>(
+    pub fn sync<W: MapWriter<A>>(
         &mut self,
         desired: &[ServicePort],
         maps: &mut W,
-    ) -> Result<SyncOutcome, SyncError<W::Error>> {
+    ) -> Result<SyncOutcome<A>, SyncError<W::Error, A>> {
         let desired: BTreeMap<Frontend, ServicePort> = desired.iter().map(|s| (s.frontend, s.clone())).collect();
         let step = self.prepare(&desired, None);
         let outcome = self.sync_step(&step, maps);
@@ -327,7 +331,7 @@ impl Reconciler {
         &self,
         desired: &BTreeMap<Frontend, P>,
         changed: Option<&BTreeSet<Frontend>>,
-    ) -> Step {
+    ) -> Step<A> {
         let Some(changed) = changed.filter(|_| self.in_step) else {
             let all: Vec<ServicePort> = desired.values().map(|p| p.borrow().clone()).collect();
             let target = target_contents(&all, &self.current, self.maglev);
@@ -340,10 +344,14 @@ impl Reconciler {
         // table taken they would get none, as a whole computation shows.
         let hashed: usize = self.index.tables.values().map(|n| *n as usize).sum();
         let room = hashed.saturating_sub(tables_named(&self.current, changed)) < self.maglev.tables as usize;
-        let touched: BTreeSet<Frontend> =
-            if room { changed.union(&self.waiting).copied().collect() } else { changed.clone() };
+        let of_family = |f: &&Frontend| A::of(f.addr).is_some();
+        let touched: BTreeSet<Frontend> = if room {
+            changed.union(&self.waiting).filter(of_family).copied().collect()
+        } else {
+            changed.iter().filter(of_family).copied().collect()
+        };
         let mut before = MapContents::default();
-        for frontend in touched.iter().map(key_of) {
+        for frontend in touched.iter().filter_map(frontend_key::<A>) {
             let (mut low, mut high) = (frontend, frontend);
             (low.slot, low.protocol, low.scope, low._pad) = (0, 0, 0, [0; 2]);
             (high.slot, high.protocol, high.scope, high._pad) = (u16::MAX, u8::MAX, u8::MAX, [u8::MAX; 2]);
@@ -353,7 +361,7 @@ impl Reconciler {
                 before.addrs.insert(frontend.vip, *addr);
             }
         }
-        let keys: BTreeSet<ServiceKey> = touched.iter().map(key_of).collect();
+        let keys: BTreeSet<ServiceKey<A>> = touched.iter().filter_map(frontend_key::<A>).collect();
         let is_touched = |vip, port, protocol| keys.contains(&ServiceKey::new(vip, port, protocol, 0));
         before.source_ranges =
             self.current.source_ranges.iter().filter(|(_, r)| is_touched(r.vip, r.port, r.protocol)).copied().collect();
@@ -384,7 +392,7 @@ impl Reconciler {
         // they are and plus them as they will be.
         for vip in before.addrs.keys().chain(target.addrs.keys()).copied().collect::<BTreeSet<_>>() {
             let (mut frontends, mut external) = self.index.on_address.get(&vip).copied().unwrap_or_default();
-            let on_vip = |contents: &MapContents| -> Vec<bool> {
+            let on_vip = |contents: &MapContents<A>| -> Vec<bool> {
                 let own = contents.frontend_entries().filter(|(k, _)| k.vip == vip && k.scope == SCOPE_EXTERNAL);
                 own.map(|(_, v)| v.flags & FRONTEND_EXTERNAL != 0).collect()
             };
@@ -411,7 +419,7 @@ impl Reconciler {
 
     /// What the maps need room for during `step`: all they hold, and the
     /// keys the step adds (old and new are side by side mid-sync).
-    pub fn needed(&self, step: &Step) -> Entries {
+    pub fn needed(&self, step: &Step<A>) -> Entries {
         Entries::needed(&self.current, &step.target)
     }
 
@@ -424,13 +432,17 @@ impl Reconciler {
 
     /// Writes `step` (from `prepare`); `remember` the desired state after
     /// it succeeds. After a failure the next sync computes every frontend.
-    pub fn sync_step<W: MapWriter>(&mut self, step: &Step, maps: &mut W) -> Result<SyncOutcome, SyncError<W::Error>> {
+    pub fn sync_step<W: MapWriter<A>>(
+        &mut self,
+        step: &Step<A>,
+        maps: &mut W,
+    ) -> Result<SyncOutcome<A>, SyncError<W::Error, A>> {
         let target = &step.target;
         let before = step.before.as_ref().unwrap_or(&self.current);
         let ops = plan(before, target, self.maglev);
         let mut lost_udp_backends = lost_udp_backends(before, target);
         let dependents = Dependents::new(target);
-        let mut held_back: BTreeSet<ServiceKey> = BTreeSet::new();
+        let mut held_back: BTreeSet<ServiceKey<A>> = BTreeSet::new();
         let (mut first_error, mut failed, mut skipped) = (None, 0, 0);
         for op in &ops {
             let frontends = dependents.of(op);
@@ -513,7 +525,7 @@ impl Reconciler {
 
 /// The entries of Maglev table `table` that differ between what it holds
 /// (`old`) and `new`, as one write; the whole table when the sizes differ.
-fn maglev_delta(table: u32, old: &[u32], new: &[u32]) -> MapOp {
+fn maglev_delta<A: Address>(table: u32, old: &[u32], new: &[u32]) -> MapOp<A> {
     if old.len() != new.len() {
         return MapOp::PutMaglevTable(table, new.to_vec());
     }
@@ -685,9 +697,9 @@ mod tests {
     use crate::test_rng::Rng;
 
     /// Up to 4 of 10 backends.
-    fn random_backends(rng: &mut Rng) -> BTreeSet<std::net::SocketAddrV4> {
+    fn random_backends(rng: &mut Rng) -> BTreeSet<std::net::SocketAddr> {
         (0..rng.below(5))
-            .map(|_| std::net::SocketAddrV4::new([10, 0, 0, 1 + rng.below(10) as u8].into(), 8080))
+            .map(|_| std::net::SocketAddr::from((std::net::Ipv4Addr::from([10, 0, 0, 1 + rng.below(10) as u8]), 8080)))
             .collect()
     }
 
@@ -781,7 +793,7 @@ mod tests {
         let services: Vec<ServicePort> = (0..1000u32)
             .map(|i| {
                 let mut s = service(1, &[1, 2]);
-                s.frontend.addr = std::net::Ipv4Addr::from(u32::from(s.frontend.addr) + i);
+                s.frontend.addr = std::net::Ipv4Addr::from(0x0a60_0001 + i).into();
                 s
             })
             .collect();
@@ -799,7 +811,7 @@ mod tests {
         // unchanged, and backend 1 stays (the 999 others name it: its
         // planned deletion is skipped).
         assert_eq!(outcome.writes, 2, "{:?}", plan(step.before.as_ref().unwrap(), &step.target, maglev));
-        let key = key_of(&frontend);
+        let key = frontend_key::<Ipv4>(&frontend).unwrap();
         let now: Vec<u8> = maps.contents.slots_of(&key).iter().map(|id| maps.contents.backends[id].addr[3]).collect();
         assert_eq!(now, [3, 2], "backend 3 in backend 1's slot; backend 2 kept its own");
         assert_eq!(maps.contents.backends.len(), 3, "backend 1 stays for the 999 others");

@@ -61,11 +61,33 @@ pub struct Entries {
 }
 
 impl Entries {
+    /// Each map's least of `self` and `other`: the room two families'
+    /// maps of one size have, grown together.
+    pub fn least(&self, other: &Entries) -> Entries {
+        Entries {
+            services: self.services.min(other.services),
+            service_addrs: self.service_addrs.min(other.service_addrs),
+            backends: self.backends.min(other.backends),
+            source_ranges: self.source_ranges.min(other.source_ranges),
+        }
+    }
+
+    /// Each map's most of `self` and `other`: what two families' maps of
+    /// one size must hold.
+    pub fn most(&self, other: &Entries) -> Entries {
+        Entries {
+            services: self.services.max(other.services),
+            service_addrs: self.service_addrs.max(other.service_addrs),
+            backends: self.backends.max(other.backends),
+            source_ranges: self.source_ranges.max(other.source_ranges),
+        }
+    }
+
     /// What a sync from `current` to `target` needs: every key of either
     /// (both are in the maps at once, mid-sync). `target` may hold only the
     /// frontends a sync touches (`Reconciler::prepare`): the others are in
     /// `current` already.
-    pub fn needed(current: &MapContents, target: &MapContents) -> Self {
+    pub fn needed<A: lb_common::Address>(current: &MapContents<A>, target: &MapContents<A>) -> Self {
         // |current ∪ target| = |current| + |target \ current|, without a
         // set of both (SERVICES holds hundreds of thousands of keys).
         fn union<K>(current: usize, target: impl Iterator<Item = K>, held: impl Fn(&K) -> bool) -> usize {
@@ -82,7 +104,7 @@ impl Entries {
     }
 
     /// What `contents` holds.
-    pub fn held(contents: &MapContents) -> Self {
+    pub fn held<A: lb_common::Address>(contents: &MapContents<A>) -> Self {
         Self {
             services: contents.services.len(),
             service_addrs: contents.addrs.len(),

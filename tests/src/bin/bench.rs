@@ -482,9 +482,9 @@ fn packet_costs(quick: bool) -> anyhow::Result<Vec<Cost>> {
         let mut ports: Vec<ServicePort> = (1..services)
             .map(|i| ServicePort {
                 name: format!("svc-{i}"),
-                frontend: Frontend { addr: vip(i), port: 80, protocol: Protocol::Tcp },
+                frontend: Frontend { addr: vip(i).into(), port: 80, protocol: Protocol::Tcp },
                 backends: (0..backends)
-                    .map(|b| SocketAddrV4::new(fake_endpoint(i, b % 4), 8080 + (b / 4) as u16))
+                    .map(|b| SocketAddrV4::new(fake_endpoint(i, b % 4), 8080 + (b / 4) as u16).into())
                     .collect(),
                 ..Default::default()
             })

@@ -44,12 +44,13 @@ fn slice(i: u32, endpoints: &[Ipv4Addr]) -> Value {
 /// Whether the frontend of service `i` has `addr` among its backends.
 fn has_backend(maps: &Maps, i: u32, addr: Ipv4Addr) -> bool {
     let key = ServiceKey::new(vip(i).octets(), 80u16.to_be_bytes(), 6, 0);
-    let Ok(frontend) = maps.services.get(&key, 0) else { return false };
+    let Ok(frontend) = maps.svc.services.get(&key, 0) else { return false };
     (1..=frontend.backend_count).any(|slot| {
-        maps.services
+        maps.svc
+            .services
             .get(&key.with_slot(slot), 0)
             .ok()
-            .and_then(|v| maps.backends.get(&v.backend_id, 0).ok())
+            .and_then(|v| maps.svc.backends.get(&v.backend_id, 0).ok())
             .is_some_and(|b| b.addr == addr.octets())
     })
 }
