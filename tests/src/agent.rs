@@ -233,6 +233,17 @@ impl Agent {
         })
     }
 
+    /// `wait_for_maps` for the IPv6 maps.
+    pub fn wait_for_maps6(
+        &mut self,
+        what: &str,
+        ready: impl Fn(&MapContents<lb_common::Ipv6>) -> bool,
+    ) -> anyhow::Result<()> {
+        self.wait(what, |pin_path| {
+            Maps::open_pinned(pin_path).ok().and_then(|m| m.read_contents6().ok()).is_some_and(|c| ready(&c))
+        })
+    }
+
     /// Waits until the packet programs are attached to `count` interfaces
     /// (the socket programs' cgroup links not counted).
     pub fn wait_for_attachments(&mut self, count: usize) -> anyhow::Result<()> {

@@ -1,0 +1,132 @@
+//! IPv6 and dual-stack Services end to end: the real agent, with its
+//! default flags, in a node namespace; dual-stack pods (`netns::Cluster`
+//! gives every pod an IPv4 and an IPv6 address) in both CNI topologies;
+//! the Services and slices as a dual-stack cluster has them (one slice per
+//! address family). Pods reach IPv6 cluster IPs through the pods' hook
+//! (`tc_from_pod6`, by tail call from `tc_from_pod`). Needs root.
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    agent::{Agent, TempDir},
+    manifests::{Endpoint, Port, endpoint_slice, endpoint_slice6, service_with_cluster_ips, write_yaml},
+    netns::{Cluster, Pod, Topology},
+    pods::{PodServer, Session, TCP_PORT, UDP_PORT, tcp_ask, udp_ask},
+};
+use serde_json::json;
+
+const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
+const SLICE_PORTS: [Port; 2] = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
+/// An IPv6-only Service.
+const SIX: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// A dual-stack Service's two cluster IPs.
+const DUAL4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const DUAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
+/// An IPv6 Service without endpoints.
+const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x30);
+
+fn write_slices(dir: &Path, service: &str, backends: &[&Pod], ipv4: bool) {
+    let endpoints6: Vec<Endpoint> = backends.iter().map(|p| Endpoint::ready(&p.name, p.ip6)).collect();
+    write_yaml(dir, &format!("{service}-slice6.yaml"), &endpoint_slice6("demo", service, &SLICE_PORTS, &endpoints6));
+    if ipv4 {
+        let endpoints: Vec<Endpoint> = backends.iter().map(|p| Endpoint::ready(&p.name, p.ip)).collect();
+        write_yaml(dir, &format!("{service}-slice.yaml"), &endpoint_slice("demo", service, &SLICE_PORTS, &endpoints));
+    }
+}
+
+/// Asks `count` new TCP connections to `addr` which backends answer.
+fn reached(client: &Pod, addr: SocketAddr, count: usize) -> BTreeSet<String> {
+    let answers: Vec<String> =
+        client.netns.enter(|| (0..count).map(|_| tcp_ask(addr)).collect::<Result<_, _>>()).unwrap();
+    answers.into_iter().collect()
+}
+
+fn dual_stack_end_to_end(topology: Topology) {
+    let cluster = Cluster::new(topology, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let backends: Vec<&Pod> = cluster.pods[..3].iter().collect();
+    let manifests = TempDir::new("lb-manifests").unwrap();
+    let dir = &manifests.0;
+    write_yaml(dir, "six.yaml", &service_with_cluster_ips("demo", "six", &[SIX.into()], &PORTS, json!({})));
+    write_slices(dir, "six", &backends, false);
+    let dual = service_with_cluster_ips("demo", "dual", &[DUAL4.into(), DUAL6.into()], &PORTS, json!({}));
+    write_yaml(dir, "dual.yaml", &dual);
+    write_slices(dir, "dual", &backends[..2], true);
+    write_yaml(dir, "empty6.yaml", &service_with_cluster_ips("demo", "empty6", &[EMPTY6.into()], &PORTS, json!({})));
+
+    // Default flags.
+    let mut agent = Agent::with_manifests(&cluster.node, dir).unwrap();
+    let tcp_backends = |vip: [u32; 4], count: usize| {
+        move |c: &lb_userspace::plan::MapContents<lb_common::Ipv6>| {
+            c.frontends().any(|(k, b)| k.vip == vip && k.protocol == 6 && b.len() == count)
+        }
+    };
+    agent.wait_for_maps6("IPv6-only frontend", tcp_backends(lb_common::ipv6(SIX.octets()), 3)).unwrap();
+    agent.wait_for_maps6("dual-stack IPv6 frontend", tcp_backends(lb_common::ipv6(DUAL6.octets()), 2)).unwrap();
+    agent
+        .wait_for_maps("dual-stack IPv4 frontend", |c| {
+            c.frontends().any(|(k, b)| k.vip == DUAL4.octets() && b.len() == 2)
+        })
+        .unwrap();
+    agent.wait_for_attachments(4).unwrap();
+    let client = cluster.pod("client");
+
+    // An IPv6-only Service: every new connection succeeds and they spread;
+    // UDP too.
+    let six = SocketAddr::new(SIX.into(), 80);
+    let answers = reached(client, six, 30);
+    assert!(answers.len() > 1 && answers.iter().all(|a| a.starts_with("backend-")), "{answers:?}");
+    let who = client.netns.enter(|| udp_ask(SocketAddr::new(SIX.into(), 53))).unwrap();
+    assert!(who.starts_with("backend-"), "UDP answer {who:?}");
+
+    // A dual-stack Service answers on both cluster IPs, each from the
+    // endpoints of its own family's slice.
+    for vip in [IpAddr::from(DUAL4), IpAddr::from(DUAL6)] {
+        let answers = reached(client, SocketAddr::new(vip, 80), 20);
+        assert_eq!(answers, BTreeSet::from(["backend-0".to_string(), "backend-1".to_string()]), "through {vip}");
+    }
+
+    // A Service without endpoints is refused at once (ICMPv6 port
+    // unreachable from the pods' hook), not left to time out.
+    let started = Instant::now();
+    let refused = client.netns.enter(|| tcp_ask(SocketAddr::new(EMPTY6.into(), 80))).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused after {:?}", started.elapsed());
+
+    // One long-lived IPv6 connection keeps its backend: while its backend
+    // stays, across the removal of another, and across an agent restart
+    // (the IPv6 maps and conntrack are pinned and adopted).
+    let mut session = client.netns.enter(|| Session::connect(six)).unwrap();
+    let pinned = session.ask("m0").unwrap();
+    let others: Vec<&Pod> = backends.iter().copied().filter(|p| p.name != pinned).collect();
+    let kept: Vec<&Pod> = backends.iter().copied().filter(|p| p.name == pinned || p.name == others[0].name).collect();
+    write_slices(dir, "six", &kept, false);
+    agent.wait_for_maps6("one backend fewer", tcp_backends(lb_common::ipv6(SIX.octets()), 2)).unwrap();
+    assert_eq!(session.ask("after a removal").unwrap(), pinned);
+    let answers = reached(client, six, 20);
+    assert!(!answers.contains(&others[1].name), "a new connection reached removed {}: {answers:?}", others[1].name);
+
+    // The restarted agent finds its IPv6 maps as it left them: nothing to
+    // write (six's 2 frontends, dual's 2 in each family, empty6's 2).
+    agent.restart().unwrap();
+    agent.wait_for_log("synced frontends=8 writes=0").unwrap();
+    assert_eq!(session.ask("after a restart").unwrap(), pinned);
+    assert!(reached(client, six, 5).iter().all(|a| a.starts_with("backend-")));
+    assert!(agent.stop().unwrap().success(), "{}", agent.log());
+}
+
+#[test]
+fn ipv6_and_dual_stack_cluster_ips_routed() {
+    dual_stack_end_to_end(Topology::Routed);
+}
+
+#[test]
+fn ipv6_and_dual_stack_cluster_ips_bridged() {
+    dual_stack_end_to_end(Topology::Bridged);
+}
