@@ -215,3 +215,53 @@ fn a_node_being_removed_fails_healthz_but_not_livez() {
     }
     assert_eq!(health("/healthz"), (200, json!(true)));
 }
+
+/// A dual-stack Service from the API server, as a dual-stack cluster has
+/// it (two cluster IPs, one slice per address family): both families
+/// answer, each from its own slice, and a change to the IPv6 slice alone
+/// reaches the IPv6 frontend alone.
+#[test]
+fn a_dual_stack_service_is_served_in_both_families() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "client"]).unwrap();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let vip6: std::net::Ipv6Addr = "fd00:96::10".parse().unwrap();
+    let dual = lb_tests::manifests::service_with_cluster_ips(
+        "demo",
+        "web",
+        &[(*VIP.ip()).into(), vip6.into()],
+        &PORTS,
+        json!({}),
+    );
+    let pods = &cluster.pods[..2];
+    let slice6 = |pods: &[lb_tests::netns::Pod]| {
+        let endpoints: Vec<Endpoint> = pods.iter().map(|p| Endpoint::ready(&p.name, p.ip6)).collect();
+        lb_tests::manifests::endpoint_slice6("demo", "web", &SLICE_PORTS, &endpoints)
+    };
+    let backends: Vec<(&str, Ipv4Addr)> = pods.iter().map(|p| (p.name.as_str(), p.ip)).collect();
+    let objects = [(Kind::Service, dual), (Kind::EndpointSlice, slice(&backends)), (Kind::EndpointSlice, slice6(pods))];
+    let (api, _config, mut agent) = kube_agent(&cluster, &objects, &[]);
+    let ipv6_backends = |count: usize| {
+        move |c: &lb_userspace::plan::MapContents<lb_common::Ipv6>| {
+            c.frontends().any(|(k, b)| k.protocol == 6 && b.len() == count)
+        }
+    };
+    agent.wait_for_maps6("the IPv6 frontend", ipv6_backends(2)).unwrap();
+    wait_for_backends(&mut agent, &[pods[0].ip, pods[1].ip]);
+    agent.wait_for_attachments(3).unwrap();
+    let client = &cluster.pod("client").netns;
+    let vip6_tcp = std::net::SocketAddr::new(vip6.into(), 80);
+    let reached = |addr: std::net::SocketAddr| -> BTreeSet<String> {
+        client.enter(|| (0..20).map(|_| tcp_ask(addr)).collect::<Result<_, _>>()).unwrap()
+    };
+    let both: BTreeSet<String> = ["backend-0".into(), "backend-1".into()].into();
+    assert_eq!(reached(VIP.into()), both);
+    assert_eq!(reached(vip6_tcp), both);
+
+    // The IPv6 slice shrinks: the IPv6 frontend follows, the IPv4 one keeps both.
+    api.apply(Kind::EndpointSlice, slice6(&cluster.pods[..1]));
+    agent.wait_for_maps6("one IPv6 backend", ipv6_backends(1)).unwrap();
+    assert_eq!(reached(vip6_tcp), ["backend-0".to_string()].into());
+    assert_eq!(reached(VIP.into()), both);
+    assert!(agent.stop().unwrap().success(), "{}", agent.log());
+}
