@@ -137,9 +137,12 @@ pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
 pub const MAP_AFFINITY6: &str = "AFFINITY6";
 pub const MAP_MAGLEV6: &str = "MAGLEV6";
 pub const MAP_SOURCE_RANGES6: &str = "SOURCE_RANGES6";
-/// The IPv6 maps' size (MAGLEV6's: two tables) while the agent programs no
-/// IPv6 frontends (issue 17): only the datapath tests write them.
-pub const IPV6_MAP_ENTRIES: u32 = 1024;
+/// The IPv6 maps' size (MAGLEV6's: two tables) while they are dormant: the
+/// agent makes them so and wakes them (at their IPv4 namesakes' sizes)
+/// the first time a sync has IPv6 frontends, so an IPv4-only cluster pays
+/// no memory for IPv6 (at full size they would double the maps' memory:
+/// CONNTRACK6 alone is some 90 MiB at the defaults on a 4 GiB node).
+pub const IPV6_DORMANT_ENTRIES: u32 = 1024;
 /// The programs of the node's external interfaces: NodePort, LoadBalancer
 /// and ExternalIP traffic, and replies coming back to the node. One of the
 /// two per interface (`--external-datapath`): at tc ingress (any

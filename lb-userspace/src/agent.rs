@@ -27,7 +27,7 @@ use crate::{
     model::{Changes, Model, ModelOptions, NodeView},
     plan::MaglevConfig,
     reconcile::{Reconciler, Step},
-    sizing::{self, Entries},
+    sizing::{self, Entries, Ipv6Maps},
     status::{self, Health, Metrics},
 };
 
@@ -568,20 +568,34 @@ impl Agent {
         }
     }
 
-    /// Makes room for a sync to `target`: grows the agent-written maps
-    /// that cannot hold it (old and new entries side by side, as mid-sync)
-    /// unless sizes are fixed, and warns once when a map passes 90 %. A
-    /// sync that still does not fit fails on the full map, naming it.
+    /// Makes room for a sync to `step` and `step6`: grows the agent-written
+    /// maps that cannot hold it (old and new entries side by side, as
+    /// mid-sync) unless sizes are fixed, wakes dormant IPv6 maps before
+    /// the first IPv6 frontend is written (even with fixed sizes: at the
+    /// flags' sizes), and warns once when a map passes 90 %. A sync that
+    /// still does not fit fails on the full map, naming it.
     fn fit_maps(&mut self, step: &Step, step6: &Step<Ipv6>) {
-        // Both families' maps have one size: room for the larger need.
-        let needed = self.reconciler.needed(step).most(&self.reconciler6.needed(step6));
+        let ipv6_wanted = !step6.target().services.is_empty() || !self.reconciler6.current().services.is_empty();
+        let ipv6 = match (self.datapath.maps.ipv6_awake(), ipv6_wanted) {
+            (true, _) => Ipv6Maps::Awake,
+            (false, true) => Ipv6Maps::Waking,
+            (false, false) => Ipv6Maps::Dormant,
+        };
+        // Awake, both families' maps have one size: room for the larger need.
+        let needed = match ipv6 {
+            Ipv6Maps::Dormant => self.reconciler.needed(step),
+            Ipv6Maps::Waking | Ipv6Maps::Awake => self.reconciler.needed(step).most(&self.reconciler6.needed(step6)),
+        };
         let mut capacity = match self.datapath.maps.capacity() {
             Ok(capacity) => capacity,
             Err(e) => return warn!("reading the maps' sizes: {e}"),
         };
-        if !self.fixed_map_sizes
-            && let Some(sizes) = sizing::grown(&capacity, &needed, &self.map_floors)
-        {
+        let resized = if self.fixed_map_sizes {
+            (ipv6 == Ipv6Maps::Waking).then_some(MapSizes { ipv6: true, ..self.map_floors })
+        } else {
+            sizing::grown(&capacity, &needed, &self.map_floors, ipv6)
+        };
+        if let Some(sizes) = resized {
             let started = Instant::now();
             match self.datapath.grow(sizes) {
                 Ok(unmoved) => {
@@ -594,6 +608,7 @@ impl Agent {
                         source_ranges = sizes.source_ranges,
                         needed_services = needed.services,
                         needed_backends = needed.backends,
+                        ipv6_woken = ipv6 == Ipv6Maps::Waking,
                         took_ms = started.elapsed().as_millis() as u64,
                         "maps grown for the cluster, traffic kept on its conntrack entries"
                     );

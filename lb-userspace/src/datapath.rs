@@ -33,12 +33,12 @@ use aya::{
 use lb_common::{
     Address, AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6,
     FILTER_LINE_BITS, FilterLine, GLOBAL_ENDPOINT_FILTER_BITS_LOG2, GLOBAL_HOST_NETNS, GLOBAL_MAGLEV_TABLE_SIZE,
-    GLOBAL_SOCKET_LB_NETNS, Ipv4, Ipv6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK,
-    MAP_CONNTRACK6, MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV, MAP_MAGLEV6, MAP_NODE_PORTS,
-    MAP_SERVICE_ADDRS, MAP_SERVICE_ADDRS6, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
-    MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, PROG_FROM_POD, PROG_FROM_POD6, PROG_TC_BASELINE, PROG_TC_FROM_WIRE,
-    PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey, ServiceKey6,
-    ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TAIL_CALL_POD6, TrafficCounter, counter,
+    GLOBAL_SOCKET_LB_NETNS, IPV6_DORMANT_ENTRIES, Ipv4, Ipv6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6,
+    MAP_CONNTRACK, MAP_CONNTRACK6, MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV, MAP_MAGLEV6,
+    MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICE_ADDRS6, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_REVNAT,
+    MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, PROG_FROM_POD, PROG_FROM_POD6, PROG_TC_BASELINE,
+    PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey,
+    ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TAIL_CALL_POD6, TrafficCounter, counter,
 };
 
 use crate::sizing::Entries;
@@ -218,7 +218,7 @@ impl Maps {
     /// pins keep the size they were made with, whatever the flags say now.
     pub fn maglev_capacity(&self) -> Option<MaglevConfig> {
         let table_size = self.maglev_table_size.filter(|size| *size > 0)?;
-        Some(MaglevConfig { table_size, tables: (self.svc.maglev.len() / table_size).saturating_sub(1) })
+        Some(MaglevConfig { table_size, tables: (self.svc.maglev_len() / table_size).saturating_sub(1) })
     }
 
     /// Opens the maps an agent pinned under `pin_path`, for inspection.
@@ -488,15 +488,41 @@ impl Maps {
         Ok(())
     }
 
-    /// Room in the Service maps of both families, as the kernel made them
-    /// (a pinned map keeps the size it was created with, whatever was
-    /// asked since): each family's, the least of the two.
+    /// Room in the Service maps, as the kernel made them (a pinned map
+    /// keeps the size it was created with, whatever was asked since): the
+    /// IPv4 maps', and the least of both families' once the IPv6 maps are
+    /// awake (dormant, they are not sized for the cluster).
     pub fn capacity(&self) -> Result<Entries, DatapathError> {
         let capacity = self.svc.capacity()?;
         Ok(match &self.ipv6 {
-            Some(ipv6) => capacity.least(&ipv6.svc.capacity()?),
-            None => capacity,
+            Some(ipv6) if self.ipv6_awake() => capacity.least(&ipv6.svc.capacity()?),
+            _ => capacity,
         })
+    }
+
+    /// Whether the IPv6 maps are awake (`sizing::Ipv6Maps`): each at least
+    /// as big as its IPv4 namesake. Dormant maps of 1024 entries beside
+    /// IPv4 maps no bigger count as awake: they hold what those hold.
+    pub fn ipv6_awake(&self) -> bool {
+        let Some(ipv6) = &self.ipv6 else { return false };
+        let size = |map: Result<u32, DatapathError>| map.unwrap_or(0);
+        let pairs = [
+            (size(max_entries(&ipv6.svc.services, MAP_SERVICES6)), size(max_entries(&self.svc.services, MAP_SERVICES))),
+            (
+                size(max_entries(&ipv6.svc.service_addrs, MAP_SERVICE_ADDRS6)),
+                size(max_entries(&self.svc.service_addrs, MAP_SERVICE_ADDRS)),
+            ),
+            (size(max_entries(&ipv6.svc.backends, MAP_BACKENDS6)), size(max_entries(&self.svc.backends, MAP_BACKENDS))),
+            (
+                size(max_entries(&ipv6.svc.source_ranges, MAP_SOURCE_RANGES6)),
+                size(max_entries(&self.svc.source_ranges, MAP_SOURCE_RANGES)),
+            ),
+            (size(max_entries(&ipv6.conntrack, MAP_CONNTRACK6)), size(max_entries(&self.conntrack, MAP_CONNTRACK))),
+            (size(max_entries(&ipv6.affinity, MAP_AFFINITY6)), size(max_entries(&self.affinity, MAP_AFFINITY))),
+            // The kernel's sizes (an Array's `len` is what the object asked for).
+            (size(max_entries(&ipv6.svc.maglev, MAP_MAGLEV6)), size(max_entries(&self.svc.maglev, MAP_MAGLEV))),
+        ];
+        pairs.iter().all(|(six, four)| six >= four)
     }
 
     /// Every map's name and size as the kernel has it.
@@ -690,6 +716,13 @@ where
     Backend<A>: aya::Pod,
     SourceRangeKey<A>: aya::Pod,
 {
+    /// MAGLEV's entries as the kernel has them: a pinned map adopted keeps
+    /// the size it was made with, while aya's `Array::len` says the size
+    /// this object asked for.
+    fn maglev_len(&self) -> u32 {
+        max_entries(&self.maglev, self.names.maglev).unwrap_or_else(|_| self.maglev.len())
+    }
+
     /// The maps named `names`, taken from a loaded object.
     fn take(ebpf: &mut Ebpf, names: ServiceMapNames) -> Result<Self, DatapathError> {
         let mut take = |name: &'static str| {
@@ -806,6 +839,10 @@ where
     /// Writes `op`. Maglev tables need their size (`Maps::maglev_table_size`).
     fn write(&mut self, op: &MapOp<A>, maglev_table_size: Option<u32>) -> Result<(), aya::maps::MapError> {
         let maglev_name = self.names.maglev;
+        let maglev_len = match op {
+            MapOp::PutMaglevTable(..) | MapOp::PutMaglevEntries(..) => self.maglev_len(),
+            _ => 0,
+        };
         match op {
             MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),
@@ -834,8 +871,7 @@ where
                 }
                 // Tables are 1-based, and a table is written whole or not at all.
                 let base = table.checked_sub(1).and_then(|t| t.checked_mul(size));
-                let Some(base) = base.filter(|b| b.checked_add(size).is_some_and(|end| end <= self.maglev.len()))
-                else {
+                let Some(base) = base.filter(|b| b.checked_add(size).is_some_and(|end| end <= maglev_len)) else {
                     return refuse(io::ErrorKind::InvalidInput, format!("{maglev_name}: no table {table}"));
                 };
                 for (backend_id, i) in entries.iter().zip(base..) {
@@ -851,8 +887,7 @@ where
                     return refuse(format!("{maglev_name}: maps opened from pins do not know the table size"));
                 };
                 let base = table.checked_sub(1).and_then(|t| t.checked_mul(size));
-                let Some(base) = base.filter(|b| b.checked_add(size).is_some_and(|end| end <= self.maglev.len()))
-                else {
+                let Some(base) = base.filter(|b| b.checked_add(size).is_some_and(|end| end <= maglev_len)) else {
                     return refuse(format!("{maglev_name}: no table {table}"));
                 };
                 for (i, backend_id) in entries {
@@ -1068,6 +1103,10 @@ const SHARED_MAPS: [&str; 11] = [
     MAP_TAIL_CALLS,
 ];
 
+/// The IPv6 traffic maps (shared otherwise) made anew when dormant IPv6
+/// maps wake (`Datapath::grow`).
+const WOKEN_MAPS: [&str; 3] = [MAP_CONNTRACK6, MAP_AFFINITY6, MAP_MAGLEV6];
+
 /// The pin of a grown map until it replaces the live one (bpffs refuses
 /// names with a dot).
 fn next_pin(dir: &Path, name: &str) -> PathBuf {
@@ -1087,7 +1126,7 @@ impl Datapath {
             }
             // Left by an agent stopped in the middle of `grow`: the live
             // pins are whole, these may not be.
-            for name in GROWABLE_MAPS {
+            for name in GROWABLE_MAPS.into_iter().chain(WOKEN_MAPS) {
                 let _ = fs::remove_file(next_pin(dir, name));
             }
         }
@@ -1134,6 +1173,7 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
+        let ipv6 = |awake: u32| if sizes.ipv6 { awake } else { IPV6_DORMANT_ENTRIES };
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_SERVICES, sizes.services)
@@ -1144,15 +1184,22 @@ impl Datapath {
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .map_max_entries(MAP_MAGLEV, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
             .map_max_entries(MAP_ENDPOINT_FILTER, lb_common::filter_lines(filter_bits_log2))
-            // Each IPv6 map as big as its IPv4 namesake: one set of
-            // sizes, grown together (`Maps::capacity` is the least of both).
-            .map_max_entries(MAP_SERVICES6, sizes.services)
-            .map_max_entries(MAP_SERVICE_ADDRS6, sizes.services)
-            .map_max_entries(MAP_SOURCE_RANGES6, sizes.source_ranges)
-            .map_max_entries(MAP_BACKENDS6, sizes.backends)
-            .map_max_entries(MAP_CONNTRACK6, sizes.conntrack)
-            .map_max_entries(MAP_AFFINITY6, sizes.affinity)
-            .map_max_entries(MAP_MAGLEV6, sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size))
+            // Awake, each IPv6 map as big as its IPv4 namesake (one set of
+            // sizes, grown together); dormant, small (`sizing::Ipv6Maps`).
+            // Pinned ones keep their size.
+            .map_max_entries(MAP_SERVICES6, ipv6(sizes.services))
+            .map_max_entries(MAP_SERVICE_ADDRS6, ipv6(sizes.services))
+            .map_max_entries(MAP_SOURCE_RANGES6, ipv6(sizes.source_ranges))
+            .map_max_entries(MAP_BACKENDS6, ipv6(sizes.backends))
+            .map_max_entries(MAP_CONNTRACK6, ipv6(sizes.conntrack))
+            .map_max_entries(MAP_AFFINITY6, ipv6(sizes.affinity))
+            .map_max_entries(
+                MAP_MAGLEV6,
+                match sizes.ipv6 {
+                    true => sizes.maglev.map_tables().saturating_mul(sizes.maglev.table_size),
+                    false => sizes.maglev.table_size.saturating_mul(2),
+                },
+            )
             .override_global(GLOBAL_ENDPOINT_FILTER_BITS_LOG2, &filter_bits_log2, true)
             .override_global(GLOBAL_MAGLEV_TABLE_SIZE, &sizes.maglev.table_size, true)
             .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
@@ -1236,13 +1283,25 @@ impl Datapath {
     /// frozen view, until the agent attaches them again.
     pub fn grow(&mut self, sizes: MapSizes) -> Result<Vec<String>, DatapathError> {
         let dir = self.pin_path.clone().ok_or(DatapathError::GrowWithoutPins)?;
-        for name in GROWABLE_MAPS {
+        // Dormant IPv6 traffic maps woken are made anew too, at their IPv4
+        // namesakes' sizes as the kernel has them (pinned maps keep the
+        // size they were made with): they hold no flow to keep.
+        let wake = sizes.ipv6 && !self.maps.ipv6_awake();
+        let mut sizes = sizes;
+        if wake {
+            sizes.conntrack = max_entries(&self.maps.conntrack, MAP_CONNTRACK)?;
+            sizes.affinity = max_entries(&self.maps.affinity, MAP_AFFINITY)?;
+            sizes.maglev = self.maps.maglev_capacity().unwrap_or(sizes.maglev);
+        }
+        let woken: &[&str] = if wake { &WOKEN_MAPS } else { &[] };
+        let renewed: Vec<&str> = GROWABLE_MAPS.into_iter().chain(woken.iter().copied()).collect();
+        for name in &renewed {
             let _ = fs::remove_file(next_pin(&dir, name));
         }
-        let pins = GROWABLE_MAPS
-            .into_iter()
-            .map(|name| (name, next_pin(&dir, name)))
-            .chain(SHARED_MAPS.into_iter().map(|name| (name, dir.join(name))))
+        let pins = renewed
+            .iter()
+            .map(|name| (*name, next_pin(&dir, name)))
+            .chain(SHARED_MAPS.into_iter().filter(|name| !renewed.contains(name)).map(|name| (name, dir.join(name))))
             .collect();
         let mut ebpf = Self::load_object(sizes, self.socket_netns, self.host_netns, pins)?;
         let mut maps = Maps::take(&mut ebpf, sizes.maglev.table_size)?;
@@ -1255,7 +1314,7 @@ impl Datapath {
         // pins, removed by the next attempt or start). The renames are
         // the last step that can fail before the agent moves to the new
         // maps; on bpffs, in one directory, they do not.
-        for name in GROWABLE_MAPS {
+        for name in renewed {
             let (from, to) = (next_pin(&dir, name), dir.join(name));
             fs::rename(&from, &to).map_err(|source| DatapathError::Rename { path: to.clone(), source })?;
         }

@@ -139,6 +139,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             affinity: args.affinity_max_entries,
             source_ranges: args.source_ranges_max_entries,
             maglev: MaglevConfig { table_size: args.maglev_table_size, tables: args.maglev_tables },
+            // Dormant until a sync has IPv6 frontends (`sizing::Ipv6Maps`).
+            ipv6: false,
         },
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(config))

@@ -110,7 +110,7 @@ impl Agent {
             let is_map = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'));
             if !is_map {
                 continue;
             }
@@ -123,6 +123,19 @@ impl Agent {
             total += info["bytes_memlock"].as_u64().unwrap_or(0);
         }
         Ok(total / 1024)
+    }
+
+    /// The max_entries of pinned map `name`, as bpftool reads it.
+    pub fn map_max_entries(&self, name: &str) -> anyhow::Result<u64> {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(self.pin_path.join(name))
+            .output()?;
+        if !out.status.success() {
+            bail!("bpftool map show {name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        info["max_entries"].as_u64().context("no max_entries")
     }
 
     /// The indexes set in the pinned TAIL_CALLS program array (index

@@ -45,6 +45,9 @@ fn clusterip_end_to_end(topology: Topology) {
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     frontend_has(&mut agent, 3);
     agent.wait_for_attachments(4).unwrap();
+    // No IPv6 frontend: the IPv6 maps stay dormant, costing next to no
+    // memory (`lb_common::IPV6_DORMANT_ENTRIES`).
+    assert_eq!(agent.map_max_entries("CONNTRACK6").unwrap(), u64::from(lb_common::IPV6_DORMANT_ENTRIES));
     let client = &cluster.pod("client").netns;
     let vip_tcp = SocketAddrV4::new(VIP, 80);
 

@@ -75,6 +75,12 @@ fn dual_stack_end_to_end(topology: Topology) {
         })
         .unwrap();
     agent.wait_for_attachments(4).unwrap();
+    // The IPv6 maps, dormant at start, woke for the first sync, as big as
+    // their IPv4 namesakes.
+    assert!(agent.log().contains("ipv6_woken=true"), "{}", agent.log());
+    for (six, four) in [("CONNTRACK6", "CONNTRACK"), ("SERVICES6", "SERVICES"), ("MAGLEV6", "MAGLEV")] {
+        assert_eq!(agent.map_max_entries(six).unwrap(), agent.map_max_entries(four).unwrap(), "{six}");
+    }
     let client = cluster.pod("client");
 
     // An IPv6-only Service: every new connection succeeds and they spread;
@@ -116,7 +122,8 @@ fn dual_stack_end_to_end(topology: Topology) {
     // write (six's 2 frontends, dual's 2 in each family, empty6's 2).
     agent.restart().unwrap();
     agent.wait_for_log("synced frontends=8 writes=0").unwrap();
-    assert_eq!(session.ask("after a restart").unwrap(), pinned);
+    let after = session.ask("after a restart");
+    assert_eq!(after.as_ref().ok(), Some(&pinned), "{after:?}\n{}", agent.log());
     assert!(reached(client, six, 5).iter().all(|a| a.starts_with("backend-")));
     assert!(agent.stop().unwrap().success(), "{}", agent.log());
 }

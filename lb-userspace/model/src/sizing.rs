@@ -25,6 +25,23 @@ pub struct MapSizes {
     pub affinity: u32,
     pub source_ranges: u32,
     pub maglev: MaglevConfig,
+    /// Whether the IPv6 maps get their IPv4 namesakes' sizes (awake), or
+    /// `lb_common::IPV6_DORMANT_ENTRIES` (dormant, while no IPv6 frontend
+    /// needs them: see `Ipv6Maps`).
+    pub ipv6: bool,
+}
+
+/// The IPv6 maps, for growth: they are made dormant (small), and wake at
+/// full size, by the same reload that grows maps, before the first sync
+/// that writes IPv6 frontends. Dormant maps hold no flow (no IPv6 frontend
+/// was ever written to them), so waking loses nothing. Awake, they stay
+/// awake (pinned, adopted across restarts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv6Maps {
+    Dormant,
+    /// Dormant, and the next sync writes IPv6 frontends.
+    Waking,
+    Awake,
 }
 
 impl Default for MapSizes {
@@ -36,6 +53,7 @@ impl Default for MapSizes {
             affinity: lb_common::DEFAULT_AFFINITY_MAX_ENTRIES,
             source_ranges: lb_common::DEFAULT_SOURCE_RANGES_MAX_ENTRIES,
             maglev: MaglevConfig::default(),
+            ipv6: false,
         }
     }
 }
@@ -137,8 +155,9 @@ pub const WARN_FILL: f64 = 0.9;
 /// than its floor; the others keep their capacity (never shrink under
 /// what they hold). SERVICE_ADDRS is sized with SERVICES. The maps the
 /// datapath writes, and MAGLEV, are shared by the grown generation and
-/// keep `floors`' values, which only matter for fresh maps.
-pub fn grown(capacity: &Entries, needed: &Entries, floors: &MapSizes) -> Option<MapSizes> {
+/// keep `floors`' values, which only matter for fresh maps. Waking IPv6
+/// maps are a reason to reload too (`Ipv6Maps`).
+pub fn grown(capacity: &Entries, needed: &Entries, floors: &MapSizes, ipv6: Ipv6Maps) -> Option<MapSizes> {
     let room = |need: usize, floor: u32| {
         let with_headroom = need.saturating_mul(HEADROOM_NUM).div_ceil(HEADROOM_DEN);
         u32::try_from(with_headroom).unwrap_or(u32::MAX).max(floor)
@@ -147,7 +166,7 @@ pub fn grown(capacity: &Entries, needed: &Entries, floors: &MapSizes) -> Option<
     let services_short = needed.services > capacity.services || needed.service_addrs > capacity.service_addrs;
     let backends_short = needed.backends > capacity.backends;
     let ranges_short = needed.source_ranges > capacity.source_ranges;
-    if !(services_short || backends_short || ranges_short) {
+    if !(services_short || backends_short || ranges_short || ipv6 == Ipv6Maps::Waking) {
         return None;
     }
     Some(MapSizes {
@@ -162,6 +181,7 @@ pub fn grown(capacity: &Entries, needed: &Entries, floors: &MapSizes) -> Option<
         } else {
             kept(capacity.source_ranges)
         },
+        ipv6: ipv6 != Ipv6Maps::Dormant,
         ..*floors
     })
 }
@@ -258,10 +278,10 @@ mod tests {
         let floors = MapSizes { services: 100, backends: 50, source_ranges: 10, ..MapSizes::default() };
         let capacity = Entries { services: 100, service_addrs: 100, backends: 50, source_ranges: 10 };
         let fits = Entries { services: 100, service_addrs: 40, backends: 50, source_ranges: 0 };
-        assert_eq!(grown(&capacity, &fits, &floors), None, "exactly full still fits");
+        assert_eq!(grown(&capacity, &fits, &floors, Ipv6Maps::Dormant), None, "exactly full still fits");
 
         let needed = Entries { services: 101, ..fits };
-        let sizes = grown(&capacity, &needed, &floors).expect("SERVICES is short");
+        let sizes = grown(&capacity, &needed, &floors, Ipv6Maps::Dormant).expect("SERVICES is short");
         assert_eq!(
             (sizes.services, sizes.backends, sizes.source_ranges),
             (152, 50, 10),
@@ -269,22 +289,39 @@ mod tests {
         );
 
         let needed = Entries { backends: 1_000, source_ranges: 11, ..fits };
-        let sizes = grown(&capacity, &needed, &floors).unwrap();
+        let sizes = grown(&capacity, &needed, &floors, Ipv6Maps::Dormant).unwrap();
         assert_eq!((sizes.services, sizes.backends, sizes.source_ranges), (100, 1_500, 17));
 
         // Maps pinned by an earlier agent bigger than the flags keep their
         // size when they fit; a floor higher than the need wins.
         let pinned = Entries { backends: 5_000, ..capacity };
-        let sizes = grown(&pinned, &Entries { services: 200, ..fits }, &floors).unwrap();
+        let sizes = grown(&pinned, &Entries { services: 200, ..fits }, &floors, Ipv6Maps::Dormant).unwrap();
         assert_eq!((sizes.services, sizes.backends), (300, 5_000));
         let big_floors = MapSizes { services: 10_000, ..floors };
-        assert_eq!(grown(&capacity, &Entries { services: 200, ..fits }, &big_floors).unwrap().services, 10_000);
+        assert_eq!(
+            grown(&capacity, &Entries { services: 200, ..fits }, &big_floors, Ipv6Maps::Dormant).unwrap().services,
+            10_000
+        );
 
         // 30,000 Services of 4 endpoints: 150,000 SERVICES entries.
         let defaults = Entries { services: 65_536, service_addrs: 65_536, backends: 65_536, source_ranges: 16_384 };
         let cluster = Entries { services: 150_000, service_addrs: 30_000, backends: 120_000, source_ranges: 0 };
-        let sizes = grown(&defaults, &cluster, &MapSizes::default()).unwrap();
+        let sizes = grown(&defaults, &cluster, &MapSizes::default(), Ipv6Maps::Dormant).unwrap();
         assert_eq!((sizes.services, sizes.backends, sizes.source_ranges), (225_000, 180_000, 16_384));
+        assert!(!sizes.ipv6, "dormant IPv6 maps stay dormant");
+    }
+
+    #[test]
+    fn ipv6_maps_wake_by_a_reload_of_their_own_and_stay_awake() {
+        let floors = MapSizes { services: 100, backends: 50, source_ranges: 10, ..MapSizes::default() };
+        let capacity = Entries { services: 200, service_addrs: 200, backends: 50, source_ranges: 10 };
+        let fits = Entries { services: 10, service_addrs: 4, backends: 5, source_ranges: 0 };
+        assert_eq!(grown(&capacity, &fits, &floors, Ipv6Maps::Awake), None, "awake maps that fit stay");
+        let woken = grown(&capacity, &fits, &floors, Ipv6Maps::Waking).expect("waking is a reload");
+        assert!(woken.ipv6);
+        assert_eq!((woken.services, woken.backends), (200, 50), "nothing else changes size");
+        let grown_later = grown(&capacity, &Entries { services: 300, ..fits }, &floors, Ipv6Maps::Awake).unwrap();
+        assert!(grown_later.ipv6, "a later growth keeps them awake");
     }
 
     #[test]
