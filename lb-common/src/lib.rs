@@ -201,6 +201,9 @@ pub const GLOBAL_SOCKET_LB_NETNS: &str = "SOCKET_LB_NETNS";
 /// SOCK_REVNAT: `SockRevNatKey` → `SockRevNatValue`, LRU. Written by the
 /// connect4/sendmsg4 programs, read by recvmsg4/getpeername4.
 pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
+/// SOCK_REVNAT6: the same for native IPv6 sockets (connect6, sendmsg6;
+/// recvmsg6, getpeername6).
+pub const MAP_SOCK_REVNAT6: &str = "SOCK_REVNAT6";
 pub const DEFAULT_SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 
 pub const DEFAULT_SERVICES_MAX_ENTRIES: u32 = 65_536;
@@ -497,23 +500,30 @@ pub const fn random_slot(hash: u32, seed: u32, count: u16) -> u16 {
 }
 
 /// A host socket (by cookie) sent to a backend in place of a service.
+/// `P` pads it to a whole number of words (the cookie's 8 bytes): bytes
+/// left implicit would be hashed uninitialised.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SockRevNatKey {
+pub struct SockRevNatKey<A = Ipv4, P = [u8; 2]> {
     pub cookie: u64,
-    pub backend_addr: [u8; 4],
+    pub backend_addr: A,
     pub backend_port: [u8; 2],
-    pub _pad: [u8; 2],
+    pub _pad: P,
 }
 
 /// The service address and port the socket asked for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SockRevNatValue {
-    pub vip: [u8; 4],
+pub struct SockRevNatValue<A = Ipv4> {
+    pub vip: A,
     pub port: [u8; 2],
     pub _pad: [u8; 2],
 }
+
+/// SOCK_REVNAT6's key and value: native IPv6 sockets (v4-mapped ones use
+/// SOCK_REVNAT).
+pub type SockRevNatKey6 = SockRevNatKey<Ipv6, [u8; 6]>;
+pub type SockRevNatValue6 = SockRevNatValue<Ipv6>;
 
 /// A client of a frontend, for session affinity, or a socket that keeps its
 /// backend (unconnected UDP): what the AFFINITY map is keyed by.
@@ -863,6 +873,8 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue6>() == 56);
     assert!(core::mem::size_of::<AffinityKey6>() == 44);
     assert!(core::mem::size_of::<SourceRangeKey<Ipv6>>() == 36);
+    assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
+    assert!(core::mem::size_of::<SockRevNatValue6>() == 20);
     assert!(SourceRangeKey::<Ipv4>::FRONTEND_BITS == SOURCE_RANGE_FRONTEND_BITS);
 };
 
@@ -889,6 +901,8 @@ mod user {
     unsafe impl aya::Pod for CtValue6 {}
     unsafe impl aya::Pod for AffinityKey6 {}
     unsafe impl aya::Pod for SourceRangeKey<Ipv6> {}
+    unsafe impl aya::Pod for SockRevNatKey6 {}
+    unsafe impl aya::Pod for SockRevNatValue6 {}
 }
 
 #[cfg(test)]

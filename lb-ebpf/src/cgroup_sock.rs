@@ -1,8 +1,10 @@
 //! Socket-level balancing: cgroup hooks that send a socket straight to a
 //! backend when it connects (or per datagram, for unconnected UDP), so its
 //! packets need no NAT, and show the application the service address back
-//! on recvmsg and getpeername. AF_INET sockets, and AF_INET6 sockets using
-//! v4-mapped addresses (`::ffff:a.b.c.d`, as dual-stack applications do).
+//! on recvmsg and getpeername. AF_INET sockets; AF_INET6 sockets to IPv6
+//! service addresses (the IPv6 maps, SOCK_REVNAT6) and to v4-mapped ones
+//! (`::ffff:a.b.c.d`, as dual-stack applications reach IPv4: the IPv4
+//! maps). One code, compiled per family.
 //!
 //! Which sockets: those of one network namespace (`SOCKET_LB_NETNS`, the
 //! agent's own: the node's host-network processes), or of every namespace
@@ -16,14 +18,15 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use lb_common::{
-    AFFINITY_CLIENT_NETNS, AFFINITY_CLIENT_SOCKET, Backend, CtKey, FRONTEND_EXTERNAL, NODE_PORT_TCP, NODE_PORT_UDP,
-    PROTO_TCP, PROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, ct_timeout, flow_hash,
+    AFFINITY_CLIENT_NETNS, AFFINITY_CLIENT_SOCKET, Backend, CtKey, FRONTEND_EXTERNAL, Ipv4, Ipv6, NODE_PORT_TCP,
+    NODE_PORT_UDP, PROTO_TCP, PROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, ct_timeout, flow_hash,
 };
 
 use crate::{
     conntrack,
+    family::Family,
     lb::{self, Lookup, Selector},
-    maps::{NODE_PORTS, SERVICES, SOCK_REVNAT},
+    maps::{NODE_PORTS, SERVICES},
 };
 
 /// The syscall goes on (with whatever address we left in the context).
@@ -141,11 +144,11 @@ pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 /// What the socket hook does with a destination.
-enum Choice {
+enum Choice<A> {
     /// Not a service (or not a socket of ours): leave it.
     Leave,
     /// Send the socket to this backend instead.
-    To(Backend),
+    To(Backend<A>),
     /// Fail the call with ECONNREFUSED: a Service without endpoints, or a
     /// port a cluster IP does not define.
     Refuse,
@@ -168,22 +171,15 @@ fn ours(netns: u64) -> bool {
 /// The hash that picks a socket's Maglev entry: there is no 5-tuple yet at
 /// connect time, so the socket stands for the flow.
 #[inline(always)]
-fn socket_hash(cookie: u64, vip: [u8; 4], port: [u8; 2], protocol: u8) -> u32 {
+fn socket_hash<A: Family>(cookie: u64, vip: A, port: [u8; 2], protocol: u8) -> u32 {
     let c = cookie.to_ne_bytes();
-    flow_hash(&CtKey {
-        saddr: [c[0], c[1], c[2], c[3]],
-        daddr: vip,
-        sport: [c[4], c[5]],
-        dport: port,
-        protocol,
-        _pad: [0; 3],
-    })
+    flow_hash(&CtKey { saddr: A::cookie_addr(c), daddr: vip, sport: [c[4], c[5]], dport: port, protocol, _pad: [0; 3] })
 }
 
 /// The backend for a socket of `ctx` going to `vip`:`port`; `datagram`
 /// for one datagram of an unconnected UDP socket (sendmsg).
 #[inline(always)]
-fn choose(ctx: &SockAddrContext, vip: [u8; 4], port: [u8; 2], protocol: u8, datagram: bool) -> Choice {
+fn choose<A: Family>(ctx: &SockAddrContext, vip: A, port: [u8; 2], protocol: u8, datagram: bool) -> Choice<A> {
     // SAFETY: the context's own pointer, as the helper expects.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     if !ours(netns) {
@@ -206,11 +202,11 @@ fn choose(ctx: &SockAddrContext, vip: [u8; 4], port: [u8; 2], protocol: u8, data
         // The namespace is the client: a pod, or the node's processes,
         // whose packets would all carry the node's address.
         client_kind: AFFINITY_CLIENT_NETNS,
-        client: netns.to_ne_bytes(),
+        client: A::cookie_client(netns),
         hash: socket_hash(cookie, vip, port, protocol),
         // An unconnected UDP socket is one flow: its datagrams keep one
         // backend, as a conntrack entry keeps a packet flow's.
-        sticky: datagram.then_some((AFFINITY_CLIENT_SOCKET, cookie.to_ne_bytes(), ct_timeout::UDP_ESTABLISHED_NS)),
+        sticky: datagram.then_some((AFFINITY_CLIENT_SOCKET, A::cookie_client(cookie), ct_timeout::UDP_ESTABLISHED_NS)),
     };
     match lb::select(&frontend, &selector, conntrack::now()) {
         Some((_, backend)) => Choice::To(backend),
@@ -221,26 +217,27 @@ fn choose(ctx: &SockAddrContext, vip: [u8; 4], port: [u8; 2], protocol: u8, data
 /// Remembers that the socket reaches `vip`:`port` through `backend`, for
 /// recvmsg and getpeername.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, backend: &Backend, vip: [u8; 4], port: [u8; 2]) {
+fn remember<A: Family>(ctx: &SockAddrContext, backend: &Backend<A>, vip: A, port: [u8; 2]) {
     let key = SockRevNatKey {
         cookie: socket_cookie(ctx),
         backend_addr: backend.addr,
         backend_port: backend.port,
-        _pad: [0; 2],
+        _pad: Default::default(),
     };
     let value = SockRevNatValue { vip, port, _pad: [0; 2] };
     // An LRU map evicts rather than fails; if it did fail, the application
     // would see the backend's address, not a broken connection.
-    let _ = SOCK_REVNAT.insert(&key, &value, 0);
+    let _ = A::sock_revnat().insert(&key, &value, 0);
 }
 
 /// The service address and port the socket of `ctx` was sent away from,
 /// if `addr`:`port` is a backend it was sent to.
 #[inline(always)]
-fn service_of(ctx: &SockAddrContext, addr: [u8; 4], port: [u8; 2]) -> Option<SockRevNatValue> {
-    let key = SockRevNatKey { cookie: socket_cookie(ctx), backend_addr: addr, backend_port: port, _pad: [0; 2] };
+fn service_of<A: Family>(ctx: &SockAddrContext, addr: A, port: [u8; 2]) -> Option<SockRevNatValue<A>> {
+    let key =
+        SockRevNatKey { cookie: socket_cookie(ctx), backend_addr: addr, backend_port: port, _pad: Default::default() };
     // SAFETY: map values are plain data.
-    unsafe { SOCK_REVNAT.get(&key) }.copied()
+    unsafe { A::sock_revnat().get(&key) }.copied()
 }
 
 #[inline(always)]
@@ -265,7 +262,7 @@ fn to_backend4(ctx: &SockAddrContext, datagram: bool) -> i32 {
     // SAFETY: the kernel hands the program a valid context for its run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let (vip, port) = (sa.user_ip4.to_ne_bytes(), user_port(sa));
-    match choose(ctx, vip, port, sa.protocol as u8, datagram) {
+    match choose::<Ipv4>(ctx, vip, port, sa.protocol as u8, datagram) {
         Choice::Leave => ALLOW,
         Choice::Refuse => refuse(),
         Choice::To(backend) => {
@@ -280,26 +277,44 @@ fn to_backend4(ctx: &SockAddrContext, datagram: bool) -> i32 {
 fn to_service4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as in `to_backend4`.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if let Some(service) = service_of(ctx, sa.user_ip4.to_ne_bytes(), user_port(sa)) {
+    if let Some(service) = service_of::<Ipv4>(ctx, sa.user_ip4.to_ne_bytes(), user_port(sa)) {
         sa.user_ip4 = u32::from_ne_bytes(service.vip);
         set_user_port(sa, service.port);
     }
     ALLOW
 }
 
-/// The IPv4 address inside a v4-mapped IPv6 address (`::ffff:a.b.c.d`).
+/// The address of an AF_INET6 context, as lb-common's `Ipv6` holds one
+/// (network-order bytes as words).
 #[inline(always)]
-fn v4_mapped(sa: &bpf_sock_addr) -> Option<[u8; 4]> {
+fn user_ip6(sa: &bpf_sock_addr) -> Ipv6 {
     // SAFETY: reads of the context's own fields, one word at a time (the
     // verifier checks each context access).
-    let words = unsafe {
+    unsafe {
         [
             core::ptr::read_volatile(&sa.user_ip6[0]),
             core::ptr::read_volatile(&sa.user_ip6[1]),
             core::ptr::read_volatile(&sa.user_ip6[2]),
             core::ptr::read_volatile(&sa.user_ip6[3]),
         ]
-    };
+    }
+}
+
+#[inline(always)]
+fn set_user_ip6(sa: &mut bpf_sock_addr, addr: Ipv6) {
+    // SAFETY: word writes of the context's own field, as the verifier
+    // allows them.
+    unsafe {
+        core::ptr::write_volatile(&mut sa.user_ip6[0], addr[0]);
+        core::ptr::write_volatile(&mut sa.user_ip6[1], addr[1]);
+        core::ptr::write_volatile(&mut sa.user_ip6[2], addr[2]);
+        core::ptr::write_volatile(&mut sa.user_ip6[3], addr[3]);
+    }
+}
+
+/// The IPv4 address inside a v4-mapped IPv6 address (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn v4_mapped(words: Ipv6) -> Option<[u8; 4]> {
     (words[0] == 0 && words[1] == 0 && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
         .then(|| words[3].to_ne_bytes())
 }
@@ -313,16 +328,25 @@ fn set_v4_mapped(sa: &mut bpf_sock_addr, addr: [u8; 4]) {
 fn to_backend6(ctx: &SockAddrContext, datagram: bool) -> i32 {
     // SAFETY: as in `to_backend4`.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(vip) = v4_mapped(sa) else {
-        return ALLOW;
-    };
-    let port = user_port(sa);
-    match choose(ctx, vip, port, sa.protocol as u8, datagram) {
+    let (addr, port, protocol) = (user_ip6(sa), user_port(sa), sa.protocol as u8);
+    if let Some(vip) = v4_mapped(addr) {
+        return match choose::<Ipv4>(ctx, vip, port, protocol, datagram) {
+            Choice::Leave => ALLOW,
+            Choice::Refuse => refuse(),
+            Choice::To(backend) => {
+                remember(ctx, &backend, vip, port);
+                set_v4_mapped(sa, backend.addr);
+                set_user_port(sa, backend.port);
+                ALLOW
+            }
+        };
+    }
+    match choose::<Ipv6>(ctx, addr, port, protocol, datagram) {
         Choice::Leave => ALLOW,
         Choice::Refuse => refuse(),
         Choice::To(backend) => {
-            remember(ctx, &backend, vip, port);
-            set_v4_mapped(sa, backend.addr);
+            remember(ctx, &backend, addr, port);
+            set_user_ip6(sa, backend.addr);
             set_user_port(sa, backend.port);
             ALLOW
         }
@@ -332,11 +356,14 @@ fn to_backend6(ctx: &SockAddrContext, datagram: bool) -> i32 {
 fn to_service6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as in `to_backend4`.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(addr) = v4_mapped(sa) else {
-        return ALLOW;
-    };
-    if let Some(service) = service_of(ctx, addr, user_port(sa)) {
-        set_v4_mapped(sa, service.vip);
+    let (addr, port) = (user_ip6(sa), user_port(sa));
+    if let Some(addr) = v4_mapped(addr) {
+        if let Some(service) = service_of::<Ipv4>(ctx, addr, port) {
+            set_v4_mapped(sa, service.vip);
+            set_user_port(sa, service.port);
+        }
+    } else if let Some(service) = service_of::<Ipv6>(ctx, addr, port) {
+        set_user_ip6(sa, service.vip);
         set_user_port(sa, service.port);
     }
     ALLOW

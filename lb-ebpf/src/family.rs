@@ -8,13 +8,13 @@ use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap};
 use lb_common::{
     Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX_ENTRIES,
     DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, Ipv4, Ipv6, ServiceAddr, ServiceKey, ServiceValue,
-    SourceRangeKey,
+    DEFAULT_SERVICES_MAX_ENTRIES, DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, Ipv4, Ipv6,
+    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 use crate::maps::{
     AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, ENTRY_SCRATCH6, KEY_SCRATCH6, MAGLEV, MAGLEV6,
-    SERVICE_ADDRS, SERVICE_ADDRS6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
+    SERVICE_ADDRS, SERVICE_ADDRS6, SERVICES, SERVICES6, SOCK_REVNAT, SOCK_REVNAT6, SOURCE_RANGES, SOURCE_RANGES6,
 };
 
 pub const SERVICES_N: usize = DEFAULT_SERVICES_MAX_ENTRIES as usize;
@@ -22,6 +22,7 @@ pub const BACKENDS_N: usize = DEFAULT_BACKENDS_MAX_ENTRIES as usize;
 pub const CONNTRACK_N: usize = DEFAULT_CONNTRACK_MAX_ENTRIES as usize;
 pub const AFFINITY_N: usize = DEFAULT_AFFINITY_MAX_ENTRIES as usize;
 pub const SOURCE_RANGES_N: usize = DEFAULT_SOURCE_RANGES_MAX_ENTRIES as usize;
+pub const SOCK_REVNAT_N: usize = DEFAULT_SOCK_REVNAT_MAX_ENTRIES as usize;
 pub const MAGLEV_N: usize = (DEFAULT_MAGLEV_TABLES * DEFAULT_MAGLEV_TABLE_SIZE) as usize;
 /// LpmTrie's default flags (BPF_F_NO_PREALLOC, which the kernel requires).
 pub const LPM_FLAGS: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
@@ -32,6 +33,8 @@ pub type Ct<A> = CtValue<A, <A as Family>::CtPad>;
 pub trait Family: Address + 'static {
     /// `CtValue`'s padding for this family.
     type CtPad: Copy + Default;
+    /// `SockRevNatKey`'s padding for this family.
+    type SockPad: Copy + Default;
     /// Offsets of the addresses from the start of the IP header.
     const SADDR_OFFSET: usize;
     const DADDR_OFFSET: usize;
@@ -46,6 +49,11 @@ pub trait Family: Address + 'static {
     fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue, AFFINITY_N>;
     fn maglev() -> &'static Array<u32, MAGLEV_N>;
     fn source_ranges() -> &'static LpmTrie<SourceRangeKey<Self>, u8, SOURCE_RANGES_N, LPM_FLAGS>;
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Self, Self::SockPad>, SockRevNatValue<Self>, SOCK_REVNAT_N>;
+    /// A socket's cookie as an address of this family: what stands for
+    /// the client in a socket's flow hash (there is no 5-tuple yet at
+    /// connect time).
+    fn cookie_addr(cookie: [u8; 8]) -> Self;
     /// The address as the u64 the checksum helpers take for a 4-byte
     /// field; `None` for a longer one, whose change goes in as a sum.
     fn word(&self) -> Option<u64>;
@@ -62,6 +70,7 @@ pub trait Family: Address + 'static {
 
 impl Family for Ipv4 {
     type CtPad = [u8; 0];
+    type SockPad = [u8; 2];
     const SADDR_OFFSET: usize = 12;
     const DADDR_OFFSET: usize = 16;
     const IP_CHECK_OFFSET: Option<usize> = Some(10);
@@ -93,6 +102,14 @@ impl Family for Ipv4 {
     #[inline(always)]
     fn source_ranges() -> &'static LpmTrie<SourceRangeKey<Self>, u8, SOURCE_RANGES_N, LPM_FLAGS> {
         &SOURCE_RANGES
+    }
+    #[inline(always)]
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Self, Self::SockPad>, SockRevNatValue<Self>, SOCK_REVNAT_N> {
+        &SOCK_REVNAT
+    }
+    #[inline(always)]
+    fn cookie_addr(cookie: [u8; 8]) -> Self {
+        [cookie[0], cookie[1], cookie[2], cookie[3]]
     }
 
     #[inline(always)]
@@ -130,6 +147,7 @@ impl Family for Ipv4 {
 
 impl Family for Ipv6 {
     type CtPad = [u8; 4];
+    type SockPad = [u8; 6];
     const SADDR_OFFSET: usize = 8;
     const DADDR_OFFSET: usize = 24;
     const IP_CHECK_OFFSET: Option<usize> = None;
@@ -161,6 +179,15 @@ impl Family for Ipv6 {
     #[inline(always)]
     fn source_ranges() -> &'static LpmTrie<SourceRangeKey<Self>, u8, SOURCE_RANGES_N, LPM_FLAGS> {
         &SOURCE_RANGES6
+    }
+    #[inline(always)]
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Self, Self::SockPad>, SockRevNatValue<Self>, SOCK_REVNAT_N> {
+        &SOCK_REVNAT6
+    }
+    #[inline(always)]
+    fn cookie_addr(cookie: [u8; 8]) -> Self {
+        let c = cookie;
+        [u32::from_ne_bytes([c[0], c[1], c[2], c[3]]), u32::from_ne_bytes([c[4], c[5], c[6], c[7]]), 0, 0]
     }
     #[inline(always)]
     fn word(&self) -> Option<u64> {

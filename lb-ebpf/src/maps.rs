@@ -9,7 +9,8 @@ use lb_common::{
     DEFAULT_AFFINITY_MAX_ENTRIES, DEFAULT_BACKENDS_MAX_ENTRIES, DEFAULT_CONNTRACK_MAX_ENTRIES,
     DEFAULT_ENDPOINT_FILTER_BITS_LOG2, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES_MAX_ENTRIES,
     DEFAULT_SOCK_REVNAT_MAX_ENTRIES, DEFAULT_SOURCE_RANGES_MAX_ENTRIES, FilterLine, Ipv6, ServiceAddr, ServiceKey,
-    ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TrafficCounter, counter, filter_lines,
+    ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey,
+    TrafficCounter, counter, filter_lines,
 };
 
 #[btf_map]
@@ -99,6 +100,10 @@ pub fn flow_seed() -> u32 {
 
 #[btf_map]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, { DEFAULT_SOCK_REVNAT_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6, { DEFAULT_SOCK_REVNAT_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 #[btf_map]

@@ -36,9 +36,10 @@ use lb_common::{
     GLOBAL_SOCKET_LB_NETNS, IPV6_DORMANT_ENTRIES, Ipv4, Ipv6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6,
     MAP_CONNTRACK, MAP_CONNTRACK6, MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV, MAP_MAGLEV6,
     MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICE_ADDRS6, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_REVNAT,
-    MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, PROG_FROM_POD, PROG_FROM_POD6, PROG_TC_BASELINE,
-    PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey,
-    ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, TAIL_CALL_POD6, TrafficCounter, counter,
+    MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, PROG_FROM_POD, PROG_FROM_POD6,
+    PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND,
+    ServiceAddr, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
+    SockRevNatValue6, SourceRangeKey, TAIL_CALL_POD6, TrafficCounter, counter,
 };
 
 use crate::sizing::Entries;
@@ -158,6 +159,8 @@ pub struct Maps6 {
     pub svc: ServiceMaps<Ipv6>,
     pub conntrack: HashMap<MapData, CtKey6, CtValue6>,
     pub affinity: HashMap<MapData, AffinityKey6, AffinityValue>,
+    /// Native IPv6 sockets the socket hooks sent to a backend.
+    pub sock_revnat: HashMap<MapData, SockRevNatKey6, SockRevNatValue6>,
 }
 
 type FilterMap = Array<MapData, FilterLine>;
@@ -208,6 +211,7 @@ impl Maps {
             ipv6: Some(Maps6 {
                 conntrack: HashMap::try_from(take(MAP_CONNTRACK6)?).map_err(map_err(MAP_CONNTRACK6))?,
                 affinity: HashMap::try_from(take(MAP_AFFINITY6)?).map_err(map_err(MAP_AFFINITY6))?,
+                sock_revnat: HashMap::try_from(take(MAP_SOCK_REVNAT6)?).map_err(map_err(MAP_SOCK_REVNAT6))?,
                 svc: svc6,
             }),
         })
@@ -231,6 +235,8 @@ impl Maps {
                 conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK6)?))
                     .map_err(map_err(MAP_CONNTRACK6))?,
                 affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY6)?)).map_err(map_err(MAP_AFFINITY6))?,
+                sock_revnat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REVNAT6)?))
+                    .map_err(map_err(MAP_SOCK_REVNAT6))?,
             })
         };
         Ok(Self {
@@ -519,6 +525,10 @@ impl Maps {
             ),
             (size(max_entries(&ipv6.conntrack, MAP_CONNTRACK6)), size(max_entries(&self.conntrack, MAP_CONNTRACK))),
             (size(max_entries(&ipv6.affinity, MAP_AFFINITY6)), size(max_entries(&self.affinity, MAP_AFFINITY))),
+            (
+                size(max_entries(&ipv6.sock_revnat, MAP_SOCK_REVNAT6)),
+                size(max_entries(&self.sock_revnat, MAP_SOCK_REVNAT)),
+            ),
             // The kernel's sizes (an Array's `len` is what the object asked for).
             (size(max_entries(&ipv6.svc.maglev, MAP_MAGLEV6)), size(max_entries(&self.svc.maglev, MAP_MAGLEV))),
         ];
@@ -538,6 +548,7 @@ impl Maps {
             capacities.extend([
                 (MAP_CONNTRACK6, max_entries(&ipv6.conntrack, MAP_CONNTRACK6)?),
                 (MAP_AFFINITY6, max_entries(&ipv6.affinity, MAP_AFFINITY6)?),
+                (MAP_SOCK_REVNAT6, max_entries(&ipv6.sock_revnat, MAP_SOCK_REVNAT6)?),
             ]);
         }
         Ok(capacities)
@@ -552,6 +563,7 @@ impl Maps {
             entries.extend(ipv6.svc.entries());
             entries.push((MAP_CONNTRACK6, ipv6.conntrack.keys().filter(Result::is_ok).count()));
             entries.push((MAP_AFFINITY6, ipv6.affinity.keys().filter(Result::is_ok).count()));
+            entries.push((MAP_SOCK_REVNAT6, ipv6.sock_revnat.keys().filter(Result::is_ok).count()));
         }
         let capacities = self.capacities()?;
         let mut fill: Vec<_> = entries
@@ -1089,13 +1101,14 @@ const GROWABLE_MAPS: [&str; 9] = [
 /// last holder in userspace goes, which would stop IPv6 at the pods'
 /// hook while the agent restarts; each generation points it at its own
 /// `tc_from_pod6` as it loads.
-const SHARED_MAPS: [&str; 11] = [
+const SHARED_MAPS: [&str; 12] = [
     MAP_CONNTRACK,
     MAP_AFFINITY,
     MAP_MAGLEV,
     MAP_CONNTRACK6,
     MAP_AFFINITY6,
     MAP_MAGLEV6,
+    MAP_SOCK_REVNAT6,
     MAP_SOCK_REVNAT,
     MAP_COUNTERS,
     MAP_FLOW_SEED,
@@ -1105,7 +1118,7 @@ const SHARED_MAPS: [&str; 11] = [
 
 /// The IPv6 traffic maps (shared otherwise) made anew when dormant IPv6
 /// maps wake (`Datapath::grow`).
-const WOKEN_MAPS: [&str; 3] = [MAP_CONNTRACK6, MAP_AFFINITY6, MAP_MAGLEV6];
+const WOKEN_MAPS: [&str; 4] = [MAP_CONNTRACK6, MAP_AFFINITY6, MAP_MAGLEV6, MAP_SOCK_REVNAT6];
 
 /// The pin of a grown map until it replaces the live one (bpffs refuses
 /// names with a dot).
@@ -1193,6 +1206,7 @@ impl Datapath {
             .map_max_entries(MAP_BACKENDS6, ipv6(sizes.backends))
             .map_max_entries(MAP_CONNTRACK6, ipv6(sizes.conntrack))
             .map_max_entries(MAP_AFFINITY6, ipv6(sizes.affinity))
+            .map_max_entries(MAP_SOCK_REVNAT6, ipv6(lb_common::DEFAULT_SOCK_REVNAT_MAX_ENTRIES))
             .map_max_entries(
                 MAP_MAGLEV6,
                 match sizes.ipv6 {

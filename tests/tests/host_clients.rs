@@ -212,3 +212,52 @@ fn a_host_process_cannot_bind_a_port_a_node_port_serves() {
     });
     assert!(free, "the port is free once no NodePort serves it");
 }
+
+/// Native IPv6: a host process's AF_INET6 socket to an IPv6 cluster IP is
+/// sent to a backend at connect (sendmsg for unconnected UDP) through the
+/// IPv6 maps, and sees the service address back (SOCK_REVNAT6), with the
+/// defaults. A dual-stack Service: its IPv4 address still works alike.
+#[test]
+fn host_clients_reach_ipv6_cluster_ips_through_socket_level_balancing() {
+    let (cluster, _servers) = two_backends();
+    let manifests = TempDir::new("lb-host6").unwrap();
+    let vip6: std::net::Ipv6Addr = "fd00:96::40".parse().unwrap();
+    let ports = [("http", 80, "TCP"), ("dns", 53, "UDP")];
+    let targets = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
+    let dual =
+        lb_tests::manifests::service_with_cluster_ips("default", "web", &[VIP.into(), vip6.into()], &ports, json!({}));
+    write_yaml(&manifests.0, "service.yaml", &dual);
+    let endpoints: Vec<Endpoint> = cluster.pods.iter().map(|p| Endpoint::ready(&p.name, p.ip)).collect();
+    write_yaml(&manifests.0, "slice.yaml", &endpoint_slice("default", "web", &targets, &endpoints));
+    let endpoints6: Vec<Endpoint> = cluster.pods.iter().map(|p| Endpoint::ready(&p.name, p.ip6)).collect();
+    let slice6 = lb_tests::manifests::endpoint_slice6("default", "web", &targets, &endpoints6);
+    write_yaml(&manifests.0, "slice6.yaml", &slice6);
+    let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
+    agent.wait_for_maps6("the IPv6 service", |c| c.frontends().count() == 2).unwrap();
+    agent.wait_for_maps("the IPv4 service", |c| c.frontends().count() == 2).unwrap();
+    agent.wait_for_log("sockets balanced at connect").unwrap();
+
+    let mut client = Client::start(ClientPath::Host, &cluster.node, None);
+    let (http6, dns6) = (std::net::SocketAddr::new(vip6.into(), 80), std::net::SocketAddr::new(vip6.into(), 53));
+    let mut pods = BTreeSet::new();
+    for _ in 0..20 {
+        let answer = client.ask("tcp", http6);
+        let Answer::From { pod, peer } = &answer else { panic!("TCP to {http6}: {answer:?}") };
+        assert_eq!(*peer, http6.to_string(), "the application sees the service address");
+        pods.insert(pod.clone());
+    }
+    assert_eq!(pods.len(), 2, "20 connections reached {pods:?}");
+    for mode in ["udp", "udp-connected"] {
+        let answer = client.ask(mode, dns6);
+        let Answer::From { pod, peer } = &answer else { panic!("{mode} to {dns6}: {answer:?}") };
+        assert!(pod.starts_with("backend-") && *peer == dns6.to_string(), "{mode}: {answer:?}");
+    }
+    // Translated at the socket: no packet of it met the pods' hook's
+    // conntrack.
+    let maps = lb_userspace::datapath::Maps::open_pinned(&agent.pin_path).unwrap();
+    let ipv6 = maps.ipv6.as_ref().unwrap();
+    assert!(ipv6.sock_revnat.keys().filter(Result::is_ok).count() >= 20);
+    assert_eq!(ipv6.conntrack.keys().filter(Result::is_ok).count(), 0);
+    // The IPv4 side of the same Service, through the IPv4 maps.
+    assert_shows_service(ClientPath::Host, &client.ask("tcp", HTTP), HTTP);
+}
