@@ -370,9 +370,8 @@ impl Agent {
     /// the backend itself, so no conntrack cleanup can move them. The
     /// application sees ECONNABORTED and makes a new socket, which gets a
     /// live backend.
-    fn destroy_udp_sockets(&self, lost: &BTreeSet<(lb_common::ServiceKey, lb_common::Backend)>) {
-        let entries = self.datapath.maps.sock_revnat.iter().filter_map(Result::ok);
-        let (cookies, backends) = crate::plan::udp_sockets_to_destroy(entries, lost, self.reconciler.current());
+    /// `cookies` and `backends` from `plan::udp_sockets_to_destroy`.
+    fn destroy_udp_sockets(&self, cookies: BTreeSet<u64>, backends: BTreeSet<SocketAddr>) {
         if cookies.is_empty() {
             return;
         }
@@ -481,13 +480,21 @@ impl Agent {
         if !outcome.lost_udp_backends.is_empty() {
             let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
             debug!(flows, "forgot UDP flows of removed backends");
-            self.destroy_udp_sockets(&outcome.lost_udp_backends);
+            let entries = self.datapath.maps.sock_revnat.iter().filter_map(Result::ok);
+            let lost = &outcome.lost_udp_backends;
+            let (cookies, backends) = crate::plan::udp_sockets_to_destroy(entries, lost, self.reconciler.current());
+            self.destroy_udp_sockets(cookies, backends);
         }
         if !outcome6.lost_udp_backends.is_empty() {
-            // The socket hooks translate no native IPv6 socket: no socket
-            // is connected to an IPv6 backend by them.
             let flows = self.datapath.maps.forget_udp_flows6(&outcome6.lost_udp_backends);
             debug!(flows, "forgot IPv6 UDP flows of removed backends");
+            if let Some(ipv6) = &self.datapath.maps.ipv6 {
+                let entries = ipv6.sock_revnat.iter().filter_map(Result::ok);
+                let lost = &outcome6.lost_udp_backends;
+                let after = self.reconciler6.current();
+                let (cookies, backends) = crate::plan::udp_sockets_to_destroy(entries, lost, after);
+                self.destroy_udp_sockets(cookies, backends);
+            }
         }
         if writes > 0 {
             match self.datapath.maps.prune_affinity(self.reconciler.current(), self.reconciler6.current()) {

@@ -8,6 +8,7 @@
 use std::{
     collections::BTreeSet,
     fs, io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::PathBuf,
 };
@@ -28,9 +29,6 @@ const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
 /// A connected UDP socket's state (TCP_ESTABLISHED).
 const UDP_CONNECTED: u32 = 1 << 1;
 
-/// An address and port, network order, as in the maps.
-pub type Endpoint = ([u8; 4], [u8; 2]);
-
 /// One socket as sock_diag reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct DiagSocket {
@@ -45,17 +43,21 @@ impl DiagSocket {
         words[0] | words[1] << 32
     }
 
-    /// The peer, for AF_INET sockets and AF_INET6 ones with a v4-mapped peer.
-    fn peer(&self) -> Option<Endpoint> {
-        let port = [self.id[2], self.id[3]];
-        let dst = &self.id[20..36];
-        match self.family as i32 {
-            libc::AF_INET => Some((dst[..4].try_into().unwrap(), port)),
-            libc::AF_INET6 if dst[..10] == [0; 10] && dst[10..12] == [0xff, 0xff] => {
-                Some((dst[12..16].try_into().unwrap(), port))
+    /// The peer: IPv4 for AF_INET sockets and AF_INET6 ones with a
+    /// v4-mapped peer (the socket hooks sent those to IPv4 backends), IPv6
+    /// for the other AF_INET6 ones.
+    fn peer(&self) -> Option<SocketAddr> {
+        let port = u16::from_be_bytes([self.id[2], self.id[3]]);
+        let dst: [u8; 16] = self.id[20..36].try_into().unwrap();
+        let ip = match self.family as i32 {
+            libc::AF_INET => Ipv4Addr::from(<[u8; 4]>::try_from(&dst[..4]).unwrap()).into(),
+            libc::AF_INET6 => {
+                let ip = Ipv6Addr::from(dst);
+                ip.to_ipv4_mapped().map_or(ip.into(), Into::into)
             }
-            _ => None,
-        }
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, port))
     }
 }
 
@@ -158,10 +160,10 @@ impl Drop for DiagSocketFd {
 }
 
 /// In the calling thread's network namespace, destroys the connected UDP
-/// sockets (AF_INET, and AF_INET6 with a v4-mapped peer) whose peer is one
-/// of `backends` and, when `cookies` is given, whose cookie is one of
-/// them. Returns how many were destroyed.
-pub fn destroy_udp_sockets_to(backends: &BTreeSet<Endpoint>, cookies: Option<&BTreeSet<u64>>) -> io::Result<usize> {
+/// sockets (AF_INET and AF_INET6) whose peer is one of `backends` and,
+/// when `cookies` is given, whose cookie is one of them. Returns how many
+/// were destroyed.
+pub fn destroy_udp_sockets_to(backends: &BTreeSet<SocketAddr>, cookies: Option<&BTreeSet<u64>>) -> io::Result<usize> {
     let diag = DiagSocketFd::open().map_err(|e| io::Error::new(e.kind(), format!("opening sock_diag: {e}")))?;
     let mut destroyed = 0;
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
@@ -206,7 +208,10 @@ fn other_netns() -> Vec<PathBuf> {
 /// in every other one a process of the machine is in (`--socket-lb all`
 /// translates pods' sockets too). A namespace that vanishes meanwhile is
 /// skipped.
-pub fn destroy_udp_sockets_in_every_netns(backends: &BTreeSet<Endpoint>, cookies: &BTreeSet<u64>) -> io::Result<usize> {
+pub fn destroy_udp_sockets_in_every_netns(
+    backends: &BTreeSet<SocketAddr>,
+    cookies: &BTreeSet<u64>,
+) -> io::Result<usize> {
     let mut destroyed = destroy_udp_sockets_to(backends, Some(cookies))?;
     for path in other_netns() {
         let Ok(netns) = fs::File::open(&path) else { continue };
@@ -249,13 +254,14 @@ mod tests {
         let mut v4 = [0u8; 16];
         v4[..4].copy_from_slice(&[10, 1, 2, 3]);
         let socket = DiagSocket { family: libc::AF_INET as u8, id: sockid(53, v4, 0x1_0000_0002) };
-        assert_eq!(socket.peer(), Some(([10, 1, 2, 3], 53u16.to_be_bytes())));
+        assert_eq!(socket.peer(), Some("10.1.2.3:53".parse().unwrap()));
         assert_eq!(socket.cookie(), 0x1_0000_0002);
         let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3];
         let socket = DiagSocket { family: libc::AF_INET6 as u8, id: sockid(53, mapped, 7) };
-        assert_eq!(socket.peer(), Some(([10, 1, 2, 3], 53u16.to_be_bytes())));
+        assert_eq!(socket.peer(), Some("10.1.2.3:53".parse().unwrap()));
         let native = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-        assert_eq!(DiagSocket { family: libc::AF_INET6 as u8, id: sockid(53, native, 7) }.peer(), None);
+        let socket = DiagSocket { family: libc::AF_INET6 as u8, id: sockid(53, native, 7) };
+        assert_eq!(socket.peer(), Some("[fd00::1]:53".parse().unwrap()));
     }
 
     #[test]

@@ -407,21 +407,20 @@ pub fn lost_udp_backends<A: Address>(
     lost
 }
 
-/// An address and port, network order.
-pub type Endpoint = ([u8; 4], [u8; 2]);
-
 /// The connected UDP sockets (by cookie) the socket hooks sent to a
 /// backend that has since left their frontend (`lost`, from
 /// `lost_udp_backends`), with those backends: such a socket is connected
 /// to the backend itself, so no conntrack cleanup can move it; it must be
 /// destroyed. `entries` are SOCK_REVNAT's; a socket is judged by the view
 /// the socket hooks use (internal when the frontend has one).
-pub fn udp_sockets_to_destroy(
-    entries: impl IntoIterator<Item = (SockRevNatKey, SockRevNatValue)>,
-    lost: &BTreeSet<(ServiceKey, Backend)>,
-    after: &MapContents,
-) -> (BTreeSet<u64>, BTreeSet<Endpoint>) {
-    let lost_pairs: BTreeSet<(Endpoint, Endpoint)> =
+pub fn udp_sockets_to_destroy<A: Family, P>(
+    entries: impl IntoIterator<Item = (SockRevNatKey<A, P>, SockRevNatValue<A>)>,
+    lost: &BTreeSet<(ServiceKey<A>, Backend<A>)>,
+    after: &MapContents<A>,
+) -> (BTreeSet<u64>, BTreeSet<SocketAddr>) {
+    // An address and port, network order, as in the maps.
+    type Endpoint<A> = (A, [u8; 2]);
+    let lost_pairs: BTreeSet<(Endpoint<A>, Endpoint<A>)> =
         lost.iter().map(|(frontend, backend)| ((frontend.vip, frontend.port), (backend.addr, backend.port))).collect();
     let mut cookies = BTreeSet::new();
     let mut backends = BTreeSet::new();
@@ -437,7 +436,7 @@ pub fn udp_sockets_to_destroy(
             after.slots_of(&view).iter().filter_map(|id| after.backends.get(id)).any(|b| (b.addr, b.port) == backend);
         if !still_there {
             cookies.insert(key.cookie);
-            backends.insert(backend);
+            backends.insert(SocketAddr::new(backend.0.ip(), u16::from_be_bytes(backend.1)));
         }
     }
     (cookies, backends)
@@ -760,7 +759,8 @@ mod tests {
         let entries = [socket(7, 1, 2), socket(8, 1, 1), socket(9, 2, 2)];
         let (cookies, backends) = udp_sockets_to_destroy(entries, &lost, &after);
         assert_eq!(cookies, BTreeSet::from([7]));
-        assert_eq!(backends, BTreeSet::from([backend_of(2)]));
+        let (addr, port) = backend_of(2);
+        assert_eq!(backends, BTreeSet::from([SocketAddr::new(Ipv4::ip(addr), u16::from_be_bytes(port))]));
     }
 
     #[test]
