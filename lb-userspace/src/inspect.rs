@@ -1,21 +1,22 @@
 //! `lb services`, `lb backends` and `lb stats`: what the pinned maps and
-//! links hold.
-use std::net::Ipv4Addr;
+//! links hold, of both families (IPv4's rows first; backend ids are per
+//! family).
+use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::{datapath::Attachment, model::Protocol, plan::MapContents};
+use crate::{datapath::Attachment, family::Family, model::Protocol, plan::MapContents};
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
 pub struct BackendRow {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
 pub struct ServiceRow {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
     /// ClientIP session affinity timeout; 0 is none.
@@ -39,13 +40,13 @@ fn narrowed_by(flags: u8) -> Option<&'static str> {
     .find_map(|(flag, reason)| (flags & flag != 0).then_some(reason))
 }
 
-pub fn service_rows(contents: &MapContents) -> Vec<ServiceRow> {
+pub fn service_rows<A: Family>(contents: &MapContents<A>) -> Vec<ServiceRow> {
     contents
         .services
         .iter()
         .filter(|(k, _)| k.slot == 0)
         .map(|(key, value)| ServiceRow {
-            address: Ipv4Addr::from(key.vip),
+            address: key.vip.ip(),
             port: u16::from_be_bytes(key.port),
             protocol: Protocol::from_number(key.protocol).map_or_else(|| key.protocol.to_string(), |p| p.to_string()),
             affinity_timeout_seconds: value.affinity_timeout_s,
@@ -63,11 +64,11 @@ pub fn service_rows(contents: &MapContents) -> Vec<ServiceRow> {
         .collect()
 }
 
-fn backend_row(id: u32, b: &lb_common::Backend) -> BackendRow {
-    BackendRow { id, address: Ipv4Addr::from(b.addr), port: u16::from_be_bytes(b.port) }
+fn backend_row<A: Family>(id: u32, b: &lb_common::Backend<A>) -> BackendRow {
+    BackendRow { id, address: b.addr.ip(), port: u16::from_be_bytes(b.port) }
 }
 
-pub fn backend_rows(contents: &MapContents) -> Vec<BackendRow> {
+pub fn backend_rows<A: Family>(contents: &MapContents<A>) -> Vec<BackendRow> {
     contents.backends.iter().map(|(id, b)| backend_row(*id, b)).collect()
 }
 
@@ -142,12 +143,12 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         "FRONTEND", "BACKENDS", "ALGORITHM", "AFFINITY", "NARROWED BY", "ADDRESSES"
     );
     for row in rows {
-        let frontend = format!("{}:{}/{}", row.address, row.port, row.protocol);
+        let frontend = format!("{}/{}", SocketAddr::new(row.address, row.port), row.protocol);
         let affinity = match row.affinity_timeout_seconds {
             0 => "-".to_owned(),
             t => format!("ClientIP {t}s"),
         };
-        let addrs: Vec<String> = row.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect();
+        let addrs: Vec<String> = row.backends.iter().map(|b| SocketAddr::new(b.address, b.port).to_string()).collect();
         out += &format!(
             "{:<26} {:>8}  {:<10} {:<16} {:<13} {}\n",
             frontend,
@@ -164,7 +165,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
 pub fn backends_table(rows: &[BackendRow]) -> String {
     let mut out = format!("{:>6}  {}\n", "ID", "ADDRESS");
     for row in rows {
-        out += &format!("{:>6}  {}:{}\n", row.id, row.address, row.port);
+        out += &format!("{:>6}  {}\n", row.id, SocketAddr::new(row.address, row.port));
     }
     out
 }

@@ -24,15 +24,17 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Services(args) => print_inspect(&args, |c| {
-            let rows = inspect::service_rows(c);
+        Command::Services(args) => print_inspect(&args, |c, c6| {
+            let mut rows = inspect::service_rows(c);
+            rows.extend(inspect::service_rows(c6));
             Ok(match args.output {
                 Output::Table => inspect::services_table(&rows),
                 Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
             })
         }),
-        Command::Backends(args) => print_inspect(&args, |c| {
-            let rows = inspect::backend_rows(c);
+        Command::Backends(args) => print_inspect(&args, |c, c6| {
+            let mut rows = inspect::backend_rows(c);
+            rows.extend(inspect::backend_rows(c6));
             Ok(match args.output {
                 Output::Table => inspect::backends_table(&rows),
                 Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
@@ -148,8 +150,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn print_inspect(
     args: &InspectArgs,
-    render: impl Fn(&lb_userspace::plan::MapContents) -> anyhow::Result<String>,
+    render: impl Fn(
+        &lb_userspace::plan::MapContents,
+        &lb_userspace::plan::MapContents<lb_common::Ipv6>,
+    ) -> anyhow::Result<String>,
 ) -> anyhow::Result<()> {
-    print!("{}", render(&open_pinned(args)?.read_contents()?)?);
+    let maps = open_pinned(args)?;
+    print!("{}", render(&maps.read_contents()?, &maps.read_contents6()?)?);
     Ok(())
 }

@@ -81,6 +81,19 @@ fn dual_stack_end_to_end(topology: Topology) {
     for (six, four) in [("CONNTRACK6", "CONNTRACK"), ("SERVICES6", "SERVICES"), ("MAGLEV6", "MAGLEV")] {
         assert_eq!(agent.map_max_entries(six).unwrap(), agent.map_max_entries(four).unwrap(), "{six}");
     }
+    // `lb services` shows both families.
+    let services: serde_json::Value = serde_json::from_str(&agent.cli("services", &["-o", "json"]).unwrap()).unwrap();
+    let rows = services.as_array().unwrap();
+    let backends_of = |address: String| {
+        rows.iter()
+            .find(|r| r["address"] == address.as_str() && r["port"] == 80)
+            .map(|r| r["backends"].as_array().unwrap().len())
+    };
+    assert_eq!(
+        (backends_of(SIX.to_string()), backends_of(DUAL4.to_string()), backends_of(DUAL6.to_string())),
+        (Some(3), Some(2), Some(2)),
+        "{services}"
+    );
     let client = cluster.pod("client");
 
     // An IPv6-only Service: every new connection succeeds and they spread;
