@@ -3,10 +3,7 @@
 use std::net::{SocketAddrV4, SocketAddrV6};
 
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
-use lb_common::{
-    ADDR_DROP_UNKNOWN_PORTS, BACKEND_LOCAL, Backend6, CtKey, CtValue, FILTER_ANY_PORT, FILTER_FROM, FILTER_TO,
-    ServiceAddr, ServiceKey6, ServiceValue, ipv6,
-};
+use lb_common::{CtKey, CtValue};
 use lb_userspace::{
     datapath::{Datapath, MapSizes},
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
@@ -71,22 +68,45 @@ pub struct Harness {
     pub datapath: Datapath,
 }
 
-/// An IPv6 frontend and its backends (all local), as `Harness::seed_ipv6`
-/// writes them.
+/// An IPv6 frontend and its backends (all local), for `Harness::seed_ipv6`.
 pub struct Service6 {
     pub frontend: SocketAddrV6,
     pub protocol: u8,
     pub backends: Vec<SocketAddrV6>,
     /// ClientIP session affinity, in seconds (0: none).
     pub affinity_timeout_s: u32,
-    /// Select by a Maglev table (the frontend gets one of its own, filled
-    /// with its backends in turn) rather than at random.
+    /// Select by a Maglev table rather than at random.
     pub maglev: bool,
     /// loadBalancerSourceRanges: client prefixes allowed new flows.
     pub source_ranges: Vec<(std::net::Ipv6Addr, u8)>,
 }
 
 impl Service6 {
+    /// As the model would give it: a cluster IP whose backends are all on
+    /// this node.
+    fn port(&self) -> ServicePort {
+        let backends: std::collections::BTreeSet<std::net::SocketAddr> =
+            self.backends.iter().map(|b| (*b).into()).collect();
+        ServicePort {
+            name: format!("test6-{}", self.frontend),
+            frontend: Frontend {
+                addr: (*self.frontend.ip()).into(),
+                port: self.frontend.port(),
+                protocol: Protocol::from_number(self.protocol).expect("TCP or UDP"),
+            },
+            local_backends: backends.clone(),
+            backends,
+            affinity_timeout_s: self.affinity_timeout_s,
+            algorithm: if self.maglev { Algorithm::Maglev } else { Algorithm::Random },
+            source_ranges: self
+                .source_ranges
+                .iter()
+                .map(|(addr, len)| format!("{addr}/{len}").parse().unwrap())
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     pub fn new(frontend: SocketAddrV6, protocol: u8, backends: &[SocketAddrV6]) -> Self {
         Self {
             frontend,
@@ -115,65 +135,14 @@ impl Harness {
         Self { datapath }
     }
 
-    /// Writes `services` into the IPv6 maps, and the endpoint filter's bits
-    /// for them, in the layouts lb-common defines and the order the agent
-    /// writes IPv4's (backends, slots, frontend, address); random
-    /// selection, no affinity. The agent does not program IPv6 frontends
-    /// yet (issue 17).
+    /// Writes `services` into the IPv6 maps as the agent does: as
+    /// `ServicePort`s, through the IPv6 reconciler (ids, slots, Maglev
+    /// tables, addresses, source ranges and the endpoint filter's bits).
     pub fn seed_ipv6(&mut self, services: &[Service6]) {
-        let maps = self.datapath.maps.ipv6.as_mut().expect("the IPv6 maps");
-        let mut next_id = 1u32;
-        let mut next_table = 1u32;
-        let mut filter = Vec::new();
-        for service in services {
-            let vip = ipv6(service.frontend.ip().octets());
-            let port = service.frontend.port().to_be_bytes();
-            let frontend = ServiceKey6::new(vip, port, service.protocol, 0);
-            for (slot, backend) in service.backends.iter().enumerate() {
-                let addr = ipv6(backend.ip().octets());
-                let value = Backend6::new(addr, backend.port().to_be_bytes()).with_flags(BACKEND_LOCAL);
-                maps.svc.backends.insert(next_id, value, 0).unwrap();
-                maps.svc.services.insert(frontend.with_slot(slot as u16 + 1), ServiceValue::slot(next_id), 0).unwrap();
-                filter.push((FILTER_FROM, addr, backend.port().to_be_bytes()));
-                next_id += 1;
-            }
-            let count = service.backends.len() as u16;
-            let first_id = next_id - u32::from(count);
-            let maglev_table = if service.maglev && count > 0 {
-                // The harness's maps have MAGLEV6's two tables of the
-                // default size.
-                let size = lb_common::DEFAULT_MAGLEV_TABLE_SIZE;
-                for entry in 0..size {
-                    let index = (next_table - 1) * size + entry;
-                    maps.svc.maglev.set(index, first_id + entry % u32::from(count), 0).unwrap();
-                }
-                next_table += 1;
-                next_table - 1
-            } else {
-                0
-            };
-            let mut flags = 0;
-            for (prefix, len) in &service.source_ranges {
-                flags |= lb_common::FRONTEND_SOURCE_RANGES;
-                let data = lb_common::SourceRangeKey {
-                    vip,
-                    port,
-                    protocol: service.protocol,
-                    _pad: 0,
-                    client: ipv6(prefix.octets()),
-                };
-                let bits = lb_common::SourceRangeKey::<lb_common::Ipv6>::FRONTEND_BITS + u32::from(*len);
-                maps.svc.source_ranges.insert(&aya::maps::lpm_trie::Key::new(bits, data), 1, 0).unwrap();
-            }
-            let value = ServiceValue::frontend(count, flags, service.affinity_timeout_s, maglev_table);
-            maps.svc.services.insert(frontend, value, 0).unwrap();
-            let frontends = services.iter().filter(|s| s.frontend.ip() == service.frontend.ip()).count() as u16;
-            let addr = ServiceAddr { frontends, flags: ADDR_DROP_UNKNOWN_PORTS, _pad: 0 };
-            maps.svc.service_addrs.insert(vip, addr, 0).unwrap();
-            filter.push((FILTER_TO, vip, port));
-            filter.push((FILTER_TO, vip, FILTER_ANY_PORT));
-        }
-        self.datapath.maps.set_endpoint_filter(filter).unwrap();
+        let ports: Vec<ServicePort> = services.iter().map(Service6::port).collect();
+        let current = self.datapath.maps.read_contents6().expect("reading the IPv6 maps");
+        let maglev = self.datapath.maps.maglev_capacity().expect("the harness's maps know their Maglev size");
+        Reconciler::<lb_common::Ipv6>::new(current, maglev).sync(&ports, &mut self.datapath.maps).expect("seed IPv6");
     }
 
     /// Runs one packet through the tc program; returns the verdict and the

@@ -1,9 +1,7 @@
 //! IPv6 at the pods' hook through BPF_PROG_TEST_RUN: `tc_from_pod` hands
 //! every IPv6 frame to `tc_from_pod6` (a tail call), which runs the
-//! pipeline every hook shares, compiled for IPv6, over the IPv6 maps. The
-//! agent does not program IPv6 frontends yet (issue 17), so these tests
-//! write the maps themselves (`Harness::seed_ipv6`).
-//! Needs root.
+//! pipeline every hook shares, compiled for IPv6, over the IPv6 maps,
+//! written as the agent writes them (`Harness::seed_ipv6`). Needs root.
 use std::net::{Ipv6Addr, SocketAddrV6};
 
 use lb_common::{
@@ -234,7 +232,8 @@ fn a_maglev_frontend_takes_its_table_entry_for_each_new_flow() {
     let mut service = web(&backends);
     service.maglev = true;
     let mut h = harness(&[service]);
-    // The table is filled with the backends in turn, so flows land on each.
+    // Maglev's table holds each backend about as often: 60 flows land on
+    // each (a miss has odds of 3 * (2/3)^60).
     let landed: std::collections::BTreeSet<_> =
         (40000..40060).map(|port| run(&mut h, &Spec6::tcp(at(CLIENT, port), at(VIP, 80), SYN)).1.dst).collect();
     assert_eq!(landed.into_iter().collect::<Vec<_>>(), backends);

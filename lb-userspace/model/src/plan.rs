@@ -14,8 +14,8 @@ use std::{
 
 use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, Address, AffinityKey, AffinityValue, BACKEND_LOCAL, Backend, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, FRONTEND_TWO_SCOPES, Ipv4, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS,
-    ServiceAddr, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES, FRONTEND_TWO_SCOPES, Ipv4, SCOPE_INTERNAL, ServiceAddr, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 use crate::{
@@ -273,7 +273,10 @@ pub fn target_contents_within<A: Family>(
             let Some(client) = A::of(range.addr) else { continue };
             let data =
                 SourceRangeKey { vip: frontend.vip, port: frontend.port, protocol: frontend.protocol, _pad: 0, client };
-            placer.target.source_ranges.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix_len), data));
+            placer
+                .target
+                .source_ranges
+                .insert((SourceRangeKey::<A>::FRONTEND_BITS + u32::from(range.prefix_len), data));
         }
         let mut flags = frontend_flags(service);
         if let Some(internal) = &service.internal_backends {
@@ -888,6 +891,36 @@ mod tests {
     }
 
     #[test]
+    fn each_family_plans_its_own_frontends_into_its_own_maps() {
+        let four = service(1, &[1, 2]);
+        let six = ServicePort {
+            name: "six".into(),
+            frontend: Frontend { addr: "fd00:96::1".parse().unwrap(), port: 80, protocol: Protocol::Tcp },
+            kind: FrontendKind::LoadBalancer,
+            backends: ["[fd00:10::1]:8080".parse().unwrap()].into(),
+            source_ranges: vec!["2001:db8::/48".parse().unwrap()],
+            ..Default::default()
+        };
+        let desired = [four, six];
+        let v4 = target_contents::<Ipv4>(&desired, &MapContents::default(), MAGLEV);
+        let v6 = target_contents::<lb_common::Ipv6>(&desired, &MapContents::default(), MAGLEV);
+        assert_eq!((v4.frontend_entries().count(), v6.frontend_entries().count()), (1, 1));
+        assert_eq!(backends_of(&v4, 1), [1, 2]);
+        assert!(v4.source_ranges.is_empty());
+        let six_key = frontend_key::<lb_common::Ipv6>(&desired[1].frontend).unwrap();
+        let backend = &v6.backends[&v6.slots_of(&six_key)[0]];
+        assert_eq!(
+            (backend.addr, backend.port),
+            (lb_common::ipv6("fd00:10::1".parse::<std::net::Ipv6Addr>().unwrap().octets()), 8080u16.to_be_bytes())
+        );
+        // The range's prefix counts the IPv6 key's frontend part (160 bits).
+        let (bits, range) = v6.source_ranges.first().unwrap();
+        assert_eq!(*bits, 160 + 48);
+        assert_eq!(range.client, lb_common::ipv6("2001:db8::".parse::<std::net::Ipv6Addr>().unwrap().octets()));
+        assert_eq!(v6.addrs[&six_key.vip].flags, 0, "a load-balancer address passes other ports");
+    }
+
+    #[test]
     fn a_backend_shared_by_two_services_is_one_entry() {
         let (maps, _) = sync(&MapContents::default(), &[service(1, &[1]), service(2, &[1])]);
         assert_eq!(maps.backends.len(), 1);
@@ -916,7 +949,7 @@ mod tests {
         let (prefix_len, range) = maps.source_ranges.first().unwrap();
         assert_eq!(
             (*prefix_len, range.client, range.vip),
-            (SOURCE_RANGE_FRONTEND_BITS + 24, [192, 0, 2, 0], [10, 96, 0, 7])
+            (lb_common::SOURCE_RANGE_FRONTEND_BITS + 24, [192, 0, 2, 0], [10, 96, 0, 7])
         );
         let first_frontend = ops.iter().position(|op| matches!(op, MapOp::PutService(k, _) if k.slot == 0)).unwrap();
         assert!(matches!(ops[0], MapOp::PutSourceRange(_)), "ranges before the frontend that checks them");
