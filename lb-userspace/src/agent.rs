@@ -421,47 +421,80 @@ impl Agent {
         self.fit_maps(&step, &step6);
         let fitted = started.elapsed();
         let synced = self.reconciler.sync_step(&step, &mut self.datapath.maps);
-        let synced6 = self.reconciler6.sync_step(&step6, &mut self.datapath.maps);
-        let (outcome, outcome6) = match (synced, synced6) {
-            (Ok(outcome), Ok(outcome6)) => (outcome, outcome6),
-            (synced, synced6) => {
-                self.metrics.sync_failures.inc();
-                // Re-read the maps of a family that failed: the retry
-                // carries on from what is really there. A family that
-                // succeeded holds every change: the retry needs only newer
-                // ones.
-                match synced {
-                    Err(e) => {
-                        error!("sync failed: {e}");
-                        if let Ok(actual) = self.datapath.maps.read_contents() {
-                            self.reconciler = Reconciler::new(actual, self.maglev);
-                        }
-                    }
-                    Ok(_) => self.reconciler.remember(),
-                }
-                match synced6 {
-                    Err(e) => {
-                        error!("sync failed (IPv6): {e}");
-                        if let Ok(actual) = self.datapath.maps.read_contents6() {
-                            self.reconciler6 = Reconciler::new(actual, self.maglev);
-                        }
-                    }
-                    Ok(_) => self.reconciler6.remember(),
-                }
-                // The model has taken this sync's changes: the retry, which
-                // may see none, reads NODE_PORTS afresh and rewrites it.
-                self.node_ports = None;
-                return false;
-            }
+        // IPv6 frontends go only into awake maps: written into dormant ones
+        // (a wake that failed), they would hold flows a later wake would
+        // have to drop. The sync fails instead, and is retried.
+        let writes_ipv6 = !step6.target().services.is_empty() || !self.reconciler6.current().services.is_empty();
+        let synced6 = if writes_ipv6 && !self.datapath.maps.ipv6_awake() {
+            Err("the IPv6 maps could not be made ready (see the error growing the maps); IPv6 frontends wait"
+                .to_owned())
+        } else {
+            self.reconciler6.sync_step(&step6, &mut self.datapath.maps).map_err(|e| e.to_string())
         };
-        // The maps hold every change seen so far: /healthz says so now, not
-        // after the follow-ups below (NODE_PORTS, UDP flow cleanup,
-        // affinity pruning), which take tens of ms on a first sync and
-        // longer on a busy node.
-        self.health.updated();
-        let writes = outcome.writes + outcome6.writes;
+        let failed = synced.is_err() || synced6.is_err();
+        if !failed {
+            // The maps hold every change seen so far: /healthz says so now,
+            // not after the follow-ups below (NODE_PORTS, UDP flow cleanup,
+            // affinity pruning), which take tens of ms on a first sync and
+            // longer on a busy node.
+            self.health.updated();
+        }
         let took = started.elapsed();
-        self.metrics.record_sync(took);
+        // Each family's follow-ups come from its own outcome: one family
+        // failing holds back none of the other's. A family that failed is
+        // read back from its maps: the retry carries on from what is
+        // really there.
+        let mut writes = 0;
+        match synced {
+            Ok(outcome) => {
+                writes += outcome.writes;
+                if !outcome.lost_udp_backends.is_empty() {
+                    let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
+                    debug!(flows, "forgot UDP flows of removed backends");
+                    let entries = self.datapath.maps.sock_revnat.iter().filter_map(Result::ok);
+                    let lost = &outcome.lost_udp_backends;
+                    let (cookies, backends) =
+                        crate::plan::udp_sockets_to_destroy(entries, lost, self.reconciler.current());
+                    self.destroy_udp_sockets(cookies, backends);
+                }
+                // The next sync computes only what changed from this.
+                self.reconciler.remember();
+            }
+            Err(e) => {
+                error!("sync failed: {e}");
+                if let Ok(actual) = self.datapath.maps.read_contents() {
+                    self.reconciler = Reconciler::new(actual, self.maglev);
+                }
+            }
+        }
+        match synced6 {
+            Ok(outcome6) => {
+                writes += outcome6.writes;
+                if !outcome6.lost_udp_backends.is_empty() {
+                    let flows = self.datapath.maps.forget_udp_flows6(&outcome6.lost_udp_backends);
+                    debug!(flows, "forgot IPv6 UDP flows of removed backends");
+                    if let Some(ipv6) = &self.datapath.maps.ipv6 {
+                        let entries = ipv6.sock_revnat.iter().filter_map(Result::ok);
+                        let lost = &outcome6.lost_udp_backends;
+                        let after = self.reconciler6.current();
+                        let (cookies, backends) = crate::plan::udp_sockets_to_destroy(entries, lost, after);
+                        self.destroy_udp_sockets(cookies, backends);
+                    }
+                }
+                self.reconciler6.remember();
+            }
+            Err(e) => {
+                error!("sync failed (IPv6): {e}");
+                if let Ok(actual) = self.datapath.maps.read_contents6() {
+                    self.reconciler6 = Reconciler::new(actual, self.maglev);
+                }
+            }
+        }
+        if failed {
+            self.metrics.sync_failures.inc();
+        } else {
+            self.metrics.record_sync(took);
+        }
         self.metrics.frontends.set(frontends as i64);
         let backends = self.reconciler.current().backends.len() + self.reconciler6.current().backends.len();
         self.metrics.backends.set(backends as i64);
@@ -477,34 +510,18 @@ impl Agent {
         {
             self.sync_node_ports();
         }
-        if !outcome.lost_udp_backends.is_empty() {
-            let flows = self.datapath.maps.forget_udp_flows(&outcome.lost_udp_backends);
-            debug!(flows, "forgot UDP flows of removed backends");
-            let entries = self.datapath.maps.sock_revnat.iter().filter_map(Result::ok);
-            let lost = &outcome.lost_udp_backends;
-            let (cookies, backends) = crate::plan::udp_sockets_to_destroy(entries, lost, self.reconciler.current());
-            self.destroy_udp_sockets(cookies, backends);
-        }
-        if !outcome6.lost_udp_backends.is_empty() {
-            let flows = self.datapath.maps.forget_udp_flows6(&outcome6.lost_udp_backends);
-            debug!(flows, "forgot IPv6 UDP flows of removed backends");
-            if let Some(ipv6) = &self.datapath.maps.ipv6 {
-                let entries = ipv6.sock_revnat.iter().filter_map(Result::ok);
-                let lost = &outcome6.lost_udp_backends;
-                let after = self.reconciler6.current();
-                let (cookies, backends) = crate::plan::udp_sockets_to_destroy(entries, lost, after);
-                self.destroy_udp_sockets(cookies, backends);
-            }
-        }
         if writes > 0 {
             match self.datapath.maps.prune_affinity(self.reconciler.current(), self.reconciler6.current()) {
                 0 => {}
                 n => debug!(entries = n, "pruned session affinity"),
             }
         }
-        // The next sync computes only what changed from this.
-        self.reconciler.remember();
-        self.reconciler6.remember();
+        if failed {
+            // The model has taken this sync's changes: the retry, which may
+            // see none, reads NODE_PORTS afresh and rewrites it.
+            self.node_ports = None;
+            return false;
+        }
         // A large sync (the first, say) leaves freed memory that the
         // allocator keeps for reuse; give it back.
         if took > Duration::from_millis(100) {
@@ -598,7 +615,10 @@ impl Agent {
             Err(e) => return warn!("reading the maps' sizes: {e}"),
         };
         let resized = if self.fixed_map_sizes {
-            (ipv6 == Ipv6Maps::Waking).then_some(MapSizes { ipv6: true, ..self.map_floors })
+            // No growth; a wake keeps every Service map's size.
+            (ipv6 == Ipv6Maps::Waking)
+                .then(|| sizing::grown(&capacity, &Entries::default(), &self.map_floors, ipv6))
+                .flatten()
         } else {
             sizing::grown(&capacity, &needed, &self.map_floors, ipv6)
         };

@@ -506,33 +506,29 @@ impl Maps {
         })
     }
 
-    /// Whether the IPv6 maps are awake (`sizing::Ipv6Maps`): each at least
-    /// as big as its IPv4 namesake. Dormant maps of 1024 entries beside
-    /// IPv4 maps no bigger count as awake: they hold what those hold.
+    /// Whether the IPv6 maps are awake (`sizing::Ipv6Maps`). The mark is
+    /// CONNTRACK6: a wake makes it exactly as big as CONNTRACK, which
+    /// nothing resizes after (the Service maps of both families are then
+    /// grown together). A dormant one of 1024 entries beside a CONNTRACK no
+    /// bigger counts as awake: it holds what CONNTRACK holds.
     pub fn ipv6_awake(&self) -> bool {
         let Some(ipv6) = &self.ipv6 else { return false };
-        let size = |map: Result<u32, DatapathError>| map.unwrap_or(0);
-        let pairs = [
-            (size(max_entries(&ipv6.svc.services, MAP_SERVICES6)), size(max_entries(&self.svc.services, MAP_SERVICES))),
-            (
-                size(max_entries(&ipv6.svc.service_addrs, MAP_SERVICE_ADDRS6)),
-                size(max_entries(&self.svc.service_addrs, MAP_SERVICE_ADDRS)),
-            ),
-            (size(max_entries(&ipv6.svc.backends, MAP_BACKENDS6)), size(max_entries(&self.svc.backends, MAP_BACKENDS))),
-            (
-                size(max_entries(&ipv6.svc.source_ranges, MAP_SOURCE_RANGES6)),
-                size(max_entries(&self.svc.source_ranges, MAP_SOURCE_RANGES)),
-            ),
-            (size(max_entries(&ipv6.conntrack, MAP_CONNTRACK6)), size(max_entries(&self.conntrack, MAP_CONNTRACK))),
-            (size(max_entries(&ipv6.affinity, MAP_AFFINITY6)), size(max_entries(&self.affinity, MAP_AFFINITY))),
-            (
-                size(max_entries(&ipv6.sock_revnat, MAP_SOCK_REVNAT6)),
-                size(max_entries(&self.sock_revnat, MAP_SOCK_REVNAT)),
-            ),
-            // The kernel's sizes (an Array's `len` is what the object asked for).
-            (size(max_entries(&ipv6.svc.maglev, MAP_MAGLEV6)), size(max_entries(&self.svc.maglev, MAP_MAGLEV))),
-        ];
-        pairs.iter().all(|(six, four)| six >= four)
+        match (max_entries(&ipv6.conntrack, MAP_CONNTRACK6), max_entries(&self.conntrack, MAP_CONNTRACK)) {
+            (Ok(six), Ok(four)) => six >= four,
+            _ => false,
+        }
+    }
+
+    /// Whether the IPv6 maps hold nothing a flow or the agent put there:
+    /// what waking them (making CONNTRACK6, AFFINITY6, SOCK_REVNAT6 and
+    /// MAGLEV6 anew) needs.
+    fn ipv6_empty(&self) -> bool {
+        self.ipv6.as_ref().is_none_or(|ipv6| {
+            ipv6.conntrack.keys().next().is_none()
+                && ipv6.svc.services.keys().next().is_none()
+                && ipv6.affinity.keys().next().is_none()
+                && ipv6.sock_revnat.keys().next().is_none()
+        })
     }
 
     /// Every map's name and size as the kernel has it.
@@ -1219,6 +1215,12 @@ impl Datapath {
             .override_global(GLOBAL_SOCKET_LB_NETNS, &socket_netns, true)
             .override_global(GLOBAL_HOST_NETNS, &host_netns, true);
         for (name, path) in pins {
+            // A pin adopted keeps the size it was made with; the object is
+            // told that size too, or aya's own bounds checks (an Array's
+            // `set`, `len`) would go by the size asked for here.
+            if let Some(info) = MapData::from_pin(&path).ok().and_then(|map| map.info().ok()) {
+                loader.map_max_entries(name, info.max_entries());
+            }
             loader.map_pin_path(name, path);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
@@ -1300,7 +1302,10 @@ impl Datapath {
         // Dormant IPv6 traffic maps woken are made anew too, at their IPv4
         // namesakes' sizes as the kernel has them (pinned maps keep the
         // size they were made with): they hold no flow to keep.
-        let wake = sizes.ipv6 && !self.maps.ipv6_awake();
+        // Never over live state: dormant maps the agent never wrote hold
+        // none (a sync writes no IPv6 frontend into dormant maps), but a
+        // check costs four lookups.
+        let wake = sizes.ipv6 && !self.maps.ipv6_awake() && self.maps.ipv6_empty();
         let mut sizes = sizes;
         if wake {
             sizes.conntrack = max_entries(&self.maps.conntrack, MAP_CONNTRACK)?;

@@ -533,7 +533,18 @@ fn maps_opened_from_pins_refuse_to_write_a_maglev_table_they_cannot_place() {
     assert!(error.to_string().contains("do not know the table size"), "{error}");
     assert_eq!(table(&pinned, 1), vec![0; 13]);
     assert_eq!(table(&pinned, 2)[1..12], [7; 11], "the agent's writes are there, none of the refused one");
+    drop(pinned);
     drop(datapath);
+
+    // A next agent asking for fewer tables adopts the pinned MAGLEV as it
+    // is: it knows its three tables and writes all of them (aya's own
+    // bounds checks go by the size the object asked for, so the object is
+    // told the pin's).
+    let fewer = MapSizes { maglev: MaglevConfig { table_size: 13, tables: 1 }, ..sizes };
+    let mut next = Datapath::load(Some(&pins.0), fewer, 0).expect("adopting the pins");
+    assert_eq!(next.maps.maglev_capacity(), Some(sizes.maglev));
+    next.maps.write(&Op::PutMaglevTable(3, vec![4; 13])).unwrap();
+    assert_eq!(table(&next.maps, 3), vec![4; 13]);
 }
 
 #[test]

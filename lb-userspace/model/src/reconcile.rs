@@ -333,7 +333,10 @@ impl<A: Family> Reconciler<A> {
         changed: Option<&BTreeSet<Frontend>>,
     ) -> Step<A> {
         let Some(changed) = changed.filter(|_| self.in_step) else {
-            let all: Vec<ServicePort> = desired.values().map(|p| p.borrow().clone()).collect();
+            // This family's frontends only (the other family's reconciler
+            // plans the rest).
+            let all: Vec<ServicePort> =
+                desired.values().map(Borrow::borrow).filter(|p| A::of(p.frontend.addr).is_some()).cloned().collect();
             let target = target_contents(&all, &self.current, self.maglev);
             let waiting = waiting_for_a_table(all.iter(), &target);
             return Step { before: None, target, waiting };
