@@ -26,7 +26,7 @@ use crate::{
     conntrack,
     family::Family,
     lb::{self, Lookup, Selector},
-    maps::{NODE_PORTS, SERVICES},
+    maps::NODE_PORTS,
 };
 
 /// The syscall goes on (with whatever address we left in the context).
@@ -54,28 +54,31 @@ static HOST_NETNS: u64 = 0;
 pub fn sock_post_bind4(ctx: SockContext) -> i32 {
     // SAFETY: the context's own socket, readable in this hook.
     let sock = unsafe { &*ctx.sock };
-    bind_check(&ctx, sock.src_ip4.to_ne_bytes(), sock.src_port, sock.protocol)
+    bind_check::<Ipv4>(&ctx, sock.src_ip4.to_ne_bytes(), sock.src_port, sock.protocol)
 }
 
 /// As `sock_post_bind4`, for AF_INET6 sockets: the wildcard (which takes
-/// IPv4 connections too) and v4-mapped addresses.
+/// IPv4 connections too), v4-mapped addresses, and IPv6 node addresses
+/// (the IPv6 maps).
 #[cgroup_sock(post_bind6)]
 pub fn sock_post_bind6(ctx: SockContext) -> i32 {
     // SAFETY: the context's own socket, readable in this hook.
     let sock = unsafe { &*ctx.sock };
     let words = sock.src_ip6;
-    let addr = match words {
-        [0, 0, 0, 0] => [0; 4],
-        [0, 0, mapped, v4] if mapped == u32::from_be(0xffff) => v4.to_ne_bytes(),
-        _ => return ALLOW,
-    };
-    bind_check(&ctx, addr, sock.src_port, sock.protocol)
+    match words {
+        [0, 0, 0, 0] => bind_check::<Ipv4>(&ctx, [0; 4], sock.src_port, sock.protocol),
+        [0, 0, mapped, v4] if mapped == u32::from_be(0xffff) => {
+            bind_check::<Ipv4>(&ctx, v4.to_ne_bytes(), sock.src_port, sock.protocol)
+        }
+        addr => bind_check::<Ipv6>(&ctx, addr, sock.src_port, sock.protocol),
+    }
 }
 
 /// Refuses a bind of the host namespace to `addr`:`port` (port in host
-/// order, as `bpf_sock` has it) that a NodePort frontend takes.
+/// order, as `bpf_sock` has it) that a NodePort frontend takes; the
+/// unspecified address (any) takes every NodePort's port.
 #[inline(always)]
-fn bind_check(ctx: &SockContext, addr: [u8; 4], port: u32, protocol: u32) -> i32 {
+fn bind_check<A: Family>(ctx: &SockContext, addr: A, port: u32, protocol: u32) -> i32 {
     // SAFETY: a global the loader may have rewritten; read it as such.
     let host = unsafe { core::ptr::read_volatile(&HOST_NETNS) };
     // SAFETY: the context's own pointer, as the helper expects.
@@ -88,12 +91,12 @@ fn bind_check(ctx: &SockContext, addr: [u8; 4], port: u32, protocol: u32) -> i32
         _ => return ALLOW,
     };
     let port = port as u16;
-    let taken = if addr == [0; 4] {
+    let taken = if addr == A::default() {
         NODE_PORTS.get(port as u32).is_some_and(|bits| bits & bit != 0)
     } else {
         let key = ServiceKey::new(addr, port.to_be_bytes(), protocol, 0);
         // SAFETY: the value is only read, while the map entry lives.
-        unsafe { SERVICES.get(&key) }.is_some_and(|frontend| frontend.flags & FRONTEND_EXTERNAL != 0)
+        unsafe { A::services().get(&key) }.is_some_and(|frontend| frontend.flags & FRONTEND_EXTERNAL != 0)
     };
     if !taken {
         return ALLOW;

@@ -768,7 +768,7 @@ impl Interfaces {
             (format!("{FEATURE_INTERFACE}{name} ({hook})"), error.clone())
         });
         health.set_degraded_group(FEATURE_INTERFACE, failures.collect());
-        node_addresses.into_iter().map(IpAddr::V4).collect()
+        node_addresses
     }
 }
 

@@ -5,7 +5,11 @@
 //! ioctl, both of which answer for the caller's network namespace; /sys would
 //! answer for the namespace sysfs was mounted in, which differs under
 //! `nsenter --net`.
-use std::{ffi::CStr, io, net::Ipv4Addr};
+use std::{
+    ffi::CStr,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use glob::Pattern;
 
@@ -49,9 +53,10 @@ pub fn name_of(index: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
-/// The IPv4 addresses of this network namespace, with the name of the
-/// interface holding each.
-pub fn addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+/// The addresses of this network namespace (IPv4, and IPv6 but for
+/// link-local ones, which every interface has and no Service uses), with
+/// the name of the interface holding each.
+pub fn addresses() -> io::Result<Vec<(String, IpAddr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -61,13 +66,27 @@ pub fn addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
     let mut entry = head;
     while !entry.is_null() {
         // SAFETY: a node of the list getifaddrs returned; an AF_INET
-        // address is a sockaddr_in.
+        // address is a sockaddr_in, an AF_INET6 one a sockaddr_in6.
         unsafe {
             let addr = (*entry).ifa_addr;
-            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
-                let sin = &*(addr as *const libc::sockaddr_in);
-                let name = CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned();
-                out.push((name, Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            let ip: Option<IpAddr> = match addr.is_null() {
+                true => None,
+                false => match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        Some(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+                            .filter(|a| !a.is_unicast_link_local())
+                            .map(Into::into)
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(ip) = ip {
+                out.push((CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned(), ip));
             }
             entry = (*entry).ifa_next;
         }
@@ -77,19 +96,22 @@ pub fn addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
     Ok(out)
 }
 
-/// The node addresses NodePorts are served on: every IPv4 address inside
-/// `--nodeport-addresses` (all when empty), never a loopback one (a
-/// NodePort on 127.0.0.1 would let any local process or a neighbour with
-/// route_localnet reach services it should not: CVE-2020-8558).
-pub fn node_addresses(all: &[(String, Ipv4Addr)], nodeport_addresses: &[Cidr]) -> Vec<Ipv4Addr> {
-    // As kube-proxy: a family without CIDRs in the flag takes all its
-    // addresses.
-    let ipv4_cidrs: Vec<&Cidr> = nodeport_addresses.iter().filter(|c| !c.is_ipv6()).collect();
-    let mut addrs: Vec<Ipv4Addr> = all
+/// The node addresses NodePorts are served on: every address inside
+/// `--nodeport-addresses` (all when the flag has none of its family, as
+/// kube-proxy reads it), never a loopback one (a NodePort on 127.0.0.1
+/// would let any local process or a neighbour with route_localnet reach
+/// services it should not: CVE-2020-8558). Both families: a Service gets
+/// NodePorts on those of its own families.
+pub fn node_addresses(all: &[(String, IpAddr)], nodeport_addresses: &[Cidr]) -> Vec<IpAddr> {
+    let allowed = |a: &IpAddr| {
+        let mut same_family = nodeport_addresses.iter().filter(|c| c.is_ipv6() == a.is_ipv6()).peekable();
+        same_family.peek().is_none() || same_family.any(|c| c.contains(*a))
+    };
+    let mut addrs: Vec<IpAddr> = all
         .iter()
         .map(|(_, a)| *a)
-        .filter(|a| !a.is_loopback() && !a.is_unspecified())
-        .filter(|a| ipv4_cidrs.is_empty() || ipv4_cidrs.iter().any(|c| c.contains((*a).into())))
+        .filter(|a| !a.is_loopback() && !a.is_unspecified() && !a.is_multicast())
+        .filter(allowed)
         .collect();
     addrs.sort();
     addrs.dedup();
@@ -109,7 +131,7 @@ impl ExternalInterfaces {
         Ok(Self { patterns: globs.iter().map(|g| Pattern::new(g)).collect::<Result<_, _>>()? })
     }
 
-    pub fn selects(&self, interface: &Interface, node_addresses: &[Ipv4Addr], all: &[(String, Ipv4Addr)]) -> bool {
+    pub fn selects(&self, interface: &Interface, node_addresses: &[IpAddr], all: &[(String, IpAddr)]) -> bool {
         if interface.name == "lo" {
             return false;
         }
@@ -259,7 +281,24 @@ impl PodInterfaces {
 
 #[cfg(test)]
 mod tests {
-    use super::{ExternalDatapath, WireChoice};
+    use super::{ExternalDatapath, WireChoice, node_addresses};
+
+    #[test]
+    fn node_addresses_of_each_family_are_filtered_by_that_familys_cidrs_only() {
+        let all: Vec<(String, std::net::IpAddr)> =
+            ["127.0.0.1", "10.0.0.5", "192.168.1.5", "::1", "fd00:1::5", "2001:db8::5"]
+                .iter()
+                .map(|a| ("eth0".to_owned(), a.parse().unwrap()))
+                .collect();
+        let shown = |cidrs: &[&str]| -> Vec<String> {
+            let cidrs: Vec<_> = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+            node_addresses(&all, &cidrs).iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(shown(&[]), ["10.0.0.5", "192.168.1.5", "2001:db8::5", "fd00:1::5"], "never loopback");
+        // An IPv4 CIDR narrows IPv4 only: IPv6 has none, so all of it.
+        assert_eq!(shown(&["10.0.0.0/8"]), ["10.0.0.5", "2001:db8::5", "fd00:1::5"]);
+        assert_eq!(shown(&["fd00::/8"]), ["10.0.0.5", "192.168.1.5", "fd00:1::5"]);
+    }
 
     #[test]
     fn auto_takes_xdp_only_on_drivers_that_run_it_natively() {
