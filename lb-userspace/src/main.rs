@@ -97,12 +97,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "--maglev-table-size {} is not a prime (try 16381 or 65521)",
         args.maglev_table_size
     );
-    for (flag, cidrs) in
-        [("--nodeport-addresses", &args.nodeport_addresses), ("--external-ip-cidrs", &args.external_ip_cidrs)]
-    {
-        if flag == "--nodeport-addresses" && Cidr::any_ipv6(cidrs) {
-            tracing::warn!(flag, "its IPv6 CIDRs wait for NodePorts on IPv6 node addresses, not served yet");
-        }
+    if Cidr::any_ipv6(&args.nodeport_addresses) || Cidr::any_ipv6(&args.external_ip_cidrs) {
+        tracing::warn!(
+            "IPv6 NodePorts and externalIPs are served to pods and to this node's processes; clients outside the \
+             node reach them once the external hooks translate IPv6 (they pass it to the stack for now)"
+        );
     }
     let config = AgentConfig {
         source,
