@@ -498,8 +498,8 @@ impl Agent {
         self.metrics.frontends.set(frontends as i64);
         let backends = self.reconciler.current().backends.len() + self.reconciler6.current().backends.len();
         self.metrics.backends.set(backends as i64);
-        let held = Entries::held(self.reconciler.current()).most(&Entries::held(self.reconciler6.current()));
-        self.metrics.set_agent_map_entries(&held);
+        let (held, held6) = (Entries::held(self.reconciler.current()), Entries::held(self.reconciler6.current()));
+        self.metrics.set_agent_map_entries(&held, &held6);
         self.record_endpoint_filter_fill();
         self.observe_programming_latency(&changed.slice_triggers);
         self.health_checks.update(&self.kept_model.health_checks());

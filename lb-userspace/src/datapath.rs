@@ -557,9 +557,6 @@ impl Maps {
         entries.extend(self.traffic_entries());
         if let Some(ipv6) = &self.ipv6 {
             entries.extend(ipv6.svc.entries());
-            entries.push((MAP_CONNTRACK6, ipv6.conntrack.keys().filter(Result::is_ok).count()));
-            entries.push((MAP_AFFINITY6, ipv6.affinity.keys().filter(Result::is_ok).count()));
-            entries.push((MAP_SOCK_REVNAT6, ipv6.sock_revnat.keys().filter(Result::is_ok).count()));
         }
         let capacities = self.capacities()?;
         let mut fill: Vec<_> = entries
@@ -580,13 +577,19 @@ impl Maps {
     }
 
     /// Entries of the maps the datapath writes (CONNTRACK, AFFINITY,
-    /// SOCK_REVNAT), counted by walking each.
-    pub fn traffic_entries(&self) -> [(&'static str, usize); 3] {
-        [
+    /// SOCK_REVNAT, and their IPv6 namesakes), counted by walking each.
+    pub fn traffic_entries(&self) -> Vec<(&'static str, usize)> {
+        let mut entries = vec![
             (MAP_CONNTRACK, self.conntrack_entries()),
             (MAP_AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
             (MAP_SOCK_REVNAT, self.sock_revnat.keys().filter(Result::is_ok).count()),
-        ]
+        ];
+        if let Some(ipv6) = &self.ipv6 {
+            entries.push((MAP_CONNTRACK6, ipv6.conntrack.keys().filter(Result::is_ok).count()));
+            entries.push((MAP_AFFINITY6, ipv6.affinity.keys().filter(Result::is_ok).count()));
+            entries.push((MAP_SOCK_REVNAT6, ipv6.sock_revnat.keys().filter(Result::is_ok).count()));
+        }
+        entries
     }
 
     pub fn conntrack_entries(&self) -> usize {

@@ -235,10 +235,11 @@ impl Metrics {
         self.last_sync.set(now.as_secs_f64());
     }
 
-    /// The agent-written maps' entries after a sync (counting them at
-    /// scrape would walk SERVICES, hundreds of thousands of entries).
-    pub fn set_agent_map_entries(&self, entries: &crate::sizing::Entries) {
-        for (map, n) in entries.by_map() {
+    /// The agent-written maps' entries after a sync, each family's under
+    /// its maps' names (counting them at scrape would walk SERVICES,
+    /// hundreds of thousands of entries).
+    pub fn set_agent_map_entries(&self, entries: &crate::sizing::Entries, entries6: &crate::sizing::Entries) {
+        for (map, n) in entries.by_map().into_iter().chain(entries6.by_map6()) {
             self.map_entries.get_or_create(&MapLabel { map }).set(n as i64);
         }
     }

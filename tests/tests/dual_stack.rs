@@ -89,6 +89,14 @@ fn dual_stack_end_to_end(topology: Topology) {
     for (six, four) in [("CONNTRACK6", "CONNTRACK"), ("SERVICES6", "SERVICES"), ("MAGLEV6", "MAGLEV")] {
         assert_eq!(agent.map_max_entries(six).unwrap(), agent.map_max_entries(four).unwrap(), "{six}");
     }
+    // /metrics names the IPv6 maps as they are filled.
+    let (_, metrics) = cluster
+        .node
+        .enter(|| lb_tests::pods::http_get(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 10249), "/metrics"))
+        .unwrap();
+    let value = |line: &str| metrics.lines().find_map(|l| l.strip_prefix(line)?.trim().parse::<f64>().ok());
+    assert!(value("lb_map_entries{map=\"SERVICES6\"}").is_some_and(|n| n > 0.0), "{metrics}");
+    assert!(value("lb_map_capacity{map=\"CONNTRACK6\"}").is_some_and(|n| n > 1024.0), "{metrics}");
     // `lb services` shows both families.
     let services: serde_json::Value = serde_json::from_str(&agent.cli("services", &["-o", "json"]).unwrap()).unwrap();
     let rows = services.as_array().unwrap();

@@ -140,6 +140,16 @@ impl Entries {
             (lb_common::MAP_SOURCE_RANGES, self.source_ranges),
         ]
     }
+
+    /// `by_map` under the IPv6 maps' names.
+    pub fn by_map6(&self) -> [(&'static str, usize); 4] {
+        [
+            (lb_common::MAP_SERVICES6, self.services),
+            (lb_common::MAP_SERVICE_ADDRS6, self.service_addrs),
+            (lb_common::MAP_BACKENDS6, self.backends),
+            (lb_common::MAP_SOURCE_RANGES6, self.source_ranges),
+        ]
+    }
 }
 
 /// Room grown maps get beyond what is needed now: half as much again, so
