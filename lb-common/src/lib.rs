@@ -127,6 +127,13 @@ pub const MAP_TAIL_CALLS: &str = "TAIL_CALLS";
 pub const TAIL_CALLS_ENTRIES: u32 = 1;
 /// TAIL_CALLS' entry of `tc_from_pod6`.
 pub const TAIL_CALL_POD6: u32 = 0;
+/// `tc_from_wire`'s IPv6 half, which it tail-calls through
+/// WIRE_TAIL_CALLS (a program array of its own: the pinned TAIL_CALLS of
+/// an earlier agent has room for one program): loaded, never attached.
+pub const PROG_FROM_WIRE6: &str = "tc_from_wire6";
+pub const MAP_WIRE_TAIL_CALLS: &str = "WIRE_TAIL_CALLS";
+/// WIRE_TAIL_CALLS' entry of `tc_from_wire6`.
+pub const TAIL_CALL_WIRE6: u32 = 0;
 /// The IPv6 maps: the layouts of their IPv4 namesakes with IPv6 addresses
 /// (`ServiceKey6`, `Backend6`, `CtKey6`/`CtValue6`, `AffinityKey6`,
 /// `SourceRangeKey<Ipv6>`, and `Ipv6` for SERVICE_ADDRS6), the same roles.

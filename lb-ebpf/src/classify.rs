@@ -5,7 +5,7 @@
 //! `Verdict`; knows nothing of the hook.
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    AFFINITY_CLIENT_ADDR, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
+    AFFINITY_CLIENT_ADDR, Backend, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
     CT_DIRECTION_REVERSE_SNAT, CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CtKey, FRONTEND_EXTERNAL, SourceRangeKey,
     flow_hash,
 };
@@ -31,11 +31,11 @@ pub fn classify<A: SnatSource>(packet: &Packet<A>, origin: Origin) -> Verdict<A>
     new_flow(&key, packet, origin)
 }
 
-/// `classify`'s two halves, for a hook that runs each in a frame of its
-/// own (tc_from_pod6), after the endpoint filter: the verdict of the
-/// flow's live conntrack entry, or `None` when it has none. The flow's key
-/// is kept in the family's per-CPU slot (`Family::key_scratch`), where
-/// `untracked` finds it again.
+/// `classify` in parts, for a hook that runs each in a frame of its own
+/// (tc6.rs), after the endpoint filter: the verdict of the flow's live
+/// conntrack entry, or `None` when it has none; then `choose` and
+/// `admit`. The flow's key is kept in the family's per-CPU slot
+/// (`Family::key_scratch`), where the later parts find it again.
 #[inline(always)]
 pub fn tracked<A: SnatSource>(packet: &Packet<A>) -> Option<Verdict<A>> {
     match conntrack::scratch_key(packet) {
@@ -44,22 +44,59 @@ pub fn tracked<A: SnatSource>(packet: &Packet<A>) -> Option<Verdict<A>> {
     }
 }
 
-/// The second half: a packet whose flow `tracked` found no live entry for.
+/// The first packet of a flow (or one whose entry is gone): the Service's
+/// lookup and selection (`choose`), then source NAT and the flow's
+/// conntrack entries (`admit`).
 #[inline(always)]
-pub fn untracked<A: SnatSource>(packet: &Packet<A>, origin: Origin) -> Verdict<A> {
-    match conntrack::scratch_key(packet) {
-        Some(key) => new_flow(key, packet, origin),
-        None => Verdict::Pass,
+fn new_flow<A: SnatSource>(key: &CtKey<A>, packet: &Packet<A>, origin: Origin) -> Verdict<A> {
+    match choose(key, packet, matches!(origin, Origin::Pod)) {
+        Chosen::Refused(refusal) => refusal.verdict(),
+        Chosen::Backend { backend, external, now } => match snat_for(origin, packet, &backend, external) {
+            Some(snat) => admit(key, packet, backend, snat, now),
+            None => Verdict::SnatFailed,
+        },
     }
 }
 
-/// The first packet of a flow (or one whose entry is gone): the Service's
-/// lookup and selection, then the flow's conntrack entries.
+/// What a new flow's Service gives it: no backend (why), or a backend
+/// (whether its frontend is external, and when it was chosen) for `admit`.
+pub enum Chosen<A> {
+    Refused(Refusal),
+    Backend { backend: Backend<A>, external: bool, now: u64 },
+}
+
+/// Why a new flow gets no backend: plain data (a `Verdict` carried inside
+/// `Chosen` made LLVM mix a stack pointer into its bytes, which the
+/// verifier refuses).
+#[derive(Clone, Copy)]
+pub enum Refusal {
+    NotService,
+    UnknownPort,
+    SourceRangeDenied,
+    NoLocalBackend,
+    NoBackend,
+}
+
+impl Refusal {
+    #[inline(always)]
+    pub fn verdict<A>(self) -> Verdict<A> {
+        match self {
+            Refusal::NotService => Verdict::Pass,
+            Refusal::UnknownPort => Verdict::UnknownPort,
+            Refusal::SourceRangeDenied => Verdict::SourceRangeDenied,
+            Refusal::NoLocalBackend => Verdict::NoLocalBackend,
+            Refusal::NoBackend => Verdict::NoBackend,
+        }
+    }
+}
+
+/// A new flow's first half: the Service's lookup, source ranges, refusal
+/// and selection. A hook short of stack (tc6.rs) runs each half in a frame
+/// of its own; the others inline both (`new_flow`).
 #[inline(always)]
-fn new_flow<A: SnatSource>(key: &CtKey<A>, packet: &Packet<A>, origin: Origin) -> Verdict<A> {
-    let internal_client = matches!(origin, Origin::Pod);
+pub fn choose<A: SnatSource>(key: &CtKey<A>, packet: &Packet<A>, internal_client: bool) -> Chosen<A> {
     let frontend = match lb::lookup(packet.daddr, packet.dport, packet.protocol, internal_client) {
-        Lookup::NotService => return Verdict::Pass,
+        Lookup::NotService => return Chosen::Refused(Refusal::NotService),
         // A port no Service defines on a cluster IP is not answered.
         Lookup::UnknownPort { cluster_ip } => {
             // A volatile read keeps the flag on this path: otherwise LLVM
@@ -68,16 +105,16 @@ fn new_flow<A: SnatSource>(key: &CtKey<A>, packet: &Packet<A>, origin: Origin) -
             // verifier refuses.
             // SAFETY: a read of a local.
             let cluster_ip = unsafe { core::ptr::read_volatile(&cluster_ip) };
-            return if cluster_ip { Verdict::UnknownPort } else { Verdict::Pass };
+            return Chosen::Refused(if cluster_ip { Refusal::UnknownPort } else { Refusal::NotService });
         }
         Lookup::Frontend(frontend) => frontend,
     };
     if frontend.source_ranges && !source_allowed(packet) {
-        return Verdict::SourceRangeDenied;
+        return Chosen::Refused(Refusal::SourceRangeDenied);
     }
     match frontend.empty() {
-        Some(Empty::Drop) => return Verdict::NoLocalBackend,
-        Some(Empty::Refuse) => return Verdict::NoBackend,
+        Some(Empty::Drop) => return Chosen::Refused(Refusal::NoLocalBackend),
+        Some(Empty::Refuse) => return Chosen::Refused(Refusal::NoBackend),
         None => {}
     }
     let now = conntrack::now();
@@ -87,21 +124,42 @@ fn new_flow<A: SnatSource>(key: &CtKey<A>, packet: &Packet<A>, origin: Origin) -
         hash: flow_hash(key),
         sticky: None,
     };
-    let Some((_, backend)) = lb::select(&frontend, &selector, now) else {
-        return Verdict::NoBackend;
-    };
+    match lb::select(&frontend, &selector, now) {
+        Some((_, backend)) => Chosen::Backend { backend, external: frontend.flags & FRONTEND_EXTERNAL != 0, now },
+        None => Chosen::Refused(Refusal::NoBackend),
+    }
+}
 
-    // A client outside the cluster cannot be answered by a backend on
-    // another node directly: that node would reply from the pod's address.
-    let snat = match origin {
-        Origin::Wire { ctx, ifindex } if frontend.flags & FRONTEND_EXTERNAL != 0 && !backend.is_local() => {
-            let Some(source) = A::snat_source(ctx, ifindex, packet, &backend) else {
-                return Verdict::SnatFailed;
-            };
-            Some(source)
+/// Whether a new flow to `backend` of a frontend (`external` when the
+/// frontend is reached from outside) is source-NATed: when the client may
+/// be outside the cluster and the backend is on another node, which would
+/// reply from the pod's address. `Some(None)`: not; `Some(Some(source))`:
+/// from this node's address and port; `None`: it must be and cannot be.
+#[inline(always)]
+pub fn snat_for<A: SnatSource>(
+    origin: Origin,
+    packet: &Packet<A>,
+    backend: &Backend<A>,
+    external: bool,
+) -> Option<Option<(A, [u8; 2])>> {
+    match origin {
+        Origin::Wire { ctx, ifindex } if external && !backend.is_local() => {
+            A::snat_source(ctx, ifindex, packet, backend).map(Some)
         }
-        _ => None,
-    };
+        _ => Some(None),
+    }
+}
+
+/// A new flow's last part, for `backend` and its source NAT (`snat_for`):
+/// the flow's conntrack entries, and its verdict.
+#[inline(always)]
+pub fn admit<A: SnatSource>(
+    key: &CtKey<A>,
+    packet: &Packet<A>,
+    backend: Backend<A>,
+    snat: Option<(A, [u8; 2])>,
+    now: u64,
+) -> Verdict<A> {
     let hairpin = snat.is_none() && backend.addr == packet.saddr;
     let (direction, reply_direction) = match (hairpin, snat) {
         (true, _) => (CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY),

@@ -66,6 +66,12 @@ pub trait Family: Address + 'static {
     fn entry_scratch() -> Option<*mut [Ct<Self>; 2]>;
     /// The conntrack key of a flow, built as cheaply as the family allows.
     fn flow_key(saddr: Self, daddr: Self, sport: [u8; 2], dport: [u8; 2], protocol: u8) -> CtKey<Self>;
+    /// An address read through a volatile access (IPv6's a word at a
+    /// time): a function taking addresses by reference that reads them so
+    /// keeps its arguments pointers. Read plainly, LLVM may pass them by
+    /// value instead, as 128-bit values the BPF backend cannot hold (it
+    /// fails compiling them).
+    fn read_volatile(addr: &Self) -> Self;
 }
 
 impl Family for Ipv4 {
@@ -125,6 +131,12 @@ impl Family for Ipv4 {
     #[inline(always)]
     fn entry_scratch() -> Option<*mut [Ct<Self>; 2]> {
         None
+    }
+
+    #[inline(always)]
+    fn read_volatile(addr: &Self) -> Self {
+        // SAFETY: a read of a valid reference.
+        unsafe { core::ptr::read_volatile(addr) }
     }
 
     /// A word at a time: field by field, the compiler stores the addresses
@@ -206,5 +218,18 @@ impl Family for Ipv6 {
     #[inline(always)]
     fn flow_key(saddr: Self, daddr: Self, sport: [u8; 2], dport: [u8; 2], protocol: u8) -> CtKey<Self> {
         CtKey { saddr, daddr, sport, dport, protocol, _pad: [0; 3] }
+    }
+
+    #[inline(always)]
+    fn read_volatile(addr: &Self) -> Self {
+        // SAFETY: reads of a valid reference, a word at a time.
+        unsafe {
+            [
+                core::ptr::read_volatile(&addr[0]),
+                core::ptr::read_volatile(&addr[1]),
+                core::ptr::read_volatile(&addr[2]),
+                core::ptr::read_volatile(&addr[3]),
+            ]
+        }
     }
 }

@@ -25,8 +25,8 @@ mod translate;
 // The hooks, thin: they adapt packets and sockets to the above.
 mod baseline;
 mod cgroup_sock;
+mod tc6;
 mod tc_pod;
-mod tc_pod6;
 mod tc_wire;
 mod xdp_wire;
 

@@ -129,6 +129,20 @@ pub static ICMP_REPLY: PerCpuArray<[u8; crate::parse::ICMP_REPLY_LEN], 1> = PerC
 pub static TAIL_CALLS: aya_ebpf::btf_maps::ProgramArray<{ lb_common::TAIL_CALLS_ENTRIES as usize }> =
     aya_ebpf::btf_maps::ProgramArray::new();
 
+/// IPv6 source NAT's route lookup and the keys it tries, one per CPU
+/// (`snat::source6`).
+pub struct Snat6 {
+    pub params: aya_ebpf::bindings::bpf_fib_lookup,
+    pub reply: CtKey6,
+}
+
+#[btf_map]
+pub static SNAT6: PerCpuArray<Snat6, 1> = PerCpuArray::new();
+
+/// `lb_common::MAP_WIRE_TAIL_CALLS`: the program `tc_from_wire` tail-calls.
+#[btf_map]
+pub static WIRE_TAIL_CALLS: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
+
 /// The conntrack key of the IPv6 packet being classified, one per CPU
 /// (`Family::key_scratch`).
 #[btf_map]
@@ -144,6 +158,11 @@ pub static ENTRY_SCRATCH6: PerCpuArray<[CtValue6; 2], 1> = PerCpuArray::new();
 pub struct State6 {
     pub packet: crate::parse::Packet<lb_common::Ipv6>,
     pub rewrite: crate::nat::Rewrite<lb_common::Ipv6>,
+    /// A new flow's backend and its source NAT, between the frames that
+    /// choose them and admit the flow (tc6.rs).
+    pub backend: lb_common::Backend6,
+    pub snat_addr: lb_common::Ipv6,
+    pub snat_port: [u8; 2],
 }
 
 #[btf_map]

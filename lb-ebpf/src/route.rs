@@ -8,24 +8,83 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup_helper,
 };
 
+use lb_common::{Ipv4, Ipv6};
+
 use crate::{
+    family::Family,
     nat::{Frame, csum_replace},
     parse::Packet,
 };
 
-const AF_INET: u8 = 2;
+/// What a route lookup needs of an address family: how its addresses go
+/// into the helper's parameters, and come out.
+pub trait FibFamily: Family {
+    /// AF_INET, AF_INET6.
+    const AF: u8;
+    fn set_addresses(params: &mut bpf_fib_lookup, saddr: Self, daddr: Self);
+    /// The source address the lookup chose (BPF_FIB_LOOKUP_SRC).
+    fn source(params: &bpf_fib_lookup) -> Self;
+}
 
-/// A route lookup for an IPv4 packet from `saddr` to `daddr`.
+impl FibFamily for Ipv4 {
+    const AF: u8 = 2;
+
+    #[inline(always)]
+    fn set_addresses(params: &mut bpf_fib_lookup, saddr: Self, daddr: Self) {
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    }
+
+    #[inline(always)]
+    fn source(params: &bpf_fib_lookup) -> Self {
+        // SAFETY: the IPv4 member of the union, which an AF_INET lookup fills.
+        unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes()
+    }
+}
+
+impl FibFamily for Ipv6 {
+    const AF: u8 = 10;
+
+    /// A word at a time, through volatile accesses: moved whole, the
+    /// 16-byte addresses become 128-bit values the BPF backend cannot hold
+    /// in its registers.
+    #[inline(always)]
+    fn set_addresses(params: &mut bpf_fib_lookup, saddr: Self, daddr: Self) {
+        for i in 0..4 {
+            // SAFETY: writes of the union's IPv6 members, within the struct.
+            unsafe {
+                core::ptr::write_volatile(&mut params.__bindgen_anon_3.ipv6_src[i], saddr[i]);
+                core::ptr::write_volatile(&mut params.__bindgen_anon_4.ipv6_dst[i], daddr[i]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn source(params: &bpf_fib_lookup) -> Self {
+        // SAFETY: the IPv6 member of the union, which an AF_INET6 lookup
+        // fills; read a word at a time (see `set_addresses`).
+        unsafe {
+            let src = &params.__bindgen_anon_3.ipv6_src;
+            [
+                core::ptr::read_volatile(&src[0]),
+                core::ptr::read_volatile(&src[1]),
+                core::ptr::read_volatile(&src[2]),
+                core::ptr::read_volatile(&src[3]),
+            ]
+        }
+    }
+}
+
+/// A route lookup for a packet of `protocol` from `saddr` to `daddr`.
 #[inline(always)]
-pub fn fib_params(packet: &Packet, saddr: [u8; 4], daddr: [u8; 4], ifindex: u32, tot_len: u16) -> bpf_fib_lookup {
+pub fn fib_params<A: FibFamily>(protocol: u8, saddr: A, daddr: A, ifindex: u32, tot_len: u16) -> bpf_fib_lookup {
     // SAFETY: a plain C struct of integers, valid when zeroed.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = packet.protocol;
+    params.family = A::AF;
+    params.l4_protocol = protocol;
     params.ifindex = ifindex;
     params.__bindgen_anon_1.tot_len = tot_len;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    A::set_addresses(&mut params, saddr, daddr);
     params
 }
 
@@ -82,7 +141,7 @@ pub fn next_hop<F: Frame>(
         Sender::Tc => 0,
     };
     let mut params = fib_params(
-        packet,
+        packet.protocol,
         [addrs[0], addrs[1], addrs[2], addrs[3]],
         [addrs[4], addrs[5], addrs[6], addrs[7]],
         ifindex,

@@ -18,11 +18,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use core::mem::size_of;
-use lb_common::counter;
+use lb_common::{TAIL_CALL_WIRE6, counter};
 
 use crate::{
     classify,
     icmp::{self, ErrorRoute},
+    maps::WIRE_TAIL_CALLS,
     parse::{Packet, Unparsed},
     route::{Route, Sender, next_hop},
     skb,
@@ -39,8 +40,17 @@ pub fn tc_from_wire(ctx: TcContext) -> i32 {
 }
 
 /// Returns the counter to bump and the tc action. TCP and UDP, and ICMP
-/// errors, each go their own way, as in `xdp_from_wire`.
+/// errors, each go their own way, as in `xdp_from_wire`; IPv6 frames in
+/// `tc_from_wire6` (tc6.rs), by tail call (made from the program's own
+/// frame, hence inlined). Without the tail call (an agent that did not set
+/// it) an IPv6 frame passes untouched.
+#[inline(always)]
 fn try_tc_from_wire(ctx: &TcContext) -> Result<(u32, i32), i64> {
+    if ctx.load::<[u8; 2]>(12).is_ok_and(|ether_type| ether_type == [0x86, 0xdd]) {
+        // SAFETY: a tail call to a program the agent put there, or none.
+        unsafe { WIRE_TAIL_CALLS.tail_call(ctx, TAIL_CALL_WIRE6) };
+        return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32));
+    }
     let ifindex = skb::ifindex(ctx);
     match service_packet(ctx, ifindex)? {
         Some((index, Some(action))) => Ok((index, action)),

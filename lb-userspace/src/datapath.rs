@@ -36,10 +36,10 @@ use lb_common::{
     GLOBAL_SOCKET_LB_NETNS, IPV6_DORMANT_ENTRIES, Ipv4, Ipv6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6,
     MAP_CONNTRACK, MAP_CONNTRACK6, MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV, MAP_MAGLEV6,
     MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICE_ADDRS6, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_REVNAT,
-    MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, PROG_FROM_POD, PROG_FROM_POD6,
-    PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE, PROGS_SOCK, PROGS_SOCK_BIND,
-    ServiceAddr, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
-    SockRevNatValue6, SourceRangeKey, TAIL_CALL_POD6, TrafficCounter, counter,
+    MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, MAP_WIRE_TAIL_CALLS, PROG_FROM_POD,
+    PROG_FROM_POD6, PROG_FROM_WIRE6, PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE,
+    PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6,
+    SockRevNatValue, SockRevNatValue6, SourceRangeKey, TAIL_CALL_POD6, TAIL_CALL_WIRE6, TrafficCounter, counter,
 };
 
 use crate::sizing::Entries;
@@ -1100,7 +1100,7 @@ const GROWABLE_MAPS: [&str; 9] = [
 /// last holder in userspace goes, which would stop IPv6 at the pods'
 /// hook while the agent restarts; each generation points it at its own
 /// `tc_from_pod6` as it loads.
-const SHARED_MAPS: [&str; 12] = [
+const SHARED_MAPS: [&str; 13] = [
     MAP_CONNTRACK,
     MAP_AFFINITY,
     MAP_MAGLEV,
@@ -1113,6 +1113,7 @@ const SHARED_MAPS: [&str; 12] = [
     MAP_FLOW_SEED,
     MAP_NODE_PORTS,
     MAP_TAIL_CALLS,
+    MAP_WIRE_TAIL_CALLS,
 ];
 
 /// The IPv6 traffic maps (shared otherwise) made anew when dormant IPv6
@@ -1235,6 +1236,7 @@ impl Datapath {
         }
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD)?.load().map_err(Into::into))?;
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD6)?.load().map_err(Into::into))?;
+        retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_WIRE6)?.load().map_err(Into::into))?;
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load().map_err(Into::into))?;
         retry_interrupted(|| Self::xdp_program_of(&mut ebpf)?.load().map_err(Into::into))?;
         Ok(ebpf)
@@ -1246,14 +1248,19 @@ impl Datapath {
     /// (at load; in `grow`, after the commit), so that a generation that
     /// fails half-way never takes IPv6 from the live one.
     fn point_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-        let pod6 = Self::tc_program_of(ebpf, PROG_FROM_POD6)?.fd()?.try_clone().map_err(ProgramError::from)?;
-        let tail_calls = ebpf.map_mut(MAP_TAIL_CALLS).ok_or(DatapathError::Map {
-            name: MAP_TAIL_CALLS,
-            source: aya::maps::MapError::InvalidName { name: MAP_TAIL_CALLS.to_owned() },
-        })?;
-        aya::maps::ProgramArray::try_from(tail_calls)
-            .and_then(|mut array| array.set(TAIL_CALL_POD6, &pod6, 0))
-            .map_err(map_err(MAP_TAIL_CALLS))
+        for (map, index, program) in
+            [(MAP_TAIL_CALLS, TAIL_CALL_POD6, PROG_FROM_POD6), (MAP_WIRE_TAIL_CALLS, TAIL_CALL_WIRE6, PROG_FROM_WIRE6)]
+        {
+            let fd = Self::tc_program_of(ebpf, program)?.fd()?.try_clone().map_err(ProgramError::from)?;
+            let array = ebpf.map_mut(map).ok_or(DatapathError::Map {
+                name: map,
+                source: aya::maps::MapError::InvalidName { name: map.to_owned() },
+            })?;
+            aya::maps::ProgramArray::try_from(array)
+                .and_then(|mut array| array.set(index, &fd, 0))
+                .map_err(map_err(map))?;
+        }
+        Ok(())
     }
 
     /// Pins the interface programs under `dir`, replacing the pins of an

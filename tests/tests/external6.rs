@@ -1,0 +1,138 @@
+//! External traffic over IPv6, on two nodes: the agent on each with its
+//! default flags (tc on the veth uplinks of a plain bridge, kind's
+//! topology), backend pods on both, a client outside the cluster on the
+//! nodes' LAN; an IPv6-only Service. `tc_from_wire` hands IPv6 frames to
+//! `tc_from_wire6` (tc6.rs), which source-NATs flows to a backend on the
+//! other node. Needs root.
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    time::Instant,
+};
+
+use lb_tests::{
+    agent::{Agent, TempDir},
+    manifests::{Endpoint, Port, endpoint_slice6, service_with_cluster_ips, write_yaml},
+    netns::{EXTERNAL_CLIENT_IP6, Lan, MultiNode},
+    pods::{PodServer, TCP_PORT, UDP_PORT, tcp_ask, tcp_whoami, udp_ask},
+};
+use serde_json::{Value, json};
+
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, 0x10);
+const NODE_PORT: u16 = 30080;
+const UDP_NODE_PORT: u16 = 30053;
+const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
+const SLICE_PORTS: [Port; 2] = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
+
+fn web6(status: Value) -> Value {
+    let spec = json!({"type": "LoadBalancer"});
+    let mut object = service_with_cluster_ips("demo", "web6", &[VIP6.into()], &PORTS, spec);
+    object["spec"]["ports"][0]["nodePort"] = json!(NODE_PORT);
+    object["spec"]["ports"][1]["nodePort"] = json!(UDP_NODE_PORT);
+    object["status"] = status;
+    object
+}
+
+struct Setup {
+    topology: MultiNode,
+    agents: Vec<Agent>,
+    manifests: TempDir,
+    _servers: Vec<PodServer>,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let mut topology = MultiNode::new(2, &["fd00:250::/64"], Lan::PlainBridge).unwrap();
+        for (n, name) in [(1, "pod-1"), (2, "pod-2")] {
+            topology.add_pod(n, name).unwrap();
+        }
+        let servers = ["pod-1", "pod-2"].iter().map(|p| PodServer::start(&topology.pod(p).netns, p).unwrap()).collect();
+        let manifests = TempDir::new("lb-manifests6").unwrap();
+        let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
+        write_yaml(&manifests.0, "web6.yaml", &web6(status));
+        let mut setup = Self { topology, agents: Vec::new(), manifests, _servers: servers };
+        setup.write_endpoints(&["pod-1", "pod-2"]);
+        for n in 1..=2 {
+            let (node_name, dir) = (format!("node-{n}"), format!("dir:{}", setup.manifests.0.display()));
+            // Default flags but for the node's name and the source.
+            let mut agent =
+                Agent::start(&setup.topology.nodes[n - 1], &["--source", &dir, "--node-name", &node_name]).unwrap();
+            agent.wait_for_attachments(2).unwrap();
+            setup.agents.push(agent);
+        }
+        setup
+    }
+
+    fn write_endpoints(&self, pods: &[&str]) {
+        let endpoints: Vec<Endpoint> = self
+            .topology
+            .pods
+            .iter()
+            .filter(|(_, p)| pods.contains(&p.name.as_str()))
+            .map(|(n, p)| Endpoint::ready(&p.name, p.ip6).on(["node-1", "node-2"][n - 1]))
+            .collect();
+        write_yaml(&self.manifests.0, "web6-slice.yaml", &endpoint_slice6("demo", "web6", &SLICE_PORTS, &endpoints));
+    }
+
+    /// Waits until each agent's IPv6 maps hold a TCP frontend on `port`
+    /// with `count` backends.
+    fn wait_for_backends(&mut self, port: u16, count: usize) {
+        for agent in &mut self.agents {
+            agent
+                .wait_for_maps6(&format!("port {port} with {count} backends"), |c| {
+                    c.frontends().any(|(k, b)| k.port == port.to_be_bytes() && k.protocol == 6 && b.len() == count)
+                })
+                .unwrap();
+        }
+    }
+
+    fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.topology.client.enter(f)
+    }
+}
+
+fn node_port(n: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(MultiNode::node_ip6(n).into(), port)
+}
+
+#[test]
+fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside() {
+    let mut setup = Setup::new();
+    setup.wait_for_backends(NODE_PORT, 2);
+    for n in 1..=2 {
+        let answers: Vec<(String, String)> =
+            setup.in_client(|| (0..30).map(|_| tcp_whoami(node_port(n, NODE_PORT)).unwrap()).collect());
+        let reached: BTreeSet<&str> = answers.iter().map(|(pod, _)| pod.as_str()).collect();
+        assert_eq!(reached, BTreeSet::from(["pod-1", "pod-2"]), "via node-{n}");
+        for (pod, peer) in &answers {
+            // The local backend sees the client; the remote one sees the
+            // node that forwarded (source NAT), so its reply comes back
+            // that way.
+            let expected: IpAddr =
+                if *pod == format!("pod-{n}") { EXTERNAL_CLIENT_IP6.into() } else { MultiNode::node_ip6(n).into() };
+            assert_eq!(peer, &expected.to_string(), "{pod} via node-{n}");
+        }
+        let udp = node_port(n, UDP_NODE_PORT);
+        let reached: BTreeSet<String> = setup.in_client(|| (0..20).map(|_| udp_ask(udp).unwrap()).collect());
+        assert_eq!(reached, BTreeSet::from(["pod-1".to_owned(), "pod-2".to_owned()]), "UDP via node-{n}");
+    }
+    // The load-balancer IP, routed to node-1 by the client.
+    let lb = SocketAddr::new(LB_IP6.into(), 80);
+    let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(lb).unwrap()).collect());
+    assert_eq!(reached.len(), 2, "the load-balancer IP reaches both backends: {reached:?}");
+    // No IPv4 node port for an IPv6-only Service.
+    let four = SocketAddr::new(MultiNode::node_ip(1).into(), NODE_PORT);
+    assert!(setup.in_client(|| tcp_ask(four)).is_err());
+
+    // Without endpoints the node port refuses, from the node.
+    setup.write_endpoints(&[]);
+    setup.wait_for_backends(NODE_PORT, 0);
+    let started = Instant::now();
+    let refused = setup.in_client(|| tcp_ask(node_port(2, NODE_PORT))).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+    // An IPv6 TCP connect is refused by the SYN's retransmit (ARCHITECTURE,
+    // "Two families": the kernel keeps the first ICMPv6 error as a soft one).
+    assert!(started.elapsed().as_millis() < 1_500, "refused after {:?}", started.elapsed());
+}
