@@ -195,6 +195,11 @@ pub const MAP_NODE_PORTS: &str = "NODE_PORTS";
 pub const NODE_PORTS_ENTRIES: u32 = 65_536;
 pub const NODE_PORT_TCP: u8 = 1;
 pub const NODE_PORT_UDP: u8 = 2;
+/// The same, for NodePorts on IPv6 node addresses: an IPv4 wildcard bind
+/// (`0.0.0.0`) collides with the IPv4 bits only, an IPv6 one (`::`, which
+/// takes IPv4 too) with all.
+pub const NODE_PORT_TCP6: u8 = 4;
+pub const NODE_PORT_UDP6: u8 = 8;
 
 /// The host network namespace (cookie) whose binds the bind hooks check,
 /// a load-time global; 0 checks none.

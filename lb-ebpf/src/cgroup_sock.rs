@@ -19,7 +19,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AFFINITY_CLIENT_NETNS, AFFINITY_CLIENT_SOCKET, Backend, CtKey, FRONTEND_EXTERNAL, Ipv4, Ipv6, NODE_PORT_TCP,
-    NODE_PORT_UDP, PROTO_TCP, PROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, ct_timeout, flow_hash,
+    NODE_PORT_TCP6, NODE_PORT_UDP, NODE_PORT_UDP6, PROTO_TCP, PROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue,
+    ct_timeout, flow_hash,
 };
 
 use crate::{
@@ -54,7 +55,7 @@ static HOST_NETNS: u64 = 0;
 pub fn sock_post_bind4(ctx: SockContext) -> i32 {
     // SAFETY: the context's own socket, readable in this hook.
     let sock = unsafe { &*ctx.sock };
-    bind_check::<Ipv4>(&ctx, sock.src_ip4.to_ne_bytes(), sock.src_port, sock.protocol)
+    bind_check::<Ipv4>(&ctx, sock.src_ip4.to_ne_bytes(), sock.src_port, sock.protocol, false)
 }
 
 /// As `sock_post_bind4`, for AF_INET6 sockets: the wildcard (which takes
@@ -66,29 +67,37 @@ pub fn sock_post_bind6(ctx: SockContext) -> i32 {
     let sock = unsafe { &*ctx.sock };
     let words = sock.src_ip6;
     match words {
-        [0, 0, 0, 0] => bind_check::<Ipv4>(&ctx, [0; 4], sock.src_port, sock.protocol),
+        // `::` takes IPv4 connections too: both families' NodePorts.
+        [0, 0, 0, 0] => bind_check::<Ipv6>(&ctx, [0; 4], sock.src_port, sock.protocol, true),
         [0, 0, mapped, v4] if mapped == u32::from_be(0xffff) => {
-            bind_check::<Ipv4>(&ctx, v4.to_ne_bytes(), sock.src_port, sock.protocol)
+            bind_check::<Ipv4>(&ctx, v4.to_ne_bytes(), sock.src_port, sock.protocol, false)
         }
-        addr => bind_check::<Ipv6>(&ctx, addr, sock.src_port, sock.protocol),
+        addr => bind_check::<Ipv6>(&ctx, addr, sock.src_port, sock.protocol, false),
     }
 }
 
 /// Refuses a bind of the host namespace to `addr`:`port` (port in host
 /// order, as `bpf_sock` has it) that a NodePort frontend takes; the
-/// unspecified address (any) takes every NodePort's port.
+/// unspecified address (any) takes the port of every NodePort of its
+/// family, and of IPv4 too with `also_ipv4` (IPv6's `::`).
 #[inline(always)]
-fn bind_check<A: Family>(ctx: &SockContext, addr: A, port: u32, protocol: u32) -> i32 {
+fn bind_check<A: Family>(ctx: &SockContext, addr: A, port: u32, protocol: u32, also_ipv4: bool) -> i32 {
     // SAFETY: a global the loader may have rewritten; read it as such.
     let host = unsafe { core::ptr::read_volatile(&HOST_NETNS) };
     // SAFETY: the context's own pointer, as the helper expects.
     if host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock.cast()) } != host {
         return ALLOW;
     }
-    let (protocol, bit) = match protocol {
-        p if p == PROTO_TCP as u32 => (PROTO_TCP, NODE_PORT_TCP),
-        p if p == PROTO_UDP as u32 => (PROTO_UDP, NODE_PORT_UDP),
+    let ipv6 = core::mem::size_of::<A>() == 16;
+    let (protocol, ipv4_bit, ipv6_bit) = match protocol {
+        p if p == PROTO_TCP as u32 => (PROTO_TCP, NODE_PORT_TCP, NODE_PORT_TCP6),
+        p if p == PROTO_UDP as u32 => (PROTO_UDP, NODE_PORT_UDP, NODE_PORT_UDP6),
         _ => return ALLOW,
+    };
+    let bit = match (ipv6, also_ipv4) {
+        (false, _) => ipv4_bit,
+        (true, false) => ipv6_bit,
+        (true, true) => ipv4_bit | ipv6_bit,
     };
     let port = port as u16;
     let taken = if addr == A::default() {

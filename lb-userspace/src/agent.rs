@@ -711,18 +711,26 @@ impl Interfaces {
             }
         };
         let node_addresses = interfaces::node_addresses(&addresses, &self.nodeport_addresses);
+        // Interfaces are told apart by their IPv4 addresses, as before IPv6
+        // was served: an IPv6 address on a pod's host veth (some CNIs put a
+        // gateway there), or on a tunnel or a management NIC with SLAAC,
+        // must not turn it into an external interface (XDP's attach resets
+        // a NIC's queues). An IPv6-only uplink is named with
+        // --external-interfaces.
+        let ipv4: Vec<(String, IpAddr)> = addresses.iter().filter(|(_, a)| a.is_ipv4()).cloned().collect();
+        let node_ipv4: Vec<IpAddr> = node_addresses.iter().filter(|a| a.is_ipv4()).copied().collect();
         for name in datapath.forget_vanished(&present) {
             info!(interface = %name, "interface gone");
         }
         self.failed.retain(|(_, index), _| present.iter().any(|i| i.index == *index));
         for interface in &present {
-            let external = self.external.selects(interface, &node_addresses, &addresses);
+            let external = self.external.selects(interface, &node_ipv4, &ipv4);
             let (hook, why) = if external {
                 match self.external_datapath.choose(interfaces::driver(&interface.name).ok().as_deref()) {
                     WireChoice::Tc(why) => (Hook::WireTc, why),
                     WireChoice::Xdp(why) => (Hook::WireXdp, why),
                 }
-            } else if self.pod.selects(interface) && !addresses.iter().any(|(name, _)| *name == interface.name) {
+            } else if self.pod.selects(interface) && !ipv4.iter().any(|(name, _)| *name == interface.name) {
                 (Hook::Pod, "pod interface")
             } else {
                 for hook in [Hook::WireTc, Hook::WireXdp] {

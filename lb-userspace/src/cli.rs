@@ -167,8 +167,7 @@ pub struct RunArgs {
     /// Node addresses NodePorts are served on, as CIDRs (kube-proxy's flag);
     /// default: every node address. Loopback addresses never are. As with
     /// kube-proxy, each family reads its own CIDRs and takes every address
-    /// when the flag has none of it. NodePorts on IPv6 addresses are served
-    /// to pods and the node's processes; not yet to clients outside it.
+    /// when the flag has none of it.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<crate::cidr::Cidr>,
     /// Service externalIPs are served only inside these CIDRs (either

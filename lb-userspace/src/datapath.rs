@@ -6,7 +6,8 @@
 //!   CONNTRACK, AFFINITY, MAGLEV, COUNTERS     the maps
 //!   SOCK_REVNAT, FLOW_SEED, NODE_PORTS        the maps
 //!   SOURCE_RANGES                             the maps
-//!   SERVICES6 ... MAGLEV6                     the IPv6 maps, one per IPv4 one
+//!   SERVICES6 ... SOCK_REVNAT6                the IPv6 maps, one per IPv4 one
+//!   TAIL_CALLS, WIRE_TAIL_CALLS               the IPv6 halves of the tc programs
 //!   tc_from_pod, tc_from_wire, xdp_from_wire  the programs
 //!   links/if_<ifindex>                        one TCX link per pod interface
 //!   links/wire_<ifindex>, links/xdp_<ifindex> one TCX or XDP link per external interface
@@ -82,6 +83,11 @@ pub enum DatapathError {
     Rename { path: PathBuf, source: io::Error },
     #[error("the maps cannot grow without a pin path (their links and traffic maps are found through pins)")]
     GrowWithoutPins,
+    #[error(
+        "the IPv6 maps are small (dormant) but hold entries, so they are not made anew at full size; \
+         remove the pins of CONNTRACK6, AFFINITY6, SOCK_REVNAT6, MAGLEV6 and SERVICES6 to have them remade"
+    )]
+    WakeOverState,
     #[error("attaching the socket programs to cgroup {path}: {source}")]
     AttachCgroup { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
 }
@@ -507,14 +513,15 @@ impl Maps {
     }
 
     /// Whether the IPv6 maps are awake (`sizing::Ipv6Maps`). The mark is
-    /// CONNTRACK6: a wake makes it exactly as big as CONNTRACK, which
-    /// nothing resizes after (the Service maps of both families are then
-    /// grown together). A dormant one of 1024 entries beside a CONNTRACK no
-    /// bigger counts as awake: it holds what CONNTRACK holds.
+    /// CONNTRACK6: a wake makes it as big as CONNTRACK. It is awake when
+    /// bigger than a dormant one, or (a dormant one of 1024 entries beside
+    /// a CONNTRACK no bigger) when it holds what CONNTRACK holds; so a
+    /// CONNTRACK made bigger later (its pin removed) does not put awake
+    /// maps back to sleep.
     pub fn ipv6_awake(&self) -> bool {
         let Some(ipv6) = &self.ipv6 else { return false };
         match (max_entries(&ipv6.conntrack, MAP_CONNTRACK6), max_entries(&self.conntrack, MAP_CONNTRACK)) {
-            (Ok(six), Ok(four)) => six >= four,
+            (Ok(six), Ok(four)) => six > IPV6_DORMANT_ENTRIES || six >= four,
             _ => false,
         }
     }
@@ -1314,8 +1321,12 @@ impl Datapath {
         // size they were made with): they hold no flow to keep.
         // Never over live state: dormant maps the agent never wrote hold
         // none (a sync writes no IPv6 frontend into dormant maps), but a
-        // check costs four lookups.
-        let wake = sizes.ipv6 && !self.maps.ipv6_awake() && self.maps.ipv6_empty();
+        // check costs four lookups; maps that do hold some are an error,
+        // said as such, not a reload that wakes nothing.
+        let wake = sizes.ipv6 && !self.maps.ipv6_awake();
+        if wake && !self.maps.ipv6_empty() {
+            return Err(DatapathError::WakeOverState);
+        }
         let mut sizes = sizes;
         if wake {
             sizes.conntrack = max_entries(&self.maps.conntrack, MAP_CONNTRACK)?;

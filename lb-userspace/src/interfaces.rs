@@ -53,10 +53,40 @@ pub fn name_of(index: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
-/// The addresses of this network namespace (IPv4, and IPv6 but for
-/// link-local ones, which every interface has and no Service uses), with
-/// the name of the interface holding each.
+/// The addresses of this network namespace, with the name of the
+/// interface holding each: IPv4 ones (getifaddrs), and the IPv6 ones a
+/// node address can be (`ipv6_addresses`).
 pub fn addresses() -> io::Result<Vec<(String, IpAddr)>> {
+    let mut out = ipv4_addresses()?;
+    // A namespace without IPv6 has no such file.
+    let table = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    out.extend(ipv6_addresses(&table).into_iter().map(|(name, addr)| (name, addr.into())));
+    Ok(out)
+}
+
+/// The IPv6 addresses of `/proc/net/if_inet6` (address, ifindex, prefix
+/// length, scope, flags, name; hexadecimal) that a node address can be:
+/// global ones, but for temporary, deprecated, tentative and failed ones
+/// (privacy addresses rotate daily; counted, each rotation would
+/// recompute every Service). Link-local and host scope (loopback) go too.
+pub fn ipv6_addresses(table: &str) -> Vec<(String, Ipv6Addr)> {
+    const SCOPE_GLOBAL: u32 = 0;
+    // IFA_F_TEMPORARY | IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE.
+    const UNUSABLE: u32 = 0x01 | 0x08 | 0x20 | 0x40;
+    table
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [addr, _, _, scope, flags, name] = fields[..] else { return None };
+            let addr = u128::from_str_radix(addr, 16).ok().map(Ipv6Addr::from)?;
+            let (scope, flags) = (u32::from_str_radix(scope, 16).ok()?, u32::from_str_radix(flags, 16).ok()?);
+            (scope == SCOPE_GLOBAL && flags & UNUSABLE == 0).then(|| (name.to_owned(), addr))
+        })
+        .collect()
+}
+
+/// The IPv4 addresses of this network namespace, by interface.
+fn ipv4_addresses() -> io::Result<Vec<(String, IpAddr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -66,27 +96,13 @@ pub fn addresses() -> io::Result<Vec<(String, IpAddr)>> {
     let mut entry = head;
     while !entry.is_null() {
         // SAFETY: a node of the list getifaddrs returned; an AF_INET
-        // address is a sockaddr_in, an AF_INET6 one a sockaddr_in6.
+        // address is a sockaddr_in.
         unsafe {
             let addr = (*entry).ifa_addr;
-            let ip: Option<IpAddr> = match addr.is_null() {
-                true => None,
-                false => match i32::from((*addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*(addr as *const libc::sockaddr_in);
-                        Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(addr as *const libc::sockaddr_in6);
-                        Some(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
-                            .filter(|a| !a.is_unicast_link_local())
-                            .map(Into::into)
-                    }
-                    _ => None,
-                },
-            };
-            if let Some(ip) = ip {
-                out.push((CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned(), ip));
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let sin = &*(addr as *const libc::sockaddr_in);
+                let name = CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned();
+                out.push((name, Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into()));
             }
             entry = (*entry).ifa_next;
         }
@@ -281,7 +297,22 @@ impl PodInterfaces {
 
 #[cfg(test)]
 mod tests {
-    use super::{ExternalDatapath, WireChoice, node_addresses};
+    use super::{ExternalDatapath, WireChoice, ipv6_addresses, node_addresses};
+
+    #[test]
+    fn ipv6_node_addresses_are_global_stable_ones() {
+        let table = "\
+fd000010020000000000000000000001 02 40 00 80     eth0
+20010db8000000000000000000000002 02 40 00 01     eth0
+20010db8000000000000000000000003 02 40 00 20     eth0
+20010db8000000000000000000000004 02 40 00 40     eth0
+fe800000000000000000000000000001 02 40 20 80     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+garbage
+";
+        let found: Vec<String> = ipv6_addresses(table).iter().map(|(n, a)| format!("{n} {a}")).collect();
+        assert_eq!(found, ["eth0 fd00:10:200::1"], "temporary, deprecated, tentative, link-local, loopback left out");
+    }
 
     #[test]
     fn node_addresses_of_each_family_are_filtered_by_that_familys_cidrs_only() {

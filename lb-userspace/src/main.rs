@@ -2,7 +2,6 @@ use anyhow::Context;
 use clap::Parser;
 use lb_userspace::{
     agent::{self, AgentConfig, SocketBalancing, SourceConfig},
-    cidr::Cidr,
     cli::{Cli, Command, InspectArgs, OptionalPath, Output, RunArgs, SocketLb, Source},
     datapath::{MapSizes, Maps},
     inspect,
@@ -97,12 +96,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "--maglev-table-size {} is not a prime (try 16381 or 65521)",
         args.maglev_table_size
     );
-    if Cidr::any_ipv6(&args.nodeport_addresses) || Cidr::any_ipv6(&args.external_ip_cidrs) {
-        tracing::warn!(
-            "IPv6 NodePorts and externalIPs are served to pods and to this node's processes; clients outside the \
-             node reach them once the external hooks translate IPv6 (they pass it to the stack for now)"
-        );
-    }
     let config = AgentConfig {
         source,
         model: ModelOptions {

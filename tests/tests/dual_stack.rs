@@ -129,9 +129,13 @@ fn dual_stack_end_to_end(topology: Topology) {
     // A host process cannot bind the node port on that address (it would
     // never see its traffic), and still can on loopback.
     let bind = |addr: SocketAddr| cluster.node.enter(|| std::net::TcpListener::bind(addr).map(drop));
-    let taken = bind(node_port).unwrap_err();
-    assert_eq!(taken.kind(), ErrorKind::AddrInUse, "{taken}");
+    for addr in [node_port, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), NODE_PORT)] {
+        let taken = bind(addr).unwrap_err();
+        assert_eq!(taken.kind(), ErrorKind::AddrInUse, "{addr}: {taken}");
+    }
+    // Loopback stays free, and so does IPv4's wildcard: no IPv4 NodePort.
     bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), NODE_PORT)).unwrap();
+    bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), NODE_PORT)).unwrap();
 
     // A dual-stack Service answers on both cluster IPs, each from the
     // endpoints of its own family's slice.
@@ -160,10 +164,21 @@ fn dual_stack_end_to_end(topology: Topology) {
     let answers = reached(client, six, 20);
     assert!(!answers.contains(&others[1].name), "a new connection reached removed {}: {answers:?}", others[1].name);
 
-    // The restarted agent finds its IPv6 maps as it left them: nothing to
-    // write (the first agent's syncs all wrote something).
+    // The restarted agent finds its IPv6 maps as it left them: its first
+    // sync has nothing to write.
     agent.restart().unwrap();
-    agent.wait_for_log(" writes=0 ").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first_sync = loop {
+        let log = agent.log();
+        // The second agent's part of the log, once it has loaded.
+        let since_restart = log.split("datapath loaded").nth(2).unwrap_or_default().to_owned();
+        if let Some(line) = since_restart.lines().find(|l| l.contains("synced frontends=")) {
+            break line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no sync after the restart:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(first_sync.contains(" writes=0 "), "{first_sync}");
     let after = session.ask("after a restart");
     assert_eq!(after.as_ref().ok(), Some(&pinned), "{after:?}\n{}", agent.log());
     assert!(reached(client, six, 5).iter().all(|a| a.starts_with("backend-")));

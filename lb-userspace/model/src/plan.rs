@@ -181,9 +181,11 @@ fn frontend_flags(service: &ServicePort) -> u8 {
 pub fn node_ports<'a>(desired: impl IntoIterator<Item = &'a ServicePort>) -> BTreeMap<u16, u8> {
     let mut ports = BTreeMap::new();
     for service in desired.into_iter().filter(|s| s.kind == FrontendKind::NodePort) {
-        let bit = match service.frontend.protocol {
-            crate::model::Protocol::Tcp => lb_common::NODE_PORT_TCP,
-            crate::model::Protocol::Udp => lb_common::NODE_PORT_UDP,
+        let bit = match (service.frontend.protocol, service.frontend.addr.is_ipv6()) {
+            (crate::model::Protocol::Tcp, false) => lb_common::NODE_PORT_TCP,
+            (crate::model::Protocol::Udp, false) => lb_common::NODE_PORT_UDP,
+            (crate::model::Protocol::Tcp, true) => lb_common::NODE_PORT_TCP6,
+            (crate::model::Protocol::Udp, true) => lb_common::NODE_PORT_UDP6,
         };
         *ports.entry(service.frontend.port).or_insert(0) |= bit;
     }
