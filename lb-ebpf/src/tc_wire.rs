@@ -41,32 +41,37 @@ pub fn tc_from_wire(ctx: TcContext) -> i32 {
 
 /// Returns the counter to bump and the tc action. TCP and UDP, and ICMP
 /// errors, each go their own way, as in `xdp_from_wire`; IPv6 frames in
-/// `tc_from_wire6` (tc6.rs), by tail call (made from the program's own
-/// frame, hence inlined). Without the tail call (an agent that did not set
+/// `tc_from_wire6` (tc6.rs), by tail call, made from the program's own
+/// frame (hence inlined) once parsing has said the frame is IPv6: IPv4
+/// pays nothing for it. Without the tail call (an agent that did not set
 /// it) an IPv6 frame passes untouched.
 #[inline(always)]
 fn try_tc_from_wire(ctx: &TcContext) -> Result<(u32, i32), i64> {
-    if ctx.load::<[u8; 2]>(12).is_ok_and(|ether_type| ether_type == [0x86, 0xdd]) {
-        // SAFETY: a tail call to a program the agent put there, or none.
-        unsafe { WIRE_TAIL_CALLS.tail_call(ctx, TAIL_CALL_WIRE6) };
-        return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32));
-    }
     let ifindex = skb::ifindex(ctx);
     match service_packet(ctx, ifindex)? {
+        Some((IPV6_FRAME, _)) => {
+            // SAFETY: a tail call to a program the agent put there, or none.
+            unsafe { WIRE_TAIL_CALLS.tail_call(ctx, TAIL_CALL_WIRE6) };
+            Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32))
+        }
         Some((index, Some(action))) => Ok((index, action)),
         Some((index, None)) => Ok((index, refuse(ctx)?)),
         None => icmp_error(ctx, ifindex),
     }
 }
 
+/// `service_packet`'s counter for an IPv6 frame, for `tc_from_wire6`.
+const IPV6_FRAME: u32 = u32::MAX;
+
 /// A TCP or UDP packet, translated if it is service traffic: the counter
 /// to bump and the tc action, or no action for a packet to refuse. `None`
-/// for ICMP, which `icmp_error` takes.
+/// for ICMP, which `icmp_error` takes; `IPV6_FRAME` for IPv6.
 #[inline(never)]
 fn service_packet(ctx: &TcContext, ifindex: u32) -> Result<Option<(u32, Option<i32>)>, i64> {
     let packet = match skb::parse(ctx) {
         Ok(packet) => packet,
         Err(Unparsed::Icmp) => return Ok(None),
+        Err(Unparsed::Ipv6) => return Ok(Some((IPV6_FRAME, None))),
         Err(_) => return Ok(Some((counter::PASS_UNPARSED, Some(TC_ACT_OK as i32)))),
     };
     let verdict = classify::classify(&packet, Origin::Wire { ctx: ctx.as_ptr(), ifindex });
