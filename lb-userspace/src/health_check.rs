@@ -5,7 +5,9 @@
 //! when there are some, 503 when there are none.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
     sync::{Arc, Mutex},
 };
 
@@ -27,11 +29,15 @@ pub fn answer(check: &HealthCheck) -> (bool, String) {
     (check.local_endpoints > 0, body.to_string())
 }
 
+/// One health-check node port: its Service's state, shared with a task
+/// per listener (one per family, or one for both).
+type Server = (Arc<Mutex<HealthCheck>>, Vec<JoinHandle<()>>);
+
 /// The running servers, by port. Each reads its Service's current state
 /// from a shared slot, so an endpoint change needs no restart. They run on
 /// the serving runtime (`status::serving_runtime`), never behind a sync.
 pub struct HealthCheckServers {
-    servers: BTreeMap<u16, (Arc<Mutex<HealthCheck>>, JoinHandle<()>)>,
+    servers: BTreeMap<u16, Server>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -43,10 +49,10 @@ impl HealthCheckServers {
     /// Starts, updates and stops servers to match `wanted`. A port that
     /// cannot be bound is reported and tried again on the next update.
     pub fn update(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
-        self.servers.retain(|port, (_, task)| {
+        self.servers.retain(|port, (_, tasks)| {
             let keep = wanted.contains_key(port);
             if !keep {
-                task.abort();
+                tasks.iter().for_each(JoinHandle::abort);
                 info!(port, "health-check node port closed");
             }
             keep
@@ -56,13 +62,17 @@ impl HealthCheckServers {
                 *slot.lock().expect("health-check lock") = check.clone();
                 continue;
             }
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
             let _serving = self.runtime.enter();
-            let listener = match std::net::TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                TcpListener::from_std(l)
+            let listeners = match listeners(*port).and_then(|listeners| {
+                listeners
+                    .into_iter()
+                    .map(|l| {
+                        l.set_nonblocking(true)?;
+                        TcpListener::from_std(l)
+                    })
+                    .collect::<io::Result<Vec<_>>>()
             }) {
-                Ok(listener) => listener,
+                Ok(listeners) => listeners,
                 Err(e) => {
                     warn!("Service {}/{}: spec.healthCheckNodePort {port}: {e}", check.namespace, check.name);
                     continue;
@@ -70,18 +80,48 @@ impl HealthCheckServers {
             };
             info!(port, service = %format!("{}/{}", check.namespace, check.name), "health-check node port open");
             let slot = Arc::new(Mutex::new(check.clone()));
-            let task = self.runtime.spawn(serve(listener, slot.clone()));
-            self.servers.insert(*port, (slot, task));
+            let tasks = listeners.into_iter().map(|l| self.runtime.spawn(serve(l, slot.clone()))).collect();
+            self.servers.insert(*port, (slot, tasks));
         }
     }
 }
 
 impl Drop for HealthCheckServers {
     fn drop(&mut self) {
-        for (_, task) in self.servers.values() {
-            task.abort();
+        for (_, tasks) in self.servers.values() {
+            tasks.iter().for_each(JoinHandle::abort);
         }
     }
+}
+
+/// Listeners on `port` for load balancers of both families: `[::]`, which
+/// takes IPv4 too unless the host says otherwise (net.ipv6.bindv6only),
+/// and `0.0.0.0` beside it when it does, or alone on a node without IPv6.
+fn listeners(port: u16) -> io::Result<Vec<std::net::TcpListener>> {
+    let ipv4 = || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
+    match std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(ipv6) if ipv6_only(&ipv6) => Ok(vec![ipv6, ipv4()?]),
+        Ok(ipv6) => Ok(vec![ipv6]),
+        Err(_) => Ok(vec![ipv4()?]),
+    }
+}
+
+/// Whether an IPv6 socket takes IPv6 connections only.
+fn ipv6_only(listener: &std::net::TcpListener) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` outlive the call, which writes at most
+    // `len` bytes to `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && value != 0
 }
 
 async fn serve(listener: TcpListener, slot: Arc<Mutex<HealthCheck>>) {

@@ -26,8 +26,7 @@ const UDP_NODE_PORT: u16 = 30053;
 const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
 const SLICE_PORTS: [Port; 2] = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
 
-fn web6(status: Value) -> Value {
-    let spec = json!({"type": "LoadBalancer"});
+fn web6(spec: Value, status: Value) -> Value {
     let mut object = service_with_cluster_ips("demo", "web6", &[VIP6.into()], &PORTS, spec);
     object["spec"]["ports"][0]["nodePort"] = json!(NODE_PORT);
     object["spec"]["ports"][1]["nodePort"] = json!(UDP_NODE_PORT);
@@ -43,15 +42,14 @@ struct Setup {
 }
 
 impl Setup {
-    fn new() -> Self {
+    fn new(service: Value) -> Self {
         let mut topology = MultiNode::new(2, &["fd00:250::/64"], Lan::PlainBridge).unwrap();
         for (n, name) in [(1, "pod-1"), (2, "pod-2")] {
             topology.add_pod(n, name).unwrap();
         }
         let servers = ["pod-1", "pod-2"].iter().map(|p| PodServer::start(&topology.pod(p).netns, p).unwrap()).collect();
         let manifests = TempDir::new("lb-manifests6").unwrap();
-        let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
-        write_yaml(&manifests.0, "web6.yaml", &web6(status));
+        write_yaml(&manifests.0, "web6.yaml", &service);
         let mut setup = Self { topology, agents: Vec::new(), manifests, _servers: servers };
         setup.write_endpoints(&["pod-1", "pod-2"]);
         for n in 1..=2 {
@@ -99,7 +97,8 @@ fn node_port(n: usize, port: u16) -> SocketAddr {
 
 #[test]
 fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside() {
-    let mut setup = Setup::new();
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
+    let mut setup = Setup::new(web6(json!({"type": "LoadBalancer"}), status));
     setup.wait_for_backends(NODE_PORT, 2);
     for n in 1..=2 {
         let answers: Vec<(String, String)> =
@@ -135,4 +134,34 @@ fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outsi
     // An IPv6 TCP connect is refused by the SYN's retransmit (ARCHITECTURE,
     // "Two families": the kernel keeps the first ICMPv6 error as a soft one).
     assert!(started.elapsed().as_millis() < 1_500, "refused after {:?}", started.elapsed());
+}
+
+#[test]
+fn ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_families() {
+    const HEALTH_PORT: u16 = 32000;
+    let spec = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT});
+    let mut setup = Setup::new(web6(spec, json!({})));
+    setup.write_endpoints(&["pod-2"]);
+    for (agent, count) in setup.agents.iter_mut().zip([0, 1]) {
+        agent
+            .wait_for_maps6("the local backends", |c| {
+                c.frontends().any(|(k, b)| k.port == NODE_PORT.to_be_bytes() && k.protocol == 6 && b.len() == count)
+            })
+            .unwrap();
+    }
+    // Through the node with the endpoint: the pod sees the client itself.
+    let answers: Vec<(String, String)> =
+        setup.in_client(|| (0..6).map(|_| tcp_whoami(node_port(2, NODE_PORT)).unwrap()).collect());
+    let client = EXTERNAL_CLIENT_IP6.to_string();
+    assert!(answers.iter().all(|(pod, peer)| pod == "pod-2" && *peer == client), "{answers:?}");
+    // Through the other node: dropped (no local endpoint), not forwarded.
+    assert!(setup.in_client(|| tcp_ask(node_port(1, NODE_PORT))).is_err());
+    // The health check answers on the node's IPv6 address, and on its IPv4
+    // one, for a load balancer of either family.
+    let status =
+        |addr: SocketAddr| setup.in_client(|| lb_tests::pods::http_get(addr, "/healthz").map(|(code, _)| code));
+    for (n, code) in [(1, 503), (2, 200)] {
+        assert_eq!(status(SocketAddr::new(MultiNode::node_ip6(n).into(), HEALTH_PORT)).unwrap(), code, "node-{n} IPv6");
+        assert_eq!(status(SocketAddr::new(MultiNode::node_ip(n).into(), HEALTH_PORT)).unwrap(), code, "node-{n} IPv4");
+    }
 }
