@@ -165,3 +165,26 @@ fn ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_f
         assert_eq!(status(SocketAddr::new(MultiNode::node_ip(n).into(), HEALTH_PORT)).unwrap(), code, "node-{n} IPv4");
     }
 }
+
+#[test]
+fn ipv6_source_ranges_admit_only_clients_inside_them() {
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
+    let spec = |range: &str| json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [range]});
+    let client = format!("{EXTERNAL_CLIENT_IP6}/128");
+    let mut setup = Setup::new(web6(spec(&client), status.clone()));
+    setup.wait_for_backends(80, 2);
+    let lb = SocketAddr::new(LB_IP6.into(), 80);
+    assert!(setup.in_client(|| tcp_ask(lb)).is_ok(), "a client inside the range");
+    // The client leaves the range: its new connections are dropped, and
+    // the node port (no ranges) still serves it.
+    write_yaml(&setup.manifests.0, "web6.yaml", &web6(spec("2001:db8::/32"), status));
+    setup.agents[0]
+        .wait_for_maps6("the new range", |c| {
+            c.source_ranges
+                .iter()
+                .any(|(_, r)| r.client == lb_common::ipv6("2001:db8::".parse::<Ipv6Addr>().unwrap().octets()))
+        })
+        .unwrap();
+    assert!(setup.in_client(|| tcp_ask(lb)).is_err(), "a client outside the range");
+    assert!(setup.in_client(|| tcp_ask(node_port(1, NODE_PORT))).is_ok(), "ranges apply to the load-balancer IP only");
+}
