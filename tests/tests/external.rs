@@ -180,8 +180,12 @@ fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced(mode: Mo
 
     // The client leaves the allowed ranges: its new connections are dropped.
     write_yaml(&setup.manifests.0, "web.yaml", &web(spec(&["192.0.2.0/24"]), status));
+    // The new range in, and the old one gone: between the two writes both
+    // admit (ranges are put before the frontend checks them, deleted after).
     setup.agents[0]
-        .wait_for_maps("the new range", |c| c.source_ranges.iter().any(|(_, r)| r.client == [192, 0, 2, 0]))
+        .wait_for_maps("the new range alone", |c| {
+            !c.source_ranges.is_empty() && c.source_ranges.iter().all(|(_, r)| r.client == [192, 0, 2, 0])
+        })
         .unwrap();
     let refused = setup.in_client(|| tcp_ask(lb));
     assert!(refused.is_err(), "a client outside the ranges got {refused:?}");

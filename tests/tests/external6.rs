@@ -178,11 +178,12 @@ fn ipv6_source_ranges_admit_only_clients_inside_them() {
     // The client leaves the range: its new connections are dropped, and
     // the node port (no ranges) still serves it.
     write_yaml(&setup.manifests.0, "web6.yaml", &web6(spec("2001:db8::/32"), status));
+    // The new range in and the old one gone (between the two writes both
+    // admit).
+    let new_range = lb_common::ipv6("2001:db8::".parse::<Ipv6Addr>().unwrap().octets());
     setup.agents[0]
-        .wait_for_maps6("the new range", |c| {
-            c.source_ranges
-                .iter()
-                .any(|(_, r)| r.client == lb_common::ipv6("2001:db8::".parse::<Ipv6Addr>().unwrap().octets()))
+        .wait_for_maps6("the new range alone", |c| {
+            !c.source_ranges.is_empty() && c.source_ranges.iter().all(|(_, r)| r.client == new_range)
         })
         .unwrap();
     assert!(setup.in_client(|| tcp_ask(lb)).is_err(), "a client outside the range");
