@@ -42,6 +42,15 @@ pub fn scratch_key<A: Family>(packet: &Packet<A>) -> Option<&'static CtKey<A>> {
     Some(slot)
 }
 
+/// The key `scratch_key` wrote to this CPU's slot earlier in this program
+/// run, as it is: for the later frames of a split pipeline (tc6.rs), which
+/// would otherwise build it again.
+#[inline(always)]
+pub fn scratched_key<A: Family>() -> Option<&'static CtKey<A>> {
+    // SAFETY: this CPU's slot, used by one program run at a time.
+    A::key_scratch().map(|slot| unsafe { &*slot })
+}
+
 /// Moves a live entry's state on with this packet and refreshes its time.
 #[inline(always)]
 fn track<A: Family>(key: &CtKey<A>, ct: *mut Ct<A>, packet: &Packet<A>, now: u64) {

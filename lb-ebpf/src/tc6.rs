@@ -208,7 +208,7 @@ fn tracked6(packet: &Packet<Ipv6>, out: &mut Rewrite<Ipv6>) -> i64 {
 /// left it.
 #[inline(never)]
 fn choose6(packet: &Packet<Ipv6>, out: &mut Rewrite<Ipv6>, backend: &mut Backend6, internal_client: bool) -> i64 {
-    let Some(key) = conntrack::scratch_key(packet) else { return PASSED };
+    let Some(key) = conntrack::scratched_key::<Ipv6>() else { return PASSED };
     match classify::choose(key, packet, internal_client) {
         Chosen::Refused(refusal) => outcome(decide(packet, refusal.verdict()), out),
         Chosen::Backend { backend: chosen, external, now } => {
@@ -254,7 +254,7 @@ fn admit6(state: *mut State6, snatted: bool) -> i64 {
     // SAFETY: this CPU's slot (see `pipeline6`), valid for the run; its
     // fields borrowed apart (the caller holds the packet).
     let (packet, backend, out) = unsafe { (&(*state).packet, &(*state).backend, &mut (*state).rewrite) };
-    let Some(key) = conntrack::scratch_key(packet) else { return PASSED };
+    let Some(key) = conntrack::scratched_key::<Ipv6>() else { return PASSED };
     let chosen = Backend6 {
         addr: <Ipv6 as Family>::read_volatile(&backend.addr),
         // SAFETY: reads of a valid reference (see `Family::read_volatile`).

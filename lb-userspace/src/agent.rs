@@ -424,8 +424,7 @@ impl Agent {
         // IPv6 frontends go only into awake maps: written into dormant ones
         // (a wake that failed), they would hold flows a later wake would
         // have to drop. The sync fails instead, and is retried.
-        let writes_ipv6 = !step6.target().services.is_empty() || !self.reconciler6.current().services.is_empty();
-        let synced6 = if writes_ipv6 && !self.datapath.maps.ipv6_awake() {
+        let synced6 = if self.ipv6_wanted(&step6) && !self.datapath.maps.ipv6_awake() {
             Err("the IPv6 maps could not be made ready (see the error growing the maps); IPv6 frontends wait"
                 .to_owned())
         } else {
@@ -548,6 +547,12 @@ impl Agent {
         true
     }
 
+    /// Whether the IPv6 maps hold, or `step6` writes, IPv6 entries: then
+    /// they must be awake.
+    fn ipv6_wanted(&self, step6: &Step<Ipv6>) -> bool {
+        !step6.target().services.is_empty() || !self.reconciler6.current().services.is_empty()
+    }
+
     /// Clears the ENDPOINT_FILTER bits no map entry and no live flow needs.
     fn sweep_endpoint_filter(&mut self) -> Option<crate::datapath::FilterSweep> {
         let started = Instant::now();
@@ -599,8 +604,7 @@ impl Agent {
     /// flags' sizes), and warns once when a map passes 90 %. A sync that
     /// still does not fit fails on the full map, naming it.
     fn fit_maps(&mut self, step: &Step, step6: &Step<Ipv6>) {
-        let ipv6_wanted = !step6.target().services.is_empty() || !self.reconciler6.current().services.is_empty();
-        let ipv6 = match (self.datapath.maps.ipv6_awake(), ipv6_wanted) {
+        let ipv6 = match (self.datapath.maps.ipv6_awake(), self.ipv6_wanted(step6)) {
             (true, _) => Ipv6Maps::Awake,
             (false, true) => Ipv6Maps::Waking,
             (false, false) => Ipv6Maps::Dormant,
