@@ -132,8 +132,14 @@ pub const TAIL_CALL_POD6: u32 = 0;
 /// an earlier agent has room for one program): loaded, never attached.
 pub const PROG_FROM_WIRE6: &str = "tc_from_wire6";
 pub const MAP_WIRE_TAIL_CALLS: &str = "WIRE_TAIL_CALLS";
-/// WIRE_TAIL_CALLS' entry of `tc_from_wire6`.
+/// WIRE_TAIL_CALLS' entry of `tc_from_wire6`, and XDP_TAIL_CALLS' of
+/// `xdp_from_wire6`.
 pub const TAIL_CALL_WIRE6: u32 = 0;
+/// `xdp_from_wire`'s IPv6 half, which it tail-calls through
+/// XDP_TAIL_CALLS (XDP's own: a program array holds programs of one type):
+/// loaded, never attached.
+pub const PROG_XDP_FROM_WIRE6: &str = "xdp_from_wire6";
+pub const MAP_XDP_TAIL_CALLS: &str = "XDP_TAIL_CALLS";
 /// The IPv6 maps: the layouts of their IPv4 namesakes with IPv6 addresses
 /// (`ServiceKey6`, `Backend6`, `CtKey6`/`CtValue6`, `AffinityKey6`,
 /// `SourceRangeKey<Ipv6>`, and `Ipv6` for SERVICE_ADDRS6), the same roles.

@@ -32,7 +32,7 @@ pub fn classify<A: SnatSource>(packet: &Packet<A>, origin: Origin) -> Verdict<A>
 }
 
 /// `classify` in parts, for a hook that runs each in a frame of its own
-/// (tc6.rs), after the endpoint filter: the verdict of the flow's live
+/// (pipeline6.rs), after the endpoint filter: the verdict of the flow's live
 /// conntrack entry, or `None` when it has none; then `choose` and
 /// `admit`. The flow's key is kept in the family's per-CPU slot
 /// (`Family::key_scratch`), where the later parts find it again.
@@ -91,7 +91,7 @@ impl Refusal {
 }
 
 /// A new flow's first half: the Service's lookup, source ranges, refusal
-/// and selection. A hook short of stack (tc6.rs) runs each half in a frame
+/// and selection. A hook short of stack (pipeline6.rs) runs each half in a frame
 /// of its own; the others inline both (`new_flow`).
 #[inline(always)]
 pub fn choose<A: SnatSource>(key: &CtKey<A>, packet: &Packet<A>, internal_client: bool) -> Chosen<A> {

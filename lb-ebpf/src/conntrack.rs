@@ -43,7 +43,7 @@ pub fn scratch_key<A: Family>(packet: &Packet<A>) -> Option<&'static CtKey<A>> {
 }
 
 /// The key `scratch_key` wrote to this CPU's slot earlier in this program
-/// run, as it is: for the later frames of a split pipeline (tc6.rs), which
+/// run, as it is: for the later frames of a split pipeline (pipeline6.rs), which
 /// would otherwise build it again.
 #[inline(always)]
 pub fn scratched_key<A: Family>() -> Option<&'static CtKey<A>> {

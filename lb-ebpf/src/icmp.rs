@@ -3,7 +3,6 @@
 //! translating ICMP errors about translated flows, so that the sender of
 //! the offending packet gets them and recognises its own packet in them
 //! (path-MTU discovery through a NodePort needs this).
-use aya_ebpf::programs::TcContext;
 use lb_common::{Address, CtKey, Ipv6, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
@@ -124,7 +123,7 @@ pub fn port_unreachable<F: Frame>(frame: &F, packet: &Packet) -> Result<Option<&
 /// quoting its IPv6 header and ports. `None` when extension headers come
 /// before the ports (the packet is then only dropped).
 #[inline(always)]
-pub fn port_unreachable6(ctx: &TcContext, packet: &Packet<Ipv6>) -> Result<Option<&'static [u8; REPLY6_LEN]>, i64> {
+pub fn port_unreachable6<F: Frame>(frame: &F, packet: &Packet<Ipv6>) -> Result<Option<&'static [u8; REPLY6_LEN]>, i64> {
     if packet.l4_offset != ETH_HLEN + IPV6_HLEN {
         return Ok(None);
     }
@@ -138,8 +137,8 @@ pub fn port_unreachable6(ctx: &TcContext, packet: &Packet<Ipv6>) -> Result<Optio
     let icmp = ip + IPV6_HLEN;
     // Read straight into the reply (the stack has no room for copies):
     // the quote, and the MACs, swapped in place.
-    load_into(ctx, ETH_HLEN, &mut reply[icmp + ICMP_HLEN..])?;
-    load_into(ctx, 0, &mut reply[..12])?;
+    frame.load_into(ETH_HLEN, &mut reply[icmp + ICMP_HLEN..])?;
+    frame.load_into(0, &mut reply[..12])?;
     for i in 0..6 {
         reply.swap(i, i + 6);
     }
@@ -162,23 +161,6 @@ pub fn port_unreachable6(ctx: &TcContext, packet: &Packet<Ipv6>) -> Result<Optio
     let check = fold(pseudo + sum_words(&reply[icmp..]));
     reply[icmp + 2..icmp + 4].copy_from_slice(&check);
     Ok(Some(reply))
-}
-
-/// Reads `dst.len()` bytes of the skb at `offset` into `dst`, a length
-/// known when this is compiled (the verifier refuses one that may be 0,
-/// which aya's `load_bytes`, clamping to the packet, passes).
-#[inline(always)]
-fn load_into(ctx: &TcContext, offset: usize, dst: &mut [u8]) -> Result<(), i64> {
-    // SAFETY: `dst` is writable for its length.
-    let rc = unsafe {
-        aya_ebpf::helpers::bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            offset as u32,
-            dst.as_mut_ptr() as *mut _,
-            dst.len() as u32,
-        )
-    };
-    if rc < 0 { Err(rc) } else { Ok(()) }
 }
 
 /// How a translated ICMP error goes on.
@@ -329,41 +311,61 @@ pub fn error_header() -> Packet {
 /// discovery through a Service fails. Each step is a function of its own,
 /// as for IPv4; the key and the rewrite live in the caller's per-CPU slot.
 #[inline(always)]
-pub fn translate_error6(ctx: &TcContext, key: &mut CtKey<Ipv6>, rewrite: &mut Rewrite<Ipv6>) -> Result<bool, i64> {
-    if !quoted_flow6(ctx, key)? || !rewrite_at6(key, rewrite) {
+pub fn translate_error6<F: Frame>(ctx: &F, key: &mut CtKey<Ipv6>, rewrite: &mut Rewrite<Ipv6>) -> Result<bool, i64> {
+    if result(quoted_flow6(ctx, key))? == 0 || !rewrite_at6(key, rewrite) {
         return Ok(false);
     }
-    rewrite_quote6(ctx, key, rewrite)?;
-    readdress6(ctx, key, rewrite)?;
+    result(rewrite_quote6(ctx, key, rewrite))?;
+    result(readdress6(ctx, key, rewrite))?;
     Ok(true)
+}
+
+/// A step's outcome in one register: its answer (0 or more), or the
+/// helper's error (negative). As a `Result`, 16 bytes, it would come back
+/// through the caller's stack, and on XDP LLVM hands back the pointer to
+/// it, which the verifier refuses ("cannot return stack pointer").
+#[inline(always)]
+fn status<T: Into<i64>>(outcome: Result<T, i64>) -> i64 {
+    match outcome {
+        Ok(answer) => answer.into(),
+        Err(error) => error,
+    }
+}
+
+/// `status` read back.
+#[inline(always)]
+fn result(status: i64) -> Result<i64, i64> {
+    if status < 0 { Err(status) } else { Ok(status) }
 }
 
 /// `quoted_flow` for IPv6: the reverse of the quoted packet (no
 /// extension headers in either), into `key`.
 #[inline(never)]
-fn quoted_flow6(ctx: &TcContext, key: &mut CtKey<Ipv6>) -> Result<bool, i64> {
-    if Frame::len(ctx) < INNER6_PORTS + 4 {
-        return Ok(false);
-    }
-    let [icmp_type]: [u8; 1] = ctx.load(ICMP6)?;
-    if !matches!(icmp_type, ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) {
-        return Ok(false);
-    }
-    let [inner_version]: [u8; 1] = ctx.load(INNER6)?;
-    let [protocol]: [u8; 1] = ctx.load(INNER6 + IPV6_NEXT_HEADER)?;
-    if inner_version >> 4 != 6 || (protocol != PROTO_TCP && protocol != PROTO_UDP) {
-        return Ok(false);
-    }
-    let saddr: Ipv6 = ctx.load(INNER6 + IPV6_ADDRS)?;
-    let daddr: Ipv6 = ctx.load(INNER6 + IPV6_ADDRS + 16)?;
-    let ports: [u8; 4] = ctx.load(INNER6_PORTS)?;
-    key.saddr = daddr;
-    key.daddr = saddr;
-    key.sport = [ports[2], ports[3]];
-    key.dport = [ports[0], ports[1]];
-    key.protocol = protocol;
-    key._pad = [0; 3];
-    Ok(true)
+fn quoted_flow6<F: Frame>(ctx: &F, key: &mut CtKey<Ipv6>) -> i64 {
+    status((|| {
+        if Frame::len(ctx) < INNER6_PORTS + 4 {
+            return Ok(false);
+        }
+        let [icmp_type]: [u8; 1] = ctx.load(ICMP6)?;
+        if !matches!(icmp_type, ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) {
+            return Ok(false);
+        }
+        let [inner_version]: [u8; 1] = ctx.load(INNER6)?;
+        let [protocol]: [u8; 1] = ctx.load(INNER6 + IPV6_NEXT_HEADER)?;
+        if inner_version >> 4 != 6 || (protocol != PROTO_TCP && protocol != PROTO_UDP) {
+            return Ok(false);
+        }
+        let saddr = load6(ctx, INNER6 + IPV6_ADDRS)?;
+        let daddr = load6(ctx, INNER6 + IPV6_ADDRS + 16)?;
+        let ports: [u8; 4] = ctx.load(INNER6_PORTS)?;
+        key.saddr = daddr;
+        key.daddr = saddr;
+        key.sport = [ports[2], ports[3]];
+        key.dport = [ports[0], ports[1]];
+        key.protocol = protocol;
+        key._pad = [0; 3];
+        Ok(true)
+    })())
 }
 
 /// `rewrite_at` for IPv6.
@@ -386,39 +388,59 @@ fn rewrite_at6(key: &CtKey<Ipv6>, rewrite: &mut Rewrite<Ipv6>) -> bool {
 /// `rewrite_quote` for IPv6: the quoted addresses and ports become those
 /// of the packet the sender sent; the ICMPv6 checksum follows.
 #[inline(never)]
-fn rewrite_quote6(ctx: &TcContext, key: &CtKey<Ipv6>, rewrite: &Rewrite<Ipv6>) -> Result<(), i64> {
-    // SAFETY: reads of the caller's values (see `readdress6`).
-    let (key, rewrite) = unsafe { (core::ptr::read_volatile(key), core::ptr::read_volatile(rewrite)) };
-    let (new_src, new_dst) = (rewrite.destination, rewrite.source);
-    let old_ports = [key.dport[0], key.dport[1], key.sport[0], key.sport[1]];
-    let new_ports = [new_src.1[0], new_src.1[1], new_dst.1[0], new_dst.1[1]];
-    let diff = new_src.0.sum16() + new_dst.0.sum16() + key.daddr.sum16_complement() + key.saddr.sum16_complement();
-    let check: [u8; 2] = ctx.load(ICMP6 + 2)?;
-    let check = csum_replace(csum_apply(check, diff), &old_ports, &new_ports);
-    TcContext::store(ctx, ICMP6 + 2, &check, 0)?;
-    TcContext::store(ctx, INNER6 + IPV6_ADDRS, &new_src.0, 0)?;
-    TcContext::store(ctx, INNER6 + IPV6_ADDRS + 16, &new_dst.0, 0)?;
-    TcContext::store(ctx, INNER6_PORTS, &new_ports, 0)
+fn rewrite_quote6<F: Frame>(ctx: &F, key: &CtKey<Ipv6>, rewrite: &Rewrite<Ipv6>) -> i64 {
+    status((|| {
+        // SAFETY: reads of the caller's values (see `readdress6`).
+        let (key, rewrite) = unsafe { (core::ptr::read_volatile(key), core::ptr::read_volatile(rewrite)) };
+        let (new_src, new_dst) = (rewrite.destination, rewrite.source);
+        let old_ports = [key.dport[0], key.dport[1], key.sport[0], key.sport[1]];
+        let new_ports = [new_src.1[0], new_src.1[1], new_dst.1[0], new_dst.1[1]];
+        let diff = new_src.0.sum16() + new_dst.0.sum16() + key.daddr.sum16_complement() + key.saddr.sum16_complement();
+        let check: [u8; 2] = ctx.load(ICMP6 + 2)?;
+        let check = csum_replace(csum_apply(check, diff), &old_ports, &new_ports);
+        Frame::store(ctx, ICMP6 + 2, &check)?;
+        Frame::store(ctx, INNER6 + IPV6_ADDRS, bytes6(&new_src.0))?;
+        Frame::store(ctx, INNER6 + IPV6_ADDRS + 16, bytes6(&new_dst.0))?;
+        Frame::store(ctx, INNER6_PORTS, &new_ports).map(|()| 0)
+    })())
 }
 
 /// `readdress` for IPv6: the error goes to the quoted packet's original
 /// sender, and comes from the address the other end had; the ICMPv6
 /// checksum's pseudo-header follows.
 #[inline(never)]
-fn readdress6(ctx: &TcContext, key: &CtKey<Ipv6>, rewrite: &Rewrite<Ipv6>) -> Result<(), i64> {
-    // Read volatile, so that LLVM keeps passing pointers: promoted to
-    // values, the addresses make more arguments than BPF has registers.
-    // SAFETY: reads of the caller's values.
-    let (key, rewrite) = unsafe { (core::ptr::read_volatile(key), core::ptr::read_volatile(rewrite)) };
-    let source: Ipv6 = ctx.load(OUTER6 + IPV6_ADDRS)?;
-    let destination: Ipv6 = ctx.load(OUTER6 + IPV6_ADDRS + 16)?;
-    // The quoted packet went from key.daddr to key.saddr.
-    let new_source = if source == key.saddr { rewrite.source.0 } else { source };
-    let new_destination = if destination == key.daddr { rewrite.destination.0 } else { destination };
-    let diff =
-        new_source.sum16() + new_destination.sum16() + source.sum16_complement() + destination.sum16_complement();
-    let check: [u8; 2] = ctx.load(ICMP6 + 2)?;
-    TcContext::store(ctx, ICMP6 + 2, &csum_apply(check, diff), 0)?;
-    TcContext::store(ctx, OUTER6 + IPV6_ADDRS, &new_source, 0)?;
-    TcContext::store(ctx, OUTER6 + IPV6_ADDRS + 16, &new_destination, 0)
+fn readdress6<F: Frame>(ctx: &F, key: &CtKey<Ipv6>, rewrite: &Rewrite<Ipv6>) -> i64 {
+    status((|| {
+        // Read volatile, so that LLVM keeps passing pointers: promoted to
+        // values, the addresses make more arguments than BPF has registers.
+        // SAFETY: reads of the caller's values.
+        let (key, rewrite) = unsafe { (core::ptr::read_volatile(key), core::ptr::read_volatile(rewrite)) };
+        let source = load6(ctx, OUTER6 + IPV6_ADDRS)?;
+        let destination = load6(ctx, OUTER6 + IPV6_ADDRS + 16)?;
+        // The quoted packet went from key.daddr to key.saddr.
+        let new_source = if source == key.saddr { rewrite.source.0 } else { source };
+        let new_destination = if destination == key.daddr { rewrite.destination.0 } else { destination };
+        let diff =
+            new_source.sum16() + new_destination.sum16() + source.sum16_complement() + destination.sum16_complement();
+        let check: [u8; 2] = ctx.load(ICMP6 + 2)?;
+        Frame::store(ctx, ICMP6 + 2, &csum_apply(check, diff))?;
+        Frame::store(ctx, OUTER6 + IPV6_ADDRS, bytes6(&new_source))?;
+        Frame::store(ctx, OUTER6 + IPV6_ADDRS + 16, bytes6(&new_destination)).map(|()| 0)
+    })())
+}
+
+/// The IPv6 address at `offset` of `frame`.
+#[inline(always)]
+fn load6<F: Frame>(frame: &F, offset: usize) -> Result<Ipv6, i64> {
+    let bytes: [u8; 16] = frame.load(offset)?;
+    // SAFETY: any 16 bytes are an address; read unaligned.
+    Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const Ipv6) })
+}
+
+/// An IPv6 address's bytes as they lie in a packet, by reference (a
+/// 16-byte value copied would need 128-bit registers BPF lacks).
+#[inline(always)]
+fn bytes6(addr: &Ipv6) -> &[u8; 16] {
+    // SAFETY: the same 16 bytes, at an alignment [u8; 16] does not need.
+    unsafe { &*(addr as *const Ipv6 as *const [u8; 16]) }
 }

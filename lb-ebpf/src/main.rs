@@ -20,6 +20,7 @@ mod snat;
 // what the tc hooks share.
 mod classify;
 mod icmp;
+mod pipeline6;
 mod skb;
 mod translate;
 // The hooks, thin: they adapt packets and sockets to the above.

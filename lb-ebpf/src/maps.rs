@@ -143,6 +143,10 @@ pub static SNAT6: PerCpuArray<Snat6, 1> = PerCpuArray::new();
 #[btf_map]
 pub static WIRE_TAIL_CALLS: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
 
+/// `lb_common::MAP_XDP_TAIL_CALLS`: the program `xdp_from_wire` tail-calls.
+#[btf_map]
+pub static XDP_TAIL_CALLS: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
+
 /// The conntrack key of the IPv6 packet being classified, one per CPU
 /// (`Family::key_scratch`).
 #[btf_map]
@@ -153,13 +157,13 @@ pub static KEY_SCRATCH6: PerCpuArray<CtKey6, 1> = PerCpuArray::new();
 #[btf_map]
 pub static ENTRY_SCRATCH6: PerCpuArray<[CtValue6; 2], 1> = PerCpuArray::new();
 
-/// An IPv6 packet being translated by `tc_from_pod6`, and its rewrite,
+/// An IPv6 packet being translated (pipeline6.rs), and its rewrite,
 /// one per CPU: what would not fit on the stack beside the pipeline.
 pub struct State6 {
     pub packet: crate::parse::Packet<lb_common::Ipv6>,
     pub rewrite: crate::nat::Rewrite<lb_common::Ipv6>,
     /// A new flow's backend and its source NAT, between the frames that
-    /// choose them and admit the flow (tc6.rs).
+    /// choose them and admit the flow.
     pub backend: lb_common::Backend6,
     pub snat_addr: lb_common::Ipv6,
     pub snat_port: [u8; 2],

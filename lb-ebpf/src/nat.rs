@@ -36,6 +36,11 @@ pub trait Frame {
     fn len(&self) -> usize;
     fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], i64>;
     fn store<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64>;
+    /// Reads `dst.len()` bytes at `offset` into `dst`, through the hook's
+    /// helper: for lengths that would not fit on the stack. The length must
+    /// be known when this is compiled (the verifier refuses one that may
+    /// be 0, which aya's `load_bytes`, clamping to the packet, passes).
+    fn load_into(&self, offset: usize, dst: &mut [u8]) -> Result<(), i64>;
     /// Gives `packet` the source and destination of `rewrite`, checksums included.
     fn rewrite<A: Family>(&self, packet: &Packet<A>, rewrite: &Rewrite<A>) -> Result<(), i64>;
 }
@@ -57,6 +62,20 @@ impl Frame for TcContext {
     #[inline(always)]
     fn store<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64> {
         TcContext::store(self, offset, bytes, 0)
+    }
+
+    #[inline(always)]
+    fn load_into(&self, offset: usize, dst: &mut [u8]) -> Result<(), i64> {
+        // SAFETY: `dst` is writable for its length.
+        let rc = unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                self.skb.skb as *const _,
+                offset as u32,
+                dst.as_mut_ptr() as *mut _,
+                dst.len() as u32,
+            )
+        };
+        if rc < 0 { Err(rc) } else { Ok(()) }
     }
 
     /// Each L4 checksum update is a helper call, so only what changes is
@@ -233,6 +252,15 @@ impl Frame for XdpContext {
         store_at(data, data_end, offset, bytes)
     }
 
+    #[inline(always)]
+    fn load_into(&self, offset: usize, dst: &mut [u8]) -> Result<(), i64> {
+        // SAFETY: `dst` is writable for its length.
+        let rc = unsafe {
+            aya_ebpf::helpers::bpf_xdp_load_bytes(self.ctx, offset as u32, dst.as_mut_ptr() as *mut _, dst.len() as u32)
+        };
+        if rc < 0 { Err(rc) } else { Ok(()) }
+    }
+
     /// Both ends at once: one update of each checksum. A function of its
     /// own, so that its registers do not crowd the hook's stack.
     #[inline(never)]
@@ -265,7 +293,7 @@ impl Frame for XdpContext {
 /// the loads into a caller and pass the values in, zero-extended in the
 /// callee by shifts, which the verifier refuses on packet pointers.
 #[inline(always)]
-fn xdp_data(ctx: &XdpContext) -> (u32, u32) {
+pub fn xdp_data(ctx: &XdpContext) -> (u32, u32) {
     // SAFETY: the context's own xdp_md, valid for the program run.
     unsafe { (read_volatile(&(*ctx.ctx).data), read_volatile(&(*ctx.ctx).data_end)) }
 }

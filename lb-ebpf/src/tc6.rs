@@ -1,42 +1,17 @@
 //! The tc hooks' IPv6 halves: `tc_from_pod` tail-calls `tc_from_pod6`
 //! for every IPv6 frame, `tc_from_wire` tail-calls `tc_from_wire6`. Both
-//! run one pipeline, the one every hook shares (`classify`, `translate`),
-//! compiled for IPv6; they differ in the packet's origin only (a pod, or
-//! an external interface, whose clients may be outside the cluster and are
-//! source-NATed toward backends on other nodes). A translated frame goes
-//! to the stack, which routes it (to a pod, another node or the client):
-//! IPv6 has no FIB redirect of its own yet. What differs from IPv4 is
-//! where the pipeline's state lives. IPv6's addresses, keys and
-//! entries are four times IPv4's, and the verifier allows 512 bytes of
-//! stack for a program's whole call chain, so this program keeps the
-//! packet and its rewrite in a per-CPU slot (STATE6), and runs each half
-//! of the pipeline (a flow with a live conntrack entry; a new flow) in a
-//! frame of its own that hands back plain data: the counter, the action,
-//! and the rewrite, which this frame applies. Measured frames (bytes):
-//! this one 48, parse 72, tracked 200, untracked 392, the tc rewrite 168,
-//! refusal 144, ICMPv6 error steps up to 240: 440 on the deepest chain,
-//! of the verifier's 512.
-use core::ffi::c_void;
-
+//! run the IPv6 pipeline (pipeline6.rs) on an skb.
 use aya_ebpf::{
-    EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Backend6, Ipv6, counter};
+use lb_common::Ipv6;
 
 use crate::{
-    classify::{self, Chosen},
-    conntrack,
-    family::Family,
-    filter, icmp,
-    maps::{STATE6, State6},
-    nat::{Frame, Rewrite},
     parse::{Packet, Unparsed},
+    pipeline6::{Hook6, pipeline6},
     skb,
-    translate::{Action, decide},
-    verdict::{Origin, Verdict},
 };
 
 #[classifier]
@@ -52,221 +27,18 @@ pub fn tc_from_wire6(ctx: TcContext) -> i32 {
     skb::counted(len, pipeline6(&ctx, ifindex))
 }
 
-/// The counter to bump and the tc action for an IPv6 frame from a pod
-/// (`wire_ifindex` 0) or from the external interface `wire_ifindex`.
-#[inline(always)]
-fn pipeline6(ctx: &TcContext, wire_ifindex: u32) -> Result<(u32, i32), i64> {
-    // The packet and its rewrite live in this CPU's slot of STATE6: on the
-    // stack they would leave the pipeline's frames too little of it.
-    let Some(slot) = STATE6.get_ptr_mut(0) else {
-        return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32));
-    };
-    // SAFETY: this CPU's slot, used by one program run at a time.
-    let state = unsafe { &mut *slot };
-    match parse6(ctx, &mut state.packet) {
-        PARSED => {}
-        ICMP => {
-            // A failed rewrite may have left the error half translated:
-            // dropped, as IPv4's is.
-            let index = icmp_error6(ctx, &mut state.rewrite);
-            let action = if index == counter::DROP_REWRITE_FAILED { TC_ACT_SHOT } else { TC_ACT_OK };
-            return Ok((index, action as i32));
-        }
-        _ => return Ok((counter::PASS_UNPARSED, TC_ACT_OK as i32)),
-    }
-    let packet = &state.packet;
-    if !filter::may_be_service_traffic(packet) {
-        return Ok((counter::PASS, TC_ACT_OK as i32));
-    }
-    // Each part of the pipeline in a frame of its own, which hands back
-    // the rewrite, as plain data, for this frame to apply: a flow's live
-    // entry; else the Service's choice of backend; then its admission
-    // (source NAT, the entries).
-    let mut outcome = tracked6(packet, &mut state.rewrite);
-    if outcome == UNTRACKED {
-        outcome = choose6(packet, &mut state.rewrite, &mut state.backend, wire_ifindex == 0);
-    }
-    if outcome != UNTRACKED && outcome & CHOSEN != 0 {
-        let external = outcome & CHOSEN_EXTERNAL != 0;
-        // Source NAT only for clients from the wire, of external frontends,
-        // toward backends on other nodes (`classify::snat_for`).
-        outcome = if wire_ifindex != 0 && external && !state.backend.is_local() {
-            snat6(slot, ctx.as_ptr(), wire_ifindex)
-        } else {
-            0
-        };
-        if outcome == 0 || outcome == SNATTED {
-            outcome = admit6(slot, outcome == SNATTED);
-        }
-    }
-    if outcome & REWRITE != 0 {
-        ctx.rewrite(packet, &state.rewrite)?;
-    }
-    let index = (outcome >> 8) as u32;
-    let action = match (outcome & 0x0f) as u8 {
-        ACTION_DROP => TC_ACT_SHOT as i32,
-        ACTION_REJECT => skb::reject6(ctx, packet)?,
-        _ => TC_ACT_OK as i32,
-    };
-    Ok((index, action))
-}
+impl Hook6 for TcContext {
+    type Action = i32;
+    const PASS: i32 = TC_ACT_OK as i32;
+    const DROP: i32 = TC_ACT_SHOT as i32;
 
-/// `parse6`'s answers: a TCP or UDP packet (in `packet`), ICMPv6, other.
-const PARSED: u32 = 0;
-const ICMP: u32 = 1;
-const OTHER: u32 = 2;
-
-/// Parses the skb into `packet`, in a frame of its own (its temporaries
-/// would add to the pipeline's).
-#[inline(never)]
-fn parse6(ctx: &TcContext, packet: &mut Packet<Ipv6>) -> u32 {
-    match skb::parse6(ctx) {
-        Ok(parsed) => {
-            *packet = parsed;
-            PARSED
-        }
-        Err(Unparsed::Icmp) => ICMP,
-        Err(_) => OTHER,
+    #[inline(always)]
+    fn parse6(&self) -> Result<Packet<Ipv6>, Unparsed> {
+        skb::parse6(self)
     }
-}
 
-/// Translates a pod's ICMPv6 error about a translated flow (a backend's
-/// port unreachable, a Packet Too Big); the stack routes it on. Returns
-/// the counter to bump. The flow's key goes in IPv6's key slot.
-#[inline(never)]
-fn icmp_error6(ctx: &TcContext, rewrite: &mut Rewrite<Ipv6>) -> u32 {
-    let Some(key) = <Ipv6 as Family>::key_scratch() else {
-        return counter::PASS_UNPARSED;
-    };
-    // SAFETY: this CPU's slot, used by one program run at a time.
-    let key = unsafe { &mut *key };
-    match icmp::translate_error6(ctx, key, rewrite) {
-        Ok(true) => counter::ICMP_ERROR_TRANSLATED,
-        Ok(false) => counter::PASS_UNPARSED,
-        Err(_) => counter::DROP_REWRITE_FAILED,
+    #[inline(always)]
+    fn reject6(&self, packet: &Packet<Ipv6>) -> Result<i32, i64> {
+        skb::reject6(self, packet)
     }
-}
-
-/// `tracked6`'s answer for a flow without a live entry.
-const UNTRACKED: i64 = i64::MAX;
-/// `choose6`'s answer when it chose a backend (in the state's slot), with
-/// `CHOSEN_EXTERNAL` for a frontend reached from outside. Bits no
-/// `outcome` has (its counter index sits in bits 8 to 39).
-const CHOSEN: i64 = 1 << 61;
-const CHOSEN_EXTERNAL: i64 = 1 << 60;
-/// `snat6`'s answer when it found the flow's source (in the state's slot).
-const SNATTED: i64 = 1 << 59;
-/// The outcome of a packet passed untouched.
-const PASSED: i64 = (counter::PASS as i64) << 8 | ACTION_PASS as i64;
-const ACTION_PASS: u8 = 0;
-const ACTION_DROP: u8 = 1;
-const ACTION_REJECT: u8 = 2;
-
-/// `outcome`'s bit saying the rewrite it filled in is to be applied.
-const REWRITE: i64 = 0x10;
-
-/// A decision in one register (the counter, the action, whether to
-/// rewrite), its rewrite copied field by field into `out`: a value
-/// written whole through a pointer may carry bytes LLVM never set, which
-/// the verifier refuses.
-#[inline(always)]
-fn outcome(decided: (u32, Action, Option<Rewrite<Ipv6>>), out: &mut Rewrite<Ipv6>) -> i64 {
-    let (index, action, rewrite) = decided;
-    let action = match action {
-        Action::Pass | Action::Forward => ACTION_PASS,
-        Action::Drop => ACTION_DROP,
-        Action::Reject => ACTION_REJECT,
-    };
-    let mut code = i64::from(index) << 8 | i64::from(action);
-    if let Some(rewrite) = rewrite {
-        out.source.0 = rewrite.source.0;
-        out.source.1 = rewrite.source.1;
-        out.destination.0 = rewrite.destination.0;
-        out.destination.1 = rewrite.destination.1;
-        out.forward = rewrite.forward;
-        code |= REWRITE;
-    }
-    code
-}
-
-#[inline(never)]
-fn tracked6(packet: &Packet<Ipv6>, out: &mut Rewrite<Ipv6>) -> i64 {
-    // Through memory: LLVM otherwise carries the verdict's fields in
-    // registers across the arms of its matches, unset in the arms whose
-    // variant lacks them, which the verifier refuses ("!read_ok").
-    let verdict = classify::tracked(packet);
-    // SAFETY: a read of a local.
-    match unsafe { core::ptr::read_volatile(&verdict) } {
-        Some(verdict) => outcome(decide(packet, verdict), out),
-        None => UNTRACKED,
-    }
-}
-
-/// A new flow's Service, lookup to selection: the outcome of a verdict
-/// already reached, or `CHOSEN` (with `CHOSEN_EXTERNAL`) and the backend
-/// in `backend`. The flow's key is in IPv6's key slot, where `tracked6`
-/// left it.
-#[inline(never)]
-fn choose6(packet: &Packet<Ipv6>, out: &mut Rewrite<Ipv6>, backend: &mut Backend6, internal_client: bool) -> i64 {
-    let Some(key) = conntrack::scratched_key::<Ipv6>() else { return PASSED };
-    match classify::choose(key, packet, internal_client) {
-        Chosen::Refused(refusal) => outcome(decide(packet, refusal.verdict()), out),
-        Chosen::Backend { backend: chosen, external, now } => {
-            // Field by field (see `outcome`); the clock is read again by
-            // `admit6`, a tick later at most.
-            let _ = now;
-            backend.addr = chosen.addr;
-            backend.port = chosen.port;
-            backend.flags = chosen.flags;
-            CHOSEN | if external { CHOSEN_EXTERNAL } else { 0 }
-        }
-    }
-}
-
-/// A new flow's source NAT (`classify::snat_for`) toward the backend
-/// `choose6` left in `state`, for a client from the wire interface
-/// `wire_ifindex`: `SNATTED` with the source in `state`, or the outcome of
-/// a flow that cannot be (dropped). A frame of its own, beside `admit6`'s:
-/// nested, the route lookup's would take the chain past 512 bytes.
-#[inline(never)]
-fn snat6(state: *mut State6, ctx: *mut c_void, wire_ifindex: u32) -> i64 {
-    // SAFETY: this CPU's slot (see `pipeline6`), valid for the run; its
-    // fields borrowed apart (the caller holds the packet).
-    let (packet, backend, out) = unsafe { (&(*state).packet, &(*state).backend, &mut (*state).rewrite) };
-    match classify::snat_for(Origin::Wire { ctx, ifindex: wire_ifindex }, packet, backend, true) {
-        Some(Some((addr, port))) => {
-            // SAFETY: as above.
-            unsafe {
-                (*state).snat_addr = addr;
-                (*state).snat_port = port;
-            }
-            SNATTED
-        }
-        Some(None) => 0,
-        None => outcome(decide(packet, Verdict::SnatFailed), out),
-    }
-}
-
-/// A new flow's admission to the backend `choose6` left in `state`, from
-/// the source `snat6` left there when `snatted`: its entries, its verdict.
-#[inline(never)]
-fn admit6(state: *mut State6, snatted: bool) -> i64 {
-    // SAFETY: this CPU's slot (see `pipeline6`), valid for the run; its
-    // fields borrowed apart (the caller holds the packet).
-    let (packet, backend, out) = unsafe { (&(*state).packet, &(*state).backend, &mut (*state).rewrite) };
-    let Some(key) = conntrack::scratched_key::<Ipv6>() else { return PASSED };
-    let chosen = Backend6 {
-        addr: <Ipv6 as Family>::read_volatile(&backend.addr),
-        // SAFETY: reads of a valid reference (see `Family::read_volatile`).
-        port: unsafe { core::ptr::read_volatile(&backend.port) },
-        flags: unsafe { core::ptr::read_volatile(&backend.flags) },
-        ..Default::default()
-    };
-    // SAFETY: as above.
-    let snat = snatted.then(|| unsafe {
-        (<Ipv6 as Family>::read_volatile(&(*state).snat_addr), core::ptr::read_volatile(&(*state).snat_port))
-    });
-    let verdict = classify::admit(key, packet, chosen, snat, conntrack::now());
-    // SAFETY: a read of a local (see `tracked6`).
-    outcome(decide(packet, unsafe { core::ptr::read_volatile(&verdict) }), out)
 }

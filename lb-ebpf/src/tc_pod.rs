@@ -32,7 +32,7 @@ fn try_tc_from_pod(ctx: &TcContext) -> Result<(u32, i32), i64> {
         Err(Unparsed::Icmp) => return icmp_error(ctx),
         Err(Unparsed::Ipv6) => {
             // IPv6 goes on in `tc_from_pod6`, a program of its own so that
-            // its stack is its own (see tc6.rs). Without the tail call
+            // its stack is its own (see pipeline6.rs). Without the tail call
             // (an agent that did not set it), the packet passes untouched.
             // SAFETY: a tail call to a program the agent put there, or none.
             unsafe { TAIL_CALLS.tail_call(ctx, TAIL_CALL_POD6) };

@@ -11,6 +11,9 @@
 //! way. When the FIB cannot say where to (no neighbour entry yet), the
 //! translated frame is passed to the stack, which routes it. ICMP errors
 //! about translated flows are translated the same way.
+//!
+//! IPv6 frames go on in `xdp_from_wire6`, by tail call: the IPv6 pipeline
+//! (pipeline6.rs) on an XDP frame, the one `tc_from_wire6` runs on an skb.
 use aya_ebpf::{
     EbpfContext,
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -18,14 +21,15 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::counter;
+use lb_common::{Ipv6, TAIL_CALL_WIRE6, counter};
 
 use crate::{
     classify,
     icmp::{self, ErrorRoute},
-    maps::count,
-    nat::Frame,
+    maps::{XDP_TAIL_CALLS, count},
+    nat::{Frame, xdp_data},
     parse::{self, Packet, Unparsed},
+    pipeline6::{Hook6, pipeline6},
     route::{Route, Sender, next_hop},
     translate::{Action, translate},
     verdict::Origin,
@@ -34,7 +38,21 @@ use crate::{
 #[xdp]
 pub fn xdp_from_wire(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    match try_xdp_from_wire(&ctx) {
+    counted(len, try_xdp_from_wire(&ctx))
+}
+
+#[xdp]
+pub fn xdp_from_wire6(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    counted(len, pipeline6(&ctx, ifindex))
+}
+
+/// The XDP action from a counter and an action: the counter bumped for
+/// `len` bytes; a rewrite that failed drops the packet, counted so.
+#[inline(always)]
+fn counted(len: u32, result: Result<(u32, u32), i64>) -> u32 {
+    match result {
         Ok((index, action)) => {
             count(index, len);
             action
@@ -48,22 +66,35 @@ pub fn xdp_from_wire(ctx: XdpContext) -> u32 {
 
 /// Returns the counter to bump and the XDP action. TCP and UDP, and ICMP
 /// errors, each go their own way in a function of their own, so that
-/// neither's stack is held while the other runs.
+/// neither's stack is held while the other runs; IPv6 frames in
+/// `xdp_from_wire6`, by a tail call made from the program's own frame
+/// (hence inlined) once parsing has said the frame is IPv6. Without the
+/// tail call (an agent that did not set it) an IPv6 frame passes.
+#[inline(always)]
 fn try_xdp_from_wire(ctx: &XdpContext) -> Result<(u32, u32), i64> {
     let ifindex = ctx.ingress_ifindex() as u32;
     match service_packet(ctx, ifindex)? {
+        Some((IPV6_FRAME, _)) => {
+            // SAFETY: a tail call to a program the agent put there, or none.
+            unsafe { XDP_TAIL_CALLS.tail_call(ctx, TAIL_CALL_WIRE6) };
+            Ok((counter::PASS_UNPARSED, XDP_PASS))
+        }
         Some(done) => Ok(done),
         None => icmp_error(ctx, ifindex),
     }
 }
 
+/// `service_packet`'s counter for an IPv6 frame, for `xdp_from_wire6`.
+const IPV6_FRAME: u32 = u32::MAX;
+
 /// A TCP or UDP packet: translated if it is service traffic. `None` for
-/// ICMP, which `icmp_error` takes.
+/// ICMP, which `icmp_error` takes; `IPV6_FRAME` for IPv6.
 #[inline(never)]
 fn service_packet(ctx: &XdpContext, ifindex: u32) -> Result<Option<(u32, u32)>, i64> {
     let packet = match parse::parse(ctx.data(), ctx.data_end()) {
         Ok(packet) => packet,
         Err(Unparsed::Icmp) => return Ok(None),
+        Err(Unparsed::Ipv6) => return Ok(Some((IPV6_FRAME, XDP_PASS))),
         Err(_) => return Ok(Some((counter::PASS_UNPARSED, XDP_PASS))),
     };
     let verdict = classify::classify(&packet, Origin::Wire { ctx: ctx.as_ptr(), ifindex });
@@ -105,10 +136,16 @@ fn forward(ctx: &XdpContext, packet: &Packet, ifindex: u32) -> Result<u32, i64> 
 /// (A function of its own: the reply needs stack the main path does not.)
 #[inline(never)]
 fn reject(ctx: &XdpContext, packet: &Packet) -> Result<u32, i64> {
-    let Some(reply) = icmp::port_unreachable(ctx, packet)? else {
-        return Ok(XDP_DROP);
-    };
-    let delta = icmp::REPLY_LEN as i32 - (ctx.data_end() - ctx.data()) as i32;
+    match icmp::port_unreachable(ctx, packet)? {
+        Some(reply) => send_back(ctx, reply),
+        None => Ok(XDP_DROP),
+    }
+}
+
+/// Makes the frame `reply` and sends it back out the interface it came in on.
+#[inline(always)]
+fn send_back<const N: usize>(ctx: &XdpContext, reply: &[u8; N]) -> Result<u32, i64> {
+    let delta = N as i32 - (ctx.data_end() - ctx.data()) as i32;
     // SAFETY: the context's own xdp_md pointer.
     let rc = unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) };
     if rc != 0 {
@@ -116,4 +153,28 @@ fn reject(ctx: &XdpContext, packet: &Packet) -> Result<u32, i64> {
     }
     Frame::store(ctx, 0, reply)?;
     Ok(XDP_TX)
+}
+
+impl Hook6 for XdpContext {
+    type Action = u32;
+    const PASS: u32 = XDP_PASS;
+    const DROP: u32 = XDP_DROP;
+
+    /// An XDP frame's headers are in its first buffer, all there is to
+    /// parse. Its bounds are read volatile (`nat::xdp_data`): the parser
+    /// runs in a frame of its own.
+    #[inline(always)]
+    fn parse6(&self) -> Result<Packet<Ipv6>, Unparsed> {
+        let (data, data_end) = xdp_data(self);
+        parse::parse6(data as usize, data_end as usize)
+    }
+
+    /// `reject` for IPv6. (A function of its own, as `reject` is.)
+    #[inline(never)]
+    fn reject6(&self, packet: &Packet<Ipv6>) -> Result<u32, i64> {
+        match icmp::port_unreachable6(self, packet)? {
+            Some(reply) => send_back(self, reply),
+            None => Ok(XDP_DROP),
+        }
+    }
 }

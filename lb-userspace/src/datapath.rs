@@ -7,7 +7,8 @@
 //!   SOCK_REVNAT, FLOW_SEED, NODE_PORTS        the maps
 //!   SOURCE_RANGES                             the maps
 //!   SERVICES6 ... SOCK_REVNAT6                the IPv6 maps, one per IPv4 one
-//!   TAIL_CALLS, WIRE_TAIL_CALLS               the IPv6 halves of the tc programs
+//!   TAIL_CALLS, WIRE_TAIL_CALLS,
+//!   XDP_TAIL_CALLS                            the IPv6 halves of the packet programs
 //!   tc_from_pod, tc_from_wire, xdp_from_wire  the programs
 //!   links/if_<ifindex>                        one TCX link per pod interface
 //!   links/wire_<ifindex>, links/xdp_<ifindex> one TCX or XDP link per external interface
@@ -37,10 +38,11 @@ use lb_common::{
     GLOBAL_SOCKET_LB_NETNS, IPV6_DORMANT_ENTRIES, Ipv4, Ipv6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6,
     MAP_CONNTRACK, MAP_CONNTRACK6, MAP_COUNTERS, MAP_ENDPOINT_FILTER, MAP_FLOW_SEED, MAP_MAGLEV, MAP_MAGLEV6,
     MAP_NODE_PORTS, MAP_SERVICE_ADDRS, MAP_SERVICE_ADDRS6, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_REVNAT,
-    MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, MAP_WIRE_TAIL_CALLS, PROG_FROM_POD,
-    PROG_FROM_POD6, PROG_FROM_WIRE6, PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE, PROG_XDP_FROM_WIRE,
-    PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6,
-    SockRevNatValue, SockRevNatValue6, SourceRangeKey, TAIL_CALL_POD6, TAIL_CALL_WIRE6, TrafficCounter, counter,
+    MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_TAIL_CALLS, MAP_WIRE_TAIL_CALLS, MAP_XDP_TAIL_CALLS,
+    PROG_FROM_POD, PROG_FROM_POD6, PROG_FROM_WIRE6, PROG_TC_BASELINE, PROG_TC_FROM_WIRE, PROG_XDP_BASELINE,
+    PROG_XDP_FROM_WIRE, PROG_XDP_FROM_WIRE6, PROGS_SOCK, PROGS_SOCK_BIND, ServiceAddr, ServiceKey, ServiceKey6,
+    ServiceValue, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey, TAIL_CALL_POD6,
+    TAIL_CALL_WIRE6, TrafficCounter, counter,
 };
 
 use crate::sizing::Entries;
@@ -1103,11 +1105,11 @@ const GROWABLE_MAPS: [&str; 9] = [
     MAP_SOURCE_RANGES6,
     MAP_ENDPOINT_FILTER,
 ];
-/// TAIL_CALLS among them: an unpinned program array is emptied when its
-/// last holder in userspace goes, which would stop IPv6 at the pods'
-/// hook while the agent restarts; each generation points it at its own
-/// `tc_from_pod6` as it loads.
-const SHARED_MAPS: [&str; 13] = [
+/// The tail-call arrays among them: an unpinned program array is emptied
+/// when its last holder in userspace goes, which would stop IPv6 at the
+/// packet hooks while the agent restarts; each generation points them at
+/// its own IPv6 halves as it loads.
+const SHARED_MAPS: [&str; 14] = [
     MAP_CONNTRACK,
     MAP_AFFINITY,
     MAP_MAGLEV,
@@ -1121,6 +1123,7 @@ const SHARED_MAPS: [&str; 13] = [
     MAP_NODE_PORTS,
     MAP_TAIL_CALLS,
     MAP_WIRE_TAIL_CALLS,
+    MAP_XDP_TAIL_CALLS,
 ];
 
 /// The IPv6 traffic maps (shared otherwise) made anew when dormant IPv6
@@ -1245,20 +1248,26 @@ impl Datapath {
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_POD6)?.load().map_err(Into::into))?;
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_FROM_WIRE6)?.load().map_err(Into::into))?;
         retry_interrupted(|| Self::tc_program_of(&mut ebpf, PROG_TC_FROM_WIRE)?.load().map_err(Into::into))?;
-        retry_interrupted(|| Self::xdp_program_of(&mut ebpf)?.load().map_err(Into::into))?;
+        for name in [PROG_XDP_FROM_WIRE, PROG_XDP_FROM_WIRE6] {
+            retry_interrupted(|| Self::xdp_program_of(&mut ebpf, name)?.load().map_err(Into::into))?;
+        }
         Ok(ebpf)
     }
 
-    /// Points TAIL_CALLS (pinned, shared by every generation) at this
-    /// object's `tc_from_pod6`: `tc_from_pod` hands IPv6 frames to it by
-    /// tail call. Done once the object is the one the agent serves with
+    /// Points TAIL_CALLS, WIRE_TAIL_CALLS and XDP_TAIL_CALLS (pinned,
+    /// shared by every generation) at this object's IPv6 halves:
+    /// `tc_from_pod`, `tc_from_wire` and `xdp_from_wire` hand IPv6 frames
+    /// to them by tail call. Done once the object is the one the agent serves with
     /// (at load; in `grow`, after the commit), so that a generation that
     /// fails half-way never takes IPv6 from the live one.
     fn point_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-        for (map, index, program) in
-            [(MAP_TAIL_CALLS, TAIL_CALL_POD6, PROG_FROM_POD6), (MAP_WIRE_TAIL_CALLS, TAIL_CALL_WIRE6, PROG_FROM_WIRE6)]
-        {
-            let fd = Self::tc_program_of(ebpf, program)?.fd()?.try_clone().map_err(ProgramError::from)?;
+        for (map, index, program) in [
+            (MAP_TAIL_CALLS, TAIL_CALL_POD6, PROG_FROM_POD6),
+            (MAP_WIRE_TAIL_CALLS, TAIL_CALL_WIRE6, PROG_FROM_WIRE6),
+            (MAP_XDP_TAIL_CALLS, TAIL_CALL_WIRE6, PROG_XDP_FROM_WIRE6),
+        ] {
+            let program = ebpf.program(program).ok_or(ProgramError::NotLoaded)?;
+            let fd = program.fd()?.try_clone().map_err(ProgramError::from)?;
             let array = ebpf.map_mut(map).ok_or(DatapathError::Map {
                 name: map,
                 source: aya::maps::MapError::InvalidName { name: map.to_owned() },
@@ -1282,7 +1291,7 @@ impl Datapath {
             let program = Self::tc_program_of(ebpf, name)?;
             pin(dir.join(name), &mut |p| program.pin(p))?;
         }
-        let program = Self::xdp_program_of(ebpf)?;
+        let program = Self::xdp_program_of(ebpf, PROG_XDP_FROM_WIRE)?;
         pin(dir.join(PROG_XDP_FROM_WIRE), &mut |p| program.pin(p))
     }
 
@@ -1398,8 +1407,8 @@ impl Datapath {
         Ok(program.try_into()?)
     }
 
-    fn xdp_program_of(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
-        let program = ebpf.program_mut(PROG_XDP_FROM_WIRE).ok_or(ProgramError::NotLoaded)?;
+    fn xdp_program_of<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, DatapathError> {
+        let program = ebpf.program_mut(name).ok_or(ProgramError::NotLoaded)?;
         Ok(program.try_into()?)
     }
 
@@ -1474,7 +1483,7 @@ impl Datapath {
 
     /// The XDP program, for BPF_PROG_TEST_RUN.
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        Self::xdp_program_of(&mut self.ebpf)
+        Self::xdp_program_of(&mut self.ebpf, PROG_XDP_FROM_WIRE)
     }
 
     fn link_pin(&self, hook: Hook, ifindex: u32) -> Option<PathBuf> {
@@ -1513,7 +1522,7 @@ impl Datapath {
                 }
             }
             Hook::WireXdp => {
-                let program = Self::xdp_program_of(&mut self.ebpf)?;
+                let program = Self::xdp_program_of(&mut self.ebpf, PROG_XDP_FROM_WIRE)?;
                 let adopted = old.and_then(|old| {
                     let link = XdpLink::try_from(old).ok()?;
                     program.attach_to_link(link).ok()

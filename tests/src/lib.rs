@@ -12,3 +12,4 @@ pub mod packet;
 pub mod packet6;
 pub mod pods;
 pub mod traffic;
+pub mod wire;

@@ -3,53 +3,22 @@
 //! arrived on an external interface, frames, verdicts, conntrack entries
 //! and counters out. Every test runs on both, which must agree. FIB
 //! lookups happen in a network namespace of the test's own, with a known
-//! route and neighbours. Needs root.
+//! route and neighbours (`lb_tests::wire`). Needs root.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, counter};
 use lb_tests::{
     harness::{Harness, ct_key, round_trip_services, timing_frames},
-    netns::{Netns, unique_tag},
     packet::{self, ACK, SYN, Seen, SeenIcmpError, Spec, TCP},
+    wire::{CLIENT, CLIENT_MAC, Hook, NODE, OTHER_NODE_MAC, Verdict, Wire, on_both_hooks, parse_mac},
 };
 use lb_userspace::{
     cidr::Cidr,
     model::{Algorithm, Frontend, FrontendKind, Protocol, ServicePort},
 };
 
-/// What a hook did with a frame, in terms both share.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Verdict {
-    /// To the stack: PASS, TC_ACT_OK.
-    Pass,
-    /// DROP, TC_ACT_SHOT.
-    Drop,
-    /// Sent out the interface it came in on: SENT_BACK, or a tc redirect.
-    SentBack,
-}
 use Verdict::{Drop as DROP, Pass as PASS, SentBack as SENT_BACK};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-impl Hook {
-    fn verdict(self, code: u32) -> Verdict {
-        match (self, code) {
-            (Hook::Xdp, 2) | (Hook::Tc, 0) => PASS,
-            (Hook::Xdp, 1) | (Hook::Tc, 2) => DROP,
-            (Hook::Xdp, 3) | (Hook::Tc, 7) => SENT_BACK,
-            _ => panic!("{self:?}: unexpected verdict {code}"),
-        }
-    }
-}
-
-const NODE: [u8; 4] = [10, 200, 0, 1];
-const OTHER_NODE_MAC: &str = "02:00:00:00:00:22";
-const CLIENT: [u8; 4] = [10, 200, 0, 100];
-const CLIENT_MAC: &str = "02:00:00:00:00:64";
 const LOCAL_POD: [u8; 4] = [10, 1, 1, 11];
 const REMOTE_POD: [u8; 4] = [10, 1, 2, 21];
 const LB_IP: [u8; 4] = [10, 250, 0, 10];
@@ -57,63 +26,6 @@ const NODE_PORT: u16 = 30080;
 
 fn addr(a: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(a), port)
-}
-
-/// A node namespace with its external interface `ext0` (10.200.0.1/24),
-/// the other node's pod CIDR routed via 10.200.0.2, and neighbour entries
-/// for the other node and the client; and the hook under test.
-struct Wire {
-    netns: Netns,
-    ifindex: u32,
-    mac: [u8; 6],
-    hook: Hook,
-}
-
-impl Wire {
-    /// Runs `frame` through the hook; returns what it did and the frame as it left.
-    fn run_frame(&self, h: &mut Harness, frame: &[u8]) -> (Verdict, Vec<u8>) {
-        let (code, out, _) = self.time(h, frame, 1);
-        (self.hook.verdict(code), out)
-    }
-
-    /// Runs `frame` `repeat` times; returns the raw verdict, the frame as it left and ns per run.
-    fn time(&self, h: &mut Harness, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, u64) {
-        match self.hook {
-            Hook::Xdp => h.run_xdp(&self.netns, self.ifindex, frame, repeat),
-            Hook::Tc => h.run_tc_wire(&self.netns, self.ifindex, frame, repeat),
-        }
-    }
-}
-
-/// Runs `test` on each external hook, each with a node namespace of its own.
-fn on_both_hooks(test: impl Fn(Wire)) {
-    for hook in [Hook::Xdp, Hook::Tc] {
-        eprintln!("on the {hook:?} hook:");
-        test(wire(hook));
-    }
-}
-
-fn wire(hook: Hook) -> Wire {
-    let netns = Netns::new(format!("lbt{}-xdp", unique_tag())).unwrap();
-    netns.ip(&["link", "add", "ext0", "type", "veth", "peer", "name", "ext1"]).unwrap();
-    netns.ip(&["addr", "add", "10.200.0.1/24", "dev", "ext0"]).unwrap();
-    for dev in ["ext0", "ext1"] {
-        netns.ip(&["link", "set", dev, "up"]).unwrap();
-    }
-    netns.ip(&["neigh", "add", "10.200.0.2", "lladdr", OTHER_NODE_MAC, "dev", "ext0", "nud", "permanent"]).unwrap();
-    netns.ip(&["neigh", "add", "10.200.0.100", "lladdr", CLIENT_MAC, "dev", "ext0", "nud", "permanent"]).unwrap();
-    netns.ip(&["route", "add", "10.1.2.0/24", "via", "10.200.0.2"]).unwrap();
-    netns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    let ifindex =
-        netns.enter(|| lb_userspace::interfaces::list().unwrap()).into_iter().find(|i| i.name == "ext0").unwrap().index;
-    let link = netns.ip(&["-o", "link", "show", "ext0"]).unwrap();
-    let mac_text = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).unwrap().to_owned();
-    Wire { netns, ifindex, mac: parse_mac(&mac_text), hook }
-}
-
-fn parse_mac(text: &str) -> [u8; 6] {
-    let bytes: Vec<u8> = text.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
-    bytes.try_into().unwrap()
 }
 
 fn frontend(
@@ -451,10 +363,7 @@ fn external_cost_per_packet() {
         for (what, frame) in timing_frames(addr(CLIENT, 40000), timed, addr([10, 200, 0, 7], 80)) {
             let (verdict, _, ns) = wire.time(&mut h, &frame, repeat);
             assert_eq!(wire.hook.verdict(verdict), PASS);
-            let program = match wire.hook {
-                Hook::Xdp => "xdp_from_wire",
-                Hook::Tc => "tc_from_wire",
-            };
+            let program = wire.hook.program();
             println!("{program}, NodePort {what}: {ns} ns/packet (BPF_PROG_TEST_RUN, repeat {repeat})");
         }
         assert_eq!(h.counter(counter::DNAT_NEW), u64::from(repeat), "every SYN run is a new flow");
