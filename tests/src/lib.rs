@@ -3,6 +3,7 @@ pub mod agent;
 pub mod anchors;
 pub mod apiserver;
 pub mod clients;
+pub mod external;
 pub mod harness;
 pub mod interrupt;
 pub mod load;

@@ -16,6 +16,8 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, TempDir},
+    external::Mode,
+    in_both_modes,
     manifests::{Endpoint, Port, endpoint_slice, service, write_yaml},
     netns::{EXTERNAL_CLIENT_IP, Lan, MultiNode},
     pods::{PodServer, Session, TCP_PORT, UDP_PORT, http_get, tcp_ask, tcp_whoami, udp_ask},
@@ -30,24 +32,6 @@ const UDP_NODE_PORT: u16 = 30053;
 const HEALTH_PORT: u16 = 32000;
 const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
 const SLICE_PORTS: [Port; 2] = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
-
-/// Which external program the agents run, and on what LAN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// Default flags, on a plain bridge: tc.
-    Default,
-    /// `--external-datapath xdp`, on a LAN that carries XDP_TX frames.
-    ForcedXdp,
-}
-
-impl Mode {
-    fn program(self) -> &'static str {
-        match self {
-            Mode::Default => "tc_from_wire",
-            Mode::ForcedXdp => "xdp_from_wire",
-        }
-    }
-}
 
 /// Two nodes with a backend pod each (`pod-1` on node-1, `pod-2` on
 /// node-2) serving, an agent on each node, and the manifests directory.
@@ -68,11 +52,7 @@ fn web(extra_spec: Value, status: Value) -> Value {
 
 impl Setup {
     fn new(mode: Mode, service: Value, extra_pods: &[(usize, &str)]) -> Self {
-        let lan = match mode {
-            Mode::Default => Lan::PlainBridge,
-            Mode::ForcedXdp => Lan::XdpCapable,
-        };
-        Self::new_on(mode, lan, service, extra_pods)
+        Self::new_on(mode, mode.lan(), service, extra_pods)
     }
 
     fn new_on(mode: Mode, lan: Lan, service: Value, extra_pods: &[(usize, &str)]) -> Self {
@@ -89,10 +69,7 @@ impl Setup {
             let node_name = format!("node-{n}");
             let dir = format!("dir:{}", setup.manifests.0.display());
             let mut args = vec!["--source", &dir, "--node-name", &node_name, "--external-ip-cidrs", "10.251.0.0/24"];
-            if mode == Mode::ForcedXdp {
-                // Not the default: XDP is for NICs that run it natively.
-                args.extend(["--external-datapath", "xdp"]);
-            }
+            args.extend(mode.agent_flags());
             let mut agent = Agent::start(&setup.topology.nodes[n - 1], &args).unwrap();
             // The pod veths and eth0.
             agent.wait_for_attachments(setup.topology.pods.iter().filter(|(m, _)| *m == n).count() + 1).unwrap();
@@ -331,24 +308,6 @@ fn switching_the_external_program_keeps_open_connections() {
     }
     let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(node_port(1)).unwrap()).collect());
     assert_eq!(reached.len(), 2, "new connections reach both nodes' pods: {reached:?}");
-}
-
-/// Each test above, once per mode.
-macro_rules! in_both_modes {
-    ($($test:ident),* $(,)?) => {
-        mod default_flags_on_a_plain_bridge {
-            $(#[test]
-            fn $test() {
-                super::$test(super::Mode::Default)
-            })*
-        }
-        mod forced_xdp {
-            $(#[test]
-            fn $test() {
-                super::$test(super::Mode::ForcedXdp)
-            })*
-        }
-    };
 }
 
 in_both_modes!(

@@ -1,9 +1,13 @@
-//! External traffic over IPv6, on two nodes: the agent on each with its
-//! default flags (tc on the veth uplinks of a plain bridge, kind's
-//! topology), backend pods on both, a client outside the cluster on the
-//! nodes' LAN; an IPv6-only Service. `tc_from_wire` hands IPv6 frames to
-//! `tc_from_wire6` (tc6.rs), which source-NATs flows to a backend on the
-//! other node. Needs root.
+//! External traffic over IPv6, on two nodes: the agent on each, backend
+//! pods on both, a client outside the cluster on the nodes' LAN; an
+//! IPv6-only Service. The external hook hands IPv6 frames to its IPv6
+//! half (`tc_from_wire6`, `xdp_from_wire6`), which source-NATs flows to a
+//! backend on the other node.
+//!
+//! Every test runs twice, as external.rs's do: with the agent's default
+//! flags on a plain bridge (kind's topology, tc), and with
+//! `--external-datapath xdp` forced on a LAN that carries what XDP sends.
+//! Needs root.
 use std::{
     collections::BTreeSet,
     io::ErrorKind,
@@ -13,8 +17,10 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, TempDir},
+    external::Mode,
+    in_both_modes,
     manifests::{Endpoint, Port, endpoint_slice6, service_with_cluster_ips, write_yaml},
-    netns::{EXTERNAL_CLIENT_IP6, Lan, MultiNode},
+    netns::{EXTERNAL_CLIENT_IP6, MultiNode},
     pods::{PodServer, TCP_PORT, UDP_PORT, tcp_ask, tcp_whoami, udp_ask},
 };
 use serde_json::{Value, json};
@@ -42,8 +48,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(service: Value) -> Self {
-        let mut topology = MultiNode::new(2, &["fd00:250::/64"], Lan::PlainBridge).unwrap();
+    fn new(mode: Mode, service: Value) -> Self {
+        let mut topology = MultiNode::new(2, &["fd00:250::/64"], mode.lan()).unwrap();
         for (n, name) in [(1, "pod-1"), (2, "pod-2")] {
             topology.add_pod(n, name).unwrap();
         }
@@ -54,10 +60,13 @@ impl Setup {
         setup.write_endpoints(&["pod-1", "pod-2"]);
         for n in 1..=2 {
             let (node_name, dir) = (format!("node-{n}"), format!("dir:{}", setup.manifests.0.display()));
-            // Default flags but for the node's name and the source.
-            let mut agent =
-                Agent::start(&setup.topology.nodes[n - 1], &["--source", &dir, "--node-name", &node_name]).unwrap();
+            // Default flags but for the node's name and the source, and
+            // the mode's.
+            let mut args = vec!["--source", &dir, "--node-name", &node_name];
+            args.extend(mode.agent_flags());
+            let mut agent = Agent::start(&setup.topology.nodes[n - 1], &args).unwrap();
             agent.wait_for_attachments(2).unwrap();
+            agent.wait_for_log(&format!("program=\"{}\"", mode.program())).unwrap();
             setup.agents.push(agent);
         }
         setup
@@ -95,10 +104,9 @@ fn node_port(n: usize, port: u16) -> SocketAddr {
     SocketAddr::new(MultiNode::node_ip6(n).into(), port)
 }
 
-#[test]
-fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside() {
+fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
-    let mut setup = Setup::new(web6(json!({"type": "LoadBalancer"}), status));
+    let mut setup = Setup::new(mode, web6(json!({"type": "LoadBalancer"}), status));
     setup.wait_for_backends(NODE_PORT, 2);
     for n in 1..=2 {
         let answers: Vec<(String, String)> =
@@ -136,11 +144,10 @@ fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outsi
     assert!(started.elapsed().as_millis() < 1_500, "refused after {:?}", started.elapsed());
 }
 
-#[test]
-fn ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_families() {
+fn ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_families(mode: Mode) {
     const HEALTH_PORT: u16 = 32000;
     let spec = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT});
-    let mut setup = Setup::new(web6(spec, json!({})));
+    let mut setup = Setup::new(mode, web6(spec, json!({})));
     setup.write_endpoints(&["pod-2"]);
     for (agent, count) in setup.agents.iter_mut().zip([0, 1]) {
         agent
@@ -166,12 +173,11 @@ fn ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_f
     }
 }
 
-#[test]
-fn ipv6_source_ranges_admit_only_clients_inside_them() {
+fn ipv6_source_ranges_admit_only_clients_inside_them(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
     let spec = |range: &str| json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [range]});
     let client = format!("{EXTERNAL_CLIENT_IP6}/128");
-    let mut setup = Setup::new(web6(spec(&client), status.clone()));
+    let mut setup = Setup::new(mode, web6(spec(&client), status.clone()));
     setup.wait_for_backends(80, 2);
     let lb = SocketAddr::new(LB_IP6.into(), 80);
     assert!(setup.in_client(|| tcp_ask(lb)).is_ok(), "a client inside the range");
@@ -189,3 +195,9 @@ fn ipv6_source_ranges_admit_only_clients_inside_them() {
     assert!(setup.in_client(|| tcp_ask(lb)).is_err(), "a client outside the range");
     assert!(setup.in_client(|| tcp_ask(node_port(1, NODE_PORT))).is_ok(), "ranges apply to the load-balancer IP only");
 }
+
+in_both_modes!(
+    ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside,
+    ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_families,
+    ipv6_source_ranges_admit_only_clients_inside_them,
+);
