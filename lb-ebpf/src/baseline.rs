@@ -12,20 +12,26 @@ use aya_ebpf::{
 
 use crate::parse::{self, Packet, Unparsed};
 
+/// In both, IPv6 frames are parsed as the IPv6 pipeline parses them: the
+/// IPv6 floor.
 #[xdp]
 pub fn xdp_baseline(ctx: XdpContext) -> u32 {
-    keep(parse::parse(ctx.data(), ctx.data_end()));
+    parse_either(ctx.data(), ctx.data_end());
     XDP_PASS
 }
 
-/// IPv6 frames are parsed as `tc_from_pod6` parses them: the IPv6 floor.
 #[classifier]
 pub fn tc_baseline(ctx: TcContext) -> i32 {
-    match parse::parse(ctx.data(), ctx.data_end()) {
-        Err(Unparsed::Ipv6) => keep(parse::parse6(ctx.data(), ctx.data_end())),
+    parse_either(ctx.data(), ctx.data_end());
+    TC_ACT_OK as i32
+}
+
+#[inline(always)]
+fn parse_either(data: usize, data_end: usize) {
+    match parse::parse(data, data_end) {
+        Err(Unparsed::Ipv6) => keep(parse::parse6(data, data_end)),
         parsed => keep(parsed),
     }
-    TC_ACT_OK as i32
 }
 
 /// Keeps the parse from being optimised away: its result is used.

@@ -1,6 +1,6 @@
 //! The datapath's programs loaded (unpinned, unattached) with maps seeded
 //! from Service ports, run on crafted packets through BPF_PROG_TEST_RUN.
-use std::net::{SocketAddrV4, SocketAddrV6};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use lb_common::{CtKey, CtValue};
@@ -13,6 +13,7 @@ use lb_userspace::{
 use crate::{
     netns::Netns,
     packet::{self, Seen, Spec},
+    packet6::{self, Spec6},
 };
 
 /// Services for timing repeated runs of one TCP frame. BPF_PROG_TEST_RUN
@@ -21,14 +22,18 @@ use crate::{
 /// itself. A SYN to `timed` is then a new flow with a real rewrite on every
 /// run (to one of `others`, and from there back), and an ACK after such
 /// SYNs an established-flow hit with a real rewrite on every run. Every
-/// backend counts as local, so a hook passes rather than forwards.
-pub fn round_trip_services(
-    timed: SocketAddrV4,
+/// backend counts as local, so a hook passes rather than forwards. Either
+/// family: `T` is `SocketAddrV4` or `SocketAddrV6`.
+pub fn round_trip_services<T: Into<SocketAddr> + Copy>(
+    timed: T,
     kind: FrontendKind,
-    others: &[SocketAddrV4],
+    others: &[T],
     algorithm: Algorithm,
 ) -> Vec<ServicePort> {
-    let frontend = |a: &SocketAddrV4| Frontend { addr: (*a.ip()).into(), port: a.port(), protocol: Protocol::Tcp };
+    let frontend = |a: &T| {
+        let a: SocketAddr = (*a).into();
+        Frontend { addr: a.ip(), port: a.port(), protocol: Protocol::Tcp }
+    };
     let mut ports = vec![ServicePort {
         name: "timed".into(),
         frontend: frontend(&timed),
@@ -61,6 +66,19 @@ pub fn timing_frames(
         ("new flow", packet::build(&Spec::tcp(client, timed, packet::SYN))),
         ("established flow", packet::build(&Spec::tcp(client, timed, packet::ACK))),
         ("not a service", packet::build(&Spec::tcp(client, elsewhere, packet::ACK))),
+    ]
+}
+
+/// `timing_frames` over IPv6.
+pub fn timing_frames6(
+    client: SocketAddrV6,
+    timed: SocketAddrV6,
+    elsewhere: SocketAddrV6,
+) -> [(&'static str, Vec<u8>); 3] {
+    [
+        ("new flow", packet6::build6(&Spec6::tcp(client, timed, packet::SYN))),
+        ("established flow", packet6::build6(&Spec6::tcp(client, timed, packet::ACK))),
+        ("not a service", packet6::build6(&Spec6::tcp(client, elsewhere, packet::ACK))),
     ]
 }
 

@@ -33,12 +33,11 @@ use lb_tests::{
     agent::{Agent, TempDir, lb_binary},
     anchors::{self, AnchorService},
     clients::{TestCgroup, move_into_cgroup},
-    harness::{Harness, Service6, round_trip_services, test_run, timing_frames, xdp_ctx},
+    harness::{Harness, round_trip_services, test_run, timing_frames, timing_frames6, xdp_ctx},
     interrupt,
     load::Report,
     manifests::{Endpoint, endpoint_slice, service, write_yaml},
     netns::{Cluster, Lan, MultiNode, Netns, Topology, run, unique_tag},
-    packet, packet6,
 };
 use lb_userspace::{
     datapath::{Baseline, MapSizes},
@@ -426,6 +425,8 @@ fn changed(service: &AnchorService) -> (AnchorService, AnchorService) {
 const HOOK_XDP_WIRE: &str = "xdp (external)";
 const HOOK_TC_WIRE: &str = "tc (external)";
 const HOOK_TC_POD: &str = "tc (pod)";
+const HOOK_XDP_WIRE6: &str = "xdp (external), IPv6";
+const HOOK_TC_WIRE6: &str = "tc (external), IPv6";
 const HOOK_TC_POD6: &str = "tc (pod), IPv6";
 
 /// One row of the per-packet table.
@@ -526,38 +527,45 @@ fn packet_costs(quick: bool) -> anyhow::Result<Vec<Cost>> {
             });
         }
     }
-    costs.push(ipv6_pod_cost(&mut baseline, repeat)?);
+    costs.extend(ipv6_costs(&netns, &mut baseline, repeat)?);
     Ok(costs)
 }
 
-/// The pods' hook on IPv6 frames (`tc_from_pod` tail-calling
-/// `tc_from_pod6`), on the same round trip as IPv4's, with 4 backends; the
-/// minimal program parses the same IPv6 headers.
-fn ipv6_pod_cost(baseline: &mut Baseline, repeat: u32) -> anyhow::Result<Cost> {
+/// The three hooks on IPv6 frames (each IPv4 program tail-calling its
+/// IPv6 half), on the same round trip as IPv4's, with 4 backends; the
+/// minimal programs parse the same IPv6 headers.
+fn ipv6_costs(netns: &Netns, baseline: &mut Baseline, repeat: u32) -> anyhow::Result<Vec<Cost>> {
     let at = |addr: &str, port: u16| SocketAddrV6::new(addr.parse::<Ipv6Addr>().unwrap(), port, 0, 0);
     let timed = at("fd00:200::1", 8080);
-    let client = at("fd00:200::100", 40000);
     let way_back: Vec<SocketAddrV6> = (1..=4).map(|b| at(&format!("fd00:99::{b}"), 8080)).collect();
-    let mut services = vec![Service6::new(timed, packet::TCP, &way_back)];
-    services.extend(way_back.iter().map(|b| Service6::new(*b, packet::TCP, &[timed])));
-    let mut harness = Harness::new(&[]);
-    harness.seed_ipv6(&services);
-    let frames = [
-        packet6::build6(&packet6::Spec6::tcp(client, timed, packet::SYN)),
-        packet6::build6(&packet6::Spec6::tcp(client, timed, packet::ACK)),
-        packet6::build6(&packet6::Spec6::tcp(client, at("fd00:200::7", 80), packet::ACK)),
-    ];
-    let ns: Vec<u64> = frames.iter().map(|frame| harness.run_tc(frame, repeat).2).collect();
-    Ok(Cost {
-        hook: HOOK_TC_POD6,
-        services: 1,
-        backends: 4,
-        algorithm: Algorithm::Random,
-        new_flow: ns[0],
-        established: ns[1],
-        not_a_service: ns[2],
-        baseline: test_run(baseline.tc()?, &frames[1], None, repeat).2,
-    })
+    let mut harness = Harness::new(&round_trip_services(timed, FrontendKind::NodePort, &way_back, Algorithm::Random));
+    let frames = timing_frames6(at("fd00:200::100", 40000), timed, at("fd00:200::7", 80)).map(|(_, frame)| frame);
+    let baseline_xdp = netns
+        .enter(|| test_run(baseline.xdp().expect("baseline"), &frames[1], Some(&xdp_ctx(&frames[1], 1)), repeat).2);
+    let baseline_tc = test_run(baseline.tc()?, &frames[1], None, repeat).2;
+    let mut costs = Vec::new();
+    for (hook, baseline) in [(HOOK_XDP_WIRE6, baseline_xdp), (HOOK_TC_WIRE6, baseline_tc), (HOOK_TC_POD6, baseline_tc)]
+    {
+        let mut ns = [0u64; 3];
+        for (i, frame) in frames.iter().enumerate() {
+            ns[i] = match hook {
+                HOOK_XDP_WIRE6 => harness.run_xdp(netns, 1, frame, repeat).2,
+                HOOK_TC_WIRE6 => harness.run_tc_wire(netns, 1, frame, repeat).2,
+                _ => harness.run_tc(frame, repeat).2,
+            };
+        }
+        costs.push(Cost {
+            hook,
+            services: 1,
+            backends: 4,
+            algorithm: Algorithm::Random,
+            new_flow: ns[0],
+            established: ns[1],
+            not_a_service: ns[2],
+            baseline,
+        });
+    }
+    Ok(costs)
 }
 
 /// Runs `control-plane-bench N CHANGES` and returns its lines.
@@ -822,6 +830,8 @@ fn main() -> anyhow::Result<()> {
             (HOOK_XDP_WIRE, "XDP"),
             (HOOK_TC_WIRE, "tc external"),
             (HOOK_TC_POD, "tc pod"),
+            (HOOK_XDP_WIRE6, "XDP IPv6"),
+            (HOOK_TC_WIRE6, "tc external IPv6"),
             (HOOK_TC_POD6, "tc pod IPv6"),
         ] {
             let rows: Vec<&Cost> = costs
