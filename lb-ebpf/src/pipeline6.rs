@@ -5,8 +5,9 @@
 //! packet's origin (a pod, or an external interface, whose clients may be
 //! outside the cluster and are source-NATed toward backends on other
 //! nodes) and in what the hook is (`Hook6`). A translated frame goes to
-//! the stack, which routes it (to a pod, another node or the client):
-//! IPv6 has no FIB redirect of its own yet.
+//! the stack, which routes it to a pod, except an SNAT flow's (toward
+//! the other node, or back to the client), which the external hooks send
+//! on by the FIB as IPv4's are (`route::next_hop`).
 //!
 //! What differs from IPv4 is where the pipeline's state lives. IPv6's
 //! addresses, keys and entries are four times IPv4's, and the verifier
@@ -48,6 +49,9 @@ pub trait Hook6: Frame + EbpfContext {
     /// Turns the frame into an ICMPv6 port unreachable for `packet`'s
     /// sender and sends it back out.
     fn reject6(&self, packet: &Packet<Ipv6>) -> Result<Self::Action, i64>;
+    /// Sends the translated frame on by the FIB (an SNAT flow's packets,
+    /// either way), or to the stack; it arrived on `ifindex`.
+    fn forward6(&self, packet: &Packet<Ipv6>, ifindex: u32) -> Result<Self::Action, i64>;
 }
 
 /// The counter to bump and the hook's action for an IPv6 frame from a pod
@@ -104,6 +108,8 @@ pub fn pipeline6<H: Hook6>(ctx: &H, wire_ifindex: u32) -> Result<(u32, H::Action
     let action = match (outcome & 0x0f) as u8 {
         ACTION_DROP => H::DROP,
         ACTION_REJECT => ctx.reject6(packet)?,
+        // Only SNAT flows forward, and only the wire's clients get SNAT.
+        ACTION_FORWARD if wire_ifindex != 0 => ctx.forward6(packet, wire_ifindex)?,
         _ => H::PASS,
     };
     Ok((index, action))
@@ -160,6 +166,7 @@ const PASSED: i64 = (counter::PASS as i64) << 8 | ACTION_PASS as i64;
 const ACTION_PASS: u8 = 0;
 const ACTION_DROP: u8 = 1;
 const ACTION_REJECT: u8 = 2;
+const ACTION_FORWARD: u8 = 3;
 
 /// `outcome`'s bit saying the rewrite it filled in is to be applied.
 const REWRITE: i64 = 0x10;
@@ -172,7 +179,8 @@ const REWRITE: i64 = 0x10;
 fn outcome(decided: (u32, Action, Option<Rewrite<Ipv6>>), out: &mut Rewrite<Ipv6>) -> i64 {
     let (index, action, rewrite) = decided;
     let action = match action {
-        Action::Pass | Action::Forward => ACTION_PASS,
+        Action::Pass => ACTION_PASS,
+        Action::Forward => ACTION_FORWARD,
         Action::Drop => ACTION_DROP,
         Action::Reject => ACTION_REJECT,
     };

@@ -1,6 +1,7 @@
 //! The tc hooks' IPv6 halves: `tc_from_pod` tail-calls `tc_from_pod6`
 //! for every IPv6 frame, `tc_from_wire` tail-calls `tc_from_wire6`. Both
-//! run the IPv6 pipeline (pipeline6.rs) on an skb.
+//! run the IPv6 pipeline (pipeline6.rs) on an skb, and send frames on as
+//! `tc_from_wire` does.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
@@ -11,7 +12,7 @@ use lb_common::Ipv6;
 use crate::{
     parse::{Packet, Unparsed},
     pipeline6::{Hook6, pipeline6},
-    skb,
+    skb, tc_wire,
 };
 
 #[classifier]
@@ -40,5 +41,10 @@ impl Hook6 for TcContext {
     #[inline(always)]
     fn reject6(&self, packet: &Packet<Ipv6>) -> Result<i32, i64> {
         skb::reject6(self, packet)
+    }
+
+    #[inline(always)]
+    fn forward6(&self, packet: &Packet<Ipv6>, ifindex: u32) -> Result<i32, i64> {
+        tc_wire::forward(self, packet, ifindex)
     }
 }

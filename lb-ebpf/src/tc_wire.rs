@@ -25,7 +25,7 @@ use crate::{
     icmp::{self, ErrorRoute},
     maps::WIRE_TAIL_CALLS,
     parse::{Packet, Unparsed},
-    route::{Route, Sender, next_hop},
+    route::{FibFamily, Route, Sender, next_hop},
     skb,
     translate::{Action, translate},
     verdict::Origin,
@@ -109,13 +109,17 @@ fn icmp_error(ctx: &TcContext, ifindex: u32) -> Result<(u32, i32), i64> {
 }
 
 /// Sends a translated frame on by the FIB, or to the stack when the FIB
-/// has no answer for it.
+/// has no answer for it. For both families (`tc_from_wire6` too).
 #[inline(never)]
-fn forward(ctx: &TcContext, packet: &Packet, ifindex: u32) -> Result<i32, i64> {
+pub fn forward<A: FibFamily>(ctx: &TcContext, packet: &Packet<A>, ifindex: u32) -> Result<i32, i64> {
     // SAFETY (both helper calls): plain calls; the verdict each returns is the tc action.
     Ok(match next_hop(ctx, ctx.as_ptr(), packet, ifindex, Sender::Tc)? {
         Route::Stack => TC_ACT_OK as i32,
         Route::Out { ifindex } => (unsafe { bpf_redirect(ifindex, 0) }) as i32,
+        // IPv6: the kernel finds the route's next hop itself.
+        Route::Resolve { ifindex, nexthop: 0 } => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
         Route::Resolve { ifindex, nexthop } => {
             let mut params = bpf_redir_neigh {
                 nh_family: AF_INET,

@@ -30,7 +30,7 @@ use crate::{
     nat::{Frame, xdp_data},
     parse::{self, Packet, Unparsed},
     pipeline6::{Hook6, pipeline6},
-    route::{Route, Sender, next_hop},
+    route::{FibFamily, Route, Sender, next_hop},
     translate::{Action, translate},
     verdict::Origin,
 };
@@ -121,9 +121,9 @@ fn icmp_error(ctx: &XdpContext, ifindex: u32) -> Result<(u32, u32), i64> {
 
 /// Sends a translated frame on by the FIB: new MACs, TTL down by one, out
 /// the interface the route names. Without a complete answer (no neighbour
-/// entry yet, say) the stack routes it instead.
+/// entry yet, say) the stack routes it instead. For both families.
 #[inline(never)]
-fn forward(ctx: &XdpContext, packet: &Packet, ifindex: u32) -> Result<u32, i64> {
+fn forward<A: FibFamily>(ctx: &XdpContext, packet: &Packet<A>, ifindex: u32) -> Result<u32, i64> {
     Ok(match next_hop(ctx, ctx.as_ptr(), packet, ifindex, Sender::Xdp)? {
         Route::Out { ifindex: out } if out == ifindex => XDP_TX,
         // SAFETY: a plain helper call; it returns the XDP action.
@@ -167,6 +167,11 @@ impl Hook6 for XdpContext {
     fn parse6(&self) -> Result<Packet<Ipv6>, Unparsed> {
         let (data, data_end) = xdp_data(self);
         parse::parse6(data as usize, data_end as usize)
+    }
+
+    #[inline(always)]
+    fn forward6(&self, packet: &Packet<Ipv6>, ifindex: u32) -> Result<u32, i64> {
+        forward(self, packet, ifindex)
     }
 
     /// `reject` for IPv6. (A function of its own, as `reject` is.)

@@ -4,8 +4,7 @@
 //! which run the IPv6 pipeline. Frames in as if they arrived on an
 //! external interface, frames, verdicts, conntrack entries and counters
 //! out; every test runs on both hooks, which must agree (wire.rs is the
-//! IPv4 counterpart). A translated IPv6 frame goes to the stack, which
-//! routes it: IPv6 has no FIB redirect of its own yet. Needs root.
+//! IPv4 counterpart). Needs root.
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use lb_common::{CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CtKey6, CtValue6, PROTO_TCP, PROTO_UDP, counter, ipv6};
@@ -16,7 +15,7 @@ use lb_tests::{
         ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_PORT_UNREACH, Spec6, build6, icmp6_error,
         neighbor_solicitation, read_icmp6, read6,
     },
-    wire::{CLIENT6, NODE6, OTHER_NODE6, Verdict, Wire, on_both_hooks},
+    wire::{CLIENT_MAC, CLIENT6, Hook, NODE6, OTHER_NODE_MAC, OTHER_NODE6, Verdict, Wire, on_both_hooks, parse_mac},
 };
 use lb_userspace::model::{Frontend, FrontendKind, Protocol, ServicePort};
 
@@ -102,23 +101,30 @@ fn node_port_to_a_remote_backend_is_snated_and_so_is_its_reply() {
     on_both_hooks(|wire| {
         let mut h = Harness::new(&[node_port(&[(REMOTE_POD, false)])]);
         let (client, service) = (at(CLIENT6, 40000), at(NODE6, NODE_PORT));
-        let (verdict, seen) = run(&mut h, &wire, &Spec6::tcp(client, service, SYN));
-        assert_eq!(verdict, PASS, "the stack routes it toward the other node");
+        let (verdict, out) = wire.run_frame(&mut h, &build6(&Spec6::tcp(client, service, SYN)));
+        assert_eq!(verdict, SENT_BACK, "out the interface it came in on, toward the other node");
+        let seen = read6(&out);
         assert_eq!((seen.src, seen.dst), (at(NODE6, 40000), at(REMOTE_POD, 8080)), "SNAT keeps a free port");
         assert!(seen.l4_checksum_ok, "{seen:?}");
+        assert_eq!(out[..6], parse_mac(OTHER_NODE_MAC), "to the other node's MAC");
+        assert_eq!(out[6..12], wire.mac, "from ours");
+        assert_eq!(out[14 + 7], 63, "hop limit decremented");
 
         let forward = ct(&h, &ct_key(client, service, PROTO_TCP));
         assert_eq!((forward.direction, forward.snat_addr), (CT_DIRECTION_SNAT, ipv6(NODE6.octets())));
         let reply_key = ct_key(at(REMOTE_POD, 8080), at(NODE6, 40000), PROTO_TCP);
         assert_eq!(ct(&h, &reply_key).direction, CT_DIRECTION_SNAT_REPLY);
 
-        let (verdict, seen) = run(&mut h, &wire, &Spec6::tcp(at(REMOTE_POD, 8080), at(NODE6, 40000), SYN | ACK));
-        assert_eq!(verdict, PASS);
+        let reply = build6(&Spec6::tcp(at(REMOTE_POD, 8080), at(NODE6, 40000), SYN | ACK));
+        let (verdict, out) = wire.run_frame(&mut h, &reply);
+        assert_eq!(verdict, SENT_BACK);
+        let seen = read6(&out);
         assert_eq!((seen.src, seen.dst), (service, client), "the client sees the address it used");
         assert!(seen.l4_checksum_ok, "{seen:?}");
+        assert_eq!(out[..6], parse_mac(CLIENT_MAC));
 
         let (verdict, seen) = run(&mut h, &wire, &Spec6::tcp(client, service, ACK));
-        assert_eq!((verdict, seen.src, seen.dst), (PASS, at(NODE6, 40000), at(REMOTE_POD, 8080)));
+        assert_eq!((verdict, seen.src, seen.dst), (SENT_BACK, at(NODE6, 40000), at(REMOTE_POD, 8080)));
         assert_eq!(h.counter(counter::DNAT_ESTABLISHED), 1);
         assert_eq!(h.counter(counter::REVERSE_NAT), 1);
 
@@ -130,6 +136,35 @@ fn node_port_to_a_remote_backend_is_snated_and_so_is_its_reply() {
     });
 }
 
+/// The next hop toward the backend has no neighbour entry yet: tc sends
+/// the frame on and the kernel resolves the MAC (`bpf_redirect_neigh`,
+/// which for IPv6 looks the route up itself); XDP cannot, and leaves the
+/// translated frame to the stack. Either way it leaves translated, and
+/// the hop limit goes down once.
+#[test]
+fn a_next_hop_without_a_neighbour_entry_is_resolved_by_tc_and_left_to_the_stack_by_xdp() {
+    on_both_hooks(|wire| {
+        wire.netns.ip(&["-6", "route", "add", "fd00:244:3::/64", "via", "fd00:200::3"]).unwrap();
+        let backend = Ipv6Addr::new(0xfd00, 0x244, 3, 0, 0, 0, 0, 0x31);
+        let mut h = Harness::new(&[node_port(&[(backend, false)])]);
+        let sent = build6(&Spec6::tcp(at(CLIENT6, 40000), at(NODE6, NODE_PORT), SYN));
+        let (verdict, out) = wire.run_frame(&mut h, &sent);
+        let seen = read6(&out);
+        assert_eq!((seen.src, seen.dst), (at(NODE6, 40000), at(backend, 8080)));
+        assert!(seen.l4_checksum_ok, "{seen:?}");
+        match wire.hook {
+            Hook::Tc => {
+                assert_eq!(verdict, SENT_BACK, "redirected; the kernel fills in the MACs");
+                assert_eq!(out[14 + 7], 63, "hop limit decremented");
+            }
+            Hook::Xdp => {
+                assert_eq!(verdict, PASS, "the stack resolves and routes it");
+                assert_eq!(out[14 + 7], 64, "the stack decrements the hop limit itself");
+            }
+        }
+    });
+}
+
 #[test]
 fn udp_to_a_load_balancer_ip_is_translated_with_its_mandatory_checksum() {
     on_both_hooks(|wire| {
@@ -137,7 +172,7 @@ fn udp_to_a_load_balancer_ip_is_translated_with_its_mandatory_checksum() {
         let mut h = Harness::new(&[lb]);
         let client = at(CLIENT6, 41000);
         let (verdict, seen) = run(&mut h, &wire, &Spec6::udp(client, at(LB_IP, 53)));
-        assert_eq!(verdict, PASS);
+        assert_eq!(verdict, SENT_BACK);
         assert_eq!((seen.src, seen.dst), (at(NODE6, 41000), at(REMOTE_POD, 8080)));
         assert!(seen.l4_checksum_ok, "{seen:?}");
         let (_, seen) = run(&mut h, &wire, &Spec6::udp(at(REMOTE_POD, 8080), at(NODE6, 41000)));
@@ -224,7 +259,7 @@ fn an_error_about_a_forwarded_request_goes_back_to_the_client_translated() {
         let mut h = Harness::new(&[node_port(&[(REMOTE_POD, false)])]);
         let (client, service) = (at(CLIENT6, 40000), at(NODE6, NODE_PORT));
         let (verdict, forwarded) = wire.run_frame(&mut h, &build6(&Spec6::tcp(client, service, SYN)));
-        assert_eq!(verdict, PASS);
+        assert_eq!(verdict, SENT_BACK);
         let error = icmp6_error(&OTHER_NODE6, &NODE6, ICMPV6_PACKET_TOO_BIG, 0, 1280, &forwarded[14..]);
         let (verdict, out) = wire.run_frame(&mut h, &error);
         assert_eq!(verdict, PASS);
