@@ -419,6 +419,13 @@ impl Agent {
         let step6 = self.reconciler6.prepare(self.kept_model.desired(), touched);
         let targeted = started.elapsed();
         self.fit_maps(&step, &step6);
+        let node_addresses = &self.model.node_addresses;
+        let node_ports_touched = self.node_ports.is_none()
+            || changed.all
+            || changed.frontends.iter().any(|f| node_addresses.contains(&f.addr));
+        if node_ports_touched {
+            self.claim_node_ports();
+        }
         let fitted = started.elapsed();
         let synced = self.reconciler.sync_step(&step, &mut self.datapath.maps);
         // IPv6 frontends go only into awake maps: written into dormant ones
@@ -502,11 +509,7 @@ impl Agent {
         self.record_endpoint_filter_fill();
         self.observe_programming_latency(&changed.slice_triggers);
         self.health_checks.update(&self.kept_model.health_checks());
-        let node_addresses = &self.model.node_addresses;
-        if self.node_ports.is_none()
-            || changed.all
-            || changed.frontends.iter().any(|f| node_addresses.contains(&f.addr))
-        {
+        if node_ports_touched {
             self.sync_node_ports();
         }
         if writes > 0 {
@@ -586,11 +589,30 @@ impl Agent {
 
     /// Brings NODE_PORTS to the NodePorts served, for the bind hooks.
     fn sync_node_ports(&mut self) {
-        let wanted = crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref));
+        self.write_node_ports(false);
+    }
+
+    /// Before a sync's map writes: the NodePorts it serves take their bits
+    /// (those it stops serving keep theirs until `sync_node_ports`), so
+    /// that a host bind the port would clash with fails from the moment
+    /// the frontend takes the port's traffic, not from after the sync.
+    fn claim_node_ports(&mut self) {
+        self.write_node_ports(true);
+    }
+
+    /// Writes the NodePorts served into NODE_PORTS, keeping those it holds
+    /// when `keep`, from what it holds (as last written, or read afresh).
+    fn write_node_ports(&mut self, keep: bool) {
+        let mut wanted = crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref));
         let before = match self.node_ports.take() {
             Some(before) => Ok(before),
             None => self.datapath.maps.node_ports(),
         };
+        if keep && let Ok(before) = &before {
+            for (port, bits) in before {
+                *wanted.entry(*port).or_insert(0) |= bits;
+            }
+        }
         match before.and_then(|before| self.datapath.maps.write_node_ports(&before, &wanted)) {
             Ok(()) => self.node_ports = Some(wanted),
             Err(e) => warn!("updating the NodePorts that binds may not take: {e}"),
