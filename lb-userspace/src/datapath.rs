@@ -589,7 +589,7 @@ impl Maps {
     /// SOCK_REVNAT, and their IPv6 namesakes), counted by walking each.
     pub fn traffic_entries(&self) -> Vec<(&'static str, usize)> {
         let mut entries = vec![
-            (MAP_CONNTRACK, self.conntrack_entries()),
+            (MAP_CONNTRACK, self.conntrack.keys().filter(Result::is_ok).count()),
             (MAP_AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
             (MAP_SOCK_REVNAT, self.sock_revnat.keys().filter(Result::is_ok).count()),
         ];
@@ -601,8 +601,10 @@ impl Maps {
         entries
     }
 
+    /// Both families' conntrack entries (two per flow).
     pub fn conntrack_entries(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+        let ipv6 = self.ipv6.as_ref().map_or(0, |ipv6| ipv6.conntrack.keys().filter(Result::is_ok).count());
+        self.conntrack.keys().filter(Result::is_ok).count() + ipv6
     }
 }
 

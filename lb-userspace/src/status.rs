@@ -186,7 +186,7 @@ impl Metrics {
         registry.register("lb_datapath_bytes", "Bytes seen by the datapath, by verdict", bytes.clone());
         registry.register(
             "lb_conntrack_entries",
-            "Entries in the connection-tracking map (two per flow)",
+            "Entries in the connection-tracking maps of both families (two per flow)",
             conntrack_entries.clone(),
         );
         registry.register(
@@ -274,12 +274,14 @@ impl Metrics {
                     *last = (total.packets, total.bytes);
                 }
             }
+            let mut conntrack = 0;
             for (map, n) in maps.traffic_entries() {
-                if map == lb_common::MAP_CONNTRACK {
-                    self.conntrack_entries.set(n as i64);
+                if map == lb_common::MAP_CONNTRACK || map == lb_common::MAP_CONNTRACK6 {
+                    conntrack += n;
                 }
                 self.map_entries.get_or_create(&MapLabel { map }).set(n as i64);
             }
+            self.conntrack_entries.set(conntrack as i64);
             for (map, capacity) in maps.capacities().unwrap_or_default() {
                 self.map_capacity.get_or_create(&MapLabel { map }).set(i64::from(capacity));
             }

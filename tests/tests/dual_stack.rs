@@ -31,6 +31,8 @@ const DUAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
 const NODE_PORT: u16 = 30080;
 /// An IPv6 Service without endpoints.
 const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x30);
+/// An IPv6-only Service whose one endpoint is backend-0: hairpin.
+const SELF6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x40);
 
 fn write_slices(dir: &Path, service: &str, backends: &[&Pod], ipv4: bool) {
     let endpoints6: Vec<Endpoint> = backends.iter().map(|p| Endpoint::ready(&p.name, p.ip6)).collect();
@@ -67,6 +69,8 @@ fn dual_stack_end_to_end(topology: Topology) {
     write_yaml(dir, "dual.yaml", &dual);
     write_slices(dir, "dual", &backends[..2], true);
     write_yaml(dir, "empty6.yaml", &service_with_cluster_ips("demo", "empty6", &[EMPTY6.into()], &PORTS, json!({})));
+    write_yaml(dir, "self6.yaml", &service_with_cluster_ips("demo", "self6", &[SELF6.into()], &PORTS, json!({})));
+    write_slices(dir, "self6", &backends[..1], false);
 
     // Default flags.
     let mut agent = Agent::with_manifests(&cluster.node, dir).unwrap();
@@ -77,6 +81,7 @@ fn dual_stack_end_to_end(topology: Topology) {
     };
     agent.wait_for_maps6("IPv6-only frontend", tcp_backends(lb_common::ipv6(SIX.octets()), 3)).unwrap();
     agent.wait_for_maps6("dual-stack IPv6 frontend", tcp_backends(lb_common::ipv6(DUAL6.octets()), 2)).unwrap();
+    agent.wait_for_maps6("hairpin frontend", tcp_backends(lb_common::ipv6(SELF6.octets()), 1)).unwrap();
     agent
         .wait_for_maps("dual-stack IPv4 frontend", |c| {
             c.frontends().any(|(k, b)| k.vip == DUAL4.octets() && b.len() == 2)
@@ -119,6 +124,14 @@ fn dual_stack_end_to_end(topology: Topology) {
     assert!(answers.len() > 1 && answers.iter().all(|a| a.starts_with("backend-")), "{answers:?}");
     let who = client.netns.enter(|| udp_ask(SocketAddr::new(SIX.into(), 53))).unwrap();
     assert!(who.starts_with("backend-"), "UDP answer {who:?}");
+    // A pod reaching itself through an IPv6 Service (hairpin), TCP and UDP.
+    let own = backends[0];
+    assert_eq!(reached(own, SocketAddr::new(SELF6.into(), 80), 5), BTreeSet::from(["backend-0".to_owned()]));
+    let who = own.netns.enter(|| udp_ask(SocketAddr::new(SELF6.into(), 53))).unwrap();
+    assert_eq!(who, "backend-0", "UDP hairpin");
+    // `lb stats` counts their conntrack entries (no IPv4 flow yet), two per flow.
+    let stats: serde_json::Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
+    assert!(stats["conntrack_entries"].as_u64().is_some_and(|n| n >= 2 * 31), "{stats}");
 
     // Its node port on the node's IPv6 address, from a pod; none on the
     // node's IPv4 address (the Service has no IPv4 side).
@@ -183,6 +196,11 @@ fn dual_stack_end_to_end(topology: Topology) {
     assert_eq!(after.as_ref().ok(), Some(&pinned), "{after:?}\n{}", agent.log());
     assert!(reached(client, six, 5).iter().all(|a| a.starts_with("backend-")));
     assert!(agent.stop().unwrap().success(), "{}", agent.log());
+    // Stopped, the agent leaves the datapath serving (its programs, links,
+    // maps and the IPv6 tail-call arrays are pinned): new IPv6 connections
+    // and the open one go on.
+    assert!(reached(client, six, 5).iter().all(|a| a.starts_with("backend-")));
+    assert_eq!(session.ask("with no agent").ok(), Some(pinned));
 }
 
 #[test]

@@ -48,10 +48,12 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(mode: Mode, service: Value) -> Self {
+    /// Backend pods `pod-1` on node-1 and `pod-2` on node-2, and
+    /// `extra_pods` (node, name) that are no endpoint.
+    fn new(mode: Mode, service: Value, extra_pods: &[(usize, &str)]) -> Self {
         let mut topology = MultiNode::new(2, &["fd00:250::/64"], mode.lan()).unwrap();
-        for (n, name) in [(1, "pod-1"), (2, "pod-2")] {
-            topology.add_pod(n, name).unwrap();
+        for (n, name) in [(1, "pod-1"), (2, "pod-2")].iter().chain(extra_pods) {
+            topology.add_pod(*n, name).unwrap();
         }
         let servers = ["pod-1", "pod-2"].iter().map(|p| PodServer::start(&topology.pod(p).netns, p).unwrap()).collect();
         let manifests = TempDir::new("lb-manifests6").unwrap();
@@ -65,7 +67,7 @@ impl Setup {
             let mut args = vec!["--source", &dir, "--node-name", &node_name];
             args.extend(mode.agent_flags());
             let mut agent = Agent::start(&setup.topology.nodes[n - 1], &args).unwrap();
-            agent.wait_for_attachments(2).unwrap();
+            agent.wait_for_attachments(setup.topology.pods.iter().filter(|(m, _)| *m == n).count() + 1).unwrap();
             agent.wait_for_log(&format!("program=\"{}\"", mode.program())).unwrap();
             setup.agents.push(agent);
         }
@@ -106,7 +108,7 @@ fn node_port(n: usize, port: u16) -> SocketAddr {
 
 fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
-    let mut setup = Setup::new(mode, web6(json!({"type": "LoadBalancer"}), status));
+    let mut setup = Setup::new(mode, web6(json!({"type": "LoadBalancer"}), status), &[]);
     setup.wait_for_backends(NODE_PORT, 2);
     for n in 1..=2 {
         let answers: Vec<(String, String)> =
@@ -147,7 +149,7 @@ fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outsi
 fn ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_families(mode: Mode) {
     const HEALTH_PORT: u16 = 32000;
     let spec = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT});
-    let mut setup = Setup::new(mode, web6(spec, json!({})));
+    let mut setup = Setup::new(mode, web6(spec, json!({})), &[(1, "client")]);
     setup.write_endpoints(&["pod-2"]);
     for (agent, count) in setup.agents.iter_mut().zip([0, 1]) {
         agent
@@ -163,6 +165,12 @@ fn ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_f
     assert!(answers.iter().all(|(pod, peer)| pod == "pod-2" && *peer == client), "{answers:?}");
     // Through the other node: dropped (no local endpoint), not forwarded.
     assert!(setup.in_client(|| tcp_ask(node_port(1, NODE_PORT))).is_err());
+    // A pod on that node reaching the same address gets the whole Service,
+    // as kube-proxy short-circuits traffic from inside the cluster.
+    let pod = setup.topology.pod("client");
+    let answers: Vec<(String, String)> =
+        pod.netns.enter(|| (0..3).map(|_| tcp_whoami(node_port(1, NODE_PORT)).unwrap()).collect());
+    assert!(answers.iter().all(|(name, peer)| name == "pod-2" && *peer == pod.ip6.to_string()), "{answers:?}");
     // The health check answers on the node's IPv6 address, and on its IPv4
     // one, for a load balancer of either family.
     let status =
@@ -177,7 +185,7 @@ fn ipv6_source_ranges_admit_only_clients_inside_them(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
     let spec = |range: &str| json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [range]});
     let client = format!("{EXTERNAL_CLIENT_IP6}/128");
-    let mut setup = Setup::new(mode, web6(spec(&client), status.clone()));
+    let mut setup = Setup::new(mode, web6(spec(&client), status.clone()), &[]);
     setup.wait_for_backends(80, 2);
     let lb = SocketAddr::new(LB_IP6.into(), 80);
     assert!(setup.in_client(|| tcp_ask(lb)).is_ok(), "a client inside the range");
@@ -196,8 +204,74 @@ fn ipv6_source_ranges_admit_only_clients_inside_them(mode: Mode) {
     assert!(setup.in_client(|| tcp_ask(node_port(1, NODE_PORT))).is_ok(), "ranges apply to the load-balancer IP only");
 }
 
+fn ipv6_cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address(mode: Mode) {
+    let mut setup = Setup::new(mode, web6(json!({}), json!({})), &[(1, "client")]);
+    setup.write_endpoints(&["pod-2"]);
+    setup.wait_for_backends(80, 1);
+    let client = setup.topology.pod("client");
+    let vip = SocketAddr::new(VIP6.into(), 80);
+    let answers: Vec<(String, String)> = client.netns.enter(|| (0..5).map(|_| tcp_whoami(vip).unwrap()).collect());
+    assert!(answers.iter().all(|(pod, peer)| pod == "pod-2" && *peer == client.ip6.to_string()), "{answers:?}");
+}
+
+fn ipv6_node_ports_are_not_served_on_loopback(mode: Mode) {
+    let mut setup = Setup::new(mode, web6(json!({"type": "NodePort"}), json!({})), &[]);
+    setup.wait_for_backends(NODE_PORT, 2);
+    let loopback = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), NODE_PORT);
+    let answered = setup.topology.nodes[0].enter(|| tcp_ask(loopback));
+    assert!(answered.is_err(), "{loopback} answered: {answered:?}");
+    let services = setup.agents[0].cli("services", &["-o", "json"]).unwrap();
+    assert!(!services.contains("\"::1\""), "a loopback frontend: {services}");
+    assert!(services.contains(&format!("\"{}\"", MultiNode::node_ip6(1))), "the node address is served: {services}");
+}
+
+/// A backend with nothing on the port answers ICMPv6 port unreachable;
+/// the client must get it as if from the node it used, quoting its own
+/// packet, whether the backend is on that node or behind the other (SNAT).
+fn ipv6_a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
+    let mut setup = Setup::new(mode, web6(json!({"type": "NodePort"}), json!({})), &[]);
+    let closed_port: u16 = 30054;
+    let closed_vip = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
+    let mut closed = service_with_cluster_ips(
+        "demo",
+        "closed",
+        &[closed_vip.into()],
+        &[("dns", 54, "UDP")],
+        json!({"type": "NodePort"}),
+    );
+    closed["spec"]["ports"][0]["nodePort"] = json!(closed_port);
+    write_yaml(&setup.manifests.0, "closed.yaml", &closed);
+    // Only on node-2, and nothing listens on port 9 there.
+    let pod = setup.topology.pod("pod-2");
+    let endpoint = Endpoint::ready(&pod.name, pod.ip6).on("node-2");
+    let slice = endpoint_slice6("demo", "closed", &[("dns", 9, "UDP")], &[endpoint]);
+    write_yaml(&setup.manifests.0, "closed-slice.yaml", &slice);
+    for agent in &mut setup.agents {
+        agent
+            .wait_for_maps6("the closed service", |c| {
+                c.frontends().any(|(k, b)| k.port == closed_port.to_be_bytes() && b.len() == 1)
+            })
+            .unwrap();
+    }
+    for n in [1, 2] {
+        let target = node_port(n, closed_port);
+        let outcome = setup.in_client(|| {
+            let socket = std::net::UdpSocket::bind("[::]:0")?;
+            socket.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            socket.connect(target)?;
+            socket.send(b"ping")?;
+            socket.recv(&mut [0u8; 64])
+        });
+        let error = outcome.expect_err("nothing listens");
+        assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "via node-{n}: {error}");
+    }
+}
+
 in_both_modes!(
     ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside,
     ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_families,
     ipv6_source_ranges_admit_only_clients_inside_them,
+    ipv6_cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address,
+    ipv6_node_ports_are_not_served_on_loopback,
+    ipv6_a_backend_port_unreachable_reaches_the_external_client,
 );
