@@ -589,33 +589,46 @@ impl Agent {
 
     /// Brings NODE_PORTS to the NodePorts served, for the bind hooks.
     fn sync_node_ports(&mut self) {
-        self.write_node_ports(false);
+        let wanted = crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref));
+        let before = match self.node_ports.take() {
+            Some(before) => Ok(before),
+            None => self.datapath.maps.node_ports(),
+        };
+        match before.and_then(|before| self.datapath.maps.write_node_ports(&before, &wanted)) {
+            Ok(()) => self.node_ports = Some(wanted),
+            Err(e) => warn!("updating the NodePorts that binds may not take: {e}"),
+        }
     }
 
     /// Before a sync's map writes: the NodePorts it serves take their bits
     /// (those it stops serving keep theirs until `sync_node_ports`), so
     /// that a host bind the port would clash with fails from the moment
     /// the frontend takes the port's traffic, not from after the sync.
+    /// Without the agent's copy of NODE_PORTS, only those ports are read:
+    /// the whole map is 65,536 reads, which would hold back the writes.
     fn claim_node_ports(&mut self) {
-        self.write_node_ports(true);
-    }
-
-    /// Writes the NodePorts served into NODE_PORTS, keeping those it holds
-    /// when `keep`, from what it holds (as last written, or read afresh).
-    fn write_node_ports(&mut self, keep: bool) {
-        let mut wanted = crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref));
-        let before = match self.node_ports.take() {
-            Some(before) => Ok(before),
-            None => self.datapath.maps.node_ports(),
+        let wanted = crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref));
+        let held = match &self.node_ports {
+            Some(all) => Ok(all.clone()),
+            None => self.datapath.maps.node_ports_at(wanted.keys().copied()),
         };
-        if keep && let Ok(before) = &before {
-            for (port, bits) in before {
-                *wanted.entry(*port).or_insert(0) |= bits;
+        let claimed = held.and_then(|held| {
+            let mut claimed = held.clone();
+            for (port, bits) in wanted {
+                *claimed.entry(port).or_insert(0) |= bits;
             }
-        }
-        match before.and_then(|before| self.datapath.maps.write_node_ports(&before, &wanted)) {
-            Ok(()) => self.node_ports = Some(wanted),
-            Err(e) => warn!("updating the NodePorts that binds may not take: {e}"),
+            self.datapath.maps.write_node_ports(&held, &claimed).map(|()| claimed)
+        });
+        match claimed {
+            Ok(claimed) => {
+                if self.node_ports.is_some() {
+                    self.node_ports = Some(claimed);
+                }
+            }
+            Err(e) => {
+                warn!("claiming the NodePorts that binds may not take: {e}");
+                self.node_ports = None;
+            }
         }
     }
 

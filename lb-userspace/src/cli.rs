@@ -254,13 +254,14 @@ pub enum Output {
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
-    /// The client: IP, or IP:PORT to know the backend of a new flow (its
-    /// hash picks it).
+    /// The client: IP, or IP:PORT ([IP]:PORT for IPv6) to know the
+    /// backend of a new flow (its hash picks it).
     #[arg(long, value_parser = parse_client)]
-    pub from: (std::net::Ipv4Addr, Option<u16>),
-    /// The service: IP:PORT, or IP:PORT/tcp or /udp.
+    pub from: (std::net::IpAddr, Option<u16>),
+    /// The service, of the client's family: IP:PORT ([IP]:PORT for IPv6),
+    /// or with /tcp or /udp after it.
     #[arg(long, value_parser = parse_service)]
-    pub to: (std::net::SocketAddrV4, crate::model::Protocol),
+    pub to: (std::net::SocketAddr, crate::model::Protocol),
     /// Where the flow meets the datapath: a pod's packets, packets from
     /// outside (an external interface), or a host process's socket.
     #[arg(long, value_enum, default_value = "pod")]
@@ -290,21 +291,21 @@ impl From<ExplainHook> for crate::explain::Hook {
     }
 }
 
-fn parse_client(value: &str) -> Result<(std::net::Ipv4Addr, Option<u16>), String> {
-    if let Ok(addr) = value.parse::<std::net::SocketAddrV4>() {
-        return Ok((*addr.ip(), Some(addr.port())));
+fn parse_client(value: &str) -> Result<(std::net::IpAddr, Option<u16>), String> {
+    if let Ok(addr) = value.parse::<std::net::SocketAddr>() {
+        return Ok((addr.ip(), Some(addr.port())));
     }
-    value.parse().map(|ip| (ip, None)).map_err(|_| format!("{value:?}: expected IP or IP:PORT (IPv4)"))
+    value.parse().map(|ip| (ip, None)).map_err(|_| format!("{value:?}: expected IP, IP:PORT or [IPv6]:PORT"))
 }
 
-fn parse_service(value: &str) -> Result<(std::net::SocketAddrV4, crate::model::Protocol), String> {
+fn parse_service(value: &str) -> Result<(std::net::SocketAddr, crate::model::Protocol), String> {
     let (addr, protocol) = value.split_once('/').unwrap_or((value, "tcp"));
     let protocol = match protocol.to_ascii_lowercase().as_str() {
         "tcp" => crate::model::Protocol::Tcp,
         "udp" => crate::model::Protocol::Udp,
         other => return Err(format!("{other:?}: expected tcp or udp")),
     };
-    let addr = addr.parse().map_err(|_| format!("{value:?}: expected IP:PORT[/tcp|/udp] (IPv4)"))?;
+    let addr = addr.parse().map_err(|_| format!("{value:?}: expected IP:PORT or [IPv6]:PORT, then /tcp or /udp"))?;
     Ok((addr, protocol))
 }
 

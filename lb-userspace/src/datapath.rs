@@ -267,15 +267,20 @@ impl Maps {
 
     /// The `NODE_PORT_*` bits of every port that has some.
     pub fn node_ports(&self) -> Result<BTreeMap<u16, u8>, DatapathError> {
+        self.node_ports_at(0..=u16::MAX)
+    }
+
+    /// What NODE_PORTS holds at `ports` (ports without bits left out).
+    pub fn node_ports_at(&self, ports: impl Iterator<Item = u16>) -> Result<BTreeMap<u16, u8>, DatapathError> {
         let Some(map) = &self.node_ports else { return Ok(BTreeMap::new()) };
-        let mut ports = BTreeMap::new();
-        for port in 0..=u16::MAX {
+        let mut held = BTreeMap::new();
+        for port in ports {
             let bits = map.get(&u32::from(port), 0).map_err(map_err(MAP_NODE_PORTS))?;
             if bits != 0 {
-                ports.insert(port, bits);
+                held.insert(port, bits);
             }
         }
-        Ok(ports)
+        Ok(held)
     }
 
     /// Brings NODE_PORTS from `before` (what it holds) to `after`.
@@ -414,7 +419,7 @@ impl Maps {
         // never runs ahead of this one): read before, its age would wrap
         // to 2^64 and a busy flow would look dead. Ages wrap as in the
         // programs (`conntrack::now`).
-        let now = crate::explain::MapLookups::now_ns(self);
+        let now = crate::explain::MapLookups::<Ipv4>::now_ns(self);
         let live = |last_seen_ns: u64, timeout_ns: u64| now.wrapping_sub(last_seen_ns) < timeout_ns;
         let bits4 = entries
             .iter()
@@ -921,6 +926,38 @@ where
                 Ok(())
             }
         }
+    }
+}
+
+/// The entries `lb explain` looks up one at a time in the IPv6 maps
+/// (none where an older agent made no IPv6 maps); the rest as IPv4's.
+impl crate::explain::MapLookups<Ipv6> for Maps {
+    fn conntrack(&self, key: &CtKey6) -> Option<CtValue6> {
+        self.ipv6.as_ref()?.conntrack.get(key, 0).ok()
+    }
+
+    fn affinity(&self, key: &AffinityKey6) -> Option<AffinityValue> {
+        self.ipv6.as_ref()?.affinity.get(key, 0).ok()
+    }
+
+    fn maglev(&self, index: u32) -> Option<u32> {
+        self.ipv6.as_ref()?.svc.maglev.get(&index, 0).ok()
+    }
+
+    fn flow_seed(&self) -> u32 {
+        crate::explain::MapLookups::<Ipv4>::flow_seed(self)
+    }
+
+    fn endpoint_filter(&self, line: u32) -> Option<FilterLine> {
+        crate::explain::MapLookups::<Ipv4>::endpoint_filter(self, line)
+    }
+
+    fn endpoint_filter_bits_log2(&self) -> u32 {
+        crate::explain::MapLookups::<Ipv4>::endpoint_filter_bits_log2(self)
+    }
+
+    fn now_ns(&self) -> u64 {
+        crate::explain::MapLookups::<Ipv4>::now_ns(self)
     }
 }
 

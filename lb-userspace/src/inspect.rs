@@ -173,7 +173,7 @@ pub fn backends_table(rows: &[BackendRow]) -> String {
 /// `lb explain`'s answer as lines.
 pub fn explanation_table(flow: &crate::explain::Flow, answer: &crate::explain::Explanation) -> String {
     let client = match flow.client_port {
-        Some(port) => std::net::SocketAddrV4::new(flow.client, port).to_string(),
+        Some(port) => std::net::SocketAddr::new(flow.client, port).to_string(),
         None => flow.client.to_string(),
     };
     let hook = match answer.hook {

@@ -53,12 +53,19 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Explain(args) => {
             let maps = open_pinned(&args.inspect)?;
-            let contents = maps.read_contents()?;
             let (client, client_port) = args.from;
             let (service, protocol) = args.to;
+            if client.is_ipv4() != service.is_ipv4() {
+                anyhow::bail!("--from {client} and --to {service}: a flow's two ends are of one family");
+            }
             let flow = lb_userspace::explain::Flow { client, client_port, service, protocol };
-            let answer =
-                lb_userspace::explain::explain(&contents, &maps, args.maglev_table_size, flow, args.hook.into());
+            let (table_size, hook) = (args.maglev_table_size, args.hook.into());
+            // Each family over its own maps.
+            let answer = if service.is_ipv4() {
+                lb_userspace::explain::explain(&maps.read_contents()?, &maps, table_size, flow, hook)
+            } else {
+                lb_userspace::explain::explain(&maps.read_contents6()?, &maps, table_size, flow, hook)
+            };
             match args.inspect.output {
                 Output::Table => print!("{}", inspect::explanation_table(&flow, &answer)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),

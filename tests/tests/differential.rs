@@ -547,10 +547,12 @@ fn differential(program: Program) {
                 let maps = &harness.datapath.maps;
                 let bits = lb_userspace::filter::packet_bits(
                     &key,
-                    lb_userspace::explain::MapLookups::endpoint_filter_bits_log2(maps),
+                    lb_userspace::explain::MapLookups::<lb_common::Ipv4>::endpoint_filter_bits_log2(maps),
                 );
                 let (line, _, _) = lb_common::filter_position(bits[(rng.next() % 2) as usize]);
-                let old = lb_userspace::explain::MapLookups::endpoint_filter(&harness.datapath.maps, line).unwrap();
+                let old =
+                    lb_userspace::explain::MapLookups::<lb_common::Ipv4>::endpoint_filter(&harness.datapath.maps, line)
+                        .unwrap();
                 harness.datapath.maps.overwrite_filter_line(line, [0; 8]).unwrap();
                 Some((line, old))
             }

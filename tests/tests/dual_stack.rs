@@ -124,6 +124,24 @@ fn dual_stack_end_to_end(topology: Topology) {
     assert!(answers.len() > 1 && answers.iter().all(|a| a.starts_with("backend-")), "{answers:?}");
     let who = client.netns.enter(|| udp_ask(SocketAddr::new(SIX.into(), 53))).unwrap();
     assert!(who.starts_with("backend-"), "UDP answer {who:?}");
+    // `lb explain` over the IPv6 maps: the backend it names for a new flow
+    // from a given port is the one that answers; then the flow is tracked.
+    let explain = |port: u16| -> serde_json::Value {
+        let (from, to) = (format!("[{}]:{port}", client.ip6), format!("[{SIX}]:80/tcp"));
+        serde_json::from_str(&agent.cli("explain", &["--from", &from, "--to", &to, "-o", "json"]).unwrap()).unwrap()
+    };
+    let pod_of = |backend: &serde_json::Value| {
+        let addr: SocketAddr = backend.as_str().unwrap().parse().unwrap();
+        backends.iter().find(|p| IpAddr::from(p.ip6) == addr.ip()).unwrap().name.clone()
+    };
+    for port in [42001, 42008, 42015] {
+        let before = explain(port);
+        assert_eq!(before["verdict"], "new", "{before}");
+        let answered = client.netns.enter(|| Session::connect_from(six, port)?.ask("who")).unwrap();
+        assert_eq!(answered, pod_of(&before["backend"]), "port {port}: {before}");
+        let after = explain(port);
+        assert_eq!((after["verdict"].as_str(), pod_of(&after["backend"])), (Some("established"), answered));
+    }
     // A pod reaching itself through an IPv6 Service (hairpin), TCP and UDP.
     let own = backends[0];
     assert_eq!(reached(own, SocketAddr::new(SELF6.into(), 80), 5), BTreeSet::from(["backend-0".to_owned()]));

@@ -388,6 +388,9 @@ fn a_newer_service_claiming_a_live_services_address_never_takes_its_traffic() {
     drop(agent);
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     agent.wait_for_log("already served for default/sticky:http").unwrap();
+    // The error is reported as the sync starts; the live Service is served
+    // once it has written the maps (this agent's are new).
+    agent.wait_for_log("synced frontends=").unwrap();
     client.enter(|| (0..20).try_for_each(|_| tcp_ask(VIP).map(drop))).unwrap();
 }
 

@@ -7,25 +7,26 @@
 //! draw are lb-common's, the very functions the programs run, so for a
 //! flow with a known source port the answer is the backend the programs
 //! will pick.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{
     ADDR_DROP_UNKNOWN_PORTS, AFFINITY_CLIENT_ADDR, AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN,
     CT_DIRECTION_SNAT, CtKey, CtValue, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_EXTERNAL, FRONTEND_SOURCE_RANGES,
-    FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, flow_hash, random_slot,
+    FRONTEND_TWO_SCOPES, SCOPE_INTERNAL, ServiceKey, SourceRangeKey, flow_hash, random_slot,
 };
 use serde::Serialize;
 
-use crate::{model::Protocol, plan::MapContents};
+use crate::{family::Family, model::Protocol, plan::MapContents};
 
-/// The flow asked about.
+/// The flow asked about: a client and a service of one family (explained
+/// over that family's maps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
-    pub client: Ipv4Addr,
+    pub client: IpAddr,
     /// The client's port; without it a new flow's backend depends on the
     /// port the client will pick, and the answer lists the candidates.
     pub client_port: Option<u16>,
-    pub service: SocketAddrV4,
+    pub service: SocketAddr,
     pub protocol: Protocol,
 }
 
@@ -44,11 +45,12 @@ pub enum Hook {
 }
 
 /// What the maps hold beyond SERVICES, BACKENDS, SERVICE_ADDRS and
-/// SOURCE_RANGES (`MapContents`): the entries looked up one at a time.
-pub trait MapLookups {
-    fn conntrack(&self, key: &CtKey) -> Option<CtValue>;
-    fn affinity(&self, key: &AffinityKey) -> Option<AffinityValue>;
-    /// Entry `index` of MAGLEV.
+/// SOURCE_RANGES (`MapContents`): the entries looked up one at a time,
+/// in family `A`'s maps (CONNTRACK6, AFFINITY6 and MAGLEV6 for IPv6).
+pub trait MapLookups<A: Family = lb_common::Ipv4> {
+    fn conntrack(&self, key: &CtKey<A>) -> Option<CtValue<A, A::CtPad>>;
+    fn affinity(&self, key: &AffinityKey<A>) -> Option<AffinityValue>;
+    /// Entry `index` of MAGLEV (MAGLEV6).
     fn maglev(&self, index: u32) -> Option<u32>;
     fn flow_seed(&self) -> u32;
     /// Line `line` of ENDPOINT_FILTER; None when it cannot be read (the
@@ -74,9 +76,9 @@ pub struct Explanation {
     /// Why, in words.
     pub reason: String,
     /// The backend the flow goes to, when one is known.
-    pub backend: Option<SocketAddrV4>,
+    pub backend: Option<SocketAddr>,
     /// Without a client port: the backends a new flow may get.
-    pub candidates: Vec<SocketAddrV4>,
+    pub candidates: Vec<SocketAddr>,
     /// The rewrite of the flow's packets (or socket), when translated.
     pub rewrite: Option<String>,
     /// The source is rewritten to this node too (a client outside the
@@ -103,15 +105,14 @@ pub enum Verdict {
     New,
 }
 
-/// Explains `flow` at `hook` over the maps.
-pub fn explain(
-    contents: &MapContents,
-    lookups: &dyn MapLookups,
+/// Explains `flow` at `hook` over family `A`'s maps.
+pub fn explain<A: Family>(
+    contents: &MapContents<A>,
+    lookups: &dyn MapLookups<A>,
     maglev_table_size: u32,
     flow: Flow,
     hook: Hook,
 ) -> Explanation {
-    let vip = flow.service.ip().octets();
     let port = flow.service.port().to_be_bytes();
     let protocol = flow.protocol.number();
     let mut answer = Explanation {
@@ -125,8 +126,19 @@ pub fn explain(
         rewrite: None,
         source_nat: false,
     };
+    let (Some(vip), Some(client)) = (A::of(flow.service.ip()), A::of(flow.client)) else {
+        answer.reason = format!(
+            "{} and {} are not both {}: explained over the {} maps",
+            flow.client,
+            flow.service.ip(),
+            A::NAME,
+            A::NAME
+        );
+        return answer;
+    };
+    let endpoint = |addr: A, port: [u8; 2]| SocketAddr::new(addr.ip(), u16::from_be_bytes(port));
     let ct_key = flow.client_port.map(|sport| CtKey {
-        saddr: flow.client.octets(),
+        saddr: client,
         daddr: vip,
         sport: sport.to_be_bytes(),
         dport: port,
@@ -156,7 +168,7 @@ pub fn explain(
         && lookups.now_ns().wrapping_sub(entry.last_seen_ns) < entry.timeout_ns(protocol)
         && matches!(entry.direction, CT_DIRECTION_DNAT | CT_DIRECTION_SNAT | CT_DIRECTION_HAIRPIN)
     {
-        let backend = SocketAddrV4::new(entry.nat_addr.into(), u16::from_be_bytes(entry.nat_port));
+        let backend = endpoint(entry.nat_addr, entry.nat_port);
         answer.verdict = Verdict::Established;
         answer.backend = Some(backend);
         answer.frontend = Some(format!("{}/{}", flow.service, flow.protocol));
@@ -201,20 +213,14 @@ pub fn explain(
     }
     // The socket hooks do not check source ranges (their clients are the
     // node's own processes).
-    if hook != Hook::Socket
-        && external.flags & FRONTEND_SOURCE_RANGES != 0
-        && !source_allowed(contents, &key, flow.client)
-    {
+    if hook != Hook::Socket && external.flags & FRONTEND_SOURCE_RANGES != 0 && !source_allowed(contents, &key, client) {
         answer.verdict = Verdict::SourceRangeDenied;
         answer.reason = format!("{} is outside the Service's loadBalancerSourceRanges: dropped", flow.client);
         return answer;
     }
     let slots = contents.slots_of(&key);
-    let backends: Vec<SocketAddrV4> = slots
-        .iter()
-        .filter_map(|id| contents.backends.get(id))
-        .map(|b| SocketAddrV4::new(b.addr.into(), u16::from_be_bytes(b.port)))
-        .collect();
+    let backends: Vec<SocketAddr> =
+        slots.iter().filter_map(|id| contents.backends.get(id)).map(|b| endpoint(b.addr, b.port)).collect();
     if value.backend_count == 0 {
         // A socket is refused either way: it has no other node to try.
         let drop = value.flags & FRONTEND_DROP_WHEN_EMPTY != 0 && hook != Hook::Socket;
@@ -230,19 +236,19 @@ pub fn explain(
     // A client outside the cluster reaching a backend on another node
     // (the backend's own flag: one address may be a local backend of one
     // frontend and a remote one of another).
-    let snat = |backend: &lb_common::Backend| {
+    let snat = |backend: &lb_common::Backend<A>| {
         hook == Hook::Wire && value.flags & FRONTEND_EXTERNAL != 0 && !backend.is_local()
     };
     // Session affinity: the backend remembered for this client, if used
     // within the timeout and still there.
     if value.affinity_timeout_s != 0 && hook != Hook::Socket {
-        let affinity_key = AffinityKey::new(&key, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client(flow.client.octets()));
+        let affinity_key = AffinityKey::new(&key, AFFINITY_CLIENT_ADDR, AffinityKey::addr_client(client));
         let timeout_ns = u64::from(value.affinity_timeout_s) * 1_000_000_000;
         if let Some(entry) = lookups.affinity(&affinity_key)
             && lookups.now_ns().wrapping_sub(entry.last_used_ns) < timeout_ns
             && let Some(chosen) = contents.backends.get(&entry.backend_id)
         {
-            let backend = SocketAddrV4::new(chosen.addr.into(), u16::from_be_bytes(chosen.port));
+            let backend = endpoint(chosen.addr, chosen.port);
             let age_s = lookups.now_ns().wrapping_sub(entry.last_used_ns) / 1_000_000_000;
             answer.backend = Some(backend);
             answer.reason = format!(
@@ -284,7 +290,7 @@ pub fn explain(
         answer.reason += ", which names no backend: refused";
         return answer;
     };
-    let backend = SocketAddrV4::new(chosen.addr.into(), u16::from_be_bytes(chosen.port));
+    let backend = endpoint(chosen.addr, chosen.port);
     answer.backend = Some(backend);
     answer.source_nat = snat(chosen);
     answer.rewrite = Some(rewrite(flow, backend, answer.source_nat));
@@ -293,20 +299,28 @@ pub fn explain(
 
 /// Whether `client` is inside one of the frontend's source ranges (the
 /// SOURCE_RANGES trie's longest-prefix match, over its entries).
-fn source_allowed(contents: &MapContents, frontend: &ServiceKey, client: Ipv4Addr) -> bool {
+fn source_allowed<A: Family>(contents: &MapContents<A>, frontend: &ServiceKey<A>, client: A) -> bool {
+    let client = client.octets();
     contents.source_ranges.iter().any(|(prefix_len, range)| {
-        let bits = prefix_len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS).min(32);
-        let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+        let bits = prefix_len.saturating_sub(SourceRangeKey::<A>::FRONTEND_BITS) as usize;
         range.vip == frontend.vip
             && range.port == frontend.port
             && range.protocol == frontend.protocol
-            && u32::from_be_bytes(range.client) & mask == u32::from(client) & mask
+            && prefix_matches(&range.client.octets(), &client, bits)
     })
 }
 
-fn rewrite(flow: Flow, backend: SocketAddrV4, snat: bool) -> String {
+/// Whether the first `bits` bits of `a` and `b` (network order) agree.
+fn prefix_matches(a: &[u8], b: &[u8], bits: usize) -> bool {
+    let bits = bits.min(8 * a.len().min(b.len()));
+    let (whole, rest) = (bits / 8, bits % 8);
+    let mask = if rest == 0 { 0 } else { 0xffu8 << (8 - rest) };
+    a[..whole] == b[..whole] && (rest == 0 || a[whole] & mask == b[whole] & mask)
+}
+
+fn rewrite(flow: Flow, backend: SocketAddr, snat: bool) -> String {
     let client = match flow.client_port {
-        Some(port) => SocketAddrV4::new(flow.client, port).to_string(),
+        Some(port) => SocketAddr::new(flow.client, port).to_string(),
         None => flow.client.to_string(),
     };
     let source = if snat { " (source NAT to this node's address: the backend is on another node)" } else { "" };
@@ -318,6 +332,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use lb_common::{Backend, ServiceAddr, ServiceValue};
+
+    use std::net::{Ipv4Addr, SocketAddrV4};
 
     use super::*;
 
@@ -383,11 +399,23 @@ mod tests {
 
     fn flow(port: Option<u16>) -> Flow {
         Flow {
-            client: Ipv4Addr::new(10, 244, 1, 5),
+            client: Ipv4Addr::new(10, 244, 1, 5).into(),
             client_port: port,
-            service: SocketAddrV4::new(VIP.into(), 80),
+            service: SocketAddrV4::new(VIP.into(), 80).into(),
             protocol: Protocol::Tcp,
         }
+    }
+
+    #[test]
+    fn source_range_prefixes_match_bit_by_bit_in_either_family() {
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        assert!(prefix_matches(&v6("2001:db8::"), &v6("2001:db8:ffff::1"), 32));
+        assert!(!prefix_matches(&v6("2001:db8::"), &v6("2001:db9::1"), 32));
+        assert!(prefix_matches(&v6("2001:db8::"), &v6("2001:db9::1"), 31), "the first 31 bits agree");
+        assert!(prefix_matches(&[10, 0, 0, 0], &[10, 1, 2, 3], 8));
+        assert!(!prefix_matches(&[10, 0, 0, 0], &[11, 0, 0, 0], 8));
+        assert!(prefix_matches(&[10, 0, 0, 0], &[200, 0, 0, 0], 0), "a /0 takes everyone");
+        assert!(prefix_matches(&[10, 1, 2, 3], &[10, 1, 2, 3], 99), "capped at the address");
     }
 
     #[test]
@@ -398,7 +426,7 @@ mod tests {
         let key = flow_key();
         let slot = random_slot(flow_hash(&key), 0x1234_5678, 3);
         assert_eq!(answer.verdict, Verdict::New);
-        assert_eq!(answer.backend, Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, slot as u8), 8080)));
+        assert_eq!(answer.backend, Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, slot as u8), 8080).into()));
         assert!(answer.reason.contains(&format!("slot {slot} of 3")), "{}", answer.reason);
         let any = explain(&contents, &lookups, 0, flow(None), Hook::Pod);
         assert_eq!((any.backend, any.candidates.len()), (None, 3));
@@ -478,7 +506,7 @@ mod tests {
             Verdict::Refused,
             "sockets are refused"
         );
-        let other_port = Flow { service: SocketAddrV4::new(VIP.into(), 81), ..flow(Some(1)) };
+        let other_port = Flow { service: SocketAddrV4::new(VIP.into(), 81).into(), ..flow(Some(1)) };
         assert_eq!(explain(&empty, &lookups, 0, other_port, Hook::Pod).verdict, Verdict::UnknownPort);
         assert_eq!(explain(&empty, &lookups, 0, other_port, Hook::Socket).verdict, Verdict::Refused);
         let elsewhere = Flow { service: "10.96.9.9:80".parse().unwrap(), ..flow(Some(1)) };

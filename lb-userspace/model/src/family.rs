@@ -11,6 +11,9 @@ use lb_common::{Address, Ipv4, Ipv6};
 pub trait Family: Address + Send + Sync + 'static {
     /// As `spec.ipFamilies` names it.
     const NAME: &'static str;
+    /// The padding of the family's conntrack values (`CtValue<Self,
+    /// Self::CtPad>`: CONNTRACK's, CONNTRACK6's).
+    type CtPad: Copy + Default + Send + Sync + 'static;
     /// The address, when it is of this family.
     fn of(addr: IpAddr) -> Option<Self>;
     fn ip(self) -> IpAddr;
@@ -20,6 +23,7 @@ pub trait Family: Address + Send + Sync + 'static {
 
 impl Family for Ipv4 {
     const NAME: &'static str = "IPv4";
+    type CtPad = [u8; 0];
 
     fn of(addr: IpAddr) -> Option<Self> {
         match addr {
@@ -39,6 +43,7 @@ impl Family for Ipv4 {
 
 impl Family for Ipv6 {
     const NAME: &'static str = "IPv6";
+    type CtPad = [u8; 4];
 
     fn of(addr: IpAddr) -> Option<Self> {
         match addr {

@@ -75,7 +75,7 @@ pub fn packet_bits(key: &CtKey, bits_log2: u32) -> [u32; 2] {
 /// `may_be_service_traffic` in lb-ebpf decides: a bit of its destination
 /// (on its port or, for a cluster IP, any port) or of its source is set.
 /// A line that cannot be read counts as all set, as in the programs.
-pub fn lets_through(key: &CtKey, lookups: &dyn MapLookups) -> bool {
+pub fn lets_through<A: crate::family::Family>(key: &CtKey<A>, lookups: &dyn MapLookups<A>) -> bool {
     let bits = lookups.endpoint_filter_bits_log2();
     let is_set = |bit: u32| {
         let (line, word, mask) = filter_position(bit);

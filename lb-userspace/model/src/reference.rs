@@ -19,7 +19,7 @@
 //! node is source-NATed and forwarded, as the node's routes (`Routes`)
 //! say. `Unmodelled`: a source port already taken toward that backend (a
 //! random one is drawn), and ICMP errors about source-NATed flows.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use lb_common::{
     AffinityKey, AffinityValue, CT_DIRECTION_DNAT, CT_DIRECTION_HAIRPIN, CT_DIRECTION_HAIRPIN_REPLY,
@@ -195,13 +195,18 @@ pub fn expected(
     }
     let protocol = if headers.protocol == PROTO_TCP { Protocol::Tcp } else { Protocol::Udp };
     let flow = Flow {
-        client: *headers.source.ip(),
+        client: (*headers.source.ip()).into(),
         client_port: Some(headers.source.port()),
-        service: headers.destination,
+        service: headers.destination.into(),
         protocol,
     };
     // The decision for a new flow: whatever conntrack holds is stale here.
     let answer = explain::explain(contents, &Untracked(lookups), maglev_table_size, flow, hook);
+    // The frame is IPv4, and so is every address the answer holds.
+    let backend = match answer.backend {
+        Some(SocketAddr::V4(backend)) => Some(backend),
+        _ => None,
+    };
     match answer.verdict {
         Verdict::NotService => Expected::Unchanged,
         Verdict::UnknownPort | Verdict::SourceRangeDenied | Verdict::Dropped => Expected::Dropped,
@@ -211,7 +216,7 @@ pub fn expected(
         Verdict::Refused => Expected::Rejected,
         Verdict::Established => Expected::Unmodelled("explained as tracked"),
         Verdict::New if answer.source_nat => {
-            let Some(backend) = answer.backend else {
+            let Some(backend) = backend else {
                 return Expected::Unmodelled("a new flow without a known backend");
             };
             // From the address the node has toward the backend; no route
@@ -238,7 +243,7 @@ pub fn expected(
                 forward: Some(next_hop(routes, *backend.ip(), headers.ttl)),
             }
         }
-        Verdict::New => match answer.backend {
+        Verdict::New => match backend {
             // A pod reaching itself through its Service: the source becomes
             // the hairpin address, so the reply comes back through here.
             Some(backend) => {
