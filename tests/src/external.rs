@@ -1,6 +1,6 @@
 //! What the two-node external tests (external.rs, external6.rs) share:
 //! the two ways each test runs the agents.
-use crate::netns::Lan;
+use crate::{agent::Agent, netns::Lan};
 
 /// Which external program the agents run, and on what LAN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +35,13 @@ impl Mode {
             Mode::ForcedXdp => &["--external-datapath", "xdp"],
         }
     }
+}
+
+/// The programs an agent's `lb stats` lists for eth0.
+pub fn eth0_programs(agent: &Agent) -> Vec<String> {
+    let stats: serde_json::Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
+    let attachments = stats["attachments"].as_array().unwrap().iter();
+    attachments.filter(|a| a["interface"] == "eth0").map(|a| a["program"].as_str().unwrap().to_owned()).collect()
 }
 
 /// Each named test function (taking a `Mode`), as one test per mode:

@@ -3,7 +3,7 @@
 //! worker opening a new connection every few milliseconds. Every failure
 //! is kept, so a test can say "no request failed" and show the first ones.
 use std::{
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -49,7 +49,8 @@ impl Traffic {
     /// Starts the open connection and the new-connection worker from
     /// `client` to `service`; the open connection's first answer names
     /// its backend, which every later answer must name too.
-    pub fn start(client: &Netns, service: SocketAddrV4) -> anyhow::Result<Self> {
+    pub fn start(client: &Netns, service: impl Into<SocketAddr>) -> anyhow::Result<Self> {
+        let service: SocketAddr = service.into();
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));

@@ -17,6 +17,7 @@ use lb_tests::{
     manifests::{Endpoint, Port, endpoint_slice, endpoint_slice6, service_with_cluster_ips, write_yaml},
     netns::{Cluster, NODE_IP, NODE_IP6, Pod, Topology},
     pods::{PodServer, Session, TCP_PORT, UDP_PORT, tcp_ask, udp_ask},
+    traffic::Traffic,
 };
 use serde_json::json;
 
@@ -213,6 +214,19 @@ fn dual_stack_end_to_end(topology: Topology) {
     let after = session.ask("after a restart");
     assert_eq!(after.as_ref().ok(), Some(&pinned), "{after:?}\n{}", agent.log());
     assert!(reached(client, six, 5).iter().all(|a| a.starts_with("backend-")));
+    // An open IPv6 connection and a stream of new ones through two
+    // SIGKILLs and restarts: not one request fails.
+    let traffic = Traffic::start(&client.netns, six).unwrap();
+    for round in 0..2 {
+        let syncs = agent.log().matches("synced frontends=").count();
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        agent.restart().unwrap();
+        agent.wait_for_log_count("synced frontends=", syncs + 1).unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    traffic.stop().assert_none_failed(100);
     assert!(agent.stop().unwrap().success(), "{}", agent.log());
     // Stopped, the agent leaves the datapath serving (its programs, links,
     // maps and the IPv6 tail-call arrays are pinned): new IPv6 connections

@@ -211,7 +211,15 @@ fn session_affinity_keeps_a_client_on_one_backend(path: ClientPath, family: Fami
     let mut setup = Setup::new(path, family, &BACKENDS, "client", affinity);
     let sticky = setup.distinct_pods(12);
     assert_eq!(sticky.len(), 1, "{path:?} {family:?}: 12 connections with ClientIP affinity reached {sticky:?}");
-    // Without affinity they spread: (1/3)^29 odds of a false failure.
+    // The remembered backend leaves the Service: the client gets another
+    // and sticks to that one.
+    let remembered = sticky.into_iter().next().unwrap();
+    let rest: Vec<&str> = BACKENDS.iter().copied().filter(|b| *b != remembered).collect();
+    setup.publish(&rest);
+    let after = setup.distinct_pods(10);
+    assert_eq!(after.len(), 1, "{path:?} {family:?}: after {remembered} left: {after:?}");
+    assert!(!after.contains(&remembered), "{path:?} {family:?}: {after:?}");
+    // Without affinity they spread: (1/2)^29 odds of a false failure.
     write_yaml(&setup.manifests.0, "service.yaml", &service_object(family, json!({})));
     setup.wait_for_frontends("affinity off", |f| f.iter().all(|(v, _)| v.affinity_timeout_s == 0));
     assert!(setup.distinct_pods(30).len() > 1, "{path:?} {family:?}: no spread without affinity");

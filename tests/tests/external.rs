@@ -16,7 +16,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, TempDir},
-    external::Mode,
+    external::{Mode, eth0_programs},
     in_both_modes,
     manifests::{Endpoint, Port, endpoint_slice, service, write_yaml},
     netns::{EXTERNAL_CLIENT_IP, Lan, MultiNode},
@@ -264,13 +264,6 @@ fn a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
         let error = outcome.expect_err("nothing listens");
         assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "via node-{n}: {error}");
     }
-}
-
-/// The programs an agent's `lb stats` lists for eth0.
-fn eth0_programs(agent: &Agent) -> Vec<String> {
-    let stats: Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
-    let attachments = stats["attachments"].as_array().unwrap().iter();
-    attachments.filter(|a| a["interface"] == "eth0").map(|a| a["program"].as_str().unwrap().to_owned()).collect()
 }
 
 /// An agent restarted with the other external program replaces the one

@@ -17,16 +17,18 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, TempDir},
-    external::Mode,
+    external::{Mode, eth0_programs},
     in_both_modes,
     manifests::{Endpoint, Port, endpoint_slice6, service_with_cluster_ips, write_yaml},
-    netns::{EXTERNAL_CLIENT_IP6, MultiNode},
-    pods::{PodServer, TCP_PORT, UDP_PORT, tcp_ask, tcp_whoami, udp_ask},
+    netns::{EXTERNAL_CLIENT_IP6, Lan, MultiNode},
+    pods::{PodServer, Session, TCP_PORT, UDP_PORT, tcp_ask, tcp_whoami, udp_ask},
 };
 use serde_json::{Value, json};
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, 0x10);
+/// Inside `--external-ip-cidrs`, routed to node-1 by the client.
+const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x251, 0, 0, 0, 0, 0, 0x10);
 const NODE_PORT: u16 = 30080;
 const UDP_NODE_PORT: u16 = 30053;
 const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
@@ -51,7 +53,11 @@ impl Setup {
     /// Backend pods `pod-1` on node-1 and `pod-2` on node-2, and
     /// `extra_pods` (node, name) that are no endpoint.
     fn new(mode: Mode, service: Value, extra_pods: &[(usize, &str)]) -> Self {
-        let mut topology = MultiNode::new(2, &["fd00:250::/64"], mode.lan()).unwrap();
+        Self::new_on(mode, mode.lan(), service, extra_pods)
+    }
+
+    fn new_on(mode: Mode, lan: Lan, service: Value, extra_pods: &[(usize, &str)]) -> Self {
+        let mut topology = MultiNode::new(2, &["fd00:250::/64", "fd00:251::/64"], lan).unwrap();
         for (n, name) in [(1, "pod-1"), (2, "pod-2")].iter().chain(extra_pods) {
             topology.add_pod(*n, name).unwrap();
         }
@@ -62,9 +68,9 @@ impl Setup {
         setup.write_endpoints(&["pod-1", "pod-2"]);
         for n in 1..=2 {
             let (node_name, dir) = (format!("node-{n}"), format!("dir:{}", setup.manifests.0.display()));
-            // Default flags but for the node's name and the source, and
-            // the mode's.
-            let mut args = vec!["--source", &dir, "--node-name", &node_name];
+            // Default flags but for the node's name and the source, the
+            // ExternalIPs allowed (none by default), and the mode's.
+            let mut args = vec!["--source", &dir, "--node-name", &node_name, "--external-ip-cidrs", "fd00:251::/64"];
             args.extend(mode.agent_flags());
             let mut agent = Agent::start(&setup.topology.nodes[n - 1], &args).unwrap();
             agent.wait_for_attachments(setup.topology.pods.iter().filter(|(m, _)| *m == n).count() + 1).unwrap();
@@ -108,7 +114,8 @@ fn node_port(n: usize, port: u16) -> SocketAddr {
 
 fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
-    let mut setup = Setup::new(mode, web6(json!({"type": "LoadBalancer"}), status), &[]);
+    let spec = json!({"type": "LoadBalancer", "externalIPs": [EXTERNAL_IP6.to_string(), "fd00:252::10"]});
+    let mut setup = Setup::new(mode, web6(spec, status), &[]);
     setup.wait_for_backends(NODE_PORT, 2);
     for n in 1..=2 {
         let answers: Vec<(String, String)> =
@@ -131,6 +138,12 @@ fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outsi
     let lb = SocketAddr::new(LB_IP6.into(), 80);
     let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(lb).unwrap()).collect());
     assert_eq!(reached.len(), 2, "the load-balancer IP reaches both backends: {reached:?}");
+    // The allowed ExternalIP too; the other is refused by name.
+    let external = SocketAddr::new(EXTERNAL_IP6.into(), 80);
+    let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(external).unwrap()).collect());
+    assert_eq!(reached.len(), 2, "the allowed ExternalIP reaches both backends: {reached:?}");
+    let log = setup.agents[0].log();
+    assert!(log.contains("spec.externalIPs[1]: fd00:252::10 is outside --external-ip-cidrs"), "{log}");
     // No IPv4 node port for an IPv6-only Service.
     let four = SocketAddr::new(MultiNode::node_ip(1).into(), NODE_PORT);
     assert!(setup.in_client(|| tcp_ask(four)).is_err());
@@ -265,6 +278,41 @@ fn ipv6_a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
         let error = outcome.expect_err("nothing listens");
         assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "via node-{n}: {error}");
     }
+}
+
+/// Switching eth0 from tc to XDP (`--external-datapath xdp`, a restart)
+/// keeps open IPv6 connections through both nodes' pods, as for IPv4
+/// (external.rs): the conntrack maps are shared. Started with the
+/// default (tc); the LAN carries XDP_TX so that both work.
+#[test]
+fn switching_the_external_program_keeps_open_ipv6_connections() {
+    let mut setup = Setup::new_on(Mode::Default, Lan::XdpCapable, web6(json!({"type": "NodePort"}), json!({})), &[]);
+    setup.wait_for_backends(NODE_PORT, 2);
+    assert_eq!(eth0_programs(&setup.agents[0]), ["tc_from_wire"]);
+    let mut sessions: Vec<(Session, String)> = Vec::new();
+    for i in 0..40 {
+        let mut session = setup.in_client(|| Session::connect(node_port(1, NODE_PORT))).unwrap();
+        let backend = session.ask(&format!("hello {i}")).unwrap();
+        sessions.push((session, backend));
+        let reached: BTreeSet<&str> = sessions.iter().map(|(_, b)| b.as_str()).collect();
+        if sessions.len() >= 6 && reached.len() == 2 {
+            break;
+        }
+    }
+    let backends: BTreeSet<&str> = sessions.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(backends.len(), 2, "open connections to both nodes' pods: {backends:?}");
+
+    // Not the default: XDP is for NICs that run it natively.
+    setup.agents[0].restart_with(&["--external-datapath", "xdp"]).unwrap();
+    setup.agents[0].wait_for_log("program=\"xdp_from_wire\"").unwrap();
+    setup.agents[0].wait_for_log("replaced: detached").unwrap();
+    assert_eq!(eth0_programs(&setup.agents[0]), ["xdp_from_wire"]);
+    for (i, (session, backend)) in sessions.iter_mut().enumerate() {
+        assert_eq!(&session.ask(&format!("after {i}")).unwrap(), backend, "connection {i} kept its backend");
+    }
+    let reached: BTreeSet<String> =
+        setup.in_client(|| (0..16).map(|_| tcp_ask(node_port(1, NODE_PORT)).unwrap()).collect());
+    assert_eq!(reached.len(), 2, "new connections reach both nodes' pods: {reached:?}");
 }
 
 in_both_modes!(
