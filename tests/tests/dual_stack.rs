@@ -244,3 +244,43 @@ fn ipv6_and_dual_stack_cluster_ips_routed() {
 fn ipv6_and_dual_stack_cluster_ips_bridged() {
     dual_stack_end_to_end(Topology::Bridged);
 }
+
+/// An IPv4-only cluster's agent keeps its IPv6 maps dormant; the first
+/// IPv6 Service wakes them at run time (the growth reload, which makes
+/// CONNTRACK6 and its kin anew and moves every link to the new programs),
+/// and not one IPv4 request fails meanwhile: an open connection and a
+/// stream of new ones.
+#[test]
+fn the_first_ipv6_service_wakes_the_ipv6_maps_without_failing_an_ipv4_request() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "client"]).unwrap();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..2].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let backends: Vec<&Pod> = cluster.pods[..2].iter().collect();
+    let manifests = TempDir::new("lb-wake").unwrap();
+    let dir = &manifests.0;
+    write_yaml(dir, "dual.yaml", &service_with_cluster_ips("demo", "four", &[DUAL4.into()], &PORTS, json!({})));
+    let endpoints: Vec<Endpoint> = backends.iter().map(|p| Endpoint::ready(&p.name, p.ip)).collect();
+    write_yaml(dir, "four-slice.yaml", &endpoint_slice("demo", "four", &SLICE_PORTS, &endpoints));
+    let mut agent = Agent::with_manifests(&cluster.node, dir).unwrap();
+    agent
+        .wait_for_maps("the IPv4 Service", |c| c.frontends().any(|(k, b)| k.vip == DUAL4.octets() && b.len() == 2))
+        .unwrap();
+    agent.wait_for_attachments(3).unwrap();
+    assert_eq!(agent.map_max_entries("CONNTRACK6").unwrap(), 1024, "dormant");
+
+    let client = cluster.pod("client");
+    let traffic = Traffic::start(&client.netns, SocketAddr::new(DUAL4.into(), 80)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    write_yaml(dir, "six.yaml", &service_with_cluster_ips("demo", "six", &[SIX.into()], &PORTS, json!({})));
+    write_slices(dir, "six", &backends, false);
+    agent
+        .wait_for_maps6("the IPv6 Service", |c| {
+            c.frontends().any(|(k, b)| k.vip == lb_common::ipv6(SIX.octets()) && b.len() == 2)
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    traffic.stop().assert_none_failed(50);
+    assert!(agent.log().contains("ipv6_woken=true"), "{}", agent.log());
+    assert_eq!(agent.map_max_entries("CONNTRACK6").unwrap(), agent.map_max_entries("CONNTRACK").unwrap());
+    assert!(reached(client, SocketAddr::new(SIX.into(), 80), 10).iter().all(|a| a.starts_with("backend-")));
+}
