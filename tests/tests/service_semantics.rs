@@ -2,15 +2,16 @@
 //! (dir source) in the routed netns topology. Needs root.
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use lb_tests::{
     agent::{Agent, TempDir},
-    manifests::{Endpoint, Port, endpoint_slice, service, write_yaml},
+    manifests::{Endpoint, Port, endpoint_slice, endpoint_slice6, service, service_with_cluster_ips, write_yaml},
     netns::{Cluster, Netns, Topology},
     pods::{PodServer, TCP_PORT, tcp_ask},
 };
+use lb_userspace::family::Family;
 use serde_json::{Value, json};
 
 const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 20), 80);
@@ -212,6 +213,18 @@ fn a_pod_reaches_itself_through_its_service_bridged() {
 
 #[test]
 fn a_rolling_replacement_of_every_backend_fails_no_request() {
+    rolling_replacement(false);
+}
+
+#[test]
+fn a_rolling_replacement_of_every_ipv6_backend_fails_no_request() {
+    rolling_replacement(true);
+}
+
+/// Every backend replaced, one at a time, the old one terminating first
+/// (ready false, terminating true), under a stream of new connections: to
+/// an IPv4 Service, or with `ipv6` an IPv6-only one (its IPv6 slice).
+fn rolling_replacement(ipv6: bool) {
     use std::sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -220,9 +233,21 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
     let cluster = Cluster::new(Topology::Routed, &names).unwrap();
     let mut servers: Vec<Option<PodServer>> =
         cluster.pods[..6].iter().map(|p| Some(PodServer::start(&p.netns, &p.name).unwrap())).collect();
-    let pod = |i: usize| (cluster.pods[i].name.as_str(), cluster.pods[i].ip);
+    let pod = |i: usize| {
+        let p = &cluster.pods[i];
+        (p.name.as_str(), if ipv6 { IpAddr::from(p.ip6) } else { IpAddr::from(p.ip) })
+    };
     let manifests = TempDir::new("lb-rolling").unwrap();
-    write_yaml(&manifests.0, "service.yaml", &sticky_service(json!({})));
+    let (service, vip) = if ipv6 {
+        let vip6 = std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
+        (
+            service_with_cluster_ips("default", "sticky", &[vip6.into()], &HTTP, json!({})),
+            SocketAddr::new(vip6.into(), 80),
+        )
+    } else {
+        (sticky_service(json!({})), SocketAddr::V4(VIP))
+    };
+    write_yaml(&manifests.0, "service.yaml", &service);
     // (pod index, ready, terminating) of the slice's endpoints.
     let mut endpoints: Vec<(usize, bool, bool)> = vec![(0, true, false), (1, true, false), (2, true, false)];
     let publish = |endpoints: &[(usize, bool, bool)]| {
@@ -234,17 +259,28 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
                 ..Endpoint::ready(pod(*i).0, pod(*i).1)
             })
             .collect();
-        write_yaml(&manifests.0, "slice.yaml", &endpoint_slice("default", "sticky", &HTTP_TARGET, &list));
+        let slice = if ipv6 {
+            endpoint_slice6("default", "sticky", &HTTP_TARGET, &list)
+        } else {
+            endpoint_slice("default", "sticky", &HTTP_TARGET, &list)
+        };
+        write_yaml(&manifests.0, "slice.yaml", &slice);
     };
     publish(&endpoints);
     let mut agent = Agent::with_manifests(&cluster.node, &manifests.0).unwrap();
     let wait_for = |agent: &mut Agent, wanted: &[usize]| {
-        let wanted: BTreeSet<[u8; 4]> = wanted.iter().map(|i| pod(*i).1.octets()).collect();
-        agent
-            .wait_for_maps("backends", |c| {
-                c.frontends().any(|(_, b)| b.iter().map(|b| b.addr).collect::<BTreeSet<_>>() == wanted)
+        let wanted: BTreeSet<IpAddr> = wanted.iter().map(|i| pod(*i).1).collect();
+        let serves = |addrs: BTreeSet<IpAddr>| addrs == wanted;
+        if ipv6 {
+            agent.wait_for_maps6("backends", |c| {
+                c.frontends().any(|(_, b)| serves(b.iter().map(|b| b.addr.ip()).collect()))
             })
-            .unwrap();
+        } else {
+            agent.wait_for_maps("backends", |c| {
+                c.frontends().any(|(_, b)| serves(b.iter().map(|b| b.addr.ip()).collect()))
+            })
+        }
+        .unwrap();
     };
     wait_for(&mut agent, &[0, 1, 2]);
     agent.wait_for_attachments(7).unwrap();
@@ -255,7 +291,7 @@ fn a_rolling_replacement_of_every_backend_fails_no_request() {
         let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
         cluster.pod("client").netns.spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                match tcp_ask(VIP) {
+                match tcp_ask(vip) {
                     Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
                         failures.lock().unwrap().push(e.to_string());
