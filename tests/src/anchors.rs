@@ -24,15 +24,22 @@
 //!   `numgen random mod n vmap`; the endpoint chain DNATs.
 //!
 //! Chain names carry a hash of the service port name, as kube-proxy's do.
-use std::{fmt::Write, net::Ipv4Addr};
+//!
+//! IPv6 Services get the same rulesets in the IPv6 family, as kube-proxy
+//! writes one per family: for ip6tables-restore, and an `ip6` table.
+use std::{
+    fmt::Write,
+    net::{IpAddr, SocketAddr},
+};
 
-/// One Service port as the anchors program it.
+/// One Service port as the anchors program it. A ruleset's Services are
+/// of one family.
 #[derive(Clone, Debug)]
 pub struct AnchorService {
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
-    pub endpoints: Vec<Ipv4Addr>,
+    pub endpoints: Vec<IpAddr>,
     pub target_port: u16,
     /// A NodePort Service's node port (`externalTrafficPolicy: Cluster`);
     /// only the iptables anchor programs it.
@@ -42,7 +49,43 @@ pub struct AnchorService {
 /// The pod CIDR: traffic from outside it is marked for masquerade, as
 /// kube-proxy does with `--cluster-cidr`.
 pub const CLUSTER_CIDR: &str = "10.0.0.0/8";
+/// The IPv6 pod CIDR, as broad (the test pods' are in fd00::/8).
+pub const CLUSTER_CIDR6: &str = "fd00::/8";
 const MASQ_MARK: &str = "0x4000";
+
+/// What the rulesets say differently per family: the host prefix length,
+/// the cluster CIDR, and nft's family and address words.
+struct FamilyWords {
+    host: &'static str,
+    cluster_cidr: &'static str,
+    nft_family: &'static str,
+    nft_addr: &'static str,
+    nft_addr_type: &'static str,
+}
+
+fn family_words(services: &[AnchorService]) -> FamilyWords {
+    match services.first().is_some_and(|s| s.vip.is_ipv6()) {
+        false => FamilyWords {
+            host: "32",
+            cluster_cidr: CLUSTER_CIDR,
+            nft_family: "ip",
+            nft_addr: "ip",
+            nft_addr_type: "ipv4_addr",
+        },
+        true => FamilyWords {
+            host: "128",
+            cluster_cidr: CLUSTER_CIDR6,
+            nft_family: "ip6",
+            nft_addr: "ip6",
+            nft_addr_type: "ipv6_addr",
+        },
+    }
+}
+
+/// `endpoint`:`port` as both tools write it (`[addr]:port` for IPv6).
+fn endpoint_at(endpoint: IpAddr, port: u16) -> String {
+    SocketAddr::new(endpoint, port).to_string()
+}
 
 /// kube-proxy's chain-name suffix: 16 base-32 characters (80 bits) of a
 /// hash of the name. kube-proxy uses SHA-256; two FNV-1a hashes do here.
@@ -53,8 +96,10 @@ fn suffix(name: &str) -> String {
     (0..16).map(|i| ALPHABET[(bits >> (i * 5)) as usize & 31] as char).collect()
 }
 
-/// The `nat` table of kube-proxy's iptables mode, for iptables-restore.
+/// The `nat` table of kube-proxy's iptables mode, for iptables-restore
+/// (ip6tables-restore for IPv6 Services).
 pub fn iptables_ruleset(services: &[AnchorService]) -> String {
+    let FamilyWords { host, cluster_cidr, .. } = family_words(services);
     let mut chains = String::new();
     let mut rules = String::new();
     let node_ports = services.iter().any(|s| s.node_port.is_some());
@@ -77,12 +122,12 @@ pub fn iptables_ruleset(services: &[AnchorService]) -> String {
         let comment = format!("{} cluster IP", service.name);
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"{comment}\" -m tcp --dport {} -j {svc_chain}",
+            "-A KUBE-SERVICES -d {}/{host} -p tcp -m comment --comment \"{comment}\" -m tcp --dport {} -j {svc_chain}",
             service.vip, service.port
         );
         let _ = writeln!(
             rules,
-            "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {}/32 -p tcp -m comment --comment \"{comment}\" -m tcp --dport {} -j KUBE-MARK-MASQ",
+            "-A {svc_chain} ! -s {cluster_cidr} -d {}/{host} -p tcp -m comment --comment \"{comment}\" -m tcp --dport {} -j KUBE-MARK-MASQ",
             service.vip, service.port
         );
         if let Some(node_port) = service.node_port {
@@ -102,7 +147,7 @@ pub fn iptables_ruleset(services: &[AnchorService]) -> String {
         }
         let count = service.endpoints.len();
         for (i, endpoint) in service.endpoints.iter().enumerate() {
-            let endpoint_at = format!("{endpoint}:{}", service.target_port);
+            let endpoint_at = endpoint_at(*endpoint, service.target_port);
             let sep_chain = format!("KUBE-SEP-{}", suffix(&format!("{}/{endpoint_at}", service.name)));
             let _ = writeln!(chains, ":{sep_chain} - [0:0]");
             let comment = format!("{} -> {endpoint_at}", service.name);
@@ -117,7 +162,7 @@ pub fn iptables_ruleset(services: &[AnchorService]) -> String {
             }
             let _ = writeln!(
                 rules,
-                "-A {sep_chain} -s {endpoint}/32 -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
+                "-A {sep_chain} -s {endpoint}/{host} -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
                 service.name
             );
             let _ = writeln!(
@@ -135,9 +180,11 @@ pub fn iptables_ruleset(services: &[AnchorService]) -> String {
 
 /// The table of kube-proxy's nftables mode, for `nft -f`.
 pub fn nftables_ruleset(table: &str, services: &[AnchorService]) -> String {
+    let FamilyWords { cluster_cidr, nft_family: family, nft_addr: addr, nft_addr_type: addr_type, .. } =
+        family_words(services);
     let mut out = String::new();
     // Deleting first makes the file reloadable, as kube-proxy's syncs are.
-    let _ = writeln!(out, "table ip {table} {{ }}\ndelete table ip {table}\ntable ip {table} {{");
+    let _ = writeln!(out, "table {family} {table} {{ }}\ndelete table {family} {table}\ntable {family} {table} {{");
     out.push_str("  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n");
     out.push_str("  chain masquerading {\n    mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n");
     out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
@@ -152,17 +199,17 @@ pub fn nftables_ruleset(table: &str, services: &[AnchorService]) -> String {
         let mut picks = Vec::new();
         let mut endpoint_chains = String::new();
         for (i, endpoint) in service.endpoints.iter().enumerate() {
-            let endpoint_at = format!("{endpoint}:{}", service.target_port);
+            let endpoint_at = endpoint_at(*endpoint, service.target_port);
             let ep_chain = format!("endpoint-{}", suffix(&format!("{}/{endpoint_at}", service.name)));
             picks.push(format!("{i} : goto {ep_chain}"));
             let _ = writeln!(
                 endpoint_chains,
-                "  chain {ep_chain} {{\n    ip saddr {endpoint} jump mark-for-masquerade\n    meta l4proto tcp dnat to {endpoint_at}\n  }}"
+                "  chain {ep_chain} {{\n    {addr} saddr {endpoint} jump mark-for-masquerade\n    meta l4proto tcp dnat to {endpoint_at}\n  }}"
             );
         }
         let _ = writeln!(
             out,
-            "  chain {svc_chain} {{\n    ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
+            "  chain {svc_chain} {{\n    {addr} daddr {} tcp dport {} {addr} saddr != {cluster_cidr} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
             service.vip,
             service.port,
             service.endpoints.len(),
@@ -170,11 +217,14 @@ pub fn nftables_ruleset(table: &str, services: &[AnchorService]) -> String {
         );
         out.push_str(&endpoint_chains);
     }
-    out.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
+    let _ = writeln!(out, "  map service-ips {{\n    type {addr_type} . inet_proto . inet_service : verdict");
     if !elements.is_empty() {
         let _ = writeln!(out, "    elements = {{ {} }}", elements.join(",\n      "));
     }
-    out.push_str("  }\n  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n}\n");
+    let _ = writeln!(
+        out,
+        "  }}\n  chain services {{\n    {addr} daddr . meta l4proto . th dport vmap @service-ips\n  }}\n}}"
+    );
     out
 }
 
@@ -184,8 +234,9 @@ pub fn nftables_ruleset(table: &str, services: &[AnchorService]) -> String {
 pub fn iptables_service_update(old: &AnchorService, new: &AnchorService) -> String {
     let full = iptables_ruleset(std::slice::from_ref(new));
     let svc_chain = format!("KUBE-SVC-{}", suffix(&new.name));
-    let sep =
-        |s: &AnchorService, e: &Ipv4Addr| format!("KUBE-SEP-{}", suffix(&format!("{}/{e}:{}", s.name, s.target_port)));
+    let sep = |s: &AnchorService, e: &IpAddr| {
+        format!("KUBE-SEP-{}", suffix(&format!("{}/{}", s.name, endpoint_at(*e, s.target_port))))
+    };
     let mut out = String::from("*nat\n");
     let new_seps: Vec<String> = new.endpoints.iter().map(|e| sep(new, e)).collect();
     let gone: Vec<String> = old.endpoints.iter().map(|e| sep(old, e)).filter(|c| !new_seps.contains(c)).collect();
@@ -205,15 +256,17 @@ pub fn iptables_service_update(old: &AnchorService, new: &AnchorService) -> Stri
 /// The same change in kube-proxy's nftables mode, for `nft -f`.
 pub fn nftables_service_update(table: &str, old: &AnchorService, new: &AnchorService) -> String {
     let full = nftables_ruleset(table, std::slice::from_ref(new));
+    let family = family_words(std::slice::from_ref(new)).nft_family;
     let svc_chain = format!("service-{}", suffix(&new.name));
-    let endpoint =
-        |s: &AnchorService, e: &Ipv4Addr| format!("endpoint-{}", suffix(&format!("{}/{e}:{}", s.name, s.target_port)));
+    let endpoint = |s: &AnchorService, e: &IpAddr| {
+        format!("endpoint-{}", suffix(&format!("{}/{}", s.name, endpoint_at(*e, s.target_port))))
+    };
     let new_chains: Vec<String> = new.endpoints.iter().map(|e| endpoint(new, e)).collect();
     let mut out = String::new();
     for chain in &new_chains {
-        let _ = writeln!(out, "add chain ip {table} {chain}\nflush chain ip {table} {chain}");
+        let _ = writeln!(out, "add chain {family} {table} {chain}\nflush chain {family} {table} {chain}");
     }
-    let _ = writeln!(out, "flush chain ip {table} {svc_chain}");
+    let _ = writeln!(out, "flush chain {family} {table} {svc_chain}");
     // The rules of the new chains, taken from the full ruleset.
     let mut current = None;
     for line in full.lines() {
@@ -223,26 +276,28 @@ pub fn nftables_service_update(table: &str, old: &AnchorService, new: &AnchorSer
         } else if line == "}" {
             current = None;
         } else if let Some(chain) = &current {
-            let _ = writeln!(out, "add rule ip {table} {chain} {line}");
+            let _ = writeln!(out, "add rule {family} {table} {chain} {line}");
         }
     }
     for chain in old.endpoints.iter().map(|e| endpoint(old, e)).filter(|c| !new_chains.contains(c)) {
-        let _ = writeln!(out, "delete chain ip {table} {chain}");
+        let _ = writeln!(out, "delete chain {family} {table} {chain}");
     }
     out
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     fn services(n: u8) -> Vec<AnchorService> {
         (0..n)
             .map(|i| AnchorService {
                 name: format!("bench/svc-{i}:http"),
-                vip: Ipv4Addr::new(10, 96, 0, i + 1),
+                vip: Ipv4Addr::new(10, 96, 0, i + 1).into(),
                 port: 80,
-                endpoints: (1..=4).map(|e| Ipv4Addr::new(10, 128, i, e)).collect(),
+                endpoints: (1..=4).map(|e| Ipv4Addr::new(10, 128, i, e).into()).collect(),
                 target_port: 8080,
                 node_port: None,
             })
@@ -299,7 +354,7 @@ mod tests {
     fn one_endpoint_change_rewrites_its_service_chain_and_swaps_the_endpoint_chain() {
         let old = services(1).remove(0);
         let mut new = old.clone();
-        new.endpoints[0] = Ipv4Addr::new(10, 129, 0, 1);
+        new.endpoints[0] = Ipv4Addr::new(10, 129, 0, 1).into();
         let update = iptables_service_update(&old, &new);
         assert_eq!(update.lines().filter(|l| l.starts_with("-X ")).count(), 1, "{update}");
         assert!(update.contains("--to-destination 10.129.0.1:8080"));
@@ -307,6 +362,33 @@ mod tests {
         let update = nftables_service_update("kube-proxy", &old, &new);
         assert_eq!(update.lines().filter(|l| l.starts_with("delete chain")).count(), 1, "{update}");
         assert!(update.contains("dnat to 10.129.0.1:8080") && update.contains("numgen random mod 4 vmap"));
+    }
+
+    #[test]
+    fn ipv6_services_get_the_same_rulesets_in_the_ipv6_family() {
+        let six: Vec<AnchorService> = (1..=2u16)
+            .map(|i| AnchorService {
+                name: format!("bench/six-{i}:http"),
+                vip: Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, i).into(),
+                port: 80,
+                endpoints: (1..=4).map(|e| Ipv6Addr::new(0xfd00, 0x128, i, 0, 0, 0, 0, e).into()).collect(),
+                target_port: 8080,
+                node_port: None,
+            })
+            .collect();
+        let rules = iptables_ruleset(&six);
+        assert!(rules.contains("-A KUBE-SERVICES -d fd00:96::2/128 -p tcp"), "{rules}");
+        assert!(rules.contains("! -s fd00::/8 -d fd00:96::1/128"), "{rules}");
+        assert!(rules.contains("--to-destination [fd00:128:1::1]:8080"), "{rules}");
+        assert!(!rules.contains("/32"), "{rules}");
+        let nft = nftables_ruleset("kube-proxy", &six);
+        assert!(nft.starts_with("table ip6 kube-proxy"), "{nft}");
+        assert!(nft.contains("type ipv6_addr . inet_proto . inet_service") && nft.contains("ip6 daddr fd00:96::1"));
+        assert!(nft.contains("dnat to [fd00:128:2::4]:8080") && !nft.contains(" ip saddr"), "{nft}");
+        let mut new = six[0].clone();
+        new.endpoints[0] = Ipv6Addr::new(0xfd00, 0x129, 0, 0, 0, 0, 0, 1).into();
+        let update = nftables_service_update("kube-proxy", &six[0], &new);
+        assert!(update.contains("add rule ip6 kube-proxy") && update.contains("delete chain ip6 kube-proxy"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! time and reports the rate and latency percentiles of whole transactions.
 use std::{
     io::{self, Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
     time::{Duration, Instant},
 };
@@ -44,7 +44,7 @@ pub struct Report {
 /// Serves TCP on `tcp` (a response per request, until the peer closes) and
 /// UDP on `udp` (a response per datagram), on threads of their own, for as
 /// long as the process lives.
-pub fn serve(tcp: SocketAddrV4, udp: SocketAddrV4) -> io::Result<()> {
+pub fn serve(tcp: SocketAddr, udp: SocketAddr) -> io::Result<()> {
     let listener = TcpListener::bind(tcp)?;
     let socket = UdpSocket::bind(udp)?;
     thread::spawn(move || {
@@ -69,7 +69,7 @@ pub fn serve(tcp: SocketAddrV4, udp: SocketAddrV4) -> io::Result<()> {
 }
 
 /// Runs `mode` against `target` for `duration` with `concurrency` workers.
-pub fn run(mode: Mode, target: SocketAddrV4, duration: Duration, concurrency: usize) -> Report {
+pub fn run(mode: Mode, target: SocketAddr, duration: Duration, concurrency: usize) -> Report {
     let started = Instant::now();
     let deadline = started + duration;
     let workers: Vec<_> =
@@ -102,7 +102,7 @@ pub fn run(mode: Mode, target: SocketAddrV4, duration: Duration, concurrency: us
 }
 
 /// One worker's transaction latencies (ns) and error count.
-fn worker(mode: Mode, target: SocketAddrV4, deadline: Instant) -> (Vec<u32>, u64) {
+fn worker(mode: Mode, target: SocketAddr, deadline: Instant) -> (Vec<u32>, u64) {
     let mut latencies = Vec::new();
     let mut errors = 0;
     let request = [0x5au8; MESSAGE_LEN];
@@ -132,8 +132,8 @@ fn worker(mode: Mode, target: SocketAddrV4, deadline: Instant) -> (Vec<u32>, u64
     (latencies, errors)
 }
 
-fn crr(target: SocketAddrV4, request: &[u8], response: &mut [u8]) -> io::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(target), TIMEOUT)?;
+fn crr(target: SocketAddr, request: &[u8], response: &mut [u8]) -> io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_nodelay(true)?;
     stream.write_all(request)?;
@@ -147,14 +147,15 @@ enum Kept {
 }
 
 impl Kept {
-    fn open(mode: Mode, target: SocketAddrV4) -> io::Result<Self> {
+    fn open(mode: Mode, target: SocketAddr) -> io::Result<Self> {
         if mode == Mode::UdpRr {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let any = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+            let socket = UdpSocket::bind(any)?;
             socket.set_read_timeout(Some(TIMEOUT))?;
             socket.connect(target)?;
             return Ok(Self::Udp(socket));
         }
-        let stream = TcpStream::connect_timeout(&SocketAddr::V4(target), TIMEOUT)?;
+        let stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         stream.set_nodelay(true)?;
         Ok(Self::Tcp(stream))

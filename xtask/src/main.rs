@@ -23,7 +23,7 @@ enum Task {
     /// Run the benchmarks against kube-proxy's iptables and nftables modes
     /// and the direct path; writes bench/RESULTS.md and plots. Installs
     /// what is missing and builds in release first. Arguments go to the
-    /// runner: --quick, --only crr,rr,packet,control,memory,
+    /// runner: --quick, --only crr,crr6,rr,packet,control,memory,
     /// --services 1,1000, --seconds S, --out DIR.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -21,7 +21,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -51,7 +51,7 @@ struct Args {
     /// A run of a few minutes: fewer sizes, shorter loads.
     #[arg(long)]
     quick: bool,
-    /// Benchmarks to run: crr, rr, packet, control, memory, nodeport (default all).
+    /// Benchmarks to run: crr, crr6, rr, packet, control, memory, nodeport (default all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Numbers of Services for the end-to-end benchmarks.
@@ -106,15 +106,40 @@ fn fake_endpoint(i: u32, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 4 + n)
 }
 
+/// Service `i`'s cluster IP in the family of `like`, and its `n`th fake
+/// endpoint (IPv6: fd00:96::/96 and fd00:128::/96 with IPv4's low bits).
+fn vip_like(like: IpAddr, i: u32) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => vip(i).into(),
+        IpAddr::V6(_) => {
+            Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0)) + u128::from(i) + 1).into()
+        }
+    }
+}
+
+fn fake_endpoint_like(like: IpAddr, i: u32, n: u32) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => fake_endpoint(i, n).into(),
+        IpAddr::V6(_) => {
+            Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x128, 0, 0, 0, 0, 0, 0)) + u128::from(i * 4 + n)).into()
+        }
+    }
+}
+
 /// N Services of 4 endpoints; the last one's endpoints are the real
-/// backend pods.
-fn anchor_services(n: u32, backends: &[Ipv4Addr]) -> Vec<AnchorService> {
+/// backend pods; all of the backends' family.
+fn anchor_services(n: u32, backends: &[IpAddr]) -> Vec<AnchorService> {
+    let like = backends[0];
     (0..n)
         .map(|i| AnchorService {
             name: format!("bench/svc-{i}:http"),
-            vip: vip(i),
+            vip: vip_like(like, i),
             port: 80,
-            endpoints: if i + 1 == n { backends.to_vec() } else { (0..4).map(|e| fake_endpoint(i, e)).collect() },
+            endpoints: if i + 1 == n {
+                backends.to_vec()
+            } else {
+                (0..4).map(|e| fake_endpoint_like(like, i, e)).collect()
+            },
             target_port: TARGET_PORT,
             node_port: None,
         })
@@ -128,11 +153,12 @@ fn manifests(services: &[AnchorService]) -> String {
         let _ = write!(
             out,
             "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
-             spec: {{clusterIP: {}, ports: [{{name: http, port: 80, protocol: TCP}}]}}\n---\n\
+             spec: {{clusterIP: \"{}\", ipFamilies: [{family}], ports: [{{name: http, port: 80, protocol: TCP}}]}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {{name: svc-{i}-x, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {TARGET_PORT}, protocol: TCP}}]\nendpoints:\n",
-            s.vip
+             addressType: {family}\nports: [{{name: http, port: {TARGET_PORT}, protocol: TCP}}]\nendpoints:\n",
+            s.vip,
+            family = if s.vip.is_ipv6() { "IPv6" } else { "IPv4" },
         );
         for e in &s.endpoints {
             let _ = writeln!(out, "- addresses: [\"{e}\"]\n  conditions: {{ready: true}}");
@@ -175,10 +201,12 @@ struct Setup {
 
 /// One end-to-end run: fresh namespaces (TIME_WAIT left by an earlier run
 /// would stall SYNs), four backend pods, a client pod, the system under
-/// test programmed with `n` Services, then the load.
-fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Result<(Report, Setup)> {
+/// test programmed with `n` Services (IPv6 ones with `ipv6`: the pods are
+/// dual-stack), then the load.
+fn end_to_end(system: System, n: u32, mode: &str, seconds: f64, ipv6: bool) -> anyhow::Result<(Report, Setup)> {
     let cluster = Cluster::new(Topology::Routed, &["client", "b1", "b2", "b3", "b4"])?;
-    let backends: Vec<Ipv4Addr> = cluster.pods[1..].iter().map(|p| p.ip).collect();
+    let backends: Vec<IpAddr> =
+        cluster.pods[1..].iter().map(|p| if ipv6 { IpAddr::from(p.ip6) } else { IpAddr::from(p.ip) }).collect();
     // Tens of thousands of connections in a few seconds: the client's
     // ports would otherwise run out behind TIME_WAIT and time the port
     // search, not the path.
@@ -199,7 +227,7 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
     // Timed after the load: with one Service, the change is the target's.
     let mut change_after_load: Option<Vec<String>> = None;
     let target = match system {
-        System::Direct => SocketAddrV4::new(backends[0], TARGET_PORT),
+        System::Direct => SocketAddr::new(backends[0], TARGET_PORT),
         System::Ours | System::OursSocket => {
             fs::write(manifests_dir.0.join("services.yaml"), manifests(&services))?;
             let started = Instant::now();
@@ -214,24 +242,29 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
             }
             let mut agent = Agent::start(&cluster.node, &args)?;
             agent.wait_for_attachments(cluster.pods.len())?;
-            agent.wait_for_maps(&format!("{n} frontends"), |c| c.frontends().count() == n as usize)?;
+            let frontends = format!("{n} frontends");
+            match ipv6 {
+                false => agent.wait_for_maps(&frontends, |c| c.frontends().count() == n as usize)?,
+                true => agent.wait_for_maps6(&frontends, |c| c.frontends().count() == n as usize)?,
+            }
             setup.load = Some(started.elapsed());
             setup.agent_rss_kib = Some(agent.rss_kib()?);
             setup.map_kib = Some(agent.map_memory_kib()?);
             _agent = agent;
-            SocketAddrV4::new(target_vip, 80)
+            SocketAddr::new(target_vip, 80)
         }
         System::Iptables => {
+            // kube-proxy writes each family's rules with its own tool.
+            let restore = if ipv6 { "ip6tables-restore" } else { "iptables-restore" };
             let path = rules.0.join("iptables.rules");
             fs::write(&path, anchors::iptables_ruleset(&services))?;
             let node = format!("--net={}", cluster.node.path().display());
-            setup.load = Some(timed("iptables-restore", &[&node, "iptables-restore", path_str(&path)?])?);
+            setup.load = Some(timed(restore, &[&node, restore, path_str(&path)?])?);
             let (old, new) = changed(&services[0]);
             let change = rules.0.join("iptables.change");
             fs::write(&change, anchors::iptables_service_update(&old, &new))?;
-            change_after_load =
-                Some(vec![node, "iptables-restore".into(), "--noflush".into(), path_str(&change)?.into()]);
-            SocketAddrV4::new(target_vip, 80)
+            change_after_load = Some(vec![node, restore.into(), "--noflush".into(), path_str(&change)?.into()]);
+            SocketAddr::new(target_vip, 80)
         }
         System::Nftables => {
             let path = rules.0.join("nftables.nft");
@@ -242,7 +275,7 @@ fn end_to_end(system: System, n: u32, mode: &str, seconds: f64) -> anyhow::Resul
             let change = rules.0.join("nftables.change");
             fs::write(&change, anchors::nftables_service_update("kube-proxy", &old, &new))?;
             change_after_load = Some(vec![node, "nft".into(), "-f".into(), path_str(&change)?.into()]);
-            SocketAddrV4::new(target_vip, 80)
+            SocketAddr::new(target_vip, 80)
         }
     };
     let mut client = in_netns(&cluster.pods[0].netns);
@@ -325,9 +358,9 @@ fn node_port_crr(system: NodePortSystem, lan: Lan, seconds: f64) -> anyhow::Resu
             let path = rules.0.join("iptables.rules");
             let service = AnchorService {
                 name: "bench/np:http".into(),
-                vip: NODE_PORT_VIP,
+                vip: NODE_PORT_VIP.into(),
                 port: 80,
-                endpoints: vec![backend],
+                endpoints: vec![backend.into()],
                 target_port: TARGET_PORT,
                 node_port: Some(NODE_PORT),
             };
@@ -418,7 +451,7 @@ fn timed(what: &str, args: &[&str]) -> anyhow::Result<Duration> {
 /// `service` before and after its first endpoint is replaced.
 fn changed(service: &AnchorService) -> (AnchorService, AnchorService) {
     let mut new = service.clone();
-    new.endpoints[0] = Ipv4Addr::new(10, 192, 0, 1);
+    new.endpoints[0] = fake_endpoint_like(service.vip, 1 << 20, 1);
     (service.clone(), new)
 }
 
@@ -727,7 +760,7 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 }
                 eprintln!("bench: TCP_CRR, {} with {n} Services", system.name());
-                let result = end_to_end(system, *n, "crr", seconds)?;
+                let result = end_to_end(system, *n, "crr", seconds, false)?;
                 crr.insert((system, *n), result);
             }
         }
@@ -779,6 +812,39 @@ fn main() -> anyhow::Result<()> {
         ));
     }
 
+    if wants("crr6") {
+        // The same over IPv6: IPv6 Services, the pods' IPv6 addresses, and
+        // kube-proxy's IPv6 rulesets (ip6tables-restore, an `ip6` table).
+        let sizes6: Vec<u32> = if args.quick { vec![1, 1_000] } else { vec![1, 1_000, 10_000] };
+        let chosen = |s: &System| args.systems.is_empty() || args.systems.iter().any(|name| name == s.name());
+        md.push_str("## 1b. New connections (TCP_CRR) over IPv6\n\n");
+        md.push_str(
+            "| Services | system | conn/s | p50 µs | p99 µs | p50 / ours p50 |\n|---:|---|---:|---:|---:|---:|\n",
+        );
+        let mut last = BTreeMap::new();
+        for n in &sizes6 {
+            let mut reports = BTreeMap::new();
+            for system in SYSTEMS.into_iter().filter(chosen) {
+                eprintln!("bench: TCP_CRR over IPv6, {} with {n} Services", system.name());
+                reports.insert(system, end_to_end(system, *n, "crr", seconds, true)?.0);
+            }
+            let ours_p50 = reports.get(&System::Ours).map_or(0.0, |r| r.p50_us);
+            for (system, r) in &reports {
+                let _ = writeln!(md, "{}", row(*n, *system, r, &ratio(r.p50_us, ours_p50)));
+            }
+            last = reports;
+        }
+        md.push('\n');
+        let p50 = |s: System| last.get(&s).map_or(0.0, |r| r.p50_us);
+        summary.push(format!(
+            "TCP_CRR over IPv6 at {} Services: ours/direct {}, ip6tables/ours {}, nftables/ours {}",
+            sizes6.last().expect("sizes"),
+            ratio(p50(System::Ours), p50(System::Direct)),
+            ratio(p50(System::Iptables), p50(System::Ours)),
+            ratio(p50(System::Nftables), p50(System::Ours)),
+        ));
+    }
+
     if wants("rr") {
         let rr_sizes: Vec<u32> = if args.quick { vec![1] } else { vec![1, 10_000] };
         md.push_str("## 2. Requests on kept-open connections (TCP_RR)\n\n");
@@ -789,7 +855,7 @@ fn main() -> anyhow::Result<()> {
             let mut reports = BTreeMap::new();
             for system in SYSTEMS {
                 eprintln!("bench: TCP_RR, {} with {n} Services", system.name());
-                reports.insert(system, end_to_end(system, n, "rr", seconds)?.0);
+                reports.insert(system, end_to_end(system, n, "rr", seconds, false)?.0);
             }
             let ours_p99 = reports[&System::Ours].p99_us;
             for (system, r) in &reports {

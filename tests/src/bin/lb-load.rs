@@ -1,10 +1,10 @@
 //! `lb-load`: the benchmarks' load tools, usable on their own.
 //!
-//! `lb-load serve [--tcp ADDR] [--udp ADDR]` answers every 64-byte request
+//! `lb-load serve [--tcp ADDR] [--udp ADDR]` (both families by default) answers every 64-byte request
 //! with 64 bytes; `lb-load crr|rr|udp-rr --target ADDR [--seconds S]
 //! [--concurrency C]` runs that load and prints one JSON report (rate,
 //! transactions, errors, p50/p90/p99 latency in µs).
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
 use lb_tests::load::{self, Mode};
@@ -19,10 +19,11 @@ struct Cli {
 enum Command {
     /// Answer requests over TCP and UDP until killed.
     Serve {
-        #[arg(long, default_value = "0.0.0.0:8080")]
-        tcp: SocketAddrV4,
-        #[arg(long, default_value = "0.0.0.0:8080")]
-        udp: SocketAddrV4,
+        /// `[::]` takes IPv4 too (unless net.ipv6.bindv6only says not).
+        #[arg(long, default_value = "[::]:8080")]
+        tcp: SocketAddr,
+        #[arg(long, default_value = "[::]:8080")]
+        udp: SocketAddr,
     },
     /// TCP_CRR: connect, request, response, close.
     Crr(Client),
@@ -35,7 +36,7 @@ enum Command {
 #[derive(clap::Args)]
 struct Client {
     #[arg(long)]
-    target: SocketAddrV4,
+    target: SocketAddr,
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     #[arg(long, default_value_t = 1)]
