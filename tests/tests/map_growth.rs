@@ -1,6 +1,7 @@
 //! Maps that fit the cluster, end to end: an agent whose maps start too
 //! small for the Services it is given grows them while traffic flows, and
-//! neither an open connection nor a stream of new ones notices. Needs root.
+//! neither an open connection nor a stream of new ones notices, in either
+//! family. Needs root.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -9,9 +10,10 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, TempDir},
-    manifests::{Endpoint, endpoint_slice, service, write_yaml},
+    manifests::{Endpoint, endpoint_slice, endpoint_slice6, service, service_with_cluster_ips, write_yaml},
     netns::{Cluster, Topology},
     pods::{PodServer, Session, TCP_PORT, tcp_ask},
+    traffic::Traffic,
 };
 use serde_json::{Value, json};
 
@@ -173,4 +175,51 @@ fn fixed_map_sizes_fail_a_sync_that_does_not_fit_and_name_the_map() {
     assert!(!log.contains("maps grown"), "{log}");
     let maps = map_stats(&agent);
     assert_eq!(capacity(&maps, "SERVICES"), 32, "{maps}");
+}
+
+/// IPv6 flows through the growth reload as IPv4's: the IPv6 maps are
+/// grown with their namesakes (one set of sizes), CONNTRACK6 shared, and
+/// an open IPv6 connection and a stream of new ones notice nothing.
+#[test]
+fn ipv6_flows_go_on_while_the_maps_grow() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let manifests = TempDir::new("lb-manifests").unwrap();
+    let six = std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+    let web6 = service_with_cluster_ips("demo", "web6", &[six.into()], &[("http", 80, "TCP")], json!({}));
+    write_yaml(&manifests.0, "web6.yaml", &web6);
+    let endpoints: Vec<Endpoint> = cluster.pods[..3].iter().map(|p| Endpoint::ready(&p.name, p.ip6)).collect();
+    let slice = endpoint_slice6("demo", "web6", &[("http", TCP_PORT, "TCP")], &endpoints);
+    write_yaml(&manifests.0, "web6-slice.yaml", &slice);
+    // Small initial sizes (floors), so that growth happens at a test's
+    // scale, as above.
+    let dir = format!("dir:{}", manifests.0.display());
+    let mut agent = Agent::start(
+        &cluster.node,
+        &["--source", &dir, "--services-max-entries", "32", "--backends-max-entries", "16"],
+    )
+    .unwrap();
+    agent
+        .wait_for_maps6("the IPv6 frontend", |c| {
+            c.frontends().any(|(k, b)| k.vip == lb_common::ipv6(six.octets()) && b.len() == 3)
+        })
+        .unwrap();
+    agent.wait_for_attachments(4).unwrap();
+    let grown = agent.log().matches("maps grown").count();
+
+    let vip = std::net::SocketAddr::new(six.into(), 80);
+    let traffic = Traffic::start(&cluster.pod("client").netns, vip).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // IPv4 fillers: SERVICES and BACKENDS outgrow their sizes, and the
+    // IPv6 maps grow with them.
+    write_fillers(&manifests.0, 0, 40);
+    agent.wait_for_log_count("maps grown", grown + 1).unwrap();
+    agent.wait_for_maps("40 frontends", |c| c.frontends().count() == 40).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    traffic.stop().assert_none_failed(20);
+    let maps = map_stats(&agent);
+    assert!(capacity(&maps, "SERVICES6") >= capacity(&maps, "SERVICES") && capacity(&maps, "SERVICES") > 32, "{maps}");
+    let log = agent.log();
+    assert!(!log.contains("sync failed") && !log.contains("left on the previous maps"), "{log}");
 }
