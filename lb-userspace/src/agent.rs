@@ -246,9 +246,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let serving = status::serving_runtime().context("starting the serving thread")?;
     for (flag, addr) in [("--healthz-addr", config.healthz_addr), ("--metrics-addr", config.metrics_addr)] {
         if let Some(addr) = addr {
-            let listener = status::bind_on(&serving, flag, addr)?;
-            info!("serving {flag} on {}", listener.local_addr()?);
-            serving.spawn(status::serve(listener, health.clone(), metrics.clone()));
+            for listener in status::bind_on(&serving, flag, addr)? {
+                info!("serving {flag} on {}", listener.local_addr()?);
+                serving.spawn(status::serve(listener, health.clone(), metrics.clone()));
+            }
         }
     }
     let mut source = match config.source {

@@ -5,9 +5,7 @@
 //! when there are some, 503 when there are none.
 use std::{
     collections::BTreeMap,
-    io,
-    net::{Ipv4Addr, Ipv6Addr},
-    os::fd::AsRawFd,
+    net::Ipv6Addr,
     sync::{Arc, Mutex},
 };
 
@@ -62,16 +60,8 @@ impl HealthCheckServers {
                 *slot.lock().expect("health-check lock") = check.clone();
                 continue;
             }
-            let _serving = self.runtime.enter();
-            let listeners = match listeners(*port).and_then(|listeners| {
-                listeners
-                    .into_iter()
-                    .map(|l| {
-                        l.set_nonblocking(true)?;
-                        TcpListener::from_std(l)
-                    })
-                    .collect::<io::Result<Vec<_>>>()
-            }) {
+            // Unspecified: both families, for load balancers of either.
+            let listeners = match crate::status::listen(&self.runtime, (Ipv6Addr::UNSPECIFIED, *port).into()) {
                 Ok(listeners) => listeners,
                 Err(e) => {
                     warn!("Service {}/{}: spec.healthCheckNodePort {port}: {e}", check.namespace, check.name);
@@ -92,36 +82,6 @@ impl Drop for HealthCheckServers {
             tasks.iter().for_each(JoinHandle::abort);
         }
     }
-}
-
-/// Listeners on `port` for load balancers of both families: `[::]`, which
-/// takes IPv4 too unless the host says otherwise (net.ipv6.bindv6only),
-/// and `0.0.0.0` beside it when it does, or alone on a node without IPv6.
-fn listeners(port: u16) -> io::Result<Vec<std::net::TcpListener>> {
-    let ipv4 = || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
-    match std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
-        Ok(ipv6) if ipv6_only(&ipv6) => Ok(vec![ipv6, ipv4()?]),
-        Ok(ipv6) => Ok(vec![ipv6]),
-        Err(_) => Ok(vec![ipv4()?]),
-    }
-}
-
-/// Whether an IPv6 socket takes IPv6 connections only.
-fn ipv6_only(listener: &std::net::TcpListener) -> bool {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` outlive the call, which writes at most
-    // `len` bytes to `value`.
-    let rc = unsafe {
-        libc::getsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && value != 0
 }
 
 async fn serve(listener: TcpListener, slot: Arc<Mutex<HealthCheck>>) {

@@ -8,7 +8,9 @@
 //! `degraded` and in the `lb_degraded` metric.
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
     path::PathBuf,
     sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -361,12 +363,57 @@ pub fn serving_runtime() -> std::io::Result<tokio::runtime::Handle> {
     Ok(handle)
 }
 
-/// Binds `addr` for `flag` on the runtime of `handle` (the serving one).
-pub fn bind_on(handle: &tokio::runtime::Handle, flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+/// Binds `addr` for `flag` on the runtime of `handle` (the serving one),
+/// as `listen` does.
+pub fn bind_on(handle: &tokio::runtime::Handle, flag: &str, addr: SocketAddr) -> anyhow::Result<Vec<TcpListener>> {
+    listen(handle, addr).map_err(|e| anyhow::anyhow!("{flag} {addr}: {e}"))
+}
+
+/// Listeners on `addr`, on the runtime of `handle`. An unspecified address
+/// (`0.0.0.0` or `[::]`) is both families, for clients (load balancers,
+/// kubelets, scrapers) of either: `[::]`, which takes IPv4 too unless the
+/// host says otherwise (net.ipv6.bindv6only), with `0.0.0.0` beside it
+/// when it does, or alone on a node without IPv6. A kube-proxy flag's
+/// `0.0.0.0` means IPv4 only; here an IPv6-only or dual-stack cluster's
+/// load balancers reach it too.
+pub fn listen(handle: &tokio::runtime::Handle, addr: SocketAddr) -> io::Result<Vec<TcpListener>> {
+    let port = addr.port();
+    let ipv4 = || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
+    let listeners = if addr.ip().is_unspecified() {
+        match std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
+            Ok(ipv6) if ipv6_only(&ipv6) => vec![ipv6, ipv4()?],
+            Ok(ipv6) => vec![ipv6],
+            Err(_) => vec![ipv4()?],
+        }
+    } else {
+        vec![std::net::TcpListener::bind(addr)?]
+    };
     let _serving = handle.enter();
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("{flag} {addr}: {e}"))?;
-    listener.set_nonblocking(true)?;
-    Ok(TcpListener::from_std(listener)?)
+    listeners
+        .into_iter()
+        .map(|listener| {
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)
+        })
+        .collect()
+}
+
+/// Whether an IPv6 socket takes IPv6 connections only.
+fn ipv6_only(listener: &std::net::TcpListener) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` outlive the call, which writes at most
+    // `len` bytes to `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && value != 0
 }
 
 #[cfg(test)]
