@@ -305,7 +305,7 @@ pub fn error_header() -> Packet {
 }
 
 /// `translate_error` for IPv6 (RFC 4443's destination unreachable, packet
-/// too big, time exceeded), on an skb: the ICMPv6 checksum covers the
+/// too big, time exceeded), on any hook's frame: the ICMPv6 checksum covers the
 /// pseudo-header, so the outer addresses count in it too. Packet Too Big
 /// must reach the flow's original sender, translated, or path-MTU
 /// discovery through a Service fails. Each step is a function of its own,

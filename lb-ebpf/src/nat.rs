@@ -41,6 +41,10 @@ pub trait Frame {
     /// be known when this is compiled (the verifier refuses one that may
     /// be 0, which aya's `load_bytes`, clamping to the packet, passes).
     fn load_into(&self, offset: usize, dst: &mut [u8]) -> Result<(), i64>;
+    /// `store` of bytes no header checksum covers (IPv6's hop limit): on
+    /// an skb whose checksum is complete (CHECKSUM_COMPLETE), skb->csum
+    /// follows, or a receiver on this host would find it stale.
+    fn store_uncovered<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64>;
     /// Gives `packet` the source and destination of `rewrite`, checksums included.
     fn rewrite<A: Family>(&self, packet: &Packet<A>, rewrite: &Rewrite<A>) -> Result<(), i64>;
 }
@@ -62,6 +66,11 @@ impl Frame for TcContext {
     #[inline(always)]
     fn store<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64> {
         TcContext::store(self, offset, bytes, 0)
+    }
+
+    #[inline(always)]
+    fn store_uncovered<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64> {
+        TcContext::store(self, offset, bytes, aya_ebpf::bindings::BPF_F_RECOMPUTE_CSUM as u64)
     }
 
     #[inline(always)]
@@ -250,6 +259,12 @@ impl Frame for XdpContext {
     fn store<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64> {
         let (data, data_end) = xdp_data(self);
         store_at(data, data_end, offset, bytes)
+    }
+
+    /// An XDP frame has no checksum beside its headers'.
+    #[inline(always)]
+    fn store_uncovered<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Result<(), i64> {
+        Frame::store(self, offset, bytes)
     }
 
     #[inline(always)]

@@ -150,7 +150,7 @@ impl FibFamily for Ipv6 {
         if hop_limit <= 1 {
             return Ok(false);
         }
-        frame.store(packet.l3_offset + 6, &[next_header, hop_limit - 1])?;
+        frame.store_uncovered(packet.l3_offset + 6, &[next_header, hop_limit - 1])?;
         Ok(true)
     }
 

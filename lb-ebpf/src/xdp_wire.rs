@@ -119,8 +119,8 @@ fn icmp_error(ctx: &XdpContext, ifindex: u32) -> Result<(u32, u32), i64> {
     })
 }
 
-/// Sends a translated frame on by the FIB: new MACs, TTL down by one, out
-/// the interface the route names. Without a complete answer (no neighbour
+/// Sends a translated frame on by the FIB: new MACs, TTL (IPv6: hop
+/// limit) down by one, out the interface the route names. Without a complete answer (no neighbour
 /// entry yet, say) the stack routes it instead. For both families.
 #[inline(never)]
 fn forward<A: FibFamily>(ctx: &XdpContext, packet: &Packet<A>, ifindex: u32) -> Result<u32, i64> {

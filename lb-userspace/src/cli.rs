@@ -141,8 +141,10 @@ pub struct RunArgs {
     /// Least time between two syncs; changes in between are batched.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     pub min_sync_period: std::time::Duration,
-    /// /healthz and /livez (kube-proxy semantics); "" turns it off.
-    #[arg(long, value_parser = parse_listen, default_value = "0.0.0.0:10256")]
+    /// /healthz and /livez (kube-proxy semantics); "" turns it off. `[::]`
+    /// (the default) is both families: an IPv6 cluster's load balancers
+    /// and kubelets check it too.
+    #[arg(long, value_parser = parse_listen, default_value = "[::]:10256")]
     pub healthz_addr: Listen,
     /// Prometheus /metrics; "" turns it off.
     #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:10249")]

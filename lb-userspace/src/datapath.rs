@@ -1296,26 +1296,35 @@ impl Datapath {
     /// Points TAIL_CALLS, WIRE_TAIL_CALLS and XDP_TAIL_CALLS (pinned,
     /// shared by every generation) at this object's IPv6 halves:
     /// `tc_from_pod`, `tc_from_wire` and `xdp_from_wire` hand IPv6 frames
-    /// to them by tail call. Done once the object is the one the agent serves with
-    /// (at load; in `grow`, after the commit), so that a generation that
-    /// fails half-way never takes IPv6 from the live one.
+    /// to them by tail call. In `grow`, done after the commit, so that a
+    /// generation that fails half-way never takes IPv6 from the live one;
+    /// at load, before the rest of the setup, which shares its maps with
+    /// the previous agent's (a load that then fails leaves the arrays at
+    /// halves that read the same maps). Each array is tried: one that
+    /// cannot be pointed leaves the others pointed, and is named.
     fn point_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+        let mut first_error = None;
         for (map, index, program) in [
             (MAP_TAIL_CALLS, TAIL_CALL_POD6, PROG_FROM_POD6),
             (MAP_WIRE_TAIL_CALLS, TAIL_CALL_WIRE6, PROG_FROM_WIRE6),
             (MAP_XDP_TAIL_CALLS, TAIL_CALL_WIRE6, PROG_XDP_FROM_WIRE6),
         ] {
-            let program = ebpf.program(program).ok_or(ProgramError::NotLoaded)?;
-            let fd = program.fd()?.try_clone().map_err(ProgramError::from)?;
-            let array = ebpf.map_mut(map).ok_or(DatapathError::Map {
-                name: map,
-                source: aya::maps::MapError::InvalidName { name: map.to_owned() },
-            })?;
-            aya::maps::ProgramArray::try_from(array)
-                .and_then(|mut array| array.set(index, &fd, 0))
-                .map_err(map_err(map))?;
+            let pointed = (|| -> Result<(), DatapathError> {
+                let program = ebpf.program(program).ok_or(ProgramError::NotLoaded)?;
+                let fd = program.fd()?.try_clone().map_err(ProgramError::from)?;
+                let array = ebpf.map_mut(map).ok_or(DatapathError::Map {
+                    name: map,
+                    source: aya::maps::MapError::InvalidName { name: map.to_owned() },
+                })?;
+                aya::maps::ProgramArray::try_from(array)
+                    .and_then(|mut array| array.set(index, &fd, 0))
+                    .map_err(map_err(map))
+            })();
+            if let Err(e) = pointed {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Pins the interface programs under `dir`, replacing the pins of an

@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     path::PathBuf,
     sync::{Arc, Mutex, atomic::AtomicU64},
@@ -369,21 +369,22 @@ pub fn bind_on(handle: &tokio::runtime::Handle, flag: &str, addr: SocketAddr) ->
     listen(handle, addr).map_err(|e| anyhow::anyhow!("{flag} {addr}: {e}"))
 }
 
-/// Listeners on `addr`, on the runtime of `handle`. An unspecified address
-/// (`0.0.0.0` or `[::]`) is both families, for clients (load balancers,
-/// kubelets, scrapers) of either: `[::]`, which takes IPv4 too unless the
-/// host says otherwise (net.ipv6.bindv6only), with `0.0.0.0` beside it
-/// when it does, or alone on a node without IPv6. A kube-proxy flag's
-/// `0.0.0.0` means IPv4 only; here an IPv6-only or dual-stack cluster's
-/// load balancers reach it too.
+/// Listeners on `addr`, on the runtime of `handle`, taken as given (an
+/// operator's `0.0.0.0` stays IPv4, as kube-proxy's flags have it), but
+/// `[::]` is both families, for clients (load balancers, kubelets) of
+/// either: it takes IPv4 too unless the host says otherwise
+/// (net.ipv6.bindv6only), and then has `0.0.0.0` beside it; on a node
+/// without IPv6 it is `0.0.0.0` alone.
 pub fn listen(handle: &tokio::runtime::Handle, addr: SocketAddr) -> io::Result<Vec<TcpListener>> {
     let port = addr.port();
     let ipv4 = || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
-    let listeners = if addr.ip().is_unspecified() {
-        match std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
+    let listeners = if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        match std::net::TcpListener::bind(addr) {
             Ok(ipv6) if ipv6_only(&ipv6) => vec![ipv6, ipv4()?],
             Ok(ipv6) => vec![ipv6],
-            Err(_) => vec![ipv4()?],
+            // No IPv6 on this node (disabled, or no address family).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)) => vec![ipv4()?],
+            Err(e) => return Err(e),
         }
     } else {
         vec![std::net::TcpListener::bind(addr)?]

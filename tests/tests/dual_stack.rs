@@ -103,9 +103,9 @@ fn dual_stack_end_to_end(topology: Topology) {
     let value = |line: &str| metrics.lines().find_map(|l| l.strip_prefix(line)?.trim().parse::<f64>().ok());
     assert!(value("lb_map_entries{map=\"SERVICES6\"}").is_some_and(|n| n > 0.0), "{metrics}");
     assert!(value("lb_map_capacity{map=\"CONNTRACK6\"}").is_some_and(|n| n > 1024.0), "{metrics}");
-    // /healthz (default --healthz-addr 0.0.0.0:10256, unspecified: both
-    // families) answers on the node's IPv6 address too, for the load
-    // balancers and kubelets of an IPv6 cluster.
+    // /healthz (default --healthz-addr [::]:10256: both families) answers
+    // on the node's IPv6 address too, for the load balancers and kubelets
+    // of an IPv6 cluster.
     for addr in [IpAddr::from(NODE_IP6), IpAddr::from(NODE_IP)] {
         let (status, _) =
             cluster.node.enter(|| lb_tests::pods::http_get(SocketAddr::new(addr, 10256), "/healthz")).unwrap();

@@ -174,7 +174,7 @@ fn default_values_render_a_kube_proxy_replacement() {
     let field = limit.value_from.as_ref().and_then(|v| v.resource_field_ref.as_ref()).expect("from the downward API");
     assert_eq!(field.resource, "limits.memory", "within the container's memory limit");
     assert!(!run.fixed_map_sizes, "the agent grows the maps it writes");
-    assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10256".parse().unwrap()));
+    assert_eq!(run.healthz_addr.0, Some("[::]:10256".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("127.0.0.1:10249".parse().unwrap()));
     // No fixed cgroup path: the agent finds the v2 root, which on hybrid
     // hosts (this one) is not /sys/fs/cgroup.
@@ -282,7 +282,7 @@ securityContext: {privileged: true}
     assert_eq!(cidrs(&run.external_ip_cidrs), ["203.0.113.0/24", "198.51.100.7/32"]);
     assert_eq!(run.lb_algorithm, lb_userspace::cli::LbAlgorithm::Maglev);
     assert_eq!((run.maglev_table_size, run.maglev_tables), (65521, 4));
-    assert_eq!(run.healthz_addr.0, Some("0.0.0.0:10266".parse().unwrap()));
+    assert_eq!(run.healthz_addr.0, Some("[::]:10266".parse().unwrap()));
     assert_eq!(run.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));
     let args = agent_container(ds).args.clone().unwrap();
     assert!(args.contains(&"--log-level=debug".to_owned()));
