@@ -422,7 +422,8 @@ mod layout {
     }
 }
 
-/// A cluster with one backend serving a ClusterIP, and the agent started
+/// A cluster with one backend serving a dual-stack ClusterIP (a cluster
+/// IP and a slice per family), and the agent started
 /// with the DaemonSet's default arguments as rendered, but for what only a
 /// cluster gives (the API server, the kubelet's node name) and the pin path
 /// (the test's own, not a real install's); in `layout` when given.
@@ -434,11 +435,12 @@ struct ChartAgent {
 }
 
 const CHART_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 70);
+const CHART_VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x70);
 
 impl ChartAgent {
     fn start(layout: Option<&layout::Layout>) -> Self {
         use lb_tests::{
-            manifests::{Endpoint, endpoint_slice, service, write_yaml},
+            manifests::{Endpoint, endpoint_slice, endpoint_slice6, service_with_cluster_ips, write_yaml},
             netns::{Cluster, Topology},
             pods::{PodServer, TCP_PORT},
         };
@@ -455,11 +457,20 @@ impl ChartAgent {
         write_yaml(
             &manifests.0,
             "service.yaml",
-            &service("default", "web", CHART_VIP, &[("http", 80, "TCP")], serde_json::json!({})),
+            &service_with_cluster_ips(
+                "default",
+                "web",
+                &[CHART_VIP.into(), CHART_VIP6.into()],
+                &[("http", 80, "TCP")],
+                serde_json::json!({}),
+            ),
         );
         let endpoints = [Endpoint::ready(&backend.name, backend.ip)];
         let slice = endpoint_slice("default", "web", &[("http", TCP_PORT, "TCP")], &endpoints);
         write_yaml(&manifests.0, "slice.yaml", &slice);
+        let endpoints6 = [Endpoint::ready(&backend.name, backend.ip6)];
+        let slice6 = endpoint_slice6("default", "web", &[("http", TCP_PORT, "TCP")], &endpoints6);
+        write_yaml(&manifests.0, "slice6.yaml", &slice6);
         let source = format!("--source=dir:{}", manifests.0.display());
         let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
         all.push(&source);
@@ -471,14 +482,15 @@ impl ChartAgent {
     /// Waits for the first sync (read from the log: the pins may be on a
     /// bpffs only the layout sees).
     fn wait_until_synced(&mut self) {
-        self.agent.wait_for_log("synced frontends=1").unwrap();
+        self.agent.wait_for_log("synced frontends=2").unwrap();
     }
 
-    /// The ClusterIP answers a client on each of `paths`.
+    /// Both cluster IPs answer a client on each of `paths`.
     fn serves(&self, paths: &[lb_tests::clients::ClientPath]) {
         use lb_tests::clients::{Client, ClientPath};
-        let target = std::net::SocketAddrV4::new(CHART_VIP, 80);
-        for path in paths {
+        let targets: [std::net::SocketAddr; 2] =
+            [(CHART_VIP, 80).into(), (std::net::IpAddr::from(CHART_VIP6), 80).into()];
+        for (path, target) in paths.iter().flat_map(|p| targets.map(|t| (p, t))) {
             let netns = if *path == ClientPath::Host { &self.cluster.node } else { &self.cluster.pod("client").netns };
             // The pod interfaces are attached within the 500 ms interface poll.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -489,7 +501,7 @@ impl ChartAgent {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             };
-            assert!(answer.pod() == Some("backend-0"), "{path:?}: {answer:?}\n{}", self.agent.log());
+            assert!(answer.pod() == Some("backend-0"), "{path:?} {target}: {answer:?}\n{}", self.agent.log());
         }
     }
 
@@ -547,7 +559,7 @@ fn no_cgroup_v2_mounted_serves_pods_then_the_init_container_mounts_it() {
     );
     chart.agent.restart().unwrap();
     chart.agent.wait_for_log(&format!("sockets balanced at connect cgroup={dir}")).unwrap();
-    chart.agent.wait_for_log_count("synced frontends=1", 2).unwrap();
+    chart.agent.wait_for_log_count("synced frontends=2", 2).unwrap();
     chart.serves(&[ClientPath::Host, ClientPath::PodTc]);
     assert_eq!(chart.healthz(), (200, serde_json::json!({})));
 }
