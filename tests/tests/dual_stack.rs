@@ -292,3 +292,37 @@ fn the_first_ipv6_service_wakes_the_ipv6_maps_without_failing_an_ipv4_request() 
     assert_eq!(agent.map_max_entries("CONNTRACK6").unwrap(), agent.map_max_entries("CONNTRACK").unwrap());
     assert!(reached(client, SocketAddr::new(SIX.into(), 80), 10).iter().all(|a| a.starts_with("backend-")));
 }
+
+/// ClientIP affinity over IPv6 holds within its timeout and lapses after
+/// a quiet spell longer than it, as IPv4's (service_semantics.rs).
+#[test]
+fn ipv6_session_affinity_expires_after_its_timeout_without_traffic() {
+    let cluster = Cluster::new(Topology::Routed, &["backend-0", "backend-1", "backend-2", "client"]).unwrap();
+    let _servers: Vec<PodServer> =
+        cluster.pods[..3].iter().map(|p| PodServer::start(&p.netns, &p.name).unwrap()).collect();
+    let backends: Vec<&Pod> = cluster.pods[..3].iter().collect();
+    let manifests = TempDir::new("lb-affinity6").unwrap();
+    let dir = &manifests.0;
+    let one_second =
+        json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 1}}});
+    write_yaml(dir, "six.yaml", &service_with_cluster_ips("demo", "six", &[SIX.into()], &PORTS, one_second));
+    write_slices(dir, "six", &backends, false);
+    let mut agent = Agent::with_manifests(&cluster.node, dir).unwrap();
+    agent
+        .wait_for_maps6("a 1 s affinity", |c| {
+            c.frontend_entries().any(|(_, v)| v.affinity_timeout_s == 1 && v.backend_count == 3)
+        })
+        .unwrap();
+    agent.wait_for_attachments(4).unwrap();
+    // Over 8 spells, staying on one backend every time would happen with
+    // probability (1/3)^7.
+    let client = cluster.pod("client");
+    let mut chosen = BTreeSet::new();
+    for _ in 0..8 {
+        let burst = reached(client, SocketAddr::new(SIX.into(), 80), 3);
+        assert_eq!(burst.len(), 1, "within the timeout: {burst:?}");
+        chosen.extend(burst);
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    assert!(chosen.len() > 1, "affinity never expired: {chosen:?}");
+}
