@@ -1861,6 +1861,29 @@ endpoints: [{addresses: ["fd00:10::5"]}]
     }
 
     #[test]
+    fn an_ipv6_frontend_claimed_twice_goes_to_the_older_service_and_the_newer_keeps_its_ipv4_side() {
+        let service = |name: &str, created: &str, ips: &str, families: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, creationTimestamp: \"{created}\"}}\n\
+                 spec: {{clusterIPs: [{ips}], ipFamilies: [{families}], ipFamilyPolicy: PreferDualStack, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let state = desired(&format!(
+            "{}---\n{}",
+            service("old", "2026-01-01T00:00:00Z", "\"fd00:96::1\"", "IPv6"),
+            service("new", "2026-06-01T00:00:00Z", "10.96.0.9, \"fd00:96::1\"", "IPv4, IPv6"),
+        ));
+        let owners: BTreeSet<(String, &str)> =
+            state.services.iter().map(|s| (s.frontend.addr.to_string(), s.name.as_str())).collect();
+        let expected =
+            BTreeSet::from([("fd00:96::1".to_owned(), "default/old:"), ("10.96.0.9".to_owned(), "default/new:")]);
+        assert_eq!(owners, expected, "the older keeps the IPv6 address; the newer serves its IPv4 one");
+        assert_eq!(state.errors.len(), 1, "{:?}", state.errors);
+        assert_eq!(state.errors[0].object.name, "new");
+        assert!(state.errors[0].message.contains("fd00:96::1") && state.errors[0].message.contains("default/old:"));
+    }
+
+    #[test]
     fn a_newer_service_claiming_a_frontend_changes_nothing_of_it() {
         let options = ModelOptions::default();
         let service = |name: &str, created: &str, ip: &str| -> ParsedService {
