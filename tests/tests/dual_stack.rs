@@ -159,6 +159,15 @@ fn dual_stack_end_to_end(topology: Topology) {
     // `lb stats` counts their conntrack entries (no IPv4 flow yet), two per flow.
     let stats: serde_json::Value = serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
     assert!(stats["conntrack_entries"].as_u64().is_some_and(|n| n >= 2 * 31), "{stats}");
+    // ... and its counters their packets.
+    let packets = |verdict: &str| {
+        let rows = stats["verdicts"].as_array().unwrap();
+        rows.iter().find(|r| r["verdict"] == verdict).and_then(|r| r["packets"].as_u64()).unwrap_or(0)
+    };
+    assert!(packets("dnat_new") >= 31 && packets("reverse_nat") > 0, "{stats}");
+    // Pod-to-pod IPv6 traffic is no Service's: left alone.
+    let direct = SocketAddr::new(backends[1].ip6.into(), TCP_PORT);
+    assert_eq!(client.netns.enter(|| tcp_ask(direct)).unwrap(), "backend-1");
 
     // Its node port on the node's IPv6 address, from a pod; none on the
     // node's IPv4 address (the Service has no IPv4 side).
@@ -203,6 +212,12 @@ fn dual_stack_end_to_end(topology: Topology) {
     assert_eq!(session.ask("after a removal").unwrap(), pinned);
     let answers = reached(client, six, 20);
     assert!(!answers.contains(&others[1].name), "a new connection reached removed {}: {answers:?}", others[1].name);
+    // It comes back (a late pod): new connections reach it again.
+    write_slices(dir, "six", &backends, false);
+    agent.wait_for_maps6("the three backends again", tcp_backends(lb_common::ipv6(SIX.octets()), 3)).unwrap();
+    let answers = reached(client, six, 30);
+    assert!(answers.contains(&others[1].name), "no new connection reached {} again: {answers:?}", others[1].name);
+    assert_eq!(session.ask("after the return").unwrap(), pinned);
 
     // The restarted agent finds its IPv6 maps as it left them: its first
     // sync has nothing to write.
