@@ -226,15 +226,25 @@ fn session_affinity_keeps_a_client_on_one_backend(path: ClientPath, family: Fami
 }
 on_every_path!(session_affinity_keeps_a_client_on_one_backend);
 
-fn maglev_spreads_new_connections(path: ClientPath, family: Family) {
+fn maglev_spreads_new_connections_and_can_be_switched_at_run_time(path: ClientPath, family: Family) {
     let maglev = json!({"service.lb.io/lb-algorithm": "maglev"});
-    let mut setup = Setup::with_annotations(path, family, &BACKENDS, "client", json!({}), maglev);
+    let mut setup = Setup::with_annotations(path, family, &BACKENDS, "client", json!({}), maglev.clone());
     setup.wait_for_frontends("a Maglev table", |f| f.iter().any(|(v, _)| v.maglev_table != 0));
     // Each connection is a new flow (tc: a new source port; the socket
     // hooks: a new socket): Maglev spreads them as random does.
     assert!(setup.distinct_pods(30).len() > 1, "{path:?} {family:?}: Maglev sent 30 connections to one backend");
+    // Switched at run time: back to random, then to Maglev again (a table
+    // given back, then taken anew), serving all along.
+    write_yaml(&setup.manifests.0, "service.yaml", &service_object(family, json!({})));
+    setup.wait_for_frontends("random again", |f| f.iter().all(|(v, _)| v.maglev_table == 0));
+    assert!(setup.distinct_pods(30).len() > 1, "{path:?} {family:?}: random after Maglev");
+    let mut object = service_object(family, json!({}));
+    object["metadata"]["annotations"] = maglev;
+    write_yaml(&setup.manifests.0, "service.yaml", &object);
+    setup.wait_for_frontends("Maglev again", |f| f.iter().any(|(v, _)| v.maglev_table != 0));
+    assert!(setup.distinct_pods(30).len() > 1, "{path:?} {family:?}: Maglev after random");
 }
-on_every_path!(maglev_spreads_new_connections);
+on_every_path!(maglev_spreads_new_connections_and_can_be_switched_at_run_time);
 
 fn a_service_without_endpoints_refuses_at_once(path: ClientPath, family: Family) {
     let mut setup = Setup::new(path, family, &[], "client", json!({}));
