@@ -197,8 +197,10 @@ pub enum Sender {
 /// Where a translated frame goes next.
 pub enum Route {
     /// To the stack, which routes it: no route, too big for the way out
-    /// (the stack answers with fragmentation needed), a TTL about to run
-    /// out (time exceeded), or an XDP frame whose next hop has no MAC yet.
+    /// (the stack answers with fragmentation needed, to the frame's source
+    /// as translated: for an SNAT flow, this node, not the client; see
+    /// ARCHITECTURE.md), a TTL about to run out (time exceeded), or an XDP
+    /// frame whose next hop has no MAC yet.
     Stack,
     /// MACs set and TTL down by one: send it out of `ifindex`.
     Out { ifindex: u32 },
