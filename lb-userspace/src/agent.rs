@@ -424,8 +424,11 @@ impl Agent {
         let node_ports_touched = self.node_ports.is_none()
             || changed.all
             || changed.frontends.iter().any(|f| node_addresses.contains(&f.addr));
-        if node_ports_touched {
-            self.claim_node_ports();
+        // The NodePorts this sync serves, for the bind hooks (NODE_PORTS).
+        let node_ports =
+            node_ports_touched.then(|| crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref)));
+        if let Some(wanted) = &node_ports {
+            self.claim_node_ports(wanted);
         }
         let fitted = started.elapsed();
         let synced = self.reconciler.sync_step(&step, &mut self.datapath.maps);
@@ -510,8 +513,8 @@ impl Agent {
         self.record_endpoint_filter_fill();
         self.observe_programming_latency(&changed.slice_triggers);
         self.health_checks.update(&self.kept_model.health_checks());
-        if node_ports_touched {
-            self.sync_node_ports();
+        if let Some(wanted) = node_ports {
+            self.sync_node_ports(wanted);
         }
         if writes > 0 {
             match self.datapath.maps.prune_affinity(self.reconciler.current(), self.reconciler6.current()) {
@@ -588,9 +591,8 @@ impl Agent {
         }
     }
 
-    /// Brings NODE_PORTS to the NodePorts served, for the bind hooks.
-    fn sync_node_ports(&mut self) {
-        let wanted = crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref));
+    /// Brings NODE_PORTS to `wanted`, the NodePorts served, for the bind hooks.
+    fn sync_node_ports(&mut self, wanted: BTreeMap<u16, u8>) {
         let before = match self.node_ports.take() {
             Some(before) => Ok(before),
             None => self.datapath.maps.node_ports(),
@@ -607,8 +609,7 @@ impl Agent {
     /// the frontend takes the port's traffic, not from after the sync.
     /// Without the agent's copy of NODE_PORTS, only those ports are read:
     /// the whole map is 65,536 reads, which would hold back the writes.
-    fn claim_node_ports(&mut self) {
-        let wanted = crate::plan::node_ports(self.kept_model.desired().values().map(AsRef::as_ref));
+    fn claim_node_ports(&mut self, wanted: &BTreeMap<u16, u8>) {
         let held = match &self.node_ports {
             Some(all) => Ok(all.clone()),
             None => self.datapath.maps.node_ports_at(wanted.keys().copied()),
@@ -616,7 +617,7 @@ impl Agent {
         let claimed = held.and_then(|held| {
             let mut claimed = held.clone();
             for (port, bits) in wanted {
-                *claimed.entry(port).or_insert(0) |= bits;
+                *claimed.entry(*port).or_insert(0) |= bits;
             }
             self.datapath.maps.write_node_ports(&held, &claimed).map(|()| claimed)
         });
