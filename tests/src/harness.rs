@@ -207,6 +207,11 @@ impl Harness {
         self.datapath.maps.conntrack.get(key, 0).expect("conntrack entry")
     }
 
+    /// CONNTRACK6's entry at `key`.
+    pub fn ct6(&self, key: &lb_common::CtKey6) -> lb_common::CtValue6 {
+        self.datapath.maps.ipv6.as_ref().expect("IPv6 maps").conntrack.get(key, 0).expect("IPv6 conntrack entry")
+    }
+
     pub fn ct_state(&self, key: &CtKey) -> u8 {
         self.ct(key).state
     }
@@ -223,6 +228,18 @@ pub fn ct_key(s: SocketAddrV4, d: SocketAddrV4, protocol: u8) -> CtKey {
     CtKey {
         saddr: s.ip().octets(),
         daddr: d.ip().octets(),
+        sport: s.port().to_be_bytes(),
+        dport: d.port().to_be_bytes(),
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// `ct_key` for IPv6: CONNTRACK6's key of the flow `s` → `d`.
+pub fn ct_key6(s: SocketAddrV6, d: SocketAddrV6, protocol: u8) -> lb_common::CtKey6 {
+    lb_common::CtKey6 {
+        saddr: lb_common::ipv6(s.ip().octets()),
+        daddr: lb_common::ipv6(d.ip().octets()),
         sport: s.port().to_be_bytes(),
         dport: d.port().to_be_bytes(),
         protocol,

@@ -9,7 +9,7 @@ use lb_common::{
     ipv6_octets,
 };
 use lb_tests::{
-    harness::{Harness, Service6},
+    harness::{Harness, Service6, ct_key6},
     packet::{ACK, SYN},
     packet6::{
         self, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_PORT_UNREACH, Seen6, Spec6, build6, icmp6_error,
@@ -43,17 +43,6 @@ fn run(h: &mut Harness, spec: &Spec6) -> (u32, Seen6) {
     (verdict, read6(&out))
 }
 
-fn ct_key(s: SocketAddrV6, d: SocketAddrV6, protocol: u8) -> CtKey6 {
-    CtKey6 {
-        saddr: ipv6(s.ip().octets()),
-        daddr: ipv6(d.ip().octets()),
-        sport: s.port().to_be_bytes(),
-        dport: d.port().to_be_bytes(),
-        protocol,
-        _pad: [0; 3],
-    }
-}
-
 #[test]
 fn a_tcp_flow_to_an_ipv6_cluster_ip_is_dnated_tracked_and_its_replies_translated_back() {
     let backend = at("fd00:244::20", 8080);
@@ -69,10 +58,10 @@ fn a_tcp_flow_to_an_ipv6_cluster_ip_is_dnated_tracked_and_its_replies_translated
 
     // Both directions are tracked, as for IPv4.
     let maps = h.datapath.maps.ipv6.as_ref().unwrap();
-    let forward = maps.conntrack.get(&ct_key(client, vip, PROTO_TCP), 0).expect("forward entry");
+    let forward = maps.conntrack.get(&ct_key6(client, vip, PROTO_TCP), 0).expect("forward entry");
     assert_eq!(forward.direction, CT_DIRECTION_DNAT);
     assert_eq!(forward.nat_addr, ipv6(backend.ip().octets()));
-    let reply = maps.conntrack.get(&ct_key(backend, client, PROTO_TCP), 0).expect("reply entry");
+    let reply = maps.conntrack.get(&ct_key6(backend, client, PROTO_TCP), 0).expect("reply entry");
     assert_eq!((reply.direction, reply.nat_addr), (CT_DIRECTION_REVERSE_SNAT, ipv6(vip.ip().octets())));
 
     // The backend's reply leaves from the service address.
@@ -272,11 +261,11 @@ fn a_fin_closes_both_directions_of_an_ipv6_flow() {
     let (client, vip) = (at(CLIENT, 40000), at(VIP, 80));
     let _ = run(&mut h, &Spec6::tcp(client, vip, SYN));
     let _ = run(&mut h, &Spec6::tcp(client, vip, ACK));
-    let state = |h: &Harness, key: CtKey6| h.datapath.maps.ipv6.as_ref().unwrap().conntrack.get(&key, 0).unwrap().state;
-    assert_eq!(state(&h, ct_key(client, vip, PROTO_TCP)), lb_common::CT_STATE_ESTABLISHED);
+    let state = |h: &Harness, key: CtKey6| h.ct6(&key).state;
+    assert_eq!(state(&h, ct_key6(client, vip, PROTO_TCP)), lb_common::CT_STATE_ESTABLISHED);
     let _ = run(&mut h, &Spec6::tcp(client, vip, ACK | 0x01));
-    assert_eq!(state(&h, ct_key(client, vip, PROTO_TCP)), lb_common::CT_STATE_CLOSING);
-    assert_eq!(state(&h, ct_key(backend, client, PROTO_TCP)), lb_common::CT_STATE_CLOSING);
+    assert_eq!(state(&h, ct_key6(client, vip, PROTO_TCP)), lb_common::CT_STATE_CLOSING);
+    assert_eq!(state(&h, ct_key6(backend, client, PROTO_TCP)), lb_common::CT_STATE_CLOSING);
 }
 
 #[test]

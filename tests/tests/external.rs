@@ -15,12 +15,11 @@ use std::{
 };
 
 use lb_tests::{
-    agent::{Agent, TempDir},
-    external::{Mode, eth0_programs},
+    external::{Family, Mode, TwoNodes, eth0_programs},
     in_both_modes,
     manifests::{Endpoint, Port, endpoint_slice, service, write_yaml},
     netns::{EXTERNAL_CLIENT_IP, Lan, MultiNode},
-    pods::{PodServer, Session, TCP_PORT, UDP_PORT, http_get, tcp_ask, tcp_whoami, udp_ask},
+    pods::{Session, TCP_PORT, UDP_PORT, http_get, tcp_ask, tcp_whoami, udp_ask},
 };
 use serde_json::{Value, json};
 
@@ -33,15 +32,6 @@ const HEALTH_PORT: u16 = 32000;
 const PORTS: [Port; 2] = [("http", 80, "TCP"), ("dns", 53, "UDP")];
 const SLICE_PORTS: [Port; 2] = [("http", TCP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
 
-/// Two nodes with a backend pod each (`pod-1` on node-1, `pod-2` on
-/// node-2) serving, an agent on each node, and the manifests directory.
-struct Setup {
-    topology: MultiNode,
-    agents: Vec<Agent>,
-    manifests: TempDir,
-    _servers: Vec<PodServer>,
-}
-
 fn web(extra_spec: Value, status: Value) -> Value {
     let mut object = service("demo", "web", VIP, &PORTS, extra_spec);
     object["spec"]["ports"][0]["nodePort"] = json!(NODE_PORT);
@@ -50,63 +40,14 @@ fn web(extra_spec: Value, status: Value) -> Value {
     object
 }
 
-impl Setup {
-    fn new(mode: Mode, service: Value, extra_pods: &[(usize, &str)]) -> Self {
-        Self::new_on(mode, mode.lan(), service, extra_pods)
-    }
+/// The two nodes serving `service` (`demo/web`) with default flags but
+/// for `mode`'s, on its LAN.
+fn setup(mode: Mode, service: Value, extra_pods: &[(usize, &str)]) -> TwoNodes {
+    setup_on(mode, mode.lan(), service, extra_pods)
+}
 
-    fn new_on(mode: Mode, lan: Lan, service: Value, extra_pods: &[(usize, &str)]) -> Self {
-        let mut topology = MultiNode::new(2, &["10.250.0.0/24", "10.251.0.0/24"], lan).unwrap();
-        for (n, name) in [(1, "pod-1"), (2, "pod-2")].iter().chain(extra_pods) {
-            topology.add_pod(*n, name).unwrap();
-        }
-        let servers = ["pod-1", "pod-2"].iter().map(|p| PodServer::start(&topology.pod(p).netns, p).unwrap()).collect();
-        let manifests = TempDir::new("lb-manifests").unwrap();
-        write_yaml(&manifests.0, "web.yaml", &service);
-        let mut setup = Self { topology, agents: Vec::new(), manifests, _servers: servers };
-        setup.write_endpoints(&["pod-1", "pod-2"]);
-        for n in 1..=2 {
-            let node_name = format!("node-{n}");
-            let dir = format!("dir:{}", setup.manifests.0.display());
-            let mut args = vec!["--source", &dir, "--node-name", &node_name, "--external-ip-cidrs", "10.251.0.0/24"];
-            args.extend(mode.agent_flags());
-            let mut agent = Agent::start(&setup.topology.nodes[n - 1], &args).unwrap();
-            // The pod veths and eth0.
-            agent.wait_for_attachments(setup.topology.pods.iter().filter(|(m, _)| *m == n).count() + 1).unwrap();
-            setup.agents.push(agent);
-        }
-        setup
-    }
-
-    /// Makes the named pods the ready endpoints, each on its node.
-    fn write_endpoints(&self, pods: &[&str]) {
-        let nodes: Vec<String> = self.topology.pods.iter().map(|(n, _)| format!("node-{n}")).collect();
-        let endpoints: Vec<Endpoint> = self
-            .topology
-            .pods
-            .iter()
-            .zip(&nodes)
-            .filter(|((_, p), _)| pods.contains(&p.name.as_str()))
-            .map(|((_, p), node)| Endpoint::ready(&p.name, p.ip).on(node))
-            .collect();
-        write_yaml(&self.manifests.0, "web-slice.yaml", &endpoint_slice("demo", "web", &SLICE_PORTS, &endpoints));
-    }
-
-    /// Waits until each agent has a TCP frontend on `port` (a NodePort is
-    /// on each node's own address) with its count of backends.
-    fn wait_for_backends(&mut self, port: u16, counts: [usize; 2]) {
-        for (agent, count) in self.agents.iter_mut().zip(counts) {
-            agent
-                .wait_for_maps(&format!("port {port} with {count} backends"), |c| {
-                    c.frontends().any(|(k, b)| k.port == port.to_be_bytes() && k.protocol == 6 && b.len() == count)
-                })
-                .unwrap();
-        }
-    }
-
-    fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        self.topology.client.enter(f)
-    }
+fn setup_on(mode: Mode, lan: Lan, service: Value, extra_pods: &[(usize, &str)]) -> TwoNodes {
+    TwoNodes::start(Family::V4, mode, lan, ("web", service), &SLICE_PORTS, extra_pods)
 }
 
 fn node_port(n: usize) -> SocketAddrV4 {
@@ -114,7 +55,7 @@ fn node_port(n: usize) -> SocketAddrV4 {
 }
 
 fn node_port_reaches_backends_on_both_nodes_from_outside(mode: Mode) {
-    let mut setup = Setup::new(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
+    let mut setup = setup(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
     setup.wait_for_backends(NODE_PORT, [2, 2]);
     for agent in &setup.agents {
         assert_eq!(eth0_programs(agent), [mode.program()], "{mode:?}");
@@ -142,7 +83,7 @@ fn node_port_reaches_backends_on_both_nodes_from_outside(mode: Mode) {
 fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
     let spec = |ranges: &[&str]| json!({"type": "LoadBalancer", "externalIPs": [EXTERNAL_IP.to_string(), "10.252.0.10"], "loadBalancerSourceRanges": ranges});
-    let mut setup = Setup::new(mode, web(spec(&["10.200.0.96/29"]), status.clone()), &[]);
+    let mut setup = setup(mode, web(spec(&["10.200.0.96/29"]), status.clone()), &[]);
     let lb = SocketAddrV4::new(LB_IP, 80);
     setup.wait_for_backends(80, [2, 2]);
     let reached: BTreeSet<String> = setup.in_client(|| (0..16).map(|_| tcp_ask(lb).unwrap()).collect());
@@ -171,7 +112,7 @@ fn load_balancer_and_external_ips_are_served_and_source_ranges_enforced(mode: Mo
 
 fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoints(mode: Mode) {
     let spec = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT});
-    let mut setup = Setup::new(mode, web(spec, json!({})), &[(1, "client")]);
+    let mut setup = setup(mode, web(spec, json!({})), &[(1, "client")]);
     setup.write_endpoints(&["pod-2"]);
     setup.wait_for_backends(NODE_PORT, [0, 1]);
     let health = |n: usize| SocketAddrV4::new(MultiNode::node_ip(n), HEALTH_PORT);
@@ -207,7 +148,7 @@ fn policy_local_keeps_the_client_address_and_health_checks_follow_local_endpoint
 }
 
 fn cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address(mode: Mode) {
-    let mut setup = Setup::new(mode, web(json!({}), json!({})), &[(1, "client")]);
+    let mut setup = setup(mode, web(json!({}), json!({})), &[(1, "client")]);
     setup.write_endpoints(&["pod-2"]);
     setup.wait_for_backends(80, [1, 1]);
     let client = setup.topology.pod("client");
@@ -217,7 +158,7 @@ fn cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address(mode: M
 }
 
 fn node_ports_are_not_served_on_loopback(mode: Mode) {
-    let mut setup = Setup::new(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
+    let mut setup = setup(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
     setup.wait_for_backends(NODE_PORT, [2, 2]);
     let node = &setup.topology.nodes[0];
     let loopback = node.enter(|| tcp_ask(SocketAddrV4::new(Ipv4Addr::LOCALHOST, NODE_PORT)));
@@ -231,7 +172,7 @@ fn node_ports_are_not_served_on_loopback(mode: Mode) {
 /// client must get it as if from the node it used, quoting its own packet,
 /// whether the backend is on that node or behind the other (SNAT).
 fn a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
-    let mut setup = Setup::new(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
+    let mut setup = setup(mode, web(json!({"type": "NodePort"}), json!({})), &[]);
     let closed_port: u16 = 30054;
     let mut closed =
         service("demo", "closed", Ipv4Addr::new(10, 96, 0, 11), &[("dns", 54, "UDP")], json!({"type": "NodePort"}));
@@ -273,7 +214,7 @@ fn a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
 /// carries XDP_TX so that both work.
 #[test]
 fn switching_the_external_program_keeps_open_connections() {
-    let mut setup = Setup::new_on(Mode::Default, Lan::XdpCapable, web(json!({"type": "NodePort"}), json!({})), &[]);
+    let mut setup = setup_on(Mode::Default, Lan::XdpCapable, web(json!({"type": "NodePort"}), json!({})), &[]);
     setup.wait_for_backends(NODE_PORT, [2, 2]);
     assert_eq!(eth0_programs(&setup.agents[0]), ["tc_from_wire"]);
     // Connections until both nodes' pods have some (each goes to either

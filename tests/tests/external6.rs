@@ -16,12 +16,11 @@ use std::{
 };
 
 use lb_tests::{
-    agent::{Agent, TempDir},
-    external::{Mode, eth0_programs},
+    external::{Family, Mode, TwoNodes, eth0_programs},
     in_both_modes,
     manifests::{Endpoint, Port, endpoint_slice6, service_with_cluster_ips, write_yaml},
     netns::{EXTERNAL_CLIENT_IP6, Lan, MultiNode},
-    pods::{PodServer, Session, TCP_PORT, UDP_PORT, tcp_ask, tcp_whoami, udp_ask},
+    pods::{Session, TCP_PORT, UDP_PORT, tcp_ask, tcp_whoami, udp_ask},
 };
 use serde_json::{Value, json};
 
@@ -42,70 +41,14 @@ fn web6(spec: Value, status: Value) -> Value {
     object
 }
 
-struct Setup {
-    topology: MultiNode,
-    agents: Vec<Agent>,
-    manifests: TempDir,
-    _servers: Vec<PodServer>,
+/// The two nodes serving `service` (`demo/web6`) with default flags but
+/// for `mode`'s, on its LAN.
+fn setup(mode: Mode, service: Value, extra_pods: &[(usize, &str)]) -> TwoNodes {
+    setup_on(mode, mode.lan(), service, extra_pods)
 }
 
-impl Setup {
-    /// Backend pods `pod-1` on node-1 and `pod-2` on node-2, and
-    /// `extra_pods` (node, name) that are no endpoint.
-    fn new(mode: Mode, service: Value, extra_pods: &[(usize, &str)]) -> Self {
-        Self::new_on(mode, mode.lan(), service, extra_pods)
-    }
-
-    fn new_on(mode: Mode, lan: Lan, service: Value, extra_pods: &[(usize, &str)]) -> Self {
-        let mut topology = MultiNode::new(2, &["fd00:250::/64", "fd00:251::/64"], lan).unwrap();
-        for (n, name) in [(1, "pod-1"), (2, "pod-2")].iter().chain(extra_pods) {
-            topology.add_pod(*n, name).unwrap();
-        }
-        let servers = ["pod-1", "pod-2"].iter().map(|p| PodServer::start(&topology.pod(p).netns, p).unwrap()).collect();
-        let manifests = TempDir::new("lb-manifests6").unwrap();
-        write_yaml(&manifests.0, "web6.yaml", &service);
-        let mut setup = Self { topology, agents: Vec::new(), manifests, _servers: servers };
-        setup.write_endpoints(&["pod-1", "pod-2"]);
-        for n in 1..=2 {
-            let (node_name, dir) = (format!("node-{n}"), format!("dir:{}", setup.manifests.0.display()));
-            // Default flags but for the node's name and the source, the
-            // ExternalIPs allowed (none by default), and the mode's.
-            let mut args = vec!["--source", &dir, "--node-name", &node_name, "--external-ip-cidrs", "fd00:251::/64"];
-            args.extend(mode.agent_flags());
-            let mut agent = Agent::start(&setup.topology.nodes[n - 1], &args).unwrap();
-            agent.wait_for_attachments(setup.topology.pods.iter().filter(|(m, _)| *m == n).count() + 1).unwrap();
-            agent.wait_for_log(&format!("program=\"{}\"", mode.program())).unwrap();
-            setup.agents.push(agent);
-        }
-        setup
-    }
-
-    fn write_endpoints(&self, pods: &[&str]) {
-        let endpoints: Vec<Endpoint> = self
-            .topology
-            .pods
-            .iter()
-            .filter(|(_, p)| pods.contains(&p.name.as_str()))
-            .map(|(n, p)| Endpoint::ready(&p.name, p.ip6).on(["node-1", "node-2"][n - 1]))
-            .collect();
-        write_yaml(&self.manifests.0, "web6-slice.yaml", &endpoint_slice6("demo", "web6", &SLICE_PORTS, &endpoints));
-    }
-
-    /// Waits until each agent's IPv6 maps hold a TCP frontend on `port`
-    /// with `count` backends.
-    fn wait_for_backends(&mut self, port: u16, count: usize) {
-        for agent in &mut self.agents {
-            agent
-                .wait_for_maps6(&format!("port {port} with {count} backends"), |c| {
-                    c.frontends().any(|(k, b)| k.port == port.to_be_bytes() && k.protocol == 6 && b.len() == count)
-                })
-                .unwrap();
-        }
-    }
-
-    fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        self.topology.client.enter(f)
-    }
+fn setup_on(mode: Mode, lan: Lan, service: Value, extra_pods: &[(usize, &str)]) -> TwoNodes {
+    TwoNodes::start(Family::V6, mode, lan, ("web6", service), &SLICE_PORTS, extra_pods)
 }
 
 fn node_port(n: usize, port: u16) -> SocketAddr {
@@ -115,8 +58,8 @@ fn node_port(n: usize, port: u16) -> SocketAddr {
 fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outside(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
     let spec = json!({"type": "LoadBalancer", "externalIPs": [EXTERNAL_IP6.to_string(), "fd00:252::10"]});
-    let mut setup = Setup::new(mode, web6(spec, status), &[]);
-    setup.wait_for_backends(NODE_PORT, 2);
+    let mut setup = setup(mode, web6(spec, status), &[]);
+    setup.wait_for_backends(NODE_PORT, [2, 2]);
     for n in 1..=2 {
         let answers: Vec<(String, String)> =
             setup.in_client(|| (0..30).map(|_| tcp_whoami(node_port(n, NODE_PORT)).unwrap()).collect());
@@ -150,7 +93,7 @@ fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outsi
 
     // Without endpoints the node port refuses, from the node.
     setup.write_endpoints(&[]);
-    setup.wait_for_backends(NODE_PORT, 0);
+    setup.wait_for_backends(NODE_PORT, [0, 0]);
     let started = Instant::now();
     let refused = setup.in_client(|| tcp_ask(node_port(2, NODE_PORT))).unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
@@ -162,15 +105,9 @@ fn ipv6_node_ports_and_load_balancer_ips_reach_backends_on_both_nodes_from_outsi
 fn ipv6_policy_local_keeps_the_client_address_and_health_checks_answer_on_both_families(mode: Mode) {
     const HEALTH_PORT: u16 = 32000;
     let spec = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT});
-    let mut setup = Setup::new(mode, web6(spec, json!({})), &[(1, "client")]);
+    let mut setup = setup(mode, web6(spec, json!({})), &[(1, "client")]);
     setup.write_endpoints(&["pod-2"]);
-    for (agent, count) in setup.agents.iter_mut().zip([0, 1]) {
-        agent
-            .wait_for_maps6("the local backends", |c| {
-                c.frontends().any(|(k, b)| k.port == NODE_PORT.to_be_bytes() && k.protocol == 6 && b.len() == count)
-            })
-            .unwrap();
-    }
+    setup.wait_for_backends(NODE_PORT, [0, 1]);
     // Through the node with the endpoint: the pod sees the client itself.
     let answers: Vec<(String, String)> =
         setup.in_client(|| (0..6).map(|_| tcp_whoami(node_port(2, NODE_PORT)).unwrap()).collect());
@@ -198,8 +135,8 @@ fn ipv6_source_ranges_admit_only_clients_inside_them(mode: Mode) {
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
     let spec = |range: &str| json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [range]});
     let client = format!("{EXTERNAL_CLIENT_IP6}/128");
-    let mut setup = Setup::new(mode, web6(spec(&client), status.clone()), &[]);
-    setup.wait_for_backends(80, 2);
+    let mut setup = setup(mode, web6(spec(&client), status.clone()), &[]);
+    setup.wait_for_backends(80, [2, 2]);
     let lb = SocketAddr::new(LB_IP6.into(), 80);
     assert!(setup.in_client(|| tcp_ask(lb)).is_ok(), "a client inside the range");
     // The client leaves the range: its new connections are dropped, and
@@ -218,9 +155,9 @@ fn ipv6_source_ranges_admit_only_clients_inside_them(mode: Mode) {
 }
 
 fn ipv6_cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address(mode: Mode) {
-    let mut setup = Setup::new(mode, web6(json!({}), json!({})), &[(1, "client")]);
+    let mut setup = setup(mode, web6(json!({}), json!({})), &[(1, "client")]);
     setup.write_endpoints(&["pod-2"]);
-    setup.wait_for_backends(80, 1);
+    setup.wait_for_backends(80, [1, 1]);
     let client = setup.topology.pod("client");
     let vip = SocketAddr::new(VIP6.into(), 80);
     let answers: Vec<(String, String)> = client.netns.enter(|| (0..5).map(|_| tcp_whoami(vip).unwrap()).collect());
@@ -228,8 +165,8 @@ fn ipv6_cluster_ip_traffic_to_a_backend_on_another_node_keeps_the_pod_address(mo
 }
 
 fn ipv6_node_ports_are_not_served_on_loopback(mode: Mode) {
-    let mut setup = Setup::new(mode, web6(json!({"type": "NodePort"}), json!({})), &[]);
-    setup.wait_for_backends(NODE_PORT, 2);
+    let mut setup = setup(mode, web6(json!({"type": "NodePort"}), json!({})), &[]);
+    setup.wait_for_backends(NODE_PORT, [2, 2]);
     let loopback = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), NODE_PORT);
     let answered = setup.topology.nodes[0].enter(|| tcp_ask(loopback));
     assert!(answered.is_err(), "{loopback} answered: {answered:?}");
@@ -242,7 +179,7 @@ fn ipv6_node_ports_are_not_served_on_loopback(mode: Mode) {
 /// the client must get it as if from the node it used, quoting its own
 /// packet, whether the backend is on that node or behind the other (SNAT).
 fn ipv6_a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
-    let mut setup = Setup::new(mode, web6(json!({"type": "NodePort"}), json!({})), &[]);
+    let mut setup = setup(mode, web6(json!({"type": "NodePort"}), json!({})), &[]);
     let closed_port: u16 = 30054;
     let closed_vip = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
     let mut closed = service_with_cluster_ips(
@@ -286,8 +223,8 @@ fn ipv6_a_backend_port_unreachable_reaches_the_external_client(mode: Mode) {
 /// default (tc); the LAN carries XDP_TX so that both work.
 #[test]
 fn switching_the_external_program_keeps_open_ipv6_connections() {
-    let mut setup = Setup::new_on(Mode::Default, Lan::XdpCapable, web6(json!({"type": "NodePort"}), json!({})), &[]);
-    setup.wait_for_backends(NODE_PORT, 2);
+    let mut setup = setup_on(Mode::Default, Lan::XdpCapable, web6(json!({"type": "NodePort"}), json!({})), &[]);
+    setup.wait_for_backends(NODE_PORT, [2, 2]);
     assert_eq!(eth0_programs(&setup.agents[0]), ["tc_from_wire"]);
     let mut sessions: Vec<(Session, String)> = Vec::new();
     for i in 0..40 {

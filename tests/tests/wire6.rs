@@ -7,9 +7,9 @@
 //! IPv4 counterpart). Needs root.
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 
-use lb_common::{CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, CtKey6, CtValue6, PROTO_TCP, PROTO_UDP, counter, ipv6};
+use lb_common::{CT_DIRECTION_SNAT, CT_DIRECTION_SNAT_REPLY, PROTO_TCP, PROTO_UDP, counter, ipv6};
 use lb_tests::{
-    harness::Harness,
+    harness::{Harness, ct_key6},
     packet::{ACK, SYN},
     packet6::{
         ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_PORT_UNREACH, Spec6, build6, icmp6_error,
@@ -56,21 +56,6 @@ fn node_port(backends: &[(Ipv6Addr, bool)]) -> ServicePort {
     frontend(FrontendKind::NodePort, NODE6, NODE_PORT, Protocol::Tcp, backends)
 }
 
-fn ct_key(s: SocketAddrV6, d: SocketAddrV6, protocol: u8) -> CtKey6 {
-    CtKey6 {
-        saddr: ipv6(s.ip().octets()),
-        daddr: ipv6(d.ip().octets()),
-        sport: s.port().to_be_bytes(),
-        dport: d.port().to_be_bytes(),
-        protocol,
-        _pad: [0; 3],
-    }
-}
-
-fn ct(h: &Harness, key: &CtKey6) -> CtValue6 {
-    h.datapath.maps.ipv6.as_ref().expect("IPv6 maps").conntrack.get(key, 0).expect("conntrack entry")
-}
-
 /// Runs `spec`'s frame; returns the verdict and the frame as it left,
 /// read back (checksums verified by the reader).
 fn run(h: &mut Harness, wire: &Wire, spec: &Spec6) -> (Verdict, lb_tests::packet6::Seen6) {
@@ -110,10 +95,10 @@ fn node_port_to_a_remote_backend_is_snated_and_so_is_its_reply() {
         assert_eq!(out[6..12], wire.mac, "from ours");
         assert_eq!(out[14 + 7], 63, "hop limit decremented");
 
-        let forward = ct(&h, &ct_key(client, service, PROTO_TCP));
+        let forward = h.ct6(&ct_key6(client, service, PROTO_TCP));
         assert_eq!((forward.direction, forward.snat_addr), (CT_DIRECTION_SNAT, ipv6(NODE6.octets())));
-        let reply_key = ct_key(at(REMOTE_POD, 8080), at(NODE6, 40000), PROTO_TCP);
-        assert_eq!(ct(&h, &reply_key).direction, CT_DIRECTION_SNAT_REPLY);
+        let reply_key = ct_key6(at(REMOTE_POD, 8080), at(NODE6, 40000), PROTO_TCP);
+        assert_eq!(h.ct6(&reply_key).direction, CT_DIRECTION_SNAT_REPLY);
 
         let reply = build6(&Spec6::tcp(at(REMOTE_POD, 8080), at(NODE6, 40000), SYN | ACK));
         let (verdict, out) = wire.run_frame(&mut h, &reply);
@@ -178,8 +163,8 @@ fn udp_to_a_load_balancer_ip_is_translated_with_its_mandatory_checksum() {
         let (_, seen) = run(&mut h, &wire, &Spec6::udp(at(REMOTE_POD, 8080), at(NODE6, 41000)));
         assert_eq!((seen.src, seen.dst), (at(LB_IP, 53), client));
         assert!(seen.l4_checksum_ok, "{seen:?}");
-        let key = ct_key(client, at(LB_IP, 53), PROTO_UDP);
-        assert_eq!(ct(&h, &key).direction, CT_DIRECTION_SNAT);
+        let key = ct_key6(client, at(LB_IP, 53), PROTO_UDP);
+        assert_eq!(h.ct6(&key).direction, CT_DIRECTION_SNAT);
     });
 }
 
